@@ -1,0 +1,68 @@
+"""The one in-memory representation of a quantized weight.
+
+Every method produces a QuantizedWeight, every format reads and writes one, every kernel consumes one.
+The scheme object interprets the numbers; this container only holds them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from lowbit.schemes.base import Scheme
+
+
+@dataclass
+class QuantizedWeight:
+    """Codes and their statistics for a Linear weight of logical shape [out_features, in_features].
+
+    codes:   unpacked small integers, uint8 [N, K] in the logical layout (packing belongs to formats/kernels).
+    scales:  float32 [N, n_groups]; group j covers input columns with g_idx == j (default k // group_size).
+    zeros:   float32 [N, n_groups] zero points (integer-valued for integer grids) or None for symmetric codebooks.
+    g_idx:   int32 [K] group of each input column when columns were reordered (GPTQ act-order), else None.
+    extra:   scheme-specific tensors (GGUF raw blocks and sub-scales, nested absmax of double quantization, ...).
+    """
+
+    scheme: "Scheme"
+    shape: tuple[int, int]
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor | None = None
+    group_size: int = -1
+    g_idx: torch.Tensor | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def out_features(self) -> int:
+        return self.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.shape[1]
+
+    @property
+    def effective_group_size(self) -> int:
+        return self.in_features if self.group_size in (-1, 0, None) else self.group_size
+
+    def group_index(self) -> torch.Tensor:
+        """int64 [K]: the group of each input column (g_idx if set, else k // group_size)."""
+        if self.g_idx is not None:
+            return self.g_idx.long()
+        return torch.arange(self.in_features) // self.effective_group_size
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The floating-point weight [N, K] these codes represent (exact, as the scheme defines it)."""
+        return self.scheme.dequantize(self).to(dtype)
+
+    def storage_bits(self) -> int:
+        """Bits this weight occupies when stored in lowbit's own format (codes packed + statistics)."""
+        return self.scheme.storage_bits(self)
+
+    def bits_per_weight(self) -> float:
+        return self.storage_bits() / (self.shape[0] * self.shape[1])
+
+    def describe(self) -> dict[str, Any]:
+        return {"scheme": self.scheme.name, **self.scheme.to_config(), "group_size": self.group_size,
+                "act_order": self.g_idx is not None}
