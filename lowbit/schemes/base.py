@@ -66,6 +66,42 @@ class Scheme(ABC):
         """Values of `codes` [N, c] under statistics broadcastable to [N, c]."""
         raise LowbitError(f"scheme {self.kind} does not support column-wise decoding (needed by GPTQ)")
 
+    @property
+    def affine_bits(self) -> int | None:
+        """b if this scheme's weights are exactly scales * (codes - zeros) per group with b-bit codes, else None.
+
+        Kernels use this to run any affine scheme (integer grids, GGUF blocks) through one packed path.
+        """
+        return None
+
+    @property
+    def code_bits(self) -> int:
+        """Bits one code needs when packed (defaults to the scheme's `bits`, else 8)."""
+        return int(getattr(self, "bits", 8))
+
+    def to_tensors(self, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
+        """The tensors lowbit's native format stores for `qw` (packed codes, statistics, extras)."""
+        from lowbit.schemes.packing import pack_codes
+
+        out = {"codes": pack_codes(qw.codes, self.code_bits), "scales": _compact_float(qw.scales)}
+        if qw.zeros is not None:
+            out["zeros"] = _compact_float(qw.zeros)
+        if qw.g_idx is not None:
+            out["g_idx"] = qw.g_idx.to(torch.int32)
+        out.update({f"extra.{k}": v for k, v in qw.extra.items() if isinstance(v, torch.Tensor)})
+        return out
+
+    def from_tensors(self, tensors: dict[str, torch.Tensor], shape: tuple[int, int], group_size: int
+                     ) -> QuantizedWeight:
+        """Inverse of `to_tensors`: rebuild the QuantizedWeight exactly."""
+        from lowbit.schemes.packing import unpack_codes
+
+        return QuantizedWeight(
+            self, tuple(shape), codes=unpack_codes(tensors["codes"], self.code_bits, tuple(shape)),
+            scales=tensors["scales"].float(), zeros=tensors["zeros"].float() if "zeros" in tensors else None,
+            group_size=group_size, g_idx=tensors.get("g_idx"),
+            extra={k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")})
+
     def to_config(self) -> dict[str, Any]:
         return {"kind": self.kind, **asdict(self)}  # type: ignore[call-overload]
 
@@ -76,6 +112,16 @@ class Scheme(ABC):
         if unknown:
             raise LowbitError(f"scheme {cls.kind}: unknown settings {sorted(unknown)}")
         return cls(**config)
+
+
+def _compact_float(t: torch.Tensor) -> torch.Tensor:
+    """Store float32 statistics as uint8 or fp16 when that is exact (it usually is), else as they are."""
+    t = t.float()
+    if t.numel() and bool(((t >= 0) & (t <= 255) & (t == t.round())).all()):
+        return t.to(torch.uint8)
+    if bool((t.half().float() == t).all()):
+        return t.half()
+    return t
 
 
 def expand_groups(stat: torch.Tensor, group_index: torch.Tensor) -> torch.Tensor:

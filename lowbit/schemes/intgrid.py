@@ -49,6 +49,10 @@ class IntGrid(Scheme):
         return f"int{self.bits}-{'sym' if self.symmetric else 'asym'}-{gran}"
 
     @property
+    def affine_bits(self) -> int:
+        return self.bits
+
+    @property
     def maxq(self) -> int:
         return 2 ** self.bits - 1
 

@@ -1,0 +1,134 @@
+"""lowbit's own format: an HF folder (config, tokenizer) + model.safetensors + lowbit.json.
+
+Quantized layers are stored as their scheme's tensors under the layer's name (`NAME.codes`, `NAME.scales`,
+...), described in lowbit.json (scheme config, shape, group size), so loading rebuilds each QuantizedWeight
+exactly and the loaded model computes bit-identically to the saved one.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lowbit.errors import CorruptFile, LowbitError
+from lowbit.formats.atomic import atomic_dir
+from lowbit.formats.registry import Format, register_format
+from lowbit.runtime.surgery import install_quantized, quantized_modules
+from lowbit.schemes.base import scheme_from_config
+
+MANIFEST = "lowbit.json"
+WEIGHTS = "model.safetensors"
+FORMAT_VERSION = 1
+
+
+def save_hf_side_files(model: nn.Module, tokenizer: Any, out: Path) -> None:
+    """config.json, generation_config.json and tokenizer files, as transformers writes them."""
+    model.config.save_pretrained(out)
+    if getattr(model, "generation_config", None) is not None:
+        try:
+            model.generation_config.save_pretrained(out)
+        except Exception:  # an invalid generation config must not block saving the weights
+            pass
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+
+
+def save_native(model: nn.Module, tokenizer: Any, out: str | Path, **_: Any) -> Path:
+    """Write `model` (quantized or not) to folder `out` in lowbit's format, atomically."""
+    out = Path(out)
+    tensors: dict[str, torch.Tensor] = {}
+    layers: dict[str, Any] = {}
+    quantized = dict(quantized_modules(model))
+    for name, module in quantized.items():
+        qw = module.qweight
+        for key, value in qw.scheme.to_tensors(qw).items():
+            tensors[f"{name}.{key}"] = value.contiguous()
+        if module.bias is not None:
+            tensors[f"{name}.bias"] = module.bias.detach().contiguous()
+        layers[name] = {"scheme": qw.scheme.to_config(), "shape": list(qw.shape), "group_size": qw.group_size}
+    prefixes = tuple(f"{n}." for n in quantized)
+    seen: dict[int, str] = {}
+    tied: dict[str, str] = {}
+    for key, value in model.state_dict().items():
+        if key.startswith(prefixes):
+            continue
+        ptr = value.data_ptr()
+        if ptr in seen and value.numel():  # tied weights are stored once
+            tied[key] = seen[ptr]
+            continue
+        seen[ptr] = key
+        tensors[key] = value.detach().contiguous()
+    config = getattr(model, "lowbit_config", None)
+    manifest = {"format": "lowbit", "version": FORMAT_VERSION,
+                "quantization": config.to_dict() if config is not None else None,
+                "layers": layers, "tied": tied}
+    with atomic_dir(out) as tmp:
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        save_hf_side_files(model, tokenizer, tmp)
+    return out
+
+
+def is_native(path: Path) -> bool:
+    return Path(path).is_dir() and (Path(path) / MANIFEST).is_file()
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    try:
+        manifest = json.loads((Path(path) / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CorruptFile(f"{path}/{MANIFEST} is unreadable ({exc}); re-save the model with lowbit") from exc
+    if manifest.get("format") != "lowbit" or manifest.get("version", 0) > FORMAT_VERSION:
+        raise CorruptFile(f"{path}/{MANIFEST} is not a lowbit v{FORMAT_VERSION} manifest; upgrade lowbit")
+    return manifest
+
+
+def load_native(path: str | Path, kernel: str = "auto", **_: Any):
+    """Load a lowbit folder -> (model, tokenizer); quantized layers come back as QuantLinear modules."""
+    from lowbit.methods.base import QuantizeConfig
+    from lowbit.models.loading import empty_model_from_config, load_tokenizer
+
+    path = Path(path)
+    manifest = read_manifest(path)
+    try:
+        tensors = load_file(str(path / WEIGHTS))
+    except (SafetensorError, OSError) as exc:
+        raise CorruptFile(f"{path / WEIGHTS} is truncated or corrupt ({exc}); re-save or re-download it") from exc
+    model = empty_model_from_config(path)
+    for name, spec in manifest["layers"].items():
+        scheme = scheme_from_config(spec["scheme"])
+        prefix = f"{name}."
+        parts = {k[len(prefix):]: tensors.pop(k) for k in [k for k in tensors if k.startswith(prefix)]}
+        bias = parts.pop("bias", None)
+        if "codes" not in parts and not parts:
+            raise CorruptFile(f"{path / WEIGHTS} has no tensors for quantized layer {name}")
+        qw = scheme.from_tensors(parts, tuple(spec["shape"]), spec["group_size"])
+        module = install_quantized(model, name, qw, kernel)
+        if bias is not None:
+            module.bias = nn.Parameter(bias, requires_grad=False)
+    for key, source in manifest.get("tied", {}).items():
+        tensors[key] = tensors[source]
+    missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
+    missing = [m for m in missing if not _is_quantized_param(m, manifest["layers"])]
+    if unexpected:
+        raise CorruptFile(f"{path / WEIGHTS} has tensors the model does not: {unexpected[:5]}")
+    if missing:
+        raise CorruptFile(f"{path / WEIGHTS} lacks tensors: {missing[:5]}; the file is incomplete")
+    model.tie_weights() if not manifest.get("tied") else None
+    model.eval()
+    if manifest.get("quantization"):
+        model.lowbit_config = QuantizeConfig.from_dict(manifest["quantization"])
+    return model, load_tokenizer(path)
+
+
+def _is_quantized_param(key: str, layers: dict[str, Any]) -> bool:
+    return key.rsplit(".", 1)[0] in layers
+
+
+register_format(Format("lowbit", write=save_native, can_read=is_native, read=load_native,
+                       description="lowbit native: safetensors + lowbit.json, any scheme"))

@@ -1,0 +1,130 @@
+"""Matmul kernels for quantized weights, chosen per layer by what the weight's scheme allows.
+
+Each kernel turns a QuantizedWeight into its own packed state once (cached on the module) and multiplies
+activations by it. The reference kernel dequantizes and works for every scheme; the others use torch's CPU
+low-bit kernels, which are only fast with bf16 activations (fp32 inputs run 10-60x slower), so they cast.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from lowbit.quantized import QuantizedWeight
+from lowbit.schemes.base import expand_groups
+
+
+class Kernel:
+    """A way to compute x @ W^T for a QuantizedWeight."""
+
+    name = "base"
+
+    def supports(self, qw: QuantizedWeight) -> bool:
+        raise NotImplementedError
+
+    def prepare(self, qw: QuantizedWeight) -> Any:
+        raise NotImplementedError
+
+    def matmul(self, x: torch.Tensor, state: Any) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class ReferenceKernel(Kernel):
+    """Dequantize on every call: exact for every scheme, slow, no extra memory kept."""
+
+    name = "reference"
+
+    def supports(self, qw: QuantizedWeight) -> bool:
+        return True
+
+    def prepare(self, qw: QuantizedWeight) -> QuantizedWeight:
+        return qw
+
+    def matmul(self, x: torch.Tensor, qw: QuantizedWeight) -> torch.Tensor:
+        return F.linear(x, qw.dequantize(x.dtype))
+
+
+def _contiguous_groups(qw: QuantizedWeight) -> bool:
+    return qw.g_idx is None or bool(torch.equal(qw.g_idx.long(), torch.arange(qw.in_features) // qw.effective_group_size))
+
+
+class Int4PackKernel(Kernel):
+    """torch's `_weight_int4pack_mm_for_cpu`: 4-bit affine codes, bf16 group scales and offsets."""
+
+    name = "int4pack"
+    group_sizes = (32, 64, 128, 256)
+
+    def supports(self, qw: QuantizedWeight) -> bool:
+        return (qw.scheme.affine_bits == 4 and qw.effective_group_size in self.group_sizes
+                and qw.in_features % qw.effective_group_size == 0 and qw.out_features % 16 == 0
+                and qw.in_features % 32 == 0 and _contiguous_groups(qw))
+
+    def prepare(self, qw: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor, int]:
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(qw.codes.to(torch.int32).contiguous(), 1)
+        # torch computes (q - 8) * scale + offset, so offset = scale * (8 - zero).
+        offset = qw.scales * (8 - qw.zeros)
+        scales_and_zeros = torch.stack([qw.scales.t(), offset.t()], dim=-1).to(torch.bfloat16).contiguous()
+        return packed, scales_and_zeros, qw.effective_group_size
+
+    def matmul(self, x: torch.Tensor, state) -> torch.Tensor:
+        packed, sz, group = state
+        shape = x.shape
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, shape[-1]).to(torch.bfloat16), packed, group, sz)
+        return y.reshape(*shape[:-1], -1).to(x.dtype)
+
+
+class Int8PackKernel(Kernel):
+    """torch's `_weight_int8pack_mm`: 8-bit symmetric per-channel weights."""
+
+    name = "int8pack"
+
+    def supports(self, qw: QuantizedWeight) -> bool:
+        return (qw.scheme.affine_bits == 8 and qw.scales.shape[1] == 1 and qw.zeros is not None
+                and bool((qw.zeros == 128).all()))
+
+    def prepare(self, qw: QuantizedWeight):
+        return (qw.codes.to(torch.int16) - 128).to(torch.int8).contiguous(), qw.scales[:, 0].to(torch.bfloat16)
+
+    def matmul(self, x: torch.Tensor, state) -> torch.Tensor:
+        w, s = state
+        shape = x.shape
+        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]).to(torch.bfloat16), w, s)
+        return y.reshape(*shape[:-1], -1).to(x.dtype)
+
+
+class DequantBF16Kernel(Kernel):
+    """Keep a bf16 copy of the dequantized weight: fast for large batches, costs 16 bits per weight."""
+
+    name = "bf16"
+
+    def supports(self, qw: QuantizedWeight) -> bool:
+        return True
+
+    def prepare(self, qw: QuantizedWeight) -> torch.Tensor:
+        return qw.dequantize(torch.bfloat16)
+
+    def matmul(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.to(torch.bfloat16), w).to(x.dtype)
+
+
+KERNELS: dict[str, Kernel] = {k.name: k for k in (Int4PackKernel(), Int8PackKernel(), DequantBF16Kernel(),
+                                                 ReferenceKernel())}
+# Tried in this order by kernel="auto"; the first that supports a weight wins.
+AUTO_ORDER: list[str] = ["int4pack", "int8pack", "reference"]
+
+
+def register_kernel(kernel: Kernel, before: str | None = "reference") -> None:
+    """Add a kernel (e.g. a scheme-specific one) and try it in 'auto' mode before `before`."""
+    KERNELS[kernel.name] = kernel
+    if kernel.name not in AUTO_ORDER:
+        AUTO_ORDER.insert(AUTO_ORDER.index(before) if before in AUTO_ORDER else len(AUTO_ORDER), kernel.name)
+
+
+def select_kernel(qw: QuantizedWeight, preference: str = "auto") -> Kernel:
+    """The kernel to run `qw` with: `preference` if it supports the weight, else the first in AUTO_ORDER."""
+    if preference != "auto":
+        kernel = KERNELS[preference]
+        if kernel.supports(qw):
+            return kernel
+    return next(KERNELS[name] for name in AUTO_ORDER if KERNELS[name].supports(qw))

@@ -1,0 +1,48 @@
+"""QuantLinear: a drop-in replacement for nn.Linear that computes with a QuantizedWeight."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lowbit.quantized import QuantizedWeight
+from lowbit.runtime.kernels import select_kernel
+
+
+class QuantLinear(nn.Module):
+    """y = x W^T + b with W held quantized; the kernel and its packed state are chosen on first use."""
+
+    def __init__(self, qweight: QuantizedWeight, bias: torch.Tensor | None = None, kernel: str = "auto"):
+        super().__init__()
+        self.qweight = qweight
+        self.in_features, self.out_features = qweight.in_features, qweight.out_features
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.kernel_preference = kernel
+        self._kernel = None
+        self._state = None
+
+    def set_kernel(self, kernel: str) -> None:
+        """Choose a kernel by name ('auto', 'reference', 'int4pack', 'int8pack', 'bf16', ...)."""
+        self.kernel_preference = kernel
+        self._kernel = self._state = None
+
+    @property
+    def kernel_name(self) -> str:
+        return select_kernel(self.qweight, self.kernel_preference).name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._kernel is None:
+            self._kernel = select_kernel(self.qweight, self.kernel_preference)
+            self._state = self._kernel.prepare(self.qweight)
+        y = self._kernel.matmul(x, self._state)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized weight, for code that inspects `.weight` (not used on the compute path)."""
+        return self.qweight.dequantize()
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"scheme={self.qweight.scheme.name}, bias={self.bias is not None}")

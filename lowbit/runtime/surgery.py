@@ -1,0 +1,59 @@
+"""Model surgery: find the Linear layers to quantize and swap them for QuantLinear modules."""
+from __future__ import annotations
+
+import fnmatch
+import re
+from typing import Iterator
+
+from torch import nn
+
+from lowbit.models.adapters import is_linear
+from lowbit.quantized import QuantizedWeight
+from lowbit.runtime.qlinear import QuantLinear
+
+
+def matches_any(name: str, patterns: tuple[str, ...] | list[str]) -> bool:
+    """True if a module name matches a skip pattern: a glob, a regex (prefix 're:'), or a name component."""
+    for pattern in patterns:
+        if pattern.startswith("re:"):
+            if re.search(pattern[3:], name):
+                return True
+        elif fnmatch.fnmatch(name, pattern) or pattern in name.split("."):
+            return True
+        elif any(ch in pattern for ch in "*?[") and fnmatch.fnmatch(name.rsplit(".", 1)[-1], pattern):
+            return True
+    return False
+
+
+def iter_linears(module: nn.Module, prefix: str = "", skip: tuple[str, ...] = ()) -> Iterator[tuple[str, nn.Module]]:
+    """(full name, module) for every Linear-like module under `module` not matched by `skip`."""
+    for name, child in module.named_modules():
+        full = f"{prefix}.{name}" if prefix and name else (prefix or name)
+        if is_linear(child) and not matches_any(full, skip):
+            yield full, child
+
+
+def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child_name = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child_name, new)
+
+
+def install_quantized(root: nn.Module, name: str, qweight: QuantizedWeight, kernel: str = "auto") -> QuantLinear:
+    """Replace the Linear `name` under `root` by a QuantLinear holding `qweight` (bias kept)."""
+    old = root.get_submodule(name)
+    new = QuantLinear(qweight, getattr(old, "bias", None), kernel=kernel)
+    replace_module(root, name, new)
+    return new
+
+
+def quantized_modules(model: nn.Module) -> Iterator[tuple[str, QuantLinear]]:
+    for name, module in model.named_modules():
+        if isinstance(module, QuantLinear):
+            yield name, module
+
+
+def set_kernel(model: nn.Module, kernel: str) -> None:
+    """Choose the matmul kernel of every QuantLinear in `model`."""
+    for _, module in quantized_modules(model):
+        module.set_kernel(kernel)
