@@ -65,6 +65,20 @@ class QuantizeConfig:
         return cls(**d)
 
 
+@dataclass
+class CalibrationRequest:
+    """What calibration-based methods need to build their calibration batches.
+
+    text_file None means: generate calibration text with the model itself (seeded), and say so.
+    """
+
+    tokenizer: Any
+    text_file: str | None = None
+    n_samples: int = 128
+    seq_len: int = 512
+    seed: int = 0
+
+
 class Method:
     """Base class: quantize every Linear of a block independently with `quantize_weight`."""
 
@@ -88,9 +102,11 @@ class Method:
 
     def check_layer(self, name: str, linear: nn.Linear) -> None:
         """Raise a clear error before any work if this layer cannot be quantized with this method."""
+        from lowbit.models.adapters import in_out_features
+
         check = getattr(self.scheme(), "check_width", None)
         if check is not None:
-            check(linear.in_features, name)
+            check(in_out_features(linear)[0], name)
 
     def quantize_weight(self, name: str, weight: torch.Tensor, importance: torch.Tensor | None = None
                         ) -> QuantizedWeight:

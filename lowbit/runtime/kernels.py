@@ -50,27 +50,39 @@ def _contiguous_groups(qw: QuantizedWeight) -> bool:
 
 
 class Int4PackKernel(Kernel):
-    """torch's `_weight_int4pack_mm_for_cpu`: 4-bit affine codes, bf16 group scales and offsets."""
+    """torch's `_weight_int4pack_mm_for_cpu`: 4-bit affine codes, bf16 group scales and offsets.
+
+    A width that is not a multiple of the group size (SmolLM2's 576 with g128) is padded with zero columns
+    of codes and activations, which add nothing to the product.
+    """
 
     name = "int4pack"
     group_sizes = (32, 64, 128, 256)
 
     def supports(self, qw: QuantizedWeight) -> bool:
         return (qw.scheme.affine_bits == 4 and qw.effective_group_size in self.group_sizes
-                and qw.in_features % qw.effective_group_size == 0 and qw.out_features % 16 == 0
-                and qw.in_features % 32 == 0 and _contiguous_groups(qw))
+                and qw.out_features % 16 == 0 and _contiguous_groups(qw))
 
-    def prepare(self, qw: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor, int]:
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(qw.codes.to(torch.int32).contiguous(), 1)
+    def prepare(self, qw: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+        group = qw.effective_group_size
+        n_groups = qw.scales.shape[1]
+        pad = n_groups * group - qw.in_features
+        codes = qw.codes.to(torch.int32)
+        if pad:
+            codes = torch.cat([codes, codes.new_zeros(qw.out_features, pad)], dim=1)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 1)
         # torch computes (q - 8) * scale + offset, so offset = scale * (8 - zero).
         offset = qw.scales * (8 - qw.zeros)
         scales_and_zeros = torch.stack([qw.scales.t(), offset.t()], dim=-1).to(torch.bfloat16).contiguous()
-        return packed, scales_and_zeros, qw.effective_group_size
+        return packed, scales_and_zeros, group, pad
 
     def matmul(self, x: torch.Tensor, state) -> torch.Tensor:
-        packed, sz, group = state
+        packed, sz, group, pad = state
         shape = x.shape
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, shape[-1]).to(torch.bfloat16), packed, group, sz)
+        x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16)
+        if pad:
+            x2 = F.pad(x2, (0, pad))
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), packed, group, sz)
         return y.reshape(*shape[:-1], -1).to(x.dtype)
 
 
@@ -84,12 +96,21 @@ class Int8PackKernel(Kernel):
                 and bool((qw.zeros == 128).all()))
 
     def prepare(self, qw: QuantizedWeight):
-        return (qw.codes.to(torch.int16) - 128).to(torch.int8).contiguous(), qw.scales[:, 0].to(torch.bfloat16)
+        # torch's kernel reads past the end unless the width is a multiple of 16 (it crashes at 172):
+        # pad weights and activations with zero columns.
+        pad = (-qw.in_features) % 16
+        w = (qw.codes.to(torch.int16) - 128).to(torch.int8)
+        if pad:
+            w = F.pad(w, (0, pad))
+        return w.contiguous(), qw.scales[:, 0].to(torch.bfloat16), pad
 
     def matmul(self, x: torch.Tensor, state) -> torch.Tensor:
-        w, s = state
+        w, s, pad = state
         shape = x.shape
-        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]).to(torch.bfloat16), w, s)
+        x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16)
+        if pad:
+            x2 = F.pad(x2, (0, pad))
+        y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), w, s)
         return y.reshape(*shape[:-1], -1).to(x.dtype)
 
 
@@ -128,3 +149,7 @@ def select_kernel(qw: QuantizedWeight, preference: str = "auto") -> Kernel:
         if kernel.supports(qw):
             return kernel
     return next(KERNELS[name] for name in AUTO_ORDER if KERNELS[name].supports(qw))
+
+
+# Faster kernels measured on this CPU (issue 6); imported last because they register themselves here.
+from lowbit.runtime import fast_kernels  # noqa: E402,F401

@@ -13,12 +13,13 @@ from lowbit.runtime.qlinear import QuantLinear
 
 
 def matches_any(name: str, patterns: tuple[str, ...] | list[str]) -> bool:
-    """True if a module name matches a skip pattern: a glob, a regex (prefix 're:'), or a name component."""
+    """True if a module name matches a skip pattern: a glob, a regex (prefix 're:'), or dotted name parts
+    (`lm_head`, `mlp.down_proj`, `layers.0`)."""
     for pattern in patterns:
         if pattern.startswith("re:"):
             if re.search(pattern[3:], name):
                 return True
-        elif fnmatch.fnmatch(name, pattern) or pattern in name.split("."):
+        elif fnmatch.fnmatch(name, pattern) or f".{pattern}." in f".{name}.":
             return True
         elif any(ch in pattern for ch in "*?[") and fnmatch.fnmatch(name.rsplit(".", 1)[-1], pattern):
             return True

@@ -8,7 +8,8 @@ stores the rest as 8-bit codes of the signed "dynamic" map, blockwise (256) with
 
 Every float32 operation below follows the order bitsandbytes' CPU path uses (reciprocal-multiply for full
 blocks, division for the tail block, midpoint bucketing with ties going to the lower entry; the nested 8-bit
-search of its C code), so codes and statistics are bit-identical to `bitsandbytes.functional.quantize_4bit`.
+lookup of its C code), so codes and statistics are bit-identical to `bitsandbytes.functional.quantize_4bit`
+(checked against bitsandbytes 0.50 on CPU in tests/test_bnb.py).
 """
 from __future__ import annotations
 
@@ -123,27 +124,38 @@ def dequantize_4bit(codes: torch.Tensor, absmax: torch.Tensor, quant_type: str, 
     return (values * absmax.repeat_interleave(blocksize)[: values.numel()]).reshape(codes.shape)
 
 
+LUT_SIZE = 65536  # bins of [-1, 1] in bitsandbytes' 8-bit CPU quantizer
+
+
+@lru_cache(maxsize=8)
+def _nearest_code_lut(code_bytes: bytes) -> torch.Tensor:
+    """uint8 [65536]: for bin i (value -1 + 2i/65535) the first code whose upper midpoint is not below it."""
+    code = torch.frombuffer(bytearray(code_bytes), dtype=torch.float32)
+    midpoints = 0.5 * (code[:-1] + code[1:])
+    bins = -1.0 + (2.0 * torch.arange(LUT_SIZE, dtype=torch.float32)) / (LUT_SIZE - 1)
+    return torch.bucketize(bins, midpoints).to(torch.uint8)
+
+
 def quantize_blockwise_8bit(values: torch.Tensor, code: torch.Tensor, blocksize: int
                             ) -> tuple[torch.Tensor, torch.Tensor]:
     """8-bit codes into sorted `code` and float32 absmax per block, as bitsandbytes' CPU `quantize_blockwise`.
 
-    Each value is divided by its block's absmax, the largest entry <= it is found by binary search and the
-    right neighbour taken only when strictly closer. bitsandbytes searches with code[0] forced to -1.0 (the
-    dynamic map starts at -0.993), so we do too.
+    bitsandbytes (0.50, CPU) does not search the code: it scales each value by 1/absmax, rounds it onto 65536
+    bins of [-1, 1] and reads the nearest code of the bin from a table. That is coarser than a true nearest
+    search near 0 (where the dynamic map is denser than the bins), and we reproduce it exactly.
     """
-    search = code.float().clone()
-    search[0] = -1.0
+    lut = _nearest_code_lut(code.float().contiguous().numpy().tobytes())
     flat = values.reshape(-1).float()
     n = flat.numel()
     pad = (-n) % blocksize
     padded = torch.cat([flat, flat.new_zeros(pad)]) if pad else flat
     absmax = padded.reshape(-1, blocksize).abs().amax(dim=-1)
-    normed = flat / absmax.repeat_interleave(blocksize)[:n]
-    last = search.numel() - 1
-    left = (torch.searchsorted(search, normed, right=True) - 1).clamp(0, last)
-    right = (left + 1).clamp(max=last)
-    closer_right = ((normed - search[right]).abs() < (normed - search[left]).abs()) & (left < last)
-    return (left + closer_right.long()).to(torch.uint8).reshape(values.shape), absmax
+    inverse = (1.0 / absmax).repeat_interleave(blocksize)[:n]
+    scaled = torch.clamp(flat * inverse, -1.0, 1.0)
+    bins = (((scaled + 1.0) * 0.5) * (LUT_SIZE - 1) + 0.5).to(torch.int64)  # truncation, as the C cast
+    codes = lut[bins.clamp(0, LUT_SIZE - 1)]
+    codes[(absmax == 0).repeat_interleave(blocksize)[:n]] = 0  # an all-zero block stores code 0
+    return codes.reshape(values.shape), absmax
 
 
 def dequantize_blockwise_8bit(codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int
@@ -153,11 +165,14 @@ def dequantize_blockwise_8bit(codes: torch.Tensor, absmax: torch.Tensor, code: t
     return (flat * absmax.repeat_interleave(blocksize)[: flat.numel()]).reshape(codes.shape)
 
 
-def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
-    """Flat 4-bit codes -> uint8 [ceil(n/2), 1], the FIRST code in the HIGH nibble (bitsandbytes' order)."""
+def pack_nibbles(codes: torch.Tensor, pad_code: int = 0) -> torch.Tensor:
+    """Flat 4-bit codes -> uint8 [ceil(n/2), 1], the FIRST code in the HIGH nibble (bitsandbytes' order).
+
+    An odd count is padded with `pad_code` (bitsandbytes pads with the code of 0.0: 7 in NF4, 0 in FP4).
+    """
     flat = codes.reshape(-1).to(torch.uint8)
     if flat.numel() % 2:
-        flat = torch.cat([flat, flat.new_zeros(1)])
+        flat = torch.cat([flat, flat.new_full((1,), pad_code)])
     return ((flat[0::2] << 4) | flat[1::2]).unsqueeze(1)
 
 
@@ -209,6 +224,16 @@ class Codebook4(Scheme):
         """The 16 values codes index into."""
         return codebook(self.quant_type)
 
+    @property
+    def zero_code(self) -> int:
+        """The code 0.0 quantizes to (bitsandbytes pads odd-sized weights with it)."""
+        midpoints, order = _bucketing(self.quant_type)
+        return int(order[torch.bucketize(torch.zeros(1), midpoints)])
+
+    def pack(self, qw: QuantizedWeight) -> torch.Tensor:
+        """Codes packed two per byte exactly as bitsandbytes stores `weight` (uint8 [ceil(N*K/2), 1])."""
+        return pack_nibbles(qw.codes, self.zero_code)
+
     # -- quantize / dequantize ---------------------------------------------------------------------------
     def quantize(self, weight: torch.Tensor, importance: torch.Tensor | None = None) -> QuantizedWeight:
         n, k = weight.shape
@@ -259,7 +284,7 @@ class Codebook4(Scheme):
 
     # -- storage in lowbit's native format -------------------------------------------------------------
     def to_tensors(self, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
-        out = {"codes": pack_nibbles(qw.codes)}
+        out = {"codes": self.pack(qw)}
         if self.double_quant:
             out.update({f"extra.{k}": v for k, v in qw.extra.items()})
         else:

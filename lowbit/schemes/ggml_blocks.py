@@ -37,7 +37,7 @@ def round_fp16(v: np.ndarray) -> np.ndarray:
 
 def as_u8_wrapped(v: np.ndarray) -> np.ndarray:
     """C's conversion of an int to uint8 (modulo 256), for values that are already integral floats."""
-    return (v.astype(np.int64) & 0xFF).astype(np.uint8)
+    return (np.nan_to_num(v, nan=0.0, posinf=0.0, neginf=0.0).astype(np.int64) & 0xFF).astype(np.uint8)
 
 
 def signed_absmax(x: np.ndarray) -> np.ndarray:
@@ -97,7 +97,6 @@ def make_qkx_quants(x: np.ndarray, weights: np.ndarray, nmax: int, rmin: float, 
     flat = (hi <= lo) if guarded else (hi == lo)
     sum_w = sequential_sum(weights)
     sum_x = sequential_sum(weights * x)
-    shifted = x - lo
 
     def error(scale, offset, codes):
         diff = scale * codes + offset - x
@@ -105,15 +104,15 @@ def make_qkx_quants(x: np.ndarray, weights: np.ndarray, nmax: int, rmin: float, 
         return sequential_sum(weights * diff)
 
     with _quiet():
-        span = hi - lo
-        iscale = F32(nmax) / span
+        iscale = F32(nmax) / (hi - lo)
         scale = F32(1) / iscale
-        codes = np.clip(nearest_int(iscale * shifted), 0, nmax)
+        codes = np.clip(nearest_int(iscale * (x - lo)), 0, nmax)
         best = error(scale, lo, codes)
         offset = lo
         for step in range(nstep + 1):
-            iscale = (F32(rmin) + F32(rdelta) * F32(step) + F32(nmax)) / span
-            v = iscale * shifted
+            # the reference keeps using the best min found so far as the origin of the next trial
+            iscale = (F32(rmin) + F32(rdelta) * F32(step) + F32(nmax)) / (hi - offset)
+            v = iscale * (x - offset)
             if guarded:
                 cand = np.where(v > 0, nearest_int(np.minimum(v, F32(nmax))), F32(0))
             else:

@@ -6,6 +6,8 @@ uses all 2^b levels); asymmetric grids fit zero from the group's min and max. Sc
 """
 from __future__ import annotations
 
+import logging
+import math
 from dataclasses import dataclass
 
 import torch
@@ -13,6 +15,9 @@ import torch
 from lowbit.errors import LowbitError
 from lowbit.quantized import QuantizedWeight
 from lowbit.schemes.base import Scheme, expand_groups, register_scheme
+
+log = logging.getLogger("lowbit")
+_NOTED_WIDTHS: set[int] = set()
 
 PER_TENSOR = 0
 PER_CHANNEL = -1
@@ -57,11 +62,11 @@ class IntGrid(Scheme):
         return 2 ** self.bits - 1
 
     def check_width(self, in_features: int, layer: str = "") -> None:
-        """Raise a clear error when the group size does not divide this layer's input width."""
-        if self.group_size > 0 and in_features % self.group_size:
-            where = f" of layer {layer}" if layer else ""
-            raise LowbitError(f"group size {self.group_size} does not divide the input width {in_features}{where}; "
-                              f"choose a group size that divides it, use -1 (per channel), or skip the layer")
+        """Note layers whose width is not a multiple of the group size: their last group is shorter (as in GPTQ)."""
+        if self.group_size > 0 and in_features % self.group_size and in_features not in _NOTED_WIDTHS:
+            _NOTED_WIDTHS.add(in_features)
+            log.info("group size %d does not divide input width %d (%s): its last group has %d columns",
+                     self.group_size, in_features, layer or "layer", in_features % self.group_size)
 
     # -- fitting ----------------------------------------------------------------------------------------
     def _params_from_range(self, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,26 +86,37 @@ class IntGrid(Scheme):
             zero = torch.clamp(torch.round(-lo / scale), 0, self.maxq)
         return scale, zero
 
-    def _grouped(self, weight: torch.Tensor) -> torch.Tensor:
-        """[N, K] -> [N, G, g] view matching this grid's granularity."""
+    def _grouped(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """[N, K] -> ([N, G, g] view matching this grid's granularity, padding mask or None).
+
+        A last group shorter than g is padded with copies of its own first column, which leaves its
+        min, max and absmax unchanged; the mask keeps the padding out of clip-search errors.
+        """
         n, k = weight.shape
         if self.group_size == PER_TENSOR:
-            return weight.reshape(1, 1, n * k)
+            return weight.reshape(1, 1, n * k), None
         g = k if self.group_size == PER_CHANNEL else self.group_size
-        self.check_width(k)
-        return weight.reshape(n, k // g, g)
+        n_groups = math.ceil(k / g)
+        pad = n_groups * g - k
+        if not pad:
+            return weight.reshape(n, n_groups, g), None
+        first = weight[:, (n_groups - 1) * g: (n_groups - 1) * g + 1]
+        padded = torch.cat([weight, first.expand(n, pad)], dim=1)
+        mask = torch.ones(1, n_groups, g)
+        mask[0, -1, g - pad:] = 0
+        return padded.reshape(n, n_groups, g), mask
 
     def fit(self, weight: torch.Tensor, importance: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Scales and zeros [N, G]: absmax/min-max, or the clipping ratio minimising the (weighted) MSE."""
-        w = self._grouped(weight.float())
+        w, mask = self._grouped(weight.float())
         lo = torch.clamp(w.amin(dim=-1), max=0)
         hi = torch.clamp(w.amax(dim=-1), min=0)
         scale, zero = self._params_from_range(lo, hi)
         if self.clip_search:
-            imp = None
+            imp = mask
             if importance is not None:
-                imp = importance.float().reshape(1, -1).expand(weight.shape[0], -1)
-                imp = self._grouped(imp)
+                imp = self._grouped(importance.float().reshape(1, -1).expand(weight.shape[0], -1))[0]
+                imp = imp if mask is None else imp * mask
             best = self._group_error(w, scale, zero, imp)
             for i in range(1, self.clip_grid + 1):
                 shrink = 1 - self.clip_max_shrink * i / self.clip_grid
@@ -132,7 +148,7 @@ class IntGrid(Scheme):
     def quantize(self, weight: torch.Tensor, importance: torch.Tensor | None = None) -> QuantizedWeight:
         n, k = weight.shape
         scale, zero = self.fit(weight, importance)
-        group_size = k if self.group_size == PER_TENSOR else self.group_size
+        group_size = {PER_TENSOR: k, PER_CHANNEL: -1}.get(self.group_size, self.group_size)
         qw = QuantizedWeight(self, (n, k), codes=torch.empty(0), scales=scale, zeros=zero, group_size=group_size)
         gi = qw.group_index()
         qw.codes = self.encode(weight.float(), expand_groups(scale, gi), expand_groups(zero, gi))

@@ -1,0 +1,1 @@
+"""Calibration: text sources, layer-by-layer activation capture, and layer-wise streaming from safetensors."""

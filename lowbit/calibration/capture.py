@@ -1,0 +1,183 @@
+"""Layer-by-layer calibration driver: capture what enters decoder block 0, then walk the blocks one at a time.
+
+The embeddings run once on the calibration batch; a stand-in for block 0 records the hidden states and every
+keyword argument the model passes its decoder layers (attention mask, position ids, rotary position
+embeddings in transformers 5), then stops the forward pass. From there each block is calibrated on its
+recorded inputs, quantized, and re-run (now quantized) to produce the next block's inputs, so each block
+is calibrated on the activations it will really see (true-sequential across blocks). Only one block needs
+real weights at a time, which is what `streaming.py` builds on.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+
+from lowbit.errors import LowbitError
+from lowbit.models.adapters import ArchAdapter
+
+log = logging.getLogger("lowbit")
+
+DEFAULT_CHUNK = 8   # calibration samples per forward pass: bounds attention memory at long --calib-len
+
+
+class _StopForward(Exception):
+    """Raised inside a hook to end a forward pass once the needed activations are recorded."""
+
+
+@dataclass
+class BlockCall:
+    """One recorded call of a decoder block: positional args (hidden states first) and keyword args."""
+
+    args: tuple
+    kwargs: dict[str, Any]
+
+    @property
+    def hidden(self) -> torch.Tensor:
+        return self.args[0]
+
+    def with_hidden(self, hidden: torch.Tensor) -> "BlockCall":
+        return BlockCall((hidden, *self.args[1:]), self.kwargs)
+
+
+class _FirstBlockCatcher(nn.Module):
+    """Stands in for block 0: records how the model calls it, then stops the forward pass."""
+
+    def __init__(self, original: nn.Module, calls: list[BlockCall]):
+        super().__init__()
+        self.calls = calls
+        # Some models pick the mask per layer from attributes of the layer (sliding vs full attention).
+        for attr in ("attention_type", "layer_idx", "is_sliding"):
+            if hasattr(original, attr):
+                setattr(self, attr, getattr(original, attr))
+
+    def forward(self, *args: Any, **kwargs: Any):
+        if not args:
+            args = (kwargs.pop("hidden_states"),)
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value", "layer_past")}
+        kwargs["use_cache"] = False
+        self.calls.append(BlockCall(tuple(args), kwargs))
+        raise _StopForward
+
+
+@torch.no_grad()
+def capture_first_block_inputs(model: nn.Module, adapter: ArchAdapter, batch: torch.Tensor,
+                               chunk: int = DEFAULT_CHUNK) -> list[BlockCall]:
+    """Run the model's embeddings on `batch` [n, L] in chunks and record block 0's inputs for each chunk."""
+    blocks = adapter.blocks(model)
+    if len(blocks) == 0:
+        raise LowbitError(f"the model has no decoder layers at {adapter.blocks_path}; nothing to calibrate")
+    original = blocks[0]
+    calls: list[BlockCall] = []
+    blocks[0] = _FirstBlockCatcher(original, calls)
+    try:
+        for start in range(0, batch.shape[0], chunk):
+            ids = batch[start:start + chunk]
+            try:
+                model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        blocks[0] = original
+    if len(calls) != (batch.shape[0] + chunk - 1) // chunk:
+        raise LowbitError(f"could not capture the inputs of {adapter.blocks_path}.0: the model's forward pass "
+                          "did not call its first decoder layer")
+    return calls
+
+
+def block_output(out: Any) -> torch.Tensor:
+    """The hidden states a decoder block returns (a tensor, or the first item of a tuple in older layouts)."""
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@torch.no_grad()
+def run_block(block: nn.Module, calls: list[BlockCall]) -> list[BlockCall]:
+    """The next block's inputs: this block applied to every recorded call."""
+    return [call.with_hidden(block_output(block(*call.args, **call.kwargs))) for call in calls]
+
+
+@torch.no_grad()
+def collect_inputs(block: nn.Module, modules: dict[str, nn.Module], calls: list[BlockCall],
+                   on_input: Callable[[str, tuple, dict], None], stop_early: bool = True) -> None:
+    """Call `on_input(name, args, kwargs)` with what each of `modules` receives while `block` runs on `calls`.
+
+    With `stop_early`, each forward pass ends as soon as every watched module has seen its input, so
+    collecting the inputs of a block's first Linears does not pay for the rest of the block.
+    """
+    seen: set[str] = set()
+
+    def make_hook(name: str):
+        def hook(_module, args, kwargs):
+            on_input(name, args, kwargs)
+            seen.add(name)
+            if stop_early and len(seen) == len(modules):
+                raise _StopForward
+        return hook
+
+    handles = [m.register_forward_pre_hook(make_hook(n), with_kwargs=True) for n, m in modules.items()]
+    try:
+        for call in calls:
+            seen.clear()
+            try:
+                block(*call.args, **call.kwargs)
+            except _StopForward:
+                pass
+            if len(seen) != len(modules):
+                missing = sorted(set(modules) - seen)
+                raise LowbitError(f"calibration: modules {missing} were not called by their decoder block; "
+                                  "the architecture adapter does not match this model")
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def first_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The activation a module receives (its first positional argument or `hidden_states`)."""
+    if args:
+        return args[0]
+    if "hidden_states" in kwargs:
+        return kwargs["hidden_states"]
+    return next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
+
+
+def flat_tokens(x: torch.Tensor) -> torch.Tensor:
+    """[..., K] activations -> [tokens, K] float32."""
+    return x.reshape(-1, x.shape[-1]).float()
+
+
+def calibrated_blocks(model: nn.Module, adapter: ArchAdapter, batch: torch.Tensor,
+                      quantize_block: Callable[[int, nn.Module, list[BlockCall]], Any],
+                      progress: bool = True, desc: str = "quantize", chunk: int = DEFAULT_CHUNK,
+                      load_block: Callable[[int], nn.Module] | None = None,
+                      release_block: Callable[[int, nn.Module], None] | None = None) -> list[Any]:
+    """Walk every decoder block: calibrate+quantize it on its inputs, then compute the next block's inputs.
+
+    `quantize_block(i, block, calls)` quantizes block i in place and returns a summary (shown on the bar).
+    `load_block`/`release_block` let a streaming caller materialise each block's weights only while it is
+    processed. Returns the summaries.
+    """
+    from tqdm.auto import tqdm
+
+    calls = capture_first_block_inputs(model, adapter, batch, chunk)
+    blocks = adapter.blocks(model)
+    summaries = []
+    bar = tqdm(range(len(blocks)), desc=desc, unit="layer", disable=not progress)
+    for i in bar:
+        block = load_block(i) if load_block is not None else blocks[i]
+        summary = quantize_block(i, block, calls)
+        summaries.append(summary)
+        if summary is not None:
+            bar.set_postfix_str(str(summary))
+        if i + 1 < len(blocks):
+            calls = run_block(block, calls)
+        if release_block is not None:
+            release_block(i, block)
+    return summaries
+
+
+def iter_chunks(x: torch.Tensor, rows: int) -> Iterable[torch.Tensor]:
+    for start in range(0, x.shape[0], rows):
+        yield x[start:start + rows]

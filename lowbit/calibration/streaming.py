@@ -1,0 +1,308 @@
+"""Layer-wise streaming quantization: never hold more than one decoder block's float weights in memory.
+
+The model is built on the meta device (no memory), the parts outside the decoder blocks (embeddings, final
+norm, head, rotary tables) are loaded from the safetensors shards, and then each block in turn is loaded
+from the shards, calibrated on the activations entering it, quantized, run to produce the next block's
+activations, written to a per-block safetensors file, and freed. At the end the per-block files are merged,
+by copying bytes, into the single `model.safetensors` of lowbit's native format. Peak memory is about one
+float block plus the calibration activations plus the non-block weights, instead of the whole model.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import struct
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from lowbit.errors import CorruptFile, LowbitError
+from lowbit.methods.base import Method, QuantizeConfig, get_method
+
+log = logging.getLogger("lowbit")
+
+_COPY_CHUNK = 64 << 20
+
+
+class ShardIndex:
+    """Which safetensors file holds each tensor of an HF folder (headers only; no tensor is read)."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        files = sorted(self.folder.glob("*.safetensors"))
+        if not files:
+            raise LowbitError(f"{folder} has no *.safetensors files; layer-wise streaming reads safetensors shards "
+                              "(convert .bin checkpoints with transformers first)")
+        self.file_of: dict[str, Path] = {}
+        for file in files:
+            try:
+                with safe_open(str(file), framework="pt") as f:
+                    for key in f.keys():
+                        self.file_of[key] = file
+            except (SafetensorError, OSError) as exc:
+                raise CorruptFile(f"{file} is truncated or corrupt ({exc})") from exc
+
+    def keys_under(self, prefix: str) -> list[str]:
+        return [k for k in self.file_of if k.startswith(prefix)]
+
+    def load(self, keys: list[str], dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+        """Read `keys` (floating tensors cast to `dtype`), opening each shard once."""
+        by_file: dict[Path, list[str]] = {}
+        for key in keys:
+            by_file.setdefault(self.file_of[key], []).append(key)
+        out = {}
+        for file, names in by_file.items():
+            try:
+                with safe_open(str(file), framework="pt") as f:
+                    for name in names:
+                        t = f.get_tensor(name)
+                        out[name] = t.to(dtype) if t.is_floating_point() else t
+            except (SafetensorError, OSError) as exc:
+                raise CorruptFile(f"{file} is truncated or corrupt ({exc})") from exc
+        return out
+
+
+def meta_skeleton(config: Any) -> nn.Module:
+    """The model's modules with every tensor on the meta device (allocates nothing)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return model.eval()
+
+
+def _rebuild_meta_buffers(model: nn.Module, skip_prefix: str) -> None:
+    """Re-create modules outside the blocks whose non-persistent buffers (rotary tables) are still on meta."""
+    from lowbit.runtime.surgery import replace_module
+
+    for name, module in list(model.named_modules()):
+        if not name or name.startswith(skip_prefix):
+            continue
+        if any(b.is_meta for b in module.buffers(recurse=False)):
+            try:
+                fresh = type(module)(config=model.config)
+            except TypeError as exc:
+                raise LowbitError(f"streaming cannot rebuild {name} ({type(module).__name__}) outside the meta "
+                                  "device; quantize without streaming") from exc
+            replace_module(model, name, fresh.eval())
+
+
+def materialise_outside_blocks(model: nn.Module, index: ShardIndex, blocks_path: str) -> None:
+    """Load every tensor that is not part of a decoder block (embeddings, final norm, head)."""
+    prefix = blocks_path + "."
+    wanted = [k for k in model.state_dict() if not k.startswith(prefix)]
+    present = [k for k in wanted if k in index.file_of]
+    model.load_state_dict(index.load(present), strict=False, assign=True)
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()
+    _rebuild_meta_buffers(model, prefix)
+    still_meta = [n for n, p in model.named_parameters() if p.is_meta and not n.startswith(prefix)]
+    if still_meta:
+        raise CorruptFile(f"{index.folder}: the checkpoint lacks {still_meta[:5]}; it is incomplete")
+
+
+def load_block(model: nn.Module, index: ShardIndex, blocks_path: str, i: int) -> nn.Module:
+    """Give block i real weights from the shards (replacing its meta tensors)."""
+    block = model.get_submodule(f"{blocks_path}.{i}")
+    prefix = f"{blocks_path}.{i}."
+    expected = list(block.state_dict())
+    keys = [prefix + k for k in expected]
+    missing = [k for k in keys if k not in index.file_of]
+    if missing:
+        raise CorruptFile(f"{index.folder}: the checkpoint lacks {missing[:5]}; it is incomplete")
+    tensors = index.load(keys)
+    block.load_state_dict({k[len(prefix):]: v for k, v in tensors.items()}, strict=True, assign=True)
+    if any(t.is_meta for t in block.buffers()):
+        raise LowbitError(f"{blocks_path}.{i} has buffers that are not in the checkpoint; quantize without streaming")
+    return block
+
+
+def quantized_layer_tensors(name: str, qw: Any, bias: torch.Tensor | None) -> tuple[dict[str, torch.Tensor], dict]:
+    """One quantized layer's tensors under lowbit's native names, and its manifest entry."""
+    tensors = {f"{name}.{key}": value.contiguous() for key, value in qw.scheme.to_tensors(qw).items()}
+    if bias is not None:
+        tensors[f"{name}.bias"] = bias.detach().contiguous()
+    return tensors, {"scheme": qw.scheme.to_config(), "shape": list(qw.shape), "group_size": qw.group_size}
+
+
+def block_tensors(block: nn.Module, prefix: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """A quantized block's tensors as lowbit's native format names them, and its manifest entries."""
+    from lowbit.runtime.surgery import quantized_modules
+
+    tensors: dict[str, torch.Tensor] = {}
+    layers: dict[str, Any] = {}
+    quantized = dict(quantized_modules(block))
+    for name, module in quantized.items():
+        layer, layers[f"{prefix}.{name}"] = quantized_layer_tensors(f"{prefix}.{name}", module.qweight, module.bias)
+        tensors.update(layer)
+    skip = tuple(f"{n}." for n in quantized)
+    for key, value in block.state_dict().items():
+        if not key.startswith(skip):
+            tensors[f"{prefix}.{key}"] = value.detach().contiguous()
+    return tensors, layers
+
+
+def merge_safetensors(parts: list[Path], out: Path) -> None:
+    """Concatenate safetensors files (distinct keys) into one, copying tensor bytes without loading them."""
+    entries = []   # (name, dtype, shape, source file, absolute start, length)
+    for part in parts:
+        with open(part, "rb") as f:
+            header_len = struct.unpack("<Q", f.read(8))[0]
+            header = json.loads(f.read(header_len))
+        base = 8 + header_len
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            begin, end = info["data_offsets"]
+            entries.append((name, info["dtype"], info["shape"], part, base + begin, end - begin))
+    entries.sort(key=lambda e: e[0])
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, dtype, shape, _, _, length in entries:
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + length]}
+        offset += length
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * ((-len(blob)) % 8)
+    with open(out, "wb") as dst:
+        dst.write(struct.pack("<Q", len(blob)))
+        dst.write(blob)
+        handles: dict[Path, Any] = {}
+        try:
+            for _, _, _, part, start, length in entries:
+                src = handles.get(part) or handles.setdefault(part, open(part, "rb"))
+                src.seek(start)
+                remaining = length
+                while remaining:
+                    chunk = src.read(min(_COPY_CHUNK, remaining))
+                    if not chunk:
+                        raise CorruptFile(f"{part} ended early while merging shards")
+                    dst.write(chunk)
+                    remaining -= len(chunk)
+        finally:
+            for h in handles.values():
+                h.close()
+
+
+def stream_quantize(source: str | Path, out: str | Path, config: QuantizeConfig, calibration: Any = None,
+                    progress: bool = True) -> Path:
+    """Quantize the HF folder `source` block by block from its safetensors shards into lowbit format at `out`.
+
+    `calibration`: token ids [n, L], a CalibrationRequest with a text file, or a text file path (calibrated
+    methods only; streaming cannot generate calibration text, since that needs the whole model at once).
+    """
+    from lowbit.calibration.capture import calibrated_blocks
+    from lowbit.calibration.text import calibration_batch
+    from lowbit.formats.atomic import atomic_dir
+    from lowbit.formats.native import FORMAT_VERSION, MANIFEST, WEIGHTS, save_hf_side_files
+    from lowbit.methods.pipeline import block_linears
+    from lowbit.models.adapters import adapter_for, linear_weight
+    from lowbit.models.loading import load_config, load_tokenizer
+    from lowbit.runtime.surgery import install_quantized, iter_linears, matches_any
+
+    source, out = Path(source), Path(out)
+    hf_config = load_config(source)
+    adapter = adapter_for(hf_config.model_type)
+    method: Method = get_method(config)
+    skip = tuple(config.skip)
+    index = ShardIndex(source)
+    model = meta_skeleton(hf_config)
+    for name, module in iter_linears(model, "", skip):
+        method.check_layer(name, module)
+    materialise_outside_blocks(model, index, adapter.blocks_path)
+    tokenizer = load_tokenizer(source)
+    model.tokenizer = tokenizer
+    blocks = adapter.blocks(model)
+    layers: dict[str, Any] = {}
+    with atomic_dir(out) as tmp:
+        parts: list[Path] = []
+
+        def release(i: int, block: nn.Module) -> None:
+            tensors, entries = block_tensors(block, adapter.block_prefix(i))
+            part = tmp / f".block-{i:05d}.safetensors"
+            save_file(tensors, str(part))
+            parts.append(part)
+            layers.update(entries)
+            blocks[i] = nn.Module()     # drop the block's weights; only its file remains
+            del tensors
+            gc.collect()
+
+        if method.needs_calibration:
+            if calibration is None or (getattr(calibration, "text_file", "") is None):
+                raise LowbitError("layer-wise streaming needs calibration text (--calib FILE): self-generated text "
+                                  "would need the whole model in memory")
+            options = config.options
+            batch = calibration_batch(model, calibration, options.get("calib_samples"), options.get("calib_len"),
+                                      options.get("seed"))
+
+            def quantize(i: int, block: nn.Module, calls) -> str:
+                prefix = adapter.block_prefix(i)
+                method.quantize_block(block, block_linears(block, prefix, skip), calls, adapter=adapter,
+                                      prefix=prefix, kernel="reference")
+                reports = getattr(method, "last_reports", {})
+                worst = max((r.relative_error for r in reports.values()), default=0.0)
+                return f"err={worst:.2e}"
+
+            calibrated_blocks(model, adapter, batch, quantize, progress=progress, desc=f"{method.name} stream",
+                              chunk=int(options.get("chunk") or 8),
+                              load_block=lambda i: load_block(model, index, adapter.blocks_path, i),
+                              release_block=release)
+        else:
+            from tqdm.auto import tqdm
+
+            for i in tqdm(range(len(blocks)), desc=f"{method.name} stream", unit="layer", disable=not progress):
+                block = load_block(model, index, adapter.blocks_path, i)
+                prefix = adapter.block_prefix(i)
+                for name, qw in method.quantize_block(block, block_linears(block, prefix, skip)).items():
+                    install_quantized(block, name, qw, "reference")
+                release(i, block)
+
+        # Linears outside the blocks (the head unless skipped), then everything else outside the blocks.
+        block_root = adapter.blocks_path + "."
+        rest: dict[str, torch.Tensor] = {}
+        tied: dict[str, str] = {}
+        for name, module in list(iter_linears(model, "", skip)):
+            if not name.startswith(block_root) and not matches_any(name, skip):
+                qw = method.quantize_weight(name, linear_weight(module).detach())
+                tensors, layers[name] = quantized_layer_tensors(name, qw, getattr(module, "bias", None))
+                rest.update(tensors)
+        quantized_prefixes = tuple(f"{n}." for n in layers)
+        seen: dict[int, str] = {}
+        for key, value in model.state_dict().items():
+            if key.startswith(block_root) or key.startswith(quantized_prefixes) or key in rest:
+                continue
+            ptr = value.data_ptr()
+            if ptr in seen and value.numel():
+                tied[key] = seen[ptr]
+                continue
+            seen[ptr] = key
+            rest[key] = value.detach().contiguous()
+        rest_file = tmp / ".rest.safetensors"
+        save_file(rest, str(rest_file))
+        merge_safetensors(parts + [rest_file], tmp / WEIGHTS)
+        for part in parts + [rest_file]:
+            part.unlink()
+        model.lowbit_config = config
+        manifest = {"format": "lowbit", "version": FORMAT_VERSION, "quantization": config.to_dict(),
+                    "layers": layers, "tied": tied, "streamed": True}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        save_hf_side_files(model, tokenizer, tmp)
+    return out
+
+
+def stream_from_cli(args: Any, config: QuantizeConfig) -> Path:
+    """`lowbit quantize MODEL --stream ...`: checks the CLI arguments and runs `stream_quantize`."""
+    from lowbit.methods.base import CalibrationRequest
+    from lowbit.models.loading import resolve_model_path
+
+    if args.format != "lowbit":
+        raise LowbitError(f"--stream writes lowbit's native format; drop --format {args.format} (or drop --stream)")
+    source = resolve_model_path(args.model)
+    if not source.is_dir():
+        raise LowbitError(f"--stream reads an HF folder with safetensors shards, and {source} is not a folder")
+    calibration = CalibrationRequest(None, args.calib, args.calib_samples, args.calib_len, args.seed)
+    return stream_quantize(source, args.output, config, calibration=calibration)

@@ -1,0 +1,259 @@
+"""bitsandbytes checkpoints: the safetensors layout transformers' bitsandbytes integration saves and loads.
+
+4-bit Linear with prefix P: P.weight (uint8 [ceil(N*K/2), 1], two codes per byte, first in the high nibble),
+P.weight.absmax (float32, or uint8 codes under double quantization), P.weight.quant_map (the 16 values),
+P.weight.nested_absmax / P.weight.nested_quant_map (double quantization), and
+P.weight.quant_state.bitsandbytes__nf4|fp4 (uint8 bytes of a JSON with quant_type, blocksize, dtype, shape,
+nested_blocksize, nested_dtype, nested_offset).
+LLM.int8 Linear: P.weight (int8 [N, K]), P.SCB (float32 [N] row absmax), P.weight_format (uint8 0 = row-major).
+config.json carries `quantization_config` with quant_method "bitsandbytes" as transformers writes it.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lowbit.errors import CorruptFile, LowbitError
+from lowbit.formats.atomic import atomic_dir
+from lowbit.formats.registry import Format, register_format
+from lowbit.models.adapters import in_out_features, is_linear
+from lowbit.quantized import QuantizedWeight
+from lowbit.runtime.surgery import install_quantized, quantized_modules
+from lowbit.schemes.codebook import (Codebook4, codebook, dynamic_map, json_to_uint8, quant_state_json,
+                                     uint8_to_json)
+from lowbit.schemes.int8row import RowInt8
+
+WEIGHTS = "model.safetensors"
+QUANT_STATE_PREFIX = "quant_state.bitsandbytes__"
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+# -- writing -----------------------------------------------------------------------------------------------
+def bnb_layer_tensors(prefix: str, qw: QuantizedWeight, dtype_name: str = "float32") -> dict[str, torch.Tensor]:
+    """The state-dict entries bitsandbytes saves for one quantized Linear (without its bias)."""
+    scheme = qw.scheme
+    if isinstance(scheme, Codebook4):
+        out = {f"{prefix}.weight": scheme.pack(qw), f"{prefix}.weight.quant_map": codebook(scheme.quant_type)}
+        if scheme.double_quant:
+            out[f"{prefix}.weight.absmax"] = qw.extra["absmax_codes"]
+            out[f"{prefix}.weight.nested_absmax"] = qw.extra["nested_absmax"]
+            out[f"{prefix}.weight.nested_quant_map"] = dynamic_map()
+        else:
+            out[f"{prefix}.weight.absmax"] = scheme.flat_absmax(qw)
+        state = quant_state_json(scheme, qw, dtype_name)
+        out[f"{prefix}.weight.{QUANT_STATE_PREFIX}{scheme.quant_type}"] = json_to_uint8(state)
+        return out
+    if isinstance(scheme, RowInt8):
+        return {f"{prefix}.weight": scheme.int8_codes(qw), f"{prefix}.SCB": qw.extra["SCB"].float(),
+                f"{prefix}.weight_format": torch.tensor(0, dtype=torch.uint8)}
+    raise LowbitError(f"layer {prefix} uses scheme {scheme.name}, which the bitsandbytes format cannot store; "
+                      "quantize with --method nf4, fp4 or int8 for --format bnb")
+
+
+def quantization_config(schemes: list[Any], skipped: list[str]) -> dict[str, Any]:
+    """transformers' BitsAndBytesConfig.to_dict() for these layers (all 4-bit alike, or all LLM.int8)."""
+    kinds = {type(s) for s in schemes}
+    if len(kinds) != 1:
+        raise LowbitError("the bitsandbytes format holds either 4-bit or int8 layers, not both; quantize all "
+                          "layers with one method")
+    first = schemes[0]
+    if isinstance(first, RowInt8) and any(s.activations != "int8" for s in schemes):
+        raise LowbitError("dynamic-int8 layers have no bitsandbytes equivalent; save them in lowbit's format "
+                          "(--format lowbit) or quantize with --method int8")
+    if isinstance(first, Codebook4):
+        variants = {(s.quant_type, s.double_quant, s.compute_dtype) for s in schemes}
+        if len(variants) != 1:
+            raise LowbitError(f"4-bit layers differ in type/double quant/compute dtype ({sorted(variants)}); "
+                              "bitsandbytes' config allows one setting for the whole model")
+    is4 = isinstance(first, Codebook4)
+    return {
+        "quant_method": "bitsandbytes",
+        "_load_in_4bit": is4, "_load_in_8bit": not is4, "load_in_4bit": is4, "load_in_8bit": not is4,
+        "bnb_4bit_compute_dtype": first.compute_dtype if is4 else "float32",
+        "bnb_4bit_quant_storage": "uint8",
+        "bnb_4bit_quant_type": first.quant_type if is4 else "fp4",
+        "bnb_4bit_use_double_quant": bool(first.double_quant) if is4 else False,
+        "llm_int8_enable_fp32_cpu_offload": False,
+        "llm_int8_has_fp16_weight": False,
+        "llm_int8_skip_modules": skipped or None,
+        "llm_int8_threshold": 6.0 if is4 else float(first.threshold),
+    }
+
+
+def save_bnb(model: nn.Module, tokenizer: Any, out: str | Path, **_: Any) -> Path:
+    """Write a quantized model as a bitsandbytes checkpoint folder (atomically)."""
+    from lowbit.formats.native import save_hf_side_files
+
+    out = Path(out)
+    quantized = dict(quantized_modules(model))
+    if not quantized:
+        raise LowbitError("the model has no quantized layers; quantize it with --method nf4, fp4 or int8 "
+                          "before saving with --format bnb")
+    dtype_name = _DTYPE_NAMES.get(getattr(model, "dtype", torch.float32), "float32")
+    tensors: dict[str, torch.Tensor] = {}
+    for name, module in quantized.items():
+        tensors.update(bnb_layer_tensors(name, module.qweight, dtype_name))
+        if module.bias is not None:
+            tensors[f"{name}.bias"] = module.bias.detach().contiguous()
+    skipped = [name for name, module in model.named_modules() if is_linear(module) and name not in quantized]
+    config = quantization_config([m.qweight.scheme for m in quantized.values()], skipped)
+    prefixes = tuple(f"{n}." for n in quantized)
+    seen: set[int] = set()
+    for key, value in model.state_dict().items():
+        if key.startswith(prefixes):
+            continue
+        if value.numel() and value.data_ptr() in seen:  # tied weights are stored once, as transformers does
+            continue
+        seen.add(value.data_ptr())
+        tensors[key] = value.detach().contiguous()
+    with atomic_dir(out) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        save_hf_side_files(model, tokenizer, tmp)
+        cfg_path = tmp / "config.json"
+        cfg = json.loads(cfg_path.read_text())
+        cfg["quantization_config"] = config
+        if "lm_head" in quantized and cfg.get("tie_word_embeddings"):
+            cfg["tie_word_embeddings"] = False  # the quantized head no longer shares the embedding's storage
+        cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    return out
+
+
+# -- reading -----------------------------------------------------------------------------------------------
+def is_bnb(path: Path) -> bool:
+    """A folder whose config.json says quant_method 'bitsandbytes'."""
+    path = Path(path)
+    cfg = path / "config.json"
+    if not (path.is_dir() and cfg.is_file()):
+        return False
+    try:
+        qc = json.loads(cfg.read_text()).get("quantization_config") or {}
+    except (OSError, json.JSONDecodeError):
+        return False
+    return qc.get("quant_method") == "bitsandbytes"
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise CorruptFile(f"{path} has no *.safetensors weights; bitsandbytes checkpoints are saved as safetensors")
+    tensors: dict[str, torch.Tensor] = {}
+    for f in files:
+        try:
+            tensors.update(load_file(str(f)))
+        except (SafetensorError, OSError) as exc:
+            raise CorruptFile(f"{f} is truncated or corrupt ({exc}); re-save or re-download it") from exc
+    return tensors
+
+
+def _read_4bit(prefix: str, parts: dict[str, torch.Tensor], compute_dtype: str, expected: tuple[int, int]
+               ) -> QuantizedWeight:
+    state_keys = [k for k in parts if k.startswith(QUANT_STATE_PREFIX)]
+    state = uint8_to_json(parts[state_keys[0]])
+    n, k = (int(v) for v in state.get("shape", expected))
+    if (n, k) != expected:
+        raise CorruptFile(f"{prefix}: quant_state shape {(n, k)} does not match the model's layer {expected}")
+    nested = "nested_absmax" in parts
+    scheme = Codebook4(quant_type=state["quant_type"], blocksize=int(state["blocksize"]), double_quant=nested,
+                       compute_dtype=compute_dtype)
+    if "quant_map" in parts and not torch.equal(parts["quant_map"].float(), codebook(scheme.quant_type)):
+        raise LowbitError(f"{prefix}: the file's 4-bit quant_map differs from bitsandbytes' {scheme.quant_type} "
+                          "table; lowbit reads only the standard tables")
+    if nested:
+        if int(state.get("nested_blocksize", 256)) != scheme.nested_blocksize:
+            raise LowbitError(f"{prefix}: nested blocksize {state.get('nested_blocksize')} is not supported "
+                              f"(bitsandbytes uses {scheme.nested_blocksize})")
+        if "nested_quant_map" in parts and not torch.equal(parts["nested_quant_map"].float(), dynamic_map()):
+            raise LowbitError(f"{prefix}: the nested quant_map is not bitsandbytes' dynamic map; unsupported")
+        tensors = {"codes": parts["weight"], "extra.absmax_codes": parts["absmax"].to(torch.uint8),
+                   "extra.nested_absmax": parts["nested_absmax"].float(),
+                   "extra.nested_offset": torch.tensor(float(state["nested_offset"]), dtype=torch.float32)}
+    else:
+        tensors = {"codes": parts["weight"], "scales": parts["absmax"].float()}
+    if parts["weight"].numel() * parts["weight"].element_size() * 2 < n * k:
+        raise CorruptFile(f"{prefix}.weight holds {parts['weight'].numel()} bytes, too few for {n}x{k} codes")
+    return scheme.from_tensors(tensors, (n, k), scheme.blocksize)
+
+
+def load_bnb(path: str | Path, kernel: str = "auto", **_: Any):
+    """Load a bitsandbytes checkpoint folder (ours or transformers') -> (model, tokenizer), layers kept quantized."""
+    from lowbit.methods.base import QuantizeConfig
+    from lowbit.models.loading import empty_model_from_config, load_config, load_tokenizer
+    from lowbit.runtime import bnb_kernels  # noqa: F401  (kernels for these schemes)
+
+    path = Path(path)
+    config = load_config(path)
+    qc = dict(getattr(config, "quantization_config", None) or {})
+    if hasattr(qc, "to_dict"):
+        qc = qc.to_dict()
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # build a plain float skeleton; we install the quantized layers ourselves
+    model = empty_model_from_config(config)
+    tensors = _read_tensors(path)
+    compute_dtype = str(qc.get("bnb_4bit_compute_dtype") or "float32").replace("torch.", "")
+    threshold = float(qc.get("llm_int8_threshold", 6.0))
+
+    state_marker = ".weight." + QUANT_STATE_PREFIX
+    layer_prefixes = {k.split(state_marker)[0] for k in tensors if state_marker in k}
+    int8_prefixes = {k[: -len(".SCB")] for k in tensors if k.endswith(".SCB")}
+    schemes = []
+    for prefix in sorted(layer_prefixes | int8_prefixes):
+        try:
+            module = model.get_submodule(prefix)
+        except AttributeError as exc:
+            raise CorruptFile(f"{path}: quantized tensor {prefix} names no layer of a {config.model_type} "
+                              "model") from exc
+        if not is_linear(module):
+            raise CorruptFile(f"{path}: {prefix} is not a Linear layer")
+        k_in, n_out = in_out_features(module)
+        if prefix in layer_prefixes:
+            head = f"{prefix}.weight"
+            parts = {key[len(head) + 1:] if key != head else "weight": tensors.pop(key)
+                     for key in [key for key in tensors if key == head or key.startswith(head + ".")]}
+            qw = _read_4bit(prefix, parts, compute_dtype, (n_out, k_in))
+        else:
+            cb = tensors.pop(f"{prefix}.weight", None)
+            scb = tensors.pop(f"{prefix}.SCB")
+            weight_format = tensors.pop(f"{prefix}.weight_format", None)
+            if weight_format is not None and int(weight_format.reshape(-1)[0]) != 0:
+                raise LowbitError(f"{prefix}: int8 weight format {int(weight_format.reshape(-1)[0])} is a GPU tile "
+                                  "layout; only row-major (0) checkpoints can be read")
+            if cb is None:
+                raise CorruptFile(f"{path}: {prefix}.SCB has no {prefix}.weight next to it; the file is incomplete")
+            qw = RowInt8(threshold=threshold, activations="int8").from_tensors(
+                {"CB": cb, "SCB": scb}, (n_out, k_in), -1)
+        bias = tensors.pop(f"{prefix}.bias", None)
+        new = install_quantized(model, prefix, qw, kernel)
+        if bias is not None:
+            new.bias = nn.Parameter(bias.float(), requires_grad=False)
+        schemes.append(qw.scheme)
+    if not schemes:
+        raise CorruptFile(f"{path}: config.json says bitsandbytes but no quantized tensors were found")
+    float_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    tensors = {k: v.to(float_dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+    missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
+    if unexpected:
+        raise CorruptFile(f"{path}: tensors the model does not have: {unexpected[:5]}")
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    missing = [m for m in missing if not (tied and m.startswith("lm_head."))]
+    if missing:
+        raise CorruptFile(f"{path}: tensors missing from the checkpoint: {missing[:5]}; the file is incomplete")
+    if tied:
+        model.tie_weights()
+    model.eval()
+    first = schemes[0]
+    if isinstance(first, Codebook4):
+        model.lowbit_config = QuantizeConfig(method=first.quant_type, bits=4, group_size=first.blocksize, options={
+            "blocksize": first.blocksize, "double_quant": first.double_quant, "compute_dtype": first.compute_dtype})
+    else:
+        model.lowbit_config = QuantizeConfig(method="int8", bits=8, group_size=-1, options={"threshold": threshold})
+    return model, load_tokenizer(path)
+
+
+register_format(Format("bnb", write=save_bnb, can_read=is_bnb, read=load_bnb,
+                       description="bitsandbytes safetensors (nf4/fp4 [+double quant], LLM.int8) for transformers"))

@@ -1,0 +1,621 @@
+"""GGUF (llama.cpp's file format): a validating reader, an atomic writer, full-model export and quantized loading.
+
+Layout (GGUF v3): "GGUF", version, tensor count, key-value count; typed key-values; tensor infos (name, dims
+innermost first, ggml type, offset into the data section); the data section aligned to general.alignment.
+
+- `read_gguf(path)` parses and validates a file (CorruptFile with the reason for truncation, bad magic,
+  unsupported versions, duplicate keys or tensors, misaligned or out-of-bounds data, unknown types); tensor
+  data are zero-copy views of a memory map.
+- `write_gguf(path, metadata, tensors)` writes one atomically (temp file + rename).
+- `export_gguf(model, tokenizer, path, type=...)` turns an HF Llama/Qwen2 model into a complete file that
+  llama.cpp runs: hyper-parameters, tokenizer, llama.cpp's per-tensor type rules (gguf_mixes).
+- `load_gguf_quantized(path)` builds lowbit's runtime model from a GGUF file, keeping block types quantized.
+"""
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+from lowbit.errors import CorruptFile, LowbitError, UnsupportedArchitecture
+from lowbit.formats.atomic import atomic_file
+from lowbit.formats.gguf_mixes import TypePlanner, get_mix
+from lowbit.formats.registry import Format, register_format
+from lowbit.schemes.ggml import CODECS, CODECS_BY_ID, GGMLScheme, dequantize_rows, quantize_rows
+
+log = logging.getLogger("lowbit")
+
+MAGIC = b"GGUF"
+READ_VERSIONS = (2, 3)
+WRITE_VERSION = 3
+DEFAULT_ALIGNMENT = 32
+MAX_DIMS = 4
+
+# GGUF metadata value types
+UINT8, INT8, UINT16, INT16, UINT32, INT32, FLOAT32, BOOL, STRING, ARRAY, UINT64, INT64, FLOAT64 = range(13)
+_SCALAR_FORMATS = {UINT8: "<B", INT8: "<b", UINT16: "<H", INT16: "<h", UINT32: "<I", INT32: "<i",
+                   FLOAT32: "<f", BOOL: "<?", UINT64: "<Q", INT64: "<q", FLOAT64: "<d"}
+_ARRAY_DTYPES = {UINT8: "<u1", INT8: "<i1", UINT16: "<u2", INT16: "<i2", UINT32: "<u4", INT32: "<i4",
+                 FLOAT32: "<f4", BOOL: "<u1", UINT64: "<u8", INT64: "<i8", FLOAT64: "<f8"}
+
+# ggml tensor types lowbit reads and writes: name -> (id, values per block, bytes per block)
+FLOAT_TENSOR_TYPES = {"F32": (0, 1, 4), "F16": (1, 1, 2), "BF16": (30, 1, 2)}
+TENSOR_TYPES = {**FLOAT_TENSOR_TYPES, **{c.name: (c.type_id, c.block, c.type_size) for c in CODECS.values()}}
+TYPE_NAMES = {v[0]: k for k, v in TENSOR_TYPES.items()}
+
+# token types of tokenizer.ggml.token_type
+TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = 1, 2, 3, 4, 5, 6
+
+
+@dataclass
+class GGUFTensor:
+    """One tensor of a GGUF file. `shape` is in PyTorch order (rows first); `data` the raw bytes or values."""
+
+    name: str
+    type_name: str
+    shape: tuple[int, ...]
+    data: np.ndarray
+    offset: int = 0
+
+    @property
+    def is_quantized(self) -> bool:
+        return self.type_name in CODECS
+
+    def rows(self) -> np.ndarray:
+        """Raw data as [rows, bytes_per_row] uint8 (the layout of GGMLScheme.from_blocks)."""
+        flat = self.data.reshape(-1).view(np.uint8)
+        return flat.reshape(int(np.prod(self.shape[:-1], dtype=np.int64)) if len(self.shape) > 1 else 1, -1)
+
+    def to_float(self) -> np.ndarray:
+        """float32 values in PyTorch order."""
+        if self.type_name == "F32":
+            values = self.data.view("<f4")
+        elif self.type_name == "F16":
+            values = self.data.view("<f2").astype(np.float32)
+        elif self.type_name == "BF16":
+            values = (self.data.view("<u2").astype(np.uint32) << 16).view(np.float32)
+        else:
+            values = dequantize_rows(self.rows(), self.type_name)
+        return np.asarray(values, dtype=np.float32).reshape(self.shape)
+
+
+@dataclass
+class GGUFFile:
+    """A parsed GGUF file: metadata (key -> value, in file order), their types, and tensors by name."""
+
+    path: Path
+    version: int
+    metadata: dict[str, Any]
+    value_types: dict[str, tuple[int, int | None]]
+    tensors: dict[str, GGUFTensor]
+    alignment: int = DEFAULT_ALIGNMENT
+    _map: Any = field(default=None, repr=False)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.metadata.get(key, default)
+
+
+# -- reading ---------------------------------------------------------------------------------------------
+class _Cursor:
+    """Bounds-checked little-endian reads over the mapped file; every overrun is a CorruptFile."""
+
+    def __init__(self, buf: memoryview, path: Path):
+        self.buf, self.pos, self.path = buf, 0, path
+
+    def fail(self, what: str) -> CorruptFile:
+        return CorruptFile(f"{self.path}: {what}; the file is truncated or corrupt, re-download or re-export it")
+
+    def take(self, n: int, what: str) -> memoryview:
+        if n < 0 or self.pos + n > len(self.buf):
+            raise self.fail(f"unexpected end of file while reading {what} at byte {self.pos}")
+        out = self.buf[self.pos:self.pos + n]
+        self.pos += n
+        return out
+
+    def scalar(self, vtype: int, what: str):
+        fmt = _SCALAR_FORMATS[vtype]
+        return struct.unpack(fmt, self.take(struct.calcsize(fmt), what))[0]
+
+    def string(self, what: str) -> str:
+        n = self.scalar(UINT64, f"the length of {what}")
+        raw = self.take(n, what)
+        try:
+            return bytes(raw).decode("utf-8")
+        except UnicodeDecodeError:
+            raise self.fail(f"{what} is not valid UTF-8") from None
+
+    def value(self, vtype: int, what: str):
+        if vtype == STRING:
+            return self.string(what)
+        if vtype in _SCALAR_FORMATS:
+            return self.scalar(vtype, what)
+        if vtype == ARRAY:
+            sub = self.scalar(UINT32, f"the element type of {what}")
+            count = self.scalar(UINT64, f"the length of {what}")
+            if sub == STRING:
+                if count > len(self.buf) - self.pos:  # each string needs at least its 8-byte length
+                    raise self.fail(f"{what} claims {count} strings, more than the file holds")
+                return [self.string(f"{what}[{i}]") for i in range(count)], sub
+            if sub == ARRAY or sub not in _ARRAY_DTYPES:
+                raise self.fail(f"{what} has unsupported array element type {sub}")
+            dtype = np.dtype(_ARRAY_DTYPES[sub])
+            raw = self.take(count * dtype.itemsize, what)
+            values = np.frombuffer(raw, dtype=dtype)
+            return (values.astype(bool) if sub == BOOL else values).tolist(), sub
+        raise self.fail(f"{what} has unknown value type {vtype}")
+
+
+def read_gguf(path: str | os.PathLike) -> GGUFFile:
+    """Parse and validate a GGUF file; tensor data stay on disk (memory-mapped)."""
+    path = Path(path)
+    if not path.is_file():
+        raise LowbitError(f"GGUF file {path} not found")
+    with open(path, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        if size < 24:
+            raise CorruptFile(f"{path}: only {size} bytes, too short for a GGUF header; the file is truncated")
+        mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+    cur = _Cursor(memoryview(mapped), path)
+    magic = bytes(cur.take(4, "the magic"))
+    if magic != MAGIC:
+        raise CorruptFile(f"{path}: bad magic {magic!r} (expected b'GGUF'); this is not a GGUF file")
+    version = cur.scalar(UINT32, "the version")
+    if version not in READ_VERSIONS:
+        raise CorruptFile(f"{path}: GGUF version {version} is not supported (lowbit reads versions "
+                          f"{', '.join(map(str, READ_VERSIONS))}); re-convert it with a current llama.cpp")
+    n_tensors = cur.scalar(UINT64, "the tensor count")
+    n_kv = cur.scalar(UINT64, "the key-value count")
+    if n_tensors > size // 24 or n_kv > size // 12:  # each entry needs at least that many bytes
+        raise cur.fail(f"header claims {n_tensors} tensors and {n_kv} key-values, more than {size} bytes hold")
+
+    metadata: dict[str, Any] = {}
+    types: dict[str, tuple[int, int | None]] = {}
+    for i in range(n_kv):
+        key = cur.string(f"key {i}")
+        if key in metadata:
+            raise CorruptFile(f"{path}: duplicate metadata key {key!r}; the file is malformed")
+        vtype = cur.scalar(UINT32, f"the type of {key}")
+        value = cur.value(vtype, key)
+        sub = None
+        if vtype == ARRAY:
+            value, sub = value
+        metadata[key], types[key] = value, (vtype, sub)
+
+    alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
+    if not isinstance(alignment, int) or isinstance(alignment, bool) or alignment <= 0 or alignment & (alignment - 1):
+        raise CorruptFile(f"{path}: general.alignment {alignment!r} is not a power of two")
+
+    infos = []
+    names = set()
+    for i in range(n_tensors):
+        name = cur.string(f"the name of tensor {i}")
+        if name in names:
+            raise CorruptFile(f"{path}: duplicate tensor name {name!r}; the file is malformed")
+        names.add(name)
+        n_dims = cur.scalar(UINT32, f"the rank of {name}")
+        if not 1 <= n_dims <= MAX_DIMS:
+            raise CorruptFile(f"{path}: tensor {name} has {n_dims} dimensions (GGUF allows 1 to {MAX_DIMS})")
+        ne = [cur.scalar(UINT64, f"the shape of {name}") for _ in range(n_dims)]
+        type_id = cur.scalar(UINT32, f"the type of {name}")
+        offset = cur.scalar(UINT64, f"the offset of {name}")
+        if type_id not in TYPE_NAMES:
+            raise CorruptFile(f"{path}: tensor {name} has ggml type {type_id}, which lowbit does not know "
+                              f"(supported: {', '.join(TENSOR_TYPES)}); re-quantize it to one of those")
+        infos.append((name, ne, TYPE_NAMES[type_id], offset))
+    data_start = -(-cur.pos // alignment) * alignment
+    data_size = size - data_start
+    if data_size < 0:
+        raise cur.fail("the data section starts past the end of the file")
+
+    tensors: dict[str, GGUFTensor] = {}
+    for name, ne, type_name, offset in infos:
+        _, block, type_size = TENSOR_TYPES[type_name]
+        if ne[0] % block:
+            raise CorruptFile(f"{path}: tensor {name} has rows of {ne[0]} values, not a multiple of the "
+                              f"{type_name} block size {block}")
+        n_rows = int(np.prod(ne[1:], dtype=np.int64)) if len(ne) > 1 else 1
+        nbytes = n_rows * (ne[0] // block) * type_size
+        if offset % alignment:
+            raise CorruptFile(f"{path}: tensor {name} starts at offset {offset}, not aligned to {alignment} bytes")
+        if offset + nbytes > data_size:
+            raise CorruptFile(f"{path}: tensor {name} needs bytes {offset}..{offset + nbytes} of the data section "
+                              f"but it holds only {data_size}; the file is truncated or corrupt")
+        data = np.frombuffer(mapped, dtype=np.uint8, count=nbytes, offset=data_start + offset)
+        tensors[name] = GGUFTensor(name, type_name, tuple(int(d) for d in reversed(ne)), data, offset)
+    spans = sorted((t.offset, t.offset + t.data.size, t.name) for t in tensors.values())
+    for (a0, a1, an), (b0, b1, bn) in zip(spans, spans[1:]):
+        if b0 < a1:
+            raise CorruptFile(f"{path}: tensors {an} and {bn} overlap in the data section; the file is malformed")
+    return GGUFFile(path, version, metadata, types, tensors, alignment, mapped)
+
+
+# -- writing ---------------------------------------------------------------------------------------------
+@dataclass
+class TensorToWrite:
+    """A tensor for write_gguf: `data` holds values (float types) or block bytes [rows, row_bytes]."""
+
+    name: str
+    type_name: str
+    shape: tuple[int, ...]  # PyTorch order
+    data: np.ndarray
+
+    def raw(self) -> bytes:
+        if self.type_name == "F32":
+            arr = np.asarray(self.data, dtype="<f4")
+        elif self.type_name == "F16":
+            arr = np.asarray(self.data, dtype="<f2")
+        elif self.type_name == "BF16":
+            arr = torch.from_numpy(np.ascontiguousarray(self.data, dtype=np.float32)).to(torch.bfloat16)
+            arr = arr.view(torch.int16).numpy()
+        else:
+            arr = np.asarray(self.data, dtype=np.uint8)
+        raw = np.ascontiguousarray(arr).tobytes()
+        _, block, type_size = TENSOR_TYPES[self.type_name]
+        n = int(np.prod(self.shape, dtype=np.int64))
+        if len(raw) != n // block * type_size or self.shape[-1] % block:
+            raise LowbitError(f"tensor {self.name}: {len(raw)} bytes do not make a {self.type_name} tensor of "
+                              f"shape {list(self.shape)}")
+        return raw
+
+
+def _infer_value_type(value: Any) -> tuple[int, int | None]:
+    if isinstance(value, bool):
+        return BOOL, None
+    if isinstance(value, int):
+        return (UINT32, None) if 0 <= value < 2 ** 32 else (INT64, None)
+    if isinstance(value, float):
+        return FLOAT32, None
+    if isinstance(value, str):
+        return STRING, None
+    if isinstance(value, (list, tuple)):
+        if not value:
+            return ARRAY, INT32
+        return ARRAY, _infer_value_type(value[0])[0]
+    raise LowbitError(f"cannot store {type(value).__name__} values in GGUF metadata")
+
+
+def _pack_value(vtype: int, value: Any, sub: int | None) -> bytes:
+    if vtype == STRING:
+        raw = value.encode("utf-8")
+        return struct.pack("<Q", len(raw)) + raw
+    if vtype == ARRAY:
+        head = struct.pack("<IQ", sub, len(value))
+        if sub == STRING:
+            return head + b"".join(_pack_value(STRING, v, None) for v in value)
+        return head + np.asarray(value, dtype=_ARRAY_DTYPES[sub]).tobytes()
+    return struct.pack(_SCALAR_FORMATS[vtype], value)
+
+
+def write_gguf(path: str | os.PathLike, metadata: dict[str, Any], tensors: Iterable[TensorToWrite],
+               value_types: dict[str, tuple[int, int | None]] | None = None,
+               alignment: int = DEFAULT_ALIGNMENT) -> Path:
+    """Write a GGUF v3 file atomically: nothing is left at `path` if anything fails or is interrupted."""
+    path = Path(path)
+    value_types = value_types or {}
+    tensors = list(tensors)
+    seen = set()
+    for t in tensors:
+        if t.name in seen:
+            raise LowbitError(f"two tensors are named {t.name!r}; GGUF tensor names must be unique")
+        seen.add(t.name)
+    meta = dict(metadata)
+    if alignment != DEFAULT_ALIGNMENT:
+        meta["general.alignment"] = alignment
+        value_types = {**value_types, "general.alignment": (UINT32, None)}
+    header = [MAGIC, struct.pack("<IQQ", WRITE_VERSION, len(tensors), len(meta))]
+    for key, value in meta.items():
+        vtype, sub = value_types.get(key) or _infer_value_type(value)
+        header += [_pack_value(STRING, key, None), struct.pack("<I", vtype), _pack_value(vtype, value, sub)]
+    raws = []
+    offset = 0
+    for t in tensors:
+        raw = t.raw()
+        raws.append(raw)
+        ne = list(reversed(t.shape))
+        header += [_pack_value(STRING, t.name, None), struct.pack("<I", len(ne)),
+                   struct.pack(f"<{len(ne)}Q", *ne), struct.pack("<IQ", TENSOR_TYPES[t.type_name][0], offset)]
+        offset += -(-len(raw) // alignment) * alignment
+    with atomic_file(path) as tmp, open(tmp, "wb") as fh:
+        head = b"".join(header)
+        fh.write(head + b"\0" * (-len(head) % alignment))
+        for raw in raws:
+            fh.write(raw)
+            fh.write(b"\0" * (-len(raw) % alignment))
+    return path
+
+
+# -- HF model -> GGUF ------------------------------------------------------------------------------------
+_ARCH_OF_MODEL_TYPE = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
+_PERMUTED_ARCHES = {"llama"}
+
+
+def _config_value(config, *names, default=None):
+    for name in names:
+        value = getattr(config, name, None)
+        if value is not None:
+            return value
+    rope = getattr(config, "rope_parameters", None) or {}
+    for name in names:
+        if isinstance(rope, dict) and rope.get(name) is not None:
+            return rope[name]
+    return default
+
+
+def architecture_metadata(config) -> tuple[str, dict[str, Any]]:
+    """(gguf architecture, its hyper-parameter keys) for a transformers config."""
+    arch = _ARCH_OF_MODEL_TYPE.get(config.model_type)
+    if arch is None:
+        raise UnsupportedArchitecture(f"GGUF export supports {', '.join(sorted(_ARCH_OF_MODEL_TYPE))}, "
+                                      f"not {config.model_type!r}")
+    scaling = _config_value(config, "rope_scaling")
+    if isinstance(scaling, dict) and scaling.get("rope_type", scaling.get("type", "default")) not in ("default", None):
+        raise UnsupportedArchitecture(f"rope scaling {scaling} is not supported by lowbit's GGUF export yet")
+    n_head = config.num_attention_heads
+    n_head_kv = getattr(config, "num_key_value_heads", None) or n_head
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_head
+    meta = {
+        f"{arch}.context_length": int(config.max_position_embeddings),
+        f"{arch}.embedding_length": int(config.hidden_size),
+        f"{arch}.block_count": int(config.num_hidden_layers),
+        f"{arch}.feed_forward_length": int(config.intermediate_size),
+        f"{arch}.attention.head_count": int(n_head),
+        f"{arch}.attention.head_count_kv": int(n_head_kv),
+        f"{arch}.rope.freq_base": float(_config_value(config, "rope_theta", default=10000.0)),
+        f"{arch}.attention.layer_norm_rms_epsilon": float(config.rms_norm_eps),
+        f"{arch}.rope.dimension_count": int(head_dim),
+        f"{arch}.vocab_size": int(config.vocab_size),
+    }
+    if head_dim * n_head != config.hidden_size:
+        meta[f"{arch}.attention.key_length"] = int(head_dim)
+        meta[f"{arch}.attention.value_length"] = int(head_dim)
+    return arch, meta
+
+
+def _backend_json(tokenizer) -> dict | None:
+    import json
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    return json.loads(backend.to_str()) if backend is not None else None
+
+
+def tokenizer_metadata(tokenizer, vocab_size: int, arch: str, model_name: str = "") -> dict[str, Any]:
+    """tokenizer.ggml.* and tokenizer.chat_template keys, as convert_hf_to_gguf.py writes them."""
+    meta: dict[str, Any] = {}
+    spm_file = getattr(tokenizer, "vocab_file", None)
+    if spm_file and str(spm_file).endswith(".model") and Path(spm_file).is_file():
+        tokens, scores, types = _sentencepiece_vocab(spm_file, tokenizer, vocab_size)
+        meta["tokenizer.ggml.model"] = "llama"
+        meta["tokenizer.ggml.tokens"] = tokens
+        meta["tokenizer.ggml.scores"] = scores
+        meta["tokenizer.ggml.token_type"] = types
+    else:
+        data = _backend_json(tokenizer)
+        if data is None or data["model"]["type"] != "BPE":
+            raise LowbitError("GGUF export needs a sentencepiece (tokenizer.model) or byte-level BPE tokenizer")
+        added = {int(i): tok for i, tok in getattr(tokenizer, "added_tokens_decoder", {}).items()}
+        tokens, types = [], []
+        for i in range(vocab_size):
+            tok = tokenizer.convert_ids_to_tokens(i) if i < len(tokenizer) else None
+            if tok is None:
+                tokens.append(f"[PAD{i}]")
+                types.append(TOKEN_UNUSED)
+            elif i in added:
+                tokens.append(tok)
+                types.append(TOKEN_CONTROL if added[i].special else TOKEN_USER_DEFINED)
+            else:
+                tokens.append(tok)
+                types.append(TOKEN_NORMAL)
+        merges = [m if isinstance(m, str) else " ".join(m) for m in data["model"].get("merges", [])]
+        meta["tokenizer.ggml.model"] = "gpt2"
+        meta["tokenizer.ggml.pre"] = _pre_tokenizer_name(data.get("pre_tokenizer"), arch, model_name)
+        meta["tokenizer.ggml.tokens"] = tokens
+        meta["tokenizer.ggml.token_type"] = types
+        meta["tokenizer.ggml.merges"] = merges
+    for role in ("bos", "eos", "unk", "pad"):
+        tid = getattr(tokenizer, f"{role}_token_id", None)
+        if tid is not None:
+            meta[f"tokenizer.ggml.{role if role != 'pad' else 'padding'}_token_id"] = int(tid)
+    for flag in ("add_bos_token", "add_eos_token"):
+        value = getattr(tokenizer, flag, None)
+        if isinstance(value, bool):
+            meta[f"tokenizer.ggml.{flag}"] = value
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, str) and template:
+        meta["tokenizer.chat_template"] = template
+    return meta
+
+
+def _pre_tokenizer_name(pre: dict | None, arch: str, model_name: str) -> str:
+    """llama.cpp's name for the pre-tokenizer (the regex split before BPE), read off the HF pipeline."""
+    if arch == "qwen2":
+        return "qwen2"
+    if "smollm" in model_name.lower():
+        return "smollm"
+    parts = pre.get("pretokenizers", [pre]) if isinstance(pre, dict) else []
+    kinds = [p.get("type") for p in parts]
+    if kinds == ["ByteLevel"] and parts[0].get("use_regex", True):
+        return "gpt-2"
+    if kinds == ["Digits", "ByteLevel"] and parts[0].get("individual_digits"):
+        return "smollm"  # GPT-2's split with one token per digit
+    return "default"
+
+
+def _sentencepiece_vocab(spm_file, tokenizer, vocab_size: int):
+    from sentencepiece import SentencePieceProcessor
+
+    sp = SentencePieceProcessor(model_file=str(spm_file))
+    tokens, scores, types = [], [], []
+    for i in range(vocab_size):
+        if i >= sp.vocab_size():
+            tokens.append(f"[PAD{i}]")
+            scores.append(-1000.0)
+            types.append(TOKEN_UNUSED)
+            continue
+        tokens.append(sp.id_to_piece(i))
+        scores.append(float(sp.get_score(i)))
+        types.append(TOKEN_UNKNOWN if sp.is_unknown(i) else TOKEN_CONTROL if sp.is_control(i)
+                     else TOKEN_UNUSED if sp.is_unused(i) else TOKEN_BYTE if sp.is_byte(i) else TOKEN_NORMAL)
+    return tokens, scores, types
+
+
+def _named_weights(model: nn.Module):
+    """(hf_name, tensor | QuantizedWeight) in module order, skipping a tied lm_head."""
+    from lowbit.runtime.qlinear import QuantLinear
+
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    for module_name, module in model.named_modules():
+        prefix = f"{module_name}." if module_name else ""
+        if tied and module_name == "lm_head":
+            continue
+        if isinstance(module, QuantLinear):
+            yield f"{prefix}weight", module.qweight
+        for pname, param in module.named_parameters(recurse=False):
+            yield f"{prefix}{pname}", param.detach()
+
+
+def _planner(model: nn.Module, type: str, tensor_types: list[str] | None, pure: bool, has_imatrix: bool
+             ) -> TypePlanner:
+    config = model.config
+    n_head = config.num_attention_heads
+    return TypePlanner(get_mix(type).name, config.num_hidden_layers, n_head,
+                       getattr(config, "num_key_value_heads", None) or n_head,
+                       bool(getattr(config, "tie_word_embeddings", False)), tensor_types, pure, has_imatrix)
+
+
+def plan_gguf_types(model: nn.Module, type: str = "Q4_K_M", tensor_types: list[str] | None = None,
+                    pure: bool = False, has_imatrix: bool = False) -> dict[str, str]:
+    """{HF parameter name: GGUF type} that export_gguf would write, in file order (llama.cpp's rules)."""
+    from lowbit.models.gguf_import import gguf_tensor_name
+
+    planner = _planner(model, type, tensor_types, pure, has_imatrix)
+    return {hf_name: planner.type_for(gguf_tensor_name(hf_name), tuple(source.shape))
+            for hf_name, source in _named_weights(model)}
+
+
+def export_gguf(model: nn.Module, tokenizer: Any, path: str | os.PathLike, type: str = "Q4_K_M",
+                tensor_types: list[str] | None = None, pure: bool = False,
+                importance: dict[str, torch.Tensor] | None = None, imatrix_data: str | os.PathLike | None = None,
+                progress: bool = True, **_: Any) -> Path:
+    """Write an HF Llama/Qwen2 model (float, or holding GGUF-scheme QuantLinears) as a complete GGUF file.
+
+    `type` is a llama.cpp file type (F32, F16, BF16, Q4_0 ... Q8_0, Q2_K_S ... Q6_K); `tensor_types` are
+    REGEX=TYPE overrides on GGUF tensor names; `importance` maps Linear module names to imatrix vectors [in]
+    (or `imatrix_data` names a text file to collect them from). Layers already quantized to a GGUF scheme
+    (GPTQ on the GGUF grid) are written as they are.
+    """
+    from lowbit.models.gguf_import import gguf_tensor_name, permute_qk
+    from lowbit.quantized import QuantizedWeight
+
+    config = model.config
+    mix = get_mix(type)
+    arch, hparams = architecture_metadata(config)
+    if tokenizer is None:
+        raise LowbitError("GGUF export needs the model's tokenizer (llama.cpp reads it from the file)")
+    if imatrix_data is not None and importance is None:
+        from lowbit.methods.imatrix import imatrix_from_file
+
+        importance = imatrix_from_file(model, tokenizer, imatrix_data)
+    name = Path(str(getattr(config, "_name_or_path", "") or "model")).name or "model"
+    meta: dict[str, Any] = {"general.architecture": arch, "general.type": "model", "general.name": name,
+                            "general.file_type": mix.file_type, "general.quantization_version": 2, **hparams}
+    meta.update(tokenizer_metadata(tokenizer, int(config.vocab_size), arch, name))
+    planner = _planner(model, mix.name, tensor_types, pure, has_imatrix=bool(importance))
+    n_head = config.num_attention_heads
+    n_head_kv = getattr(config, "num_key_value_heads", None) or n_head
+    entries = list(_named_weights(model))
+    out: list[TensorToWrite] = []
+    for step, (hf_name, source) in enumerate(entries):
+        gname = gguf_tensor_name(hf_name)
+        heads = (n_head if ".attn_q." in gname else n_head_kv if ".attn_k." in gname else None)
+        heads = heads if arch in _PERMUTED_ARCHES else None
+        type_name = planner.type_for(gname, tuple(source.shape))
+        if isinstance(source, QuantizedWeight) and isinstance(source.scheme, GGMLScheme):
+            # rows are quantized independently, so permuting quantized rows equals quantizing permuted rows
+            blocks = torch.from_numpy(source.scheme.blocks(source))
+            if heads:
+                blocks = permute_qk(blocks, heads)
+            if source.scheme.type != type_name:
+                log.info("%s keeps its %s blocks (the %s mix would give %s)", gname, source.scheme.type,
+                         mix.name, type_name)
+            out.append(TensorToWrite(gname, source.scheme.type, tuple(source.shape), blocks.numpy()))
+            continue
+        w = source.dequantize() if isinstance(source, QuantizedWeight) else source
+        w = w.float()
+        if heads:
+            w = permute_qk(w, heads)
+        if type_name in CODECS:
+            imp = (importance or {}).get(hf_name.rsplit(".", 1)[0])
+            data = quantize_rows(w.numpy(), type_name, None if imp is None else imp.float().numpy())
+        else:
+            data = w.numpy()
+        if progress:
+            log.info("[%d/%d] %-28s %-5s %s", step + 1, len(entries), gname, type_name, list(w.shape))
+        out.append(TensorToWrite(gname, type_name, tuple(w.shape), data))
+    return write_gguf(path, meta, out)
+
+
+# -- GGUF -> lowbit runtime, kept quantized --------------------------------------------------------------
+def load_gguf_quantized(path: str | os.PathLike, kernel: str = "auto", **_: Any):
+    """(model, tokenizer) from a GGUF file: Linear layers in block types become QuantLinears holding the
+    file's exact blocks (no dequantization); embeddings, norms and float tensors load as float32."""
+    from lowbit.models.gguf_import import (
+        hf_config_from_gguf, hf_tensor_name, open_gguf, tokenizer_from_gguf, unpermute_qk,
+    )
+    from lowbit.models.loading import empty_model_from_config
+    from lowbit.runtime.surgery import install_quantized
+
+    gf = read_gguf(path)  # validates before anything else touches the file
+    config = hf_config_from_gguf(open_gguf(path))
+    arch = gf.get("general.architecture")
+    model = empty_model_from_config(config)
+    linear_names = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    state: dict[str, torch.Tensor] = {}
+    quantized: dict[str, Any] = {}
+    for tensor in gf.tensors.values():
+        hf_name = hf_tensor_name(tensor.name)
+        module = hf_name.rsplit(".", 1)[0]
+        heads = None
+        if arch in _PERMUTED_ARCHES and ".self_attn.q_proj." in hf_name:
+            heads = config.num_attention_heads
+        elif arch in _PERMUTED_ARCHES and ".self_attn.k_proj." in hf_name:
+            heads = config.num_key_value_heads
+        if tensor.is_quantized and module in linear_names and hf_name.endswith(".weight"):
+            blocks = torch.from_numpy(np.array(tensor.rows()))
+            if heads:
+                blocks = unpermute_qk(blocks, heads)
+            quantized[module] = GGMLScheme(tensor.type_name).from_blocks(blocks.numpy(), tensor.shape)
+            continue
+        w = torch.from_numpy(tensor.to_float().copy())
+        state[hf_name] = unpermute_qk(w, heads) if heads else w
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    model.load_state_dict(state, strict=False, assign=True)
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    for module, qw in quantized.items():
+        install_quantized(model, module, qw, kernel=kernel)
+    missing = [n for n, p in model.named_parameters() if p.is_meta]
+    if missing:
+        raise CorruptFile(f"{path}: tensors missing for {missing[:3]}; the file does not match its architecture")
+    model.eval()
+    return model, tokenizer_from_gguf(path)
+
+
+def is_gguf(path: Path) -> bool:
+    path = Path(path)
+    if not path.is_file():
+        return False
+    with open(path, "rb") as fh:
+        return fh.read(4) == MAGIC
+
+
+register_format(Format("gguf", write=export_gguf, can_read=is_gguf, read=load_gguf_quantized,
+                       description="llama.cpp GGUF: every block type bit-exact, K-quant mixes"))

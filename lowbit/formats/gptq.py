@@ -1,0 +1,232 @@
+"""GPTQ v1 checkpoints, as AutoGPTQ writes them and GPTQModel, transformers and vLLM load them.
+
+Per quantized Linear with prefix P (K = in_features, N = out_features, b = bits, G = ceil(K / group)):
+- P.qweight int32 [K*b/32, N]: the codes of each output column n packed along K as one little-endian bit
+  stream (value k at bits b*k ...), 32 bits per word; for b = 3 values straddle word boundaries, which is
+  exactly what AutoGPTQ's pack loop produces for 32 rows in 3 words.
+- P.qzeros int32 [G, N*b/32]: zero points minus one (v1's convention), packed the same way along N.
+- P.scales fp16 [G, N]; P.g_idx int32 [K] (group of each input column: k // group, or act-order's);
+  P.bias when the layer has one.
+Dequantize: W[n, k] = scales[g_idx[k], n] * (q[k, n] - (qzeros[g_idx[k], n] + 1)).
+`checkpoint_format: gptq_v2` checkpoints (GPTQModel's internal layout) store the zero itself; both load.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lowbit.errors import CorruptFile, LowbitError
+from lowbit.formats.hf_quantized import (check_fp16_exact, load_checkpoint, read_quantization_config,
+                                         skipped_suffixes, write_checkpoint)
+from lowbit.formats.registry import Format, register_format
+from lowbit.quantized import QuantizedWeight
+from lowbit.runtime.surgery import quantized_modules
+from lowbit.schemes.intgrid import IntGrid
+
+GPTQ_BITS = (2, 3, 4, 8)
+QUANTIZE_CONFIG = "quantize_config.json"
+
+
+# -- packing -------------------------------------------------------------------------------------------------
+def pack_rows(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint values [R, C] (< 2**bits) -> int32 [R*bits/32, C]: each column packed along R, lowest bits first."""
+    r, c = values.shape
+    if (r * bits) % 32:
+        raise LowbitError(f"cannot pack {r} rows of {bits}-bit values into 32-bit words: {r} x {bits} is not a "
+                          "multiple of 32")
+    v = values.to(torch.int64)
+    shifts = torch.arange(bits, dtype=torch.int64)
+    stream = ((v.unsqueeze(1) >> shifts.view(1, -1, 1)) & 1).reshape(r * bits, c)   # bit j of row i at i*b+j
+    words = stream.reshape(-1, 32, c)
+    packed = (words << torch.arange(32, dtype=torch.int64).view(1, -1, 1)).sum(dim=1)
+    return _as_int32(packed)
+
+
+def unpack_rows(packed: torch.Tensor, bits: int, rows: int) -> torch.Tensor:
+    """Inverse of pack_rows: int32 [rows*bits/32, C] -> uint8 [rows, C]."""
+    words = packed.to(torch.int64) & 0xFFFFFFFF
+    w, c = words.shape
+    if w * 32 != rows * bits:
+        raise CorruptFile(f"{w} packed words per column cannot hold {rows} values of {bits} bits")
+    stream = (words.unsqueeze(1) >> torch.arange(32, dtype=torch.int64).view(1, -1, 1)) & 1     # [W, 32, C]
+    stream = stream.reshape(rows, bits, c)
+    values = (stream << torch.arange(bits, dtype=torch.int64).view(1, -1, 1)).sum(dim=1)
+    return values.to(torch.uint8)
+
+
+def _as_int32(words: torch.Tensor) -> torch.Tensor:
+    """Unsigned 32-bit words held in int64 -> int32 with the same bits (two's complement wrap)."""
+    return torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32)
+
+
+# -- one layer -----------------------------------------------------------------------------------------------
+def gptq_group_size(qw: QuantizedWeight) -> int:
+    """The group size as GPTQ configs write it: -1 for one group over the whole input width."""
+    g = qw.effective_group_size
+    return -1 if g >= qw.in_features else g
+
+
+def check_layer(name: str, qw: QuantizedWeight) -> IntGrid:
+    """The layer's integer grid, or a clear error saying why GPTQ v1 cannot store it."""
+    scheme = qw.scheme
+    if not isinstance(scheme, IntGrid) or qw.zeros is None:
+        raise LowbitError(f"layer {name} uses scheme {scheme.name}, which the GPTQ format cannot store (it holds "
+                          "integer grids); quantize with --method gptq, awq or rtn, or save as lowbit")
+    if scheme.bits not in GPTQ_BITS:
+        raise LowbitError(f"layer {name} has {scheme.bits}-bit codes; the GPTQ format supports "
+                          f"{', '.join(map(str, GPTQ_BITS))} bits: use one of those or save as lowbit")
+    n, k = qw.shape
+    for what, width in (("input width", k), ("output width", n)):
+        if (width * scheme.bits) % 32:
+            raise LowbitError(f"layer {name}: {what} {width} x {scheme.bits} bits is not a multiple of 32, "
+                              "so GPTQ cannot pack it; skip the layer (--skip) or save as lowbit")
+    if bool((qw.zeros < 1).any()):
+        raise LowbitError(f"layer {name} has zero points of 0, which GPTQ v1 cannot store (it saves zero - 1); "
+                          "use a symmetric grid (--sym) or save as lowbit")
+    return scheme
+
+
+def gptq_layer_tensors(name: str, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
+    """qweight, qzeros, scales and g_idx of one layer in GPTQ v1 layout."""
+    scheme = check_layer(name, qw)
+    bits = scheme.bits
+    return {
+        "qweight": pack_rows(qw.codes.t(), bits),
+        "qzeros": pack_columns((qw.zeros.round().to(torch.int64) - 1).t(), bits),
+        "scales": check_fp16_exact(name, qw.scales, "GPTQ").t().contiguous(),
+        "g_idx": qw.group_index().to(torch.int32),
+    }
+
+
+def pack_columns(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint values [R, C] -> int32 [R, C*bits/32], each row packed along C lowest bits first (GPTQ's qzeros)."""
+    return pack_rows(values.t(), bits).t().contiguous()
+
+
+def unpack_columns(packed: torch.Tensor, bits: int, columns: int) -> torch.Tensor:
+    """Inverse of pack_columns: int32 [R, columns*bits/32] -> uint8 [R, columns]."""
+    return unpack_rows(packed.t(), bits, columns).t().contiguous()
+
+
+def layer_from_gptq(name: str, parts: dict[str, torch.Tensor], bits: int, group_size: int, sym: bool,
+                    zero_offset: int = 1) -> QuantizedWeight:
+    """Rebuild a QuantizedWeight from one layer's GPTQ tensors (zero_offset 1 for v1, 0 for v2)."""
+    for key in ("qweight", "qzeros", "scales"):
+        if key not in parts:
+            raise CorruptFile(f"GPTQ layer {name} lacks its {key} tensor; the checkpoint is incomplete")
+    qweight, qzeros, scales = parts["qweight"], parts["qzeros"], parts["scales"]
+    k = qweight.shape[0] * 32 // bits
+    n = qweight.shape[1]
+    n_groups = scales.shape[0]
+    if scales.shape[1] != n or qzeros.shape != (n_groups, n * bits // 32):
+        raise CorruptFile(f"GPTQ layer {name}: scales {tuple(scales.shape)} / qzeros {tuple(qzeros.shape)} do not "
+                          f"match qweight {tuple(qweight.shape)} at {bits} bits")
+    codes = unpack_rows(qweight, bits, k).t().contiguous()
+    zeros = unpack_columns(qzeros, bits, n).to(torch.int64)
+    zeros = (zeros + zero_offset).float()   # v1 readers add 1 to what is stored; v2 stores the zero itself
+    g = k if group_size in (-1, 0) else group_size
+    contiguous = torch.arange(k) // g
+    g_idx = parts.get("g_idx")
+    if g_idx is not None:
+        g_idx = g_idx.to(torch.int64)
+        if g_idx.shape != (k,) or int(g_idx.min()) < 0 or int(g_idx.max()) >= n_groups:
+            raise CorruptFile(f"GPTQ layer {name}: g_idx has shape {tuple(g_idx.shape)} or values outside "
+                              f"0..{n_groups - 1}")
+        g_idx = None if torch.equal(g_idx, contiguous) else g_idx.to(torch.int32)
+    elif n_groups != -(-k // g):
+        raise CorruptFile(f"GPTQ layer {name}: {n_groups} scale groups for {k} inputs at group size {group_size}")
+    scheme = IntGrid(bits=bits, group_size=group_size if group_size > 0 else -1, symmetric=sym)
+    return QuantizedWeight(scheme, (n, k), codes=codes, scales=scales.float().t().contiguous(),
+                           zeros=zeros.t().contiguous(), group_size=group_size if group_size > 0 else -1,
+                           g_idx=g_idx)
+
+
+# -- whole checkpoints ---------------------------------------------------------------------------------------
+def gptq_quantization_config(model: nn.Module) -> dict[str, Any]:
+    """quantization_config / quantize_config.json for the model's quantized layers (all on one grid)."""
+    from lowbit import __version__
+    from lowbit.models.adapters import adapter_for
+
+    grids = {}
+    act_order = False
+    for name, module in quantized_modules(model):
+        scheme = check_layer(name, module.qweight)
+        grids[(scheme.bits, gptq_group_size(module.qweight), scheme.symmetric)] = name
+        act_order = act_order or module.qweight.g_idx is not None
+    if len(grids) > 1:
+        raise LowbitError("the GPTQ format needs one bits/group size/symmetry for every layer, and this model mixes "
+                          f"{sorted(grids)}; quantize with one setting or save as lowbit")
+    (bits, group_size, sym), = grids
+    method = getattr(model, "lowbit_config", None)
+    options = dict(method.options) if method is not None else {}
+    config = {
+        "bits": bits, "group_size": group_size, "desc_act": bool(options.get("desc_act", act_order)),
+        "static_groups": bool(options.get("static_groups", False)), "sym": sym,
+        "true_sequential": bool(options.get("true_sequential", True)),
+        "damp_percent": float(options.get("damp", 0.01)), "lm_head": False,
+        "quant_method": "gptq", "checkpoint_format": "gptq",
+        "meta": {"quantizer": [f"lowbit:{__version__}"],
+                 "method": method.method if method is not None else "unknown"},
+    }
+    skipped = skipped_suffixes(model, adapter_for(model).blocks_path)
+    inner = [s for s in skipped if s != "lm_head"]
+    if inner:
+        # GPTQModel's per-module rules: "-:" + regex excludes matching modules from quantization.
+        config["dynamic"] = {"-:.*\\." + re.escape(s) + "$": {} for s in inner}
+    return config
+
+
+def save_gptq(model: nn.Module, tokenizer: Any, out: str | Path, **_: Any) -> Path:
+    """Write a quantized model as a GPTQ v1 checkpoint folder, atomically."""
+    config = gptq_quantization_config(model)
+    return write_checkpoint(model, tokenizer, out, "GPTQ", gptq_layer_tensors, config,
+                            extra_files={QUANTIZE_CONFIG: config})
+
+
+def gptq_config_of(path: Path) -> dict[str, Any] | None:
+    """The folder's GPTQ settings (config.json quantization_config, else quantize_config.json), or None."""
+    qc = read_quantization_config(path)
+    if qc is not None and str(qc.get("quant_method", "")).lower() == "gptq":
+        return qc
+    file = Path(path) / QUANTIZE_CONFIG
+    if Path(path).is_dir() and file.is_file() and qc is None:
+        try:
+            data = json.loads(file.read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+        if "bits" in data and str(data.get("quant_method", "gptq")).lower() == "gptq":
+            return data
+    return None
+
+
+def is_gptq(path: Path) -> bool:
+    return gptq_config_of(Path(path)) is not None
+
+
+def load_gptq(path: str | Path, kernel: str = "auto", **_: Any):
+    """(model, tokenizer) from a GPTQ checkpoint folder (v1, or GPTQModel's v2), quantized layers kept packed."""
+    path = Path(path)
+    qc = gptq_config_of(path)
+    if qc is None:
+        raise LowbitError(f"{path} is not a GPTQ checkpoint (no quantization_config with quant_method gptq)")
+    bits = int(qc.get("bits", qc.get("w_bit", 4)))
+    if bits not in GPTQ_BITS:
+        raise CorruptFile(f"{path}: GPTQ bits {bits} is not one of {GPTQ_BITS}")
+    group_size = int(qc.get("group_size", -1))
+    sym = bool(qc.get("sym", True))
+    fmt = str(qc.get("checkpoint_format", "gptq")).lower()
+    if fmt not in ("gptq", "gptq_v2"):
+        raise LowbitError(f"{path}: GPTQ checkpoint_format {fmt!r} is not supported (gptq, gptq_v2 are)")
+    offset = 0 if fmt == "gptq_v2" else 1
+    return load_checkpoint(path, "GPTQ", "qweight",
+                           lambda name, parts: layer_from_gptq(name, parts, bits, group_size, sym, offset),
+                           kernel=kernel)
+
+
+register_format(Format("gptq", write=save_gptq, can_read=is_gptq, read=load_gptq,
+                       description="GPTQ v1 checkpoint (AutoGPTQ / GPTQModel / transformers / vLLM)"))

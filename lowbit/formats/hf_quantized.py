@@ -1,0 +1,172 @@
+"""What the GPTQ and AWQ checkpoint formats share: an HF folder whose config.json carries a
+`quantization_config`, one safetensors file holding each quantized Linear as packed int32 words plus fp16
+scales, and every other tensor (embeddings, norms, unquantized Linears) as it is.
+
+Each format supplies how one QuantizedWeight becomes tensors (and back); this module walks the model,
+writes atomically, and rebuilds a runnable model on load.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from lowbit.errors import CorruptFile, LowbitError
+from lowbit.formats.atomic import atomic_dir
+from lowbit.quantized import QuantizedWeight
+from lowbit.runtime.surgery import install_quantized, iter_linears, quantized_modules
+
+WEIGHTS = "model.safetensors"
+
+
+def read_quantization_config(path: Path) -> dict[str, Any] | None:
+    """config.json's quantization_config of an HF folder, or None (also for non-folders and bad JSON)."""
+    cfg = Path(path) / "config.json"
+    if not Path(path).is_dir() or not cfg.is_file():
+        return None
+    try:
+        return json.loads(cfg.read_text()).get("quantization_config")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None
+
+
+def check_fp16_exact(name: str, scales: torch.Tensor, fmt: str) -> torch.Tensor:
+    """Scales as fp16, or a clear error when rounding them to fp16 would change the weights."""
+    half = scales.half()
+    if not torch.equal(half.float(), scales.float()):
+        raise LowbitError(f"layer {name}: its scales are not exactly representable in fp16, which the {fmt} "
+                          "format stores; quantize with an fp16 scale grid (lowbit's default) or save as lowbit")
+    return half
+
+
+def unquantized_linear_names(model: nn.Module) -> list[str]:
+    """Names of Linear layers left in floating point (skipped), shortest distinct suffixes first."""
+    return [name for name, _ in iter_linears(model)]
+
+
+def skipped_suffixes(model: nn.Module, blocks_path: str) -> list[str]:
+    """Block-relative names (e.g. 'mlp.down_proj') of Linears kept in float inside decoder blocks, plus others."""
+    names = []
+    for name in unquantized_linear_names(model):
+        if name.startswith(blocks_path + "."):
+            rest = name[len(blocks_path) + 1:].split(".", 1)
+            name = rest[1] if len(rest) == 2 else name
+        if name not in names:
+            names.append(name)
+    return names
+
+
+def write_checkpoint(model: nn.Module, tokenizer: Any, out: str | Path, fmt: str,
+                     layer_tensors: Callable[[str, QuantizedWeight], dict[str, torch.Tensor]],
+                     quant_config: dict[str, Any], extra_files: dict[str, dict[str, Any]] | None = None) -> Path:
+    """Write `model` as an HF folder: quantized layers via `layer_tensors`, config with `quant_config`."""
+    from lowbit.formats.native import save_hf_side_files
+
+    out = Path(out)
+    quantized = dict(quantized_modules(model))
+    if not quantized:
+        raise LowbitError(f"the model has no quantized layers: quantize it before saving as {fmt}")
+    tensors: dict[str, torch.Tensor] = {}
+    for name, module in quantized.items():
+        for key, value in layer_tensors(name, module.qweight).items():
+            tensors[f"{name}.{key}"] = value.contiguous()
+        if module.bias is not None:
+            tensors[f"{name}.bias"] = module.bias.detach().contiguous()
+    prefixes = tuple(f"{n}." for n in quantized)
+    seen: set[int] = set()
+    for key, value in model.state_dict().items():
+        if key.startswith(prefixes):
+            continue
+        if value.numel() and value.data_ptr() in seen:  # tied weights are stored once, as transformers does
+            continue
+        seen.add(value.data_ptr())
+        tensors[key] = value.detach().contiguous()
+    with atomic_dir(out) as tmp:
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        save_hf_side_files(model, tokenizer, tmp)
+        cfg_path = tmp / "config.json"
+        config = json.loads(cfg_path.read_text())
+        config["quantization_config"] = quant_config
+        cfg_path.write_text(json.dumps(config, indent=2))
+        for filename, content in (extra_files or {}).items():
+            (tmp / filename).write_text(json.dumps(content, indent=2))
+    return out
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of every *.safetensors file in the folder, with a clear error when one is damaged."""
+    files = sorted(Path(path).glob("*.safetensors"))
+    if not files:
+        raise CorruptFile(f"{path} has no *.safetensors file; the checkpoint is incomplete")
+    tensors: dict[str, torch.Tensor] = {}
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for key in f.keys():
+                    tensors[key] = f.get_tensor(key)
+        except (SafetensorError, OSError) as exc:
+            raise CorruptFile(f"{file} is truncated or corrupt ({exc}); re-download or re-save it") from exc
+    return tensors
+
+
+def load_checkpoint(path: str | Path, fmt: str, marker: str,
+                    build_layer: Callable[[str, dict[str, torch.Tensor]], QuantizedWeight],
+                    kernel: str = "auto", dtype: torch.dtype = torch.float32):
+    """Rebuild (model, tokenizer) from a folder whose quantized layers are the prefixes owning `marker`.
+
+    `build_layer(prefix, parts)` turns one layer's tensors (keys without the prefix) into a QuantizedWeight.
+    Floating tensors of other layers are cast to `dtype` (checkpoints often hold fp16 while the skeleton is
+    fp32).
+    """
+    from lowbit.models.loading import empty_model_from_config, load_config, load_tokenizer
+
+    path = Path(path)
+    tensors = read_tensors(path)
+    config = load_config(path)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the skeleton is plain; lowbit installs its own quantized layers
+    model = empty_model_from_config(config, dtype=dtype)
+    suffix = f".{marker}"
+    layers = [k[: -len(suffix)] for k in tensors if k.endswith(suffix)]
+    if not layers:
+        raise CorruptFile(f"{path} says it is a {fmt} checkpoint but holds no '*{suffix}' tensors")
+    for name in layers:
+        prefix = f"{name}."
+        parts = {k[len(prefix):]: tensors.pop(k) for k in [k for k in tensors if k.startswith(prefix)]}
+        bias = parts.pop("bias", None)
+        try:
+            model.get_submodule(name)
+        except AttributeError as exc:
+            raise CorruptFile(f"{path}: quantized layer {name} does not exist in this {config.model_type} model") from exc
+        module = install_quantized(model, name, build_layer(name, parts), kernel)
+        if bias is not None:
+            module.bias = nn.Parameter(bias.to(dtype), requires_grad=False)
+    tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+    missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
+    quantized = set(layers)
+    missing = [m for m in missing if m.rsplit(".", 1)[0] not in quantized]
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    if tied:
+        model.tie_weights()
+        missing = [m for m in missing if not m.startswith("lm_head.")]
+    if unexpected:
+        raise CorruptFile(f"{path}: tensors the model does not have: {unexpected[:5]}")
+    if missing:
+        raise CorruptFile(f"{path}: the checkpoint lacks tensors {missing[:5]}; it is incomplete")
+    model.eval()
+    return model, load_tokenizer(path)
+
+
+def check_format_config(format_name: str, config: Any) -> None:
+    """Fail before any work when a QuantizeConfig cannot be written in `format_name` (AWQ is 4-bit only, ...)."""
+    if format_name == "awq" and config.bits != 4:
+        raise LowbitError(f"the AWQ format is 4-bit only, and --bits is {config.bits}: use --bits 4, or write "
+                          f"{config.bits}-bit models with --format lowbit or --format gptq")
+    if format_name == "gptq" and config.bits not in (2, 3, 4, 8):
+        raise LowbitError(f"the GPTQ format stores 2, 3, 4 or 8 bits, and --bits is {config.bits}; "
+                          "choose one of those or --format lowbit")

@@ -1,0 +1,229 @@
+"""AWQ: protect the input channels that carry large activations by scaling them up before rounding.
+
+For Linears sharing an input x (q/k/v after the attention norm, gate/up after the MLP norm, ...), AWQ
+multiplies weight column j by s_j and divides the op producing x by s_j, which leaves the float model
+unchanged but makes rounding error on salient channels s_j times smaller relative to them. The scales are
+s = mean|x|^alpha / mean|w~|^(1-alpha) (w~: weights normalised per group), alpha picked on a grid to
+minimise the output error of the module that consumes x (the attention or MLP), as in Lin et al., 2023
+and AutoAWQ. The 1/s is folded into the preceding RMSNorm/LayerNorm weight or the rows of the preceding
+Linear (`ArchAdapter.scale_groups`). Then a clip search shrinks each group's range to minimise the Linear's
+output error, and the clipped weights are rounded to the integer grid (with a zero point by default).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from lowbit.errors import LowbitError
+from lowbit.methods.base import Method, register_method
+from lowbit.methods.gptq import run_calibrated, set_linear_weight
+from lowbit.models.adapters import ArchAdapter, linear_weight
+from lowbit.quantized import QuantizedWeight
+from lowbit.schemes.intgrid import IntGrid
+
+log = logging.getLogger("lowbit")
+
+DEFAULT_ALPHA_GRID = 20
+DEFAULT_CLIP_GRID = 20
+DEFAULT_CLIP_MAX_SHRINK = 0.5
+DEFAULT_CLIP_TOKENS = 512
+# Linears whose outputs meet in a softmax (queries, keys): AutoAWQ does not clip them, nor do we.
+NO_CLIP_MARKERS = ("q_proj", "k_proj", "query", "key", "c_attn", "Wqkv")
+
+
+@dataclass
+class AWQReport:
+    """Per-Linear outcome: the chosen alpha of its scale group (None if unscaled) and its output error."""
+
+    alpha: float | None
+    relative_error: float
+
+
+def padded_groups(t: torch.Tensor, group_size: int) -> torch.Tensor:
+    """[R, K] -> [R, G, g] with a short last group padded by zeros (which change no |max| and no product)."""
+    r, k = t.shape
+    g = k if group_size <= 0 else group_size
+    pad = (-k) % g
+    if pad:
+        t = torch.cat([t, t.new_zeros(r, pad)], dim=1)
+    return t.reshape(r, -1, g)
+
+
+def weight_salience(weights: list[torch.Tensor], group_size: int) -> torch.Tensor:
+    """mean over output rows of |w| normalised by its group's max |w|: [K], AWQ's per-channel weight size."""
+    w = torch.cat([x.float() for x in weights], dim=0)
+    n, k = w.shape
+    grouped = padded_groups(w.abs(), group_size)
+    grouped = grouped / grouped.amax(dim=-1, keepdim=True).clamp(min=1e-12)
+    return grouped.reshape(n, -1)[:, :k].mean(dim=0)
+
+
+def awq_scales(x_mean: torch.Tensor, w_mean: torch.Tensor, alpha: float) -> torch.Tensor:
+    """s = x_mean^alpha / w_mean^(1 - alpha), normalised so that max*min = 1 (as AutoAWQ)."""
+    s = (x_mean.pow(alpha) / w_mean.pow(1 - alpha).clamp(min=1e-4)).clamp(min=1e-4)
+    s = s / (s.max() * s.min()).sqrt()
+    return torch.nan_to_num(s, nan=1.0, posinf=1.0, neginf=1.0)
+
+
+@torch.no_grad()
+def fold_scales(prev: nn.Module, linears: list[nn.Module], scales: torch.Tensor) -> None:
+    """Divide the output of `prev` by `scales` and multiply the linears' input columns by them (exact)."""
+    if isinstance(prev, nn.Linear) or type(prev).__name__ == "Conv1D":
+        w = linear_weight(prev)
+        set_linear_weight(prev, w / scales.view(-1, 1))
+    else:  # a norm: y = x_hat * weight (+ bias)
+        prev.weight.div_(scales)
+    bias = getattr(prev, "bias", None)
+    if bias is not None:
+        bias.div_(scales)
+    for lin in linears:
+        set_linear_weight(lin, linear_weight(lin) * scales.view(1, -1))
+
+
+def can_fold(prev: nn.Module | None, linears: list[nn.Module]) -> bool:
+    """Whether 1/s can be folded into `prev`: its output width must equal the linears' input width."""
+    if prev is None:
+        return False
+    k = linear_weight(linears[0]).shape[1]
+    if isinstance(prev, nn.Linear) or type(prev).__name__ == "Conv1D":
+        return linear_weight(prev).shape[0] == k
+    weight = getattr(prev, "weight", None)
+    return weight is not None and weight.dim() == 1 and weight.numel() == k
+
+
+@torch.no_grad()
+def clip_ranges(weight: torch.Tensor, x: torch.Tensor, scheme: IntGrid, n_grid: int = DEFAULT_CLIP_GRID,
+                max_shrink: float = DEFAULT_CLIP_MAX_SHRINK) -> torch.Tensor:
+    """Per-(row, group) clip bound |w| <= bound minimising the group's output error on tokens x [T, K]."""
+    w = weight.float()
+    n, k = w.shape
+    wg = padded_groups(w, scheme.group_size)                       # [N, G, g]
+    groups, g = wg.shape[1], wg.shape[2]
+    xg = padded_groups(x.float(), scheme.group_size).transpose(0, 1)  # [G, T, g]
+    reference = torch.bmm(xg, wg.permute(1, 2, 0))                 # [G, T, N]
+    original_max = wg.abs().amax(dim=-1)                           # [N, G]
+    best_bound = original_max.clone()
+    best_err = torch.full_like(original_max, float("inf"))
+    for step in range(int(max_shrink * n_grid)):
+        bound = original_max * (1 - step / n_grid)
+        clipped = torch.maximum(torch.minimum(wg, bound.unsqueeze(-1)), -bound.unsqueeze(-1))
+        q = padded_groups(scheme.quantize(clipped.reshape(n, -1)[:, :k]).dequantize(), scheme.group_size)
+        out = torch.bmm(xg, q.permute(1, 2, 0))
+        err = (out - reference).pow(2).mean(dim=1).t()             # [N, G]
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_bound = torch.where(better, bound, best_bound)
+    return best_bound
+
+
+def apply_clip(weight: torch.Tensor, bound: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Clamp each group of `weight` [N, K] to [-bound, bound] (bound [N, G])."""
+    n, k = weight.shape
+    b = bound.unsqueeze(-1)
+    return torch.maximum(torch.minimum(padded_groups(weight.float(), group_size), b), -b).reshape(n, -1)[:, :k]
+
+
+@register_method
+class AWQ(Method):
+    """Activation-aware weight quantization on CPU (see the module docstring)."""
+
+    name = "awq"
+    needs_calibration = True
+
+    def option_names(self) -> tuple[str, ...]:
+        return ("zero_point", "alpha_grid", "clip", "clip_grid", "clip_tokens", "calib_samples", "calib_len",
+                "seed", "chunk")
+
+    def option(self, key: str, default: Any) -> Any:
+        value = self.config.options.get(key)
+        return default if value is None else value
+
+    def scheme(self) -> IntGrid:
+        """AWQ's grid: asymmetric (zero point) unless zero_point=False; no MSE clip (AWQ searches its own)."""
+        c = self.config
+        return IntGrid(bits=c.bits, group_size=c.group_size, symmetric=not bool(self.option("zero_point", True)))
+
+    @torch.no_grad()
+    def quantize_block(self, block: nn.Module, linears: dict[str, nn.Module], inputs: Any = None,
+                       adapter: ArchAdapter | None = None, prefix: str = "", kernel: str = "reference"
+                       ) -> dict[str, QuantizedWeight]:
+        """Scale search + fold (per `adapter.scale_groups`), clip search and rounding for one block's Linears."""
+        from lowbit.calibration.capture import block_output, collect_inputs, first_input, flat_tokens
+        from lowbit.runtime.surgery import install_quantized
+
+        if inputs is None:
+            raise LowbitError("AWQ needs calibration inputs for every block")
+        scheme = self.scheme()
+        alphas: dict[str, float] = {}
+        for group in (adapter.scale_groups if adapter is not None else ()):
+            names = [n for n in group.linears]
+            if not group.prev or any(n not in linears for n in names):
+                continue  # nothing to fold into, or a member is skipped (kept in float): leave it unscaled
+            prev = block.get_submodule(group.prev)
+            members = [linears[n] for n in names]
+            if not can_fold(prev, members):
+                log.debug("AWQ %s: %s output width differs from %s inputs; not scaled", prefix, group.prev, names)
+                continue
+            inspect = block.get_submodule(group.inspect)
+            recorded: list[tuple[tuple, dict]] = []
+            collect_inputs(block, {group.inspect: inspect}, inputs,
+                           lambda _n, args, kwargs: recorded.append((args, kwargs)))
+            x_abs_sum = sum(flat_tokens(first_input(a, kw)).abs().sum(0) for a, kw in recorded)
+            n_tokens = sum(flat_tokens(first_input(a, kw)).shape[0] for a, kw in recorded)
+            x_mean = x_abs_sum / n_tokens
+            w_mean = weight_salience([linear_weight(m) for m in members], scheme.group_size)
+            reference = [block_output(inspect(*a, **kw)) for a, kw in recorded]
+            originals = [linear_weight(m).detach().clone() for m in members]
+            best = (float("inf"), 0.0, None)
+            n_grid = int(self.option("alpha_grid", DEFAULT_ALPHA_GRID))
+            for step in range(n_grid):
+                alpha = step / n_grid
+                s = awq_scales(x_mean, w_mean, alpha)
+                for module, w in zip(members, originals):
+                    scaled = w.float() * s.view(1, -1)
+                    set_linear_weight(module, scheme.quantize(scaled).dequantize() / s.view(1, -1))
+                loss = sum((block_output(inspect(*a, **kw)) - ref).float().pow(2).sum().item()
+                           for (a, kw), ref in zip(recorded, reference))
+                if loss < best[0]:
+                    best = (loss, alpha, s)
+            for module, w in zip(members, originals):
+                set_linear_weight(module, w)
+            fold_scales(prev, members, best[2])
+            for n in names:
+                alphas[n] = best[1]
+            del recorded, reference
+
+        # Clip search and rounding on the scaled weights, with the inputs they now receive.
+        samples: dict[str, list[torch.Tensor]] = {n: [] for n in linears}
+        collect_inputs(block, dict(linears), inputs,
+                       lambda n, args, kwargs: samples[n].append(flat_tokens(first_input(args, kwargs))),
+                       stop_early=False)
+        results: dict[str, QuantizedWeight] = {}
+        self.last_reports: dict[str, AWQReport] = {}
+        clip = bool(self.option("clip", True)) and scheme.group_size != 0
+        n_clip_tokens = int(self.option("clip_tokens", DEFAULT_CLIP_TOKENS))
+        for name, module in linears.items():
+            x = torch.cat(samples.pop(name))
+            w = linear_weight(module).detach().float()
+            if clip and not any(marker in name for marker in NO_CLIP_MARKERS):
+                step = max(1, x.shape[0] // n_clip_tokens)
+                bound = clip_ranges(w, x[::step], scheme, int(self.option("clip_grid", DEFAULT_CLIP_GRID)))
+                qw = scheme.quantize(apply_clip(w, bound, scheme.group_size))
+            else:
+                qw = scheme.quantize(w)
+            ref = x @ w.t()
+            error = ((x @ qw.dequantize().t() - ref).norm() / ref.norm().clamp(min=1e-12)).item() ** 2
+            results[name] = qw
+            self.last_reports[name] = AWQReport(alphas.get(name), error)
+        for name, qw in results.items():
+            install_quantized(block, name, qw, kernel)
+        return results
+
+    def quantize_model(self, model: nn.Module, calibration: Any = None, progress: bool = True,
+                       kernel: str = "auto") -> nn.Module:
+        """Quantize every decoder block of `model` in place, calibrating block by block."""
+        return run_calibrated(self, model, calibration, progress, kernel)

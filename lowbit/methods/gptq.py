@@ -1,0 +1,341 @@
+"""GPTQ: choose codes column by column, pushing each column's rounding error onto the columns not yet quantized.
+
+For a Linear with weight W [N, K] and calibration inputs X [tokens, K], GPTQ minimises ||W X^T - Q X^T||^2
+using the Hessian H = 2 X^T X / tokens. Walking the columns in order, column k is rounded on the scheme's
+grid, and its error e, divided by the k-th diagonal of the upper Cholesky factor of H^-1, is subtracted from
+the remaining columns along that factor's row (the Optimal Brain Surgeon update). Updates are applied lazily
+in blocks of 128 columns so most work is one matrix product per block (Frantar et al., 2022, Algorithm 1).
+
+Options follow AutoGPTQ/GPTQModel: `damp` (fraction of mean(diag H) added to the diagonal; raised and
+retried when H is not positive definite), `desc_act` (act-order: quantize columns by decreasing diag(H),
+recording each column's group in g_idx), `static_groups` (fit every group's statistics from the original
+weights before the sweep, so act-order keeps contiguous groups), `true_sequential` (within a block, calibrate
+each Linear on inputs produced by the already-quantized Linears before it).
+
+GPTQ works with any scheme that offers column-wise `encode`/`decode`: integer grids fit each group's scale
+and zero as the sweep reaches it; other schemes (GGUF blocks) fix their statistics from the weights first
+and GPTQ only re-chooses the codes (`scheme.with_codes` rebuilds what the scheme stores).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from lowbit.errors import LowbitError
+from lowbit.methods.base import Method, register_method
+from lowbit.models.adapters import ArchAdapter, linear_weight
+from lowbit.quantized import QuantizedWeight
+from lowbit.schemes.base import Scheme, expand_groups, scheme_from_config
+from lowbit.schemes.intgrid import IntGrid
+
+log = logging.getLogger("lowbit")
+
+DEFAULT_DAMP = 0.01
+DEFAULT_BLOCK = 128
+MAX_DAMP_RETRIES = 6
+
+
+class HessianAccumulator:
+    """Running H = 2 X^T X / n over calibration inputs of one Linear (products in fp32, sum in fp64)."""
+
+    def __init__(self, in_features: int):
+        self.sum = torch.zeros(in_features, in_features, dtype=torch.float64)
+        self.count = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        """Add activations [..., K] (every leading position is one token)."""
+        x = x.reshape(-1, x.shape[-1]).float()
+        self.sum += (x.t() @ x).double()
+        self.count += x.shape[0]
+
+    def hessian(self) -> torch.Tensor:
+        if self.count == 0:
+            raise LowbitError("GPTQ got no calibration tokens for a layer; check the calibration batch")
+        return 2 * self.sum / self.count
+
+
+@dataclass
+class GPTQReport:
+    """What happened while quantizing one weight: its proxy loss, relative output error, and damping."""
+
+    loss: float            # sum over rows of GPTQ's loss (w - q)^2 / (2 d^2)
+    relative_error: float  # tr(D H D^T) / tr(W H W^T) with D = W - Q: ||(W-Q)X||^2 / ||WX||^2 on the calibration set
+    damp: float            # damping fraction finally used
+    retries: int           # times damping was raised because H + damp*I was not positive definite
+
+
+def damped_inverse_factor(hessian: torch.Tensor, damp: float, name: str = "") -> tuple[torch.Tensor, float, int]:
+    """Upper Cholesky factor of (H + damp*mean(diag H)*I)^-1, raising damp x10 until H is positive definite."""
+    h = hessian.double()
+    mean_diag = torch.diag(h).mean().item()
+    eye = torch.eye(h.shape[0], dtype=torch.float64)
+    current = damp
+    for attempt in range(MAX_DAMP_RETRIES + 1):
+        lower, info = torch.linalg.cholesky_ex(h + current * mean_diag * eye)
+        if info == 0:
+            inverse = torch.cholesky_inverse(lower)
+            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            if info == 0:
+                if attempt:
+                    log.warning("GPTQ %s: Hessian was not positive definite with damp %g; succeeded with damp %g",
+                                name or "layer", damp, current)
+                return upper.float(), current, attempt
+        current = current * 10 if current > 0 else 1e-4
+    raise LowbitError(f"GPTQ {name or 'layer'}: Hessian is not positive definite even with damp {current / 10:g}; "
+                      "use more calibration samples or a larger --damp")
+
+
+def _fits_groups(scheme: Scheme) -> bool:
+    """True for integer grids with group_size > 0, whose groups GPTQ fits as the sweep reaches them."""
+    return isinstance(scheme, IntGrid) and scheme.group_size > 0
+
+
+@torch.no_grad()
+def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: Scheme, damp: float = DEFAULT_DAMP,
+                  desc_act: bool = False, static_groups: bool = False, block_size: int = DEFAULT_BLOCK,
+                  name: str = "") -> tuple[QuantizedWeight, GPTQReport]:
+    """GPTQ-quantize one [N, K] weight given its calibration Hessian [K, K]; returns codes and a report."""
+    w_orig = weight.detach().float()
+    n, k = w_orig.shape
+    if hessian.shape != (k, k):
+        raise LowbitError(f"GPTQ {name}: Hessian shape {tuple(hessian.shape)} does not match weight {tuple(w_orig.shape)}")
+    w = w_orig.clone()
+    h = hessian.double().clone()
+    dead = torch.diag(h) == 0          # inputs that were always zero: their columns cannot matter
+    h[dead, dead] = 1
+    w[:, dead] = 0
+
+    dynamic = _fits_groups(scheme) and not static_groups
+    group = scheme.group_size if dynamic else None
+    fixed: QuantizedWeight | None = None
+    if not dynamic:
+        # Statistics fixed up front (per channel/tensor grids, static groups, block schemes such as GGUF's).
+        fixed = scheme.quantize(w, importance=torch.diag(h).float())
+        gi = fixed.group_index()
+        col_scales = expand_groups(fixed.scales, gi)
+        col_zeros = expand_groups(fixed.zeros, gi) if fixed.zeros is not None else None
+
+    perm = None
+    if desc_act:
+        perm = torch.argsort(torch.diag(h), descending=True)
+        w = w[:, perm]
+        h = h[perm][:, perm]
+        if not dynamic:
+            col_scales = col_scales[:, perm]
+            col_zeros = col_zeros[:, perm] if col_zeros is not None else None
+
+    hinv, damp_used, retries = damped_inverse_factor(h, damp, name)
+    codes = torch.zeros(n, k, dtype=torch.uint8)
+    losses = torch.zeros(n)
+    group_scales: list[torch.Tensor] = []
+    group_zeros: list[torch.Tensor] = []
+    scale = zero = None
+    for i1 in range(0, k, block_size):
+        i2 = min(i1 + block_size, k)
+        w1 = w[:, i1:i2].clone()
+        err1 = torch.zeros_like(w1)
+        hinv1 = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if dynamic:
+                if col % group == 0:
+                    # Fit this group on the columns as GPTQ has updated them so far.
+                    span = torch.cat([w1[:, i:], w[:, i2:]], dim=1)[:, :group]
+                    s, z = scheme.fit(span)
+                    group_scales.append(s)
+                    group_zeros.append(z)
+                    scale, zero = s, z
+            else:
+                scale = col_scales[:, col:col + 1]
+                zero = col_zeros[:, col:col + 1] if col_zeros is not None else None
+            column = w1[:, i:i + 1]
+            q = scheme.encode(column, scale, zero)
+            dq = scheme.decode(q, scale, zero)
+            codes[:, col] = q[:, 0]
+            d = hinv1[i, i]
+            err = (column[:, 0] - dq[:, 0]) / d
+            losses += (column[:, 0] - dq[:, 0]) ** 2 / d ** 2 / 2
+            w1[:, i:] -= err.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
+            err1[:, i] = err
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+
+    g_idx = None
+    if perm is not None:
+        inverse = torch.argsort(perm)
+        codes = codes[:, inverse]
+        if dynamic:
+            g_idx = torch.empty(k, dtype=torch.int32)
+            g_idx[perm] = (torch.arange(k) // group).to(torch.int32)
+    if dynamic:
+        qw = QuantizedWeight(scheme, (n, k), codes=codes.contiguous(), scales=torch.cat(group_scales, dim=1),
+                             zeros=torch.cat(group_zeros, dim=1), group_size=group, g_idx=g_idx)
+    else:
+        with_codes = getattr(scheme, "with_codes", None)
+        qw = with_codes(fixed, codes) if with_codes is not None else dataclasses.replace(fixed, codes=codes)
+
+    diff = (w_orig - qw.dequantize()).double()
+    w64 = w_orig.double()
+    h_orig = hessian.double()
+    num = torch.einsum("nk,kj,nj->", diff, h_orig, diff).item()
+    den = torch.einsum("nk,kj,nj->", w64, h_orig, w64).item()
+    report = GPTQReport(loss=float(losses.sum()), relative_error=num / den if den > 0 else 0.0,
+                        damp=damp_used, retries=retries)
+    return qw, report
+
+
+def output_relative_error(weight: torch.Tensor, qw: QuantizedWeight, x: torch.Tensor) -> float:
+    """||W X^T - Q X^T|| / ||W X^T|| for activations x [tokens, K] (used in tests and reports)."""
+    w = weight.float()
+    ref = x.float() @ w.t()
+    return ((x.float() @ qw.dequantize().t() - ref).norm() / ref.norm()).item()
+
+
+def resolve_scheme(config_scheme: Any, default: Scheme) -> Scheme:
+    """`options["scheme"]` may be a Scheme object or its saved config dict; else the method's default grid."""
+    if config_scheme is None:
+        return default
+    if isinstance(config_scheme, Scheme):
+        return config_scheme
+    if isinstance(config_scheme, dict):
+        return scheme_from_config(config_scheme)
+    raise LowbitError(f"option scheme must be a Scheme or its config dict, not {type(config_scheme).__name__}")
+
+
+def set_linear_weight(module: nn.Module, weight: torch.Tensor) -> None:
+    """Overwrite a Linear-like module's [out, in] weight in place (Conv1D stores it transposed)."""
+    target = module.weight
+    target.data.copy_(weight.t() if type(module).__name__ == "Conv1D" else weight)
+
+
+@register_method
+class GPTQ(Method):
+    """GPTQ on CPU, one decoder block at a time (see the module docstring)."""
+
+    name = "gptq"
+    needs_calibration = True
+
+    def option_names(self) -> tuple[str, ...]:
+        return ("damp", "desc_act", "static_groups", "true_sequential", "block_size", "calib_samples",
+                "calib_len", "seed", "scheme", "chunk")
+
+    def option(self, key: str, default: Any) -> Any:
+        value = self.config.options.get(key)
+        return default if value is None else value
+
+    def scheme(self) -> Scheme:
+        c = self.config
+        default = IntGrid(bits=c.bits, group_size=c.group_size, symmetric=c.symmetric, clip_search=c.clip_search)
+        return resolve_scheme(c.options.get("scheme"), default)
+
+    def quantize_weight(self, name: str, weight: torch.Tensor, importance: torch.Tensor | None = None
+                        ) -> QuantizedWeight:
+        """Without calibration data (layers outside the decoder blocks) GPTQ falls back to RTN on its grid."""
+        return self.scheme().quantize(weight, importance)
+
+    def quantize_with_hessian(self, name: str, weight: torch.Tensor, hessian: torch.Tensor
+                              ) -> tuple[QuantizedWeight, GPTQReport]:
+        """GPTQ one weight with this method's options."""
+        damp = float(self.option("damp", DEFAULT_DAMP))
+        if not 0 <= damp < 1:
+            raise LowbitError(f"--damp {damp} is out of range: use a fraction such as 0.01 (0 <= damp < 1)")
+        return gptq_quantize(weight, hessian, self.scheme(), damp=damp,
+                             desc_act=bool(self.option("desc_act", False)),
+                             static_groups=bool(self.option("static_groups", False)),
+                             block_size=int(self.option("block_size", DEFAULT_BLOCK)), name=name)
+
+    def quantize_block(self, block: nn.Module, linears: dict[str, nn.Module], inputs: Any = None,
+                       adapter: ArchAdapter | None = None, prefix: str = "", kernel: str = "reference"
+                       ) -> dict[str, QuantizedWeight]:
+        """Calibrate and quantize the Linears of one block on its recorded inputs (list of BlockCall).
+
+        With an `adapter` and true_sequential (default), Linears are calibrated group by group in the adapter's
+        order, each group on the outputs of the already-quantized ones.
+        """
+        from lowbit.calibration.capture import collect_inputs, first_input
+        from lowbit.runtime.surgery import install_quantized
+
+        if inputs is None:
+            raise LowbitError("GPTQ needs calibration inputs for every block")
+        sequential = adapter.sequential if adapter is not None and self.option("true_sequential", True) else ()
+        groups = sequential_groups(linears, sequential)
+        results: dict[str, QuantizedWeight] = {}
+        self.last_reports: dict[str, GPTQReport] = {}
+        for group in groups:
+            accumulators = {name: HessianAccumulator(linear_weight(linears[name]).shape[1]) for name in group}
+            collect_inputs(block, {name: linears[name] for name in group}, inputs,
+                           lambda name, args, kwargs: accumulators[name].add(first_input(args, kwargs)))
+            for name in group:
+                module = linears[name]
+                qw, report = self.quantize_with_hessian(f"{prefix}.{name}" if prefix else name,
+                                                        linear_weight(module), accumulators[name].hessian())
+                del accumulators[name]
+                # Later groups of this block are calibrated on what the quantized layers produce.
+                set_linear_weight(module, qw.dequantize())
+                results[name] = qw
+                self.last_reports[name] = report
+        for name, qw in results.items():
+            install_quantized(block, name, qw, kernel)
+        return results
+
+    def quantize_model(self, model: nn.Module, calibration: Any = None, progress: bool = True,
+                       kernel: str = "auto") -> nn.Module:
+        """Quantize every decoder block of `model` in place, calibrating block by block."""
+        return run_calibrated(self, model, calibration, progress, kernel)
+
+
+def sequential_groups(linears: dict[str, nn.Module], sequential: tuple[tuple[str, ...], ...]) -> list[tuple[str, ...]]:
+    """The block's Linears in true-sequential groups (adapter order), or all in one group when not sequential."""
+    if not sequential:
+        return [tuple(linears)]
+    groups = [tuple(n for n in group if n in linears) for group in sequential]
+    groups = [g for g in groups if g]
+    listed = {n for g in groups for n in g}
+    rest = tuple(n for n in linears if n not in listed)
+    return groups + ([rest] if rest else [])
+
+
+def run_calibrated(method: Method, model: nn.Module, calibration: Any, progress: bool, kernel: str,
+                   **walk: Any) -> nn.Module:
+    """Shared driver of calibrated methods: calibration batch -> block-by-block quantization -> other Linears.
+
+    `method.quantize_block(block, linears, calls, adapter=..., prefix=...)` quantizes one block in place and
+    leaves `method.last_reports` (name -> report with `relative_error`) for the progress bar.
+    """
+    from lowbit.calibration.capture import calibrated_blocks
+    from lowbit.calibration.text import calibration_batch
+    from lowbit.methods.pipeline import block_linears
+    from lowbit.models.adapters import adapter_for
+    from lowbit.runtime.surgery import install_quantized, iter_linears, matches_any, set_kernel
+
+    options = method.config.options
+    skip = tuple(method.config.skip)
+    adapter = adapter_for(model)
+    batch = calibration_batch(model, calibration, options.get("calib_samples"), options.get("calib_len"),
+                              options.get("seed"))
+    model.eval()
+
+    def quantize_block(i: int, block: nn.Module, calls) -> str:
+        prefix = adapter.block_prefix(i)
+        linears = block_linears(block, prefix, skip)
+        method.quantize_block(block, linears, calls, adapter=adapter, prefix=prefix, kernel="reference")
+        reports = getattr(method, "last_reports", {})
+        if not reports:
+            return ""
+        worst = max(reports.values(), key=lambda r: r.relative_error)
+        return f"err={worst.relative_error:.2e}"
+
+    summaries = calibrated_blocks(model, adapter, batch, quantize_block, progress=progress,
+                                  desc=f"{method.name} quantize", chunk=int(options.get("chunk") or 8), **walk)
+    log.info("%s: per-layer worst relative output error: %s", method.name, ", ".join(summaries))
+    block_root = adapter.blocks_path + "."
+    for name, module in list(iter_linears(model, "", skip)):
+        if not name.startswith(block_root) and not matches_any(name, skip):
+            log.info("%s: %s is outside the decoder blocks: quantized with RTN on the same grid", method.name, name)
+            install_quantized(model, name, method.quantize_weight(name, linear_weight(module).detach()), kernel)
+    set_kernel(model, kernel)
+    return model

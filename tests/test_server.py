@@ -1,0 +1,220 @@
+"""The OpenAI-compatible server, driven by the unchanged `openai` client over loopback."""
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+openai = pytest.importorskip("openai", reason="the openai client is needed to test the server (pip install openai)")
+
+STORIES = Path(__file__).resolve().parents[2] / "shared" / "models" / "stories260K"
+if not STORIES.is_dir():
+    STORIES = Path("/work/shared/models/stories260K")
+pytestmark = pytest.mark.skipif(not STORIES.is_dir(), reason=f"shared model stories260K not found at {STORIES}")
+
+MODEL = "stories"
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}assistant:{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def stories():
+    from lowbit.models.loading import load_model
+
+    model, tokenizer = load_model(STORIES)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return model, tokenizer
+
+
+def _start(stories, **kw):
+    from lowbit.engine.server import start_server
+
+    return start_server(*stories, model_name=MODEL, context=kw.pop("context", 128), threads=1, **kw)
+
+
+@pytest.fixture(scope="module")
+def server(stories):
+    srv = _start(stories, max_batch=4, max_queue=16)
+    yield srv
+    srv.close()
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def _get(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return json.loads(response.read())
+
+
+def _post_raw(url: str, body: bytes) -> tuple[int, dict]:
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def _greedy_text(stories, prompt: str, n: int) -> str:
+    from lowbit.engine.generate import SamplingParams, stop_ids
+    from lowbit.engine.runner import Engine
+
+    model, tokenizer = stories
+    engine = Engine(model, tokenizer, context=128)
+    ids = tokenizer(prompt).input_ids
+    tokens = list(engine.generate(ids, SamplingParams(max_new_tokens=n, temperature=0.0,
+                                                      stop_token_ids=stop_ids(tokenizer))))
+    return tokenizer.decode(tokens, skip_special_tokens=True)
+
+
+def test_models_and_health(server, client):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    health = _get(server.url + "/health")
+    assert health["status"] == "ok" and health["model"] == MODEL
+
+
+def test_completion_greedy_equals_engine(stories, client):
+    result = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=30, temperature=0)
+    assert result.choices[0].text == _greedy_text(stories, "Once upon a time", 30)
+    assert result.choices[0].finish_reason in ("length", "stop")
+    assert result.usage.prompt_tokens == len(stories[1]("Once upon a time").input_ids)
+    assert result.usage.completion_tokens <= 30
+
+
+def test_streaming_equals_non_streaming(client):
+    whole = client.completions.create(model=MODEL, prompt="Tom had a red", max_tokens=25, temperature=0)
+    chunks = list(client.completions.create(model=MODEL, prompt="Tom had a red", max_tokens=25, temperature=0,
+                                            stream=True))
+    assert len(chunks) > 3
+    assert "".join(c.choices[0].text for c in chunks) == whole.choices[0].text
+    assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+
+
+def test_chat_and_chat_stream(client):
+    messages = [{"role": "user", "content": "Tell me a story about a cat."}]
+    reply = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=20, temperature=0)
+    assert reply.object == "chat.completion" and reply.choices[0].message.role == "assistant"
+    assert reply.choices[0].message.content
+    parts = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=20, temperature=0,
+                                                stream=True))
+    assert parts[0].choices[0].delta.role == "assistant"
+    assert "".join(p.choices[0].delta.content or "" for p in parts) == reply.choices[0].message.content
+
+
+def test_stop_string_cuts_the_text(stories, client):
+    full = _greedy_text(stories, "Once upon a time", 30)
+    stop = "girl"
+    assert stop in full
+    result = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=30, temperature=0,
+                                       stop=stop)
+    assert result.choices[0].text == full[:full.index(stop)]
+    assert result.choices[0].finish_reason == "stop"
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(model="gpt-4", prompt="hi"), "unknown model"),
+    (dict(model=MODEL, prompt="hi", temperature=3), "temperature"),
+    (dict(model=MODEL, prompt="hi", top_p=0), "top_p"),
+    (dict(model=MODEL, prompt="hi", max_tokens=0), "max_tokens"),
+    (dict(model=MODEL, prompt="hi", n=2), "'n'"),
+    (dict(model=MODEL, prompt="once " * 200), "context holds 128"),
+])
+def test_bad_requests_get_400(client, kwargs, message):
+    with pytest.raises(openai.BadRequestError, match=message):
+        client.completions.create(**kwargs)
+
+
+def test_bad_json_and_unknown_route(server):
+    status, body = _post_raw(server.url + "/v1/completions", b"{not json")
+    assert status == 400 and "not valid JSON" in body["error"]["message"]
+    status, body = _post_raw(server.url + "/v1/completions", b'["a list"]')
+    assert status == 400
+    status, _ = _post_raw(server.url + "/v1/embeddings", b"{}")
+    assert status == 404
+
+
+def test_concurrent_requests_all_complete(client):
+    results: dict[int, str] = {}
+
+    def ask(i: int) -> None:
+        out = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=24, temperature=0.8,
+                                        seed=i)
+        results[i] = out.choices[0].finish_reason
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(10)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert sorted(results) == list(range(10))
+    assert set(results.values()) <= {"length", "stop"}
+
+
+def _slow_steps(srv, seconds: float) -> None:
+    """Make each decode step of a test server take at least `seconds`, so requests overlap predictably."""
+    engine = srv.service.engine
+    step = engine.step
+
+    def slow_step():
+        time.sleep(seconds)
+        return step()
+    engine.step = slow_step
+
+
+def test_queue_limit_gives_429(stories):
+    srv = _start(stories, max_batch=1, max_queue=1)
+    _slow_steps(srv, 0.02)
+    client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    outcomes: list[str] = []
+
+    def ask() -> None:
+        try:
+            client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=40, temperature=0)
+            outcomes.append("ok")
+        except openai.RateLimitError:
+            outcomes.append("429")
+
+    try:
+        threads = [threading.Thread(target=ask) for _ in range(4)]
+        for t in threads:
+            t.start()
+            time.sleep(0.1)            # one runs, one waits, the rest find the queue full
+        for t in threads:
+            t.join(timeout=120)
+        assert outcomes.count("429") >= 1 and outcomes.count("ok") >= 2, outcomes
+    finally:
+        srv.close()
+
+
+def test_client_disconnect_mid_stream_frees_the_slot(stories):
+    srv = _start(stories, max_batch=1, max_queue=4)
+    _slow_steps(srv, 0.01)
+    try:
+        body = json.dumps({"model": MODEL, "prompt": "Once upon a time", "max_tokens": 100, "stream": True,
+                           "temperature": 0}).encode()
+        sock = socket.create_connection((srv.host, srv.port), timeout=10)
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        received = b""
+        while received.count(b"data: ") < 3:
+            received += sock.recv(4096)
+        sock.close()                   # hang up mid-stream
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and _get(srv.url + "/health")["running"]:
+            time.sleep(0.05)
+        assert _get(srv.url + "/health")["running"] == 0
+        assert srv.service.engine.free_slots == [0]
+        # The server keeps serving.
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        assert client.completions.create(model=MODEL, prompt="Hi", max_tokens=5, temperature=0).choices[0].text
+    finally:
+        srv.close()
