@@ -107,23 +107,22 @@ def transformers_peer_speeds(base, tokens: torch.Tensor, new_tokens: int) -> lis
             try:
                 model = AutoModelForCausalLM.from_pretrained(tmp, quantization_config=qconfig, device_map="cpu",
                                                              dtype=torch.float32)
+                best = 0.0
+                with torch.no_grad():
+                    model.generate(prompt, max_new_tokens=2, do_sample=False)
+                    for _ in range(2):
+                        t0 = time.perf_counter()
+                        model.generate(prompt, max_new_tokens=1, do_sample=False)
+                        prefill = time.perf_counter() - t0
+                        t0 = time.perf_counter()
+                        model.generate(prompt, max_new_tokens=new_tokens + 1, min_new_tokens=new_tokens + 1,
+                                       do_sample=False)
+                        total = time.perf_counter() - t0
+                        best = max(best, new_tokens / max(total - prefill, 1e-9))
             except Exception as exc:  # the peer is optional: report why it did not run
-                rows.append({"name": name, "kernel": f"unavailable: {str(exc).splitlines()[0][:60]}"})
+                rows.append({"name": name, "kernel": f"failed: {type(exc).__name__} {str(exc)[:50]}"})
                 continue
-            best = 0.0
-            with torch.no_grad():
-                model.generate(prompt, max_new_tokens=2, do_sample=False)
-                for _ in range(2):
-                    t0 = time.perf_counter()
-                    model.generate(prompt, max_new_tokens=1, do_sample=False)
-                    prefill = time.perf_counter() - t0
-                    t0 = time.perf_counter()
-                    model.generate(prompt, max_new_tokens=new_tokens + 1, min_new_tokens=new_tokens + 1,
-                                   do_sample=False)
-                    total = time.perf_counter() - t0
-                    best = max(best, new_tokens / max(total - prefill, 1e-9))
             rows.append({"name": name, "kernel": "transformers", "decode_tokens_per_s": best})
-            del model
     return rows
 
 

@@ -70,7 +70,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    from lowbit.engine.bench import bench_engine, bench_llama_cpp, bench_transformers, format_speed_table
+    from lowbit.engine.bench import (
+        bench_engine, bench_llama_cpp, bench_transformers, format_speed_table, quantized_head_from_gguf,
+    )
     from lowbit.engine.runner import Engine
     from lowbit.errors import LowbitError
     from lowbit.models.loading import resolve_model_path
@@ -84,6 +86,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
             raise LowbitError("--vs-llama-cpp needs a .gguf: pass one as MODEL or with --gguf FILE")
         gguf = str(path)
     model, _ = _load(args)
+    if resolve_model_path(args.model).suffix.lower() == ".gguf":
+        quantized_head_from_gguf(model, str(resolve_model_path(args.model)))
     engine = Engine(model, max_batch=1, context=max(args.n_prompt, args.n_gen) + 8, threads=args.threads)
     results = [bench_engine(engine, args.n_prompt, args.n_gen, args.reps, name=f"lowbit ({Path(args.model).name})")]
     del engine

@@ -29,7 +29,7 @@ from lowbit.errors import CorruptFile, LowbitError, UnsupportedArchitecture
 from lowbit.formats.atomic import atomic_file
 from lowbit.formats.gguf_mixes import TypePlanner, get_mix
 from lowbit.formats.registry import Format, register_format
-from lowbit.schemes.ggml import CODECS, CODECS_BY_ID, GGMLScheme, dequantize_rows, quantize_rows
+from lowbit.schemes.ggml import CODECS, GGMLScheme, dequantize_rows, quantize_rows
 
 log = logging.getLogger("lowbit")
 

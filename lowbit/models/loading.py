@@ -100,9 +100,11 @@ def load_hf_folder(path: Path, dtype: torch.dtype = torch.float32):
     weights = list(path.glob("*.safetensors")) + list(path.glob("pytorch_model*.bin"))
     if not weights:
         raise LowbitError(f"{path} has no weight files (*.safetensors or pytorch_model.bin)")
+    from safetensors import SafetensorError
+
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True)
-    except (OSError, ValueError, RuntimeError) as exc:
+    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
         raise CorruptFile(f"could not load weights from {path} ({str(exc).splitlines()[0]}); "
                           "a weight file may be truncated or corrupt") from exc
     return model.eval(), load_tokenizer(path)

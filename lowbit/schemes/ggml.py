@@ -24,7 +24,7 @@ from lowbit.quantized import QuantizedWeight
 from lowbit.schemes.base import Scheme, expand_groups, register_scheme
 from lowbit.schemes.ggml_blocks import (
     F32, BlockCodec, by_group, fp16_bytes, fp16_values, from_groups, make_qkx_quants, make_qx_quants,
-    pack_fields, round_fp16, sequential_sum, signed_absmax, unpack_fields,
+    pack_fields, sequential_sum, signed_absmax, unpack_fields,
 )
 from lowbit.schemes.ggml_kquants import K_QUANT_CODECS
 
@@ -197,7 +197,6 @@ class Q80(_Legacy):
 
 
 CODECS: dict[str, type[BlockCodec]] = {c.name: c for c in (Q40, Q41, Q50, Q51, Q80, *K_QUANT_CODECS)}
-CODECS_BY_ID: dict[int, type[BlockCodec]] = {c.type_id: c for c in CODECS.values()}
 
 
 def codec(type_name: str) -> type[BlockCodec]:
@@ -349,5 +348,3 @@ class GGMLScheme(Scheme):
         c = codes.float()
         return scales * c - zeros if self.codec.has_min else scales * (c - zeros)
 
-
-GGML_TYPES = tuple(CODECS)

@@ -1,0 +1,263 @@
+"""Engine and server speed on SmolLM2-135M: lowbit's engine vs transformers fp32 generate vs llama.cpp.
+
+Prints a table and writes bench/results/engine.json. Runs (each pp512 and tg128, median of --reps):
+- transformers fp32: the float model, one forward over 512 tokens and `generate` for 128 tokens;
+- lowbit engine on: the float model; RTN 4-bit g128 (int4 kernel) and RTN 8-bit per channel (int8pack), lm_head
+  quantized too; GGUF files (Q4_0, Q4_K_M written by lowbit, and the packaged Q4_1) loaded kept quantized;
+- llama.cpp (llama-cpp-python, when importable) on the same GGUF files and threads;
+- achieved weight bytes/s per decoded token next to the measured memory read bandwidth;
+- server: 32 concurrent streaming clients on loopback vs one client, p50/p99 latency, requests lost.
+
+Usage: python bench/bench_engine.py [--threads 2] [--reps 3] [--no-server] [--only rtn4,Q4_0]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from lowbit.engine.bench import (  # noqa: E402
+    SpeedResult, bench_engine, bench_llama_cpp, bench_transformers, format_speed_table, llama_cpp_available,
+    quantized_head_from_gguf,
+)
+from lowbit.engine.runner import Engine, set_threads  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results"
+
+
+def memory_read_bandwidth(threads: int, size_mb: int = 1024, reps: int = 5) -> float:
+    """GB/s of summing a float32 tensor much larger than the caches (a read-only stream)."""
+    data = torch.ones(size_mb * 1024 * 1024 // 4)
+    data.sum()
+    best = float("inf")
+    for _ in range(reps):
+        began = time.perf_counter()
+        data.sum()
+        best = min(best, time.perf_counter() - began)
+    return data.numel() * 4 / best / 1e9
+
+
+def weight_bytes_per_token(model) -> int:
+    """Bytes of weights a decode step reads: every Linear (quantized: its stored bits) except the embedding."""
+    from lowbit.models.adapters import is_linear
+    from lowbit.runtime.qlinear import QuantLinear
+
+    total = 0
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            total += module.qweight.storage_bits() // 8
+        elif is_linear(module):
+            total += module.weight.numel() * module.weight.element_size()
+    return total
+
+
+def run_engine(model, label: str, args, context: int) -> dict:
+    engine = Engine(model, max_batch=1, context=context, threads=args.threads)
+    result = bench_engine(engine, args.pp, args.tg, args.reps, name=label)
+    del engine
+    row = result.to_dict()
+    row["weight_mb"] = round(weight_bytes_per_token(model) / 1e6, 2)
+    if result.tg_tok_s:
+        row["weight_gb_s"] = round(weight_bytes_per_token(model) * result.tg_tok_s / 1e9, 2)
+    return row
+
+
+def greedy_agreement(model, reference, tokenizer, n: int = 64) -> bool:
+    """Greedy text of the engine on `model` equals transformers' generate on `reference` (dequantized)."""
+    from lowbit.engine.generate import SamplingParams
+
+    prompt = tokenizer("The capital of France is", return_tensors="pt").input_ids
+    engine = Engine(model, max_batch=1, context=256)
+    ours = list(engine.generate(prompt[0].tolist(), SamplingParams(max_new_tokens=n, temperature=0.0),
+                                stop_on_eos=False))
+    with torch.inference_mode():
+        theirs = reference.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                    pad_token_id=0)[0, prompt.shape[1]:].tolist()
+    return ours == theirs
+
+
+def bench_server(model, tokenizer, args) -> dict:
+    """32 concurrent streaming clients vs one, on loopback: throughput, latency, requests completed."""
+    import openai
+
+    from lowbit.engine.server import start_server
+
+    clients, max_tokens = args.clients, args.server_tokens
+    server = start_server(model, tokenizer, "smollm2", max_batch=clients, max_queue=clients,
+                          context=256, threads=args.threads)
+    prompts = [f"Write a short story about a {w}." for w in
+               ("cat", "dog", "robot", "river", "castle", "dragon", "teacher", "garden")]
+
+    def one_request(i: int, record: list) -> None:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=600)
+        began = time.perf_counter()
+        first, pieces, finish = None, 0, None
+        try:
+            stream = client.completions.create(model="smollm2", prompt=prompts[i % len(prompts)],
+                                               max_tokens=max_tokens, temperature=0.7, seed=i, stream=True)
+            for chunk in stream:
+                if first is None:
+                    first = time.perf_counter() - began
+                pieces += 1
+                finish = chunk.choices[0].finish_reason or finish
+        except Exception as exc:  # a lost request is a result to report, not a crash
+            finish = f"error: {exc}"
+        record.append({"latency": time.perf_counter() - began, "ttft": first, "finish": finish})
+
+    def wave(n: int) -> dict:
+        record: list = []
+        threads = [threading.Thread(target=one_request, args=(i, record)) for i in range(n)]
+        began = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wall = time.perf_counter() - began
+        ok = [r for r in record if r["finish"] in ("length", "stop")]
+        latencies = sorted(r["latency"] for r in ok)
+        ttfts = sorted(r["ttft"] for r in ok if r["ttft"] is not None)
+        pct = (lambda xs, q: xs[min(len(xs) - 1, int(q * len(xs)))] if xs else None)
+        return {"clients": n, "completed": len(ok), "lost": n - len(ok), "wall_s": round(wall, 2),
+                "tokens_per_s": round(n * max_tokens / wall, 1) if len(ok) == n else None,
+                "latency_p50_s": pct(latencies, 0.5), "latency_p99_s": pct(latencies, 0.99),
+                "ttft_p50_s": pct(ttfts, 0.5), "ttft_p99_s": pct(ttfts, 0.99)}
+
+    try:
+        wave(1)   # warm-up
+        single = wave(1)
+        many = wave(clients)
+    finally:
+        server.close()
+    return {"single": single, "concurrent": many,
+            "speedup": round(many["tokens_per_s"] / single["tokens_per_s"], 2)
+            if many["tokens_per_s"] and single["tokens_per_s"] else None}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--pp", type=int, default=512)
+    parser.add_argument("--tg", type=int, default=128)
+    parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--server-tokens", type=int, default=64)
+    parser.add_argument("--no-server", action="store_true")
+    parser.add_argument("--no-transformers", action="store_true")
+    parser.add_argument("--only", default=None, help="comma list of runs: fp32,rtn4,rtn8,Q4_0,Q4_K_M,Q4_1")
+    parser.add_argument("--output", default=str(RESULTS / "engine.json"))
+    args = parser.parse_args()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    set_threads(args.threads)
+    only = set(args.only.split(",")) if args.only else None
+    wanted = (lambda name: only is None or name in only)
+
+    from lowbit.formats.gguf import export_gguf
+    from lowbit.methods.base import QuantizeConfig
+    from lowbit.methods.pipeline import quantize_model
+    from lowbit.models.loading import load_model, resolve_model_path
+
+    load_avg = os.getloadavg()
+    report: dict = {"threads": args.threads, "load_average_at_start": load_avg,
+                    "memory_read_gb_s": round(memory_read_bandwidth(args.threads), 2), "runs": []}
+    print(f"memory read bandwidth: {report['memory_read_gb_s']} GB/s ({args.threads} threads); "
+          f"load average {load_avg}", flush=True)
+    context = max(args.pp, args.tg) + 8
+    base, tokenizer = load_model("smollm2")
+    rows: list[dict] = []
+
+    def record(row: dict) -> None:
+        rows.append(row)
+        print(format_speed_table([SpeedResult(**{k: row[k] for k in SpeedResult.__dataclass_fields__})]),
+              f"  weights {row.get('weight_mb')} MB, {row.get('weight_gb_s')} GB/s", flush=True)
+
+    if wanted("fp32") and not args.no_transformers:
+        row = bench_transformers(base, args.pp, args.tg, args.reps, name="transformers fp32 generate").to_dict()
+        row["weight_mb"] = round(weight_bytes_per_token(base) / 1e6, 2)
+        row["weight_gb_s"] = round(row["weight_mb"] * row["tg_tok_s"] / 1e3, 2)
+        record(row)
+    if wanted("fp32"):
+        record(run_engine(base, "lowbit engine fp32", args, context))
+
+    import copy
+    for name, config in (("rtn4", QuantizeConfig(method="rtn", bits=4, group_size=128, skip=())),
+                         ("rtn8", QuantizeConfig(method="rtn", bits=8, group_size=-1, skip=()))):
+        if not wanted(name):
+            continue
+        model = copy.deepcopy(base)
+        quantize_model(model, config, progress=False)
+        from lowbit.runtime.surgery import quantized_modules
+        kernels = sorted({m.kernel_name for _, m in quantized_modules(model)})
+        row = run_engine(model, f"lowbit {name} ({'/'.join(kernels)})", args, context)
+        row["greedy_equals_transformers_dequantized"] = greedy_agreement(
+            model, _dequantized(model), tokenizer)
+        record(row)
+        del model
+
+    tmp = Path(tempfile.mkdtemp(prefix="lowbit-bench-"))
+    ggufs = {}
+    for gtype in ("Q4_0", "Q4_K_M"):
+        if wanted(gtype):
+            path = tmp / f"smollm2-{gtype}.gguf"
+            export_gguf(base, tokenizer, path, type=gtype, progress=False)
+            ggufs[gtype] = path
+    if wanted("Q4_1"):
+        ggufs["Q4_1"] = resolve_model_path("smollm2")
+    for gtype, path in ggufs.items():
+        model, _ = load_model(path, keep_quantized=True)
+        quantized_head_from_gguf(model, str(path))
+        from lowbit.runtime.surgery import quantized_modules
+        kernels = sorted({m.kernel_name for _, m in quantized_modules(model)})
+        row = run_engine(model, f"lowbit GGUF {gtype} ({'/'.join(kernels)})", args, context)
+        row["gguf_mb"] = round(path.stat().st_size / 1e6, 2)
+        record(row)
+        del model
+        if llama_cpp_available():
+            record(bench_llama_cpp(str(path), args.threads, args.pp, args.tg, args.reps,
+                                   name=f"llama.cpp GGUF {gtype}").to_dict() | {"gguf_mb": row["gguf_mb"]})
+    report["llama_cpp"] = llama_cpp_available()
+    report["runs"] = rows
+
+    if not args.no_server:
+        model = copy.deepcopy(base)
+        quantize_model(model, QuantizeConfig(method="rtn", bits=4, group_size=128, skip=()), progress=False)
+        report["server"] = bench_server(model, tokenizer, args)
+        print(json.dumps(report["server"], indent=1), flush=True)
+    report["load_average_at_end"] = os.getloadavg()
+
+    print()
+    print(format_speed_table([SpeedResult(**{k: r[k] for k in SpeedResult.__dataclass_fields__}) for r in rows]))
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps(report, indent=1, default=str))
+    print(f"wrote {args.output}")
+
+
+def _dequantized(model):
+    import copy
+
+    from lowbit.runtime.surgery import quantized_modules, replace_module
+
+    plain = copy.deepcopy(model)
+    for name, module in list(quantized_modules(plain)):
+        linear = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+        linear.weight.data = module.qweight.dequantize()
+        if module.bias is not None:
+            linear.bias.data = module.bias.data.clone()
+        replace_module(plain, name, linear)
+    if getattr(plain.config, "tie_word_embeddings", False):
+        plain.config.tie_word_embeddings = False   # lm_head now has its own (dequantized) weight
+    return plain
+
+
+if __name__ == "__main__":
+    main()
