@@ -105,7 +105,8 @@ def bench_server(model, tokenizer, args) -> dict:
         first, pieces, finish = None, 0, None
         try:
             stream = client.completions.create(model="smollm2", prompt=prompts[i % len(prompts)],
-                                               max_tokens=max_tokens, temperature=0.7, seed=i, stream=True)
+                                               max_tokens=max_tokens, temperature=0.7, seed=i, stream=True,
+                                               extra_body={"ignore_eos": True})
             for chunk in stream:
                 if first is None:
                     first = time.perf_counter() - began

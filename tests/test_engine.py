@@ -77,23 +77,44 @@ def test_greedy_matches_transformers_fp32(stories):
     assert tokenizer.decode(ours).startswith(", there was a little girl named Lily")
 
 
+def _native_kernel_available() -> bool:
+    from lowbit.runtime.fast_kernels import native_library
+
+    return native_library() is not None
+
+
 @needs_stories
-@pytest.mark.parametrize("kernel", ["reference", "auto"])
+@pytest.mark.parametrize("kernel", ["reference", "u8"])
 def test_greedy_matches_transformers_quantized(stories, stories_rtn4, kernel):
-    """Quantized model on the engine vs transformers running the dequantized weights in float32."""
+    """Quantized model on the engine vs transformers running the dequantized weights in float32: kernels that
+    compute in float32 (reference, the C u8 kernel) must give the same 64 greedy tokens."""
     from lowbit.runtime.surgery import set_kernel
 
+    if kernel == "u8" and not _native_kernel_available():
+        pytest.skip("the C kernel could not be built here (no C compiler)")
     tokenizer = stories[1]
     model = copy.deepcopy(stories_rtn4)
     set_kernel(model, kernel)
     prompt = tokenizer(PROMPT_TEXT).input_ids
     reference = transformers_greedy(dequantized_copy(stories_rtn4), prompt, 64)
-    ours = engine_greedy(Engine(model, tokenizer, context=128), prompt, 64)
-    if kernel == "reference":
-        assert ours == reference
-    else:
-        # Fast kernels compute in bf16; the text must still agree token for token on this model.
-        assert ours == reference, "bf16 kernels changed the greedy text"
+    engine = Engine(model, tokenizer, context=128, prefill_attention_dtype=torch.float32)
+    assert engine_greedy(engine, prompt, 64) == reference
+
+
+@needs_stories
+def test_bf16_kernels_agree_with_float_reference(stories, stories_rtn4):
+    """The default (bf16 int4pack) kernels round activations to bf16, so exact greedy identity over long runs
+    is not guaranteed; teacher-forced next-token choices must still agree almost everywhere."""
+    tokenizer = stories[1]
+    ids = tokenizer(PROMPT_TEXT).input_ids
+    ids += transformers_greedy(dequantized_copy(stories_rtn4), ids, 64)
+    with torch.inference_mode():
+        expected = dequantized_copy(stories_rtn4)(torch.tensor([ids])).logits[0]
+    ours = Engine(copy.deepcopy(stories_rtn4), tokenizer, context=128, prefill_chunk=1).logits(ids)
+    agreement = (ours.argmax(-1) == expected.argmax(-1)).float().mean().item()
+    assert agreement >= 0.95, agreement
+    # bf16 has an 8-bit mantissa: logits move by a few percent of their spread at most.
+    assert (ours - expected).abs().max() < 0.05 * (expected.max() - expected.min())
 
 
 @needs_stories

@@ -347,3 +347,19 @@ def test_gptq_on_the_gguf_grid_beats_round_to_nearest(tmp_path):
         m, _ = load_gguf_quantized(path)
         ppl[label] = evaluate_quality(m, ids, ctx=256, progress=False).perplexity
     assert ppl["gptq"] < ppl["rtn"]
+
+
+@pytest.mark.slow
+def test_smollm2_q4_1_runs_kept_quantized_like_the_float_import():
+    from lowbit.formats.gguf import load_gguf_quantized
+    from lowbit.models.gguf_import import load_gguf_as_hf
+    from lowbit.runtime.qlinear import QuantLinear
+
+    path = smollm2_gguf()
+    kept, tok = load_gguf_quantized(path, kernel="reference")
+    layer = kept.model.layers[0].mlp.down_proj
+    assert isinstance(layer, QuantLinear) and layer.qweight.scheme.type == "Q4_1"
+    imported, _ = load_gguf_as_hf(path)
+    ids = tok("The capital of France is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        torch.testing.assert_close(kept(ids).logits, imported(ids).logits, rtol=0, atol=2e-4)

@@ -11,6 +11,15 @@ from lowbit.methods.gptq import HessianAccumulator, damped_inverse_factor, gptq_
 from lowbit.schemes.intgrid import IntGrid
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These models are tiny: threads gain nothing, and on a busy machine thread hand-offs dominate the time."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def correlated_inputs(tokens: int, k: int, seed: int = 0) -> torch.Tensor:
     """Activations with correlated channels and a few large ones, like a transformer's (GPTQ needs correlation)."""
     g = torch.Generator().manual_seed(seed)
@@ -142,7 +151,7 @@ def stories_split(stories, tinystories_text):
     from lowbit.eval.perplexity import read_text
 
     _, tok = stories
-    tokens = tokenize_for_calibration(tok, read_text(tinystories_text)[:300_000])
+    tokens = tokenize_for_calibration(tok, read_text(tinystories_text)[:200_000])
     return tokens[:-8192], tokens[-8192:]
 
 

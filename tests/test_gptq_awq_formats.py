@@ -13,8 +13,16 @@ from safetensors.torch import save_file
 from lowbit.errors import CorruptFile, LowbitError
 from lowbit.formats.awq import AWQ_ORDER, pack_awq, unpack_awq
 from lowbit.formats.gptq import pack_columns, pack_rows, unpack_columns, unpack_rows
-from lowbit.quantized import QuantizedWeight
 from lowbit.schemes.intgrid import IntGrid
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These models are tiny: threads gain nothing, and on a busy machine thread hand-offs dominate the time."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 # -- independent oracles, written from the reference tools' loops ---------------------------------------------
@@ -179,6 +187,8 @@ def test_round_trip_identical_logits(tmp_path, fmt, method, symmetric, options):
     else:
         assert qc["version"] == "gemm" and qc["zero_point"] is (not symmetric)
     loaded, _ = load_model(out)
+    assert (loaded.lowbit_config.bits, loaded.lowbit_config.group_size) == (4, 32)
+    assert loaded.lowbit_config.symmetric is symmetric
     ids = calib[:2]
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, model(ids).logits)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -176,8 +176,3 @@ def calibrated_blocks(model: nn.Module, adapter: ArchAdapter, batch: torch.Tenso
         if release_block is not None:
             release_block(i, block)
     return summaries
-
-
-def iter_chunks(x: torch.Tensor, rows: int) -> Iterable[torch.Tensor]:
-    for start in range(0, x.shape[0], rows):
-        yield x[start:start + rows]

@@ -92,8 +92,11 @@ def fuse_linears(modules: SequenceType[nn.Module]) -> nn.Module | None:
         return None
     weights: list[QuantizedWeight] = [m.qweight for m in modules]
     first = weights[0]
+    # GGUF block schemes keep their file bytes in `extra` only for writing; kernels compute from codes and
+    # statistics, so a fused copy (compute only) may drop them. Other schemes' extras may carry numbers.
     stackable = all(
-        qw.scheme == first.scheme and qw.group_size == first.group_size and qw.g_idx is None and not qw.extra
+        qw.scheme == first.scheme and qw.group_size == first.group_size and qw.g_idx is None
+        and (not qw.extra or qw.scheme.kind == "ggml")
         and qw.in_features == first.in_features and (qw.zeros is None) == (first.zeros is None)
         and qw.scales.shape[1] == first.scales.shape[1] for qw in weights)
     if not stackable:
@@ -135,8 +138,10 @@ def _rms_norm(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
 class LlamaFamilyDecoder:
     """Runs a Llama-family HF model's weights with lowbit's static cache (no HF forward on the hot path)."""
 
-    def __init__(self, model: nn.Module, slots: int, context: int, kv_dtype: torch.dtype, fuse: bool = True):
+    def __init__(self, model: nn.Module, slots: int, context: int, kv_dtype: torch.dtype, fuse: bool = True,
+                 prefill_attention_dtype: torch.dtype = torch.float32):
         config = model.config
+        self.prefill_attention_dtype = prefill_attention_dtype
         inner = model.model
         self.hidden = config.hidden_size
         self.heads = config.num_attention_heads
@@ -224,10 +229,11 @@ class LlamaFamilyDecoder:
                 k_cache[batch_index, :, positions] = k[:, :, 0]
                 v_cache[batch_index, :, positions] = v[:, :, 0]
             keys, values = k_cache[:, :, :attend], v_cache[:, :, :attend]
-            if keys.dtype != q.dtype:
-                keys, values = keys.to(q.dtype), values.to(q.dtype)
+            dtype = self.prefill_attention_dtype if seq > 1 else q.dtype
+            if keys.dtype != dtype or q.dtype != dtype:
+                q, keys, values = q.to(dtype), keys.to(dtype), values.to(dtype)
             attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal,
-                                                  enable_gqa=kv_heads != heads)
+                                                  enable_gqa=kv_heads != heads).to(x.dtype)
             x = x + layer.o_proj(attn.transpose(1, 2).reshape(batch, seq, heads * head_dim))
             h = _rms_norm(x, layer.post_norm)
             gate, up = layer.gate_up(h).split((self.intermediate, self.intermediate), dim=-1)
@@ -282,7 +288,9 @@ class Engine:
 
     def __init__(self, model: nn.Module, tokenizer: Any = None, max_batch: int = 1, context: int | None = None,
                  threads: int | None = None, prefill_chunk: int = 512, kv_dtype: torch.dtype = torch.float32,
-                 fuse: bool = True):
+                 fuse: bool = True, prefill_attention_dtype: torch.dtype | None = None):
+        """`prefill_attention_dtype`: dtype of prompt attention; None picks bf16 (2.5-3x faster here) when the
+        model has quantized layers, which already compute in bf16, and float32 for a float model."""
         if max_batch < 1:
             raise LowbitError(f"max batch must be >= 1 (got {max_batch})")
         if prefill_chunk < 1:
@@ -298,8 +306,12 @@ class Engine:
         self.max_batch = max_batch
         self.prefill_chunk = prefill_chunk
         self.eos_ids = eos_token_ids(model, tokenizer)
+        if prefill_attention_dtype is None:
+            quantized = any(isinstance(m, QuantLinear) for m in model.modules())
+            prefill_attention_dtype = torch.bfloat16 if quantized else torch.float32
         if config.model_type in FAST_PATH_TYPES:
-            self.decoder: Any = LlamaFamilyDecoder(model, max_batch, self.context, kv_dtype, fuse)
+            self.decoder: Any = LlamaFamilyDecoder(model, max_batch, self.context, kv_dtype, fuse,
+                                                   prefill_attention_dtype)
         else:
             self.decoder = HFDecoder(model, max_batch, self.context)
         self.free_slots = list(range(max_batch))

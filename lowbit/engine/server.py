@@ -49,6 +49,7 @@ class GenerationRequest:
     stop_strings: tuple[str, ...] = ()
     events: "queue.Queue[tuple[str, Any]]" = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    stop_on_eos: bool = True
     sequence: Sequence | None = None
     queued_at: float = field(default_factory=time.monotonic)
 
@@ -99,7 +100,7 @@ class Scheduler:
                 request.events.put(("done", "cancelled"))
                 continue
             try:
-                seq = self.engine.start(request.prompt_ids, request.params)
+                seq = self.engine.start(request.prompt_ids, request.params, request.stop_on_eos)
             except LowbitError as exc:
                 request.events.put(("error", RequestError(400, str(exc))))
                 continue
@@ -190,6 +191,7 @@ class Service:
         top_p = float(_field(body, "top_p", (int, float), 1.0, lambda v: 0 < v <= 1, "in (0, 1]"))
         top_k = _field(body, "top_k", (int,), 0, lambda v: v >= 0, "an integer >= 0")
         seed = _field(body, "seed", (int,), None)
+        ignore_eos = _field(body, "ignore_eos", (bool,), False)   # vLLM's extension, for benchmarks
         stop = body.get("stop")
         stops = (stop,) if isinstance(stop, str) else stop if stop is not None else ()
         if not isinstance(stops, (list, tuple)) or not all(isinstance(s, str) and s for s in stops) \
@@ -203,8 +205,9 @@ class Service:
             raise RequestError(400, str(exc), param="messages" if chat else "prompt") from exc
         room = self.engine.context - len(prompt_ids)
         params = SamplingParams(max_new_tokens=min(max_tokens or room, room), temperature=temperature,
-                                top_p=top_p, top_k=top_k, seed=seed, stop_token_ids=self.stop_token_ids)
-        return GenerationRequest(prompt_ids, params, tuple(stops)), stream
+                                top_p=top_p, top_k=top_k, seed=seed,
+                                stop_token_ids=() if ignore_eos else self.stop_token_ids)
+        return GenerationRequest(prompt_ids, params, tuple(stops), stop_on_eos=not ignore_eos), stream
 
     def _prompt_ids(self, body: dict, chat: bool) -> list[int]:
         if chat:

@@ -131,15 +131,21 @@ def load_awq(path: str | Path, kernel: str = "auto", **_: Any):
     path = Path(path)
     qc = read_quantization_config(path) or {}
     bits = int(qc.get("bits", qc.get("w_bit", AWQ_BITS)))
-    version = str(qc.get("version", "gemm")).lower()
+    version = str(qc.get("version") or qc.get("format") or "gemm").lower()   # transformers 5 writes "format"
     if bits != AWQ_BITS:
         raise CorruptFile(f"{path}: AWQ checkpoint with {bits} bits; AWQ GEMM is 4-bit")
     if version != "gemm":
         raise LowbitError(f"{path}: AWQ version {version!r} is not supported; lowbit reads AWQ 'gemm' checkpoints")
     group_size = int(qc.get("group_size", qc.get("q_group_size", 128)))
     zero_point = bool(qc.get("zero_point", True))
-    return load_checkpoint(path, "AWQ", "qweight",
-                           lambda name, parts: layer_from_awq(name, parts, group_size, zero_point), kernel=kernel)
+    model, tokenizer = load_checkpoint(path, "AWQ", "qweight",
+                                       lambda name, parts: layer_from_awq(name, parts, group_size, zero_point),
+                                       kernel=kernel)
+    from lowbit.methods.base import QuantizeConfig
+
+    model.lowbit_config = QuantizeConfig(method="awq", bits=bits, group_size=group_size, symmetric=not zero_point,
+                                         options={"zero_point": zero_point})
+    return model, tokenizer
 
 
 register_format(Format("awq", write=save_awq, can_read=is_awq, read=load_awq,

@@ -219,13 +219,21 @@ def load_gptq(path: str | Path, kernel: str = "auto", **_: Any):
         raise CorruptFile(f"{path}: GPTQ bits {bits} is not one of {GPTQ_BITS}")
     group_size = int(qc.get("group_size", -1))
     sym = bool(qc.get("sym", True))
-    fmt = str(qc.get("checkpoint_format", "gptq")).lower()
+    fmt = str(qc.get("checkpoint_format") or qc.get("format") or "gptq").lower()   # transformers 5: "format"
     if fmt not in ("gptq", "gptq_v2"):
         raise LowbitError(f"{path}: GPTQ checkpoint_format {fmt!r} is not supported (gptq, gptq_v2 are)")
     offset = 0 if fmt == "gptq_v2" else 1
-    return load_checkpoint(path, "GPTQ", "qweight",
-                           lambda name, parts: layer_from_gptq(name, parts, bits, group_size, sym, offset),
-                           kernel=kernel)
+    model, tokenizer = load_checkpoint(path, "GPTQ", "qweight",
+                                       lambda name, parts: layer_from_gptq(name, parts, bits, group_size, sym, offset),
+                                       kernel=kernel)
+    from lowbit.methods.base import QuantizeConfig
+
+    method = (qc.get("meta") or {}).get("method", "gptq") if isinstance(qc.get("meta"), dict) else "gptq"
+    options = {"desc_act": bool(qc.get("desc_act", False)), "static_groups": bool(qc.get("static_groups", False)),
+               "true_sequential": bool(qc.get("true_sequential", True)), "damp": float(qc.get("damp_percent", 0.01))}
+    model.lowbit_config = QuantizeConfig(method=method, bits=bits, group_size=group_size, symmetric=sym,
+                                         options=options if method == "gptq" else {})
+    return model, tokenizer
 
 
 register_format(Format("gptq", write=save_gptq, can_read=is_gptq, read=load_gptq,

@@ -44,15 +44,10 @@ def check_fp16_exact(name: str, scales: torch.Tensor, fmt: str) -> torch.Tensor:
     return half
 
 
-def unquantized_linear_names(model: nn.Module) -> list[str]:
-    """Names of Linear layers left in floating point (skipped), shortest distinct suffixes first."""
-    return [name for name, _ in iter_linears(model)]
-
-
 def skipped_suffixes(model: nn.Module, blocks_path: str) -> list[str]:
     """Block-relative names (e.g. 'mlp.down_proj') of Linears kept in float inside decoder blocks, plus others."""
     names = []
-    for name in unquantized_linear_names(model):
+    for name, _ in iter_linears(model):   # QuantLinear is not Linear-like: these are the float ones
         if name.startswith(blocks_path + "."):
             rest = name[len(blocks_path) + 1:].split(".", 1)
             name = rest[1] if len(rest) == 2 else name

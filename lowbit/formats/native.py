@@ -119,7 +119,8 @@ def load_native(path: str | Path, kernel: str = "auto", **_: Any):
         raise CorruptFile(f"{path / WEIGHTS} has tensors the model does not: {unexpected[:5]}")
     if missing:
         raise CorruptFile(f"{path / WEIGHTS} lacks tensors: {missing[:5]}; the file is incomplete")
-    model.tie_weights() if not manifest.get("tied") else None
+    if not manifest.get("tied"):
+        model.tie_weights()  # tied pairs were stored once and assigned above; otherwise follow the config
     model.eval()
     if manifest.get("quantization"):
         model.lowbit_config = QuantizeConfig.from_dict(manifest["quantization"])

@@ -5,7 +5,8 @@ multiplies weight column j by s_j and divides the op producing x by s_j, which l
 unchanged but makes rounding error on salient channels s_j times smaller relative to them. The scales are
 s = mean|x|^alpha / mean|w~|^(1-alpha) (w~: weights normalised per group), alpha picked on a grid to
 minimise the output error of the module that consumes x (the attention or MLP), as in Lin et al., 2023
-and AutoAWQ. The 1/s is folded into the preceding RMSNorm/LayerNorm weight or the rows of the preceding
+and AutoAWQ; no scaling at all is a candidate too, so the search never does worse than plain rounding
+on its calibration tokens. The 1/s is folded into the preceding RMSNorm/LayerNorm weight or the rows of the preceding
 Linear (`ArchAdapter.scale_groups`). Then a clip search shrinks each group's range to minimise the Linear's
 output error, and the clipped weights are rounded to the integer grid (with a zero point by default).
 """
@@ -31,6 +32,9 @@ DEFAULT_ALPHA_GRID = 20
 DEFAULT_CLIP_GRID = 20
 DEFAULT_CLIP_MAX_SHRINK = 0.5
 DEFAULT_CLIP_TOKENS = 512
+# Tokens the alpha search runs the inspected module on: each of the grid's points is a forward pass, which on
+# CPU dominates AWQ's cost; channel magnitudes still use every calibration token.
+DEFAULT_SEARCH_TOKENS = 4096
 # Linears whose outputs meet in a softmax (queries, keys): AutoAWQ does not clip them, nor do we.
 NO_CLIP_MARKERS = ("q_proj", "k_proj", "query", "key", "c_attn", "Wqkv")
 
@@ -39,7 +43,7 @@ NO_CLIP_MARKERS = ("q_proj", "k_proj", "query", "key", "c_attn", "Wqkv")
 class AWQReport:
     """Per-Linear outcome: the chosen alpha of its scale group (None if unscaled) and its output error."""
 
-    alpha: float | None
+    alpha: float | None    # None: left unscaled (no foldable op, or no scaling beat plain rounding)
     relative_error: float
 
 
@@ -102,7 +106,6 @@ def clip_ranges(weight: torch.Tensor, x: torch.Tensor, scheme: IntGrid, n_grid: 
     w = weight.float()
     n, k = w.shape
     wg = padded_groups(w, scheme.group_size)                       # [N, G, g]
-    groups, g = wg.shape[1], wg.shape[2]
     xg = padded_groups(x.float(), scheme.group_size).transpose(0, 1)  # [G, T, g]
     reference = torch.bmm(xg, wg.permute(1, 2, 0))                 # [G, T, N]
     original_max = wg.abs().amax(dim=-1)                           # [N, G]
@@ -127,6 +130,19 @@ def apply_clip(weight: torch.Tensor, bound: torch.Tensor, group_size: int) -> to
     return torch.maximum(torch.minimum(padded_groups(weight.float(), group_size), b), -b).reshape(n, -1)[:, :k]
 
 
+def first_tokens(recorded: list[tuple[tuple, dict]], budget: int) -> list[tuple[tuple, dict]]:
+    """The leading recorded calls holding about `budget` tokens (at least one call)."""
+    from lowbit.calibration.capture import first_input
+
+    kept, total = [], 0
+    for args, kwargs in recorded:
+        if kept and total >= budget:
+            break
+        kept.append((args, kwargs))
+        total += first_input(args, kwargs).shape[:-1].numel()
+    return kept
+
+
 @register_method
 class AWQ(Method):
     """Activation-aware weight quantization on CPU (see the module docstring)."""
@@ -135,8 +151,8 @@ class AWQ(Method):
     needs_calibration = True
 
     def option_names(self) -> tuple[str, ...]:
-        return ("zero_point", "alpha_grid", "clip", "clip_grid", "clip_tokens", "calib_samples", "calib_len",
-                "seed", "chunk")
+        return ("zero_point", "alpha_grid", "clip", "clip_grid", "clip_tokens", "search_tokens", "calib_samples",
+                "calib_len", "seed", "chunk")
 
     def option(self, key: str, default: Any) -> Any:
         value = self.config.options.get(key)
@@ -176,26 +192,29 @@ class AWQ(Method):
             n_tokens = sum(flat_tokens(first_input(a, kw)).shape[0] for a, kw in recorded)
             x_mean = x_abs_sum / n_tokens
             w_mean = weight_salience([linear_weight(m) for m in members], scheme.group_size)
-            reference = [block_output(inspect(*a, **kw)) for a, kw in recorded]
+            search_calls = first_tokens(recorded, int(self.option("search_tokens", DEFAULT_SEARCH_TOKENS)))
+            reference = [block_output(inspect(*a, **kw)) for a, kw in search_calls]
             originals = [linear_weight(m).detach().clone() for m in members]
-            best = (float("inf"), 0.0, None)
+            best = (float("inf"), None, None)
             n_grid = int(self.option("alpha_grid", DEFAULT_ALPHA_GRID))
-            for step in range(n_grid):
-                alpha = step / n_grid
-                s = awq_scales(x_mean, w_mean, alpha)
+            # Candidates: no scaling at all (the original AWQ's alpha = 0), then the duo-scaling grid.
+            candidates = [(None, torch.ones_like(x_mean))]
+            candidates += [(step / n_grid, awq_scales(x_mean, w_mean, step / n_grid)) for step in range(n_grid)]
+            for alpha, s in candidates:
                 for module, w in zip(members, originals):
                     scaled = w.float() * s.view(1, -1)
                     set_linear_weight(module, scheme.quantize(scaled).dequantize() / s.view(1, -1))
                 loss = sum((block_output(inspect(*a, **kw)) - ref).float().pow(2).sum().item()
-                           for (a, kw), ref in zip(recorded, reference))
+                           for (a, kw), ref in zip(search_calls, reference))
                 if loss < best[0]:
                     best = (loss, alpha, s)
             for module, w in zip(members, originals):
                 set_linear_weight(module, w)
-            fold_scales(prev, members, best[2])
-            for n in names:
-                alphas[n] = best[1]
-            del recorded, reference
+            if best[1] is not None:
+                fold_scales(prev, members, best[2])
+                for n in names:
+                    alphas[n] = best[1]
+            del search_calls, reference
 
         # Clip search and rounding on the scaled weights, with the inputs they now receive.
         samples: dict[str, list[torch.Tensor]] = {n: [] for n in linears}

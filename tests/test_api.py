@@ -1,0 +1,52 @@
+"""The Python API and atomic outputs."""
+import pytest
+import torch
+
+import lowbit
+from lowbit.runtime.surgery import quantized_modules
+
+
+def test_load_quantize_save_load(stories_dir, tmp_path):
+    model = lowbit.load(stories_dir)
+    assert model.tokenizer is not None
+    lowbit.quantize(model, lowbit.QuantizeConfig(method="rtn", bits=4, group_size=-1, symmetric=False),
+                    progress=False)
+    assert len(list(quantized_modules(model))) == 35
+    out = lowbit.save(model, tmp_path / "m")
+    again = lowbit.load(out)
+    ids = torch.tensor([[1, 403, 407, 261, 378]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, again(ids).logits)
+
+
+def test_quantize_from_path_with_keyword_config(stories_dir):
+    model = lowbit.quantize(stories_dir, bits=8, group_size=-1, progress=False)
+    assert model.lowbit_config.bits == 8
+    assert all(m.qweight.scheme.bits == 8 for _, m in quantized_modules(model))
+
+
+def test_failed_save_leaves_nothing(stories_dir, tmp_path, monkeypatch):
+    import lowbit.formats.native as native
+
+    model = lowbit.load(stories_dir)
+
+    def explode(*args, **kwargs):
+        raise KeyboardInterrupt  # as if the user pressed Ctrl-C mid-write
+
+    monkeypatch.setattr(native, "save_file", explode)
+    with pytest.raises(KeyboardInterrupt):
+        lowbit.save(model, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_save_keeps_previous_output(stories_dir, tmp_path, monkeypatch):
+    import lowbit.formats.native as native
+
+    model = lowbit.load(stories_dir)
+    lowbit.save(model, tmp_path / "out")
+    before = sorted(p.name for p in (tmp_path / "out").iterdir())
+    monkeypatch.setattr(native, "save_file", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError):
+        lowbit.save(model, tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
