@@ -48,9 +48,12 @@ COLUMNS = [("name", "model", "s"), ("kernel", "kernel", "s"), ("bits_per_weight"
            ("quantize_s", "quant s", ".1f")]
 
 
-def best_speed(model, tokens: torch.Tensor, new_tokens: int, repeats: int = 2):
-    """Fastest of `repeats` batch-1 runs (the machine is shared: the best run is the least disturbed)."""
-    runs = [measure_speed(model, tokens, prompt_len=128, new_tokens=new_tokens) for _ in range(repeats)]
+SPEED_REPEATS = 2
+
+
+def best_speed(model, tokens: torch.Tensor, new_tokens: int):
+    """Fastest of SPEED_REPEATS batch-1 runs (the machine is shared: the best run is the least disturbed)."""
+    runs = [measure_speed(model, tokens, prompt_len=128, new_tokens=new_tokens) for _ in range(SPEED_REPEATS)]
     return max(runs, key=lambda s: s.decode_tokens_per_s)
 
 
@@ -141,10 +144,13 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--decode-tokens", type=int, default=32)
     ap.add_argument("--only", default=None, help="comma-separated subset of config names")
+    ap.add_argument("--speed-repeats", type=int, default=2, help="timed generation runs per model (best kept)")
     ap.add_argument("--peer", action="store_true", help="also time transformers (+bitsandbytes) generate")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "bnb.json"))
     args = ap.parse_args()
     torch.manual_seed(0)
+    global SPEED_REPEATS
+    SPEED_REPEATS = args.speed_repeats
 
     base, tok = load_model(args.model)
     tokens = tokenize_text(tok, read_text(args.data), args.max_tokens)
@@ -164,6 +170,13 @@ def main() -> None:
     # One pass over the text: the base model's log-probabilities are computed once per window and compared
     # with every quantized model (instead of re-running the base once per configuration).
     quality = compare_on_windows(base, models, tokens, args.ctx)
+    print(format_table([{"name": name, **q} for name, q in quality.items()],
+                       [("name", "model", "s"), ("perplexity", "ppl", ".3f"), ("kld", "KLD", ".5f"),
+                        ("top1_agreement", "top-1", ".3f"), ("tokens", "tokens", "d")]), flush=True)
+    meta = {"model": args.model, "data": Path(args.data).name, "tokens": int(tokens.numel()), "ctx": args.ctx,
+            "threads": torch.get_num_threads(), "decode_tokens": args.decode_tokens,
+            "load_average_at_start": os.getloadavg()[0]}
+    write_json(args.out, {**meta, "quality": quality, "rows": []})
     rows = [with_best_speed({"name": "fp32", "kernel": "dense", "perplexity": quality["fp32"]["perplexity"],
                              "memory_mb": footprint(base).total_bytes / 1e6, "quantize_s": 0.0,
                              "decode_vs_fp32": 1.0}, base, tokens, args.decode_tokens)]
@@ -179,6 +192,7 @@ def main() -> None:
         row["decode_vs_fp32"] = row["decode_tokens_per_s"] / fp32_decode
         rows.append(row)
         print(format_table([row], COLUMNS).splitlines()[-1], flush=True)
+        write_json(args.out, {**meta, "quality": quality, "rows": rows, "complete": False})
         if name == "nf4":
             for kernel in NF4_KERNELS[1:]:  # the same codes with the other kernels: speed (and bnb4-int8 quality)
                 set_kernel(model, kernel)
@@ -206,9 +220,7 @@ def main() -> None:
             rows.append(row)
     print()
     print(format_table(rows, COLUMNS))
-    write_json(args.out, {"model": args.model, "data": Path(args.data).name, "tokens": int(tokens.numel()),
-                          "ctx": args.ctx, "threads": torch.get_num_threads(),
-                          "load_average_at_start": os.getloadavg()[0], "rows": rows})
+    write_json(args.out, {**meta, "quality": quality, "rows": rows, "complete": True})
     print(f"wrote {args.out}")
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
 import threading
@@ -27,8 +26,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lowbit.engine.bench import (  # noqa: E402
-    SpeedResult, bench_engine, bench_llama_cpp, bench_transformers, format_speed_table, llama_cpp_available,
+from lowbit.engine.bench import (  # noqa: E402  (after the sys.path line, so a checkout runs without install)
+    SpeedResult,
+    bench_engine,
+    bench_llama_cpp,
+    bench_transformers,
+    format_speed_table,
+    llama_cpp_available,
     quantized_head_from_gguf,
 )
 from lowbit.engine.runner import Engine, set_threads  # noqa: E402
@@ -73,18 +77,30 @@ def run_engine(model, label: str, args, context: int) -> dict:
     return row
 
 
-def greedy_agreement(model, reference, tokenizer, n: int = 64) -> bool:
-    """Greedy text of the engine on `model` equals transformers' generate on `reference` (dequantized)."""
+def greedy_agreement(model, reference, tokenizer, n: int = 64) -> dict:
+    """Greedy tokens of the engine on `model` vs transformers' generate on `reference` (dequantized weights):
+    with the default kernels (bf16 activations) and with float32-exact ones (C u8 kernel, float32 attention).
+    Returns {setting: number of leading tokens that agree (n = identical)}."""
+    import copy
+
     from lowbit.engine.generate import SamplingParams
+    from lowbit.runtime.fast_kernels import native_library
+    from lowbit.runtime.surgery import set_kernel
 
     prompt = tokenizer("The capital of France is", return_tensors="pt").input_ids
-    engine = Engine(model, max_batch=1, context=256)
-    ours = list(engine.generate(prompt[0].tolist(), SamplingParams(max_new_tokens=n, temperature=0.0),
-                                stop_on_eos=False))
     with torch.inference_mode():
         theirs = reference.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False,
                                     pad_token_id=0)[0, prompt.shape[1]:].tolist()
-    return ours == theirs
+    exact = copy.deepcopy(model)
+    set_kernel(exact, "u8" if native_library() is not None else "reference")
+    result = {}
+    for setting, engine in (("default_kernels", Engine(model, max_batch=1, context=256)),
+                            ("float32_kernels", Engine(exact, max_batch=1, context=256,
+                                                       prefill_attention_dtype=torch.float32))):
+        ours = list(engine.generate(prompt[0].tolist(), SamplingParams(max_new_tokens=n, temperature=0.0),
+                                    stop_on_eos=False))
+        result[setting] = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), n)
+    return result
 
 
 def bench_server(model, tokenizer, args) -> dict:
@@ -200,7 +216,7 @@ def main() -> None:
         from lowbit.runtime.surgery import quantized_modules
         kernels = sorted({m.kernel_name for _, m in quantized_modules(model)})
         row = run_engine(model, f"lowbit {name} ({'/'.join(kernels)})", args, context)
-        row["greedy_equals_transformers_dequantized"] = greedy_agreement(
+        row["greedy_tokens_equal_to_transformers_of_64"] = greedy_agreement(
             model, _dequantized(model), tokenizer)
         record(row)
         del model

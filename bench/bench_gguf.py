@@ -123,7 +123,8 @@ def _float_model_of(path: Path):
 
 
 def bench_quality(mixes: list[str], tokens: int, ctx: int, with_imatrix: list[str], with_gptq: list[str],
-                  calib_samples: int = 16) -> list[dict]:
+                  calib_samples: int = 16, on_row=lambda rows: None) -> list[dict]:
+    """Rows of (mix, size, perplexity, ...); `on_row(rows)` after each one, so partial runs are kept."""
     import torch
 
     from lowbit.eval.perplexity import evaluate_quality, read_text, tokenize_text
@@ -144,6 +145,7 @@ def bench_quality(mixes: list[str], tokens: int, ctx: int, with_imatrix: list[st
         rows.append({"mix": "F32 (source)", "size_mb": round(f32.stat().st_size / 2**20, 1),
                      "ppl": round(base.perplexity, 4)})
         print(f"{'F32 (source)':18s} {rows[-1]['size_mb']:7.1f} MB  ppl {base.perplexity:8.3f}", flush=True)
+        on_row(rows)
         runs = ([(m, None, "") for m in mixes] + [(m, importance, " +imatrix") for m in with_imatrix]
                 + [(m, None, " GPTQ") for m in with_gptq])
         for mix, imp, variant in runs:
@@ -159,6 +161,7 @@ def bench_quality(mixes: list[str], tokens: int, ctx: int, with_imatrix: list[st
                          "export_s": round(export_s, 1), "identical_to_llama_cpp_quantizers": same})
             print(f"{label:18s} {rows[-1]['size_mb']:7.1f} MB  ppl {q.perplexity:8.3f}  export {export_s:5.1f}s  "
                   f"identical-to-llama.cpp {same}", flush=True)
+            on_row(rows)
             path.unlink()
             del qmodel
     return rows
@@ -170,7 +173,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=4096)
     ap.add_argument("--types", nargs="+", default=SPEED_TYPES)
     ap.add_argument("--ppl", action="store_true", help="SmolLM2-135M wikitext-2 perplexity per mix")
-    ap.add_argument("--mixes", nargs="+", default=MIXES)
+    ap.add_argument("--mixes", nargs="*", default=MIXES)
     ap.add_argument("--imatrix", nargs="*", default=[], help="mixes to repeat with an imatrix (tinyshakespeare)")
     ap.add_argument("--gptq", nargs="*", default=[], help="mixes to repeat with GPTQ on the GGUF grid")
     ap.add_argument("--calib-samples", type=int, default=16, help="512-token windows for imatrix / GPTQ")
@@ -178,20 +181,30 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "gguf.json"))
     args = ap.parse_args()
+    out = Path(args.out)
     result = {"machine": platform.processor() or platform.machine(), "python": platform.python_version()}
+
+    def save() -> None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        old = json.loads(out.read_text()) if out.is_file() else {}
+        old.update(result)
+        out.write_text(json.dumps(old, indent=1))
+
     if args.speed:
         result["speed"] = bench_speed(args.size, args.types)
+        save()
     if args.ppl:
-        result["quality"] = {"model": "SmolLM2-135M-Instruct (Q4_1 GGUF dequantized)", "text": WIKITEXT.name,
-                             "tokens": args.tokens, "ctx": args.ctx,
-                             "calibration": f"{CALIBRATION.name}, {args.calib_samples} x 512 tokens",
-                             "rows": bench_quality(args.mixes, args.tokens, args.ctx, args.imatrix, args.gptq,
-                                                   args.calib_samples)}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    old = json.loads(out.read_text()) if out.is_file() else {}
-    old.update(result)
-    out.write_text(json.dumps(old, indent=1))
+        quality = {"model": "SmolLM2-135M-Instruct (Q4_1 GGUF dequantized)", "text": WIKITEXT.name,
+                   "tokens": args.tokens, "ctx": args.ctx,
+                   "calibration": f"{CALIBRATION.name}, {args.calib_samples} x 512 tokens", "rows": []}
+        result["quality"] = quality
+
+        def on_row(rows):
+            quality["rows"] = rows
+            save()
+
+        bench_quality(args.mixes, args.tokens, args.ctx, args.imatrix, args.gptq, args.calib_samples, on_row)
+    save()
     print(f"wrote {out}")
 
 

@@ -35,18 +35,30 @@ MODELS = {"stories": str(SHARED / "models" / "stories260K"), "smollm2": "smollm2
 
 
 def peak_rss_mb() -> float:
+    """This process's own peak RSS (VmHWM: unlike ru_maxrss, it does not inherit the parent's peak at fork)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 # -- one configuration, in a child process ---------------------------------------------------------------------
 def calibration_tokens(model_key: str, tokenizer, samples: int, seq_len: int):
+    """Calibration windows from text the evaluation never sees: TinyStories beyond its first 300k characters,
+    and for SmolLM2 also wikitext-2 beyond its first 200k (half each: one domain alone overfits GPTQ to it)."""
+    import torch
+
     from lowbit.calibration.text import sample_windows, tokenize_for_calibration
 
-    if model_key == "stories":
-        text = TINY.read_text(encoding="utf-8")[300_000:]
-    else:
-        text = WIKI.read_text(encoding="utf-8")[200_000:]
-    return sample_windows(tokenize_for_calibration(tokenizer, text[: samples * seq_len * 8]), samples, seq_len, 0)
+    sources = [TINY.read_text(encoding="utf-8")[300_000:]]
+    if model_key != "stories":
+        sources.insert(0, WIKI.read_text(encoding="utf-8")[200_000:])
+    counts = [samples // len(sources) + (i < samples % len(sources)) for i in range(len(sources))]
+    return torch.cat([sample_windows(tokenize_for_calibration(tokenizer, text[: n * seq_len * 8]), n, seq_len, 0)
+                      for text, n in zip(sources, counts)])
 
 
 def eval_tokens(tokenizer, path: Path, n_tokens: int):
@@ -70,7 +82,7 @@ def run_one(spec: dict) -> dict:
     if spec["method"] != "fp32":
         calib = calibration_tokens(spec["model"], tok, spec["calib_samples"], spec["calib_len"])
         config = QuantizeConfig(method=spec["method"], bits=spec["bits"], group_size=spec["group"],
-                                symmetric=False, skip=("lm_head",))
+                                symmetric=False, skip=("lm_head",), options=dict(spec.get("options", {})))
         t0 = time.perf_counter()
         quantize_model(model, config, calibration=calib, progress=False)
         result["quantize_s"] = round(time.perf_counter() - t0, 1)
@@ -122,6 +134,9 @@ def make_synthetic_llama(folder: Path, layers: int, hidden: int, intermediate: i
 
     folder.mkdir(parents=True, exist_ok=True)
     heads = hidden // 128
+    done = folder / "done.json"
+    if done.exists() and json.loads(done.read_text()).get("layers") == layers:
+        return json.loads(done.read_text())["fp32_gb"]
     config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
                          num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
                          max_position_embeddings=2048, tie_word_embeddings=False)
@@ -146,6 +161,7 @@ def make_synthetic_llama(folder: Path, layers: int, hidden: int, intermediate: i
         shard[p + "mlp.up_proj.weight"] = rand(intermediate, hidden)
         shard[p + "mlp.down_proj.weight"] = rand(hidden, intermediate)
         save_file(shard, str(folder / f"model-{i:05d}.safetensors"))
+    done.write_text(json.dumps({"layers": layers, "fp32_gb": params * 4 / 2 ** 30}))
     return params * 4 / 2 ** 30
 
 
@@ -164,6 +180,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="stories,smollm2")
     parser.add_argument("--bits", default="4,3")
+    parser.add_argument("--methods", default="fp32,rtn,gptq,awq")
     parser.add_argument("--group", type=int, default=128)
     parser.add_argument("--calib-samples", type=int, default=32)
     parser.add_argument("--calib-len", type=int, default=512)
@@ -179,9 +196,10 @@ def main() -> None:
 
     rows = []
     for model in [] if args.no_quality else args.models.split(","):
-        specs = [{"method": "fp32", "bits": 32}]
+        methods = args.methods.split(",")
+        specs = [{"method": "fp32", "bits": 32}] if "fp32" in methods else []
         for bits in map(int, args.bits.split(",")):
-            specs += [{"method": m, "bits": bits} for m in ("rtn", "gptq", "awq")]
+            specs += [{"method": m, "bits": bits} for m in ("rtn", "gptq", "awq") if m in methods]
         for spec in specs:
             spec.update(model=model, group=args.group, calib_samples=args.calib_samples, calib_len=args.calib_len,
                         wiki_tokens=args.wiki_tokens, tiny_tokens=args.tiny_tokens, ctx=args.ctx)
@@ -202,7 +220,7 @@ def main() -> None:
                 print(json.dumps(row), flush=True)
         synth = work / "synthetic-llama"
         fp32_gb = make_synthetic_llama(synth, args.synthetic_layers, 2048, 5632, 32000)
-        disk_gb = sum(p.stat().st_size for p in synth.iterdir()) / 2 ** 30
+        disk_gb = sum(p.stat().st_size for p in synth.glob("*.safetensors")) / 2 ** 30
         for method in ("rtn", "gptq"):
             row = in_child("stream", {"source": str(synth), "method": method, "vocab": 32000, "calib_samples": 4,
                                       "calib_len": 128, "model": f"synthetic-llama-{args.synthetic_layers}L-2048",

@@ -117,3 +117,21 @@ def test_streaming_refuses_self_generated_calibration(stories_dir, tmp_path):
     with pytest.raises(LowbitError, match="--calib"):
         stream_quantize(stories_dir, tmp_path / "s", QuantizeConfig(method="gptq"), calibration=None)
     assert not (tmp_path / "s").exists()
+
+
+def test_streaming_safetensors_writer_and_merge_round_trip(tmp_path):
+    from safetensors.torch import load_file
+
+    from lowbit.calibration.streaming import merge_safetensors, write_safetensors
+
+    a = {"x": torch.randn(3, 4), "h": torch.randn(5).half(), "b": torch.randn(2, 2).bfloat16(),
+         "t": torch.randn(4, 6).t()}
+    b = {"i": torch.arange(7, dtype=torch.int32), "u": torch.randint(0, 255, (9,), dtype=torch.uint8),
+         "empty": torch.zeros(0)}
+    write_safetensors(a, tmp_path / "a.safetensors")
+    write_safetensors(b, tmp_path / "b.safetensors")
+    merge_safetensors([tmp_path / "a.safetensors", tmp_path / "b.safetensors"], tmp_path / "m.safetensors")
+    merged = load_file(str(tmp_path / "m.safetensors"))
+    assert sorted(merged) == sorted({**a, **b})
+    for key, value in {**a, **b}.items():
+        assert merged[key].dtype == value.dtype and torch.equal(merged[key], value)

@@ -83,33 +83,38 @@ def _native_kernel_available() -> bool:
     return native_library() is not None
 
 
+@pytest.fixture(scope="module")
+def rtn4_reference(stories, stories_rtn4):
+    """(prompt + 64 greedy tokens, float32 logits) of transformers running the dequantized RTN weights."""
+    plain = dequantized_copy(stories_rtn4)
+    prompt = stories[1](PROMPT_TEXT).input_ids
+    ids = prompt + transformers_greedy(plain, prompt, 64)
+    with torch.inference_mode():
+        logits = plain(torch.tensor([ids])).logits[0]
+    return ids, logits
+
+
 @needs_stories
-@pytest.mark.parametrize("kernel", ["reference", "u8"])
-def test_greedy_matches_transformers_quantized(stories, stories_rtn4, kernel):
-    """Quantized model on the engine vs transformers running the dequantized weights in float32: kernels that
-    compute in float32 (reference, the C u8 kernel) must give the same 64 greedy tokens."""
+def test_greedy_matches_transformers_quantized(stories, stories_rtn4, rtn4_reference):
+    """Quantized model on the engine vs transformers running the dequantized weights in float32: with a kernel
+    that computes in float32 (the C u8 kernel, else the reference) the 64 greedy tokens are the same."""
     from lowbit.runtime.surgery import set_kernel
 
-    if kernel == "u8" and not _native_kernel_available():
-        pytest.skip("the C kernel could not be built here (no C compiler)")
     tokenizer = stories[1]
     model = copy.deepcopy(stories_rtn4)
-    set_kernel(model, kernel)
+    set_kernel(model, "u8" if _native_kernel_available() else "reference")
+    ids, _ = rtn4_reference
     prompt = tokenizer(PROMPT_TEXT).input_ids
-    reference = transformers_greedy(dequantized_copy(stories_rtn4), prompt, 64)
     engine = Engine(model, tokenizer, context=128, prefill_attention_dtype=torch.float32)
-    assert engine_greedy(engine, prompt, 64) == reference
+    assert engine_greedy(engine, prompt, 64) == ids[len(prompt):]
 
 
 @needs_stories
-def test_bf16_kernels_agree_with_float_reference(stories, stories_rtn4):
+def test_bf16_kernels_agree_with_float_reference(stories, stories_rtn4, rtn4_reference):
     """The default (bf16 int4pack) kernels round activations to bf16, so exact greedy identity over long runs
     is not guaranteed; teacher-forced next-token choices must still agree almost everywhere."""
     tokenizer = stories[1]
-    ids = tokenizer(PROMPT_TEXT).input_ids
-    ids += transformers_greedy(dequantized_copy(stories_rtn4), ids, 64)
-    with torch.inference_mode():
-        expected = dequantized_copy(stories_rtn4)(torch.tensor([ids])).logits[0]
+    ids, expected = rtn4_reference
     ours = Engine(copy.deepcopy(stories_rtn4), tokenizer, context=128, prefill_chunk=1).logits(ids)
     agreement = (ours.argmax(-1) == expected.argmax(-1)).float().mean().item()
     assert agreement >= 0.95, agreement
@@ -224,3 +229,22 @@ def test_fused_linears_equal_separate():
     # Different grids cannot share one weight: no fusion.
     other = QuantLinear(IntGrid(bits=8, group_size=32).quantize(torch.randn(16, 64)))
     assert fuse_linears([mods[0], other]) is None
+
+
+@needs_stories
+def test_gguf_kept_quantized_runs_on_the_engine(stories, tmp_path):
+    """A GGUF file loaded without dequantizing (GGML block schemes, fused q/k/v) generates on the engine what
+    transformers generates from the same weights dequantized."""
+    gguf = pytest.importorskip("lowbit.formats.gguf", reason="GGUF support is not available")
+    from lowbit.runtime.surgery import quantized_modules, set_kernel
+
+    model, tokenizer = stories
+    path = tmp_path / "stories-q8_0.gguf"
+    gguf.export_gguf(model, tokenizer, path, type="Q8_0", progress=False)
+    quantized, _ = gguf.load_gguf_quantized(path)
+    assert any(m.qweight.scheme.kind == "ggml" for _, m in quantized_modules(quantized))
+    set_kernel(quantized, "u8" if _native_kernel_available() else "reference")
+    prompt = tokenizer(PROMPT_TEXT).input_ids
+    engine = Engine(quantized, tokenizer, context=128, prefill_attention_dtype=torch.float32)
+    assert isinstance(engine.decoder.layers[0].qkv, QuantLinear)        # GGML weights of one type fuse
+    assert engine_greedy(engine, prompt, 32) == transformers_greedy(dequantized_copy(quantized), prompt, 32)

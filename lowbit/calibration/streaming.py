@@ -18,7 +18,6 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from lowbit.errors import CorruptFile, LowbitError
@@ -147,6 +146,35 @@ def block_tensors(block: nn.Module, prefix: str) -> tuple[dict[str, torch.Tensor
     return tensors, layers
 
 
+_DTYPE_CODES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+                torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+                torch.bool: "BOOL"}
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Write a safetensors file tensor by tensor from the tensors' own memory (save_file first builds the whole
+    file as one bytes object, which would double the peak memory for the embedding and head)."""
+    names = sorted(tensors)
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name in names:
+        t = tensors[name]
+        if t.dtype not in _DTYPE_CODES:
+            raise LowbitError(f"cannot write tensor {name} of dtype {t.dtype}")
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": _DTYPE_CODES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * ((-len(blob)) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for name in names:
+            t = tensors[name].detach().contiguous()
+            if t.numel():
+                f.write(t.reshape(-1).view(torch.uint8).numpy().data)
+
+
 def merge_safetensors(parts: list[Path], out: Path) -> None:
     """Concatenate safetensors files (distinct keys) into one, copying tensor bytes without loading them."""
     entries = []   # (name, dtype, shape, source file, absolute start, length)
@@ -224,7 +252,7 @@ def stream_quantize(source: str | Path, out: str | Path, config: QuantizeConfig,
         def release(i: int, block: nn.Module) -> None:
             tensors, entries = block_tensors(block, adapter.block_prefix(i))
             part = tmp / f".block-{i:05d}.safetensors"
-            save_file(tensors, str(part))
+            write_safetensors(tensors, part)
             parts.append(part)
             layers.update(entries)
             blocks[i] = nn.Module()     # drop the block's weights; only its file remains
@@ -282,7 +310,7 @@ def stream_quantize(source: str | Path, out: str | Path, config: QuantizeConfig,
             seen[ptr] = key
             rest[key] = value.detach().contiguous()
         rest_file = tmp / ".rest.safetensors"
-        save_file(rest, str(rest_file))
+        write_safetensors(rest, rest_file)
         merge_safetensors(parts + [rest_file], tmp / WEIGHTS)
         for part in parts + [rest_file]:
             part.unlink()

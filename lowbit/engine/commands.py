@@ -40,11 +40,17 @@ def add_commands(sub) -> None:
 
 
 def _load(args: argparse.Namespace):
+    """(model, tokenizer) kept quantized; a .gguf's output projection runs on its quantized blocks."""
+    from lowbit.engine.bench import quantized_head_from_gguf
     from lowbit.engine.runner import set_threads
-    from lowbit.models.loading import load_model
+    from lowbit.models.loading import load_model, resolve_model_path
 
     set_threads(args.threads)
-    return load_model(args.model, kernel=args.kernel, keep_quantized=True)
+    model, tokenizer = load_model(args.model, kernel=args.kernel, keep_quantized=True)
+    path = resolve_model_path(args.model)
+    if path.suffix.lower() == ".gguf":
+        quantized_head_from_gguf(model, str(path))
+    return model, tokenizer
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -58,7 +64,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
         if value < low:
             raise LowbitError(f"{flag} must be >= {low} (got {value})")
     model, tokenizer = _load(args)
-    name = args.model_name or resolve_model_path(args.model).name
+    from lowbit.models.loading import PACKAGED_MODELS
+
+    name = args.model_name or (args.model if args.model in PACKAGED_MODELS else resolve_model_path(args.model).name)
     engine = Engine(model, tokenizer, max_batch=args.max_batch, context=args.ctx, threads=args.threads)
     server = Server(engine, tokenizer, name, args.host, args.port, args.max_queue)
     print(f"lowbit: serving {name!r} at {server.url}/v1 ({engine.threads} threads, batch {args.max_batch}, "
@@ -71,7 +79,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 def cmd_bench(args: argparse.Namespace) -> None:
     from lowbit.engine.bench import (
-        bench_engine, bench_llama_cpp, bench_transformers, format_speed_table, quantized_head_from_gguf,
+        bench_engine,
+        bench_llama_cpp,
+        bench_transformers,
+        format_speed_table,
     )
     from lowbit.engine.runner import Engine
     from lowbit.errors import LowbitError
@@ -86,8 +97,6 @@ def cmd_bench(args: argparse.Namespace) -> None:
             raise LowbitError("--vs-llama-cpp needs a .gguf: pass one as MODEL or with --gguf FILE")
         gguf = str(path)
     model, _ = _load(args)
-    if resolve_model_path(args.model).suffix.lower() == ".gguf":
-        quantized_head_from_gguf(model, str(resolve_model_path(args.model)))
     engine = Engine(model, max_batch=1, context=max(args.n_prompt, args.n_gen) + 8, threads=args.threads)
     results = [bench_engine(engine, args.n_prompt, args.n_gen, args.reps, name=f"lowbit ({Path(args.model).name})")]
     del engine

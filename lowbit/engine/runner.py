@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable, Iterator
+from collections.abc import Sequence as SequenceType
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence as SequenceType
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -345,7 +347,7 @@ class Engine:
         self.check_prompt(prompt_ids)
         if not self.free_slots:
             raise LowbitError(f"all {self.max_batch} batch slots are busy")
-        seq = Sequence(list(int(t) for t in prompt_ids), params, stop_on_eos=stop_on_eos)
+        seq = Sequence([int(t) for t in prompt_ids], params, stop_on_eos=stop_on_eos)
         seq.generator = torch.Generator().manual_seed(params.seed if params.seed is not None
                                                       else int.from_bytes(os.urandom(8), "little") >> 1)
         seq.slot = self.free_slots.pop(0)

@@ -18,9 +18,10 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Iterator
+from typing import Any
 
 from lowbit.engine.generate import SamplingParams, encode_prompt, stop_ids
 from lowbit.engine.runner import Engine, Sequence
@@ -47,7 +48,7 @@ class GenerationRequest:
     prompt_ids: list[int]
     params: SamplingParams
     stop_strings: tuple[str, ...] = ()
-    events: "queue.Queue[tuple[str, Any]]" = field(default_factory=queue.Queue)
+    events: queue.Queue[tuple[str, Any]] = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     stop_on_eos: bool = True
     sequence: Sequence | None = None
@@ -103,6 +104,10 @@ class Scheduler:
                 seq = self.engine.start(request.prompt_ids, request.params, request.stop_on_eos)
             except LowbitError as exc:
                 request.events.put(("error", RequestError(400, str(exc))))
+                continue
+            except Exception as exc:  # e.g. out of memory in the prefill: fail this request, keep serving
+                log.exception("prefill failed")
+                request.events.put(("error", RequestError(500, f"prefill failed: {exc}", "server_error")))
                 continue
             request.sequence = seq
             self.running[seq.slot] = request
@@ -454,7 +459,7 @@ class Server:
         finally:
             self.close()
 
-    def start_background(self) -> "Server":
+    def start_background(self) -> Server:
         self._thread = threading.Thread(target=self.httpd.serve_forever, name="lowbit-http", daemon=True)
         self._thread.start()
         return self
@@ -467,10 +472,10 @@ class Server:
         self.httpd.server_close()
         self.service.scheduler.stop()
 
-    def __enter__(self) -> "Server":
+    def __enter__(self) -> Server:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 

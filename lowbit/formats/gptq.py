@@ -13,6 +13,7 @@ Dequantize: W[n, k] = scales[g_idx[k], n] * (q[k, n] - (qzeros[g_idx[k], n] + 1)
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -33,30 +34,50 @@ QUANTIZE_CONFIG = "quantize_config.json"
 
 
 # -- packing -------------------------------------------------------------------------------------------------
+def _period(bits: int) -> tuple[int, int]:
+    """(values, words): the smallest run of values that fills whole 32-bit words (4-bit: 8 -> 1, 3-bit: 32 -> 3)."""
+    values = 32 // math.gcd(bits, 32)
+    return values, values * bits // 32
+
+
 def pack_rows(values: torch.Tensor, bits: int) -> torch.Tensor:
-    """uint values [R, C] (< 2**bits) -> int32 [R*bits/32, C]: each column packed along R, lowest bits first."""
+    """uint values [R, C] (< 2**bits) -> int32 [R*bits/32, C]: each column packed along R, lowest bits first.
+
+    Row i occupies bits i*b .. i*b+b-1 of the column's bit stream; a value crossing a word boundary (3 bits)
+    puts its low bits at the top of one word and the rest at the bottom of the next, as AutoGPTQ packs.
+    """
     r, c = values.shape
     if (r * bits) % 32:
         raise LowbitError(f"cannot pack {r} rows of {bits}-bit values into 32-bit words: {r} x {bits} is not a "
                           "multiple of 32")
-    v = values.to(torch.int64)
-    shifts = torch.arange(bits, dtype=torch.int64)
-    stream = ((v.unsqueeze(1) >> shifts.view(1, -1, 1)) & 1).reshape(r * bits, c)   # bit j of row i at i*b+j
-    words = stream.reshape(-1, 32, c)
-    packed = (words << torch.arange(32, dtype=torch.int64).view(1, -1, 1)).sum(dim=1)
-    return _as_int32(packed)
+    per, words_per = _period(bits)
+    v = values.reshape(r // per, per, c)
+    out = torch.zeros(r // per, words_per, c, dtype=torch.int64)
+    for j in range(per):
+        word, shift = divmod(j * bits, 32)
+        column = v[:, j].to(torch.int64)
+        out[:, word] |= (column << shift) & 0xFFFFFFFF
+        if shift + bits > 32:
+            out[:, word + 1] |= column >> (32 - shift)
+    return _as_int32(out.reshape(-1, c))
 
 
 def unpack_rows(packed: torch.Tensor, bits: int, rows: int) -> torch.Tensor:
     """Inverse of pack_rows: int32 [rows*bits/32, C] -> uint8 [rows, C]."""
-    words = packed.to(torch.int64) & 0xFFFFFFFF
-    w, c = words.shape
+    w, c = packed.shape
     if w * 32 != rows * bits:
         raise CorruptFile(f"{w} packed words per column cannot hold {rows} values of {bits} bits")
-    stream = (words.unsqueeze(1) >> torch.arange(32, dtype=torch.int64).view(1, -1, 1)) & 1     # [W, 32, C]
-    stream = stream.reshape(rows, bits, c)
-    values = (stream << torch.arange(bits, dtype=torch.int64).view(1, -1, 1)).sum(dim=1)
-    return values.to(torch.uint8)
+    per, words_per = _period(bits)
+    words = (packed.to(torch.int64) & 0xFFFFFFFF).reshape(rows // per, words_per, c)
+    mask = 2 ** bits - 1
+    out = torch.empty(rows // per, per, c, dtype=torch.uint8)
+    for j in range(per):
+        word, shift = divmod(j * bits, 32)
+        value = words[:, word] >> shift
+        if shift + bits > 32:
+            value = value | (words[:, word + 1] << (32 - shift))
+        out[:, j] = (value & mask).to(torch.uint8)
+    return out.reshape(rows, c)
 
 
 def _as_int32(words: torch.Tensor) -> torch.Tensor:

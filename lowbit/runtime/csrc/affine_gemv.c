@@ -6,7 +6,8 @@
  *
  *   y[m,n] = sum_g a[n,g] * dot(x[m, g], q[n, g]) + b[n,g] * xsum[m,g],   xsum[m,g] = sum of x over group g.
  *
- * Rows n are split over OpenMP threads (the same libgomp runtime torch uses, so the pools do not fight).
+ * Rows n are split over OpenMP threads (the same libgomp runtime torch uses, so the pools do not fight), as
+ * many as torch.get_num_threads() (passed in: OpenMP's own setting is per calling thread).
  * With AVX-512 the inner loop widens 16 codes to floats per step; without it a plain loop the compiler
  * vectorises for whatever the machine has.
  */
@@ -66,8 +67,9 @@ static inline __attribute__((always_inline)) void row_dots(const float *x, const
 
 /* x [M,K] float32, xsum [M,G], codes [N,K] uint8, a/b [N,G] float32, y [M,N] float32 (all contiguous). */
 void lowbit_affine_gemv_u8(const float *x, const float *xsum, int64_t M, int64_t K, const uint8_t *codes,
-                           const float *a, const float *b, int64_t N, int64_t G, int64_t group, float *y) {
-    #pragma omp parallel for schedule(static)
+                           const float *a, const float *b, int64_t N, int64_t G, int64_t group, float *y,
+                           int threads) {
+    #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t n = 0; n < N; n++) {
         for (int64_t m = 0; m < M; m += ROWS) {
             const int64_t rows = M - m < ROWS ? M - m : ROWS;
@@ -104,8 +106,8 @@ static inline uint16_t to_bf16(float value) {
  * run on AMX/AVX512-BF16 several times faster than float32 here), built in one parallel pass instead of the
  * several passes and temporaries torch's broadcasting ops need. */
 void lowbit_affine_dequant_u8_bf16(const uint8_t *codes, const float *a, const float *b, int64_t N, int64_t K,
-                                   int64_t G, int64_t group, uint16_t *out) {
-    #pragma omp parallel for schedule(static)
+                                   int64_t G, int64_t group, uint16_t *out, int threads) {
+    #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t n = 0; n < N; n++) {
         const uint8_t *q = codes + n * K;
         uint16_t *w = out + n * K;
