@@ -103,6 +103,19 @@ def greedy_agreement(model, reference, tokenizer, n: int = 64) -> dict:
     return result
 
 
+def llama_cpp_quantize(source: Path, target: Path, gtype: str) -> None:
+    """Write `target` with llama.cpp's quantizer (llama_model_quantize, requantizing `source`)."""
+    import ctypes
+
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{gtype}")
+    params.allow_requantize = True
+    if llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), ctypes.byref(params)) != 0:
+        raise RuntimeError(f"llama.cpp could not quantize {source} to {gtype}")
+
+
 def bench_server(model, tokenizer, args) -> dict:
     """32 concurrent streaming clients vs one, on loopback: throughput, latency, requests completed."""
     import openai
@@ -172,6 +185,8 @@ def main() -> None:
     parser.add_argument("--no-server", action="store_true")
     parser.add_argument("--no-transformers", action="store_true")
     parser.add_argument("--only", default=None, help="comma list of runs: fp32,rtn4,rtn8,Q4_0,Q4_K_M,Q4_1")
+    parser.add_argument("--lowbit-gguf", action="store_true",
+                        help="write the Q4_0/Q4_K_M files with lowbit's exporter even when llama.cpp is present")
     parser.add_argument("--output", default=str(RESULTS / "engine.json"))
     args = parser.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -226,7 +241,11 @@ def main() -> None:
     for gtype in ("Q4_0", "Q4_K_M"):
         if wanted(gtype):
             path = tmp / f"smollm2-{gtype}.gguf"
-            export_gguf(base, tokenizer, path, type=gtype, progress=False)
+            if llama_cpp_available() and not args.lowbit_gguf:
+                # Files both runners read: llama.cpp's own quantizer, from the packaged Q4_1 file.
+                llama_cpp_quantize(resolve_model_path("smollm2"), path, gtype)
+            else:
+                export_gguf(base, tokenizer, path, type=gtype, progress=False)
             ggufs[gtype] = path
     if wanted("Q4_1"):
         ggufs["Q4_1"] = resolve_model_path("smollm2")

@@ -180,7 +180,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="stories,smollm2")
     parser.add_argument("--bits", default="4,3")
-    parser.add_argument("--methods", default="fp32,rtn,gptq,awq")
+    parser.add_argument("--methods", default="fp32,rtn,gptq,gptq-act,awq",
+                        help="gptq-act is GPTQ with act-order (desc_act)")
     parser.add_argument("--group", type=int, default=128)
     parser.add_argument("--calib-samples", type=int, default=32)
     parser.add_argument("--calib-len", type=int, default=512)
@@ -199,7 +200,11 @@ def main() -> None:
         methods = args.methods.split(",")
         specs = [{"method": "fp32", "bits": 32}] if "fp32" in methods else []
         for bits in map(int, args.bits.split(",")):
-            specs += [{"method": m, "bits": bits} for m in ("rtn", "gptq", "awq") if m in methods]
+            for m in ("rtn", "gptq", "gptq-act", "awq"):
+                if m == "gptq-act" and m in methods:
+                    specs.append({"method": "gptq", "bits": bits, "options": {"desc_act": True}, "label": m})
+                elif m in methods:
+                    specs.append({"method": m, "bits": bits})
         for spec in specs:
             spec.update(model=model, group=args.group, calib_samples=args.calib_samples, calib_len=args.calib_len,
                         wiki_tokens=args.wiki_tokens, tiny_tokens=args.tiny_tokens, ctx=args.ctx)
@@ -230,9 +235,9 @@ def main() -> None:
             print(json.dumps(row), flush=True)
 
     print()
-    print(f"{'model':9} {'method':6} {'bits':>4} {'wiki2 ppl':>10} {'tinyst ppl':>10} {'quant s':>8} {'peak MB':>8}")
+    print(f"{'model':9} {'method':8} {'bits':>4} {'wiki2 ppl':>10} {'tinyst ppl':>10} {'quant s':>8} {'peak MB':>8}")
     for r in rows:
-        print(f"{r['model']:9} {r['method']:6} {r['bits']:>4} {r['ppl_wikitext2']:>10.3f} {r['ppl_tinystories']:>10.3f} "
+        print(f"{r['model']:9} {r.get('label', r['method']):8} {r['bits']:>4} {r['ppl_wikitext2']:>10.3f} {r['ppl_tinystories']:>10.3f} "
               f"{r.get('quantize_s', 0):>8} {r['quantize_peak_rss_mb']:>8}")
     if streaming:
         print()

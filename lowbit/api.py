@@ -13,6 +13,14 @@ from lowbit.methods.pipeline import quantize_model
 from lowbit.models.loading import load_model
 
 
+def config_from_kwargs(**kwargs: Any) -> QuantizeConfig:
+    """A QuantizeConfig from keywords: its own fields by name, anything else a method option (double_quant=...)."""
+    fields = set(QuantizeConfig.__dataclass_fields__)
+    options = dict(kwargs.pop("options", {}) or {})
+    options.update({k: kwargs.pop(k) for k in list(kwargs) if k not in fields})
+    return QuantizeConfig(**kwargs, options=options)
+
+
 def load(path: str | os.PathLike, quantize: str | QuantizeConfig | None = None, kernel: str = "auto",
          keep_quantized: bool = False, **quantize_options: Any) -> nn.Module:
     """Load a model from a folder, .gguf file or packaged name; optionally quantize it on load.
@@ -22,8 +30,8 @@ def load(path: str | os.PathLike, quantize: str | QuantizeConfig | None = None, 
     """
     model, tokenizer = load_model(path, kernel=kernel, keep_quantized=keep_quantized)
     if quantize is not None:
-        config = quantize if isinstance(quantize, QuantizeConfig) else QuantizeConfig(method=quantize,
-                                                                                     **quantize_options)
+        config = quantize if isinstance(quantize, QuantizeConfig) else config_from_kwargs(method=quantize,
+                                                                                         **quantize_options)
         quantize_model(model, config, calibration=CalibrationRequest(tokenizer), kernel=kernel)
     model.tokenizer = tokenizer
     return model
@@ -35,8 +43,8 @@ def quantize(model_or_path: nn.Module | str | os.PathLike, config: QuantizeConfi
     """Quantize a model (in place) or the model at a path; returns the quantized model."""
     model = model_or_path if isinstance(model_or_path, nn.Module) else load(model_or_path)
     if isinstance(config, dict):
-        config = QuantizeConfig(**config)
-    config = config or QuantizeConfig(**config_fields)
+        config = config_from_kwargs(**config)
+    config = config or config_from_kwargs(**config_fields)
     if calibration is None:
         calibration = CalibrationRequest(getattr(model, "tokenizer", None))
     return quantize_model(model, config, calibration=calibration, progress=progress)

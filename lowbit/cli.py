@@ -78,7 +78,12 @@ def build_quantize_config(args: argparse.Namespace):
         from lowbit.errors import LowbitError
 
         raise LowbitError("--asym and --sym contradict each other; give one")
-    return QuantizeConfig(method=args.method or "rtn", bits=args.bits, group_size=args.group_size,
+    method = args.method or "rtn"
+    if args.format == "gguf" and method == "gptq":
+        # GPTQ's error compensation on the GGUF block grid itself, so the export keeps its codes.
+        method = "gptq-gguf"
+        options.update(gguf_type=args.type or "Q4_K_M", tensor_types=args.tensor_type, pure=args.pure)
+    return QuantizeConfig(method=method, bits=args.bits, group_size=args.group_size,
                           symmetric=not args.asym, clip_search=args.clip_search,
                           skip=tuple(s for s in args.skip.split(",") if s), options=options)
 

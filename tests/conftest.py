@@ -8,7 +8,8 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# One thread: tests use small models, where threading costs more than it gives, and stay fast on a busy machine.
+torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("LOWBIT_SHARED", ROOT.parent / "shared"))

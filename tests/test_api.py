@@ -50,3 +50,11 @@ def test_failed_save_keeps_previous_output(stories_dir, tmp_path, monkeypatch):
         lowbit.save(model, tmp_path / "out")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == before
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_method_options_as_keywords():
+    from lowbit.api import config_from_kwargs
+
+    config = config_from_kwargs(method="nf4", double_quant=True, blocksize=128, skip=("lm_head",))
+    assert config.method == "nf4" and config.options == {"double_quant": True, "blocksize": 128}
+    assert config.skip == ("lm_head",)

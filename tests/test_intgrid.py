@@ -97,6 +97,19 @@ def test_pack_unpack_exact(bits):
     assert torch.equal(unpack_codes(packed, bits, (13, 37)), codes)
 
 
+@pytest.mark.parametrize("bits", [3, 4, 5])
+def test_pack_unpack_exact_across_chunks(bits, monkeypatch):
+    import lowbit.schemes.packing as packing
+
+    monkeypatch.setattr(packing, "_CHUNK", 64)
+    codes = torch.randint(0, 2 ** bits, (9, 50), dtype=torch.uint8)
+    packed = pack_codes(codes, bits)
+    monkeypatch.setattr(packing, "_CHUNK", 1 << 20)
+    assert torch.equal(packed, pack_codes(codes, bits))  # chunking does not change the bytes
+    monkeypatch.setattr(packing, "_CHUNK", 64)
+    assert torch.equal(unpack_codes(packed, bits, (9, 50)), codes)
+
+
 def test_pack_is_little_endian_bit_order():
     assert pack_codes(torch.tensor([1, 2, 3, 4], dtype=torch.uint8), 4).tolist() == [0x21, 0x43]
     assert pack_codes(torch.tensor([1, 0, 1, 1, 0, 0, 0, 1], dtype=torch.uint8), 1).tolist() == [0b10001101]

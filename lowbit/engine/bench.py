@@ -118,7 +118,7 @@ def bench_llama_cpp(gguf_path: str, threads: int, pp: int = 512, tg: int = 128, 
     import llama_cpp
 
     llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=max(pp, tg) + 16, n_batch=max(pp, 1),
-                          n_threads=threads, n_threads_batch=threads, verbose=False, logits_all=False)
+                          n_threads=threads, n_threads_batch=threads, verbose=False)
     prompt = bench_tokens(llm.n_vocab(), pp)
 
     def prefill() -> None:
@@ -137,7 +137,8 @@ def bench_llama_cpp(gguf_path: str, threads: int, pp: int = 512, tg: int = 128, 
     tg_runs = _timed(generate, reps) if tg else []
     pp_rate, pp_rates = _median_rate(pp, pp_runs)
     tg_rate, tg_rates = _median_rate(tg, tg_runs)
-    llm.close() if hasattr(llm, "close") else None
+    if hasattr(llm, "close"):
+        llm.close()
     return SpeedResult(name, threads, pp, tg, pp_rate, tg_rate, pp_rates, tg_rates)
 
 

@@ -276,7 +276,8 @@ def _infer_value_type(value: Any) -> tuple[int, int | None]:
     if isinstance(value, str):
         return STRING, None
     if isinstance(value, (list, tuple)):
-        if not value:
+        # arrays of ints are INT32 (what llama.cpp expects for tokenizer.ggml.token_type), as gguf-py writes them
+        if not value or (isinstance(value[0], int) and not isinstance(value[0], bool)):
             return ARRAY, INT32
         return ARRAY, _infer_value_type(value[0])[0]
     raise LowbitError(f"cannot store {type(value).__name__} values in GGUF metadata")

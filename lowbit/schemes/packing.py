@@ -6,17 +6,25 @@ import torch
 from lowbit.errors import CorruptFile
 
 
+# Codes packed per call of _pack_chunk: a multiple of 8 so every chunk ends on a byte boundary, and small
+# enough that the bit expansion (8 bytes per bit per code) stays a few tens of MB for any layer size.
+_CHUNK = 1 << 20
+
+
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """uint8 codes (< 2**bits) of any shape -> flat uint8 bytes holding numel*bits bits (zero padded)."""
-    flat = codes.reshape(-1).to(torch.int32)
-    n_bits = flat.numel() * bits
-    shifts = torch.arange(bits, dtype=torch.int32)
-    stream = ((flat.unsqueeze(1) >> shifts) & 1).reshape(-1)
-    pad = (-n_bits) % 8
+    flat = codes.reshape(-1)
+    return torch.cat([_pack_chunk(flat[i:i + _CHUNK], bits) for i in range(0, max(flat.numel(), 1), _CHUNK)])
+
+
+def _pack_chunk(flat: torch.Tensor, bits: int) -> torch.Tensor:
+    shifts = torch.arange(bits, dtype=torch.uint8)
+    stream = ((flat.to(torch.uint8).unsqueeze(1) >> shifts) & 1).reshape(-1)
+    pad = (-stream.numel()) % 8
     if pad:
         stream = torch.cat([stream, stream.new_zeros(pad)])
     weights = (1 << torch.arange(8, dtype=torch.int32))
-    return (stream.reshape(-1, 8) * weights).sum(dim=1).to(torch.uint8)
+    return (stream.reshape(-1, 8).to(torch.int32) * weights).sum(dim=1).to(torch.uint8)
 
 
 def unpack_codes(packed: torch.Tensor, bits: int, shape: tuple[int, ...]) -> torch.Tensor:
@@ -28,7 +36,12 @@ def unpack_codes(packed: torch.Tensor, bits: int, shape: tuple[int, ...]) -> tor
     if packed.numel() != need:
         raise CorruptFile(f"packed codes hold {packed.numel()} bytes, expected {need} for shape {tuple(shape)} "
                           f"at {bits} bits: the file is truncated or corrupt")
-    stream = ((packed.to(torch.int32).unsqueeze(1) >> torch.arange(8, dtype=torch.int32)) & 1).reshape(-1)
-    stream = stream[: numel * bits].reshape(numel, bits)
-    values = (stream << torch.arange(bits, dtype=torch.int32)).sum(dim=1)
-    return values.to(torch.uint8).reshape(shape)
+    out = torch.empty(numel, dtype=torch.uint8)
+    byte_chunk = _CHUNK * bits // 8  # whole chunks of codes start on byte boundaries
+    for start in range(0, numel, _CHUNK):
+        part = packed[start * bits // 8: start * bits // 8 + byte_chunk]
+        count = min(_CHUNK, numel - start)
+        stream = ((part.unsqueeze(1) >> torch.arange(8, dtype=torch.uint8)) & 1).reshape(-1)[: count * bits]
+        out[start:start + count] = (stream.reshape(count, bits).to(torch.int32)
+                                    << torch.arange(bits, dtype=torch.int32)).sum(dim=1).to(torch.uint8)
+    return out.reshape(shape)
