@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536)]  # q/o, k/v, gate/up, down of SmolLM2-135M
 VARIANTS = [("nf4", {}, "bnb4-tiled"), ("nf4", {}, "bnb4-int8"), ("nf4", {}, "bnb4-cached"),
             ("nf4", {"double_quant": True}, "bnb4-tiled"), ("int8", {"threshold": 6.0}, "llm-int8"),
-            ("dynamic-int8", {}, "dynamic-int8"), ("rtn", {}, "int4pack")]
+            ("dynamic-int8", {}, "dynamic-int8"), ("rtn", {}, "int4")]
 
 
 def main() -> None:

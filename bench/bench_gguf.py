@@ -108,18 +108,9 @@ def _gptq_model(mix: str, calib_samples: int):
 
 def _float_model_of(path: Path):
     """The file's exact values in a float32 model (one dequantization, then fast float matmuls)."""
-    from lowbit.models.gguf_import import gguf_state_dict, hf_config_from_gguf, open_gguf
-    from lowbit.models.loading import empty_model_from_config
+    from lowbit.models.gguf_import import load_gguf_as_hf
 
-    reader = open_gguf(path)
-    config = hf_config_from_gguf(reader)
-    state = gguf_state_dict(reader, config)
-    model = empty_model_from_config(config)
-    if config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
-    model.load_state_dict(state, strict=False, assign=True)
-    model.tie_weights()
-    return model.eval()
+    return load_gguf_as_hf(path)[0]
 
 
 def bench_quality(mixes: list[str], tokens: int, ctx: int, with_imatrix: list[str], with_gptq: list[str],

@@ -282,16 +282,8 @@ def add_eval(sub) -> None:
     p.set_defaults(func=cmd_eval)
 
 
-def eval_tokens(data: str | None, tokenizer, reference_model, max_tokens: int | None, ctx: int):
-    from lowbit.eval.perplexity import read_text, tokenize_text
-    from lowbit.eval.selftext import self_generated_tokens
-
-    if data:
-        return tokenize_text(tokenizer, read_text(data), max_tokens)
-    return self_generated_tokens(reference_model, tokenizer, max_tokens or 4 * ctx)
-
-
 def cmd_eval(args: argparse.Namespace) -> None:
+    from lowbit.eval.perplexity import evaluation_tokens
     from lowbit.eval.report import EVAL_COLUMNS, evaluate, format_table, write_json
     from lowbit.models.loading import resolve_model_path
 
@@ -299,7 +291,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     base = None
     if args.base:
         base, _ = _load_model(args.base, args)
-    tokens = eval_tokens(args.data, tokenizer, base or model, args.max_tokens, args.ctx)
+    tokens = evaluation_tokens(base or model, tokenizer, args.data, args.max_tokens, args.ctx)
     rows = [evaluate(model, tokens, Path(args.model).name, ctx=args.ctx, base=base,
                      path=resolve_model_path(args.model)).to_dict()]
     if base is not None:

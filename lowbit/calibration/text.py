@@ -22,17 +22,10 @@ DEFAULT_SEQ_LEN = 512
 
 def read_calibration_text(path: str | Path) -> str:
     """The file's text, with a clear error when it is missing, unreadable or empty."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise LowbitError(f"calibration file {path} not found; pass an existing text file with --calib "
-                          "(or omit --calib to calibrate on text the model generates itself)")
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except OSError as exc:
-        raise LowbitError(f"calibration file {path} is unreadable ({exc})") from exc
-    if not text.strip():
-        raise LowbitError(f"calibration file {path} is empty; pass a text file with enough text")
-    return text
+    from lowbit.eval.perplexity import read_text
+
+    return read_text(path, "calibration file", "pass an existing text file with --calib (or omit --calib to "
+                     "calibrate on text the model generates itself)")
 
 
 def tokenize_for_calibration(tokenizer: Any, text: str) -> torch.Tensor:

@@ -88,7 +88,7 @@ def quantization_config(schemes: list[Any], skipped: list[str]) -> dict[str, Any
 
 def save_bnb(model: nn.Module, tokenizer: Any, out: str | Path, **_: Any) -> Path:
     """Write a quantized model as a bitsandbytes checkpoint folder (atomically)."""
-    from lowbit.formats.native import save_hf_side_files
+    from lowbit.formats.native import unquantized_tensors, save_hf_side_files
 
     out = Path(out)
     quantized = dict(quantized_modules(model))
@@ -103,15 +103,7 @@ def save_bnb(model: nn.Module, tokenizer: Any, out: str | Path, **_: Any) -> Pat
             tensors[f"{name}.bias"] = module.bias.detach().contiguous()
     skipped = [name for name, module in model.named_modules() if is_linear(module) and name not in quantized]
     config = quantization_config([m.qweight.scheme for m in quantized.values()], skipped)
-    prefixes = tuple(f"{n}." for n in quantized)
-    seen: set[int] = set()
-    for key, value in model.state_dict().items():
-        if key.startswith(prefixes):
-            continue
-        if value.numel() and value.data_ptr() in seen:  # tied weights are stored once, as transformers does
-            continue
-        seen.add(value.data_ptr())
-        tensors[key] = value.detach().contiguous()
+    tensors.update(unquantized_tensors(model, quantized)[0])
     with atomic_dir(out) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS), metadata={"format": "pt"})
         save_hf_side_files(model, tokenizer, tmp)

@@ -60,7 +60,7 @@ def write_checkpoint(model: nn.Module, tokenizer: Any, out: str | Path, fmt: str
                      layer_tensors: Callable[[str, QuantizedWeight], dict[str, torch.Tensor]],
                      quant_config: dict[str, Any], extra_files: dict[str, dict[str, Any]] | None = None) -> Path:
     """Write `model` as an HF folder: quantized layers via `layer_tensors`, config with `quant_config`."""
-    from lowbit.formats.native import save_hf_side_files
+    from lowbit.formats.native import unquantized_tensors, save_hf_side_files
 
     out = Path(out)
     quantized = dict(quantized_modules(model))
@@ -72,15 +72,7 @@ def write_checkpoint(model: nn.Module, tokenizer: Any, out: str | Path, fmt: str
             tensors[f"{name}.{key}"] = value.contiguous()
         if module.bias is not None:
             tensors[f"{name}.bias"] = module.bias.detach().contiguous()
-    prefixes = tuple(f"{n}." for n in quantized)
-    seen: set[int] = set()
-    for key, value in model.state_dict().items():
-        if key.startswith(prefixes):
-            continue
-        if value.numel() and value.data_ptr() in seen:  # tied weights are stored once, as transformers does
-            continue
-        seen.add(value.data_ptr())
-        tensors[key] = value.detach().contiguous()
+    tensors.update(unquantized_tensors(model, quantized)[0])
     with atomic_dir(out) as tmp:
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
         save_hf_side_files(model, tokenizer, tmp)

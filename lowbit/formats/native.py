@@ -38,6 +38,24 @@ def save_hf_side_files(model: nn.Module, tokenizer: Any, out: Path) -> None:
         tokenizer.save_pretrained(out)
 
 
+def unquantized_tensors(model: nn.Module, quantized_names) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """State-dict tensors outside the quantized layers, each storage once (as transformers stores tied
+    weights), and {dropped key: the key holding its storage}."""
+    prefixes = tuple(f"{n}." for n in quantized_names)
+    tensors: dict[str, torch.Tensor] = {}
+    seen: dict[int, str] = {}
+    tied: dict[str, str] = {}
+    for key, value in model.state_dict().items():
+        if key.startswith(prefixes):
+            continue
+        if value.numel() and value.data_ptr() in seen:
+            tied[key] = seen[value.data_ptr()]
+            continue
+        seen[value.data_ptr()] = key
+        tensors[key] = value.detach().contiguous()
+    return tensors, tied
+
+
 def save_native(model: nn.Module, tokenizer: Any, out: str | Path, **_: Any) -> Path:
     """Write `model` (quantized or not) to folder `out` in lowbit's format, atomically."""
     out = Path(out)
@@ -51,18 +69,8 @@ def save_native(model: nn.Module, tokenizer: Any, out: str | Path, **_: Any) -> 
         if module.bias is not None:
             tensors[f"{name}.bias"] = module.bias.detach().contiguous()
         layers[name] = {"scheme": qw.scheme.to_config(), "shape": list(qw.shape), "group_size": qw.group_size}
-    prefixes = tuple(f"{n}." for n in quantized)
-    seen: dict[int, str] = {}
-    tied: dict[str, str] = {}
-    for key, value in model.state_dict().items():
-        if key.startswith(prefixes):
-            continue
-        ptr = value.data_ptr()
-        if ptr in seen and value.numel():  # tied weights are stored once
-            tied[key] = seen[ptr]
-            continue
-        seen[ptr] = key
-        tensors[key] = value.detach().contiguous()
+    floats, tied = unquantized_tensors(model, quantized)
+    tensors.update(floats)
     config = getattr(model, "lowbit_config", None)
     manifest = {"format": "lowbit", "version": FORMAT_VERSION,
                 "quantization": config.to_dict() if config is not None else None,

@@ -21,7 +21,7 @@ from torch import nn
 
 from lowbit.errors import LowbitError
 from lowbit.methods.base import Method, register_method
-from lowbit.methods.gptq import run_calibrated, set_linear_weight
+from lowbit.methods.gptq import CalibratedMethod, set_linear_weight
 from lowbit.models.adapters import ArchAdapter, linear_weight
 from lowbit.quantized import QuantizedWeight
 from lowbit.schemes.intgrid import IntGrid
@@ -144,11 +144,10 @@ def first_tokens(recorded: list[tuple[tuple, dict]], budget: int) -> list[tuple[
 
 
 @register_method
-class AWQ(Method):
+class AWQ(CalibratedMethod):
     """Activation-aware weight quantization on CPU (see the module docstring)."""
 
     name = "awq"
-    needs_calibration = True
 
     def option_names(self) -> tuple[str, ...]:
         return ("zero_point", "alpha_grid", "clip", "clip_grid", "clip_tokens", "search_tokens", "calib_samples",
@@ -241,8 +240,3 @@ class AWQ(Method):
         for name, qw in results.items():
             install_quantized(block, name, qw, kernel)
         return results
-
-    def quantize_model(self, model: nn.Module, calibration: Any = None, progress: bool = True,
-                       kernel: str = "auto") -> nn.Module:
-        """Quantize every decoder block of `model` in place, calibrating block by block."""
-        return run_calibrated(self, model, calibration, progress, kernel)

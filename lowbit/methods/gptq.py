@@ -212,12 +212,22 @@ def set_linear_weight(module: nn.Module, weight: torch.Tensor) -> None:
     target.data.copy_(weight.t() if type(module).__name__ == "Conv1D" else weight)
 
 
+class CalibratedMethod(Method):
+    """A method that sees each decoder block with the activations entering it (GPTQ, AWQ)."""
+
+    needs_calibration = True
+
+    def quantize_model(self, model: nn.Module, calibration: Any = None, progress: bool = True,
+                       kernel: str = "auto") -> nn.Module:
+        """Quantize every decoder block of `model` in place, calibrating block by block."""
+        return run_calibrated(self, model, calibration, progress, kernel)
+
+
 @register_method
-class GPTQ(Method):
+class GPTQ(CalibratedMethod):
     """GPTQ on CPU, one decoder block at a time (see the module docstring)."""
 
     name = "gptq"
-    needs_calibration = True
 
     def option_names(self) -> tuple[str, ...]:
         return ("damp", "desc_act", "static_groups", "true_sequential", "block_size", "calib_samples",
@@ -281,11 +291,6 @@ class GPTQ(Method):
         for name, qw in results.items():
             install_quantized(block, name, qw, kernel)
         return results
-
-    def quantize_model(self, model: nn.Module, calibration: Any = None, progress: bool = True,
-                       kernel: str = "auto") -> nn.Module:
-        """Quantize every decoder block of `model` in place, calibrating block by block."""
-        return run_calibrated(self, model, calibration, progress, kernel)
 
 
 def sequential_groups(linears: dict[str, nn.Module], sequential: tuple[tuple[str, ...], ...]) -> list[tuple[str, ...]]:

@@ -197,8 +197,8 @@ class DynamicInt8Kernel(LLMInt8Kernel):
         return y.reshape(*shape[:-1], -1).to(x.dtype)
 
 
-register_kernel(LLMInt8Kernel(), before="int4pack")
-register_kernel(DynamicInt8Kernel(), before="int4pack")
+register_kernel(LLMInt8Kernel(), before="int4")
+register_kernel(DynamicInt8Kernel(), before="int4")
 register_kernel(Codebook4TiledKernel(), before="reference")
 register_kernel(Codebook4CachedKernel(), before=None)  # only on request: it keeps a dense copy
 register_kernel(Codebook4Int8Kernel(), before=None)    # only on request: approximate, 8 bits resident

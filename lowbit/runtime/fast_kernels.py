@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from lowbit.quantized import QuantizedWeight
-from lowbit.runtime.kernels import Kernel, register_kernel
+from lowbit.runtime.kernels import Kernel, contiguous_groups, register_kernel
 
 log = logging.getLogger("lowbit")
 
@@ -39,34 +39,9 @@ PREFILL_ROWS = 16
 INT4PACK_GROUPS = (32, 64, 128, 256)
 
 
-def _ggml_codec(qw: QuantizedWeight):
-    try:
-        from lowbit.schemes.ggml import GGMLScheme
-    except ImportError:  # the GGUF schemes are optional for the kernels
-        return None
-    return qw.scheme.codec if isinstance(qw.scheme, GGMLScheme) else None
-
-
 def affine_form(qw: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor, int] | None:
-    """(a, b, code bits) with w = a * q + b per group ([N, n_groups] float32), or None if not affine."""
-    if qw.zeros is None:
-        return None
-    codec = _ggml_codec(qw)
-    if codec is not None:
-        bits = int(codec.maxq).bit_length()
-        if codec.has_min:
-            return qw.scales, -qw.zeros, bits
-        return qw.scales, -qw.scales * qw.zeros, bits
-    bits = qw.scheme.affine_bits
-    if bits is None:
-        return None
-    return qw.scales, -qw.scales * qw.zeros, bits
-
-
-def _contiguous_groups(qw: QuantizedWeight) -> bool:
-    if qw.g_idx is None:
-        return True
-    return bool(torch.equal(qw.g_idx.long(), torch.arange(qw.in_features) // qw.effective_group_size))
+    """(a, b, code bits) with w = a * q + b per group, as the weight's scheme defines it (None: not affine)."""
+    return qw.scheme.affine_form(qw)
 
 
 def prefill_matmul(x2: torch.Tensor, codes: torch.Tensor, a: torch.Tensor, b: torch.Tensor, group: int
@@ -93,7 +68,7 @@ class AffineInt4Kernel(Kernel):
     def supports(self, qw: QuantizedWeight) -> bool:
         form = affine_form(qw)
         return (form is not None and form[2] <= 4 and qw.effective_group_size in INT4PACK_GROUPS
-                and qw.out_features % 16 == 0 and _contiguous_groups(qw))
+                and qw.out_features % 16 == 0 and contiguous_groups(qw))
 
     def prepare(self, qw: QuantizedWeight) -> dict[str, Any]:
         a, b, _ = affine_form(qw)
@@ -210,7 +185,7 @@ class AffineU8Kernel(Kernel):
 
     def supports(self, qw: QuantizedWeight) -> bool:
         form = affine_form(qw)
-        return form is not None and form[2] <= 8 and _contiguous_groups(qw) and native_library() is not None
+        return form is not None and form[2] <= 8 and contiguous_groups(qw) and native_library() is not None
 
     def prepare(self, qw: QuantizedWeight) -> dict[str, Any]:
         a, b, _ = affine_form(qw)
@@ -234,7 +209,7 @@ class AffineU8Kernel(Kernel):
         return y.reshape(*shape[:-1], n).to(x.dtype)
 
 
-register_kernel(AffineInt4Kernel(), before="int4pack")
+register_kernel(AffineInt4Kernel(), before="int8pack")
 # Before int8pack too: same decode speed for per-channel 8-bit, exact float32 sums, and fast prefill.
 register_kernel(AffineU8Kernel(), before="int8pack")
 

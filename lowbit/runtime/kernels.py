@@ -45,45 +45,9 @@ class ReferenceKernel(Kernel):
         return F.linear(x, qw.dequantize(x.dtype))
 
 
-def _contiguous_groups(qw: QuantizedWeight) -> bool:
+def contiguous_groups(qw: QuantizedWeight) -> bool:
+    """True when column k is in group k // group_size (no act-order permutation), as packed kernels need."""
     return qw.g_idx is None or bool(torch.equal(qw.g_idx.long(), torch.arange(qw.in_features) // qw.effective_group_size))
-
-
-class Int4PackKernel(Kernel):
-    """torch's `_weight_int4pack_mm_for_cpu`: 4-bit affine codes, bf16 group scales and offsets.
-
-    A width that is not a multiple of the group size (SmolLM2's 576 with g128) is padded with zero columns
-    of codes and activations, which add nothing to the product.
-    """
-
-    name = "int4pack"
-    group_sizes = (32, 64, 128, 256)
-
-    def supports(self, qw: QuantizedWeight) -> bool:
-        return (qw.scheme.affine_bits == 4 and qw.effective_group_size in self.group_sizes
-                and qw.out_features % 16 == 0 and _contiguous_groups(qw))
-
-    def prepare(self, qw: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor, int, int]:
-        group = qw.effective_group_size
-        n_groups = qw.scales.shape[1]
-        pad = n_groups * group - qw.in_features
-        codes = qw.codes.to(torch.int32)
-        if pad:
-            codes = torch.cat([codes, codes.new_zeros(qw.out_features, pad)], dim=1)
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 1)
-        # torch computes (q - 8) * scale + offset, so offset = scale * (8 - zero).
-        offset = qw.scales * (8 - qw.zeros)
-        scales_and_zeros = torch.stack([qw.scales.t(), offset.t()], dim=-1).to(torch.bfloat16).contiguous()
-        return packed, scales_and_zeros, group, pad
-
-    def matmul(self, x: torch.Tensor, state) -> torch.Tensor:
-        packed, sz, group, pad = state
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16)
-        if pad:
-            x2 = F.pad(x2, (0, pad))
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), packed, group, sz)
-        return y.reshape(*shape[:-1], -1).to(x.dtype)
 
 
 class Int8PackKernel(Kernel):
@@ -129,10 +93,9 @@ class DequantBF16Kernel(Kernel):
         return F.linear(x.to(torch.bfloat16), w).to(x.dtype)
 
 
-KERNELS: dict[str, Kernel] = {k.name: k for k in (Int4PackKernel(), Int8PackKernel(), DequantBF16Kernel(),
-                                                 ReferenceKernel())}
+KERNELS: dict[str, Kernel] = {k.name: k for k in (Int8PackKernel(), DequantBF16Kernel(), ReferenceKernel())}
 # Tried in this order by kernel="auto"; the first that supports a weight wins.
-AUTO_ORDER: list[str] = ["int4pack", "int8pack", "reference"]
+AUTO_ORDER: list[str] = ["int8pack", "reference"]
 
 
 def register_kernel(kernel: Kernel, before: str | None = "reference") -> None:

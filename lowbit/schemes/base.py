@@ -74,6 +74,16 @@ class Scheme(ABC):
         """
         return None
 
+    def affine_form(self, qw: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+        """(a, b, code bits) with w = a * q + b per group ([N, n_groups] float32), or None if not affine.
+
+        The one view every affine kernel consumes, whatever scheme (integer grid, GGUF block) made the codes.
+        """
+        bits = self.affine_bits
+        if bits is None or qw.zeros is None:
+            return None
+        return qw.scales, -qw.scales * qw.zeros, bits
+
     @property
     def code_bits(self) -> int:
         """Bits one code needs when packed (defaults to the scheme's `bits`, else 8)."""

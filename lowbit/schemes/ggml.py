@@ -317,6 +317,12 @@ class GGMLScheme(Scheme):
         """Symmetric types are exactly scales * (codes - zeros); types with a min are not (see module doc)."""
         return None if self.codec.has_min else self.codec.bits_per_code
 
+    def affine_form(self, qw: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Types with a min store w = d * q - m: a = scales, b = -zeros; the others w = d * (q - z)."""
+        if self.codec.has_min:
+            return qw.scales, -qw.zeros, self.codec.bits_per_code
+        return qw.scales, -qw.scales * qw.zeros, self.codec.bits_per_code
+
     @property
     def code_bits(self) -> int:
         return self.codec.bits_per_code
