@@ -36,7 +36,7 @@ def evaluation_tokens(model, tokenizer, data: str | Path | None, max_tokens: int
 
     n_tokens = max_tokens or 4 * ctx
     windows_needed = -(-n_tokens // ctx)
-    return self_generated_calibration(model, windows_needed, ctx, seed).reshape(-1)[:n_tokens]
+    return self_generated_calibration(model, windows_needed, ctx, seed, purpose="evaluation").reshape(-1)[:n_tokens]
 
 
 def tokenize_text(tokenizer, text: str, max_tokens: int | None = None) -> torch.Tensor:
