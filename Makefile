@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 TORCH  := torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test test-slow test-all bench clean
+.PHONY: setup demo test test-slow test-all bench llama-cpp clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,12 @@ test-slow: setup
 
 test-all: setup
 	$(BIN)/python -m pytest -q -m "slow or not slow"
+
+# Optional peer for the slow interop tests and engine benchmarks: builds llama.cpp (~10 min on 2 cores).
+# The native build crashes on these CPUs, so pin the instruction sets.
+llama-cpp: setup
+	CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON" \
+		$(BIN)/pip install --no-deps llama-cpp-python==0.3.36 diskcache==5.6.3
 
 bench: setup
 	$(BIN)/python bench/bench_core.py

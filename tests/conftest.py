@@ -15,6 +15,13 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("LOWBIT_SHARED", ROOT.parent / "shared"))
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Every test starts at one thread, whatever an earlier test (an engine with --threads) set."""
+    torch.set_num_threads(1)
+    yield
+
+
 def shared_path(*parts: str) -> Path:
     path = SHARED.joinpath(*parts)
     if not path.exists():

@@ -11,15 +11,6 @@ from lowbit.methods.awq import apply_clip, awq_scales, can_fold, clip_ranges, fo
 from lowbit.schemes.intgrid import IntGrid
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: threads gain nothing, and on a busy machine thread hand-offs dominate the time."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_awq_scales_formula_and_normalisation():
     x_mean = torch.tensor([1.0, 4.0, 0.25, 2.0])
     w_mean = torch.tensor([0.5, 0.5, 1.0, 0.25])

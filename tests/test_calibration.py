@@ -10,15 +10,6 @@ from lowbit.calibration.text import calibration_batch, calibration_from_file, sa
 from lowbit.errors import LowbitError
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: threads gain nothing, and on a busy machine thread hand-offs dominate the time."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_windows_are_seeded_distinct_and_taken_from_the_text():
     tokens = torch.arange(10_000)
     a = sample_windows(tokens, 16, 128, seed=3)

@@ -11,15 +11,6 @@ from lowbit.methods.gptq import HessianAccumulator, damped_inverse_factor, gptq_
 from lowbit.schemes.intgrid import IntGrid
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: threads gain nothing, and on a busy machine thread hand-offs dominate the time."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def correlated_inputs(tokens: int, k: int, seed: int = 0) -> torch.Tensor:
     """Activations with correlated channels and a few large ones, like a transformer's (GPTQ needs correlation)."""
     g = torch.Generator().manual_seed(seed)

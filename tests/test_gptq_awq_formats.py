@@ -16,15 +16,6 @@ from lowbit.formats.gptq import pack_columns, pack_rows, unpack_columns, unpack_
 from lowbit.schemes.intgrid import IntGrid
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: threads gain nothing, and on a busy machine thread hand-offs dominate the time."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # -- independent oracles, written from the reference tools' loops ---------------------------------------------
 def autogptq_pack_rows(intweight: np.ndarray, bits: int) -> np.ndarray:
     """AutoGPTQ's row packing loop (qlinear_cuda_old.pack), uint32 [K, N] -> [K*b/32, N]."""
