@@ -53,8 +53,10 @@ def add_quantize(sub) -> None:
                      "from the safetensors shards (low memory; lowbit format)")
     opt = p.add_argument_group("method options")
     opt.add_argument("--damp", type=float, default=None, help="GPTQ Hessian dampening (fraction of mean diag)")
-    opt.add_argument("--desc-act", action="store_true", default=None, help="GPTQ act-order")
-    opt.add_argument("--static-groups", action="store_true", default=None)
+    opt.add_argument("--desc-act", action=argparse.BooleanOptionalAction, default=None,
+                     help="GPTQ act-order (default on)")
+    opt.add_argument("--static-groups", action=argparse.BooleanOptionalAction, default=None,
+                     help="GPTQ groups fixed before act-order, keeping g_idx contiguous (default on)")
     opt.add_argument("--true-sequential", action="store_true", default=None)
     opt.add_argument("--no-zero-point", dest="zero_point", action="store_false", default=None, help="AWQ")
     opt.add_argument("--blocksize", type=int, default=None, help="NF4/FP4 block size")
