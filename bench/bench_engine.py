@@ -26,6 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from lowbit.runtime.surgery import dequantized_copy  # noqa: E402
 from lowbit.engine.bench import (  # noqa: E402  (after the sys.path line, so a checkout runs without install)
     SpeedResult,
     bench_engine,
@@ -232,7 +233,7 @@ def main() -> None:
         kernels = sorted({m.kernel_name for _, m in quantized_modules(model)})
         row = run_engine(model, f"lowbit {name} ({'/'.join(kernels)})", args, context)
         row["greedy_tokens_equal_to_transformers_of_64"] = greedy_agreement(
-            model, _dequantized(model), tokenizer)
+            model, dequantized_copy(model), tokenizer)
         record(row)
         del model
 
@@ -276,23 +277,6 @@ def main() -> None:
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(report, indent=1, default=str))
     print(f"wrote {args.output}")
-
-
-def _dequantized(model):
-    import copy
-
-    from lowbit.runtime.surgery import quantized_modules, replace_module
-
-    plain = copy.deepcopy(model)
-    for name, module in list(quantized_modules(plain)):
-        linear = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
-        linear.weight.data = module.qweight.dequantize()
-        if module.bias is not None:
-            linear.bias.data = module.bias.data.clone()
-        replace_module(plain, name, linear)
-    if getattr(plain.config, "tie_word_embeddings", False):
-        plain.config.tie_word_embeddings = False   # lm_head now has its own (dequantized) weight
-    return plain
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from lowbit.runtime.surgery import dequantized_copy
 from lowbit.engine.generate import SamplingParams
 from lowbit.engine.runner import Engine, fuse_linears
 from lowbit.errors import LowbitError
@@ -34,20 +35,6 @@ def stories_rtn4(stories):
     model = copy.deepcopy(stories[0])
     quantize_model(model, QuantizeConfig(method="rtn", bits=4, group_size=32, skip=()), progress=False)
     return model
-
-
-def dequantized_copy(model):
-    """The same model with every QuantLinear replaced by a float nn.Linear holding its dequantized weight."""
-    from lowbit.runtime.surgery import quantized_modules, replace_module
-
-    plain = copy.deepcopy(model)
-    for name, module in list(quantized_modules(plain)):
-        linear = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
-        linear.weight.data = module.qweight.dequantize()
-        if module.bias is not None:
-            linear.bias.data = module.bias.data.clone()
-        replace_module(plain, name, linear)
-    return plain
 
 
 @torch.inference_mode()

@@ -58,3 +58,20 @@ def set_kernel(model: nn.Module, kernel: str) -> None:
     """Choose the matmul kernel of every QuantLinear in `model`."""
     for _, module in quantized_modules(model):
         module.set_kernel(kernel)
+
+
+def dequantized_copy(model: nn.Module) -> nn.Module:
+    """A copy of `model` with every QuantLinear replaced by an nn.Linear holding its dequantized weight
+    (what transformers would run for the same numbers: the reference for engine and kernel checks)."""
+    import copy
+
+    plain = copy.deepcopy(model)
+    for name, module in list(quantized_modules(plain)):
+        linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+        linear.weight.data = module.qweight.dequantize()
+        if module.bias is not None:
+            linear.bias.data = module.bias.data.clone()
+        replace_module(plain, name, linear)
+    if getattr(plain.config, "tie_word_embeddings", False) and "lm_head" in dict(quantized_modules(model)):
+        plain.config.tie_word_embeddings = False  # lm_head now has its own (dequantized) weight
+    return plain
