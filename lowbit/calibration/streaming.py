@@ -164,15 +164,20 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
         size = t.numel() * t.element_size()
         header[name] = {"dtype": _DTYPE_CODES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
         offset += size
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * ((-len(blob)) % 8)
     with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
+        _write_header(f, header)
         for name in names:
             t = tensors[name].detach().contiguous()
             if t.numel():
                 f.write(t.reshape(-1).view(torch.uint8).numpy().data)
+
+
+def _write_header(f, header: dict[str, Any]) -> None:
+    """safetensors' header: its length (u64 little-endian), then the JSON padded with spaces to 8 bytes."""
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * ((-len(blob)) % 8)
+    f.write(struct.pack("<Q", len(blob)))
+    f.write(blob)
 
 
 def merge_safetensors(parts: list[Path], out: Path) -> None:
@@ -194,11 +199,8 @@ def merge_safetensors(parts: list[Path], out: Path) -> None:
     for name, dtype, shape, _, _, length in entries:
         header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + length]}
         offset += length
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * ((-len(blob)) % 8)
     with open(out, "wb") as dst:
-        dst.write(struct.pack("<Q", len(blob)))
-        dst.write(blob)
+        _write_header(dst, header)
         handles: dict[Path, Any] = {}
         try:
             for _, _, _, part, start, length in entries:
