@@ -81,13 +81,17 @@ def awq_layer_tensors(name: str, qw: QuantizedWeight) -> dict[str, torch.Tensor]
             "scales": check_fp16_exact(name, qw.scales, "AWQ").t().contiguous()}
 
 
-def layer_from_awq(name: str, parts: dict[str, torch.Tensor], group_size: int, zero_point: bool) -> QuantizedWeight:
-    """Rebuild a QuantizedWeight from one layer's AWQ GEMM tensors."""
+def layer_from_awq(name: str, parts: dict[str, torch.Tensor], group_size: int, zero_point: bool,
+                   shape: tuple[int, int]) -> QuantizedWeight:
+    """Rebuild a QuantizedWeight of `shape` (out, in) from one layer's AWQ GEMM tensors."""
     for key in ("qweight", "qzeros", "scales"):
         if key not in parts:
             raise CorruptFile(f"AWQ layer {name} lacks its {key} tensor; the checkpoint is incomplete")
     qweight, qzeros, scales = parts["qweight"], parts["qzeros"], parts["scales"]
     k, n = qweight.shape[0], qweight.shape[1] * _PER_WORD
+    if (n, k) != tuple(shape):
+        raise CorruptFile(f"AWQ layer {name}: qweight {tuple(qweight.shape)} holds a [{n}, {k}] weight, and the "
+                          f"model's Linear is {list(shape)}")
     g = k if group_size in (-1, 0) else group_size
     if k % g or scales.shape != (k // g, n) or qzeros.shape != (k // g, n // _PER_WORD):
         raise CorruptFile(f"AWQ layer {name}: qweight {tuple(qweight.shape)}, qzeros {tuple(qzeros.shape)} and "
@@ -139,7 +143,7 @@ def load_awq(path: str | Path, kernel: str = "auto", **_: Any):
     group_size = int(qc.get("group_size", qc.get("q_group_size", 128)))
     zero_point = bool(qc.get("zero_point", True))
     model, tokenizer = load_checkpoint(path, "AWQ", "qweight",
-                                       lambda name, parts: layer_from_awq(name, parts, group_size, zero_point),
+                                       lambda name, parts, shape: layer_from_awq(name, parts, group_size, zero_point, shape),
                                        kernel=kernel)
     from lowbit.methods.base import QuantizeConfig
 

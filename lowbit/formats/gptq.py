@@ -134,22 +134,47 @@ def unpack_columns(packed: torch.Tensor, bits: int, columns: int) -> torch.Tenso
     return unpack_rows(packed.t(), bits, columns).t().contiguous()
 
 
+def v1_stored_zeros(qzeros: torch.Tensor, bits: int, columns: int) -> torch.Tensor:
+    """Zero points of a v1 qzeros tensor [G, W], which stores zero - 1.
+
+    GPTQModel writes v1 by subtracting the packed pattern of ones from each 32-bit word (2/4/8 bits), so an
+    asymmetric zero of 0 borrows from its neighbour; adding the pattern back word by word, as GPTQModel and
+    transformers do on load, recovers every zero exactly. Where no zero was 0 (AutoGPTQ, lowbit) this equals
+    adding one to each value. 3-bit values straddle words, so there the one is added to each value (mod 8).
+    """
+    per_word = 32 // bits
+    if 32 % bits == 0:
+        ones = sum(1 << (bits * i) for i in range(per_word))
+        words = ((qzeros.to(torch.int64) & 0xFFFFFFFF) + ones) & 0xFFFFFFFF
+        return unpack_columns(_as_int32(words), bits, qzeros.shape[1] * per_word)[:, :columns].to(torch.int64)
+    stored = unpack_columns(qzeros, bits, qzeros.shape[1] * 32 // bits)[:, :columns].to(torch.int64)
+    return (stored + 1) % (1 << bits)
+
+
 def layer_from_gptq(name: str, parts: dict[str, torch.Tensor], bits: int, group_size: int, sym: bool,
-                    zero_offset: int = 1) -> QuantizedWeight:
-    """Rebuild a QuantizedWeight from one layer's GPTQ tensors (zero_offset 1 for v1, 0 for v2)."""
+                    shape: tuple[int, int], zero_offset: int = 1) -> QuantizedWeight:
+    """Rebuild a QuantizedWeight of `shape` (out, in) from one layer's GPTQ tensors (zero_offset 1 for v1, 0 for v2).
+
+    Widths whose packed bits do not fill whole 32-bit words are padded to whole words (GPTQModel does this for
+    e.g. 172 inputs at 4 bits: 22 words), so the logical shape comes from the model, not from qweight.
+    """
     for key in ("qweight", "qzeros", "scales"):
         if key not in parts:
             raise CorruptFile(f"GPTQ layer {name} lacks its {key} tensor; the checkpoint is incomplete")
     qweight, qzeros, scales = parts["qweight"], parts["qzeros"], parts["scales"]
-    k = qweight.shape[0] * 32 // bits
-    n = qweight.shape[1]
+    n, k = shape
+    per = _period(bits)[0]
+    padded_k, padded_n = qweight.shape[0] * 32 // bits, qzeros.shape[1] * 32 // bits
     n_groups = scales.shape[0]
-    if scales.shape[1] != n or qzeros.shape != (n_groups, n * bits // 32):
-        raise CorruptFile(f"GPTQ layer {name}: scales {tuple(scales.shape)} / qzeros {tuple(qzeros.shape)} do not "
-                          f"match qweight {tuple(qweight.shape)} at {bits} bits")
-    codes = unpack_rows(qweight, bits, k).t().contiguous()
-    zeros = unpack_columns(qzeros, bits, n).to(torch.int64)
-    zeros = (zeros + zero_offset).float()   # v1 readers add 1 to what is stored; v2 stores the zero itself
+    if (qweight.shape[1] != n or scales.shape[1] != n or not k <= padded_k < k + per
+            or not n <= padded_n < n + per or qzeros.shape[0] != n_groups):
+        raise CorruptFile(f"GPTQ layer {name}: qweight {tuple(qweight.shape)}, qzeros {tuple(qzeros.shape)} and "
+                          f"scales {tuple(scales.shape)} do not fit a [{n}, {k}] Linear at {bits} bits")
+    codes = unpack_rows(qweight, bits, padded_k)[:k].t().contiguous()
+    if zero_offset:
+        zeros = v1_stored_zeros(qzeros, bits, n)
+    else:   # v2 stores the zero itself
+        zeros = unpack_columns(qzeros, bits, padded_n)[:, :n].to(torch.int64)
     g = k if group_size in (-1, 0) else group_size
     contiguous = torch.arange(k) // g
     g_idx = parts.get("g_idx")
@@ -163,7 +188,7 @@ def layer_from_gptq(name: str, parts: dict[str, torch.Tensor], bits: int, group_
         raise CorruptFile(f"GPTQ layer {name}: {n_groups} scale groups for {k} inputs at group size {group_size}")
     scheme = IntGrid(bits=bits, group_size=group_size if group_size > 0 else -1, symmetric=sym)
     return QuantizedWeight(scheme, (n, k), codes=codes, scales=scales.float().t().contiguous(),
-                           zeros=zeros.t().contiguous(), group_size=group_size if group_size > 0 else -1,
+                           zeros=zeros.float().t().contiguous(), group_size=group_size if group_size > 0 else -1,
                            g_idx=g_idx)
 
 
@@ -245,7 +270,8 @@ def load_gptq(path: str | Path, kernel: str = "auto", **_: Any):
         raise LowbitError(f"{path}: GPTQ checkpoint_format {fmt!r} is not supported (gptq, gptq_v2 are)")
     offset = 0 if fmt == "gptq_v2" else 1
     model, tokenizer = load_checkpoint(path, "GPTQ", "qweight",
-                                       lambda name, parts: layer_from_gptq(name, parts, bits, group_size, sym, offset),
+                                       lambda name, parts, shape: layer_from_gptq(name, parts, bits, group_size, sym,
+                                                                                  shape, offset),
                                        kernel=kernel)
     from lowbit.methods.base import QuantizeConfig
 

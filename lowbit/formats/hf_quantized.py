@@ -102,11 +102,12 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_checkpoint(path: str | Path, fmt: str, marker: str,
-                    build_layer: Callable[[str, dict[str, torch.Tensor]], QuantizedWeight],
+                    build_layer: Callable[[str, dict[str, torch.Tensor], tuple[int, int]], QuantizedWeight],
                     kernel: str = "auto", dtype: torch.dtype = torch.float32):
     """Rebuild (model, tokenizer) from a folder whose quantized layers are the prefixes owning `marker`.
 
-    `build_layer(prefix, parts)` turns one layer's tensors (keys without the prefix) into a QuantizedWeight.
+    `build_layer(prefix, parts, (out, in))` turns one layer's tensors (keys without the prefix) into a
+    QuantizedWeight of the model's Linear shape (packed tensors may be padded, so they cannot tell it alone).
     Floating tensors of other layers are cast to `dtype` (checkpoints often hold fp16 while the skeleton is
     fp32).
     """
@@ -127,10 +128,15 @@ def load_checkpoint(path: str | Path, fmt: str, marker: str,
         parts = {k[len(prefix):]: tensors.pop(k) for k in [k for k in tensors if k.startswith(prefix)]}
         bias = parts.pop("bias", None)
         try:
-            model.get_submodule(name)
+            linear = model.get_submodule(name)
         except AttributeError as exc:
             raise CorruptFile(f"{path}: quantized layer {name} does not exist in this {config.model_type} model") from exc
-        module = install_quantized(model, name, build_layer(name, parts), kernel)
+        shape = (linear.out_features, linear.in_features)
+        qweight = build_layer(name, parts, shape)
+        if tuple(qweight.shape) != shape:
+            raise CorruptFile(f"{path}: quantized layer {name} holds a {list(qweight.shape)} weight, and the model's "
+                              f"Linear is {list(shape)}")
+        module = install_quantized(model, name, qweight, kernel)
         if bias is not None:
             module.bias = nn.Parameter(bias.to(dtype), requires_grad=False)
     tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
