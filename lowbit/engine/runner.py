@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowbit.engine.generate import SamplingParams, sample_next
+from lowbit.engine.compiled_step import NativeDecodeStep
 from lowbit.errors import LowbitError
 from lowbit.quantized import QuantizedWeight
 from lowbit.runtime.qlinear import QuantLinear
@@ -111,12 +112,14 @@ def fuse_linears(modules: SequenceType[nn.Module]) -> nn.Module | None:
     return QuantLinear(fused, _stacked_bias(modules, torch.float32), kernel=modules[0].kernel_preference)
 
 
-def _fused_or_separate(modules: SequenceType[nn.Module], fuse: bool) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A callable returning the concatenated outputs of `modules` (one matmul when they can be fused)."""
+def _fused_or_separate(modules: SequenceType[nn.Module], fuse: bool
+                       ) -> tuple[Callable[[torch.Tensor], torch.Tensor], list[nn.Module]]:
+    """A callable returning the concatenated outputs of `modules` (one matmul when they can be fused), and the
+    modules it runs (the fused one, or the originals)."""
     fused = fuse_linears(modules) if fuse else None
     if fused is not None:
-        return fused
-    return lambda x: torch.cat([m(x) for m in modules], dim=-1)
+        return fused, [fused]
+    return (lambda x: torch.cat([m(x) for m in modules], dim=-1)), list(modules)
 
 
 # -- the Llama-family decoder ---------------------------------------------------------------------------------
@@ -131,6 +134,8 @@ class _Layer:
     post_norm: nn.Module
     gate_up: Callable[[torch.Tensor], torch.Tensor]
     down: nn.Module
+    qkv_parts: list[nn.Module]        # the modules `qkv` runs, in output order
+    gate_up_parts: list[nn.Module]
 
 
 def _rms_norm(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
@@ -141,7 +146,10 @@ class LlamaFamilyDecoder:
     """Runs a Llama-family HF model's weights with lowbit's static cache (no HF forward on the hot path)."""
 
     def __init__(self, model: nn.Module, slots: int, context: int, kv_dtype: torch.dtype, fuse: bool = True,
-                 prefill_attention_dtype: torch.dtype = torch.float32):
+                 prefill_attention_dtype: torch.dtype = torch.float32, native: bool = True,
+                 int8_activations: bool = False):
+        """`native`: decode single tokens with the compiled step (engine/compiled_step.py) when it can run the model;
+        `int8_activations`: let it round activations to int8 for 4-bit weights (faster, llama.cpp's arithmetic)."""
         config = model.config
         self.prefill_attention_dtype = prefill_attention_dtype
         inner = model.model
@@ -157,12 +165,13 @@ class LlamaFamilyDecoder:
         self.layers = []
         for block in inner.layers:
             attn, mlp = block.self_attn, block.mlp
+            qkv, qkv_parts = _fused_or_separate([attn.q_proj, attn.k_proj, attn.v_proj], fuse)
+            gate_up, gate_up_parts = _fused_or_separate([mlp.gate_proj, mlp.up_proj], fuse)
             self.layers.append(_Layer(
-                input_norm=block.input_layernorm,
-                qkv=_fused_or_separate([attn.q_proj, attn.k_proj, attn.v_proj], fuse),
+                input_norm=block.input_layernorm, qkv=qkv,
                 q_norm=getattr(attn, "q_norm", None), k_norm=getattr(attn, "k_norm", None),
                 o_proj=attn.o_proj, post_norm=block.post_attention_layernorm,
-                gate_up=_fused_or_separate([mlp.gate_proj, mlp.up_proj], fuse), down=mlp.down_proj))
+                gate_up=gate_up, down=mlp.down_proj, qkv_parts=qkv_parts, gate_up_parts=gate_up_parts))
         self.intermediate = config.intermediate_size
         self.context = context
         # Rotary tables for every position, computed once with the model's own rotary module (rope scaling
@@ -173,6 +182,20 @@ class LlamaFamilyDecoder:
         shape = (len(self.layers), slots, self.kv_heads, context, self.head_dim)
         self.k_cache = torch.zeros(shape, dtype=kv_dtype)
         self.v_cache = torch.zeros(shape, dtype=kv_dtype)
+        self.native = NativeDecodeStep.build(self, int8_activations) if native else None
+
+    def decode(self, tokens: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Logits [B, vocab] for one token per row: row b's token `tokens[b]` at `positions[b]` of slot `slots[b]`."""
+        if self.native is not None:
+            return self.native(tokens, slots, positions)
+        low, high = int(slots.min()), int(slots.max()) + 1
+        # Slots low..high-1 run as one batch; idle slots in between are free, so the throwaway token they
+        # compute at position 0 overwrites nothing live (a new sequence's prefill rewrites its slot from 0).
+        batch_tokens = torch.zeros(high - low, 1, dtype=torch.long)
+        batch_positions = torch.zeros(high - low, dtype=torch.long)
+        batch_tokens[slots - low, 0] = tokens
+        batch_positions[slots - low] = positions
+        return self.forward(batch_tokens, slice(low, high), batch_positions)[slots - low]
 
     def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         half = x.shape[-1] // 2
@@ -187,6 +210,8 @@ class LlamaFamilyDecoder:
         S > 1 (prefill) requires B == 1. Returns [B, vocab] for the last token, or [B, S, vocab] if all_logits.
         """
         batch, seq = tokens.shape
+        if seq == 1 and not all_logits and self.native is not None:
+            return self.native(tokens[:, 0], torch.arange(rows.start or 0, rows.stop), positions)
         heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
         same_start = batch == 1 or bool((positions == positions[0]).all())
         start = int(positions[0])
@@ -290,9 +315,12 @@ class Engine:
 
     def __init__(self, model: nn.Module, tokenizer: Any = None, max_batch: int = 1, context: int | None = None,
                  threads: int | None = None, prefill_chunk: int = 512, kv_dtype: torch.dtype = torch.float32,
-                 fuse: bool = True, prefill_attention_dtype: torch.dtype | None = None):
+                 fuse: bool = True, prefill_attention_dtype: torch.dtype | None = None, native: bool = True,
+                 int8_activations: bool = False):
         """`prefill_attention_dtype`: dtype of prompt attention; None picks bf16 (2.5-3x faster here) when the
-        model has quantized layers, which already compute in bf16, and float32 for a float model."""
+        model has quantized layers, which already compute in bf16, and float32 for a float model.
+        `native`: decode with the compiled whole-step kernel where it applies (False: torch ops only);
+        `int8_activations`: in it, int8 activations for 4-bit weights (faster; not float32-exact)."""
         if max_batch < 1:
             raise LowbitError(f"max batch must be >= 1 (got {max_batch})")
         if prefill_chunk < 1:
@@ -313,12 +341,17 @@ class Engine:
             prefill_attention_dtype = torch.bfloat16 if quantized else torch.float32
         if config.model_type in FAST_PATH_TYPES:
             self.decoder: Any = LlamaFamilyDecoder(model, max_batch, self.context, kv_dtype, fuse,
-                                                   prefill_attention_dtype)
+                                                   prefill_attention_dtype, native, int8_activations)
         else:
             self.decoder = HFDecoder(model, max_batch, self.context)
         self.free_slots = list(range(max_batch))
         self.active: list[Sequence] = []
         self.fingerprint = weights_fingerprint(model)
+
+    def __deepcopy__(self, memo: dict) -> None:
+        # A model caches its engine (engine_for); a deep copy of the model must build its own, not copy the
+        # cache and the compiled step's pointers into the original's tensors.
+        return None
 
     @property
     def fast_path(self) -> bool:
@@ -392,19 +425,12 @@ class Engine:
                 s.position += 1
                 self._accept(s, sample_token(logits[0], s.params, s.generator))
             return running
-        low = min(s.slot for s in running)
-        high = max(s.slot for s in running) + 1
-        # Slots low..high-1 run as one batch; idle slots in between are free, so the throwaway token they
-        # compute at position 0 overwrites nothing live (a new sequence's prefill rewrites its slot from 0).
-        tokens = torch.zeros(high - low, 1, dtype=torch.long)
-        positions = torch.zeros(high - low, dtype=torch.long)
-        for s in running:
-            tokens[s.slot - low, 0] = s.generated[-1]
-            positions[s.slot - low] = s.position
-        logits = self.decoder.forward(tokens, slice(low, high), positions)
-        for s in running:
+        logits = self.decoder.decode(torch.tensor([s.generated[-1] for s in running]),
+                                     torch.tensor([s.slot for s in running]),
+                                     torch.tensor([s.position for s in running]))
+        for row, s in enumerate(running):
             s.position += 1
-            self._accept(s, sample_token(logits[s.slot - low], s.params, s.generator))
+            self._accept(s, sample_token(logits[row], s.params, s.generator))
         return running
 
     def release(self, seq: Sequence, reason: str | None = None) -> None:

@@ -8,28 +8,20 @@ rows; one parallel C pass) and use the bf16 GEMM (AMX). Everything is written as
 (a = scale, b = -scale * zero) and the GGUF types with a minimum (w = d * q - m: a = d, b = -m).
 
 Codes torch cannot take (5..8 bits with groups: GGUF Q5_x/Q6_K/Q8_0, grouped 8-bit grids, K-quants with
-16-column groups) go through a small C kernel (csrc/affine_gemv.c) that reads 1-byte codes and the group
-statistics directly. It is compiled with the machine's C compiler on first use (or at install time by `make setup`,
-which calls `build_native()`) for this CPU's instruction set, cached by source and CPU flags;
-with no compiler the kernel simply reports itself unsupported and the registry picks the next one.
+16-column groups) go through lowbit's compiled kernel (runtime/clib.py, csrc/affine_dot.h), which reads the codes
+and the group statistics directly in float32; with no C compiler it reports itself unsupported and the registry
+picks the next kernel.
 """
 from __future__ import annotations
 
-import ctypes
-import hashlib
 import logging
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from lowbit.quantized import QuantizedWeight
+from lowbit.runtime.clib import affine_spec, build_native, linear, native_library  # noqa: F401  (re-exported)
 from lowbit.runtime.kernels import Kernel, contiguous_groups, register_kernel
 
 log = logging.getLogger("lowbit")
@@ -72,19 +64,22 @@ class AffineInt4Kernel(Kernel):
 
     def prepare(self, qw: QuantizedWeight) -> dict[str, Any]:
         a, b, _ = affine_form(qw)
-        group = qw.effective_group_size
-        n, k = qw.shape
-        n_groups = a.shape[1]
-        pad = n_groups * group - k
-        codes = qw.codes
+        # The prefill path reads the unpacked codes the QuantizedWeight already holds (no extra copy); the
+        # int4pack copy is made on the first decode-sized call (the engine's compiled step may never need it).
+        return {"packed": None, "group": qw.effective_group_size, "codes": qw.codes.contiguous(),
+                "a": a.float().contiguous(), "b": b.float().contiguous()}
+
+    @staticmethod
+    def _pack(state: dict[str, Any]) -> None:
+        codes, a, b, group = state["codes"], state["a"], state["b"], state["group"]
+        n, k = codes.shape
+        pad = a.shape[1] * group - k
         if pad:
             codes = torch.cat([codes, codes.new_zeros(n, pad)], dim=1)
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 1)
+        state["pad"] = pad
+        state["packed"] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 1)
         # int4pack computes (q - 8) * scale + offset per group: scale = a, offset = b + 8a.
-        scales_and_offsets = torch.stack([a.t(), (b + 8 * a).t()], dim=-1).to(torch.bfloat16).contiguous()
-        # The prefill path reads the unpacked codes the QuantizedWeight already holds (no extra copy).
-        return {"packed": packed, "sz": scales_and_offsets, "group": group, "pad": pad,
-                "codes": qw.codes.contiguous(), "a": a.float().contiguous(), "b": b.float().contiguous()}
+        state["sz"] = torch.stack([a.t(), (b + 8 * a).t()], dim=-1).to(torch.bfloat16).contiguous()
 
     def matmul(self, x: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
         shape = x.shape
@@ -92,6 +87,8 @@ class AffineInt4Kernel(Kernel):
         if x2.shape[0] >= PREFILL_ROWS:
             y = prefill_matmul(x2, state["codes"], state["a"], state["b"], state["group"])
         else:
+            if state["packed"] is None:
+                self._pack(state)
             x2 = x2.to(torch.bfloat16)
             if state["pad"]:
                 x2 = F.pad(x2, (0, state["pad"]))
@@ -100,86 +97,9 @@ class AffineInt4Kernel(Kernel):
         return y.reshape(*shape[:-1], -1).to(x.dtype)
 
 
-# -- the compiled kernel for 1-byte codes ------------------------------------------------------------------
-SOURCE = Path(__file__).with_name("csrc") / "affine_gemv.c"
-_LIBRARY: ctypes.CDLL | None = None
-_LIBRARY_TRIED = False
-
-
-def _cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return line
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def native_library_path() -> Path:
-    """Where the compiled kernel for this source and this CPU lives (package folder, else the user cache)."""
-    key = hashlib.sha256(SOURCE.read_bytes() + _cpu_flags().encode()).hexdigest()[:16]
-    name = f"affine_gemv-{key}.so"
-    package_dir = Path(__file__).with_name("_native")
-    if os.access(package_dir if package_dir.exists() else package_dir.parent, os.W_OK):
-        return package_dir / name
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lowbit" / name
-
-
-def build_native(verbose: bool = False) -> Path | None:
-    """Compile csrc/affine_gemv.c for this CPU (-march=native, OpenMP); the library path, or None on failure."""
-    target = native_library_path()
-    if target.exists():
-        return target
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        log.info("no C compiler found: the u8 kernel is unavailable (other kernels are used)")
-        return None
-    target.parent.mkdir(parents=True, exist_ok=True)
-    for flags in (["-march=native"], []):   # a compiler that refuses -march=native still builds a portable one
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-        os.close(fd)
-        cmd = [compiler, "-O3", *flags, "-fopenmp", "-shared", "-fPIC", "-o", tmp, str(SOURCE)]
-        result = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        if result.returncode == 0:
-            os.replace(tmp, target)        # atomic: a concurrent build never sees half a library
-            if verbose:
-                print(" ".join(cmd))
-            return target
-        os.unlink(tmp)
-        log.debug("kernel build failed: %s\n%s", " ".join(cmd), result.stderr)
-    log.info("could not compile the u8 kernel; other kernels are used")
-    return None
-
-
-def native_library() -> ctypes.CDLL | None:
-    """The loaded kernel library, building it on first use; None when it cannot be built or loaded."""
-    global _LIBRARY, _LIBRARY_TRIED
-    if _LIBRARY_TRIED:
-        return _LIBRARY
-    _LIBRARY_TRIED = True
-    if os.environ.get("LOWBIT_NO_NATIVE"):
-        return None
-    path = build_native()
-    if path is None:
-        return None
-    try:
-        lib = ctypes.CDLL(str(path))   # torch is imported first, so its libgomp is the one shared
-    except OSError as exc:
-        log.info("could not load %s (%s); other kernels are used", path, exc)
-        return None
-    ptr, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.lowbit_affine_gemv_u8.argtypes = [ptr, ptr, i64, i64, ptr, ptr, ptr, i64, i64, i64, ptr, i32]
-    lib.lowbit_affine_gemv_u8.restype = None
-    lib.lowbit_affine_dequant_u8_bf16.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, ptr, i32]
-    lib.lowbit_affine_dequant_u8_bf16.restype = None
-    _LIBRARY = lib
-    return lib
-
-
 class AffineU8Kernel(Kernel):
-    """Any affine weight with codes <= 255 and contiguous groups: the C kernel for decode rows, bf16
-    dequantize + GEMM for prefill."""
+    """Any affine weight with codes <= 255 and contiguous groups: lowbit's compiled kernel (clib) for decode rows
+    (float32, 4-bit codes read two per byte), bf16 dequantize + GEMM for prefill."""
 
     name = "u8"
 
@@ -189,24 +109,19 @@ class AffineU8Kernel(Kernel):
 
     def prepare(self, qw: QuantizedWeight) -> dict[str, Any]:
         a, b, _ = affine_form(qw)
-        return {"codes": qw.codes.to(torch.uint8).contiguous(), "a": a.float().contiguous(),
-                "b": b.float().contiguous(), "group": qw.effective_group_size, "k": qw.in_features}
+        # No ctypes objects in the state (modules holding it must stay deep-copyable): the C description is
+        # looked up per call from clib's cache.
+        return {"qw": qw, "codes": qw.codes.to(torch.uint8).contiguous(),
+                "a": a.float().contiguous(), "b": b.float().contiguous(), "group": qw.effective_group_size}
 
     def matmul(self, x: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        codes, a, b, group, k = state["codes"], state["a"], state["b"], state["group"], state["k"]
-        n, n_groups = a.shape
         if x2.shape[0] >= PREFILL_ROWS:
-            return prefill_matmul(x2, codes, a, b, group).reshape(*shape[:-1], n).to(x.dtype)
-        x2 = x2.float().contiguous()
-        pad = n_groups * group - k
-        xsum = (F.pad(x2, (0, pad)) if pad else x2).view(-1, n_groups, group).sum(-1).contiguous()
-        y = torch.empty(x2.shape[0], n, dtype=torch.float32)
-        native_library().lowbit_affine_gemv_u8(x2.data_ptr(), xsum.data_ptr(), x2.shape[0], k, codes.data_ptr(),
-                                               a.data_ptr(), b.data_ptr(), n, n_groups, group, y.data_ptr(),
-                                               torch.get_num_threads())
-        return y.reshape(*shape[:-1], n).to(x.dtype)
+            y = prefill_matmul(x2, state["codes"], state["a"], state["b"], state["group"])
+        else:
+            y = linear(affine_spec(state["qw"])[0], x2)
+        return y.reshape(*shape[:-1], -1).to(x.dtype)
 
 
 register_kernel(AffineInt4Kernel(), before="int8pack")

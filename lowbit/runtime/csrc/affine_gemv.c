@@ -8,85 +8,27 @@
  *
  * Rows n are split over OpenMP threads (the same libgomp runtime torch uses, so the pools do not fight), as
  * many as torch.get_num_threads() (passed in: OpenMP's own setting is per calling thread).
- * With AVX-512 the inner loop widens 16 codes to floats per step; without it a plain loop the compiler
- * vectorises for whatever the machine has.
+ * The dot products are in affine_dot.h (AVX-512 when the compiler targets it, else plain loops).
  */
-#include <stdint.h>
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
+#include "affine_dot.h"
 
-#define ROWS 4   /* activation rows sharing one pass over a weight row: codes are widened once for all */
+#include <omp.h>
 
-/* out[r] = dot of weight row q (affine per group) with activation rows x[r*K...], r < rows <= ROWS. */
-static inline __attribute__((always_inline)) void row_dots(const float *x, const float *xsum, int64_t rows, const uint8_t *q, const float *a,
-                            const float *b, int64_t K, int64_t G, int64_t group, float *out) {
-    float bias[ROWS] = {0.0f, 0.0f, 0.0f, 0.0f};
-#if defined(__AVX512F__)
-    __m512 acc[ROWS];
-    for (int64_t r = 0; r < ROWS; r++) acc[r] = _mm512_setzero_ps();
-    for (int64_t g = 0; g < G; g++) {
-        const int64_t k0 = g * group;
-        const int64_t k1 = k0 + group < K ? k0 + group : K;
-        const __m512 scale = _mm512_set1_ps(a[g]);
-        __m512 part[ROWS];
-        for (int64_t r = 0; r < rows; r++) part[r] = _mm512_setzero_ps();
-        int64_t k = k0;
-        for (; k + 16 <= k1; k += 16) {
-            const __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q + k))));
-            for (int64_t r = 0; r < rows; r++)
-                part[r] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + r * K + k), part[r]);
-        }
-        if (k < k1) {
-            const __mmask16 lanes = (__mmask16)((1u << (k1 - k)) - 1u);
-            const __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(lanes, q + k)));
-            for (int64_t r = 0; r < rows; r++)
-                part[r] = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(lanes, x + r * K + k), part[r]);
-        }
-        for (int64_t r = 0; r < rows; r++) {
-            acc[r] = _mm512_fmadd_ps(part[r], scale, acc[r]);
-            bias[r] += b[g] * xsum[r * G + g];
-        }
-    }
-    for (int64_t r = 0; r < rows; r++) out[r] = _mm512_reduce_add_ps(acc[r]) + bias[r];
-#else
-    float total[ROWS] = {0.0f, 0.0f, 0.0f, 0.0f};
-    for (int64_t g = 0; g < G; g++) {
-        const int64_t k0 = g * group;
-        const int64_t k1 = k0 + group < K ? k0 + group : K;
-        for (int64_t r = 0; r < rows; r++) {
-            float part = 0.0f;
-            for (int64_t k = k0; k < k1; k++) part += (float)q[k] * x[r * K + k];
-            total[r] += a[g] * part;
-            bias[r] += b[g] * xsum[r * G + g];
-        }
-    }
-    for (int64_t r = 0; r < rows; r++) out[r] = total[r] + bias[r];
-#endif
+/* Floats of scratch lowbit_linear needs for M rows on `threads` threads. */
+int64_t lowbit_linear_scratch(const lb_linear *weight, int64_t M, int threads) {
+    return (int64_t)threads * lb_scratch_floats(weight->k, weight->groups, M);
 }
 
-/* x [M,K] float32, xsum [M,G], codes [N,K] uint8, a/b [N,G] float32, y [M,N] float32 (all contiguous). */
-void lowbit_affine_gemv_u8(const float *x, const float *xsum, int64_t M, int64_t K, const uint8_t *codes,
-                           const float *a, const float *b, int64_t N, int64_t G, int64_t group, float *y,
-                           int threads) {
-    #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t n = 0; n < N; n++) {
-        for (int64_t m = 0; m < M; m += ROWS) {
-            const int64_t rows = M - m < ROWS ? M - m : ROWS;
-            float out[ROWS];
-            const float *xm = x + m * K, *sm = xsum + m * G, *an = a + n * G, *bn = b + n * G;
-            const uint8_t *qn = codes + n * K;
-            /* constant row counts let the compiler keep every accumulator in a register */
-            switch (rows) {
-                case 1: row_dots(xm, sm, 1, qn, an, bn, K, G, group, out); break;
-                case 2: row_dots(xm, sm, 2, qn, an, bn, K, G, group, out); break;
-                case 3: row_dots(xm, sm, 3, qn, an, bn, K, G, group, out); break;
-                default: row_dots(xm, sm, 4, qn, an, bn, K, G, group, out); break;
-            }
-            for (int64_t r = 0; r < rows; r++) y[(m + r) * N + n] = out[r];
-        }
-    }
+/* y [M, N] = x [M, K] W^T + bias for one weight described by `weight` (see affine_dot.h); `act8`: int8
+ * activations where the layout allows. */
+void lowbit_linear(const lb_linear *weight, const float *x, int64_t M, float *y, float *scratch, int act8,
+                   int threads) {
+    const int64_t per_thread = lb_scratch_floats(weight->k, weight->groups, M);
+    #pragma omp parallel num_threads(threads)
+    lb_matmul(weight, x, M, y, weight->n, 0, scratch + (int64_t)omp_get_thread_num() * per_thread, act8, 1);
 }
+
+int lowbit_has_act8(void) { return LB_HAVE_ACT8; }
 
 int lowbit_kernel_has_avx512(void) {
 #if defined(__AVX512F__)

@@ -1,0 +1,119 @@
+"""The engine's compiled decode step (runtime/csrc/decode.c): a whole Llama-family token step in one C call.
+
+`NativeDecodeStep.build(decoder)` describes the decoder's weights to the C code once (ctypes structures pointing
+at tensors kept alive here) and returns None when anything is outside what the C step handles: a layer whose
+weight is not affine with contiguous groups (NF4/FP4 codebooks, LLM.int8 outliers, act-order permutations), a
+non-float32 KV cache, or no compiled library. The engine then keeps running its torch decoder.
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from lowbit.runtime.clib import LinearSpec, linear_spec, native_library
+
+log = logging.getLogger("lowbit")
+
+_i64, _f32, _ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
+
+
+class LayerSpec(ctypes.Structure):
+    """decode.c's lb_layer (qkv and gate_up: up to 3 and 2 weights whose outputs are concatenated)."""
+
+    _fields_ = [("input_norm", _ptr), ("post_norm", _ptr), ("q_norm", _ptr), ("k_norm", _ptr),
+                ("qkv", LinearSpec * 3), ("o", LinearSpec), ("gate_up", LinearSpec * 2), ("down", LinearSpec)]
+
+
+class ModelSpec(ctypes.Structure):
+    """decode.c's lb_model."""
+
+    _fields_ = [("n_layers", _i64), ("hidden", _i64), ("heads", _i64), ("kv_heads", _i64), ("head_dim", _i64),
+                ("intermediate", _i64), ("context", _i64), ("slots", _i64),
+                ("norm_eps", _f32), ("q_norm_eps", _f32), ("k_norm_eps", _f32), ("attn_scale", _f32),
+                ("act8", _i64),
+                ("layers", ctypes.POINTER(LayerSpec)), ("final_norm", _ptr), ("lm_head", LinearSpec),
+                ("cos", _ptr), ("sin", _ptr), ("k_cache", _ptr), ("v_cache", _ptr)]
+
+
+def _norm_weight(norm: nn.Module | None, keep: list[torch.Tensor]) -> int | None:
+    if norm is None:
+        return None
+    weight = norm.weight.detach().float().contiguous()
+    keep.append(weight)
+    return weight.data_ptr()
+
+
+class NativeDecodeStep:
+    """Callable (tokens [B], slots [B], positions [B]) -> logits [B, vocab] for a LlamaFamilyDecoder."""
+
+    def __init__(self, lib: ctypes.CDLL, spec: ModelSpec, layers: Any, keep: list[torch.Tensor],
+                 embed: nn.Module, vocab: int):
+        self.lib, self.spec, self.layers, self.keep = lib, spec, layers, keep
+        self.embed, self.vocab = embed, vocab
+        self.workspace: torch.Tensor | None = None
+
+    @classmethod
+    def build(cls, decoder: Any, act8: bool = False) -> NativeDecodeStep | None:
+        """The compiled step for `decoder` (a LlamaFamilyDecoder), or None if it cannot run it (reason logged).
+        `act8`: int8 activations in 4-bit matmuls (llama.cpp's arithmetic; faster, no longer float32-exact)."""
+        def unsupported(reason: str) -> None:
+            log.debug("compiled decode step not used: %s", reason)
+            return None
+
+        lib = native_library()
+        if lib is None:
+            return unsupported("no compiled library")
+        if decoder.k_cache.dtype != torch.float32:
+            return unsupported(f"KV cache dtype {decoder.k_cache.dtype}")
+        if decoder.heads % decoder.kv_heads:
+            return unsupported("heads not a multiple of kv heads")
+        keep: list[torch.Tensor] = []
+        layer_specs = []
+        for index, layer in enumerate(decoder.layers):
+            specs = {}
+            for name, modules in (("qkv", layer.qkv_parts), ("o", [layer.o_proj]),
+                                  ("gate_up", layer.gate_up_parts), ("down", [layer.down])):
+                described = [linear_spec(module) for module in modules]
+                if any(d is None for d in described):
+                    return unsupported(f"layer {index} {name}: a weight layout the compiled step cannot read")
+                specs[name] = [d[0] for d in described]
+                keep.extend(t for d in described for t in d[1])
+            layer_specs.append(LayerSpec(
+                _norm_weight(layer.input_norm, keep), _norm_weight(layer.post_norm, keep),
+                _norm_weight(layer.q_norm, keep), _norm_weight(layer.k_norm, keep),
+                (LinearSpec * 3)(*specs["qkv"]), specs["o"][0], (LinearSpec * 2)(*specs["gate_up"]),
+                specs["down"][0]))
+        head = linear_spec(decoder.lm_head)
+        if head is None:
+            return unsupported("lm_head weight layout not handled")
+        keep.extend(head[1])
+        first = decoder.layers[0]
+        layers = (LayerSpec * len(layer_specs))(*layer_specs)
+        keep.extend([decoder.cos, decoder.sin])
+        spec = ModelSpec(
+            len(layer_specs), decoder.hidden, decoder.heads, decoder.kv_heads, decoder.head_dim,
+            decoder.intermediate, decoder.context, decoder.k_cache.shape[1],
+            first.input_norm.variance_epsilon,
+            first.q_norm.variance_epsilon if first.q_norm is not None else 0.0,
+            first.k_norm.variance_epsilon if first.k_norm is not None else 0.0,
+            decoder.head_dim ** -0.5, int(act8), layers, _norm_weight(decoder.final_norm, keep), head[0],
+            decoder.cos.data_ptr(), decoder.sin.data_ptr(), decoder.k_cache.data_ptr(), decoder.v_cache.data_ptr())
+        return cls(lib, spec, layers, keep, decoder.embed, head[0].n)
+
+    def __call__(self, tokens: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        batch = tokens.shape[0]
+        threads = torch.get_num_threads()
+        size = self.lib.lowbit_decode_workspace(ctypes.byref(self.spec), batch, threads)
+        if self.workspace is None or self.workspace.numel() < size:
+            self.workspace = torch.empty(size, dtype=torch.float32)
+        x = self.embed(tokens).float().contiguous()
+        slots = slots.to(torch.int64).contiguous()
+        positions = positions.to(torch.int64).contiguous()
+        logits = torch.empty(batch, self.vocab, dtype=torch.float32)
+        self.lib.lowbit_decode_step(ctypes.byref(self.spec), x.data_ptr(), batch, slots.data_ptr(),
+                                    positions.data_ptr(), logits.data_ptr(), self.workspace.data_ptr(), threads)
+        return logits

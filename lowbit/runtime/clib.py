@@ -1,0 +1,234 @@
+"""lowbit's compiled kernels (runtime/csrc): building the library for this CPU, and describing weights to it.
+
+The C sources are compiled with the machine's C compiler on first use (or at install time by `make setup`, which
+calls `build_native()`) with -march=native and OpenMP, cached by source and CPU flags. With no compiler, or a
+failed build, `native_library()` is None and every caller falls back to torch kernels.
+
+`linear_spec(module)` turns a Linear (float, or a QuantLinear whose weight is affine per contiguous group) into
+the `lb_linear` structure of csrc/affine_dot.h; 4-bit codes are re-packed two per byte (LB_NIB), wider codes
+are read one per byte (LB_U8).
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import weakref
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lowbit.quantized import QuantizedWeight
+
+log = logging.getLogger("lowbit")
+
+CSRC = Path(__file__).with_name("csrc")
+SOURCES = (CSRC / "affine_gemv.c", CSRC / "decode.c")   # one library; decode.c is the engine's whole-step kernel
+LB_F32, LB_U8, LB_NIB = 0, 1, 2
+LB_STATS_F32, LB_STATS_F16, LB_STATS_F16_OFFSET = 0, 1, 2
+_LIBRARY: ctypes.CDLL | None = None
+_LIBRARY_TRIED = False
+_i64, _ptr = ctypes.c_int64, ctypes.c_void_p
+# id(weight) -> (weakref to it, its codes tensor, its C description): one packed copy per weight, dropped with it
+_DESCRIBED: dict[int, tuple[Any, torch.Tensor, Any]] = {}
+
+
+class LinearSpec(ctypes.Structure):
+    """csrc/affine_dot.h's lb_linear: one weight as the C kernels read it."""
+
+    _fields_ = [("kind", _i64), ("n", _i64), ("k", _i64), ("groups", _i64), ("group", _i64),
+                ("w", _ptr), ("a", _ptr), ("b", _ptr), ("bias", _ptr), ("stats", _i64), ("offset", ctypes.c_float)]
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def native_library_path() -> Path:
+    """Where the compiled library for these sources and this CPU lives (package folder, else the user cache)."""
+    source_bytes = b"".join(path.read_bytes() for path in sorted(CSRC.iterdir()) if path.suffix in (".c", ".h"))
+    key = hashlib.sha256(source_bytes + _cpu_flags().encode()).hexdigest()[:16]
+    name = f"lowbit_kernels-{key}.so"
+    package_dir = Path(__file__).with_name("_native")
+    if os.access(package_dir if package_dir.exists() else package_dir.parent, os.W_OK):
+        return package_dir / name
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lowbit" / name
+
+
+def build_native(verbose: bool = False) -> Path | None:
+    """Compile csrc/*.c into one library for this CPU (-march=native, OpenMP); its path, or None on failure."""
+    target = native_library_path()
+    if target.exists():
+        return target
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        log.info("no C compiler found: lowbit's compiled kernels are unavailable (torch kernels are used)")
+        return None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for flags in (["-march=native"], []):   # a compiler that refuses -march=native still builds a portable one
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+        os.close(fd)
+        cmd = [compiler, "-O3", *flags, "-fopenmp", "-shared", "-fPIC", "-o", tmp, *map(str, SOURCES), "-lm"]
+        result = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if result.returncode == 0:
+            os.replace(tmp, target)        # atomic: a concurrent build never sees half a library
+            if verbose:
+                print(" ".join(cmd))
+            return target
+        os.unlink(tmp)
+        log.debug("kernel build failed: %s\n%s", " ".join(cmd), result.stderr)
+    log.info("could not compile lowbit's kernels; torch kernels are used")
+    return None
+
+
+def native_library() -> ctypes.CDLL | None:
+    """The loaded kernel library, building it on first use; None when it cannot be built or loaded."""
+    global _LIBRARY, _LIBRARY_TRIED
+    if _LIBRARY_TRIED:
+        return _LIBRARY
+    _LIBRARY_TRIED = True
+    if os.environ.get("LOWBIT_NO_NATIVE"):
+        return None
+    path = build_native()
+    if path is None:
+        return None
+    try:
+        lib = ctypes.CDLL(str(path))   # torch is imported first, so its libgomp is the one shared
+    except OSError as exc:
+        log.info("could not load %s (%s); torch kernels are used", path, exc)
+        return None
+    i32 = ctypes.c_int
+    lib.lowbit_linear.argtypes = [_ptr, _ptr, _i64, _ptr, _ptr, i32, i32]
+    lib.lowbit_linear.restype = None
+    lib.lowbit_linear_scratch.argtypes = [_ptr, _i64, i32]
+    lib.lowbit_linear_scratch.restype = _i64
+    lib.lowbit_has_act8.restype = i32
+    lib.lowbit_affine_dequant_u8_bf16.argtypes = [_ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _ptr, i32]
+    lib.lowbit_affine_dequant_u8_bf16.restype = None
+    lib.lowbit_decode_workspace.argtypes = [_ptr, _i64, i32]
+    lib.lowbit_decode_workspace.restype = _i64
+    lib.lowbit_decode_step.argtypes = [_ptr, _ptr, _i64, _ptr, _ptr, _ptr, _ptr, i32]
+    lib.lowbit_decode_step.restype = None
+    _LIBRARY = lib
+    return lib
+
+
+def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 codes [N, K] (< 16, K % 32 == 0) -> [N, K/2] in the LB_NIB layout: per 32-column chunk,
+    byte j = column j (low nibble) | column 16 + j (high nibble)."""
+    n, k = codes.shape
+    chunks = codes.to(torch.uint8).reshape(n, k // 32, 2, 16)
+    return (chunks[:, :, 0] | (chunks[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
+
+
+def nibble_layout_fits(bits: int, in_features: int, group: int) -> bool:
+    """True when 4-bit codes of this width and group size can use the LB_NIB layout."""
+    return bits <= 4 and in_features % 32 == 0 and (group == 16 or group % 32 == 0)
+
+
+def affine_spec(qw: QuantizedWeight, bias: torch.Tensor | None = None
+                ) -> tuple[LinearSpec, list[torch.Tensor]] | None:
+    """The C description of a quantized weight with an affine form per contiguous group (codes <= 8 bits), and
+    the tensors it points into (keep them alive); None if the C kernels cannot read it.
+
+    The packed codes are made once per weight and cached on it, so the per-layer kernel and the engine's
+    compiled step share one copy."""
+    cached = _DESCRIBED.get(id(qw))
+    if cached is None or cached[0]() is not qw or cached[1] is not qw.codes:
+        cached = (weakref.ref(qw), qw.codes, _describe_affine(qw))
+        _DESCRIBED[id(qw)] = cached
+        weakref.finalize(qw, _DESCRIBED.pop, id(qw), None)
+    described = cached[2]
+    if described is None:
+        return None
+    spec, keep = described
+    if bias is not None:
+        spec = LinearSpec.from_buffer_copy(spec)
+        spec.bias = bias.data_ptr()
+        keep = keep + [bias]
+    return spec, keep
+
+
+def _describe_affine(qw: QuantizedWeight) -> tuple[LinearSpec, list[torch.Tensor]] | None:
+    from lowbit.runtime.kernels import contiguous_groups
+
+    form = qw.scheme.affine_form(qw)
+    if form is None or form[2] > 8 or not contiguous_groups(qw):
+        return None
+    a, b, bits = form
+    n, k = qw.shape
+    group = qw.effective_group_size
+    if nibble_layout_fits(bits, k, group):
+        kind, codes = LB_NIB, pack_nibbles(qw.codes)
+    else:
+        kind, codes = LB_U8, qw.codes.to(torch.uint8).contiguous()
+    stats, a, b, offset = compact_statistics(a.float(), b.float())
+    spec = LinearSpec(kind, n, k, a.shape[1], group, codes.data_ptr(), a.data_ptr(), b.data_ptr(), None, stats,
+                      offset)
+    return spec, [codes, a, b]
+
+
+def compact_statistics(a: torch.Tensor, b: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor, float]:
+    """The smallest exact storage of the group statistics: (LB_STATS_*, a, b, offset). float16 when both
+    survive it unchanged; a alone when also b = offset * a for one offset (the kernels read fewer bytes)."""
+    a16, b16 = a.half(), b.half()
+    if not (torch.equal(a16.float(), a) and torch.equal(b16.float(), b)):
+        return LB_STATS_F32, a.contiguous(), b.contiguous(), 0.0
+    nonzero = a != 0
+    if bool(nonzero.any()):
+        offset = float((b[nonzero] / a[nonzero]).flatten()[0])
+        if torch.equal(b, a * offset):
+            return LB_STATS_F16_OFFSET, a16.contiguous(), a16.contiguous(), offset
+    return LB_STATS_F16, a16.contiguous(), b16.contiguous(), 0.0
+
+
+def linear_spec(module: Any) -> tuple[LinearSpec, list[torch.Tensor]] | None:
+    """`affine_spec` for a QuantLinear (with its bias), or an LB_F32 description of a float Linear; None if the
+    module is neither (or its weight is not affine)."""
+    from lowbit.runtime.qlinear import QuantLinear
+
+    bias = getattr(module, "bias", None)
+    bias = None if bias is None else bias.detach().float().contiguous()
+    if isinstance(module, QuantLinear):
+        return affine_spec(module.qweight, bias)
+    weight = getattr(module, "weight", None)
+    if (not isinstance(module, nn.Module) or not isinstance(weight, torch.Tensor) or weight.dim() != 2
+            or not weight.is_floating_point() or type(module).__name__ not in ("Linear", "_DenseLinear")):
+        return None
+    weight = weight.detach().float().contiguous()
+    n, k = weight.shape
+    keep = [weight] + ([bias] if bias is not None else [])
+    return LinearSpec(LB_F32, n, k, 0, 0, weight.data_ptr(), None, None,
+                      bias.data_ptr() if bias is not None else None), keep
+
+
+def linear(spec: LinearSpec, x: torch.Tensor, act8: bool = False) -> torch.Tensor:
+    """y [M, N] = x [M, K] W^T (+ bias) with the compiled kernel on torch's thread count: float32 arithmetic, or
+    with `act8` int8 activations per 32 columns (llama.cpp's Q8_0 arithmetic) where the layout allows."""
+    lib = native_library()
+    x = x.float().contiguous()
+    threads = torch.get_num_threads()
+    spec_ref = ctypes.byref(spec)
+    y = torch.empty(x.shape[0], spec.n, dtype=torch.float32)
+    scratch = torch.empty(max(1, lib.lowbit_linear_scratch(spec_ref, x.shape[0], threads)), dtype=torch.float32)
+    lib.lowbit_linear(spec_ref, x.data_ptr(), x.shape[0], y.data_ptr(), scratch.data_ptr(), int(act8), threads)
+    return y
+
+
+def has_act8() -> bool:
+    """True when the compiled library has the int8-activation (AVX-512 VNNI) kernels."""
+    lib = native_library()
+    return bool(lib is not None and lib.lowbit_has_act8())

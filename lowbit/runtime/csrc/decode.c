@@ -1,0 +1,168 @@
+/* One decode step of a Llama-family model (Llama, Mistral, Qwen2, Qwen3, SmolLM2) in one call.
+ *
+ * Why: at batch 1 a small model's decode step is ~50 torch operations per layer, and their dispatch costs more
+ * than the arithmetic (measured: 13.4 ms per SmolLM2-135M token, of which ~5 ms were matmuls). Here the whole
+ * step runs inside one OpenMP parallel region: the threads split each matmul's output rows and each
+ * attention's heads, and meet at a barrier between stages, so a token costs one call from Python.
+ *
+ * Numbers are float32 throughout (weights are read as their codes, see affine_dot.h), the KV cache is the
+ * engine's float32 cache [layers, slots, kv_heads, context, head_dim], and each of the B rows decodes one
+ * token for its own cache slot at its own position (continuous batching).
+ */
+#include <math.h>
+#include <omp.h>
+#include <stddef.h>
+
+#include "affine_dot.h"
+
+typedef struct {
+    const float *input_norm, *post_norm, *q_norm, *k_norm;   /* q_norm / k_norm: Qwen3's per-head norms, or NULL */
+    lb_linear qkv[3], o, gate_up[2], down;   /* q, k, v and gate, up (parts with n == 0 are absent: a fused
+                                                weight in the first part computes them all) */
+} lb_layer;
+
+typedef struct {
+    int64_t n_layers, hidden, heads, kv_heads, head_dim, intermediate, context, slots;
+    float norm_eps, q_norm_eps, k_norm_eps, attn_scale;
+    int64_t act8;                        /* int8 activations in the matmuls where the layout allows */
+    const lb_layer *layers;
+    const float *final_norm;
+    lb_linear lm_head;
+    const float *cos, *sin;              /* rotary tables [context, head_dim] */
+    float *k_cache, *v_cache;
+} lb_model;
+
+/* The concatenated outputs of several weights reading the same x, into y's columns in order; one barrier. */
+static void matmul_parts(const lb_linear *parts, int64_t count, const float *x, int64_t M, float *y, int64_t ldy,
+                         float *xsum, int act8) {
+    int64_t last = 0, column = 0;
+    for (int64_t i = 0; i < count; i++)
+        if (parts[i].n) last = i;
+    for (int64_t i = 0; i <= last; i++)
+        if (parts[i].n) {
+            lb_matmul(&parts[i], x, M, y + column, ldy, 0, xsum, act8, i == last);
+            column += parts[i].n;
+        }
+}
+
+static void rms_norm(const float *x, const float *weight, int64_t size, float eps, float *out) {
+    float squares = 0.0f;
+    #pragma omp simd reduction(+ : squares)
+    for (int64_t i = 0; i < size; i++) squares += x[i] * x[i];
+    const float inv = 1.0f / sqrtf(squares / (float)size + eps);
+    for (int64_t i = 0; i < size; i++) out[i] = weight[i] * (x[i] * inv);
+}
+
+/* Rotary embedding as transformers' rotate_half: pairs (i, i + d/2). */
+static void rope(float *v, const float *cos, const float *sin, int64_t d) {
+    const int64_t half = d / 2;
+    for (int64_t i = 0; i < half; i++) {
+        const float x0 = v[i], x1 = v[i + half];
+        v[i] = x0 * cos[i] - x1 * sin[i];
+        v[i + half] = x1 * cos[i + half] + x0 * sin[i + half];
+    }
+}
+
+static float dot(const float *a, const float *b, int64_t n) {
+    float s = 0.0f;
+    #pragma omp simd reduction(+ : s)
+    for (int64_t i = 0; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+/* Floats of scratch memory lowbit_decode_step needs for B rows and `threads` threads. */
+int64_t lowbit_decode_workspace(const lb_model *m, int64_t B, int threads) {
+    const int64_t qkv = (m->heads + 2 * m->kv_heads) * m->head_dim;
+    int64_t widest = m->hidden > m->intermediate ? m->hidden : m->intermediate;
+    if (m->heads * m->head_dim > widest) widest = m->heads * m->head_dim;
+    return B * (m->hidden + qkv + m->heads * m->head_dim + 3 * m->intermediate + m->heads * m->context)
+           + (int64_t)threads * lb_scratch_floats(widest, widest, B);
+}
+
+/* x [B, hidden]: the rows' embeddings, overwritten with the final hidden states; logits [B, vocab] out.
+ * Row b decodes into cache slot slots[b] at position positions[b] (< context), attending to positions 0..pos. */
+void lowbit_decode_step(const lb_model *m, float *x, int64_t B, const int64_t *slots, const int64_t *positions,
+                        float *logits, float *work, int threads) {
+    const int64_t H = m->hidden, D = m->head_dim, heads = m->heads, kv_heads = m->kv_heads;
+    const int64_t I = m->intermediate, T = m->context, QKV = (heads + 2 * kv_heads) * D;
+    const int64_t group_ratio = heads / kv_heads;
+    float *h = work, *qkv = h + B * H, *attn = qkv + B * QKV, *gu = attn + B * heads * D, *act = gu + B * 2 * I;
+    float *scores = act + B * I, *xsums = scores + B * heads * T;
+    int64_t widest = H > I ? H : I;
+    if (heads * D > widest) widest = heads * D;
+
+    #pragma omp parallel num_threads(threads)
+    {
+        float *xsum = xsums + (int64_t)omp_get_thread_num() * lb_scratch_floats(widest, widest, B);
+        const int act8 = (int)m->act8;
+        for (int64_t l = 0; l < m->n_layers; l++) {
+            const lb_layer *layer = &m->layers[l];
+            #pragma omp for schedule(static)
+            for (int64_t b = 0; b < B; b++) rms_norm(x + b * H, layer->input_norm, H, m->norm_eps, h + b * H);
+            matmul_parts(layer->qkv, 3, h, B, qkv, QKV, xsum, act8);
+
+            /* per-head norms (Qwen3), rotary embedding, and this token's keys and values into the cache */
+            #pragma omp for schedule(static) collapse(2)
+            for (int64_t b = 0; b < B; b++)
+                for (int64_t j = 0; j < heads + kv_heads; j++) {
+                    const int64_t pos = positions[b];
+                    float *v = qkv + b * QKV + j * D;
+                    const float *norm = j < heads ? layer->q_norm : layer->k_norm;
+                    if (norm) rms_norm(v, norm, D, j < heads ? m->q_norm_eps : m->k_norm_eps, v);
+                    rope(v, m->cos + pos * D, m->sin + pos * D, D);
+                    if (j >= heads) {
+                        const int64_t kvh = j - heads;
+                        const int64_t at = (((l * m->slots + slots[b]) * kv_heads + kvh) * T + pos) * D;
+                        const float *value = qkv + b * QKV + (heads + kv_heads + kvh) * D;
+                        for (int64_t i = 0; i < D; i++) {
+                            m->k_cache[at + i] = v[i];
+                            m->v_cache[at + i] = value[i];
+                        }
+                    }
+                }
+
+            #pragma omp for schedule(static) collapse(2)
+            for (int64_t b = 0; b < B; b++)
+                for (int64_t hh = 0; hh < heads; hh++) {
+                    const int64_t pos = positions[b];
+                    const int64_t base = ((l * m->slots + slots[b]) * kv_heads + hh / group_ratio) * T * D;
+                    const float *q = qkv + b * QKV + hh * D, *keys = m->k_cache + base, *values = m->v_cache + base;
+                    float *score = scores + (b * heads + hh) * T, *out = attn + b * heads * D + hh * D;
+                    float top = -INFINITY;
+                    for (int64_t t = 0; t <= pos; t++) {
+                        score[t] = dot(q, keys + t * D, D) * m->attn_scale;
+                        if (score[t] > top) top = score[t];
+                    }
+                    float total = 0.0f;
+                    for (int64_t t = 0; t <= pos; t++) {
+                        score[t] = expf(score[t] - top);
+                        total += score[t];
+                    }
+                    for (int64_t i = 0; i < D; i++) out[i] = 0.0f;
+                    for (int64_t t = 0; t <= pos; t++) {
+                        const float p = score[t];
+                        const float *vt = values + t * D;
+                        #pragma omp simd
+                        for (int64_t i = 0; i < D; i++) out[i] += p * vt[i];
+                    }
+                    const float inv = 1.0f / total;
+                    for (int64_t i = 0; i < D; i++) out[i] *= inv;
+                }
+
+            lb_matmul(&layer->o, attn, B, x, H, 1, xsum, act8, 1);      /* x += attention output */
+            #pragma omp for schedule(static)
+            for (int64_t b = 0; b < B; b++) rms_norm(x + b * H, layer->post_norm, H, m->norm_eps, h + b * H);
+            matmul_parts(layer->gate_up, 2, h, B, gu, 2 * I, xsum, act8);
+            #pragma omp for schedule(static)
+            for (int64_t i = 0; i < B * I; i++) {
+                const int64_t b = i / I, j = i - b * I;
+                const float gate = gu[b * 2 * I + j];
+                act[i] = gate / (1.0f + expf(-gate)) * gu[b * 2 * I + I + j];
+            }
+            lb_matmul(&layer->down, act, B, x, H, 1, xsum, act8, 1);    /* x += MLP output */
+        }
+        #pragma omp for schedule(static)
+        for (int64_t b = 0; b < B; b++) rms_norm(x + b * H, m->final_norm, H, m->norm_eps, h + b * H);
+        lb_matmul(&m->lm_head, h, B, logits, m->lm_head.n, 0, xsum, act8, 1);
+    }
+}
