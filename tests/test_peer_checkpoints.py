@@ -112,3 +112,34 @@ def test_peer_comparison_smoke(tmp_path):
     lowbit_row, peer_row = [r for r in rows if r["method"] == "gptq"]
     assert peer_row["loaded_by_lowbit"] and peer_row["tool"].startswith("gptqmodel")
     assert peer_row["ppl_wikitext2"] == pytest.approx(lowbit_row["ppl_wikitext2"], rel=0.15)
+
+
+@pytest.mark.slow
+def test_gptqmodel_reads_lowbits_gptq_checkpoint(tmp_path, stories_dir, tinystories_text):
+    """The other direction: GPTQModel loads lowbit's GPTQ v1 checkpoint and dequantizes it to lowbit's weights.
+    (stories260K's MLP width 172 does not fill whole words, which lowbit's writer refuses, so the MLP stays float.)"""
+    if not (PEER_VENV / "bin" / "python").exists():
+        pytest.skip(f"no GPTQModel peer venv at {PEER_VENV} (see bench/bench_gptq_peers.py)")
+    from lowbit.calibration.text import calibration_from_file
+    from lowbit.methods.base import QuantizeConfig
+
+    model = lowbit.load(stories_dir)
+    config = QuantizeConfig(method="gptq", bits=4, group_size=32, symmetric=True, skip=("lm_head", "mlp"))
+    lowbit.quantize(model, config, calibration=calibration_from_file(model.tokenizer, tinystories_text, 8, 256),
+                    progress=False)
+    lowbit.save(model, tmp_path / "ckpt", format="gptq")
+    tokens = list(range(1, 33))
+    spec = {"checkpoint": str(tmp_path / "ckpt"), "tokens": tokens, "out": str(tmp_path / "ref.safetensors")}
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([str(PEER_VENV / "bin" / "python"), str(ROOT / "bench" / "bench_gptq_peers.py"), "--child",
+                           "peer-reference", json.dumps(spec)], capture_output=True, text=True,
+                          env=dict(env, OMP_NUM_THREADS="1", GPTQMODEL_CPU_WORKERS="2"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    reference = load_file(spec["out"])
+    layers = dict(quantized_modules(model))
+    assert len(layers) == 20 and sum(k.endswith(".weight_sum") for k in reference) == 20
+    for name, module in layers.items():
+        assert torch.equal(module.qweight.dequantize().double()[:8, :8], reference[f"{name}.weight_corner"]), name
+    with torch.no_grad():
+        logits = model(torch.tensor([tokens])).logits[0]
+    assert torch.equal(logits.argmax(-1), reference["logits"].argmax(-1))
