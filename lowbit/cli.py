@@ -197,6 +197,8 @@ def add_sampling_args(p) -> None:
     p.add_argument("--kernel", default="auto", help="matmul kernel for quantized layers (auto, reference, ...)")
     p.add_argument("--load-in-4bit", action="store_true", help="quantize to NF4 while loading")
     p.add_argument("--load-in-8bit", action="store_true", help="quantize to LLM.int8 while loading")
+    p.add_argument("--int8-activations", action="store_true",
+                   help="decode with int8 activations (llama.cpp's arithmetic: faster, not float32-exact)")
 
 
 def add_generate(sub) -> None:
@@ -226,6 +228,7 @@ def _runtime_model(args: argparse.Namespace):
     if load_time_method:
         quantize_model(model, QuantizeConfig(method=load_time_method), CalibrationRequest(tokenizer),
                        kernel=args.kernel)
+    model.lowbit_engine_options = {"int8_activations": args.int8_activations}
     return model, tokenizer
 
 

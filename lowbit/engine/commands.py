@@ -22,6 +22,7 @@ def add_commands(sub) -> None:
     s.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a slot; more get 429")
     s.add_argument("--ctx", type=int, default=2048, help="context per sequence (prompt + generated tokens)")
     s.add_argument("--kernel", default="auto", help="matmul kernel for quantized layers")
+    s.add_argument("--int8-activations", action="store_true", help="decode 4-bit/8-bit layers with int8 activations (llama.cpp's arithmetic: faster, not float32-exact)")
     s.set_defaults(func=cmd_serve)
 
     b = sub.add_parser("bench", help="prompt processing and generation tokens/s (like llama-bench)")
@@ -31,6 +32,7 @@ def add_commands(sub) -> None:
     b.add_argument("-r", "--reps", type=int, default=3)
     b.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     b.add_argument("--kernel", default="auto", help="matmul kernel for quantized layers")
+    b.add_argument("--int8-activations", action="store_true", help="decode 4-bit/8-bit layers with int8 activations (llama.cpp's arithmetic: faster, not float32-exact)")
     b.add_argument("--vs-transformers", action="store_true", help="also time transformers on the same model")
     b.add_argument("--vs-llama-cpp", action="store_true",
                    help="also time llama.cpp (llama-cpp-python) on the same .gguf (MODEL or --gguf)")
@@ -67,7 +69,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from lowbit.models.loading import PACKAGED_MODELS
 
     name = args.model_name or (args.model if args.model in PACKAGED_MODELS else resolve_model_path(args.model).name)
-    engine = Engine(model, tokenizer, max_batch=args.max_batch, context=args.ctx, threads=args.threads)
+    engine = Engine(model, tokenizer, max_batch=args.max_batch, context=args.ctx, threads=args.threads,
+                    int8_activations=args.int8_activations)
     server = Server(engine, tokenizer, name, args.host, args.port, args.max_queue)
     print(f"lowbit: serving {name!r} at {server.url}/v1 ({engine.threads} threads, batch {args.max_batch}, "
           f"context {engine.context}); Ctrl-C stops", file=sys.stderr, flush=True)
@@ -97,7 +100,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
             raise LowbitError("--vs-llama-cpp needs a .gguf: pass one as MODEL or with --gguf FILE")
         gguf = str(path)
     model, _ = _load(args)
-    engine = Engine(model, max_batch=1, context=max(args.n_prompt, args.n_gen) + 8, threads=args.threads)
+    engine = Engine(model, max_batch=1, context=max(args.n_prompt, args.n_gen) + 8, threads=args.threads,
+                    int8_activations=args.int8_activations)
     results = [bench_engine(engine, args.n_prompt, args.n_gen, args.reps, name=f"lowbit ({Path(args.model).name})")]
     del engine
     if args.vs_transformers:

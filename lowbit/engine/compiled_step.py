@@ -19,6 +19,7 @@ from lowbit.runtime.clib import LinearSpec, linear_spec, native_library
 log = logging.getLogger("lowbit")
 
 _i64, _f32, _ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
+SMALL_MODEL_BYTES = 8 << 20    # below this many weight bytes a token step runs on one thread
 
 
 class LayerSpec(ctypes.Structure):
@@ -55,6 +56,10 @@ class NativeDecodeStep:
         self.lib, self.spec, self.layers, self.keep = lib, spec, layers, keep
         self.embed, self.vocab = embed, vocab
         self.workspace: torch.Tensor | None = None
+        # A step has ~9 barriers a layer; for a model this small they cost more than a second thread saves
+        # (and on a busy machine a preempted thread stalls every one of them).
+        weight_bytes = sum(t.numel() * t.element_size() for t in keep)
+        self.max_threads = 1 if weight_bytes < SMALL_MODEL_BYTES else None
 
     @classmethod
     def build(cls, decoder: Any, act8: bool = False) -> NativeDecodeStep | None:
@@ -106,7 +111,7 @@ class NativeDecodeStep:
 
     def __call__(self, tokens: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         batch = tokens.shape[0]
-        threads = torch.get_num_threads()
+        threads = min(torch.get_num_threads(), self.max_threads or torch.get_num_threads())
         size = self.lib.lowbit_decode_workspace(ctypes.byref(self.spec), batch, threads)
         if self.workspace is None or self.workspace.numel() < size:
             self.workspace = torch.empty(size, dtype=torch.float32)

@@ -497,7 +497,9 @@ def engine_for(model: nn.Module, tokenizer: Any = None, context: int | None = No
             or engine.fingerprint != weights_fingerprint(model)):
         engine = None
         model._lowbit_engine = None      # free the old cache before allocating the new one
-        engine = Engine(model, tokenizer, max_batch=max_batch, context=wanted)
+        # `lowbit_engine_options` on the model: Engine keywords its owner chose (e.g. the CLI's --int8-activations)
+        engine = Engine(model, tokenizer, max_batch=max_batch, context=wanted,
+                        **getattr(model, "lowbit_engine_options", {}))
         model._lowbit_engine = engine
     return engine
 

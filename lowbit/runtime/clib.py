@@ -68,30 +68,59 @@ def native_library_path() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lowbit" / name
 
 
+def compile_library(target: Path, march_native: bool = True) -> subprocess.CompletedProcess:
+    """Compile csrc/*.c into the shared library `target` (atomically); -march=native for this CPU's instruction
+    sets, else a portable build whose kernels are plain loops."""
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        return subprocess.CompletedProcess(["cc"], 127, "", "no C compiler found")
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    flags = ["-march=native"] if march_native else []
+    cmd = [compiler, "-O3", *flags, "-fopenmp", "-shared", "-fPIC", "-o", tmp, *map(str, SOURCES), "-lm"]
+    result = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if result.returncode == 0:
+        os.replace(tmp, target)        # atomic: a concurrent build never sees half a library
+    else:
+        os.unlink(tmp)
+    result.args = cmd
+    return result
+
+
 def build_native(verbose: bool = False) -> Path | None:
-    """Compile csrc/*.c into one library for this CPU (-march=native, OpenMP); its path, or None on failure."""
+    """Build the library for this CPU once (cached by sources and CPU flags); its path, or None on failure."""
     target = native_library_path()
     if target.exists():
         return target
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        log.info("no C compiler found: lowbit's compiled kernels are unavailable (torch kernels are used)")
-        return None
     target.parent.mkdir(parents=True, exist_ok=True)
-    for flags in (["-march=native"], []):   # a compiler that refuses -march=native still builds a portable one
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-        os.close(fd)
-        cmd = [compiler, "-O3", *flags, "-fopenmp", "-shared", "-fPIC", "-o", tmp, *map(str, SOURCES), "-lm"]
-        result = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    for march_native in (True, False):   # a compiler that refuses -march=native still builds a portable one
+        result = compile_library(target, march_native)
         if result.returncode == 0:
-            os.replace(tmp, target)        # atomic: a concurrent build never sees half a library
             if verbose:
-                print(" ".join(cmd))
+                print(" ".join(result.args))
             return target
-        os.unlink(tmp)
-        log.debug("kernel build failed: %s\n%s", " ".join(cmd), result.stderr)
-    log.info("could not compile lowbit's kernels; torch kernels are used")
+        log.debug("kernel build failed: %s\n%s", " ".join(map(str, result.args)), result.stderr)
+    log.info("could not compile lowbit's kernels (%s); torch kernels are used", result.stderr.strip()[:200])
     return None
+
+
+def load_library(path: Path) -> ctypes.CDLL:
+    """Load a compiled kernel library and declare its functions' argument types."""
+    lib = ctypes.CDLL(str(path))   # torch is imported first, so its libgomp is the one shared
+    i32 = ctypes.c_int
+    lib.lowbit_linear.argtypes = [_ptr, _ptr, _i64, _ptr, _ptr, i32, i32]
+    lib.lowbit_linear.restype = None
+    lib.lowbit_linear_scratch.argtypes = [_ptr, _i64, i32]
+    lib.lowbit_linear_scratch.restype = _i64
+    lib.lowbit_has_act8.restype = i32
+    lib.lowbit_kernel_has_avx512.restype = i32
+    lib.lowbit_affine_dequant_u8_bf16.argtypes = [_ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _ptr, i32]
+    lib.lowbit_affine_dequant_u8_bf16.restype = None
+    lib.lowbit_decode_workspace.argtypes = [_ptr, _i64, i32]
+    lib.lowbit_decode_workspace.restype = _i64
+    lib.lowbit_decode_step.argtypes = [_ptr, _ptr, _i64, _ptr, _ptr, _ptr, _ptr, i32]
+    lib.lowbit_decode_step.restype = None
+    return lib
 
 
 def native_library() -> ctypes.CDLL | None:
@@ -106,24 +135,10 @@ def native_library() -> ctypes.CDLL | None:
     if path is None:
         return None
     try:
-        lib = ctypes.CDLL(str(path))   # torch is imported first, so its libgomp is the one shared
+        _LIBRARY = load_library(path)
     except OSError as exc:
         log.info("could not load %s (%s); torch kernels are used", path, exc)
-        return None
-    i32 = ctypes.c_int
-    lib.lowbit_linear.argtypes = [_ptr, _ptr, _i64, _ptr, _ptr, i32, i32]
-    lib.lowbit_linear.restype = None
-    lib.lowbit_linear_scratch.argtypes = [_ptr, _i64, i32]
-    lib.lowbit_linear_scratch.restype = _i64
-    lib.lowbit_has_act8.restype = i32
-    lib.lowbit_affine_dequant_u8_bf16.argtypes = [_ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _ptr, i32]
-    lib.lowbit_affine_dequant_u8_bf16.restype = None
-    lib.lowbit_decode_workspace.argtypes = [_ptr, _i64, i32]
-    lib.lowbit_decode_workspace.restype = _i64
-    lib.lowbit_decode_step.argtypes = [_ptr, _ptr, _i64, _ptr, _ptr, _ptr, _ptr, i32]
-    lib.lowbit_decode_step.restype = None
-    _LIBRARY = lib
-    return lib
+    return _LIBRARY
 
 
 def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
@@ -215,10 +230,10 @@ def linear_spec(module: Any) -> tuple[LinearSpec, list[torch.Tensor]] | None:
                       bias.data_ptr() if bias is not None else None), keep
 
 
-def linear(spec: LinearSpec, x: torch.Tensor, act8: bool = False) -> torch.Tensor:
+def linear(spec: LinearSpec, x: torch.Tensor, act8: bool = False, lib: ctypes.CDLL | None = None) -> torch.Tensor:
     """y [M, N] = x [M, K] W^T (+ bias) with the compiled kernel on torch's thread count: float32 arithmetic, or
     with `act8` int8 activations per 32 columns (llama.cpp's Q8_0 arithmetic) where the layout allows."""
-    lib = native_library()
+    lib = lib or native_library()
     x = x.float().contiguous()
     threads = torch.get_num_threads()
     spec_ref = ctypes.byref(spec)
