@@ -2,13 +2,15 @@
 
 Prints a table and writes bench/results/engine.json. Runs (each pp512 and tg128, median of --reps):
 - transformers fp32: the float model, one forward over 512 tokens and `generate` for 128 tokens;
-- lowbit engine on: the float model; RTN 4-bit g128 (int4 kernel) and RTN 8-bit per channel (int8pack), lm_head
-  quantized too; GGUF files (Q4_0, Q4_K_M written by lowbit, and the packaged Q4_1) loaded kept quantized;
+- lowbit engine on: the float model; RTN 4-bit g128 (sym, and asym = the layout GPTQ writes) and RTN 8-bit per
+  channel, lm_head quantized too; GGUF files (Q4_0 and Q4_K_M made by llama.cpp's quantizer when it is installed,
+  else by lowbit's, and the packaged Q4_1) loaded kept quantized. Decode runs the compiled step (float32
+  arithmetic); each quantized model is run again with --int8-activations (llama.cpp's arithmetic);
 - llama.cpp (llama-cpp-python, when importable) on the same GGUF files and threads;
 - achieved weight bytes/s per decoded token next to the measured memory read bandwidth;
 - server: 32 concurrent streaming clients on loopback vs one client, p50/p99 latency, requests lost.
 
-Usage: python bench/bench_engine.py [--threads 2] [--reps 3] [--no-server] [--only rtn4,Q4_0]
+Usage: python bench/bench_engine.py [--threads 2] [--reps 3] [--no-server] [--no-act8] [--only rtn4,Q4_0]
 """
 from __future__ import annotations
 
@@ -34,7 +36,6 @@ from lowbit.engine.bench import (  # noqa: E402  (after the sys.path line, so a 
     bench_transformers,
     format_speed_table,
     llama_cpp_available,
-    quantized_head_from_gguf,
 )
 from lowbit.engine.runner import Engine, set_threads  # noqa: E402
 
@@ -67,8 +68,8 @@ def weight_bytes_per_token(model) -> int:
     return total
 
 
-def run_engine(model, label: str, args, context: int) -> dict:
-    engine = Engine(model, max_batch=1, context=context, threads=args.threads)
+def run_engine(model, label: str, args, context: int, **engine_options) -> dict:
+    engine = Engine(model, max_batch=1, context=context, threads=args.threads, **engine_options)
     result = bench_engine(engine, args.pp, args.tg, args.reps, name=label)
     del engine
     row = result.to_dict()
@@ -80,24 +81,18 @@ def run_engine(model, label: str, args, context: int) -> dict:
 
 def greedy_agreement(model, reference, tokenizer, n: int = 64) -> dict:
     """Greedy tokens of the engine on `model` vs transformers' generate on `reference` (dequantized weights):
-    with the default kernels (bf16 activations) and with float32-exact ones (C u8 kernel, float32 attention).
-    Returns {setting: number of leading tokens that agree (n = identical)}."""
-    import copy
-
+    default engine (compiled float32 decode step; prompt in bf16), all-float32 (prompt too), and with int8
+    activations. Returns {setting: number of leading tokens that agree (n = identical)}."""
     from lowbit.engine.generate import SamplingParams
-    from lowbit.runtime.fast_kernels import native_library
-    from lowbit.runtime.surgery import set_kernel
 
     prompt = tokenizer("The capital of France is", return_tensors="pt").input_ids
     with torch.inference_mode():
         theirs = reference.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False,
                                     pad_token_id=0)[0, prompt.shape[1]:].tolist()
-    exact = copy.deepcopy(model)
-    set_kernel(exact, "u8" if native_library() is not None else "reference")
     result = {}
-    for setting, engine in (("default_kernels", Engine(model, max_batch=1, context=256)),
-                            ("float32_kernels", Engine(exact, max_batch=1, context=256,
-                                                       prefill_attention_dtype=torch.float32))):
+    for setting, options in (("default", {}), ("float32_prompt", {"prefill_attention_dtype": torch.float32}),
+                             ("int8_activations", {"int8_activations": True})):
+        engine = Engine(model, max_batch=1, context=256, **options)
         ours = list(engine.generate(prompt[0].tolist(), SamplingParams(max_new_tokens=n, temperature=0.0),
                                     stop_on_eos=False))
         result[setting] = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), n)
@@ -185,7 +180,9 @@ def main() -> None:
     parser.add_argument("--server-tokens", type=int, default=64)
     parser.add_argument("--no-server", action="store_true")
     parser.add_argument("--no-transformers", action="store_true")
-    parser.add_argument("--only", default=None, help="comma list of runs: fp32,rtn4,rtn8,Q4_0,Q4_K_M,Q4_1")
+    parser.add_argument("--no-act8", action="store_true", help="skip the --int8-activations runs")
+    parser.add_argument("--only", default=None,
+                        help="comma list of runs: fp32,rtn4,gptq-layout,rtn8,Q4_0,Q4_K_M,Q4_1")
     parser.add_argument("--lowbit-gguf", action="store_true",
                         help="write the Q4_0/Q4_K_M files with lowbit's exporter even when llama.cpp is present")
     parser.add_argument("--output", default=str(RESULTS / "engine.json"))
@@ -223,18 +220,22 @@ def main() -> None:
         record(run_engine(base, "lowbit engine fp32", args, context))
 
     import copy
+    # gptq-layout: the layout lowbit's GPTQ writes by default (4-bit, g128, asymmetric, contiguous groups);
+    # speed depends on the layout only, so RTN codes stand in for a calibration run.
     for name, config in (("rtn4", QuantizeConfig(method="rtn", bits=4, group_size=128, skip=())),
+                         ("gptq-layout", QuantizeConfig(method="rtn", bits=4, group_size=128, symmetric=False,
+                                                        skip=())),
                          ("rtn8", QuantizeConfig(method="rtn", bits=8, group_size=-1, skip=()))):
         if not wanted(name):
             continue
         model = copy.deepcopy(base)
         quantize_model(model, config, progress=False)
-        from lowbit.runtime.surgery import quantized_modules
-        kernels = sorted({m.kernel_name for _, m in quantized_modules(model)})
-        row = run_engine(model, f"lowbit {name} ({'/'.join(kernels)})", args, context)
+        row = run_engine(model, f"lowbit {name}", args, context)
         row["greedy_tokens_equal_to_transformers_of_64"] = greedy_agreement(
             model, dequantized_copy(model), tokenizer)
         record(row)
+        if not args.no_act8:
+            record(run_engine(model, f"lowbit {name} int8-act", args, context, int8_activations=True))
         del model
 
     tmp = Path(tempfile.mkdtemp(prefix="lowbit-bench-"))
@@ -252,12 +253,12 @@ def main() -> None:
         ggufs["Q4_1"] = resolve_model_path("smollm2")
     for gtype, path in ggufs.items():
         model, _ = load_model(path, keep_quantized=True)
-        quantized_head_from_gguf(model, str(path))
-        from lowbit.runtime.surgery import quantized_modules
-        kernels = sorted({m.kernel_name for _, m in quantized_modules(model)})
-        row = run_engine(model, f"lowbit GGUF {gtype} ({'/'.join(kernels)})", args, context)
+        row = run_engine(model, f"lowbit GGUF {gtype}", args, context)
         row["gguf_mb"] = round(path.stat().st_size / 1e6, 2)
         record(row)
+        if not args.no_act8:
+            record(run_engine(model, f"lowbit GGUF {gtype} int8-act", args, context, int8_activations=True)
+                   | {"gguf_mb": row["gguf_mb"]})
         del model
         if llama_cpp_available():
             record(bench_llama_cpp(str(path), args.threads, args.pp, args.tg, args.reps,

@@ -233,3 +233,15 @@ def test_int8_activations_step_stays_close(stories):
             picked.append(int(logits.argmax()))
         choices[act8] = torch.tensor(picked)
     assert (choices[True] == choices[False]).float().mean() >= 0.9
+
+
+def test_gguf_tied_output_runs_on_the_embedding_blocks(smollm2_gguf):
+    """A GGUF with a tied, quantized token embedding (Q8_0 in SmolLM2's Q4_1 file) loads with its output projection on
+    those same blocks, as llama.cpp computes it, not on the float copy the lookup table keeps."""
+    from lowbit.models.loading import load_model
+    from lowbit.runtime.qlinear import QuantLinear
+
+    model, _ = load_model(smollm2_gguf, keep_quantized=True)
+    assert isinstance(model.lm_head, QuantLinear) and model.lm_head.qweight.scheme.name == "ggml-Q8_0"
+    assert torch.equal(model.lm_head.qweight.dequantize(), model.model.embed_tokens.weight)
+    assert not model.config.tie_word_embeddings

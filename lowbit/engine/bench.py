@@ -150,25 +150,3 @@ def format_speed_table(results: list[SpeedResult]) -> str:
             if rate is not None:
                 lines.append(f"| {r.runner:<34} | {r.threads:>7} | {test:>6} | {rate:>9.1f} |")
     return "\n".join(lines)
-
-
-def quantized_head_from_gguf(model: nn.Module, gguf_path: str) -> bool:
-    """Run the output projection on the GGUF's own quantized `output.weight` (or tied `token_embd.weight`),
-    as llama.cpp does, instead of the float copy a tied-embedding import leaves in lm_head. True if done."""
-    from lowbit.formats.gguf import read_gguf
-    from lowbit.runtime.qlinear import QuantLinear
-    from lowbit.runtime.surgery import install_quantized
-    from lowbit.schemes.ggml import GGMLScheme
-
-    if isinstance(model.lm_head, QuantLinear):
-        return False
-    gf = read_gguf(gguf_path)
-    tensor = gf.tensors.get("output.weight") or gf.tensors.get("token_embd.weight")
-    if tensor is None or not tensor.is_quantized:
-        return False
-    import numpy as np
-
-    qw = GGMLScheme(tensor.type_name).from_blocks(np.array(tensor.rows()), tensor.shape)
-    model.config.tie_word_embeddings = False
-    install_quantized(model, "lm_head", qw)
-    return True

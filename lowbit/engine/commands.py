@@ -42,17 +42,12 @@ def add_commands(sub) -> None:
 
 
 def _load(args: argparse.Namespace):
-    """(model, tokenizer) kept quantized; a .gguf's output projection runs on its quantized blocks."""
-    from lowbit.engine.bench import quantized_head_from_gguf
+    """(model, tokenizer) kept quantized (a .gguf's output projection runs on its quantized blocks)."""
     from lowbit.engine.runner import set_threads
-    from lowbit.models.loading import load_model, resolve_model_path
+    from lowbit.models.loading import load_model
 
     set_threads(args.threads)
-    model, tokenizer = load_model(args.model, kernel=args.kernel, keep_quantized=True)
-    path = resolve_model_path(args.model)
-    if path.suffix.lower() == ".gguf":
-        quantized_head_from_gguf(model, str(path))
-    return model, tokenizer
+    return load_model(args.model, kernel=args.kernel, keep_quantized=True)
 
 
 def cmd_serve(args: argparse.Namespace) -> None:

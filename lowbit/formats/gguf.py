@@ -603,6 +603,15 @@ def load_gguf_quantized(path: str | os.PathLike, kernel: str = "auto", **_: Any)
         model.tie_weights()
     for module, qw in quantized.items():
         install_quantized(model, module, qw, kernel=kernel)
+    embedding = gf.tensors.get("token_embd.weight")
+    if (config.tie_word_embeddings and "lm_head" in linear_names and embedding is not None
+            and embedding.is_quantized):
+        # A tied output projection runs on the embedding's own blocks, as llama.cpp does: the float copy the
+        # lookup table needs would otherwise be read in full for every generated token (4-8x the bytes).
+        model.config.tie_word_embeddings = False
+        install_quantized(model, "lm_head",
+                          GGMLScheme(embedding.type_name).from_blocks(np.array(embedding.rows()), embedding.shape),
+                          kernel=kernel)
     missing = [n for n, p in model.named_parameters() if p.is_meta]
     if missing:
         raise CorruptFile(f"{path}: tensors missing for {missing[:3]}; the file does not match its architecture")
