@@ -236,8 +236,8 @@ def test_int8_activations_step_stays_close(stories):
 
 
 def test_gguf_tied_output_runs_on_the_embedding_blocks(smollm2_gguf):
-    """A GGUF with a tied, quantized token embedding (Q8_0 in SmolLM2's Q4_1 file) loads with its output projection on
-    those same blocks, as llama.cpp computes it, not on the float copy the lookup table keeps."""
+    """A GGUF with a tied, quantized token embedding (Q8_0 in SmolLM2's Q4_1 file) loads with its output
+    projection on those same blocks, as llama.cpp computes it, not on the float copy the lookup table keeps."""
     from lowbit.models.loading import load_model
     from lowbit.runtime.qlinear import QuantLinear
 
@@ -245,3 +245,47 @@ def test_gguf_tied_output_runs_on_the_embedding_blocks(smollm2_gguf):
     assert isinstance(model.lm_head, QuantLinear) and model.lm_head.qweight.scheme.name == "ggml-Q8_0"
     assert torch.equal(model.lm_head.qweight.dequantize(), model.model.embed_tokens.weight)
     assert not model.config.tie_word_embeddings
+
+
+def _act_order(qw, seed: int = 0):
+    """The same weight as an act-order checkpoint stores it: columns in another order, g_idx saying each
+    column's group (so the groups are no longer contiguous runs)."""
+    from lowbit.quantized import QuantizedWeight
+
+    inverse = torch.randperm(qw.in_features, generator=torch.Generator().manual_seed(seed))
+    return QuantizedWeight(qw.scheme, qw.shape, codes=qw.codes[:, inverse].contiguous(), scales=qw.scales,
+                           zeros=qw.zeros, group_size=qw.group_size,
+                           g_idx=(torch.arange(qw.in_features) // qw.effective_group_size)[inverse].to(torch.int32))
+
+
+@pytest.mark.parametrize("bits,group", [(4, 32), (4, 128), (8, 64)])
+def test_act_order_weights_run_without_dequantizing(bits, group):
+    """g_idx weights are sorted into contiguous groups once and activations gathered per call: the compiled
+    kernel (decode rows) and the prefill path both equal the dequantized matmul."""
+    from lowbit.runtime.kernels import select_kernel
+    from lowbit.runtime.qlinear import QuantLinear
+    from lowbit.schemes.intgrid import IntGrid
+
+    qw = _act_order(IntGrid(bits=bits, group_size=group, symmetric=False).quantize(torch.randn(40, 256)))
+    w = qw.dequantize()
+    assert clib.column_order(qw) is not None
+    spec, keep = clib.affine_spec(qw)
+    x = torch.randn(3, 256)
+    assert ((clib.linear(spec, x) - x @ w.T).abs() <= _float_bound(x, w) + 1e-5).all()
+    layer = QuantLinear(qw)
+    assert select_kernel(qw).name == "u8"
+    many = torch.randn(20, 256)                    # prefill-sized: bf16 GEMM on the sorted weight
+    # x and W each rounded to bf16 (relative error 2^-9 each) before a float32 sum
+    assert ((layer(many) - many @ w.T).abs() <= 2 ** -8 * (many.abs() @ w.abs().T) + 1e-4).all()
+
+
+def test_unequal_groups_are_refused():
+    from lowbit.quantized import QuantizedWeight
+    from lowbit.schemes.intgrid import IntGrid
+
+    qw = IntGrid(bits=4, group_size=32).quantize(torch.randn(8, 64))
+    lopsided = QuantizedWeight(qw.scheme, qw.shape, codes=qw.codes, scales=qw.scales, zeros=qw.zeros,
+                               group_size=32, g_idx=torch.tensor([0] * 40 + [1] * 24, dtype=torch.int32))
+    with pytest.raises(ValueError):
+        clib.column_order(lopsided)
+    assert clib.affine_spec(lopsided) is None

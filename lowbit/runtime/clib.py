@@ -44,7 +44,8 @@ class LinearSpec(ctypes.Structure):
     """csrc/affine_dot.h's lb_linear: one weight as the C kernels read it."""
 
     _fields_ = [("kind", _i64), ("n", _i64), ("k", _i64), ("groups", _i64), ("group", _i64),
-                ("w", _ptr), ("a", _ptr), ("b", _ptr), ("bias", _ptr), ("stats", _i64), ("offset", ctypes.c_float)]
+                ("w", _ptr), ("a", _ptr), ("b", _ptr), ("bias", _ptr), ("stats", _i64), ("offset", ctypes.c_float),
+                ("perm", _ptr)]
 
 
 def _cpu_flags() -> str:
@@ -177,23 +178,41 @@ def affine_spec(qw: QuantizedWeight, bias: torch.Tensor | None = None
     return spec, keep
 
 
-def _describe_affine(qw: QuantizedWeight) -> tuple[LinearSpec, list[torch.Tensor]] | None:
+def column_order(qw: QuantizedWeight) -> torch.Tensor | None:
+    """For an act-order weight (g_idx not k // group_size): the column order that makes its groups contiguous
+    runs of group_size columns (int64 [K]); None when the groups already are contiguous. Raises ValueError when
+    no order does (groups of unequal sizes)."""
     from lowbit.runtime.kernels import contiguous_groups
 
+    if contiguous_groups(qw):
+        return None
+    order = torch.argsort(qw.g_idx.long(), stable=True)
+    if not torch.equal(qw.g_idx.long()[order], torch.arange(qw.in_features) // qw.effective_group_size):
+        raise ValueError("groups of unequal sizes")
+    return order
+
+
+def _describe_affine(qw: QuantizedWeight) -> tuple[LinearSpec, list[torch.Tensor]] | None:
     form = qw.scheme.affine_form(qw)
-    if form is None or form[2] > 8 or not contiguous_groups(qw):
+    if form is None or form[2] > 8:
+        return None
+    try:
+        order = column_order(qw)
+    except ValueError:
         return None
     a, b, bits = form
     n, k = qw.shape
     group = qw.effective_group_size
+    codes = qw.codes if order is None else qw.codes[:, order]
     if nibble_layout_fits(bits, k, group):
-        kind, codes = LB_NIB, pack_nibbles(qw.codes)
+        kind, codes = LB_NIB, pack_nibbles(codes)
     else:
-        kind, codes = LB_U8, qw.codes.to(torch.uint8).contiguous()
+        kind, codes = LB_U8, codes.to(torch.uint8).contiguous()
     stats, a, b, offset = compact_statistics(a.float(), b.float())
+    perm = None if order is None else order.to(torch.int32).contiguous()
     spec = LinearSpec(kind, n, k, a.shape[1], group, codes.data_ptr(), a.data_ptr(), b.data_ptr(), None, stats,
-                      offset)
-    return spec, [codes, a, b]
+                      offset, None if perm is None else perm.data_ptr())
+    return spec, [codes, a, b] + ([perm] if perm is not None else [])
 
 
 def compact_statistics(a: torch.Tensor, b: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor, float]:

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from lowbit.quantized import QuantizedWeight
-from lowbit.runtime.clib import affine_spec, build_native, linear, native_library  # noqa: F401  (re-exported)
+from lowbit.runtime.clib import affine_spec, build_native, column_order, linear, native_library  # noqa: F401
 from lowbit.runtime.kernels import Kernel, contiguous_groups, register_kernel
 
 log = logging.getLogger("lowbit")
@@ -104,20 +104,24 @@ class AffineU8Kernel(Kernel):
     name = "u8"
 
     def supports(self, qw: QuantizedWeight) -> bool:
-        form = affine_form(qw)
-        return form is not None and form[2] <= 8 and contiguous_groups(qw) and native_library() is not None
+        # act-order weights too: their columns are sorted into contiguous groups once, activations gathered
+        return native_library() is not None and affine_spec(qw) is not None
 
     def prepare(self, qw: QuantizedWeight) -> dict[str, Any]:
         a, b, _ = affine_form(qw)
+        order = column_order(qw)
+        codes = qw.codes if order is None else qw.codes[:, order]
         # No ctypes objects in the state (modules holding it must stay deep-copyable): the C description is
         # looked up per call from clib's cache.
-        return {"qw": qw, "codes": qw.codes.to(torch.uint8).contiguous(),
+        return {"qw": qw, "codes": codes.to(torch.uint8).contiguous(), "order": order,
                 "a": a.float().contiguous(), "b": b.float().contiguous(), "group": qw.effective_group_size}
 
     def matmul(self, x: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         if x2.shape[0] >= PREFILL_ROWS:
+            if state["order"] is not None:
+                x2 = x2.index_select(1, state["order"])
             y = prefill_matmul(x2, state["codes"], state["a"], state["b"], state["group"])
         else:
             y = linear(affine_spec(state["qw"])[0], x2)

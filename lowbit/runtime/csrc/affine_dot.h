@@ -43,6 +43,8 @@ typedef struct {
     const float *bias;                   /* [n] or NULL */
     int64_t stats;                       /* LB_STATS_* */
     float offset;                        /* b = offset * a for LB_STATS_F16_OFFSET */
+    const int32_t *perm;                 /* NULL, or [k]: column j of the weight multiplies x[:, perm[j]]
+                                            (act-order checkpoints, columns sorted so groups are contiguous) */
 } lb_linear;
 
 static inline float lb_half(uint16_t h) {
@@ -266,7 +268,7 @@ static inline int64_t lb_act8_blocks(int64_t K) { return (K + 127) / 128; }
 
 /* Floats of per-thread scratch lb_matmul needs for M rows (group sums, and int8 activations with their scales). */
 static inline int64_t lb_scratch_floats(int64_t K, int64_t G, int64_t M) {
-    return M * (G + lb_act8_blocks(K) * (32 + 128 / 4 + 128));
+    return M * (G + K + lb_act8_blocks(K) * (32 + 128 / 4 + 128));
 }
 
 /* x [M, K] (K % 32 == 0) -> x8 [M, blocks * 128] and lane scales sx [M, blocks * 32]; columns past K are zero.
@@ -450,9 +452,16 @@ static inline void lb_matmul(const lb_linear *L, const float *x, int64_t M, floa
     const int64_t blocks = (L->n + 3) / 4;
     float *xsum = scratch, *sx = NULL;
     int8_t *x8 = NULL;
+    if (L->perm) {                       /* gather the columns in the weight's order (per thread) */
+        float *gathered = scratch + M * L->groups;
+        for (int64_t r = 0; r < M; r++)
+            for (int64_t j = 0; j < L->k; j++) gathered[r * L->k + j] = x[r * L->k + L->perm[j]];
+        x = gathered;
+        scratch += M * L->k;
+    }
     /* per thread, into its own scratch: no barrier */
     if (LB_HAVE_ACT8 && act8 && L->kind != LB_F32 && L->group % 32 == 0 && L->k % 32 == 0) {
-        sx = scratch + M * L->groups;
+        sx = scratch + M * L->groups;   /* (after the gathered copy, if any) */
         x8 = (int8_t *)(sx + M * lb_act8_blocks(L->k) * 32);
         float *rounded = (float *)(x8 + M * lb_act8_blocks(L->k) * 128);
         quantize_act8(x, M, L->k, x8, sx, rounded, L->kind == LB_NIB);
