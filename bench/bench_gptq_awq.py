@@ -8,10 +8,15 @@ from the evaluation tokens: wikitext-2 test beyond the first 200k characters for
 the first 300k characters for stories260K.
 
 Streaming: peak RSS of `stream_quantize` (one block in memory at a time) on SmolLM2 saved as an HF folder and
-on a generated random Llama checkpoint much larger than that peak, next to the model's fp32 size.
+on a generated random Llama checkpoint much larger than that peak, next to the model's fp32 size. With
+`--mem-limit-gb X` every streaming child runs under an address-space limit (RLIMIT_AS, which counts every
+mapping, so it is stricter than a limit on resident memory) of X GiB, and a control child tries to load the
+synthetic model whole under the same limit: it must fail where the streamed quantization succeeds.
 
     python bench/bench_gptq_awq.py                 # everything (about an hour on 2 busy cores)
     python bench/bench_gptq_awq.py --models stories --no-streaming   # a minute
+    python bench/bench_gptq_awq.py --models stories --no-quality --synthetic-layers 24 --mem-limit-gb rtn=2,gptq=4 \
+        --out bench/results/gptq_awq_streaming_synthetic.json   # a 5.1 GiB fp32 model streamed under 2 / 4 GiB
 Writes bench/results/gptq_awq.json and prints a table.
 """
 from __future__ import annotations
@@ -34,11 +39,12 @@ TINY = SHARED / "corpora" / "tinystories-valid.txt"
 MODELS = {"stories": str(SHARED / "models" / "stories260K"), "smollm2": "smollm2"}
 
 
-def peak_rss_mb() -> float:
-    """This process's own peak RSS (VmHWM: unlike ru_maxrss, it does not inherit the parent's peak at fork)."""
+def peak_rss_mb(field: str = "VmHWM") -> float:
+    """This process's own peak RSS (VmHWM: unlike ru_maxrss, it does not inherit the parent's peak at fork);
+    field="VmPeak" gives the peak address-space size instead, what RLIMIT_AS limits."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
@@ -113,16 +119,39 @@ def run_stream(spec: dict) -> dict:
         stream_quantize(spec["source"], Path(tmp) / "out", config, calibration=calib, progress=False)
         size = sum(p.stat().st_size for p in (Path(tmp) / "out").iterdir())
     return {**spec, "seconds": round(time.perf_counter() - t0, 1), "peak_rss_mb": round(peak_rss_mb()),
-            "output_mb": round(size / 2 ** 20)}
+            "peak_vm_mb": round(peak_rss_mb("VmPeak")), "output_mb": round(size / 2 ** 20)}
 
 
-def in_child(kind: str, spec: dict) -> dict:
+def run_whole(spec: dict) -> dict:
+    """Control for the memory limit: load the checkpoint whole in fp32, as non-streaming quantization would."""
+    from lowbit.models.loading import load_model
+
+    t0 = time.perf_counter()
+    try:
+        load_model(spec["source"])
+        outcome = "loaded"
+    except Exception as exc:  # noqa: BLE001 - the failure is the measurement: MemoryError from Python, torch's
+        # "can't allocate memory" RuntimeError, or lowbit's loader wrapping the latter; record what happened
+        outcome = f"{type(exc).__name__}: {exc}"[:300]
+    return {**spec, "outcome": outcome, "seconds": round(time.perf_counter() - t0, 1),
+            "peak_rss_mb": round(peak_rss_mb()), "peak_vm_mb": round(peak_rss_mb("VmPeak"))}
+
+
+def in_child(kind: str, spec: dict, mem_limit_gb: float | None = None) -> dict:
+    """Run one measurement in a fresh process (its own peak RSS), optionally under an address-space limit."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
+    limit = None
+    if mem_limit_gb:
+        size = int(mem_limit_gb * 2 ** 30)
+
+        def limit() -> None:
+            resource.setrlimit(resource.RLIMIT_AS, (size, size))
     proc = subprocess.run([sys.executable, __file__, f"--child-{kind}", json.dumps(spec)], capture_output=True,
-                          text=True, env=env)
+                          text=True, env=env, preexec_fn=limit)
     if proc.returncode != 0:
         raise RuntimeError(f"{kind} {spec} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    row = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {**row, "mem_limit_gb": mem_limit_gb} if mem_limit_gb else row
 
 
 # -- synthetic checkpoint --------------------------------------------------------------------------------------
@@ -136,6 +165,8 @@ def make_synthetic_llama(folder: Path, layers: int, hidden: int, intermediate: i
     heads = hidden // 128
     done = folder / "done.json"
     if done.exists() and json.loads(done.read_text()).get("layers") == layers:
+        if not (folder / "model.safetensors.index.json").exists():
+            write_shard_index(folder)
         return json.loads(done.read_text())["fp32_gb"]
     config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
                          num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
@@ -161,8 +192,20 @@ def make_synthetic_llama(folder: Path, layers: int, hidden: int, intermediate: i
         shard[p + "mlp.up_proj.weight"] = rand(intermediate, hidden)
         shard[p + "mlp.down_proj.weight"] = rand(hidden, intermediate)
         save_file(shard, str(folder / f"model-{i:05d}.safetensors"))
+    write_shard_index(folder)
     done.write_text(json.dumps({"layers": layers, "fp32_gb": params * 4 / 2 ** 30}))
     return params * 4 / 2 ** 30
+
+
+def write_shard_index(folder: Path) -> None:
+    """model.safetensors.index.json, so transformers (the whole-model control) can load the shards."""
+    from safetensors import safe_open
+
+    weight_map = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            weight_map.update(dict.fromkeys(f.keys(), file.name))
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
 
 
 def smollm2_folder(folder: Path) -> Path:
@@ -173,6 +216,15 @@ def smollm2_folder(folder: Path) -> Path:
         model.save_pretrained(folder)
         tok.save_pretrained(folder)
     return folder
+
+
+def mem_limits(spec: str | None, methods: list[str]) -> dict[str, float]:
+    """--mem-limit-gb as {method: GiB}: "2" limits every method, "rtn=2,gptq=4" each its own."""
+    if not spec:
+        return {}
+    if "=" not in spec:
+        return dict.fromkeys(methods, float(spec))
+    return {m: float(v) for m, v in (item.split("=") for item in spec.split(","))}
 
 
 # -- main ------------------------------------------------------------------------------------------------------
@@ -193,6 +245,12 @@ def main() -> None:
     parser.add_argument("--out", default=str(RESULTS), help="JSON results file")
     parser.add_argument("--synthetic-layers", type=int, default=16)
     parser.add_argument("--workdir", default=None, help="where to put the synthetic checkpoint (default: a temp dir)")
+    parser.add_argument("--stream-methods", default="rtn,gptq")
+    parser.add_argument("--no-synthetic", action="store_true", help="stream only SmolLM2, not the synthetic model")
+    parser.add_argument("--mem-limit-gb", default=None,
+                        help="run the streaming children under this address-space limit in GiB (one number, or "
+                             "per method: rtn=2,gptq=4), plus a control that loads the synthetic model whole under "
+                             "each limit")
     args = parser.parse_args()
 
     rows = []
@@ -212,25 +270,33 @@ def main() -> None:
             rows.append(row)
             print(json.dumps(row), flush=True)
     streaming = []
+    limits = mem_limits(args.mem_limit_gb, args.stream_methods.split(","))
     if not args.no_streaming:
         work = Path(args.workdir or tempfile.mkdtemp(prefix="lowbit-bench-"))
         if "smollm2" in args.models:
             folder = smollm2_folder(work / "smollm2-hf")
             fp32_gb = sum(p.stat().st_size for p in folder.glob("*.safetensors")) / 2 ** 30
-            for method in ("rtn", "gptq"):
+            for method in args.stream_methods.split(","):
                 row = in_child("stream", {"source": str(folder), "method": method, "vocab": 49152,
                                           "calib_samples": args.calib_samples, "calib_len": args.calib_len,
-                                          "calib_model": "smollm2", "model": "smollm2", "model_fp32_gb": round(fp32_gb, 2)})
+                                          "calib_model": "smollm2", "model": "smollm2", "model_fp32_gb": round(fp32_gb, 2)},
+                               limits.get(method))
                 streaming.append(row)
                 print(json.dumps(row), flush=True)
         synth = work / "synthetic-llama"
-        fp32_gb = make_synthetic_llama(synth, args.synthetic_layers, 2048, 5632, 32000)
-        disk_gb = sum(p.stat().st_size for p in synth.glob("*.safetensors")) / 2 ** 30
-        for method in ("rtn", "gptq"):
-            row = in_child("stream", {"source": str(synth), "method": method, "vocab": 32000, "calib_samples": 4,
-                                      "calib_len": 128, "model": f"synthetic-llama-{args.synthetic_layers}L-2048",
-                                      "model_fp32_gb": round(fp32_gb, 2), "checkpoint_fp16_gb": round(disk_gb, 2),
-                                      "tmp": str(work)})
+        if not args.no_synthetic:
+            fp32_gb = make_synthetic_llama(synth, args.synthetic_layers, 2048, 5632, 32000)
+            disk_gb = sum(p.stat().st_size for p in synth.glob("*.safetensors")) / 2 ** 30
+            synth_spec = {"source": str(synth), "vocab": 32000,
+                          "model": f"synthetic-llama-{args.synthetic_layers}L-2048",
+                          "model_fp32_gb": round(fp32_gb, 2), "checkpoint_fp16_gb": round(disk_gb, 2)}
+        for limit in [] if args.no_synthetic else sorted(set(limits.values())):
+            row = in_child("whole", {**synth_spec, "method": "load whole"}, limit)
+            streaming.append(row)
+            print(json.dumps(row), flush=True)
+        for method in [] if args.no_synthetic else args.stream_methods.split(","):
+            row = in_child("stream", {**synth_spec, "method": method, "calib_samples": 4, "calib_len": 128,
+                                      "tmp": str(work)}, limits.get(method))
             streaming.append(row)
             print(json.dumps(row), flush=True)
 
@@ -241,12 +307,13 @@ def main() -> None:
               f"{r.get('quantize_s', 0):>8} {r['quantize_peak_rss_mb']:>8}")
     if streaming:
         print()
-        print(f"{'streamed model':28} {'method':6} {'fp32 GB':>8} {'peak RSS MB':>12} {'seconds':>8}")
+        print(f"{'streamed model':28} {'method':10} {'fp32 GB':>8} {'limit GiB':>9} {'peak RSS MB':>12} {'seconds':>8}")
         for r in streaming:
-            print(f"{r['model']:28} {r['method']:6} {r['model_fp32_gb']:>8} {r['peak_rss_mb']:>12} {r['seconds']:>8}")
+            print(f"{r['model']:28} {r['method']:10} {r['model_fp32_gb']:>8} {r.get('mem_limit_gb') or '-':>9} "
+                  f"{r['peak_rss_mb']:>12} {r['seconds']:>8} {r.get('outcome', '')}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"quality": rows, "streaming": streaming, "args": vars(args),
+    out.write_text(json.dumps({"command": " ".join(sys.argv), "quality": rows, "streaming": streaming, "args": vars(args),
                                "torch_threads": os.environ.get("OMP_NUM_THREADS")}, indent=1))
     print(f"\nwrote {out}")
 
@@ -254,6 +321,6 @@ def main() -> None:
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1].startswith("--child-"):
         kind = sys.argv[1][len("--child-"):]
-        print(json.dumps({"one": run_one, "stream": run_stream}[kind](json.loads(sys.argv[2]))))
+        print(json.dumps({"one": run_one, "stream": run_stream, "whole": run_whole}[kind](json.loads(sys.argv[2]))))
     else:
         main()
