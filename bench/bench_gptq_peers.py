@@ -74,7 +74,10 @@ def run_peer(spec: dict) -> dict:
     calib = load_file(spec["calib"])[CALIB_KEY]
     rows = [{"input_ids": row.tolist(), "attention_mask": [1] * row.numel()} for row in calib]
     t0 = time.perf_counter()
-    model = GPTQModel.load(spec["source"], gptqmodel_config(spec), device="cpu", dtype=torch.float32)
+    # GPTQ runs from the fp32 weights, as lowbit does; GPTQModel's CPU AWQ kernel (which its AWQ quantization
+    # packs into) accepts only fp16/bf16 models, so AWQ runs in fp16 (the dtype its checkpoint stores).
+    dtype = torch.float16 if spec["method"] == "awq" else torch.float32
+    model = GPTQModel.load(spec["source"], gptqmodel_config(spec), device="cpu", dtype=dtype)
     load_s = time.perf_counter() - t0
     # GPTQModel picks its CUDA AWQ GEMM kernel for AWQ by default; its torch AWQ kernel runs on CPU.
     backend = BACKEND.AWQ_TORCH if spec["method"] == "awq" else BACKEND.AUTO
@@ -82,7 +85,7 @@ def run_peer(spec: dict) -> dict:
         model.quantize(rows, batch_size=1, calibration_sort=None, backend=backend)
     t0 = time.perf_counter()
     model.save(spec["out"])
-    return {"tool": f"gptqmodel {gptqmodel.__version__}", **timer.figures(), "load_s": round(load_s, 1),
+    return {"tool": f"gptqmodel {gptqmodel.__version__}", "dtype": str(dtype), **timer.figures(), "load_s": round(load_s, 1),
             "save_s": round(time.perf_counter() - t0, 1), "peak_rss_mb": peak_rss_mb()}
 
 
@@ -229,7 +232,24 @@ def child_env(peer: bool) -> dict[str, str]:
 
 
 def in_child(python: Path | str, kind: str, spec: dict, log: Path) -> dict:
-    """Run CHILDREN[kind](spec) in a fresh process of `python`; its stderr goes to `log`."""
+    """Run CHILDREN[kind](spec) in a fresh process of `python`; its stderr goes to `log`.
+
+    Results are kept in `log`'s folder (children.jsonl), keyed by kind and spec: a rerun with the same
+    --workdir redoes only what failed or changed."""
+    cache = log.parent / "children.jsonl"
+    key = json.dumps([kind, spec], sort_keys=True)
+    done = [json.loads(line) for line in cache.read_text().splitlines()] if cache.exists() else []
+    for entry in done:
+        if entry["key"] == key:
+            return entry["result"]
+    result = {"loadavg_start": round(os.getloadavg()[0], 2), **run_child(python, kind, spec, log)}
+    with open(cache, "a") as f:
+        f.write(json.dumps({"key": key, "result": result}) + "\n")
+    return result
+
+
+def run_child(python: Path | str, kind: str, spec: dict, log: Path) -> dict:
+    """CHILDREN[kind](spec) in a fresh process of `python` (no cache)."""
     with open(log, "a") as err:
         err.write(f"\n=== {kind} {json.dumps(spec)}\n")
         err.flush()
@@ -331,16 +351,15 @@ def main() -> None:
         specs = [{**base, "method": "fp32"}] + [{**base, "method": m, **({"group": args.awq_group} if m == "awq" else {})}
                                                  for m in args.methods.split(",")]
         for spec in specs:
-            started = {"loadavg_start": round(os.getloadavg()[0], 2)}
-            row = {**spec, **started, **in_child(sys.executable, "lowbit", spec, log)}
+            row = {**spec, **in_child(sys.executable, "lowbit", spec, log)}
             rows.append(row)
             print(json.dumps(row), flush=True)
             if spec["method"] == "fp32":
                 continue
             out = work / f"{model_key}-{spec['method']}-gptqmodel"
-            row = {**spec, "loadavg_start": round(os.getloadavg()[0], 2),
-                   **in_child(python, "peer", {**spec, "out": str(out)}, log), "checkpoint": str(out)}
-            row.update(in_child(sys.executable, "eval", {**spec, "checkpoint": str(out)}, log))
+            row = {**spec, **in_child(python, "peer", {**spec, "out": str(out)}, log), "checkpoint": str(out)}
+            evaluated = in_child(sys.executable, "eval", {**spec, "checkpoint": str(out)}, log)
+            row.update({k: v for k, v in evaluated.items() if k != "loadavg_start"})
             rows.append(row)
             print(json.dumps(row), flush=True)
 
@@ -351,7 +370,8 @@ def main() -> None:
               f"{r['peak_rss_mb']:>11}")
     out_file = Path(args.out)
     out_file.parent.mkdir(parents=True, exist_ok=True)
-    out_file.write_text(json.dumps({"rows": rows, "args": {k: str(v) for k, v in vars(args).items()},
+    out_file.write_text(json.dumps({"command": " ".join(sys.argv), "rows": rows,
+                                    "args": {k: str(v) for k, v in vars(args).items()},
                                     "peer": version, "threads": 1}, indent=1))
     print(f"\nwrote {out_file}")
 

@@ -321,16 +321,27 @@ LB_INLINE void tile_nib_act8(const int8_t *x8, const float *sx, int64_t R, const
         for (int64_t i = 0; i < NR; i++) {
             const __m512i v = _mm512_maskz_loadu_epi8(bytes, q + i * stride + s * 64);
             const __m512i lo = _mm512_and_si512(v, low), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
-            __m128 a4;
-            if (group == 32 && stats != LB_STATS_F32)
-                a4 = _mm_cvtph_ps(_mm_maskz_loadu_epi16((__mmask8)((1u << chunks) - 1),
-                                                        (const uint16_t *)a + i * G + s * 4));
+            /* a of each 32-column chunk, in the lanes that chunk's sums land in */
+            __m512 scale;
+            const __mmask8 present = (__mmask8)((1u << chunks) - 1);
+            if (group % 128 == 0)
+                scale = _mm512_set1_ps(lb_stat(a, i * G + s * 128 / group, stats));
+            else if (group == 64)
+                scale = _mm512_mask_blend_ps((__mmask16)0xFF00, _mm512_set1_ps(lb_stat(a, i * G + 2 * s, stats)),
+                                             _mm512_set1_ps(chunks > 2 ? lb_stat(a, i * G + 2 * s + 1, stats) : 0.0f));
             else {
-                float av[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-                for (int64_t c = 0; c < chunks; c++) av[c] = lb_stat(a, i * G + (s * 128 + c * 32) / group, stats);
-                a4 = _mm_loadu_ps(av);
+                __m128 a4;
+                if (group == 32 && stats == LB_STATS_F32)
+                    a4 = _mm_maskz_loadu_ps(present, (const float *)a + i * G + s * 4);
+                else if (group == 32)
+                    a4 = _mm_cvtph_ps(_mm_maskz_loadu_epi16(present, (const uint16_t *)a + i * G + s * 4));
+                else {
+                    float av[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+                    for (int64_t c = 0; c < chunks; c++) av[c] = lb_stat(a, i * G + (s * 128 + c * 32) / group, stats);
+                    a4 = _mm_loadu_ps(av);
+                }
+                scale = _mm512_permutexvar_ps(lane_chunk, _mm512_castps128_ps512(a4));
             }
-            const __m512 scale = _mm512_permutexvar_ps(lane_chunk, _mm512_castps128_ps512(a4));
             for (int64_t r = 0; r < R; r++) {
                 const int8_t *xr = x8 + r * blocks * 128 + s * 128;
                 __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xr));
