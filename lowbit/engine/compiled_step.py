@@ -56,7 +56,7 @@ class NativeDecodeStep:
         self.lib, self.spec, self.layers, self.keep = lib, spec, layers, keep
         self.embed, self.vocab = embed, vocab
         self.workspace: torch.Tensor | None = None
-        # A step has ~9 barriers a layer; for a model this small they cost more than a second thread saves
+        # A step has 6 barriers a layer; for a model this small they cost more than a second thread saves
         # (and on a busy machine a preempted thread stalls every one of them).
         weight_bytes = sum(t.numel() * t.element_size() for t in keep)
         self.max_threads = 1 if weight_bytes < SMALL_MODEL_BYTES else None
