@@ -21,16 +21,17 @@ pytestmark = pytest.mark.skipif(clib.native_library() is None, reason="no C comp
 
 def _affine(n: int, k: int, group: int, bits: int, stats: str, seed: int = 0):
     """(codes, a, b, dense weight) with w = a * q + b per group; `stats` picks how a and b are made so that
-    compact_statistics lands on each storage: 'f32' (arbitrary floats), 'f16', 'offset' (b = -zero * a)."""
+    compact_statistics lands on each storage: 'f32' (arbitrary floats), 'f16', 'offset' (b = -zero * a, a in
+    float16), 'f32-offset' (the same with a float32 a)."""
     gen = torch.Generator().manual_seed(seed)
     groups = -(-k // group)
     codes = torch.randint(0, 2 ** bits, (n, k), generator=gen, dtype=torch.uint8)
     a = torch.rand(n, groups, generator=gen) * 0.1 + 0.01
-    if stats != "f32":
+    if stats not in ("f32", "f32-offset"):
         a = a.half().float()
     b = {"f32": torch.randn(n, groups, generator=gen) * 0.3,
          "f16": (torch.randn(n, groups, generator=gen) * 0.3).half().float(),
-         "offset": -(2 ** (bits - 1)) * a}[stats]
+         "offset": -(2 ** (bits - 1)) * a, "f32-offset": -(2 ** (bits - 1)) * a}[stats]
     expand = lambda t: t.repeat_interleave(group, 1)[:, :k]  # noqa: E731
     return codes, a, b, codes.float() * expand(a) + expand(b)
 
@@ -56,13 +57,14 @@ def _float_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("kind,n,k,group,bits", CASES)
-@pytest.mark.parametrize("stats", ["f32", "f16", "offset"])
+@pytest.mark.parametrize("stats", ["f32", "f16", "offset", "f32-offset"])
 @pytest.mark.parametrize("rows", [1, 2, 3, 5])
 def test_linear_matches_dequantized_matmul(kind, n, k, group, bits, stats, rows):
     codes, a, b, w = _affine(n, k, group, bits, stats, seed=rows)
     bias = torch.randn(n)
     spec, keep, storage = _spec(kind, codes, a, b, group, bias)
-    assert storage == {"f32": clib.LB_STATS_F32, "f16": clib.LB_STATS_F16, "offset": clib.LB_STATS_F16_OFFSET}[stats]
+    assert storage == {"f32": clib.LB_STATS_F32, "f16": clib.LB_STATS_F16, "offset": clib.LB_STATS_F16_OFFSET,
+                       "f32-offset": clib.LB_STATS_F32_OFFSET}[stats]
     x = torch.randn(rows, k)
     ref = x.double() @ w.double().T + bias.double()
     y = clib.linear(spec, x)

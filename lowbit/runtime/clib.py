@@ -32,7 +32,7 @@ log = logging.getLogger("lowbit")
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = (CSRC / "affine_gemv.c", CSRC / "decode.c")   # one library; decode.c is the engine's whole-step kernel
 LB_F32, LB_U8, LB_NIB = 0, 1, 2
-LB_STATS_F32, LB_STATS_F16, LB_STATS_F16_OFFSET = 0, 1, 2
+LB_STATS_F32, LB_STATS_F16, LB_STATS_F16_OFFSET, LB_STATS_F32_OFFSET = 0, 1, 2, 3
 _LIBRARY: ctypes.CDLL | None = None
 _LIBRARY_TRIED = False
 _i64, _ptr = ctypes.c_int64, ctypes.c_void_p
@@ -216,17 +216,20 @@ def _describe_affine(qw: QuantizedWeight) -> tuple[LinearSpec, list[torch.Tensor
 
 
 def compact_statistics(a: torch.Tensor, b: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor, float]:
-    """The smallest exact storage of the group statistics: (LB_STATS_*, a, b, offset). float16 when both
-    survive it unchanged; a alone when also b = offset * a for one offset (the kernels read fewer bytes)."""
-    a16, b16 = a.half(), b.half()
-    if not (torch.equal(a16.float(), a) and torch.equal(b16.float(), b)):
-        return LB_STATS_F32, a.contiguous(), b.contiguous(), 0.0
+    """The smallest exact storage of the group statistics: (LB_STATS_*, a, b, offset): a alone when
+    b = offset * a for one offset, float16 when the values survive it unchanged (the kernels read fewer bytes)."""
+    a = a.contiguous()
+    a16 = a.half()
+    half_a = torch.equal(a16.float(), a)
     nonzero = a != 0
     if bool(nonzero.any()):
         offset = float((b[nonzero] / a[nonzero]).flatten()[0])
         if torch.equal(b, a * offset):
-            return LB_STATS_F16_OFFSET, a16.contiguous(), a16.contiguous(), offset
-    return LB_STATS_F16, a16.contiguous(), b16.contiguous(), 0.0
+            return (LB_STATS_F16_OFFSET, a16, a16, offset) if half_a else (LB_STATS_F32_OFFSET, a, a, offset)
+    b16 = b.half()
+    if half_a and torch.equal(b16.float(), b):
+        return LB_STATS_F16, a16, b16.contiguous(), 0.0
+    return LB_STATS_F32, a, b.contiguous(), 0.0
 
 
 def linear_spec(module: Any) -> tuple[LinearSpec, list[torch.Tensor]] | None:

@@ -31,10 +31,12 @@
 enum { LB_F32 = 0, LB_U8 = 1, LB_NIB = 2 };
 #define LB_PREFETCH 2    /* blocks of four weight rows to prefetch ahead */
 
-/* How the group statistics a, b [n, groups] are stored: float32 both; float16 both; or float16 a with
- * b = offset * a (symmetric grids and GGUF Q4_0/Q5_0/Q8_0, where b = -zero * a for one zero): reading fewer
- * statistics bytes matters because decoding is bound by the bytes it reads. */
-enum { LB_STATS_F32 = 0, LB_STATS_F16 = 1, LB_STATS_F16_OFFSET = 2 };
+/* How the group statistics a, b [n, groups] are stored: float32 both; float16 both; or a alone (float16 or
+ * float32) with b = offset * a (symmetric grids and GGUF Q4_0/Q5_0/Q8_0/Q6_K, where b = -zero * a for one
+ * zero): reading fewer statistics bytes matters because decoding is bound by the bytes it reads. */
+enum { LB_STATS_F32 = 0, LB_STATS_F16 = 1, LB_STATS_F16_OFFSET = 2, LB_STATS_F32_OFFSET = 3 };
+static inline int lb_stats_f32(int64_t stats) { return stats == LB_STATS_F32 || stats == LB_STATS_F32_OFFSET; }
+static inline int lb_stats_offset(int64_t stats) { return stats == LB_STATS_F16_OFFSET || stats == LB_STATS_F32_OFFSET; }
 
 typedef struct {
     int64_t kind, n, k, groups, group;   /* LB_F32 / LB_U8 / LB_NIB; weight [n, k]; groups of `group` columns */
@@ -42,7 +44,7 @@ typedef struct {
     const void *a, *b;                   /* [n, groups]: W = a * q + b (unused for LB_F32) */
     const float *bias;                   /* [n] or NULL */
     int64_t stats;                       /* LB_STATS_* */
-    float offset;                        /* b = offset * a for LB_STATS_F16_OFFSET */
+    float offset;                        /* b = offset * a for LB_STATS_*_OFFSET */
     const int32_t *perm;                 /* NULL, or [k]: column j of the weight multiplies x[:, perm[j]]
                                             (act-order checkpoints, columns sorted so groups are contiguous) */
 } lb_linear;
@@ -67,7 +69,7 @@ static inline float lb_half(uint16_t h) {
 
 /* Statistic `index` of an a or b array stored as `stats` says. */
 static inline float lb_stat(const void *values, int64_t index, int64_t stats) {
-    return stats == LB_STATS_F32 ? ((const float *)values)[index] : lb_half(((const uint16_t *)values)[index]);
+    return lb_stats_f32(stats) ? ((const float *)values)[index] : lb_half(((const uint16_t *)values)[index]);
 }
 
 static inline int64_t lb_min(int64_t a, int64_t b) { return a < b ? a : b; }
@@ -78,7 +80,7 @@ static inline float lb_stat_dot(const void *values, int64_t stats, const float *
     __m512 acc = _mm512_setzero_ps();
     for (int64_t g = 0; g < G; g += 16) {
         const __mmask16 lanes = (__mmask16)(G - g >= 16 ? 0xFFFFu : (1u << (G - g)) - 1u);
-        const __m512 v = stats == LB_STATS_F32
+        const __m512 v = lb_stats_f32(stats)
             ? _mm512_maskz_loadu_ps(lanes, (const float *)values + g)
             : _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(lanes, (const uint16_t *)values + g));
         acc = _mm512_fmadd_ps(v, _mm512_maskz_loadu_ps(lanes, xsum + g), acc);
@@ -331,7 +333,7 @@ LB_INLINE void tile_nib_act8(const int8_t *x8, const float *sx, int64_t R, const
                                              _mm512_set1_ps(chunks > 2 ? lb_stat(a, i * G + 2 * s + 1, stats) : 0.0f));
             else {
                 __m128 a4;
-                if (group == 32 && stats == LB_STATS_F32)
+                if (group == 32 && lb_stats_f32(stats))
                     a4 = _mm_maskz_loadu_ps(present, (const float *)a + i * G + s * 4);
                 else if (group == 32)
                     a4 = _mm_cvtph_ps(_mm_maskz_loadu_epi16(present, (const uint16_t *)a + i * G + s * 4));
@@ -386,7 +388,7 @@ LB_INLINE void tile_u8_act8(const int8_t *x8, const float *sx, int64_t R, const 
 LB_INLINE void lb_tile(const lb_linear *L, const float *x, const float *xsum, const int8_t *x8, const float *sx,
                        int64_t m0, int64_t R, int64_t n0, int64_t NR, float *y, int64_t ldy, int accumulate) {
     const int64_t K = L->k, G = L->groups, stats = L->stats;
-    const size_t stat_bytes = stats == LB_STATS_F32 ? 4 : 2;
+    const size_t stat_bytes = lb_stats_f32(stats) ? 4 : 2;
     const void *a = (const char *)L->a + n0 * G * stat_bytes;
     float out[4][4];
 #if LB_HAVE_ACT8
@@ -411,7 +413,7 @@ LB_INLINE void lb_tile(const lb_linear *L, const float *x, const float *xsum, co
             float value = out[i][r] + (L->bias ? L->bias[n] : 0.0f);
             if (L->kind != LB_F32) {
                 const size_t at = (size_t)(n * G) * stat_bytes;
-                if (stats == LB_STATS_F16_OFFSET)
+                if (lb_stats_offset(stats))
                     value += L->offset * lb_stat_dot((const char *)L->a + at, stats, xsum + (m0 + r) * G, G);
                 else
                     value += lb_stat_dot((const char *)L->b + at, stats, xsum + (m0 + r) * G, G);
@@ -432,7 +434,7 @@ LB_INLINE void lb_block(const lb_linear *L, const float *x, int64_t M, float *y,
         const int64_t row_bytes = L->kind == LB_NIB ? L->k / 2 : L->k;
         const char *next = (const char *)L->w + (n0 + 4 * LB_PREFETCH) * row_bytes;
         for (int64_t off = 0; off < 4 * row_bytes; off += 64) __builtin_prefetch(next + off, 0, 3);
-        const int64_t stat_bytes = L->stats == LB_STATS_F32 ? 4 : 2;
+        const int64_t stat_bytes = lb_stats_f32(L->stats) ? 4 : 2;
         const char *stats = (const char *)L->a + (n0 + 4 * LB_PREFETCH) * L->groups * stat_bytes;
         for (int64_t off = 0; off < 4 * L->groups * stat_bytes; off += 64) __builtin_prefetch(stats + off, 0, 3);
     }
