@@ -146,18 +146,26 @@ MODEL_CONFIGS = {
     "rtn3-g16": dict(method="rtn", bits=3, group_size=16),
     "rtn8-channel": dict(method="rtn", bits=8, group_size=-1),
     "rtn5-g32": dict(method="rtn", bits=5, group_size=32),
+    "nf4": dict(method="nf4"),
+    "nf4-double-quant": dict(method="nf4", options={"double_quant": True}),
+    "fp4": dict(method="fp4"),
 }
 
 
 @pytest.mark.parametrize("name", list(MODEL_CONFIGS))
 def test_compiled_step_equals_torch_decoder(name):
     """Same weights, same cache: the compiled step's logits equal the torch decoder's (running the float32
-    reference kernel) to float32 rounding, for sequences at different positions in different slots."""
+    reference kernel) to float32 rounding, for sequences at different positions in different slots; integer
+    grids of every width and NF4/FP4 codebooks (double-quantized absmax too)."""
     from lowbit.runtime.surgery import set_kernel
 
     base = tiny_llama(hidden=128, intermediate=192, layers=2, vocab=96, seed=3)
     model = base if MODEL_CONFIGS[name] is None else _quantized(base, **MODEL_CONFIGS[name])
     set_kernel(model, "reference")
+    if name.startswith(("nf4", "fp4")):     # codebooks: blocks of 64 within rows, LB_NIB with a table
+        kinds = {spec.kind for spec in (clib.linear_spec(m)[0] for m in model.modules()
+                                        if type(m).__name__ == "QuantLinear")}
+        assert kinds == {LB_NIB}
     prompts = [[1, 5, 9], [2, 7, 11, 13, 17, 19], [3]]
     tokens_c, logits_c = _decode_logits(model, True, prompts)
     tokens_t, logits_t = _decode_logits(model, False, prompts)
@@ -194,10 +202,10 @@ def test_compiled_step_handles_biases_and_head_norms(model_type):
 
 def test_unsupported_layouts_fall_back_to_the_torch_decoder():
     base = tiny_llama(hidden=128, intermediate=192, layers=1, vocab=64)
-    nf4 = _quantized(base, method="nf4")
-    assert Engine(nf4, context=32).decoder.native is None            # a codebook, not an affine grid
+    int8 = _quantized(base, method="int8")                 # LLM.int8: outlier columns kept in float
+    assert Engine(int8, context=32).decoder.native is None
     assert Engine(base, context=32, kv_dtype=torch.bfloat16).decoder.native is None
-    engine = Engine(nf4, context=32)
+    engine = Engine(int8, context=32)
     assert len(list(engine.generate([1, 2], SamplingParams(max_new_tokens=4, temperature=0.0)))) >= 1
 
 

@@ -45,7 +45,7 @@ class LinearSpec(ctypes.Structure):
 
     _fields_ = [("kind", _i64), ("n", _i64), ("k", _i64), ("groups", _i64), ("group", _i64),
                 ("w", _ptr), ("a", _ptr), ("b", _ptr), ("bias", _ptr), ("stats", _i64), ("offset", ctypes.c_float),
-                ("perm", _ptr)]
+                ("perm", _ptr), ("table", _ptr)]
 
 
 def _cpu_flags() -> str:
@@ -157,8 +157,9 @@ def nibble_layout_fits(bits: int, in_features: int, group: int) -> bool:
 
 def affine_spec(qw: QuantizedWeight, bias: torch.Tensor | None = None
                 ) -> tuple[LinearSpec, list[torch.Tensor]] | None:
-    """The C description of a quantized weight with an affine form per contiguous group (codes <= 8 bits), and
-    the tensors it points into (keep them alive); None if the C kernels cannot read it.
+    """The C description of a quantized weight with an affine form per group (codes <= 8 bits, act-order too)
+    or an NF4/FP4 codebook, and the tensors it points into (keep them alive); None if the C kernels cannot
+    read it.
 
     The packed codes are made once per weight and cached on it, so the per-layer kernel and the engine's
     compiled step share one copy."""
@@ -192,9 +193,29 @@ def column_order(qw: QuantizedWeight) -> torch.Tensor | None:
     return order
 
 
+def _describe_codebook(qw: QuantizedWeight) -> tuple[LinearSpec, list[torch.Tensor]] | None:
+    """NF4/FP4 (W = absmax * table[q]) when its blocks lie within rows: the LB_NIB layout with a table."""
+    scheme = qw.scheme
+    n, k = qw.shape
+    group = getattr(scheme, "blocksize", 0)
+    if (getattr(scheme, "kind", None) != "bnb4" or tuple(qw.scales.shape) != (n, k // max(group, 1))
+            or k % group or not nibble_layout_fits(4, k, group)):
+        return None
+    codes = pack_nibbles(qw.codes)
+    stats, a, b, offset = compact_statistics(qw.scales.float(), torch.zeros_like(qw.scales, dtype=torch.float32))
+    table = scheme.table().float().contiguous()
+    spec = LinearSpec(LB_NIB, n, k, a.shape[1], group, codes.data_ptr(), a.data_ptr(), b.data_ptr(), None, stats,
+                      offset, None, table.data_ptr())
+    return spec, [codes, a, b, table]
+
+
 def _describe_affine(qw: QuantizedWeight) -> tuple[LinearSpec, list[torch.Tensor]] | None:
+    if getattr(qw.scheme, "activations", "float") != "float":
+        return None      # LLM.int8 / dynamic int8 define their arithmetic on quantized activations
     form = qw.scheme.affine_form(qw)
-    if form is None or form[2] > 8:
+    if form is None:
+        return _describe_codebook(qw)
+    if form[2] > 8:
         return None
     try:
         order = column_order(qw)

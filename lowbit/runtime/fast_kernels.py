@@ -105,7 +105,7 @@ class AffineU8Kernel(Kernel):
 
     def supports(self, qw: QuantizedWeight) -> bool:
         # act-order weights too: their columns are sorted into contiguous groups once, activations gathered
-        return native_library() is not None and affine_spec(qw) is not None
+        return native_library() is not None and affine_form(qw) is not None and affine_spec(qw) is not None
 
     def prepare(self, qw: QuantizedWeight) -> dict[str, Any]:
         a, b, _ = affine_form(qw)

@@ -47,6 +47,8 @@ typedef struct {
     float offset;                        /* b = offset * a for LB_STATS_*_OFFSET */
     const int32_t *perm;                 /* NULL, or [k]: column j of the weight multiplies x[:, perm[j]]
                                             (act-order checkpoints, columns sorted so groups are contiguous) */
+    const float *table;                  /* NULL, or 16 values 4-bit codes index instead of being integers:
+                                            W = a * table[q] + b (NF4/FP4 codebooks, LB_NIB only) */
 } lb_linear;
 
 static inline float lb_half(uint16_t h) {
@@ -107,7 +109,7 @@ static inline void group_sums(const float *x, int64_t rows, int64_t K, int64_t G
 /* out[i][r] = sum_g a[i,g] * dot(q[i, g], x[r, g]) for weight rows i < NR (codes `stride` bytes apart) and
  * activation rows r < R; the b * xsum term is added by the caller. NR, R are constants after inlining. */
 #define LB_TILE_ARGS const float *x, int64_t R, const uint8_t *q, int64_t stride, const void *a, int64_t stats, \
-                     int64_t NR, int64_t K, int64_t G, int64_t group, float out[4][4]
+                     const float *table, int64_t NR, int64_t K, int64_t G, int64_t group, float out[4][4]
 #define LB_INLINE static inline __attribute__((always_inline))
 
 #if defined(__AVX512F__)
@@ -117,6 +119,9 @@ static inline void group_sums(const float *x, int64_t rows, int64_t K, int64_t G
 
 LB_INLINE void tile_nib(LB_TILE_ARGS) {
     const __m512i low = _mm512_set1_epi32(0xF);
+    const __m512 values = table ? _mm512_loadu_ps(table) : _mm512_setzero_ps();
+    /* 16 codes (int32 lanes) to floats: the integers themselves, or their codebook values (one permute) */
+#define LB_NIB_FLOATS(v) (table ? _mm512_permutexvar_ps((v), values) : _mm512_cvtepi32_ps(v))
     __m512 acc[4][4], odd[4][4];
     LB_ZERO(acc);
     if (group == 16) {                      /* each half of a chunk is its own group */
@@ -124,8 +129,8 @@ LB_INLINE void tile_nib(LB_TILE_ARGS) {
         for (int64_t k = 0; k < K; k += 32)
             for (int64_t i = 0; i < NR; i++) {
                 const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q + i * stride + k / 2)));
-                const __m512 lo = _mm512_cvtepi32_ps(_mm512_and_si512(v, low));
-                const __m512 hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
+                const __m512 lo = LB_NIB_FLOATS(_mm512_and_si512(v, low));
+                const __m512 hi = LB_NIB_FLOATS(_mm512_srli_epi32(v, 4));
                 const __m512 a0 = _mm512_set1_ps(lb_stat(a, i * G + k / 16, stats)),
                              a1 = _mm512_set1_ps(lb_stat(a, i * G + k / 16 + 1, stats));
                 for (int64_t r = 0; r < R; r++) {
@@ -144,8 +149,8 @@ LB_INLINE void tile_nib(LB_TILE_ARGS) {
             for (int64_t k = k0; k < k1; k += 32)
                 for (int64_t i = 0; i < NR; i++) {
                     const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q + i * stride + k / 2)));
-                    const __m512 lo = _mm512_cvtepi32_ps(_mm512_and_si512(v, low));
-                    const __m512 hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
+                    const __m512 lo = LB_NIB_FLOATS(_mm512_and_si512(v, low));
+                    const __m512 hi = LB_NIB_FLOATS(_mm512_srli_epi32(v, 4));
                     for (int64_t r = 0; r < R; r++) {
                         even[i][r] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(x + r * K + k), even[i][r]);
                         odd[i][r] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(x + r * K + k + 16), odd[i][r]);
@@ -159,9 +164,11 @@ LB_INLINE void tile_nib(LB_TILE_ARGS) {
         }
     }
     LB_STORE(acc);
+#undef LB_NIB_FLOATS
 }
 
 LB_INLINE void tile_u8(LB_TILE_ARGS) {
+    (void)table;
     __m512 acc[4][4];
     LB_ZERO(acc);
     for (int64_t g = 0; g < G; g++) {
@@ -215,7 +222,7 @@ LB_INLINE void tile_f32(LB_TILE_ARGS) {
         }
     }
     LB_STORE(acc);
-    (void)a; (void)stats; (void)G; (void)group;
+    (void)a; (void)stats; (void)table; (void)G; (void)group;
 }
 
 #else   /* portable loops; the compiler vectorises them for whatever the machine has */
@@ -234,14 +241,17 @@ LB_INLINE void tile_codes(LB_TILE_ARGS, int nibbles) {
             for (int64_t g = 0; g < G; g++) {
                 const int64_t k1 = lb_min(g * group + group, K);
                 float part = 0.0f;
-                for (int64_t k = g * group; k < k1; k++) part += (float)lb_code(q + i * stride, k, nibbles) * x[r * K + k];
+                for (int64_t k = g * group; k < k1; k++) {
+                    const uint8_t code = lb_code(q + i * stride, k, nibbles);
+                    part += (table ? table[code] : (float)code) * x[r * K + k];
+                }
                 total += lb_stat(a, i * G + g, stats) * part;
             }
             out[i][r] = total;
         }
 }
-LB_INLINE void tile_nib(LB_TILE_ARGS) { tile_codes(x, R, q, stride, a, stats, NR, K, G, group, out, 1); }
-LB_INLINE void tile_u8(LB_TILE_ARGS) { tile_codes(x, R, q, stride, a, stats, NR, K, G, group, out, 0); }
+LB_INLINE void tile_nib(LB_TILE_ARGS) { tile_codes(x, R, q, stride, a, stats, table, NR, K, G, group, out, 1); }
+LB_INLINE void tile_u8(LB_TILE_ARGS) { tile_codes(x, R, q, stride, a, stats, NULL, NR, K, G, group, out, 0); (void)table; }
 LB_INLINE void tile_f32(LB_TILE_ARGS) {
     const float *w = (const float *)q;
     for (int64_t i = 0; i < NR; i++)
@@ -250,7 +260,7 @@ LB_INLINE void tile_f32(LB_TILE_ARGS) {
             for (int64_t k = 0; k < K; k++) s += w[i * stride + k] * x[r * K + k];
             out[i][r] = s;
         }
-    (void)a; (void)stats; (void)G; (void)group;
+    (void)a; (void)stats; (void)table; (void)G; (void)group;
 }
 #endif
 
@@ -400,13 +410,16 @@ LB_INLINE void lb_tile(const lb_linear *L, const float *x, const float *xsum, co
         tile_u8_act8(x8 + m0 * blocks * 128, sx + m0 * blocks * 32, R, (const uint8_t *)L->w + n0 * K, K, a, stats,
                      NR, K, G, L->group, out);
     else
+#else
+    (void)x8; (void)sx;
 #endif
     if (L->kind == LB_NIB)
-        tile_nib(x + m0 * K, R, (const uint8_t *)L->w + n0 * (K / 2), K / 2, a, stats, NR, K, G, L->group, out);
+        tile_nib(x + m0 * K, R, (const uint8_t *)L->w + n0 * (K / 2), K / 2, a, stats, L->table, NR, K, G, L->group,
+                 out);
     else if (L->kind == LB_U8)
-        tile_u8(x + m0 * K, R, (const uint8_t *)L->w + n0 * K, K, a, stats, NR, K, G, L->group, out);
+        tile_u8(x + m0 * K, R, (const uint8_t *)L->w + n0 * K, K, a, stats, NULL, NR, K, G, L->group, out);
     else
-        tile_f32(x + m0 * K, R, (const uint8_t *)((const float *)L->w + n0 * K), K, NULL, 0, NR, K, 0, 0, out);
+        tile_f32(x + m0 * K, R, (const uint8_t *)((const float *)L->w + n0 * K), K, NULL, 0, NULL, NR, K, 0, 0, out);
     for (int64_t i = 0; i < NR; i++) {
         const int64_t n = n0 + i;
         for (int64_t r = 0; r < R; r++) {
@@ -473,7 +486,7 @@ static inline void lb_matmul(const lb_linear *L, const float *x, int64_t M, floa
         scratch += M * L->k;
     }
     /* per thread, into its own scratch: no barrier */
-    if (LB_HAVE_ACT8 && act8 && L->kind != LB_F32 && L->group % 32 == 0 && L->k % 32 == 0) {
+    if (LB_HAVE_ACT8 && act8 && L->kind != LB_F32 && !L->table && L->group % 32 == 0 && L->k % 32 == 0) {
         sx = scratch + M * L->groups;   /* (after the gathered copy, if any) */
         x8 = (int8_t *)(sx + M * lb_act8_blocks(L->k) * 32);
         float *rounded = (float *)(x8 + M * lb_act8_blocks(L->k) * 128);
