@@ -79,6 +79,18 @@ def run_engine(model, label: str, args, context: int, **engine_options) -> dict:
     return row
 
 
+@torch.inference_mode()
+def transformers_greedy(model, prompt: torch.Tensor, n: int) -> list[int]:
+    """n argmax tokens from transformers' own forward and KV cache. Not `generate(min_new_tokens=n)`: that
+    masks EOS until n tokens, so where EOS is the argmax it picks the runner-up and no longer is greedy."""
+    out = model(prompt, use_cache=True)
+    tokens = [int(out.logits[0, -1].argmax())]
+    for _ in range(n - 1):
+        out = model(torch.tensor([[tokens[-1]]]), past_key_values=out.past_key_values, use_cache=True)
+        tokens.append(int(out.logits[0, -1].argmax()))
+    return tokens
+
+
 def greedy_agreement(model, reference, tokenizer, n: int = 64) -> dict:
     """Greedy tokens of the engine on `model` vs transformers' generate on `reference` (dequantized weights):
     default engine (compiled float32 decode step; prompt in bf16), all-float32 (prompt too), and with int8
@@ -86,9 +98,7 @@ def greedy_agreement(model, reference, tokenizer, n: int = 64) -> dict:
     from lowbit.engine.generate import SamplingParams
 
     prompt = tokenizer("The capital of France is", return_tensors="pt").input_ids
-    with torch.inference_mode():
-        theirs = reference.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                    pad_token_id=0)[0, prompt.shape[1]:].tolist()
+    theirs = transformers_greedy(reference, prompt, n)
     result = {}
     for setting, options in (("default", {}), ("float32_prompt", {"prefill_attention_dtype": torch.float32}),
                              ("int8_activations", {"int8_activations": True})):

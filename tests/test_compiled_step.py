@@ -219,9 +219,12 @@ def test_compiled_step_greedy_matches_transformers_on_a_real_model(stories):
     engine = Engine(quantized, tokenizer, context=128, prefill_attention_dtype=torch.float32)
     assert engine.decoder.native is not None
     ours = list(engine.generate(prompt, SamplingParams(max_new_tokens=64, temperature=0.0), stop_on_eos=False))
-    with torch.inference_mode():
-        theirs = reference.generate(torch.tensor([prompt]), max_new_tokens=64, min_new_tokens=64, do_sample=False,
-                                    pad_token_id=0)[0, len(prompt):].tolist()
+    with torch.inference_mode():   # transformers' own forward and KV cache, argmax each step
+        out = reference(torch.tensor([prompt]), use_cache=True)
+        theirs = [int(out.logits[0, -1].argmax())]
+        for _ in range(63):
+            out = reference(torch.tensor([[theirs[-1]]]), past_key_values=out.past_key_values, use_cache=True)
+            theirs.append(int(out.logits[0, -1].argmax()))
     assert ours == theirs
 
 

@@ -109,7 +109,14 @@ class NativeDecodeStep:
             decoder.cos.data_ptr(), decoder.sin.data_ptr(), decoder.k_cache.data_ptr(), decoder.v_cache.data_ptr())
         return cls(lib, spec, layers, keep, decoder.embed, head[0].n)
 
-    def __call__(self, tokens: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def prefill(self, tokens: torch.Tensor, slot: int, start: int) -> torch.Tensor:
+        """Logits [1, vocab] of the last of `tokens` [S], a prompt chunk for cache slot `slot` from `start`
+        (float32 throughout, like decoding; worth it for short chunks, where a GEMM gains little)."""
+        count = tokens.shape[0]
+        return self(tokens, torch.full((count,), slot), torch.arange(start, start + count), last_only=True)
+
+    def __call__(self, tokens: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor,
+                 last_only: bool = False) -> torch.Tensor:
         batch = tokens.shape[0]
         threads = min(torch.get_num_threads(), self.max_threads or torch.get_num_threads())
         size = self.lib.lowbit_decode_workspace(ctypes.byref(self.spec), batch, threads)
@@ -118,7 +125,8 @@ class NativeDecodeStep:
         x = self.embed(tokens).float().contiguous()
         slots = slots.to(torch.int64).contiguous()
         positions = positions.to(torch.int64).contiguous()
-        logits = torch.empty(batch, self.vocab, dtype=torch.float32)
+        logits = torch.empty(1 if last_only else batch, self.vocab, dtype=torch.float32)
         self.lib.lowbit_decode_step(ctypes.byref(self.spec), x.data_ptr(), batch, slots.data_ptr(),
-                                    positions.data_ptr(), logits.data_ptr(), self.workspace.data_ptr(), threads)
+                                    positions.data_ptr(), logits.data_ptr(), self.workspace.data_ptr(), threads,
+                                    int(last_only))
         return logits

@@ -27,6 +27,9 @@ from lowbit.quantized import QuantizedWeight
 from lowbit.runtime.qlinear import QuantLinear
 
 FAST_PATH_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+# Prompt chunks up to this many tokens run through the compiled step (float32, as decoding is), longer ones
+# through bf16 GEMMs, which are faster once there are enough rows to share each weight read.
+NATIVE_PREFILL_TOKENS = 32
 DEFAULT_CONTEXT = 2048
 
 
@@ -210,8 +213,11 @@ class LlamaFamilyDecoder:
         S > 1 (prefill) requires B == 1. Returns [B, vocab] for the last token, or [B, S, vocab] if all_logits.
         """
         batch, seq = tokens.shape
-        if seq == 1 and not all_logits and self.native is not None:
-            return self.native(tokens[:, 0], torch.arange(rows.start or 0, rows.stop), positions)
+        if self.native is not None and not all_logits:
+            if seq == 1:
+                return self.native(tokens[:, 0], torch.arange(rows.start or 0, rows.stop), positions)
+            if batch == 1 and seq <= NATIVE_PREFILL_TOKENS:
+                return self.native.prefill(tokens[0], rows.start or 0, int(positions[0]))
         heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
         same_start = batch == 1 or bool((positions == positions[0]).all())
         start = int(positions[0])

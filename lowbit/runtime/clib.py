@@ -119,7 +119,7 @@ def load_library(path: Path) -> ctypes.CDLL:
     lib.lowbit_affine_dequant_u8_bf16.restype = None
     lib.lowbit_decode_workspace.argtypes = [_ptr, _i64, i32]
     lib.lowbit_decode_workspace.restype = _i64
-    lib.lowbit_decode_step.argtypes = [_ptr, _ptr, _i64, _ptr, _ptr, _ptr, _ptr, i32]
+    lib.lowbit_decode_step.argtypes = [_ptr, _ptr, _i64, _ptr, _ptr, _ptr, _ptr, i32, i32]
     lib.lowbit_decode_step.restype = None
     return lib
 

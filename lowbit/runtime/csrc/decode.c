@@ -79,10 +79,12 @@ int64_t lowbit_decode_workspace(const lb_model *m, int64_t B, int threads) {
            + (int64_t)threads * (lb_scratch_floats(widest, widest, B) + B * m->hidden);
 }
 
-/* x [B, hidden]: the rows' embeddings, overwritten with the final hidden states; logits [B, vocab] out.
- * Row b decodes into cache slot slots[b] at position positions[b] (< context), attending to positions 0..pos. */
+/* x [B, hidden]: the rows' embeddings, overwritten with the final hidden states; logits [B, vocab] out (or
+ * [1, vocab] for the last row only, with `last_only`). Row b decodes into cache slot slots[b] at position
+ * positions[b] (< context), attending to positions 0..pos. Every row's keys and values are cached before any
+ * row attends, so rows of one slot at consecutive positions are a causal prompt chunk (prefill). */
 void lowbit_decode_step(const lb_model *m, float *x, int64_t B, const int64_t *slots, const int64_t *positions,
-                        float *logits, float *work, int threads) {
+                        float *logits, float *work, int threads, int last_only) {
     const int64_t H = m->hidden, D = m->head_dim, heads = m->heads, kv_heads = m->kv_heads;
     const int64_t I = m->intermediate, T = m->context, QKV = (heads + 2 * kv_heads) * D;
     const int64_t group_ratio = heads / kv_heads;
@@ -163,7 +165,8 @@ void lowbit_decode_step(const lb_model *m, float *x, int64_t B, const int64_t *s
             }
             lb_matmul(&layer->down, act, B, x, H, 1, xsum, act8, 1);    /* x += MLP output */
         }
-        for (int64_t b = 0; b < B; b++) rms_norm(x + b * H, m->final_norm, H, m->norm_eps, h + b * H);
-        lb_matmul(&m->lm_head, h, B, logits, m->lm_head.n, 0, xsum, act8, 1);
+        const int64_t first = last_only ? B - 1 : 0;
+        for (int64_t b = first; b < B; b++) rms_norm(x + b * H, m->final_norm, H, m->norm_eps, h + b * H);
+        lb_matmul(&m->lm_head, h + first * H, B - first, logits, m->lm_head.n, 0, xsum, act8, 1);
     }
 }
