@@ -19,7 +19,7 @@ exits 0. Set it up once, outside the repo, without touching lowbit's torch:
     python3 -m venv /work/peers/venv && echo torch==2.13.0 > /work/peers/constraints.txt
     /work/peers/venv/bin/pip install -c /work/peers/constraints.txt torch==2.13.0 gptqmodel==7.6.0
 
-    python bench/bench_gptq_peers.py                        # SmolLM2, GPTQ and AWQ (about 40 min on 2 cores)
+    python bench/bench_gptq_peers.py                        # SmolLM2, GPTQ and AWQ (about an hour on 2 busy cores)
     python bench/bench_gptq_peers.py --models stories --methods gptq   # seconds
 Writes bench/results/gptq_peers.json and prints a table.
 """
