@@ -27,9 +27,9 @@ from lowbit.quantized import QuantizedWeight
 from lowbit.runtime.qlinear import QuantLinear
 
 FAST_PATH_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-# Prompt chunks up to this many tokens run through the compiled step (float32, as decoding is), longer ones
-# through bf16 GEMMs, which are faster once there are enough rows to share each weight read.
-NATIVE_PREFILL_TOKENS = 32
+# Prompt chunks up to this many tokens run through the compiled step (float32, as decoding is: measured as fast
+# as bf16 GEMMs up to 16 tokens, 2x slower at 32), longer ones through bf16 GEMMs.
+NATIVE_PREFILL_TOKENS = 16
 DEFAULT_CONTEXT = 2048
 
 
