@@ -58,3 +58,24 @@ def test_method_options_as_keywords():
     config = config_from_kwargs(method="nf4", double_quant=True, blocksize=128, skip=("lm_head",))
     assert config.method == "nf4" and config.options == {"double_quant": True, "blocksize": 128}
     assert config.skip == ("lm_head",)
+
+
+@pytest.mark.parametrize("method", ["rtn", "nf4"])
+def test_quantized_tied_output_projection_saves_and_loads(tmp_path, method):
+    """A model whose lm_head shares the embedding (SmolLM2, stories260K-style): quantizing the head unties it,
+    and the saved model loads back with the same logits (transformers must not re-tie it onto the embedding)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=96,
+                                         tie_word_embeddings=True)).eval()
+    lowbit.quantize(model, lowbit.QuantizeConfig(method=method, group_size=32, skip=()))
+    assert not model.config.tie_word_embeddings
+    ids = torch.tensor([[1, 5, 9, 3]])
+    with torch.inference_mode():
+        expected = model(ids).logits
+    lowbit.save(model, tmp_path / "out")
+    again = lowbit.load(tmp_path / "out")
+    with torch.inference_mode():
+        assert torch.equal(again(ids).logits, expected)

@@ -5,6 +5,7 @@ import fnmatch
 import re
 from typing import Iterator
 
+import torch
 from torch import nn
 
 from lowbit.models.adapters import is_linear
@@ -44,8 +45,20 @@ def install_quantized(root: nn.Module, name: str, qweight: QuantizedWeight, kern
     """Replace the Linear `name` under `root` by a QuantLinear holding `qweight` (bias kept)."""
     old = root.get_submodule(name)
     new = QuantLinear(qweight, getattr(old, "bias", None), kernel=kernel)
+    untie_if_shared(root, old)
     replace_module(root, name, new)
     return new
+
+
+def untie_if_shared(root: nn.Module, module: nn.Module) -> None:
+    """A quantized output projection no longer shares the embedding's weight: say so in the config, or
+    transformers' tie_weights() (on load, on save) would try to put the embedding back into it."""
+    config = getattr(root, "config", None)
+    embeddings = root.get_input_embeddings() if hasattr(root, "get_input_embeddings") else None
+    weight = getattr(module, "weight", None)
+    if (config is not None and getattr(config, "tie_word_embeddings", False) and embeddings is not None
+            and isinstance(weight, torch.Tensor) and weight is embeddings.weight):
+        config.tie_word_embeddings = False
 
 
 def quantized_modules(model: nn.Module) -> Iterator[tuple[str, QuantLinear]]:
