@@ -232,8 +232,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="stories,smollm2")
     parser.add_argument("--bits", default="4,3")
-    parser.add_argument("--methods", default="fp32,rtn,gptq,gptq-act,awq",
-                        help="gptq-act is GPTQ with act-order (desc_act)")
+    parser.add_argument("--methods", default="fp32,rtn,gptq,gptq-plain,awq",
+                        help="gptq is lowbit's default (act-order + static groups); gptq-plain has neither")
     parser.add_argument("--group", type=int, default=128)
     parser.add_argument("--calib-samples", type=int, default=32)
     parser.add_argument("--calib-len", type=int, default=512)
@@ -258,9 +258,10 @@ def main() -> None:
         methods = args.methods.split(",")
         specs = [{"method": "fp32", "bits": 32}] if "fp32" in methods else []
         for bits in map(int, args.bits.split(",")):
-            for m in ("rtn", "gptq", "gptq-act", "awq"):
-                if m == "gptq-act" and m in methods:
-                    specs.append({"method": "gptq", "bits": bits, "options": {"desc_act": True}, "label": m})
+            for m in ("rtn", "gptq", "gptq-plain", "awq"):
+                if m == "gptq-plain" and m in methods:
+                    specs.append({"method": "gptq", "bits": bits, "options": {"desc_act": False, "static_groups": False},
+                                  "label": m})
                 elif m in methods:
                     specs.append({"method": m, "bits": bits})
         for spec in specs:
