@@ -193,12 +193,11 @@ def add_sampling_args(p) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
-    p.add_argument("--kernel", default="auto", help="matmul kernel for quantized layers (auto, reference, ...)")
     p.add_argument("--load-in-4bit", action="store_true", help="quantize to NF4 while loading")
     p.add_argument("--load-in-8bit", action="store_true", help="quantize to LLM.int8 while loading")
-    p.add_argument("--int8-activations", action="store_true",
-                   help="decode with int8 activations (llama.cpp's arithmetic: faster, not float32-exact)")
+    from lowbit.engine.commands import add_runtime_args
+
+    add_runtime_args(p)
 
 
 def add_generate(sub) -> None:

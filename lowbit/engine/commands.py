@@ -10,6 +10,14 @@ from pathlib import Path
 log = logging.getLogger("lowbit")
 
 
+def add_runtime_args(p: argparse.ArgumentParser) -> None:
+    """The options every command that runs a model takes: threads, kernel, int8 activations."""
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    p.add_argument("--kernel", default="auto", help="matmul kernel for quantized layers (auto, reference, ...)")
+    p.add_argument("--int8-activations", action="store_true",
+                   help="decode with int8 activations (llama.cpp's arithmetic: faster, not float32-exact)")
+
+
 def add_commands(sub) -> None:
     """Add the serve and bench subcommands to the lowbit CLI."""
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat, streaming)")
@@ -17,12 +25,10 @@ def add_commands(sub) -> None:
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--model-name", default=None, help="name clients pass as 'model' (default: the folder name)")
-    s.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    add_runtime_args(s)
     s.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (cache slots)")
     s.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a slot; more get 429")
     s.add_argument("--ctx", type=int, default=2048, help="context per sequence (prompt + generated tokens)")
-    s.add_argument("--kernel", default="auto", help="matmul kernel for quantized layers")
-    s.add_argument("--int8-activations", action="store_true", help="decode 4-bit/8-bit layers with int8 activations (llama.cpp's arithmetic: faster, not float32-exact)")
     s.set_defaults(func=cmd_serve)
 
     b = sub.add_parser("bench", help="prompt processing and generation tokens/s (like llama-bench)")
@@ -30,9 +36,7 @@ def add_commands(sub) -> None:
     b.add_argument("-p", "--n-prompt", type=int, default=512, help="prompt tokens for the pp test")
     b.add_argument("-n", "--n-gen", type=int, default=128, help="generated tokens for the tg test")
     b.add_argument("-r", "--reps", type=int, default=3)
-    b.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
-    b.add_argument("--kernel", default="auto", help="matmul kernel for quantized layers")
-    b.add_argument("--int8-activations", action="store_true", help="decode 4-bit/8-bit layers with int8 activations (llama.cpp's arithmetic: faster, not float32-exact)")
+    add_runtime_args(b)
     b.add_argument("--vs-transformers", action="store_true", help="also time transformers on the same model")
     b.add_argument("--vs-llama-cpp", action="store_true",
                    help="also time llama.cpp (llama-cpp-python) on the same .gguf (MODEL or --gguf)")

@@ -194,24 +194,23 @@ def column_order(qw: QuantizedWeight) -> torch.Tensor | None:
 
 
 def _describe_codebook(qw: QuantizedWeight) -> tuple[LinearSpec, list[torch.Tensor]] | None:
-    """NF4/FP4 (W = absmax * table[q]) when its blocks lie within rows: the LB_NIB layout with a table."""
-    scheme = qw.scheme
+    """A codebook scheme (Scheme.codebook_form: W = a * table[q]) as the LB_NIB layout with a table."""
+    form = qw.scheme.codebook_form(qw)
     n, k = qw.shape
-    group = getattr(scheme, "blocksize", 0)
-    if (getattr(scheme, "kind", None) != "bnb4" or tuple(qw.scales.shape) != (n, k // max(group, 1))
-            or k % group or not nibble_layout_fits(4, k, group)):
+    if form is None or not nibble_layout_fits(4, k, qw.effective_group_size):
         return None
+    table, a = form
     codes = pack_nibbles(qw.codes)
-    stats, a, b, offset = compact_statistics(qw.scales.float(), torch.zeros_like(qw.scales, dtype=torch.float32))
-    table = scheme.table().float().contiguous()
-    spec = LinearSpec(LB_NIB, n, k, a.shape[1], group, codes.data_ptr(), a.data_ptr(), b.data_ptr(), None, stats,
-                      offset, None, table.data_ptr())
+    stats, a, b, offset = compact_statistics(a, torch.zeros_like(a))
+    table = table.float().contiguous()
+    spec = LinearSpec(LB_NIB, n, k, a.shape[1], qw.effective_group_size, codes.data_ptr(), a.data_ptr(),
+                      b.data_ptr(), None, stats, offset, None, table.data_ptr())
     return spec, [codes, a, b, table]
 
 
 def _describe_affine(qw: QuantizedWeight) -> tuple[LinearSpec, list[torch.Tensor]] | None:
-    if getattr(qw.scheme, "activations", "float") != "float":
-        return None      # LLM.int8 / dynamic int8 define their arithmetic on quantized activations
+    if qw.scheme.quantizes_activations:
+        return None      # LLM.int8 / dynamic int8: float activations would change their numbers
     form = qw.scheme.affine_form(qw)
     if form is None:
         return _describe_codebook(qw)

@@ -3,9 +3,9 @@
 Measured (SmolLM2 shapes, 2 threads, bf16 activations): torch's `_weight_int4pack_mm_for_cpu` reads a 4-bit
 weight at near memory bandwidth for one or a few rows (decode), but for hundreds of rows (prompt processing) it
 is 10-15x slower than a float GEMM. So the kernels here switch on the number of rows: few rows go through
-int4pack (or the C kernel below), many rows dequantize the weight once per call (cost ~N*K, amortised over the
-rows; one parallel C pass) and use the bf16 GEMM (AMX). Everything is written as w = a * q + b per group, which covers both the symmetric grids
-(a = scale, b = -scale * zero) and the GGUF types with a minimum (w = d * q - m: a = d, b = -m).
+int4pack (or lowbit's compiled kernel), many rows dequantize the weight once per call (cost ~N*K, amortised
+over the rows; one parallel C pass) and use the bf16 GEMM (AMX). Everything is written as w = a * q + b per
+group, which covers both the symmetric grids (a = scale, b = -scale * zero) and the GGUF types with a minimum (w = d * q - m: a = d, b = -m).
 
 Codes torch cannot take (5..8 bits with groups: GGUF Q5_x/Q6_K/Q8_0, grouped 8-bit grids, K-quants with
 16-column groups) go through lowbit's compiled kernel (runtime/clib.py, csrc/affine_dot.h), which reads the codes
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from lowbit.quantized import QuantizedWeight
-from lowbit.runtime.clib import affine_spec, build_native, column_order, linear, native_library  # noqa: F401
+from lowbit.runtime.clib import affine_spec, column_order, linear, native_library
 from lowbit.runtime.kernels import Kernel, contiguous_groups, register_kernel
 
 log = logging.getLogger("lowbit")

@@ -85,6 +85,17 @@ class Scheme(ABC):
         return qw.scales, -qw.scales * qw.zeros, bits
 
     @property
+    def quantizes_activations(self) -> bool:
+        """True when the scheme defines its matmul on quantized activations (LLM.int8, dynamic int8), so a
+        kernel computing with float activations would change its numbers."""
+        return False
+
+    def codebook_form(self, qw: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(table, a) with w = a * table[q], a [N, n_groups] per group of columns, for schemes whose codes index
+        a table of values (NF4/FP4); None for every other scheme."""
+        return None
+
+    @property
     def code_bits(self) -> int:
         """Bits one code needs when packed (defaults to the scheme's `bits`, else 8)."""
         return int(getattr(self, "bits", 8))

@@ -265,6 +265,13 @@ class Codebook4(Scheme):
         n, k = shape
         return absmax.reshape(n, k // self.blocksize) if k % self.blocksize == 0 else absmax.reshape(1, -1)
 
+    def codebook_form(self, qw: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(table, absmax [N, K / blocksize]) when the flat blocks lie within rows; None when they straddle them."""
+        n, k = qw.shape
+        if k % self.blocksize or tuple(qw.scales.shape) != (n, k // self.blocksize):
+            return None
+        return self.table(), qw.scales.float()
+
     def flat_absmax(self, qw: QuantizedWeight) -> torch.Tensor:
         """float32 [n_blocks]: the absmax of each flat block as dequantization uses it."""
         return qw.scales.reshape(-1).float()

@@ -60,6 +60,10 @@ class RowInt8(Scheme):
         return 8
 
     @property
+    def quantizes_activations(self) -> bool:
+        return self.activations != "float"
+
+    @property
     def code_bits(self) -> int:
         return 8
 

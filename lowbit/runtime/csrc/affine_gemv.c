@@ -1,14 +1,10 @@
-/* y = x W^T for weights held as uint8 codes with an affine map per group: W[n,k] = a[n,g] * q[n,k] + b[n,g].
+/* One matmul per call for the torch-side kernels: y = x W^T for any weight layout of affine_dot.h (float,
+ * one code per byte, two 4-bit codes per byte, codebooks, act-order), and the bf16 dequantization that prompt
+ * processing feeds to a GEMM.
  *
- * Decoding is memory-bound, so this reads each weight as its 1-byte code (plus the group statistics) instead of
- * a dequantized float, and never materialises W. It serves every affine scheme whose codes torch's int4pack
- * cannot take (5..8-bit grids, GGUF Q5_0/Q5_1/Q8_0/Q3_K/Q6_K/Q2_K, any group size).
- *
- *   y[m,n] = sum_g a[n,g] * dot(x[m, g], q[n, g]) + b[n,g] * xsum[m,g],   xsum[m,g] = sum of x over group g.
- *
- * Rows n are split over OpenMP threads (the same libgomp runtime torch uses, so the pools do not fight), as
- * many as torch.get_num_threads() (passed in: OpenMP's own setting is per calling thread).
- * The dot products are in affine_dot.h (AVX-512 when the compiler targets it, else plain loops).
+ * Decoding is memory-bound, so the weight is read as its codes plus the group statistics and never
+ * materialised. Output rows are split over OpenMP threads (the libgomp torch loads, so the pools do not
+ * fight), as many as torch.get_num_threads() (passed in: OpenMP's own setting is per calling thread).
  */
 #include "affine_dot.h"
 
