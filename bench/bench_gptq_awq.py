@@ -1,11 +1,12 @@
 """GPTQ and AWQ against RTN on the same grid, plus the memory of layer-wise streaming.
 
 For stories260K and SmolLM2-135M (dequantized from its packaged Q4_1 GGUF): perplexity on wikitext-2 test and
-TinyStories (first tokens, ctx 512, non-overlapping windows) for fp32, RTN, GPTQ and AWQ at 4-bit g128 and
-3-bit g128 (asymmetric: AWQ's grid; RTN and GPTQ use the same), quantization wall time and peak RSS (each
-configuration runs in its own process, so ru_maxrss is its own). Calibration windows come from text disjoint
-from the evaluation tokens: wikitext-2 test beyond the first 200k characters for SmolLM2, TinyStories beyond
-the first 300k characters for stories260K.
+TinyStories (first tokens, ctx 512, non-overlapping windows; EVAL_TOKENS per model) for fp32, RTN, GPTQ and AWQ
+at 4-bit g128 and 3-bit g128 (asymmetric: AWQ's grid; RTN and GPTQ use the same), quantization wall time and
+peak RSS (each configuration runs in its own process, so its peak RSS is its own). Calibration windows come half
+from wikitext-2 test beyond its first 200k characters and half from TinyStories beyond its first 300k, disjoint
+from the evaluation tokens (checked); `--seeds 0,1,2` repeats every calibrated method with other calibration
+samples and prints the spread.
 
 Streaming: peak RSS of `stream_quantize` (one block in memory at a time) on SmolLM2 saved as an HF folder and
 on a generated random Llama checkpoint much larger than that peak, next to the model's fp32 size. With
@@ -14,7 +15,7 @@ mapping, so it is stricter than a limit on resident memory) of X GiB, and a cont
 synthetic model whole under the same limit: it must fail where the streamed quantization succeeds.
 
     python bench/bench_gptq_awq.py                 # everything (about an hour on 2 busy cores)
-    python bench/bench_gptq_awq.py --models stories --no-streaming   # a minute
+    python bench/bench_gptq_awq.py --models stories --no-streaming --seeds 0,1,2   # three minutes
     python bench/bench_gptq_awq.py --models stories --no-quality --synthetic-layers 24 --mem-limit-gb rtn=2,gptq=4 \
         --out bench/results/gptq_awq_streaming_synthetic.json   # a 5.1 GiB fp32 model streamed under 2 / 4 GiB
 Writes bench/results/gptq_awq.json and prints a table.
@@ -52,25 +53,38 @@ def peak_rss_mb(field: str = "VmHWM") -> float:
 
 
 # -- one configuration, in a child process ---------------------------------------------------------------------
-def calibration_tokens(model_key: str, tokenizer, samples: int, seq_len: int):
-    """Calibration windows from text the evaluation never sees: TinyStories beyond its first 300k characters,
-    and for SmolLM2 also wikitext-2 beyond its first 200k (half each: one domain alone overfits GPTQ to it)."""
+# Calibration text starts at these character offsets; evaluation reads from the start of each file and must end
+# before them (checked), so the two never share text.
+CALIB_OFFSET = {"wikitext2": 200_000, "tinystories": 300_000}
+# Evaluation tokens per model (wikitext-2, TinyStories). stories260K evaluates fast, so it reads ~190k characters
+# of each file: at 8k tokens its wikitext-2 perplexity moved by a few percent with the calibration seed alone,
+# as much as the differences between methods.
+EVAL_TOKENS = {"stories": (120_000, 65_536), "smollm2": (16_384, 8_192)}
+
+
+def calibration_tokens(tokenizer, samples: int, seq_len: int, seed: int = 0):
+    """Calibration windows from text the evaluation never sees, half from wikitext-2 and half from TinyStories
+    (beyond CALIB_OFFSET): calibrating on one domain alone overfits GPTQ and AWQ to it."""
     import torch
 
     from lowbit.calibration.text import sample_windows, tokenize_for_calibration
 
-    sources = [TINY.read_text(encoding="utf-8")[300_000:]]
-    if model_key != "stories":
-        sources.insert(0, WIKI.read_text(encoding="utf-8")[200_000:])
+    sources = [WIKI.read_text(encoding="utf-8")[CALIB_OFFSET["wikitext2"]:],
+               TINY.read_text(encoding="utf-8")[CALIB_OFFSET["tinystories"]:]]
     counts = [samples // len(sources) + (i < samples % len(sources)) for i in range(len(sources))]
-    return torch.cat([sample_windows(tokenize_for_calibration(tokenizer, text[: n * seq_len * 8]), n, seq_len, 0)
+    return torch.cat([sample_windows(tokenize_for_calibration(tokenizer, text[: n * seq_len * 8]), n, seq_len, seed)
                       for text, n in zip(sources, counts)])
 
 
-def eval_tokens(tokenizer, path: Path, n_tokens: int):
+def eval_tokens(tokenizer, path: Path, n_tokens: int, calib_offset: int):
+    """The first `n_tokens` of a text; refuses counts that would reach into the calibration text."""
     from lowbit.eval.perplexity import read_text, tokenize_text
 
-    return tokenize_text(tokenizer, read_text(path), n_tokens)
+    text = read_text(path)
+    if tokenize_text(tokenizer, text[:calib_offset]).numel() < n_tokens:
+        raise SystemExit(f"{n_tokens} evaluation tokens of {path.name} reach past character {calib_offset}, where "
+                         "the calibration text starts; evaluate fewer tokens")
+    return tokenize_text(tokenizer, text, n_tokens)
 
 
 def run_one(spec: dict) -> dict:
@@ -86,7 +100,7 @@ def run_one(spec: dict) -> dict:
     model, tok = load_model(MODELS[spec["model"]])
     result = dict(spec)
     if spec["method"] != "fp32":
-        calib = calibration_tokens(spec["model"], tok, spec["calib_samples"], spec["calib_len"])
+        calib = calibration_tokens(tok, spec["calib_samples"], spec["calib_len"], spec.get("seed", 0))
         config = QuantizeConfig(method=spec["method"], bits=spec["bits"], group_size=spec["group"],
                                 symmetric=False, skip=("lm_head",), options=dict(spec.get("options", {})))
         t0 = time.perf_counter()
@@ -94,8 +108,8 @@ def run_one(spec: dict) -> dict:
         result["quantize_s"] = round(time.perf_counter() - t0, 1)
     result["quantize_peak_rss_mb"] = round(peak_rss_mb())
     for name, path, n in (("wikitext2", WIKI, spec["wiki_tokens"]), ("tinystories", TINY, spec["tiny_tokens"])):
-        result[f"ppl_{name}"] = round(evaluate_quality(model, eval_tokens(tok, path, n), ctx=spec["ctx"],
-                                                       progress=False).perplexity, 4)
+        tokens = eval_tokens(tok, path, n, CALIB_OFFSET[name])
+        result[f"ppl_{name}"] = round(evaluate_quality(model, tokens, ctx=spec["ctx"], progress=False).perplexity, 4)
     return result
 
 
@@ -111,8 +125,7 @@ def run_stream(spec: dict) -> dict:
     if spec.get("calib_model"):
         from lowbit.models.loading import load_tokenizer
 
-        calib = calibration_tokens(spec["calib_model"], load_tokenizer(Path(spec["source"])), spec["calib_samples"],
-                                   spec["calib_len"])
+        calib = calibration_tokens(load_tokenizer(Path(spec["source"])), spec["calib_samples"], spec["calib_len"])
     config = QuantizeConfig(method=spec["method"], bits=4, group_size=128, symmetric=False, skip=("lm_head",))
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=spec.get("tmp")) as tmp:
@@ -227,6 +240,27 @@ def mem_limits(spec: str | None, methods: list[str]) -> dict[str, float]:
     return {m: float(v) for m, v in (item.split("=") for item in spec.split(","))}
 
 
+def seed_summary(rows: list[dict]) -> list[dict]:
+    """Per (model, method, bits): perplexity mean/min/max over calibration seeds, and whether its worst seed
+    still beats RTN on the same grid on both texts."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["model"], r.get("label", r["method"]), r["bits"]), []).append(r)
+    out = []
+    for (model, label, bits), runs in groups.items():
+        if label in ("fp32", "rtn"):
+            continue
+        rtn = groups.get((model, "rtn", bits))
+        entry = {"model": model, "label": label, "bits": bits, "seeds": len(runs)}
+        for text in ("wikitext2", "tinystories"):
+            values = [r[f"ppl_{text}"] for r in runs]
+            entry[text] = {"mean": round(sum(values) / len(values), 4), "min": min(values), "max": max(values)}
+        entry["beats_rtn"] = None if not rtn else all(entry[t]["max"] < rtn[0][f"ppl_{t}"]
+                                                      for t in ("wikitext2", "tinystories"))
+        out.append(entry)
+    return out
+
+
 # -- main ------------------------------------------------------------------------------------------------------
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -237,8 +271,9 @@ def main() -> None:
     parser.add_argument("--group", type=int, default=128)
     parser.add_argument("--calib-samples", type=int, default=32)
     parser.add_argument("--calib-len", type=int, default=512)
-    parser.add_argument("--wiki-tokens", type=int, default=16384)
-    parser.add_argument("--tiny-tokens", type=int, default=8192)
+    parser.add_argument("--wiki-tokens", type=int, default=None, help="default per model: EVAL_TOKENS")
+    parser.add_argument("--tiny-tokens", type=int, default=None, help="default per model: EVAL_TOKENS")
+    parser.add_argument("--seeds", default="0", help="calibration sampling seeds (one run per seed and method)")
     parser.add_argument("--ctx", type=int, default=512)
     parser.add_argument("--no-streaming", action="store_true")
     parser.add_argument("--no-quality", action="store_true", help="only the streaming memory figures")
@@ -259,14 +294,18 @@ def main() -> None:
         specs = [{"method": "fp32", "bits": 32}] if "fp32" in methods else []
         for bits in map(int, args.bits.split(",")):
             for m in ("rtn", "gptq", "gptq-plain", "awq"):
-                if m == "gptq-plain" and m in methods:
-                    specs.append({"method": "gptq", "bits": bits, "options": {"desc_act": False, "static_groups": False},
-                                  "label": m})
-                elif m in methods:
-                    specs.append({"method": m, "bits": bits})
+                # RTN uses no calibration: one run, whatever the seeds.
+                for seed in [0] if m == "rtn" else map(int, args.seeds.split(",")):
+                    if m == "gptq-plain" and m in methods:
+                        specs.append({"method": "gptq", "bits": bits, "seed": seed, "label": m,
+                                      "options": {"desc_act": False, "static_groups": False}})
+                    elif m in methods:
+                        specs.append({"method": m, "bits": bits, "seed": seed})
+        wiki_tokens, tiny_tokens = EVAL_TOKENS[model]
         for spec in specs:
             spec.update(model=model, group=args.group, calib_samples=args.calib_samples, calib_len=args.calib_len,
-                        wiki_tokens=args.wiki_tokens, tiny_tokens=args.tiny_tokens, ctx=args.ctx)
+                        wiki_tokens=args.wiki_tokens or wiki_tokens, tiny_tokens=args.tiny_tokens or tiny_tokens,
+                        ctx=args.ctx)
             row = in_child("one", spec)
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -302,10 +341,18 @@ def main() -> None:
             print(json.dumps(row), flush=True)
 
     print()
-    print(f"{'model':9} {'method':8} {'bits':>4} {'wiki2 ppl':>10} {'tinyst ppl':>10} {'quant s':>8} {'peak MB':>8}")
+    print(f"{'model':9} {'method':10} {'bits':>4} {'seed':>4} {'wiki2 ppl':>10} {'tinyst ppl':>10} {'quant s':>8} {'peak MB':>8}")
     for r in rows:
-        print(f"{r['model']:9} {r.get('label', r['method']):8} {r['bits']:>4} {r['ppl_wikitext2']:>10.3f} {r['ppl_tinystories']:>10.3f} "
-              f"{r.get('quantize_s', 0):>8} {r['quantize_peak_rss_mb']:>8}")
+        print(f"{r['model']:9} {r.get('label', r['method']):10} {r['bits']:>4} {r.get('seed', '-'):>4} "
+              f"{r['ppl_wikitext2']:>10.3f} {r['ppl_tinystories']:>10.3f} {r.get('quantize_s', 0):>8} "
+              f"{r['quantize_peak_rss_mb']:>8}")
+    summary = seed_summary(rows)
+    if summary:
+        print("\nover calibration seeds: mean [min, max]; 'beats rtn' = worst seed better than RTN on both texts")
+        for s in summary:
+            print(f"{s['model']:9} {s['label']:10} {s['bits']:>4} {s['seeds']:>5} seeds  wiki2 {s['wikitext2']['mean']:.3f} "
+                  f"[{s['wikitext2']['min']:.3f}, {s['wikitext2']['max']:.3f}]  tinyst {s['tinystories']['mean']:.4f} "
+                  f"[{s['tinystories']['min']:.4f}, {s['tinystories']['max']:.4f}]  beats rtn: {s['beats_rtn']}")
     if streaming:
         print()
         print(f"{'streamed model':28} {'method':10} {'fp32 GB':>8} {'limit GiB':>9} {'peak RSS MB':>12} {'seconds':>8}")
@@ -314,7 +361,8 @@ def main() -> None:
                   f"{r['peak_rss_mb']:>12} {r['seconds']:>8} {r.get('outcome', '')}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"command": " ".join(sys.argv), "quality": rows, "streaming": streaming, "args": vars(args),
+    out.write_text(json.dumps({"command": " ".join(sys.argv), "quality": rows, "seed_summary": summary,
+                               "streaming": streaming, "args": vars(args),
                                "torch_threads": os.environ.get("OMP_NUM_THREADS")}, indent=1))
     print(f"\nwrote {out}")
 

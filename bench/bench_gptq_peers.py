@@ -273,7 +273,7 @@ def prepare(model_key: str, work: Path, samples: int, seq_len: int, eval_tokens:
     tokenizer = load_tokenizer(folder)
     calib = work / f"calib-{model_key}-{samples}x{seq_len}.safetensors"
     if not calib.exists():
-        tokens = calibration_tokens(model_key, tokenizer, samples, seq_len)
+        tokens = calibration_tokens(tokenizer, samples, seq_len)
         save_file({CALIB_KEY: tokens.to(torch.int64).contiguous()}, str(calib))
     evals = work / f"eval-{model_key}-wikitext2-{eval_tokens}.safetensors"
     if not evals.exists():

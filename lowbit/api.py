@@ -5,7 +5,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from lowbit.methods.base import CalibrationRequest, QuantizeConfig

@@ -9,8 +9,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 from lowbit.engine.generate import SamplingParams, generate_text
 from lowbit.eval.report import EVAL_COLUMNS, evaluate, format_table, write_json
 from lowbit.eval.perplexity import evaluation_tokens

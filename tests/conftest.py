@@ -12,7 +12,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parents[1]
+# Tests import SHARED/STORIES from here, so LOWBIT_SHARED moves every test's data at once.
 SHARED = Path(os.environ.get("LOWBIT_SHARED", ROOT.parent / "shared"))
+STORIES = SHARED / "models" / "stories260K"
 
 
 @pytest.fixture(autouse=True)
@@ -25,7 +27,7 @@ def one_thread():
 def shared_path(*parts: str) -> Path:
     path = SHARED.joinpath(*parts)
     if not path.exists():
-        pytest.skip(f"{path} is not available (shared test data lives in ../shared)")
+        pytest.skip(f"{path} is not available (shared test data lives in ../shared, or set LOWBIT_SHARED)")
     return path
 
 

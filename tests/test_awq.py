@@ -149,3 +149,21 @@ def test_awq_rejects_unknown_option():
 
     with pytest.raises(LowbitError, match="unknown options"):
         get_method(QuantizeConfig(method="awq", options={"desc_act": True}))
+
+
+def test_inspected_inputs_average_every_token_but_keep_only_the_search_budget():
+    from lowbit.methods.awq import InspectedInputs
+
+    torch.manual_seed(3)
+    calls = [torch.randn(2, 100, 16) for _ in range(5)]        # 5 calls of 200 tokens
+    seen = InspectedInputs(budget=300)
+    for x in calls:
+        seen.add("mlp", (x,), {})
+    everything = torch.cat([x.reshape(-1, 16) for x in calls])
+    assert torch.allclose(seen.abs_mean(), everything.abs().mean(0), rtol=1e-6)
+    assert len(seen.search_calls) == 2                            # 400 tokens >= 300: two calls
+    assert all(args[0] is x for (args, _), x in zip(seen.search_calls, calls))
+    one = InspectedInputs(budget=10)
+    one.add("mlp", (), {"hidden_states": calls[0]})
+    one.add("mlp", (), {"hidden_states": calls[1]})
+    assert len(one.search_calls) == 1                             # at least one call, however small the budget

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,8 +18,7 @@ from lowbit.runtime.qlinear import QuantLinear
 from lowbit.schemes.codebook import (Codebook4, codebook, dynamic_map, pack_nibbles, unpack_nibbles)
 from lowbit.schemes.int8row import RowInt8
 
-SHARED = Path(__file__).resolve().parents[1] / ".." / "shared"
-STORIES = SHARED / "models" / "stories260K"
+from conftest import SHARED, STORIES
 
 try:
     import bitsandbytes.functional as bnbF

@@ -126,3 +126,56 @@ def test_streaming_safetensors_writer_and_merge_round_trip(tmp_path):
     assert sorted(merged) == sorted({**a, **b})
     for key, value in {**a, **b}.items():
         assert merged[key].dtype == value.dtype and torch.equal(merged[key], value)
+
+
+def _sparse_llama(folder, vocab: int, hidden: int) -> int:
+    """An HF Llama folder whose safetensors file is sparse on disk (zeros), with an embedding of vocab x hidden
+    float32; returns the tensor bytes. Costs no disk or memory to make, however large."""
+    folder.mkdir()
+    config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": vocab, "hidden_size": hidden,
+              "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 1, "num_key_value_heads": 1,
+              "tie_word_embeddings": True, "max_position_embeddings": 64, "torch_dtype": "float32"}
+    (folder / "config.json").write_text(json.dumps(config))
+    shapes = {"model.embed_tokens.weight": [vocab, hidden], "model.norm.weight": [hidden],
+              "model.layers.0.input_layernorm.weight": [hidden], "model.layers.0.post_attention_layernorm.weight": [hidden],
+              "model.layers.0.self_attn.q_proj.weight": [hidden, hidden], "model.layers.0.self_attn.k_proj.weight": [hidden, hidden],
+              "model.layers.0.self_attn.v_proj.weight": [hidden, hidden], "model.layers.0.self_attn.o_proj.weight": [hidden, hidden],
+              "model.layers.0.mlp.gate_proj.weight": [16, hidden], "model.layers.0.mlp.up_proj.weight": [16, hidden],
+              "model.layers.0.mlp.down_proj.weight": [hidden, 16]}
+    header, offset = {}, 0
+    for name, shape in shapes.items():
+        size = 4 * int(torch.Size(shape).numel())
+        header[name] = {"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(folder / "model.safetensors", "wb") as f:
+        f.write(len(raw).to_bytes(8, "little") + raw)
+        f.truncate(8 + len(raw) + offset)
+    return offset
+
+
+def test_out_of_memory_while_loading_says_so_and_points_to_streaming(tmp_path):
+    """Loading a model bigger than the memory allowed is an out-of-memory error naming --stream, not a 'corrupt
+    file' (a child process under an address-space limit 300 MB above what it already maps; the model is 1 GB)."""
+    import subprocess
+    import sys
+
+    folder = tmp_path / "big"
+    assert _sparse_llama(folder, vocab=250_000, hidden=1024) > 2 * 300 * 2 ** 20
+    script = f"""
+import resource
+from lowbit.errors import LowbitError
+from lowbit.models.loading import load_model
+size = int(open("/proc/self/status").read().split("VmSize:")[1].split()[0]) * 1024 + (300 << 20)
+resource.setrlimit(resource.RLIMIT_AS, (size, size))
+try:
+    load_model({str(folder)!r})
+    print("LOADED")
+except LowbitError as exc:
+    print(type(exc).__name__, exc)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    line = proc.stdout.strip().splitlines()[-1]
+    assert line.startswith("LowbitError out of memory loading") and "--stream" in line, line

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,9 +12,8 @@ from lowbit.engine.runner import Engine, fuse_linears
 from lowbit.errors import LowbitError
 from lowbit.runtime.qlinear import QuantLinear
 
-STORIES = Path(__file__).resolve().parents[2] / "shared" / "models" / "stories260K"
-if not STORIES.is_dir():
-    STORIES = Path("/work/shared/models/stories260K")
+from conftest import STORIES
+
 needs_stories = pytest.mark.skipif(not STORIES.is_dir(), reason=f"shared model stories260K not found at {STORIES}")
 
 

@@ -13,6 +13,7 @@ from gguf.quants import quantize as gguf_quantize  # noqa: E402
 
 from lowbit.schemes import scheme_from_config  # noqa: E402
 from lowbit.schemes.ggml import CODECS, GGMLScheme, dequantize_rows, quantize_rows  # noqa: E402
+from conftest import STORIES  # noqa: E402
 
 LEGACY = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"]
 KQUANTS = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
@@ -38,12 +39,12 @@ def hard_weights(rows: int = 24, cols: int = 512, seed: int = 0) -> np.ndarray:
 
 
 def real_weights() -> np.ndarray:
-    path = "/work/shared/models/stories260K/model.safetensors"
+    path = str(STORIES / "model.safetensors")
     try:
         from safetensors.numpy import load_file
         state = load_file(path)
     except (FileNotFoundError, OSError):
-        pytest.skip("stories260K is not available under /work/shared/models")
+        pytest.skip(f"stories260K is not available at {STORIES}")
     w = state["model.layers.0.self_attn.q_proj.weight"].astype(np.float32)  # [64, 64]
     return np.tile(w, (1, 4))  # 256 columns so every K-quant applies
 

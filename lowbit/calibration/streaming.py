@@ -32,8 +32,10 @@ class ShardIndex:
     """Which safetensors file holds each tensor of an HF folder (headers only; no tensor is read)."""
 
     def __init__(self, folder: Path):
+        from lowbit.formats.hf_quantized import weight_files
+
         self.folder = Path(folder)
-        files = sorted(self.folder.glob("*.safetensors"))
+        files = weight_files(self.folder)
         if not files:
             raise LowbitError(f"{folder} has no *.safetensors files; layer-wise streaming reads safetensors shards "
                               "(convert .bin checkpoints with transformers first)")

@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from lowbit.errors import CorruptFile, LowbitError
 from lowbit.formats.atomic import atomic_dir
+from lowbit.formats.hf_quantized import read_tensors
 from lowbit.formats.registry import Format, register_format
 from lowbit.models.adapters import in_out_features, is_linear
 from lowbit.quantized import QuantizedWeight
@@ -130,19 +130,6 @@ def is_bnb(path: Path) -> bool:
     return qc.get("quant_method") == "bitsandbytes"
 
 
-def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise CorruptFile(f"{path} has no *.safetensors weights; bitsandbytes checkpoints are saved as safetensors")
-    tensors: dict[str, torch.Tensor] = {}
-    for f in files:
-        try:
-            tensors.update(load_file(str(f)))
-        except (SafetensorError, OSError) as exc:
-            raise CorruptFile(f"{f} is truncated or corrupt ({exc}); re-save or re-download it") from exc
-    return tensors
-
-
 def _read_4bit(prefix: str, parts: dict[str, torch.Tensor], compute_dtype: str, expected: tuple[int, int]
                ) -> QuantizedWeight:
     state_keys = [k for k in parts if k.startswith(QUANT_STATE_PREFIX)]
@@ -186,7 +173,7 @@ def load_bnb(path: str | Path, kernel: str = "auto", **_: Any):
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # build a plain float skeleton; we install the quantized layers ourselves
     model = empty_model_from_config(config)
-    tensors = _read_tensors(path)
+    tensors = read_tensors(path)
     compute_dtype = str(qc.get("bnb_4bit_compute_dtype") or "float32").replace("torch.", "")
     threshold = float(qc.get("llm_int8_threshold", 6.0))
 

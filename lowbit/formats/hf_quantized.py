@@ -85,9 +85,30 @@ def write_checkpoint(model: nn.Module, tokenizer: Any, out: str | Path, fmt: str
     return out
 
 
-def read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of every *.safetensors file in the folder, with a clear error when one is damaged."""
-    files = sorted(Path(path).glob("*.safetensors"))
+def weight_files(path: str | Path) -> list[Path]:
+    """The safetensors files holding a folder's weights, as transformers picks them: the shards its
+    model.safetensors.index.json lists, else model.safetensors, else every *.safetensors file. Other files
+    (Mistral's consolidated.safetensors next to the HF shards, adapters) are not weights of this model."""
+    folder = Path(path)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, AttributeError) as exc:
+            raise CorruptFile(f"{index} is not a valid shard index ({exc})") from exc
+        missing = [name for name in shards if not (folder / name).is_file()]
+        if missing:
+            raise CorruptFile(f"{folder}: shards {missing[:3]} listed in {index.name} are missing; the checkpoint "
+                              "is incomplete")
+        return [folder / name for name in shards]
+    if (folder / "model.safetensors").is_file():
+        return [folder / "model.safetensors"]
+    return sorted(folder.glob("*.safetensors"))
+
+
+def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the folder's weight files (`weight_files`), with a clear error when one is damaged."""
+    files = weight_files(path)
     if not files:
         raise CorruptFile(f"{path} has no *.safetensors file; the checkpoint is incomplete")
     tensors: dict[str, torch.Tensor] = {}

@@ -15,7 +15,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lowbit.errors import CorruptFile, LowbitError
+from lowbit.errors import CorruptFile
 from lowbit.formats.atomic import atomic_dir
 from lowbit.formats.registry import Format, register_format
 from lowbit.runtime.surgery import install_quantized, quantized_modules

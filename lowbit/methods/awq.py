@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from lowbit.errors import LowbitError
-from lowbit.methods.base import Method, register_method
+from lowbit.methods.base import register_method
 from lowbit.methods.gptq import CalibratedMethod, set_linear_weight
 from lowbit.models.adapters import ArchAdapter, linear_weight
 from lowbit.quantized import QuantizedWeight
@@ -35,6 +35,8 @@ DEFAULT_CLIP_TOKENS = 512
 # Tokens the alpha search runs the inspected module on: each of the grid's points is a forward pass, which on
 # CPU dominates AWQ's cost; channel magnitudes still use every calibration token.
 DEFAULT_SEARCH_TOKENS = 4096
+# Tokens the per-Linear output error (progress bar, reports) is measured on.
+REPORT_TOKENS = 4096
 # Linears whose outputs meet in a softmax (queries, keys): AutoAWQ does not clip them, nor do we.
 NO_CLIP_MARKERS = ("q_proj", "k_proj", "query", "key", "c_attn", "Wqkv")
 
@@ -130,17 +132,30 @@ def apply_clip(weight: torch.Tensor, bound: torch.Tensor, group_size: int) -> to
     return torch.maximum(torch.minimum(padded_groups(weight.float(), group_size), b), -b).reshape(n, -1)[:, :k]
 
 
-def first_tokens(recorded: list[tuple[tuple, dict]], budget: int) -> list[tuple[tuple, dict]]:
-    """The leading recorded calls holding about `budget` tokens (at least one call)."""
-    from lowbit.calibration.capture import first_input
+class InspectedInputs:
+    """What the inspected module receives: mean |x| per channel over every calibration token, and the leading
+    calls holding about `budget` tokens (at least one), which the alpha search replays. Other calls are not
+    kept, so memory does not grow with the calibration set."""
 
-    kept, total = [], 0
-    for args, kwargs in recorded:
-        if kept and total >= budget:
-            break
-        kept.append((args, kwargs))
-        total += first_input(args, kwargs).shape[:-1].numel()
-    return kept
+    def __init__(self, budget: int):
+        self.budget = budget
+        self.search_calls: list[tuple[tuple, dict]] = []
+        self.kept_tokens = 0
+        self.abs_sum: torch.Tensor | float = 0.0
+        self.n_tokens = 0
+
+    def add(self, _name: str, args: tuple, kwargs: dict) -> None:
+        from lowbit.calibration.capture import first_input, flat_tokens
+
+        x = flat_tokens(first_input(args, kwargs))
+        self.abs_sum = self.abs_sum + x.abs().sum(0)
+        self.n_tokens += x.shape[0]
+        if not self.search_calls or self.kept_tokens < self.budget:
+            self.search_calls.append((args, kwargs))
+            self.kept_tokens += x.shape[0]
+
+    def abs_mean(self) -> torch.Tensor:
+        return self.abs_sum / self.n_tokens
 
 
 @register_method
@@ -184,14 +199,11 @@ class AWQ(CalibratedMethod):
                 log.debug("AWQ %s: %s output width differs from %s inputs; not scaled", prefix, group.prev, names)
                 continue
             inspect = block.get_submodule(group.inspect)
-            recorded: list[tuple[tuple, dict]] = []
-            collect_inputs(block, {group.inspect: inspect}, inputs,
-                           lambda _n, args, kwargs: recorded.append((args, kwargs)))
-            x_abs_sum = sum(flat_tokens(first_input(a, kw)).abs().sum(0) for a, kw in recorded)
-            n_tokens = sum(flat_tokens(first_input(a, kw)).shape[0] for a, kw in recorded)
-            x_mean = x_abs_sum / n_tokens
+            inputs_seen = InspectedInputs(int(self.option("search_tokens", DEFAULT_SEARCH_TOKENS)))
+            collect_inputs(block, {group.inspect: inspect}, inputs, inputs_seen.add)
+            x_mean = inputs_seen.abs_mean()
             w_mean = weight_salience([linear_weight(m) for m in members], scheme.group_size)
-            search_calls = first_tokens(recorded, int(self.option("search_tokens", DEFAULT_SEARCH_TOKENS)))
+            search_calls = inputs_seen.search_calls
             reference = [block_output(inspect(*a, **kw)) for a, kw in search_calls]
             originals = [linear_weight(m).detach().clone() for m in members]
             best = (float("inf"), None, None)
@@ -213,17 +225,22 @@ class AWQ(CalibratedMethod):
                 fold_scales(prev, members, best[2])
                 for n in names:
                     alphas[n] = best[1]
-            del search_calls, reference
+            del inputs_seen, search_calls, reference
 
-        # Clip search and rounding on the scaled weights, with the inputs they now receive.
+        # Clip search and rounding on the scaled weights, with the inputs they now receive. Only every
+        # stride-th token is kept: the clip search reads 512 of them and the error report a few thousand, and
+        # keeping all would cost tokens x width floats per Linear (gigabytes for a 7B model's down_proj).
+        clip = bool(self.option("clip", True)) and scheme.group_size != 0
+        n_clip_tokens = int(self.option("clip_tokens", DEFAULT_CLIP_TOKENS))
+        n_tokens = sum(call.hidden.shape[:-1].numel() for call in inputs)
+        stride = max(1, n_tokens // max(n_clip_tokens, REPORT_TOKENS))
         samples: dict[str, list[torch.Tensor]] = {n: [] for n in linears}
         collect_inputs(block, dict(linears), inputs,
-                       lambda n, args, kwargs: samples[n].append(flat_tokens(first_input(args, kwargs))),
+                       lambda n, args, kwargs: samples[n].append(
+                           flat_tokens(first_input(args, kwargs))[::stride].contiguous()),
                        stop_early=False)
         results: dict[str, QuantizedWeight] = {}
         self.last_reports: dict[str, AWQReport] = {}
-        clip = bool(self.option("clip", True)) and scheme.group_size != 0
-        n_clip_tokens = int(self.option("clip_tokens", DEFAULT_CLIP_TOKENS))
         for name, module in linears.items():
             x = torch.cat(samples.pop(name))
             w = linear_weight(module).detach().float()

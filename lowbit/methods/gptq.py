@@ -54,9 +54,10 @@ class HessianAccumulator:
         self.count += x.shape[0]
 
     def hessian(self) -> torch.Tensor:
+        """H = 2 X^T X / n, computed in place: the accumulator is spent afterwards."""
         if self.count == 0:
             raise LowbitError("GPTQ got no calibration tokens for a layer; check the calibration batch")
-        return 2 * self.sum / self.count
+        return self.sum.mul_(2).div_(self.count)   # the rounding of 2 * sum / count, without a copy
 
 
 @dataclass
@@ -70,22 +71,33 @@ class GPTQReport:
 
 
 def damped_inverse_factor(hessian: torch.Tensor, damp: float, name: str = "") -> tuple[torch.Tensor, float, int]:
-    """Upper Cholesky factor of (H + damp*mean(diag H)*I)^-1, raising damp x10 until H is positive definite."""
-    h = hessian.double()
-    mean_diag = torch.diag(h).mean().item()
-    eye = torch.eye(h.shape[0], dtype=torch.float64)
+    """Upper Cholesky factor of (H + damp*mean(diag H)*I)^-1, raising damp x10 until H is positive definite.
+
+    The damping is added to H's diagonal in place and taken off again, so a [K, K] float64 H costs two more
+    K x K matrices at most, not a damped copy and an identity besides (for K = 14336 each is 1.6 GB).
+    """
+    h = hessian if hessian.dtype == torch.float64 else hessian.double()
+    diagonal = h.diagonal()
+    undamped = diagonal.clone()
+    mean_diag = undamped.mean().item()
     current = damp
-    for attempt in range(MAX_DAMP_RETRIES + 1):
-        lower, info = torch.linalg.cholesky_ex(h + current * mean_diag * eye)
-        if info == 0:
-            inverse = torch.cholesky_inverse(lower)
-            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+    try:
+        for attempt in range(MAX_DAMP_RETRIES + 1):
+            torch.add(undamped, current * mean_diag, out=diagonal)
+            lower, info = torch.linalg.cholesky_ex(h)
             if info == 0:
-                if attempt:
-                    log.warning("GPTQ %s: Hessian was not positive definite with damp %g; succeeded with damp %g",
-                                name or "layer", damp, current)
-                return upper.float(), current, attempt
-        current = current * 10 if current > 0 else 1e-4
+                inverse = torch.cholesky_inverse(lower)
+                del lower
+                upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+                del inverse
+                if info == 0:
+                    if attempt:
+                        log.warning("GPTQ %s: Hessian was not positive definite with damp %g; succeeded with damp %g",
+                                    name or "layer", damp, current)
+                    return upper.float(), current, attempt
+            current = current * 10 if current > 0 else 1e-4
+    finally:
+        diagonal.copy_(undamped)
     raise LowbitError(f"GPTQ {name or 'layer'}: Hessian is not positive definite even with damp {current / 10:g}; "
                       "use more calibration samples or a larger --damp")
 
@@ -98,14 +110,19 @@ def _fits_groups(scheme: Scheme) -> bool:
 @torch.no_grad()
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: Scheme, damp: float = DEFAULT_DAMP,
                   desc_act: bool = False, static_groups: bool = False, block_size: int = DEFAULT_BLOCK,
-                  name: str = "") -> tuple[QuantizedWeight, GPTQReport]:
-    """GPTQ-quantize one [N, K] weight given its calibration Hessian [K, K]; returns codes and a report."""
+                  name: str = "", consume_hessian: bool = False) -> tuple[QuantizedWeight, GPTQReport]:
+    """GPTQ-quantize one [N, K] weight given its calibration Hessian [K, K]; returns codes and a report.
+
+    With `consume_hessian` a float64 `hessian` is used as working memory (permuted and altered in place), which
+    saves a K x K copy; the caller must not use it afterwards.
+    """
     w_orig = weight.detach().float()
     n, k = w_orig.shape
     if hessian.shape != (k, k):
         raise LowbitError(f"GPTQ {name}: Hessian shape {tuple(hessian.shape)} does not match weight {tuple(w_orig.shape)}")
     w = w_orig.clone()
-    h = hessian.double().clone()
+    h = hessian.double() if consume_hessian else hessian.double().clone()
+    del hessian
     dead = torch.diag(h) == 0          # inputs that were always zero: their columns cannot matter
     h[dead, dead] = 1
     w[:, dead] = 0
@@ -124,7 +141,9 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: Scheme, d
     if desc_act:
         perm = torch.argsort(torch.diag(h), descending=True)
         w = w[:, perm]
-        h = h[perm][:, perm]
+        h.copy_(h[perm])     # in place: a consumed H stays the only K x K matrix besides one temporary
+        h.copy_(h[:, perm])
+        dead = dead[perm]
         if not dynamic:
             col_scales = col_scales[:, perm]
             col_zeros = col_zeros[:, perm] if col_zeros is not None else None
@@ -178,11 +197,14 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: Scheme, d
         with_codes = getattr(scheme, "with_codes", None)
         qw = with_codes(fixed, codes) if with_codes is not None else dataclasses.replace(fixed, codes=codes)
 
+    # The relative error in H's (possibly permuted) column order, with the dead inputs' zeros restored.
+    h[dead, dead] = 0
     diff = (w_orig - qw.dequantize()).double()
     w64 = w_orig.double()
-    h_orig = hessian.double()
-    num = torch.einsum("nk,kj,nj->", diff, h_orig, diff).item()
-    den = torch.einsum("nk,kj,nj->", w64, h_orig, w64).item()
+    if perm is not None:
+        diff, w64 = diff[:, perm], w64[:, perm]
+    num = ((diff @ h) * diff).sum().item()
+    den = ((w64 @ h) * w64).sum().item()
     report = GPTQReport(loss=float(losses.sum()), relative_error=num / den if den > 0 else 0.0,
                         damp=damp_used, retries=retries)
     return qw, report
@@ -254,16 +276,17 @@ class GPTQ(CalibratedMethod):
         """Without calibration data (layers outside the decoder blocks) GPTQ falls back to RTN on its grid."""
         return self.scheme().quantize(weight, importance)
 
-    def quantize_with_hessian(self, name: str, weight: torch.Tensor, hessian: torch.Tensor
-                              ) -> tuple[QuantizedWeight, GPTQReport]:
-        """GPTQ one weight with this method's options."""
+    def quantize_with_hessian(self, name: str, weight: torch.Tensor, hessian: torch.Tensor,
+                              consume_hessian: bool = False) -> tuple[QuantizedWeight, GPTQReport]:
+        """GPTQ one weight with this method's options (see gptq_quantize for `consume_hessian`)."""
         damp = float(self.option("damp", DEFAULT_DAMP))
         if not 0 <= damp < 1:
             raise LowbitError(f"--damp {damp} is out of range: use a fraction such as 0.01 (0 <= damp < 1)")
         return gptq_quantize(weight, hessian, self.scheme(), damp=damp,
                              desc_act=bool(self.option("desc_act", DEFAULT_DESC_ACT)),
                              static_groups=bool(self.option("static_groups", DEFAULT_STATIC_GROUPS)),
-                             block_size=int(self.option("block_size", DEFAULT_BLOCK)), name=name)
+                             block_size=int(self.option("block_size", DEFAULT_BLOCK)), name=name,
+                             consume_hessian=consume_hessian)
 
     def quantize_block(self, block: nn.Module, linears: dict[str, nn.Module], inputs: Any = None,
                        adapter: ArchAdapter | None = None, prefix: str = "", kernel: str = "reference"
@@ -289,8 +312,8 @@ class GPTQ(CalibratedMethod):
             for name in group:
                 module = linears[name]
                 qw, report = self.quantize_with_hessian(f"{prefix}.{name}" if prefix else name,
-                                                        linear_weight(module), accumulators[name].hessian())
-                del accumulators[name]
+                                                        linear_weight(module), accumulators.pop(name).hessian(),
+                                                        consume_hessian=True)
                 # Later groups of this block are calibrated on what the quantized layers produce.
                 set_linear_weight(module, qw.dequantize())
                 results[name] = qw

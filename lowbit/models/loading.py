@@ -3,6 +3,7 @@ or a named default model shipped in a PyPI package. Never downloads: hubs are no
 offline setups, and a silent download that hangs is worse than a clear error."""
 from __future__ import annotations
 
+import errno
 import importlib.util
 import logging
 import os
@@ -49,7 +50,7 @@ def resolve_model_path(spec: str | os.PathLike) -> Path:
 
 def empty_model_from_config(config_or_path: Any, dtype: torch.dtype = torch.float32):
     """A model skeleton of the right architecture with uninitialised weights (fast, memory untouched)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
     config = config_or_path
@@ -91,6 +92,15 @@ def load_tokenizer(path: Path):
         return None
 
 
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether a loading failure was a failed allocation: MemoryError, ENOMEM, or torch's and safetensors'
+    wording of it ("can't allocate memory", "Cannot allocate memory (os error 12)")."""
+    if isinstance(exc, MemoryError) or getattr(exc, "errno", None) == errno.ENOMEM:
+        return True
+    text = str(exc).lower()
+    return "allocate memory" in text or "os error 12" in text or "out of memory" in text
+
+
 def load_hf_folder(path: Path, dtype: torch.dtype = torch.float32):
     """A plain (unquantized) HF folder with safetensors or .bin weights -> (model, tokenizer)."""
     from transformers import AutoModelForCausalLM
@@ -104,8 +114,12 @@ def load_hf_folder(path: Path, dtype: torch.dtype = torch.float32):
 
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True)
-    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
-        raise CorruptFile(f"could not load weights from {path} ({str(exc).splitlines()[0]}); "
+    except (MemoryError, OSError, ValueError, RuntimeError, SafetensorError) as exc:
+        first_line = str(exc).splitlines()[0] if str(exc) else repr(exc)
+        if is_out_of_memory(exc):
+            raise LowbitError(f"out of memory loading {path} whole ({first_line}); quantize it layer by layer with "
+                              "`lowbit quantize ... --stream`, which holds one decoder layer at a time") from exc
+        raise CorruptFile(f"could not load weights from {path} ({first_line}); "
                           "a weight file may be truncated or corrupt") from exc
     return model.eval(), load_tokenizer(path)
 

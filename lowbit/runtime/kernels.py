@@ -6,13 +6,12 @@ low-bit kernels, which are only fast with bf16 activations (fp32 inputs run 10-6
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from lowbit.quantized import QuantizedWeight
-from lowbit.schemes.base import expand_groups
 
 
 class Kernel:
