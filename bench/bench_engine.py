@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import threading
@@ -126,11 +127,44 @@ def bench_server(model, tokenizer, args) -> dict:
     """32 concurrent streaming clients vs one, on loopback: throughput, latency, requests completed."""
     import openai
 
-    from lowbit.engine.server import start_server
+    import signal
+    import socket
+    import subprocess
+    import urllib.request
+
+    from lowbit.api import save
 
     clients, max_tokens = args.clients, args.server_tokens
-    server = start_server(model, tokenizer, "smollm2", max_batch=clients, max_queue=clients,
-                          context=256, threads=args.threads)
+    # The server runs as users run it, `lowbit serve` in its own process (generation in its main thread), so
+    # the clients' HTTP parsing here does not share its interpreter.
+    work = Path(tempfile.mkdtemp(prefix="lowbit-serve-"))
+    save(model, work / "model", tokenizer=tokenizer)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [sys.executable, "-c", "import sys; from lowbit.cli import main; sys.exit(main(sys.argv[1:]))",
+               "serve", str(work / "model"), "--port", str(port), "--threads", str(args.threads),
+               "--max-batch", str(clients), "--max-queue", str(clients), "--ctx", "256", "--model-name", "smollm2"]
+    process = subprocess.Popen(command, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+    class _Served:
+        url = f"http://127.0.0.1:{port}"
+
+        @staticmethod
+        def close() -> None:
+            process.send_signal(signal.SIGINT)
+            process.wait(timeout=60)
+
+    server = _Served()
+    for _ in range(240):
+        try:
+            urllib.request.urlopen(server.url + "/v1/models", timeout=2)
+            break
+        except OSError:
+            if process.poll() is not None:
+                raise RuntimeError(f"lowbit serve exited with status {process.returncode}")
+            time.sleep(0.5)
     prompts = [f"Write a short story about a {w}." for w in
                ("cat", "dog", "robot", "river", "castle", "dragon", "teacher", "garden")]
 
@@ -175,6 +209,7 @@ def bench_server(model, tokenizer, args) -> dict:
         many = wave(clients)
     finally:
         server.close()
+        shutil.rmtree(work, ignore_errors=True)
     return {"single": single, "concurrent": many,
             "speedup": round(many["tokens_per_s"] / single["tokens_per_s"], 2)
             if many["tokens_per_s"] and single["tokens_per_s"] else None}

@@ -1,6 +1,5 @@
 """RTN on the real stories260K model: quality against fp32, save/load round trips, model surgery."""
 import copy
-import math
 
 import pytest
 import torch

@@ -216,3 +216,47 @@ def test_client_disconnect_mid_stream_frees_the_slot(stories):
         assert client.completions.create(model=MODEL, prompt="Hi", max_tokens=5, temperature=0).choices[0].text
     finally:
         srv.close()
+
+
+def test_lowbit_serve_generates_in_the_main_thread_and_stops_on_ctrl_c(tmp_path):
+    """`lowbit serve` as a user runs it: a completion over HTTP equals the engine's greedy text, generation runs
+    in the process's main thread (a second thread would make libgomp keep a second pool and sleep at
+    barriers), and SIGINT ends the process with status 0."""
+    import signal
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = ("import sys, threading; from lowbit.engine import server as S; run = S.Scheduler.run\n"
+              "def traced(self):\n"
+              "    print('scheduler in main thread:', threading.current_thread() is threading.main_thread(), "
+              "file=sys.stderr, flush=True)\n"
+              "    return run(self)\n"
+              "S.Scheduler.run = traced\n"
+              "from lowbit.cli import main; sys.exit(main(sys.argv[1:]))")
+    proc = subprocess.Popen([sys.executable, "-c", script, "serve", str(STORIES), "--port", str(port), "--threads", "1",
+                             "--ctx", "128", "--model-name", MODEL], stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(120):
+            try:
+                _get(url + "/v1/models")
+                break
+            except (urllib.error.URLError, ConnectionError):
+                time.sleep(0.25)
+        status, body = _post_raw(url + "/v1/completions", json.dumps(
+            {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 16, "temperature": 0}).encode())
+        assert status == 200
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    err = proc.stderr.read()
+    assert "scheduler in main thread: True" in err, err[-2000:]
+    from lowbit.models.loading import load_model
+
+    assert body["choices"][0]["text"] == _greedy_text(load_model(STORIES), "Once upon a time", 16)
