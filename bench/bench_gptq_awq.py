@@ -240,6 +240,16 @@ def mem_limits(spec: str | None, methods: list[str]) -> dict[str, float]:
     return {m: float(v) for m, v in (item.split("=") for item in spec.split(","))}
 
 
+QUALITY_COLUMNS = [("model", "model", "s"), ("label", "method", "s"), ("bits", "bits", "d"), ("seed", "seed", "d"),
+                   ("ppl_wikitext2", "wiki2 ppl", ".3f"), ("ppl_tinystories", "tinyst ppl", ".3f"),
+                   ("quantize_s", "quant s", ".1f"), ("quantize_peak_rss_mb", "peak MB", "d")]
+SUMMARY_COLUMNS = [("model", "model", "s"), ("label", "method", "s"), ("bits", "bits", "d"), ("seeds", "seeds", "d"),
+                   ("wikitext2", "wiki2 ppl", "s"), ("tinystories", "tinyst ppl", "s"), ("beats_rtn", "beats rtn", "")]
+STREAM_COLUMNS = [("model", "streamed model", "s"), ("method", "method", "s"), ("model_fp32_gb", "fp32 GB", ""),
+                  ("mem_limit_gb", "limit GiB", ""), ("peak_rss_mb", "peak RSS MB", "d"), ("seconds", "seconds", ""),
+                  ("outcome", "outcome", "s")]
+
+
 def seed_summary(rows: list[dict]) -> list[dict]:
     """Per (model, method, bits): perplexity mean/min/max over calibration seeds, and whether its worst seed
     still beats RTN on the same grid on both texts."""
@@ -340,30 +350,22 @@ def main() -> None:
             streaming.append(row)
             print(json.dumps(row), flush=True)
 
+    sys.path.insert(0, str(ROOT))
+    from lowbit.eval.report import format_table, write_json
+
     print()
-    print(f"{'model':9} {'method':10} {'bits':>4} {'seed':>4} {'wiki2 ppl':>10} {'tinyst ppl':>10} {'quant s':>8} {'peak MB':>8}")
-    for r in rows:
-        print(f"{r['model']:9} {r.get('label', r['method']):10} {r['bits']:>4} {r.get('seed', '-'):>4} "
-              f"{r['ppl_wikitext2']:>10.3f} {r['ppl_tinystories']:>10.3f} {r.get('quantize_s', 0):>8} "
-              f"{r['quantize_peak_rss_mb']:>8}")
+    print(format_table([{**r, "label": r.get("label", r["method"])} for r in rows], QUALITY_COLUMNS))
     summary = seed_summary(rows)
     if summary:
-        print("\nover calibration seeds: mean [min, max]; 'beats rtn' = worst seed better than RTN on both texts")
-        for s in summary:
-            print(f"{s['model']:9} {s['label']:10} {s['bits']:>4} {s['seeds']:>5} seeds  wiki2 {s['wikitext2']['mean']:.3f} "
-                  f"[{s['wikitext2']['min']:.3f}, {s['wikitext2']['max']:.3f}]  tinyst {s['tinystories']['mean']:.4f} "
-                  f"[{s['tinystories']['min']:.4f}, {s['tinystories']['max']:.4f}]  beats rtn: {s['beats_rtn']}")
+        print("\nover calibration seeds: mean [worst, best]; 'beats rtn': the worst seed beats RTN on both texts")
+        print(format_table([{**s, **{t: f"{s[t]['mean']:.3f} [{s[t]['max']:.3f}, {s[t]['min']:.3f}]"
+                                     for t in ("wikitext2", "tinystories")}} for s in summary], SUMMARY_COLUMNS))
     if streaming:
         print()
-        print(f"{'streamed model':28} {'method':10} {'fp32 GB':>8} {'limit GiB':>9} {'peak RSS MB':>12} {'seconds':>8}")
-        for r in streaming:
-            print(f"{r['model']:28} {r['method']:10} {r['model_fp32_gb']:>8} {r.get('mem_limit_gb') or '-':>9} "
-                  f"{r['peak_rss_mb']:>12} {r['seconds']:>8} {r.get('outcome', '')}")
+        print(format_table(streaming, STREAM_COLUMNS))
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"command": " ".join(sys.argv), "quality": rows, "seed_summary": summary,
-                               "streaming": streaming, "args": vars(args),
-                               "torch_threads": os.environ.get("OMP_NUM_THREADS")}, indent=1))
+    write_json(out, {"command": " ".join(sys.argv), "quality": rows, "seed_summary": summary, "streaming": streaming,
+                     "args": vars(args), "torch_threads": os.environ.get("OMP_NUM_THREADS")})
     print(f"\nwrote {out}")
 
 

@@ -363,16 +363,15 @@ def main() -> None:
             rows.append(row)
             print(json.dumps(row), flush=True)
 
+    from lowbit.eval.report import format_table, write_json
+
     print()
-    print(f"{'model':8} {'method':6} {'tool':18} {'quantize s':>10} {'wiki2 ppl':>10} {'peak RSS MB':>11}")
-    for r in rows:
-        print(f"{r['model']:8} {r['method']:6} {r['tool']:18} {r.get('quantize_s', 0):>10} {r['ppl_wikitext2']:>10.3f} "
-              f"{r['peak_rss_mb']:>11}")
+    print(format_table(rows, [("model", "model", "s"), ("method", "method", "s"), ("tool", "tool", "s"),
+                              ("quantize_s", "quantize s", ""), ("ppl_wikitext2", "wiki2 ppl", ".3f"),
+                              ("peak_rss_mb", "peak RSS MB", "")]))
     out_file = Path(args.out)
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    out_file.write_text(json.dumps({"command": " ".join(sys.argv), "rows": rows,
-                                    "args": {k: str(v) for k, v in vars(args).items()},
-                                    "peer": version, "threads": 1}, indent=1))
+    write_json(out_file, {"command": " ".join(sys.argv), "rows": rows,
+                          "args": {k: str(v) for k, v in vars(args).items()}, "peer": version, "threads": 1})
     print(f"\nwrote {out_file}")
 
 
