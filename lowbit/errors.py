@@ -11,3 +11,27 @@ class UnsupportedArchitecture(LowbitError):
 
 class CorruptFile(LowbitError):
     """A model or checkpoint file is truncated, malformed, or not what its name says."""
+
+
+WHOLE_MODEL_HINT = ("quantize big models layer by layer with `lowbit quantize ... --stream`, which holds one decoder "
+                    "layer at a time")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether a failure was a failed allocation: MemoryError, ENOMEM, or torch's and safetensors' wording of it
+    ("can't allocate memory", "Cannot allocate memory (os error 12)")."""
+    import errno
+
+    if isinstance(exc, MemoryError) or getattr(exc, "errno", None) == errno.ENOMEM:
+        return True
+    text = str(exc).lower()
+    return "allocate memory" in text or "os error 12" in text or "out of memory" in text
+
+
+def unreadable_weights(path: object, exc: BaseException, hint: str = WHOLE_MODEL_HINT) -> LowbitError:
+    """The error for weights that failed to load: out of memory (with `hint`, the way out) when the allocation
+    failed, else a truncated or corrupt file."""
+    first_line = str(exc).splitlines()[0] if str(exc) else repr(exc)
+    if is_out_of_memory(exc):
+        return LowbitError(f"out of memory loading {path} ({first_line}); {hint}")
+    return CorruptFile(f"{path} is truncated or corrupt ({first_line}); re-download or re-save it")

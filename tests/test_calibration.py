@@ -179,3 +179,18 @@ except LowbitError as exc:
     assert proc.returncode == 0, proc.stderr[-2000:]
     line = proc.stdout.strip().splitlines()[-1]
     assert line.startswith("LowbitError out of memory loading") and "--stream" in line, line
+
+
+def test_load_failures_are_told_apart():
+    """One classifier for every weight reader: a failed allocation is out of memory with the way out, anything
+    else a damaged file."""
+    from lowbit.errors import CorruptFile, unreadable_weights
+
+    for exc in (MemoryError(), RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate "
+                                            "memory: you tried to allocate 16777216 bytes"),
+                OSError(12, "Cannot allocate memory")):
+        error = unreadable_weights("w.safetensors", exc)
+        assert not isinstance(error, CorruptFile) and str(error).startswith("out of memory loading w.safetensors")
+        assert "--stream" in str(error)
+    damaged = unreadable_weights("w.safetensors", OSError("Error while deserializing header: HeaderTooLarge"))
+    assert isinstance(damaged, CorruptFile) and "truncated or corrupt" in str(damaged)

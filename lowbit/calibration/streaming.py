@@ -20,12 +20,14 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from lowbit.errors import CorruptFile, LowbitError
+from lowbit.errors import CorruptFile, LowbitError, unreadable_weights
 from lowbit.methods.base import Method, QuantizeConfig, get_method
 
 log = logging.getLogger("lowbit")
 
 _COPY_CHUNK = 64 << 20
+STREAMING_HINT = ("even one decoder layer and its calibration activations do not fit in the memory left; free "
+                  "memory or lower --calib-samples")
 
 
 class ShardIndex:
@@ -46,7 +48,7 @@ class ShardIndex:
                     for key in f.keys():
                         self.file_of[key] = file
             except (SafetensorError, OSError) as exc:
-                raise CorruptFile(f"{file} is truncated or corrupt ({exc})") from exc
+                raise unreadable_weights(file, exc) from exc
 
     def keys_under(self, prefix: str) -> list[str]:
         return [k for k in self.file_of if k.startswith(prefix)]
@@ -63,8 +65,8 @@ class ShardIndex:
                     for name in names:
                         t = f.get_tensor(name)
                         out[name] = t.to(dtype) if t.is_floating_point() else t
-            except (SafetensorError, OSError) as exc:
-                raise CorruptFile(f"{file} is truncated or corrupt ({exc})") from exc
+            except (SafetensorError, OSError, MemoryError, RuntimeError) as exc:
+                raise unreadable_weights(file, exc, STREAMING_HINT) from exc
         return out
 
 

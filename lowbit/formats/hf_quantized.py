@@ -16,7 +16,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from lowbit.errors import CorruptFile, LowbitError
+from lowbit.errors import CorruptFile, LowbitError, unreadable_weights
 from lowbit.formats.atomic import atomic_dir
 from lowbit.quantized import QuantizedWeight
 from lowbit.runtime.surgery import install_quantized, iter_linears, quantized_modules
@@ -117,8 +117,8 @@ def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
             with safe_open(str(file), framework="pt") as f:
                 for key in f.keys():
                     tensors[key] = f.get_tensor(key)
-        except (SafetensorError, OSError) as exc:
-            raise CorruptFile(f"{file} is truncated or corrupt ({exc}); re-download or re-save it") from exc
+        except (SafetensorError, OSError, MemoryError, RuntimeError) as exc:
+            raise unreadable_weights(file, exc) from exc
     return tensors
 
 

@@ -15,7 +15,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lowbit.errors import CorruptFile
+from lowbit.errors import CorruptFile, unreadable_weights
 from lowbit.formats.atomic import atomic_dir
 from lowbit.formats.registry import Format, register_format
 from lowbit.runtime.surgery import install_quantized, quantized_modules
@@ -105,8 +105,8 @@ def load_native(path: str | Path, kernel: str = "auto", **_: Any):
     manifest = read_manifest(path)
     try:
         tensors = load_file(str(path / WEIGHTS))
-    except (SafetensorError, OSError) as exc:
-        raise CorruptFile(f"{path / WEIGHTS} is truncated or corrupt ({exc}); re-save or re-download it") from exc
+    except (SafetensorError, OSError, MemoryError, RuntimeError) as exc:
+        raise unreadable_weights(path / WEIGHTS, exc) from exc
     model = empty_model_from_config(path)
     for name, spec in manifest["layers"].items():
         scheme = scheme_from_config(spec["scheme"])

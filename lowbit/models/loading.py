@@ -3,7 +3,6 @@ or a named default model shipped in a PyPI package. Never downloads: hubs are no
 offline setups, and a silent download that hangs is worse than a clear error."""
 from __future__ import annotations
 
-import errno
 import importlib.util
 import logging
 import os
@@ -12,7 +11,7 @@ from typing import Any
 
 import torch
 
-from lowbit.errors import CorruptFile, LowbitError, UnsupportedArchitecture
+from lowbit.errors import LowbitError, UnsupportedArchitecture, unreadable_weights
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -92,15 +91,6 @@ def load_tokenizer(path: Path):
         return None
 
 
-def is_out_of_memory(exc: BaseException) -> bool:
-    """Whether a loading failure was a failed allocation: MemoryError, ENOMEM, or torch's and safetensors'
-    wording of it ("can't allocate memory", "Cannot allocate memory (os error 12)")."""
-    if isinstance(exc, MemoryError) or getattr(exc, "errno", None) == errno.ENOMEM:
-        return True
-    text = str(exc).lower()
-    return "allocate memory" in text or "os error 12" in text or "out of memory" in text
-
-
 def load_hf_folder(path: Path, dtype: torch.dtype = torch.float32):
     """A plain (unquantized) HF folder with safetensors or .bin weights -> (model, tokenizer)."""
     from transformers import AutoModelForCausalLM
@@ -115,12 +105,7 @@ def load_hf_folder(path: Path, dtype: torch.dtype = torch.float32):
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True)
     except (MemoryError, OSError, ValueError, RuntimeError, SafetensorError) as exc:
-        first_line = str(exc).splitlines()[0] if str(exc) else repr(exc)
-        if is_out_of_memory(exc):
-            raise LowbitError(f"out of memory loading {path} whole ({first_line}); quantize it layer by layer with "
-                              "`lowbit quantize ... --stream`, which holds one decoder layer at a time") from exc
-        raise CorruptFile(f"could not load weights from {path} ({first_line}); "
-                          "a weight file may be truncated or corrupt") from exc
+        raise unreadable_weights(path, exc) from exc
     return model.eval(), load_tokenizer(path)
 
 
