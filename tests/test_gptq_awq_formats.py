@@ -174,7 +174,9 @@ def test_round_trip_identical_logits(tmp_path, fmt, method, symmetric, options):
     if fmt == "gptq":
         assert json.loads((out / "quantize_config.json").read_text()) == qc
         assert qc["sym"] is symmetric and qc["checkpoint_format"] == "gptq"
-        assert qc["desc_act"] is bool(options.get("desc_act", False))
+        # what the run used: GPTQ's defaults are act-order with static groups; RTN codes have neither
+        assert qc["desc_act"] is bool(options.get("desc_act", method == "gptq"))
+        assert qc["static_groups"] is (method == "gptq")
     else:
         assert qc["version"] == "gemm" and qc["zero_point"] is (not symmetric)
     loaded, _ = load_model(out)

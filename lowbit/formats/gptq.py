@@ -208,13 +208,19 @@ def gptq_quantization_config(model: nn.Module) -> dict[str, Any]:
         raise LowbitError("the GPTQ format needs one bits/group size/symmetry for every layer, and this model mixes "
                           f"{sorted(grids)}; quantize with one setting or save as lowbit")
     (bits, group_size, sym), = grids
+    from lowbit.methods.base import get_method
+    from lowbit.methods.gptq import DEFAULT_DAMP
+
     method = getattr(model, "lowbit_config", None)
-    options = dict(method.options) if method is not None else {}
+    # What the run used, its method's defaults filled in; codes from another method (RTN) record their layout.
+    settings = {"desc_act": act_order, "static_groups": False, "true_sequential": True, "damp": DEFAULT_DAMP}
+    if method is not None and method.method == "gptq":
+        gptq = get_method(method)
+        settings = {key: gptq.option(key) for key in settings}
     config = {
-        "bits": bits, "group_size": group_size, "desc_act": bool(options.get("desc_act", act_order)),
-        "static_groups": bool(options.get("static_groups", False)), "sym": sym,
-        "true_sequential": bool(options.get("true_sequential", True)),
-        "damp_percent": float(options.get("damp", 0.01)), "lm_head": False,
+        "bits": bits, "group_size": group_size, "desc_act": bool(settings["desc_act"]),
+        "static_groups": bool(settings["static_groups"]), "sym": sym,
+        "true_sequential": bool(settings["true_sequential"]), "damp_percent": float(settings["damp"]), "lm_head": False,
         "quant_method": "gptq", "checkpoint_format": "gptq",
         "meta": {"quantizer": [f"lowbit:{__version__}"],
                  "method": method.method if method is not None else "unknown"},

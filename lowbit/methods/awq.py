@@ -168,10 +168,6 @@ class AWQ(CalibratedMethod):
         return ("zero_point", "alpha_grid", "clip", "clip_grid", "clip_tokens", "search_tokens", "calib_samples",
                 "calib_len", "seed", "chunk")
 
-    def option(self, key: str, default: Any) -> Any:
-        value = self.config.options.get(key)
-        return default if value is None else value
-
     def scheme(self) -> IntGrid:
         """AWQ's grid: asymmetric (zero point) unless zero_point=False; no MSE clip (AWQ searches its own)."""
         c = self.config

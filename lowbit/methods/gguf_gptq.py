@@ -50,10 +50,9 @@ class GGUFGPTQ(GPTQ):
     def scheme(self) -> GGMLScheme:
         return GGMLScheme(self._types[self._layer])
 
-    def quantize_with_hessian(self, name: str, weight: torch.Tensor, hessian: torch.Tensor,
-                              consume_hessian: bool = False):
+    def quantize_with_hessian(self, name: str, weight: torch.Tensor, hessian: torch.Tensor):
         self._layer = name
-        return super().quantize_with_hessian(name, weight, hessian, consume_hessian)
+        return super().quantize_with_hessian(name, weight, hessian)
 
     def quantize_weight(self, name: str, weight: torch.Tensor, importance: torch.Tensor | None = None
                         ) -> QuantizedWeight:

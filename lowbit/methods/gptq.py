@@ -76,7 +76,7 @@ def damped_inverse_factor(hessian: torch.Tensor, damp: float, name: str = "") ->
     The damping is added to H's diagonal in place and taken off again, so a [K, K] float64 H costs two more
     K x K matrices at most, not a damped copy and an identity besides (for K = 14336 each is 1.6 GB).
     """
-    h = hessian if hessian.dtype == torch.float64 else hessian.double()
+    h = hessian.double()
     diagonal = h.diagonal()
     undamped = diagonal.clone()
     mean_diag = undamped.mean().item()
@@ -121,7 +121,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: Scheme, d
     if hessian.shape != (k, k):
         raise LowbitError(f"GPTQ {name}: Hessian shape {tuple(hessian.shape)} does not match weight {tuple(w_orig.shape)}")
     w = w_orig.clone()
-    h = hessian.double() if consume_hessian else hessian.double().clone()
+    h = hessian.double() if consume_hessian else hessian.to(torch.float64, copy=True)
     del hessian
     dead = torch.diag(h) == 0          # inputs that were always zero: their columns cannot matter
     h[dead, dead] = 1
@@ -245,6 +245,12 @@ class CalibratedMethod(Method):
     """A method that sees each decoder block with the activations entering it (GPTQ, AWQ)."""
 
     needs_calibration = True
+    defaults: dict[str, Any] = {}   # option -> value used when the user gives none
+
+    def option(self, key: str, default: Any = None) -> Any:
+        """The option's value, else the method's default for it, else `default`."""
+        value = self.config.options.get(key)
+        return self.defaults.get(key, default) if value is None else value
 
     def quantize_model(self, model: nn.Module, calibration: Any = None, progress: bool = True,
                        kernel: str = "auto") -> nn.Module:
@@ -257,14 +263,12 @@ class GPTQ(CalibratedMethod):
     """GPTQ on CPU, one decoder block at a time (see the module docstring)."""
 
     name = "gptq"
+    defaults = {"damp": DEFAULT_DAMP, "desc_act": DEFAULT_DESC_ACT, "static_groups": DEFAULT_STATIC_GROUPS,
+                "true_sequential": True, "block_size": DEFAULT_BLOCK}
 
     def option_names(self) -> tuple[str, ...]:
         return ("damp", "desc_act", "static_groups", "true_sequential", "block_size", "calib_samples",
                 "calib_len", "seed", "scheme", "chunk")
-
-    def option(self, key: str, default: Any) -> Any:
-        value = self.config.options.get(key)
-        return default if value is None else value
 
     def scheme(self) -> Scheme:
         c = self.config
@@ -276,17 +280,15 @@ class GPTQ(CalibratedMethod):
         """Without calibration data (layers outside the decoder blocks) GPTQ falls back to RTN on its grid."""
         return self.scheme().quantize(weight, importance)
 
-    def quantize_with_hessian(self, name: str, weight: torch.Tensor, hessian: torch.Tensor,
-                              consume_hessian: bool = False) -> tuple[QuantizedWeight, GPTQReport]:
-        """GPTQ one weight with this method's options (see gptq_quantize for `consume_hessian`)."""
-        damp = float(self.option("damp", DEFAULT_DAMP))
+    def quantize_with_hessian(self, name: str, weight: torch.Tensor, hessian: torch.Tensor
+                              ) -> tuple[QuantizedWeight, GPTQReport]:
+        """GPTQ one weight with this method's options; `hessian` (float64) is consumed as working memory."""
+        damp = float(self.option("damp"))
         if not 0 <= damp < 1:
             raise LowbitError(f"--damp {damp} is out of range: use a fraction such as 0.01 (0 <= damp < 1)")
-        return gptq_quantize(weight, hessian, self.scheme(), damp=damp,
-                             desc_act=bool(self.option("desc_act", DEFAULT_DESC_ACT)),
-                             static_groups=bool(self.option("static_groups", DEFAULT_STATIC_GROUPS)),
-                             block_size=int(self.option("block_size", DEFAULT_BLOCK)), name=name,
-                             consume_hessian=consume_hessian)
+        return gptq_quantize(weight, hessian, self.scheme(), damp=damp, desc_act=bool(self.option("desc_act")),
+                             static_groups=bool(self.option("static_groups")),
+                             block_size=int(self.option("block_size")), name=name, consume_hessian=True)
 
     def quantize_block(self, block: nn.Module, linears: dict[str, nn.Module], inputs: Any = None,
                        adapter: ArchAdapter | None = None, prefix: str = "", kernel: str = "reference"
@@ -301,7 +303,7 @@ class GPTQ(CalibratedMethod):
 
         if inputs is None:
             raise LowbitError("GPTQ needs calibration inputs for every block")
-        sequential = adapter.sequential if adapter is not None and self.option("true_sequential", True) else ()
+        sequential = adapter.sequential if adapter is not None and self.option("true_sequential") else ()
         groups = sequential_groups(linears, sequential)
         results: dict[str, QuantizedWeight] = {}
         self.last_reports: dict[str, GPTQReport] = {}
@@ -312,8 +314,7 @@ class GPTQ(CalibratedMethod):
             for name in group:
                 module = linears[name]
                 qw, report = self.quantize_with_hessian(f"{prefix}.{name}" if prefix else name,
-                                                        linear_weight(module), accumulators.pop(name).hessian(),
-                                                        consume_hessian=True)
+                                                        linear_weight(module), accumulators.pop(name).hessian())
                 # Later groups of this block are calibrated on what the quantized layers produce.
                 set_linear_weight(module, qw.dequantize())
                 results[name] = qw
