@@ -215,13 +215,11 @@ def add_generate(sub) -> None:
 
 
 def _runtime_model(args: argparse.Namespace):
-    import torch
-
+    from lowbit.engine.runner import set_threads
     from lowbit.methods.base import CalibrationRequest, QuantizeConfig
     from lowbit.methods.pipeline import quantize_model
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     model, tokenizer = _load_model(args.model, args, keep_quantized=True)
     load_time_method = "nf4" if args.load_in_4bit else "int8" if args.load_in_8bit else None
     if load_time_method:

@@ -233,3 +233,24 @@ def test_gguf_kept_quantized_runs_on_the_engine(stories, tmp_path):
     engine = Engine(quantized, tokenizer, context=128, prefill_attention_dtype=torch.float32)
     assert isinstance(engine.decoder.layers[0].qkv, QuantLinear)        # GGML weights of one type fuse
     assert engine_greedy(engine, prompt, 32) == transformers_greedy(dequantized_copy(quantized), prompt, 32)
+
+
+def test_a_model_that_ran_in_the_engine_still_copies_and_saves(stories_rtn4, tmp_path):
+    """The engine cached on a model holds ctypes pointers: deepcopy and torch.save give the copy no engine
+    (it builds its own), and a change of the owner's engine options rebuilds the cached one."""
+    from lowbit.engine.runner import engine_for
+
+    model = copy.deepcopy(stories_rtn4)
+    first = engine_for(model, context=64)
+    assert model._lowbit_engine is first
+    copied = copy.deepcopy(model)
+    assert copied._lowbit_engine is None
+    torch.save(model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    assert loaded._lowbit_engine is None
+    ids = torch.tensor([[1, 15, 30, 7]])
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+    assert engine_for(model, context=64) is first
+    model.lowbit_engine_options = {"int8_activations": True}
+    assert engine_for(model, context=64) is not first

@@ -353,11 +353,13 @@ class Engine:
         self.free_slots = list(range(max_batch))
         self.active: list[Sequence] = []
         self.fingerprint = weights_fingerprint(model)
+        self.build_options: dict[str, Any] = {}    # engine_for's record of the options it was built with
 
-    def __deepcopy__(self, memo: dict) -> None:
-        # A model caches its engine (engine_for); a deep copy of the model must build its own, not copy the
-        # cache and the compiled step's pointers into the original's tensors.
-        return None
+    def __reduce__(self):
+        # A model caches its engine (engine_for). Copying or pickling the model (copy.deepcopy, torch.save) must
+        # not copy the cache, whose compiled step holds ctypes pointers into the original's tensors: the copy
+        # gets None and builds its own engine when it needs one.
+        return _no_engine, ()
 
     @property
     def fast_path(self) -> bool:
@@ -492,6 +494,10 @@ def weights_fingerprint(model: nn.Module) -> tuple:
     return tuple(marks)
 
 
+def _no_engine() -> None:
+    return None
+
+
 def engine_for(model: nn.Module, tokenizer: Any = None, context: int | None = None, max_batch: int = 1,
                threads: int | None = None) -> Engine:
     """The engine cached on `model`, rebuilt only when a larger context or batch is asked for."""
@@ -499,13 +505,14 @@ def engine_for(model: nn.Module, tokenizer: Any = None, context: int | None = No
     engine = getattr(model, "_lowbit_engine", None)
     wanted = context or DEFAULT_CONTEXT
     limit = getattr(model.config, "max_position_embeddings", None) or wanted
+    # `lowbit_engine_options` on the model: Engine keywords its owner chose (e.g. the CLI's --int8-activations)
+    options = dict(getattr(model, "lowbit_engine_options", {}))
     if (engine is None or engine.context < min(wanted, limit) or engine.max_batch < max_batch or engine.active
-            or engine.fingerprint != weights_fingerprint(model)):
+            or engine.fingerprint != weights_fingerprint(model) or engine.build_options != options):
         engine = None
         model._lowbit_engine = None      # free the old cache before allocating the new one
-        # `lowbit_engine_options` on the model: Engine keywords its owner chose (e.g. the CLI's --int8-activations)
-        engine = Engine(model, tokenizer, max_batch=max_batch, context=wanted,
-                        **getattr(model, "lowbit_engine_options", {}))
+        engine = Engine(model, tokenizer, max_batch=max_batch, context=wanted, **options)
+        engine.build_options = options
         model._lowbit_engine = engine
     return engine
 
