@@ -110,8 +110,6 @@ def save_bnb(model: nn.Module, tokenizer: Any, out: str | Path, **_: Any) -> Pat
         cfg_path = tmp / "config.json"
         cfg = json.loads(cfg_path.read_text())
         cfg["quantization_config"] = config
-        if "lm_head" in quantized and cfg.get("tie_word_embeddings"):
-            cfg["tie_word_embeddings"] = False  # the quantized head no longer shares the embedding's storage
         cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     return out
 

@@ -608,7 +608,6 @@ def load_gguf_quantized(path: str | os.PathLike, kernel: str = "auto", **_: Any)
             and embedding.is_quantized):
         # A tied output projection runs on the embedding's own blocks, as llama.cpp does: the float copy the
         # lookup table needs would otherwise be read in full for every generated token (4-8x the bytes).
-        model.config.tie_word_embeddings = False
         install_quantized(model, "lm_head",
                           GGMLScheme(embedding.type_name).from_blocks(np.array(embedding.rows()), embedding.shape),
                           kernel=kernel)

@@ -127,9 +127,6 @@ def load_native(path: str | Path, kernel: str = "auto", **_: Any):
         raise CorruptFile(f"{path / WEIGHTS} has tensors the model does not: {unexpected[:5]}")
     if missing:
         raise CorruptFile(f"{path / WEIGHTS} lacks tensors: {missing[:5]}; the file is incomplete")
-    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if output is not None and type(output).__name__ == "QuantLinear":
-        model.config.tie_word_embeddings = False   # (files written before quantizing a tied head untied it)
     if not manifest.get("tied"):
         model.tie_weights()  # tied pairs were stored once and assigned above; otherwise follow the config
     model.eval()

@@ -5,7 +5,6 @@ import fnmatch
 import re
 from typing import Iterator
 
-import torch
 from torch import nn
 
 from lowbit.models.adapters import is_linear
@@ -52,12 +51,12 @@ def install_quantized(root: nn.Module, name: str, qweight: QuantizedWeight, kern
 
 def untie_if_shared(root: nn.Module, module: nn.Module) -> None:
     """A quantized output projection no longer shares the embedding's weight: say so in the config, or
-    transformers' tie_weights() (on load, on save) would try to put the embedding back into it."""
+    transformers' tie_weights() (on load, on save) would try to put the embedding back into it. Whether the
+    head's weight is still the embedding's tensor (quantizing) or not yet (loading into an empty model), the
+    config is what transformers follows."""
     config = getattr(root, "config", None)
-    embeddings = root.get_input_embeddings() if hasattr(root, "get_input_embeddings") else None
-    weight = getattr(module, "weight", None)
-    if (config is not None and getattr(config, "tie_word_embeddings", False) and embeddings is not None
-            and isinstance(weight, torch.Tensor) and weight is embeddings.weight):
+    output = root.get_output_embeddings() if hasattr(root, "get_output_embeddings") else None
+    if config is not None and getattr(config, "tie_word_embeddings", False) and module is output:
         config.tie_word_embeddings = False
 
 
@@ -85,6 +84,4 @@ def dequantized_copy(model: nn.Module) -> nn.Module:
         if module.bias is not None:
             linear.bias.data = module.bias.data.clone()
         replace_module(plain, name, linear)
-    if getattr(plain.config, "tie_word_embeddings", False) and "lm_head" in dict(quantized_modules(model)):
-        plain.config.tie_word_embeddings = False  # lm_head now has its own (dequantized) weight
     return plain
