@@ -1,9 +1,10 @@
 """The engine's compiled decode step (runtime/csrc/decode.c): a whole Llama-family token step in one C call.
 
 `NativeDecodeStep.build(decoder)` describes the decoder's weights to the C code once (ctypes structures pointing
-at tensors kept alive here) and returns None when anything is outside what the C step handles: a layer whose
-weight is not affine with contiguous groups (NF4/FP4 codebooks, LLM.int8 outliers, act-order permutations), a
-non-float32 KV cache, or no compiled library. The engine then keeps running its torch decoder.
+at tensors kept alive here) and returns None when anything is outside what the C step handles: a layer that is
+neither affine per group (integer grids, GPTQ act-order through a column order, AWQ, GGUF blocks) nor an NF4/FP4
+codebook (LLM.int8's outliers, dynamic int8), a non-float32 KV cache, or no compiled library. The engine then
+keeps running its torch decoder.
 """
 from __future__ import annotations
 
@@ -56,7 +57,7 @@ class NativeDecodeStep:
         self.lib, self.spec, self.layers, self.keep = lib, spec, layers, keep
         self.embed, self.vocab = embed, vocab
         self.workspace: torch.Tensor | None = None
-        # A step has 6 barriers a layer; for a model this small they cost more than a second thread saves
+        # A step has 7 barriers a layer; for a model this small they cost more than a second thread saves
         # (and on a busy machine a preempted thread stalls every one of them).
         weight_bytes = sum(t.numel() * t.element_size() for t in keep)
         self.max_threads = 1 if weight_bytes < SMALL_MODEL_BYTES else None
@@ -64,7 +65,7 @@ class NativeDecodeStep:
     @classmethod
     def build(cls, decoder: Any, act8: bool = False) -> NativeDecodeStep | None:
         """The compiled step for `decoder` (a LlamaFamilyDecoder), or None if it cannot run it (reason logged).
-        `act8`: int8 activations in 4-bit matmuls (llama.cpp's arithmetic; faster, no longer float32-exact)."""
+        `act8`: int8 activations in the integer-code matmuls (llama.cpp's arithmetic; faster, no longer float32-exact)."""
         def unsupported(reason: str) -> None:
             log.debug("compiled decode step not used: %s", reason)
             return None

@@ -152,7 +152,8 @@ class LlamaFamilyDecoder:
                  prefill_attention_dtype: torch.dtype = torch.float32, native: bool = True,
                  int8_activations: bool = False):
         """`native`: decode single tokens with the compiled step (engine/compiled_step.py) when it can run the model;
-        `int8_activations`: let it round activations to int8 for 4-bit weights (faster, llama.cpp's arithmetic)."""
+        `int8_activations`: let it round activations to int8 for integer-code weights (faster, llama.cpp's
+        arithmetic)."""
         config = model.config
         self.prefill_attention_dtype = prefill_attention_dtype
         inner = model.model
@@ -326,7 +327,7 @@ class Engine:
         """`prefill_attention_dtype`: dtype of prompt attention; None picks bf16 (2.5-3x faster here) when the
         model has quantized layers, which already compute in bf16, and float32 for a float model.
         `native`: decode with the compiled whole-step kernel where it applies (False: torch ops only);
-        `int8_activations`: in it, int8 activations for 4-bit weights (faster; not float32-exact)."""
+        `int8_activations`: in it, int8 activations for integer-code weights (faster; not float32-exact)."""
         if max_batch < 1:
             raise LowbitError(f"max batch must be >= 1 (got {max_batch})")
         if prefill_chunk < 1:

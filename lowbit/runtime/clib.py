@@ -4,9 +4,9 @@ The C sources are compiled with the machine's C compiler on first use (or at ins
 calls `build_native()`) with -march=native and OpenMP, cached by source and CPU flags. With no compiler, or a
 failed build, `native_library()` is None and every caller falls back to torch kernels.
 
-`linear_spec(module)` turns a Linear (float, or a QuantLinear whose weight is affine per contiguous group) into
-the `lb_linear` structure of csrc/affine_dot.h; 4-bit codes are re-packed two per byte (LB_NIB), wider codes
-are read one per byte (LB_U8).
+`linear_spec(module)` turns a Linear (float, or a QuantLinear whose weight is affine per group, act-order too, or
+an NF4/FP4 codebook) into the `lb_linear` structure of csrc/affine_dot.h; 4-bit codes are re-packed two per byte
+(LB_NIB), wider codes are read one per byte (LB_U8).
 """
 from __future__ import annotations
 
@@ -161,8 +161,8 @@ def affine_spec(qw: QuantizedWeight, bias: torch.Tensor | None = None
     or an NF4/FP4 codebook, and the tensors it points into (keep them alive); None if the C kernels cannot
     read it.
 
-    The packed codes are made once per weight and cached on it, so the per-layer kernel and the engine's
-    compiled step share one copy."""
+    The packed codes are made once per weight and cached in `_DESCRIBED` (by the weight's identity, dropped
+    with it), so the per-layer kernel and the engine's compiled step share one copy."""
     cached = _DESCRIBED.get(id(qw))
     if cached is None or cached[0]() is not qw or cached[1] is not qw.codes:
         cached = (weakref.ref(qw), qw.codes, _describe_affine(qw))

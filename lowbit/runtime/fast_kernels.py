@@ -98,8 +98,8 @@ class AffineInt4Kernel(Kernel):
 
 
 class AffineU8Kernel(Kernel):
-    """Any affine weight with codes <= 255 and contiguous groups: lowbit's compiled kernel (clib) for decode rows
-    (float32, 4-bit codes read two per byte), bf16 dequantize + GEMM for prefill."""
+    """Any affine weight with codes <= 255 (act-order ones through a column order): lowbit's compiled kernel
+    (clib) for decode rows (float32, 4-bit codes read two per byte), bf16 dequantize + GEMM for prefill."""
 
     name = "u8"
 

@@ -21,7 +21,8 @@ class QuantLinear(nn.Module):
         self._state = None
 
     def set_kernel(self, kernel: str) -> None:
-        """Choose a kernel by name ('auto', 'reference', 'int4pack', 'int8pack', 'bf16', ...)."""
+        """Choose a kernel by name ('auto', 'reference', 'u8', 'int4', 'int8pack', 'bf16', ...;
+        runtime.kernels.KERNELS lists them)."""
         self.kernel_preference = kernel
         self._kernel = self._state = None
 

@@ -1,10 +1,12 @@
 /* y = x W^T for the weight layouts lowbit's compiled kernels read, shared by affine_gemv.c (one matmul per call)
  * and decode.c (a whole decode step per call).
  *
- * Every quantized layout is affine per group: W[n,k] = a[n,g] * q[n,k] + b[n,g], so
+ * Integer codes are affine per group: W[n,k] = a[n,g] * q[n,k] + b[n,g], so
  *   y[m,n] = sum_g a[n,g] * dot(x[m, g], q[n, g]) + b[n,g] * xsum[m,g],   xsum[m,g] = sum of x over group g.
+ * NF4/FP4 codes instead index a 16-value table (W[n,k] = a[n,g] * table[q[n,k]]), looked up with one permute.
  * Activations and accumulation stay float32: the result differs from a float32 matmul of the dequantized weight
- * only by summation order.
+ * only by summation order. The opt-in act8 path (integer codes only) rounds activations to int8 per 32 columns
+ * and uses VNNI dot products, as llama.cpp does; it is no longer float32-exact.
  *
  * Layouts:
  *   LB_F32  float32 weight [N, K].

@@ -97,7 +97,7 @@ void lowbit_decode_step(const lb_model *m, float *x, int64_t B, const int64_t *s
     #pragma omp parallel num_threads(threads)
     {
         /* Each thread normalises the rows itself into its own h (a few hundred floats), which saves the barrier
-         * a shared copy would need before the next matmul: 3 of a layer's 9 barriers. */
+         * a shared copy would need before the next matmul: 2 of a layer's 9 barriers. */
         float *xsum = per_thread + (int64_t)omp_get_thread_num() * (scratch_floats + B * H);
         float *h = xsum + scratch_floats;
         const int act8 = (int)m->act8;
