@@ -15,12 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from lowbit.errors import CorruptFile, LowbitError
-from lowbit.formats.atomic import atomic_dir
-from lowbit.formats.hf_quantized import read_tensors
+from lowbit.formats.hf_quantized import read_tensors, write_checkpoint
 from lowbit.formats.registry import Format, register_format
 from lowbit.models.adapters import in_out_features, is_linear
 from lowbit.quantized import QuantizedWeight
@@ -52,8 +50,12 @@ def bnb_layer_tensors(prefix: str, qw: QuantizedWeight, dtype_name: str = "float
     if isinstance(scheme, RowInt8):
         return {f"{prefix}.weight": scheme.int8_codes(qw), f"{prefix}.SCB": qw.extra["SCB"].float(),
                 f"{prefix}.weight_format": torch.tensor(0, dtype=torch.uint8)}
-    raise LowbitError(f"layer {prefix} uses scheme {scheme.name}, which the bitsandbytes format cannot store; "
-                      "quantize with --method nf4, fp4 or int8 for --format bnb")
+    raise unstorable(prefix, scheme)
+
+
+def unstorable(name: str, scheme: Any) -> LowbitError:
+    return LowbitError(f"layer {name} uses scheme {scheme.name}, which the bitsandbytes format cannot store; "
+                       "quantize with --method nf4, fp4 or int8 for --format bnb")
 
 
 def quantization_config(schemes: list[Any], skipped: list[str]) -> dict[str, Any]:
@@ -88,30 +90,21 @@ def quantization_config(schemes: list[Any], skipped: list[str]) -> dict[str, Any
 
 def save_bnb(model: nn.Module, tokenizer: Any, out: str | Path, **_: Any) -> Path:
     """Write a quantized model as a bitsandbytes checkpoint folder (atomically)."""
-    from lowbit.formats.native import unquantized_tensors, save_hf_side_files
-
-    out = Path(out)
     quantized = dict(quantized_modules(model))
     if not quantized:
         raise LowbitError("the model has no quantized layers; quantize it with --method nf4, fp4 or int8 "
                           "before saving with --format bnb")
-    dtype_name = _DTYPE_NAMES.get(getattr(model, "dtype", torch.float32), "float32")
-    tensors: dict[str, torch.Tensor] = {}
     for name, module in quantized.items():
-        tensors.update(bnb_layer_tensors(name, module.qweight, dtype_name))
-        if module.bias is not None:
-            tensors[f"{name}.bias"] = module.bias.detach().contiguous()
+        if not isinstance(module.qweight.scheme, (Codebook4, RowInt8)):
+            raise unstorable(name, module.qweight.scheme)
+    dtype_name = _DTYPE_NAMES.get(getattr(model, "dtype", torch.float32), "float32")
     skipped = [name for name, module in model.named_modules() if is_linear(module) and name not in quantized]
-    config = quantization_config([m.qweight.scheme for m in quantized.values()], skipped)
-    tensors.update(unquantized_tensors(model, quantized)[0])
-    with atomic_dir(out) as tmp:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS), metadata={"format": "pt"})
-        save_hf_side_files(model, tokenizer, tmp)
-        cfg_path = tmp / "config.json"
-        cfg = json.loads(cfg_path.read_text())
-        cfg["quantization_config"] = config
-        cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-    return out
+
+    def layer_tensors(name: str, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
+        return {key[len(name) + 1:]: value for key, value in bnb_layer_tensors(name, qw, dtype_name).items()}
+
+    return write_checkpoint(model, tokenizer, out, "bnb", layer_tensors,
+                            quantization_config([m.qweight.scheme for m in quantized.values()], skipped))
 
 
 # -- reading -----------------------------------------------------------------------------------------------
