@@ -20,12 +20,19 @@ DEFAULT_SAMPLES = 128
 DEFAULT_SEQ_LEN = 512
 
 
-def read_calibration_text(path: str | Path) -> str:
-    """The file's text, with a clear error when it is missing, unreadable or empty."""
-    from lowbit.eval.perplexity import read_text
-
-    return read_text(path, "calibration file", "pass an existing text file with --calib (or omit --calib to "
-                     "calibrate on text the model generates itself)")
+def read_text(path: str | Path, what: str = "text file", hint: str = "") -> str:
+    """The file's text, with a clear error (naming `what` it is for) when it is missing, unreadable or empty."""
+    path = Path(path).expanduser()
+    hint = f"; {hint}" if hint else ""
+    if not path.is_file():
+        raise LowbitError(f"{what} {path} not found{hint}")
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError as exc:
+        raise LowbitError(f"{what} {path} is unreadable ({exc})") from exc
+    if not text.strip():
+        raise LowbitError(f"{what} {path} is empty{hint}")
+    return text
 
 
 def tokenize_for_calibration(tokenizer: Any, text: str) -> torch.Tensor:
@@ -64,7 +71,8 @@ def sample_windows(tokens: torch.Tensor, n_samples: int, seq_len: int, seed: int
 def calibration_from_file(tokenizer: Any, path: str | Path, n_samples: int = DEFAULT_SAMPLES,
                           seq_len: int = DEFAULT_SEQ_LEN, seed: int = 0) -> torch.Tensor:
     """[n_samples, seq_len] token windows from a local text file, seeded."""
-    text = read_calibration_text(path)
+    text = read_text(path, "calibration file", "pass an existing text file with --calib (or omit --calib to "
+                     "calibrate on text the model generates itself)")
     tokens = tokenize_for_calibration(tokenizer, text)
     batch = sample_windows(tokens, n_samples, seq_len, seed, source=f"calibration file {path}")
     log.info("calibration: %d x %d tokens from %s (seed %d)", n_samples, seq_len, path, seed)
@@ -72,13 +80,14 @@ def calibration_from_file(tokenizer: Any, path: str | Path, n_samples: int = DEF
 
 
 @torch.no_grad()
-def self_generated_calibration(model: torch.nn.Module, n_samples: int = DEFAULT_SAMPLES,
-                               seq_len: int = DEFAULT_SEQ_LEN, seed: int = 0, batch_size: int = 16,
-                               purpose: str = "calibration") -> torch.Tensor:
+def self_generated_tokens(model: torch.nn.Module, n_samples: int = DEFAULT_SAMPLES,
+                          seq_len: int = DEFAULT_SEQ_LEN, seed: int = 0, batch_size: int = 16,
+                          purpose: str = "calibration") -> torch.Tensor:
     """[n_samples, seq_len] tokens sampled from the model itself (temperature 1, top-p 0.95, seeded).
 
-    Used when the user gives no calibration text: each sample starts at the BOS token and never stops early,
-    so every window is full. Logged, since the calibration then reflects the model's own distribution.
+    Used when the user gives no text to calibrate or evaluate on (`purpose` names which, in the log): each sample
+    starts at the BOS token and never stops early, so every window is full. Logged, since the numbers then
+    reflect the model's own distribution.
     """
     config = model.config
     bos = config.bos_token_id if config.bos_token_id is not None else 0
@@ -135,4 +144,4 @@ def calibration_batch(model: torch.nn.Module, calibration: Any = None, n_samples
                           f"use --calib-len {max_positions} or less")
     if text_file is not None:
         return calibration_from_file(tokenizer, text_file, n_samples, seq_len, seed)
-    return self_generated_calibration(model, n_samples, seq_len, seed)
+    return self_generated_tokens(model, n_samples, seq_len, seed)

@@ -9,22 +9,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from lowbit.calibration.text import read_text, self_generated_tokens
 from lowbit.errors import LowbitError
-
-
-def read_text(path: str | Path, what: str = "text file", hint: str = "") -> str:
-    """The file's text, with a clear error (naming `what` it is for) when it is missing, unreadable or empty."""
-    path = Path(path).expanduser()
-    hint = f"; {hint}" if hint else ""
-    if not path.is_file():
-        raise LowbitError(f"{what} {path} not found{hint}")
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except OSError as exc:
-        raise LowbitError(f"{what} {path} is unreadable ({exc})") from exc
-    if not text.strip():
-        raise LowbitError(f"{what} {path} is empty{hint}")
-    return text
 
 
 def evaluation_tokens(model, tokenizer, data: str | Path | None, max_tokens: int | None, ctx: int,
@@ -32,11 +18,9 @@ def evaluation_tokens(model, tokenizer, data: str | Path | None, max_tokens: int
     """Tokens of a text file, or (no file) `max_tokens` tokens the model writes itself, in windows of ctx."""
     if data:
         return tokenize_text(tokenizer, read_text(data), max_tokens)
-    from lowbit.calibration.text import self_generated_calibration
-
     n_tokens = max_tokens or 4 * ctx
     windows_needed = -(-n_tokens // ctx)
-    return self_generated_calibration(model, windows_needed, ctx, seed, purpose="evaluation").reshape(-1)[:n_tokens]
+    return self_generated_tokens(model, windows_needed, ctx, seed, purpose="evaluation").reshape(-1)[:n_tokens]
 
 
 def tokenize_text(tokenizer, text: str, max_tokens: int | None = None) -> torch.Tensor:
