@@ -363,3 +363,17 @@ def test_smollm2_q4_1_runs_kept_quantized_like_the_float_import():
     ids = tok("The capital of France is", return_tensors="pt").input_ids
     with torch.no_grad():
         torch.testing.assert_close(kept(ids).logits, imported(ids).logits, rtol=0, atol=2e-4)
+
+
+def test_export_of_non_gguf_codes_warns_that_it_rounds_again(tmp_path, caplog):
+    """An RTN/GPTQ grid written as GGUF is dequantized and rounded to GGUF blocks again: said once, in the log."""
+    from lowbit.api import save
+    from lowbit.methods.base import QuantizeConfig
+    from lowbit.methods.pipeline import quantize_model
+
+    model, tok = _stories()
+    quantize_model(model, QuantizeConfig(method="rtn", bits=4, group_size=32), progress=False)
+    with caplog.at_level("WARNING", logger="lowbit"):
+        save(model, tmp_path / "m.gguf", format="gguf", tokenizer=tok, type="Q8_0")
+    warnings = [r for r in caplog.records if "rounded again" in r.getMessage()]
+    assert len(warnings) == 1 and "gptq-gguf" in warnings[0].getMessage()

@@ -533,6 +533,7 @@ def export_gguf(model: nn.Module, tokenizer: Any, path: str | os.PathLike, type:
     n_head_kv = getattr(config, "num_key_value_heads", None) or n_head
     entries = list(_named_weights(model))
     out: list[TensorToWrite] = []
+    rerounded = False
     for step, (hf_name, source) in enumerate(entries):
         gname = gguf_tensor_name(hf_name)
         heads = (n_head if ".attn_q." in gname else n_head_kv if ".attn_k." in gname else None)
@@ -548,6 +549,12 @@ def export_gguf(model: nn.Module, tokenizer: Any, path: str | os.PathLike, type:
                          mix.name, type_name)
             out.append(TensorToWrite(gname, source.scheme.type, tuple(source.shape), blocks.numpy()))
             continue
+        if isinstance(source, QuantizedWeight) and type_name in CODECS and not rerounded:
+            # Rounding rounded weights again loses what the method chose (GPTQ's or AWQ's codes); say so, once.
+            rerounded = True
+            log.warning("%s and other layers: %s codes are not GGUF blocks; dequantized and rounded again to the "
+                        "GGUF types (for GPTQ on the GGUF grid itself quantize with --method gptq --format gguf, "
+                        "i.e. method gptq-gguf)", gname, source.scheme.name)
         w = source.dequantize() if isinstance(source, QuantizedWeight) else source
         w = w.float()
         if heads:
