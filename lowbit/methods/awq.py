@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lowbit.calibration.capture import block_output, collect_inputs, first_input, flat_tokens
 from lowbit.errors import LowbitError
 from lowbit.methods.base import register_method
 from lowbit.methods.gptq import CalibratedMethod, set_linear_weight
@@ -145,8 +146,6 @@ class InspectedInputs:
         self.n_tokens = 0
 
     def add(self, _name: str, args: tuple, kwargs: dict) -> None:
-        from lowbit.calibration.capture import first_input, flat_tokens
-
         x = flat_tokens(first_input(args, kwargs))
         self.abs_sum = self.abs_sum + x.abs().sum(0)
         self.n_tokens += x.shape[0]
@@ -178,7 +177,6 @@ class AWQ(CalibratedMethod):
                        adapter: ArchAdapter | None = None, prefix: str = "", kernel: str = "reference"
                        ) -> dict[str, QuantizedWeight]:
         """Scale search + fold (per `adapter.scale_groups`), clip search and rounding for one block's Linears."""
-        from lowbit.calibration.capture import block_output, collect_inputs, first_input, flat_tokens
         from lowbit.runtime.surgery import install_quantized
 
         if inputs is None:

@@ -70,7 +70,7 @@ class Scheme(ABC):
     def affine_bits(self) -> int | None:
         """b if this scheme's weights are exactly scales * (codes - zeros) per group with b-bit codes, else None.
 
-        Kernels use this to run any affine scheme (integer grids, GGUF blocks) through one packed path.
+        The default `affine_form` is built on it; kernels read `affine_form`.
         """
         return None
 

@@ -318,10 +318,10 @@ class GGMLScheme(Scheme):
         return None if self.codec.has_min else self.codec.bits_per_code
 
     def affine_form(self, qw: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """Types with a min store w = d * q - m: a = scales, b = -zeros; the others w = d * (q - z)."""
+        """Types with a min store w = d * q - m: a = scales, b = -zeros; the others w = d * (q - z), as any scheme."""
         if self.codec.has_min:
             return qw.scales, -qw.zeros, self.codec.bits_per_code
-        return qw.scales, -qw.scales * qw.zeros, self.codec.bits_per_code
+        return super().affine_form(qw)
 
     @property
     def code_bits(self) -> int:
