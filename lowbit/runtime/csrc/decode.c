@@ -70,13 +70,19 @@ static float dot(const float *a, const float *b, int64_t n) {
     return s;
 }
 
+/* Per-thread matmul scratch for B rows: sized for the widest matmul input (hidden, intermediate or heads x D).
+ * One function for lowbit_decode_workspace and lowbit_decode_step, so the size and the layout cannot drift. */
+static int64_t thread_scratch_floats(const lb_model *m, int64_t B) {
+    int64_t widest = m->hidden > m->intermediate ? m->hidden : m->intermediate;
+    if (m->heads * m->head_dim > widest) widest = m->heads * m->head_dim;
+    return lb_scratch_floats(widest, widest, B);
+}
+
 /* Floats of scratch memory lowbit_decode_step needs for B rows and `threads` threads. */
 int64_t lowbit_decode_workspace(const lb_model *m, int64_t B, int threads) {
     const int64_t qkv = (m->heads + 2 * m->kv_heads) * m->head_dim;
-    int64_t widest = m->hidden > m->intermediate ? m->hidden : m->intermediate;
-    if (m->heads * m->head_dim > widest) widest = m->heads * m->head_dim;
     return B * (qkv + m->heads * m->head_dim + 3 * m->intermediate + m->heads * m->context)
-           + (int64_t)threads * (lb_scratch_floats(widest, widest, B) + B * m->hidden);
+           + (int64_t)threads * (thread_scratch_floats(m, B) + B * m->hidden);
 }
 
 /* x [B, hidden]: the rows' embeddings, overwritten with the final hidden states; logits [B, vocab] out (or
@@ -90,9 +96,7 @@ void lowbit_decode_step(const lb_model *m, float *x, int64_t B, const int64_t *s
     const int64_t group_ratio = heads / kv_heads;
     float *qkv = work, *attn = qkv + B * QKV, *gu = attn + B * heads * D, *act = gu + B * 2 * I;
     float *scores = act + B * I, *per_thread = scores + B * heads * T;
-    int64_t widest = H > I ? H : I;
-    if (heads * D > widest) widest = heads * D;
-    const int64_t scratch_floats = lb_scratch_floats(widest, widest, B);
+    const int64_t scratch_floats = thread_scratch_floats(m, B);
 
     #pragma omp parallel num_threads(threads)
     {
