@@ -166,16 +166,9 @@ class LlamaFamilyDecoder:
         self.lm_head = model.lm_head
         if config.hidden_act not in ("silu", "swish"):
             raise LowbitError(f"activation {config.hidden_act!r} is not supported by the fast decoder")
-        self.layers = []
-        for block in inner.layers:
-            attn, mlp = block.self_attn, block.mlp
-            qkv, qkv_parts = _fused_or_separate([attn.q_proj, attn.k_proj, attn.v_proj], fuse)
-            gate_up, gate_up_parts = _fused_or_separate([mlp.gate_proj, mlp.up_proj], fuse)
-            self.layers.append(_Layer(
-                input_norm=block.input_layernorm, qkv=qkv,
-                q_norm=getattr(attn, "q_norm", None), k_norm=getattr(attn, "k_norm", None),
-                o_proj=attn.o_proj, post_norm=block.post_attention_layernorm,
-                gate_up=gate_up, down=mlp.down_proj, qkv_parts=qkv_parts, gate_up_parts=gate_up_parts))
+        # The compiled step reads q/k/v and gate/up as parts of one matmul, so it needs no fused copies of their
+        # codes: layers are built unfused for it, and fused only if it cannot run the model.
+        self.layers = self._layers(inner, fuse and not native)
         self.intermediate = config.intermediate_size
         self.context = context
         # Rotary tables for every position, computed once with the model's own rotary module (rope scaling
@@ -187,6 +180,22 @@ class LlamaFamilyDecoder:
         self.k_cache = torch.zeros(shape, dtype=kv_dtype)
         self.v_cache = torch.zeros(shape, dtype=kv_dtype)
         self.native = NativeDecodeStep.build(self, int8_activations) if native else None
+        if self.native is None and native and fuse:
+            self.layers = self._layers(inner, fuse=True)
+
+    @staticmethod
+    def _layers(inner: nn.Module, fuse: bool) -> list[_Layer]:
+        layers = []
+        for block in inner.layers:
+            attn, mlp = block.self_attn, block.mlp
+            qkv, qkv_parts = _fused_or_separate([attn.q_proj, attn.k_proj, attn.v_proj], fuse)
+            gate_up, gate_up_parts = _fused_or_separate([mlp.gate_proj, mlp.up_proj], fuse)
+            layers.append(_Layer(
+                input_norm=block.input_layernorm, qkv=qkv,
+                q_norm=getattr(attn, "q_norm", None), k_norm=getattr(attn, "k_norm", None),
+                o_proj=attn.o_proj, post_norm=block.post_attention_layernorm,
+                gate_up=gate_up, down=mlp.down_proj, qkv_parts=qkv_parts, gate_up_parts=gate_up_parts))
+        return layers
 
     def decode(self, tokens: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Logits [B, vocab] for one token per row: row b's token `tokens[b]` at `positions[b]` of slot `slots[b]`."""
