@@ -26,7 +26,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
-#if defined(__AVX512F__) || defined(__F16C__)
+#if defined(__AVX512F__) || defined(__F16C__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -90,6 +90,19 @@ static inline float lb_stat_dot(const void *values, int64_t stats, const float *
         acc = _mm512_fmadd_ps(v, _mm512_maskz_loadu_ps(lanes, xsum + g), acc);
     }
     return _mm512_reduce_add_ps(acc);
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+    __m256 acc = _mm256_setzero_ps();
+    int64_t g = 0;
+    for (; g + 8 <= G; g += 8) {
+        const __m256 v = lb_stats_f32(stats) ? _mm256_loadu_ps((const float *)values + g)
+                                             : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)values + g)));
+        acc = _mm256_fmadd_ps(v, _mm256_loadu_ps(xsum + g), acc);
+    }
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    float total = _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+    for (; g < G; g++) total += lb_stat(values, g, stats) * xsum[g];
+    return total;
 #else
     float total = 0.0f;
     for (int64_t g = 0; g < G; g++) total += lb_stat(values, g, stats) * xsum[g];
@@ -227,6 +240,128 @@ LB_INLINE void tile_f32(LB_TILE_ARGS) {
     (void)a; (void)stats; (void)table; (void)G; (void)group;
 }
 
+#elif defined(__AVX2__) && defined(__FMA__)
+/* AVX2 + FMA (8 float lanes; machines without AVX-512, e.g. AMD Zen 2/3): the same tiles as above. Per group,
+ * two partial sums per (weight row, activation row) (one for each 8-column half of a 16-column step, so 8
+ * independent FMA chains are in flight at the usual 4-row tile), scaled by the group's a at the group's end.
+ * Columns past the last multiple of 8 in a group (ragged widths such as 172) are summed in scalar code. */
+static inline float lb_hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+#define LB_ZERO(v) for (int64_t i = 0; i < NR; i++) for (int64_t r = 0; r < R; r++) v[i][r] = _mm256_setzero_ps()
+
+/* The low 8 bytes of `bytes` (codes < 16 with a table) as 8 floats: the integers, or table[code] (two 8-entry
+ * permutes and a blend on bit 3). */
+LB_INLINE __m256 lb_codes8(__m128i bytes, const float *table, __m256 t0, __m256 t1) {
+    const __m256i v = _mm256_cvtepu8_epi32(bytes);
+    if (!table) return _mm256_cvtepi32_ps(v);
+    const __m256 lo = _mm256_permutevar8x32_ps(t0, v), hi = _mm256_permutevar8x32_ps(t1, v);
+    return _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(v, 28)));
+}
+
+LB_INLINE void tile_nib(LB_TILE_ARGS) {
+    const __m128i low = _mm_set1_epi8(0x0F);
+    const __m256 t0 = table ? _mm256_loadu_ps(table) : _mm256_setzero_ps();
+    const __m256 t1 = table ? _mm256_loadu_ps(table + 8) : _mm256_setzero_ps();
+    __m256 acc[4][4];
+    LB_ZERO(acc);
+    for (int64_t g = 0; g < G; g++) {
+        const int64_t k0 = g * group, k1 = lb_min(k0 + group, K);
+        __m256 even[4][4], odd[4][4];
+        LB_ZERO(even);
+        LB_ZERO(odd);
+        /* 16 columns a step: one half of a 32-column chunk (low nibbles, then high ones); groups are 16 or
+         * multiples of 32 columns, so they never split a half */
+        for (int64_t k = k0; k < k1; k += 16) {
+            const int64_t at = (k / 32) * 16;
+            const int high = (k & 16) != 0;
+            for (int64_t i = 0; i < NR; i++) {
+                __m128i v = _mm_loadu_si128((const __m128i *)(q + i * stride + at));
+                v = _mm_and_si128(high ? _mm_srli_epi16(v, 4) : v, low);
+                const __m256 w0 = lb_codes8(v, table, t0, t1), w1 = lb_codes8(_mm_unpackhi_epi64(v, v), table, t0, t1);
+                for (int64_t r = 0; r < R; r++) {
+                    even[i][r] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + r * K + k), even[i][r]);
+                    odd[i][r] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + r * K + k + 8), odd[i][r]);
+                }
+            }
+        }
+        for (int64_t i = 0; i < NR; i++) {
+            const __m256 scale = _mm256_set1_ps(lb_stat(a, i * G + g, stats));
+            for (int64_t r = 0; r < R; r++)
+                acc[i][r] = _mm256_fmadd_ps(_mm256_add_ps(even[i][r], odd[i][r]), scale, acc[i][r]);
+        }
+    }
+    for (int64_t i = 0; i < NR; i++) for (int64_t r = 0; r < R; r++) out[i][r] = lb_hsum256(acc[i][r]);
+}
+
+LB_INLINE void tile_u8(LB_TILE_ARGS) {
+    (void)table;
+    __m256 acc[4][4];
+    float tail[4][4] = {{0.0f}};
+    LB_ZERO(acc);
+    for (int64_t g = 0; g < G; g++) {
+        const int64_t k0 = g * group, k1 = lb_min(k0 + group, K);
+        __m256 even[4][4], odd[4][4];
+        LB_ZERO(even);
+        LB_ZERO(odd);
+        int64_t k = k0;
+        for (; k + 16 <= k1; k += 16)
+            for (int64_t i = 0; i < NR; i++) {
+                const __m128i v = _mm_loadu_si128((const __m128i *)(q + i * stride + k));
+                const __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v));
+                const __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(v, v)));
+                for (int64_t r = 0; r < R; r++) {
+                    even[i][r] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + r * K + k), even[i][r]);
+                    odd[i][r] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + r * K + k + 8), odd[i][r]);
+                }
+            }
+        for (; k + 8 <= k1; k += 8)
+            for (int64_t i = 0; i < NR; i++) {
+                const __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(q + i * stride + k))));
+                for (int64_t r = 0; r < R; r++) even[i][r] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + r * K + k), even[i][r]);
+            }
+        for (int64_t i = 0; i < NR; i++) {
+            const float s = lb_stat(a, i * G + g, stats);
+            const __m256 scale = _mm256_set1_ps(s);
+            for (int64_t r = 0; r < R; r++) {
+                acc[i][r] = _mm256_fmadd_ps(_mm256_add_ps(even[i][r], odd[i][r]), scale, acc[i][r]);
+                float part = 0.0f;
+                for (int64_t kk = k; kk < k1; kk++) part += (float)q[i * stride + kk] * x[r * K + kk];
+                tail[i][r] += s * part;
+            }
+        }
+    }
+    for (int64_t i = 0; i < NR; i++) for (int64_t r = 0; r < R; r++) out[i][r] = lb_hsum256(acc[i][r]) + tail[i][r];
+}
+
+LB_INLINE void tile_f32(LB_TILE_ARGS) {
+    const float *w = (const float *)q;      /* stride counts floats here */
+    __m256 acc[4][4], odd[4][4];
+    LB_ZERO(acc);
+    LB_ZERO(odd);
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16)
+        for (int64_t i = 0; i < NR; i++) {
+            const __m256 v0 = _mm256_loadu_ps(w + i * stride + k), v1 = _mm256_loadu_ps(w + i * stride + k + 8);
+            for (int64_t r = 0; r < R; r++) {
+                acc[i][r] = _mm256_fmadd_ps(v0, _mm256_loadu_ps(x + r * K + k), acc[i][r]);
+                odd[i][r] = _mm256_fmadd_ps(v1, _mm256_loadu_ps(x + r * K + k + 8), odd[i][r]);
+            }
+        }
+    for (int64_t i = 0; i < NR; i++)
+        for (int64_t r = 0; r < R; r++) {
+            float s = lb_hsum256(_mm256_add_ps(acc[i][r], odd[i][r]));
+            for (int64_t kk = k; kk < K; kk++) s += w[i * stride + kk] * x[r * K + kk];
+            out[i][r] = s;
+        }
+    (void)a; (void)stats; (void)table; (void)G; (void)group;
+}
+#undef LB_ZERO
+
 #else   /* portable loops; the compiler vectorises them for whatever the machine has */
 
 LB_INLINE uint8_t lb_code(const uint8_t *q, int64_t k, int nibbles) {
@@ -274,8 +409,13 @@ LB_INLINE void tile_f32(LB_TILE_ARGS) {
  * low-nibble columns (0-15 of each of 4 chunks) in 64 bytes, then the high-nibble ones. */
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #define LB_HAVE_ACT8 1
+#define LB_ACT8_NIBBLE_ORDER 1   /* vpdpbusd tiles read activations in LB_NIB's byte order */
+#elif defined(__AVX2__) && defined(__FMA__)
+#define LB_HAVE_ACT8 1
+#define LB_ACT8_NIBBLE_ORDER 0   /* AVX2 tiles widen the 16 code bytes of a chunk to 32 columns in natural order */
 #else
 #define LB_HAVE_ACT8 0
+#define LB_ACT8_NIBBLE_ORDER 0
 #endif
 
 static inline int64_t lb_act8_blocks(int64_t K) { return (K + 127) / 128; }
@@ -317,7 +457,7 @@ static inline void quantize_act8(const float *x, int64_t M, int64_t K, int8_t *x
         }
 }
 
-#if LB_HAVE_ACT8
+#if LB_HAVE_ACT8 && LB_ACT8_NIBBLE_ORDER   /* AVX-512 VNNI */
 /* tile_nib with int8 activations (group % 32 == 0). */
 LB_INLINE void tile_nib_act8(const int8_t *x8, const float *sx, int64_t R, const uint8_t *q, int64_t stride,
                              const void *a, int64_t stats, int64_t NR, int64_t K, int64_t G, int64_t group,
@@ -392,6 +532,60 @@ LB_INLINE void tile_u8_act8(const int8_t *x8, const float *sx, int64_t R, const 
         }
     }
     LB_STORE(acc);
+}
+#elif LB_HAVE_ACT8   /* AVX2: no VNNI; vpmaddubsw (u8 x s8 -> pairs of s16) and vpmaddwd (s16 pairs -> s32) */
+/* out = sum over 32-column chunks c of a[group of c] * sx[c] * dot(q[c], x8[c]) for codes < 16 (LB_NIB). The 16 code
+ * bytes of a chunk hold columns j (low nibble) and 16 + j (high), so [low nibbles | high nibbles] is the chunk's
+ * 32 columns in order; 15 * 128 * 2 cannot saturate the s16 pairs. */
+LB_INLINE void tile_nib_act8(const int8_t *x8, const float *sx, int64_t R, const uint8_t *q, int64_t stride,
+                             const void *a, int64_t stats, int64_t NR, int64_t K, int64_t G, int64_t group,
+                             float out[4][4]) {
+    const int64_t blocks = lb_act8_blocks(K);
+    const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+    __m256 acc[4][4];
+    for (int64_t i = 0; i < NR; i++) for (int64_t r = 0; r < R; r++) acc[i][r] = _mm256_setzero_ps();
+    for (int64_t c = 0; c < K / 32; c++) {
+        const int64_t g = c * 32 / group, scale_at = (c / 2) * 16 + (c % 2) * 8;
+        for (int64_t i = 0; i < NR; i++) {
+            const __m128i v = _mm_loadu_si128((const __m128i *)(q + i * stride + c * 16));
+            const __m256i codes = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(v, 4), v), low);
+            const float ai = lb_stat(a, i * G + g, stats);
+            for (int64_t r = 0; r < R; r++) {
+                const __m256i xv = _mm256_loadu_si256((const __m256i *)(x8 + r * blocks * 128 + c * 32));
+                const __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(codes, xv), ones);
+                acc[i][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(ai * sx[r * blocks * 32 + scale_at]),
+                                            acc[i][r]);
+            }
+        }
+    }
+    for (int64_t i = 0; i < NR; i++) for (int64_t r = 0; r < R; r++) out[i][r] = lb_hsum256(acc[i][r]);
+}
+
+/* The same for one code per byte (up to 255: widened to s16 and multiplied in vpmaddwd, which cannot overflow). */
+LB_INLINE void tile_u8_act8(const int8_t *x8, const float *sx, int64_t R, const uint8_t *q, int64_t stride,
+                            const void *a, int64_t stats, int64_t NR, int64_t K, int64_t G, int64_t group,
+                            float out[4][4]) {
+    const int64_t blocks = lb_act8_blocks(K);
+    __m256 acc[4][4];
+    for (int64_t i = 0; i < NR; i++) for (int64_t r = 0; r < R; r++) acc[i][r] = _mm256_setzero_ps();
+    for (int64_t c = 0; c < K / 32; c++) {
+        const int64_t g = c * 32 / group, scale_at = (c / 2) * 16 + (c % 2) * 8;
+        for (int64_t i = 0; i < NR; i++) {
+            const uint8_t *qc = q + i * stride + c * 32;
+            const __m256i w0 = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)qc));
+            const __m256i w1 = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(qc + 16)));
+            const float ai = lb_stat(a, i * G + g, stats);
+            for (int64_t r = 0; r < R; r++) {
+                const int8_t *xc = x8 + r * blocks * 128 + c * 32;
+                const __m256i dot = _mm256_add_epi32(
+                    _mm256_madd_epi16(w0, _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)xc))),
+                    _mm256_madd_epi16(w1, _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(xc + 16)))));
+                acc[i][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(ai * sx[r * blocks * 32 + scale_at]),
+                                            acc[i][r]);
+            }
+        }
+    }
+    for (int64_t i = 0; i < NR; i++) for (int64_t r = 0; r < R; r++) out[i][r] = lb_hsum256(acc[i][r]);
 }
 #endif
 
@@ -492,7 +686,7 @@ static inline void lb_matmul(const lb_linear *L, const float *x, int64_t M, floa
         sx = scratch + M * L->groups;   /* (after the gathered copy, if any) */
         x8 = (int8_t *)(sx + M * lb_act8_blocks(L->k) * 32);
         float *rounded = (float *)(x8 + M * lb_act8_blocks(L->k) * 128);
-        quantize_act8(x, M, L->k, x8, sx, rounded, L->kind == LB_NIB);
+        quantize_act8(x, M, L->k, x8, sx, rounded, L->kind == LB_NIB && LB_ACT8_NIBBLE_ORDER);
         group_sums(rounded, M, L->k, L->groups, L->group, xsum);
     } else if (L->kind != LB_F32)
         group_sums(x, M, L->k, L->groups, L->group, xsum);
