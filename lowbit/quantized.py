@@ -23,6 +23,10 @@ class QuantizedWeight:
     zeros:   float32 [N, n_groups] zero points (integer-valued for integer grids) or None for symmetric codebooks.
     g_idx:   int32 [K] group of each input column when columns were reordered (GPTQ act-order), else None.
     extra:   scheme-specific tensors (GGUF raw blocks and sub-scales, nested absmax of double quantization, ...).
+
+    codes, scales and zeros may instead be derived on each access from what the scheme keeps in `extra` (a scheme
+    with `derives_codes`, e.g. GGUF blocks kept as the file stores them): a loaded model then holds its weights
+    once, in the bytes the kernels read, and a method that needs the unpacked codes unpacks one layer at a time.
     """
 
     scheme: "Scheme"
@@ -66,3 +70,23 @@ class QuantizedWeight:
     def describe(self) -> dict[str, Any]:
         return {"scheme": self.scheme.name, **self.scheme.to_config(), "group_size": self.group_size,
                 "act_order": self.g_idx is not None}
+
+
+def _derivable(name: str) -> property:
+    """`name` as stored, or, when nothing is stored and the scheme derives it, decoded from `extra` per access."""
+    slot = "_" + name
+
+    def get(self: QuantizedWeight):
+        value = self.__dict__.get(slot)
+        if value is None and getattr(self.scheme, "derives_codes", False) and self.extra:
+            return self.scheme.derive(self, name)
+        return value
+
+    def set(self: QuantizedWeight, value) -> None:
+        self.__dict__[slot] = value
+
+    return property(get, set, doc=f"{name} (stored, or derived from the scheme's own bytes on each access)")
+
+
+for _name in ("codes", "scales", "zeros"):
+    setattr(QuantizedWeight, _name, _derivable(_name))

@@ -281,36 +281,51 @@ class GGMLScheme(Scheme):
         blocks = quantize_rows(weight.detach().float().cpu().numpy(), self.type, imp)
         return self.from_blocks(blocks, tuple(weight.shape))
 
-    def from_blocks(self, blocks: np.ndarray | torch.Tensor, shape: tuple[int, int]) -> QuantizedWeight:
-        """Wrap existing GGUF block bytes [N, row_bytes] (e.g. read from a file) without dequantizing."""
-        c = self.codec
-        b = blocks.numpy() if isinstance(blocks, torch.Tensor) else np.ascontiguousarray(blocks, dtype=np.uint8)
-        n, k = shape
-        if k % c.block or b.size != n * (k // c.block) * c.type_size:
-            raise LowbitError(f"{b.size} bytes of {c.name} blocks cannot hold a [{n}, {k}] weight")
-        flat = b.reshape(-1, c.type_size)
-        scales, zeros = c.affine(flat)
-        codes = c.codes(flat)
-        return QuantizedWeight(
-            self, (n, k), codes=torch.from_numpy(np.ascontiguousarray(codes.reshape(n, k))),
-            scales=torch.from_numpy(np.ascontiguousarray(scales.reshape(n, -1))),
-            zeros=torch.from_numpy(np.ascontiguousarray(zeros.reshape(n, -1))),
-            group_size=c.group, extra={"blocks": torch.from_numpy(b.reshape(n, -1).copy())})
+    # codes, scales and zeros are derived from the block bytes on access (QuantizedWeight), never stored: a
+    # loaded GGUF holds its tensors once, as the file stores them (memory-mapped when read from a file).
+    derives_codes = True
 
-    def blocks(self, qw: QuantizedWeight) -> np.ndarray:
-        """The GGUF bytes [N, row_bytes] of `qw`, rebuilt from its current codes (so GPTQ edits are kept)."""
+    def from_blocks(self, blocks: np.ndarray | torch.Tensor, shape: tuple[int, int]) -> QuantizedWeight:
+        """Wrap existing GGUF block bytes [N, row_bytes] (e.g. read from a file) without copying or decoding them."""
+        c = self.codec
+        b = blocks if isinstance(blocks, torch.Tensor) else torch.from_numpy(np.asarray(blocks, dtype=np.uint8))
+        n, k = shape
+        if b.dtype != torch.uint8 or k % c.block or b.numel() != n * (k // c.block) * c.type_size:
+            raise LowbitError(f"{b.numel()} bytes of {c.name} blocks cannot hold a [{n}, {k}] weight")
+        return QuantizedWeight(self, (n, k), codes=None, scales=None, zeros=None, group_size=c.group,
+                               extra={"blocks": b.reshape(n, -1)})
+
+    def derive(self, qw: QuantizedWeight, name: str) -> torch.Tensor:
+        """codes (uint8 [N, K]), scales or zeros (float32 [N, K / group]) decoded from the block bytes."""
         c = self.codec
         n, k = qw.shape
-        old = qw.extra["blocks"].numpy().reshape(-1, c.type_size)
+        flat = qw.extra["blocks"].numpy().reshape(-1, c.type_size)
+        if name == "codes":
+            return torch.from_numpy(np.ascontiguousarray(c.codes(flat).reshape(n, k)))
+        scales, zeros = c.affine(flat)
+        return torch.from_numpy(np.ascontiguousarray((scales if name == "scales" else zeros).reshape(n, -1)))
+
+    def rows(self, qw: QuantizedWeight, index: torch.Tensor) -> QuantizedWeight:
+        """The weight of rows `index` only (an embedding lookup dequantizes just these)."""
+        return self.from_blocks(qw.extra["blocks"][index], (int(index.numel()), qw.in_features))
+
+    def blocks(self, qw: QuantizedWeight) -> np.ndarray:
+        """The GGUF bytes [N, row_bytes] of `qw`: its blocks, rebuilt from its codes if a method stored new ones."""
+        c = self.codec
+        n, k = qw.shape
+        old = qw.extra["blocks"].numpy()
+        if qw.__dict__.get("_codes") is None:
+            return old.reshape(n, -1)
         codes = qw.codes.numpy().reshape(-1, c.block)
-        return c.with_codes(old, codes).reshape(n, -1)
+        return c.with_codes(old.reshape(-1, c.type_size), codes).reshape(n, -1)
 
     def with_codes(self, qw: QuantizedWeight, codes: torch.Tensor) -> QuantizedWeight:
         """A copy of `qw` with new codes [N, K] under the same statistics, block bytes rebuilt."""
-        new = QuantizedWeight(self, qw.shape, codes=codes.to(torch.uint8).contiguous(), scales=qw.scales,
-                              zeros=qw.zeros, group_size=qw.group_size, extra=dict(qw.extra))
-        new.extra["blocks"] = torch.from_numpy(self.blocks(new))
-        return new
+        c = self.codec
+        n, k = qw.shape
+        old = qw.extra["blocks"].numpy().reshape(-1, c.type_size)
+        new_blocks = c.with_codes(old, codes.to(torch.uint8).numpy().reshape(-1, c.block)).reshape(n, -1)
+        return self.from_blocks(np.ascontiguousarray(new_blocks), qw.shape)
 
     @property
     def affine_bits(self) -> int | None:
@@ -336,6 +351,8 @@ class GGMLScheme(Scheme):
         return self.from_blocks(tensors["blocks"].numpy(), tuple(shape))
 
     def dequantize(self, qw: QuantizedWeight) -> torch.Tensor:
+        if qw.__dict__.get("_codes") is None:      # the blocks are the state: one decoding pass
+            return torch.from_numpy(dequantize_rows(qw.extra["blocks"].numpy(), self.type)).reshape(qw.shape)
         gi = qw.group_index()
         return self.decode(qw.codes, expand_groups(qw.scales, gi), expand_groups(qw.zeros, gi))
 
