@@ -90,13 +90,25 @@ def to_hf_layout(arch: Architecture, config, hf_name: str, w: torch.Tensor) -> t
     return w - shift if shift else w
 
 
+def float_values(tensor) -> torch.Tensor:
+    """float32 values of one validated GGUF tensor in PyTorch order, dequantized by gguf-py (vectorised numpy;
+    lowbit's own codecs are the bit-exact reference and the quantizers)."""
+    import numpy as np
+    from gguf import GGMLQuantizationType, quants
+
+    if not tensor.is_quantized:
+        return torch.from_numpy(np.array(tensor.to_float()))
+    values = quants.dequantize(np.asarray(tensor.rows()), GGMLQuantizationType[tensor.type_name])
+    return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32).reshape(tensor.shape))
+
+
 def hf_value(gf, gguf_name: str, arch: Architecture, model: nn.Module, hf_name: str,
              expert: int | None = None, params: dict | None = None, values: torch.Tensor | None = None
              ) -> torch.Tensor:
     """The float32 HF tensor `hf_name` read from GGUF tensor `gguf_name` (one expert of a stack), shape-checked."""
     params = params or _hf_parameters(model)
     if values is None:
-        values = torch.from_numpy(gf.tensors[gguf_name].to_float().copy())
+        values = float_values(gf.tensors[gguf_name])
     w = values[expert] if expert is not None else values
     shape, transposed = params[hf_name]
     if tuple(w.shape) != shape:
@@ -117,7 +129,7 @@ def gguf_state_dict(gf, arch: Architecture, model: nn.Module) -> dict[str, torch
                           f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
     state = {}
     for gname, targets in names.items():
-        values = torch.from_numpy(gf.tensors[gname].to_float().copy())   # a stack of experts is read once
+        values = float_values(gf.tensors[gname])   # a stack of experts is read once
         for expert, hf_name in targets:
             state[hf_name] = hf_value(gf, gname, arch, model, hf_name, expert, params, values)
     return state
