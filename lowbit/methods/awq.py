@@ -81,6 +81,8 @@ def fold_scales(prev: nn.Module, linears: list[nn.Module], scales: torch.Tensor,
     """Divide the output of `prev` by `scales` and multiply the input columns of the linears (and of float
     companions reading the same input, such as an MoE router) by them: the float model is unchanged."""
     n = scales.numel()
+    if fold is Fold.NORM and is_linear(prev):
+        fold = Fold.LINEAR
     if fold in (Fold.LINEAR, Fold.LINEAR_LAST_ROWS):
         w = linear_weight(prev).clone()
         w[-n:] = w[-n:] / scales.view(-1, 1)   # Fold.LINEAR: the last n rows are all rows
