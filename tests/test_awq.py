@@ -97,7 +97,9 @@ def test_awq_scaling_reduces_error_with_salient_channels():
         module.norm.weight.copy_(torch.ones(k))
         module.norm.weight[:6] = 30.0                     # salient channels
         module.proj.weight.copy_(torch.randn(n, k) * 0.05)
-    adapter = ArchAdapter("toy", "", "", "", "", (("proj",),), (ScaleGroup("norm", ("proj",), "proj"),))
+    adapter = ArchAdapter(family="toy", model_types=(), hf_classes=(), blocks_path="", embed_path="",
+                          final_norm_path="", lm_head_path="", sequential=(("proj",),),
+                          scale_groups=(ScaleGroup("norm", ("proj",), "proj"),))
     x = torch.randn(8, 32, k)
     calls = [BlockCall((x[i:i + 1],), {}) for i in range(8)]
     reference = module(x)

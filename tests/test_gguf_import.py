@@ -3,22 +3,24 @@ import numpy as np
 import pytest
 import torch
 
-from lowbit.models.gguf_import import (dequantize_tensor, gguf_tensor_name, hf_tensor_name, open_gguf,
-                                       permute_qk, unpermute_qk)
+from lowbit.models.arch import architecture_for
+from lowbit.models.arch.base import gguf_tensor_name, permute_qk, unpermute_qk
+from lowbit.models.gguf_import import open_gguf
 
 
 def test_dequantization_matches_gguf_package(smollm2_gguf):
-    from gguf import quants
+    """lowbit's reader (the one GGUF parser) dequantizes every tensor type exactly as gguf-py does."""
+    from gguf import GGUFReader, quants
 
-    reader = open_gguf(smollm2_gguf)
+    reference = {t.name: t for t in GGUFReader(str(smollm2_gguf)).tensors}
     seen = set()
-    for t in reader.tensors:
-        if t.tensor_type.name in seen:
+    for t in open_gguf(smollm2_gguf).tensors.values():
+        if t.type_name in seen:
             continue
-        seen.add(t.tensor_type.name)
-        ours = dequantize_tensor(t)
-        ref = quants.dequantize(t.data, t.tensor_type).reshape(tuple(reversed([int(d) for d in t.shape])))
-        assert np.array_equal(ours, ref), t.name
+        seen.add(t.type_name)
+        r = reference[t.name]
+        ref = quants.dequantize(r.data, r.tensor_type).reshape(t.shape)
+        assert np.array_equal(t.to_float(), ref), t.name
     assert {"Q4_1", "Q8_0", "F32"} <= seen
 
 
@@ -61,8 +63,11 @@ def test_config_and_tokenizer_from_metadata(smollm2):
 
 
 def test_name_maps_and_permutation_are_inverse():
-    for name in ("blk.3.attn_q.weight", "blk.0.ffn_down.weight", "token_embd.weight", "output_norm.weight"):
-        assert gguf_tensor_name(hf_tensor_name(name)) == name
+    llama = architecture_for("llama")
+    for hf, name in (("model.layers.3.self_attn.q_proj.weight", "blk.3.attn_q.weight"),
+                     ("model.layers.0.mlp.down_proj.weight", "blk.0.ffn_down.weight"),
+                     ("model.embed_tokens.weight", "token_embd.weight"), ("model.norm.weight", "output_norm.weight")):
+        assert gguf_tensor_name(llama, hf, 4) == (name, None)
     w = torch.randn(96, 40)
     assert torch.equal(unpermute_qk(permute_qk(w, 6), 6), w)
     assert not torch.equal(permute_qk(w, 6), w)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from lowbit.errors import LowbitError
-from lowbit.models.adapters import ArchAdapter
+from lowbit.models.arch.base import Architecture as ArchAdapter
 
 log = logging.getLogger("lowbit")
 
@@ -101,12 +101,16 @@ def run_block(block: nn.Module, calls: list[BlockCall]) -> list[BlockCall]:
 
 @torch.no_grad()
 def collect_inputs(block: nn.Module, modules: dict[str, nn.Module], calls: list[BlockCall],
-                   on_input: Callable[[str, tuple, dict], None], stop_early: bool = True) -> None:
+                   on_input: Callable[[str, tuple, dict], None], stop_early: bool = True,
+                   optional: frozenset[str] | set[str] = frozenset()) -> None:
     """Call `on_input(name, args, kwargs)` with what each of `modules` receives while `block` runs on `calls`.
 
     With `stop_early`, each forward pass ends as soon as every watched module has seen its input, so
-    collecting the inputs of a block's first Linears does not pay for the rest of the block.
+    collecting the inputs of a block's first Linears does not pay for the rest of the block. Modules in
+    `optional` (experts, which see only the tokens routed to them) may not be called at all.
     """
+    required = set(modules) - set(optional)
+    stop_early = stop_early and not optional
     seen: set[str] = set()
 
     def make_hook(name: str):
@@ -125,8 +129,8 @@ def collect_inputs(block: nn.Module, modules: dict[str, nn.Module], calls: list[
                 block(*call.args, **call.kwargs)
             except _StopForward:
                 pass
-            if len(seen) != len(modules):
-                missing = sorted(set(modules) - seen)
+            if not required <= seen:
+                missing = sorted(required - seen)
                 raise LowbitError(f"calibration: modules {missing} were not called by their decoder block; "
                                   "the architecture adapter does not match this model")
     finally:

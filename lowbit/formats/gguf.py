@@ -334,50 +334,25 @@ def write_gguf(path: str | os.PathLike, metadata: dict[str, Any], tensors: Itera
 
 
 # -- HF model -> GGUF ------------------------------------------------------------------------------------
-_ARCH_OF_MODEL_TYPE = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
-_PERMUTED_ARCHES = {"llama"}
-
-
-def _config_value(config, *names, default=None):
-    for name in names:
-        value = getattr(config, name, None)
-        if value is not None:
-            return value
-    rope = getattr(config, "rope_parameters", None) or {}
-    for name in names:
-        if isinstance(rope, dict) and rope.get(name) is not None:
-            return rope[name]
-    return default
-
-
 def architecture_metadata(config) -> tuple[str, dict[str, Any]]:
-    """(gguf architecture, its hyper-parameter keys) for a transformers config."""
-    arch = _ARCH_OF_MODEL_TYPE.get(config.model_type)
-    if arch is None:
-        raise UnsupportedArchitecture(f"GGUF export supports {', '.join(sorted(_ARCH_OF_MODEL_TYPE))}, "
-                                      f"not {config.model_type!r}")
+    """(gguf architecture, its hyper-parameter keys) for a transformers config, from the registry's family."""
+    from lowbit.models.arch import architecture_for
+
+    arch = architecture_for(config)
+    if arch.gguf is None:
+        raise UnsupportedArchitecture(f"llama.cpp has no {arch.family} architecture, so lowbit cannot export it "
+                                      "to GGUF; save it as lowbit, gptq, awq or bnb instead")
     scaling = _config_value(config, "rope_scaling")
     if isinstance(scaling, dict) and scaling.get("rope_type", scaling.get("type", "default")) not in ("default", None):
         raise UnsupportedArchitecture(f"rope scaling {scaling} is not supported by lowbit's GGUF export yet")
-    n_head = config.num_attention_heads
-    n_head_kv = getattr(config, "num_key_value_heads", None) or n_head
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_head
-    meta = {
-        f"{arch}.context_length": int(config.max_position_embeddings),
-        f"{arch}.embedding_length": int(config.hidden_size),
-        f"{arch}.block_count": int(config.num_hidden_layers),
-        f"{arch}.feed_forward_length": int(config.intermediate_size),
-        f"{arch}.attention.head_count": int(n_head),
-        f"{arch}.attention.head_count_kv": int(n_head_kv),
-        f"{arch}.rope.freq_base": float(_config_value(config, "rope_theta", default=10000.0)),
-        f"{arch}.attention.layer_norm_rms_epsilon": float(config.rms_norm_eps),
-        f"{arch}.rope.dimension_count": int(head_dim),
-        f"{arch}.vocab_size": int(config.vocab_size),
-    }
-    if head_dim * n_head != config.hidden_size:
-        meta[f"{arch}.attention.key_length"] = int(head_dim)
-        meta[f"{arch}.attention.value_length"] = int(head_dim)
-    return arch, meta
+    name = arch.gguf.name
+    return name, {f"{name}.{key}": value for key, value in arch.gguf.hparams(config).items()}
+
+
+def _config_value(config, *names, default=None):
+    from lowbit.models.arch.base import config_value
+
+    return config_value(config, *names, default=default)
 
 
 def _backend_json(tokenizer) -> dict | None:
@@ -467,57 +442,106 @@ def _sentencepiece_vocab(spm_file, tokenizer, vocab_size: int):
     return tokens, scores, types
 
 
-def _named_weights(model: nn.Module):
-    """(hf_name, tensor | QuantizedWeight) in module order, skipping a tied lm_head."""
+@dataclass
+class ExportEntry:
+    """One GGUF tensor to write: its HF sources in HF layout ([out, in]; experts in stack order)."""
+
+    gguf_name: str
+    hf_names: list[str]
+    sources: list[Any]           # torch.Tensor or QuantizedWeight, one per HF name
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        one = tuple(self.sources[0].shape)
+        return (len(self.sources), *one) if len(self.sources) > 1 else one
+
+
+def export_entries(model: nn.Module) -> list[ExportEntry]:
+    """The model's tensors as GGUF tensors, in module order, named by gguf-py's TensorNameMap; a tied head is
+    left out and expert Linears are gathered into llama.cpp's stacked tensors."""
+    from lowbit.models.arch import architecture_for
+    from lowbit.models.arch.base import gguf_tensor_name, linear_weight
     from lowbit.runtime.qlinear import QuantLinear
 
-    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    arch = architecture_for(model)
+    n_blocks = len(arch.blocks(model))
+    tied = bool(getattr(model.config, "tie_word_embeddings", False)) or arch.gguf.always_tied
+    entries: dict[str, ExportEntry] = {}
+
+    def add(hf_name: str, source: Any) -> None:
+        gname, expert = gguf_tensor_name(arch, hf_name, n_blocks)
+        entry = entries.setdefault(gname, ExportEntry(gname, [], []))
+        if expert is not None and expert != len(entry.sources):
+            raise LowbitError(f"{hf_name}: experts of {gname} are not in order")
+        entry.hf_names.append(hf_name)
+        entry.sources.append(source)
+
     for module_name, module in model.named_modules():
         prefix = f"{module_name}." if module_name else ""
-        if tied and module_name == "lm_head":
+        if tied and module_name == arch.lm_head_path:
             continue
         if isinstance(module, QuantLinear):
-            yield f"{prefix}weight", module.qweight
+            add(f"{prefix}weight", module.qweight)
+        conv = type(module).__name__ == "Conv1D"
         for pname, param in module.named_parameters(recurse=False):
-            yield f"{prefix}{pname}", param.detach()
+            value = linear_weight(module).detach() if conv and pname == "weight" else param.detach()
+            add(f"{prefix}{pname}", value)
+    return list(entries.values())
 
 
 def _planner(model: nn.Module, type: str, tensor_types: list[str] | None, pure: bool, has_imatrix: bool
              ) -> TypePlanner:
+    from lowbit.models.arch import architecture_for
+
     config = model.config
-    n_head = config.num_attention_heads
-    return TypePlanner(get_mix(type).name, config.num_hidden_layers, n_head,
+    arch = architecture_for(model)
+    n_head = getattr(config, "num_attention_heads", None) or getattr(config, "n_head")
+    return TypePlanner(get_mix(type).name, len(arch.blocks(model)), n_head,
                        getattr(config, "num_key_value_heads", None) or n_head,
-                       bool(getattr(config, "tie_word_embeddings", False)), tensor_types, pure, has_imatrix)
+                       bool(getattr(config, "tie_word_embeddings", False)) or arch.gguf.always_tied,
+                       tensor_types, pure, has_imatrix, keep_float=arch.gguf.keep_float)
 
 
 def plan_gguf_types(model: nn.Module, type: str = "Q4_K_M", tensor_types: list[str] | None = None,
                     pure: bool = False, has_imatrix: bool = False) -> dict[str, str]:
     """{HF parameter name: GGUF type} that export_gguf would write, in file order (llama.cpp's rules)."""
-    from lowbit.models.gguf_import import gguf_tensor_name
-
+    architecture_metadata(model.config)
     planner = _planner(model, type, tensor_types, pure, has_imatrix)
-    return {hf_name: planner.type_for(gguf_tensor_name(hf_name), tuple(source.shape))
-            for hf_name, source in _named_weights(model)}
+    out = {}
+    for entry in export_entries(model):
+        type_name = planner.type_for(entry.gguf_name, entry.shape)
+        out.update({hf_name: type_name for hf_name in entry.hf_names})
+    return out
+
+
+def _gguf_rows(arch, config, hf_name: str, values: torch.Tensor) -> torch.Tensor:
+    """HF layout -> llama.cpp layout of one tensor: rows reordered (float rows or quantized blocks alike)."""
+    from lowbit.models.arch.base import gguf_row_order
+
+    order = gguf_row_order(arch, config, hf_name, values.shape[0])
+    return values[order] if order is not None else values
 
 
 def export_gguf(model: nn.Module, tokenizer: Any, path: str | os.PathLike, type: str = "Q4_K_M",
                 tensor_types: list[str] | None = None, pure: bool = False,
                 importance: dict[str, torch.Tensor] | None = None, imatrix_data: str | os.PathLike | None = None,
                 progress: bool = True, **_: Any) -> Path:
-    """Write an HF Llama/Qwen2 model (float, or holding GGUF-scheme QuantLinears) as a complete GGUF file.
+    """Write an HF model of any registry family llama.cpp knows (float, or holding quantized Linears) as a
+    complete GGUF file.
 
     `type` is a llama.cpp file type (F32, F16, BF16, Q4_0 ... Q8_0, Q2_K_S ... Q6_K); `tensor_types` are
     REGEX=TYPE overrides on GGUF tensor names; `importance` maps Linear module names to imatrix vectors [in]
     (or `imatrix_data` names a text file to collect them from). Layers already quantized to a GGUF scheme
     (GPTQ on the GGUF grid) are written as they are.
     """
-    from lowbit.models.gguf_import import gguf_tensor_name, permute_qk
+    from lowbit.models.arch import architecture_for
+    from lowbit.models.arch.base import norm_shift
     from lowbit.quantized import QuantizedWeight
 
     config = model.config
     mix = get_mix(type)
-    arch, hparams = architecture_metadata(config)
+    arch_name, hparams = architecture_metadata(config)
+    arch = architecture_for(config)
     if tokenizer is None:
         raise LowbitError("GGUF export needs the model's tokenizer (llama.cpp reads it from the file)")
     if imatrix_data is not None and importance is None:
@@ -525,43 +549,46 @@ def export_gguf(model: nn.Module, tokenizer: Any, path: str | os.PathLike, type:
 
         importance = imatrix_from_file(model, tokenizer, imatrix_data)
     name = Path(str(getattr(config, "_name_or_path", "") or "model")).name or "model"
-    meta: dict[str, Any] = {"general.architecture": arch, "general.type": "model", "general.name": name,
+    meta: dict[str, Any] = {"general.architecture": arch_name, "general.type": "model", "general.name": name,
                             "general.file_type": mix.file_type, "general.quantization_version": 2, **hparams}
-    meta.update(tokenizer_metadata(tokenizer, int(config.vocab_size), arch, name))
+    meta.update(tokenizer_metadata(tokenizer, int(config.vocab_size), arch_name, name))
     planner = _planner(model, mix.name, tensor_types, pure, has_imatrix=bool(importance))
-    n_head = config.num_attention_heads
-    n_head_kv = getattr(config, "num_key_value_heads", None) or n_head
-    entries = list(_named_weights(model))
+    entries = export_entries(model)
     out: list[TensorToWrite] = []
     rerounded = False
-    for step, (hf_name, source) in enumerate(entries):
-        gname = gguf_tensor_name(hf_name)
-        heads = (n_head if ".attn_q." in gname else n_head_kv if ".attn_k." in gname else None)
-        heads = heads if arch in _PERMUTED_ARCHES else None
-        type_name = planner.type_for(gname, tuple(source.shape))
-        if isinstance(source, QuantizedWeight) and isinstance(source.scheme, GGMLScheme):
+    for step, entry in enumerate(entries):
+        gname = entry.gguf_name
+        type_name = planner.type_for(gname, entry.shape)
+        ggml_sources = [s for s in entry.sources if isinstance(s, QuantizedWeight) and isinstance(s.scheme, GGMLScheme)]
+        if ggml_sources and len(ggml_sources) == len(entry.sources) and \
+                len({s.scheme.type for s in ggml_sources}) == 1:
             # rows are quantized independently, so permuting quantized rows equals quantizing permuted rows
-            blocks = torch.from_numpy(source.scheme.blocks(source))
-            if heads:
-                blocks = permute_qk(blocks, heads)
-            if source.scheme.type != type_name:
-                log.info("%s keeps its %s blocks (the %s mix would give %s)", gname, source.scheme.type,
-                         mix.name, type_name)
-            out.append(TensorToWrite(gname, source.scheme.type, tuple(source.shape), blocks.numpy()))
+            blocks = [_gguf_rows(arch, config, n, torch.from_numpy(s.scheme.blocks(s)))
+                      for n, s in zip(entry.hf_names, ggml_sources)]
+            kept = ggml_sources[0].scheme.type
+            if kept != type_name:
+                log.info("%s keeps its %s blocks (the %s mix would give %s)", gname, kept, mix.name, type_name)
+            out.append(TensorToWrite(gname, kept, entry.shape, torch.cat(blocks).numpy()))
             continue
-        if isinstance(source, QuantizedWeight) and type_name in CODECS and not rerounded:
+        if any(isinstance(s, QuantizedWeight) for s in entry.sources) and type_name in CODECS and not rerounded:
             # Rounding rounded weights again loses what the method chose (GPTQ's or AWQ's codes); say so, once.
             rerounded = True
-            log.warning("%s and other layers: %s codes are not GGUF blocks; dequantized and rounded again to the "
-                        "GGUF types (for GPTQ on the GGUF grid itself quantize with --method gptq --format gguf, "
-                        "i.e. method gptq-gguf)", gname, source.scheme.name)
-        w = source.dequantize() if isinstance(source, QuantizedWeight) else source
-        w = w.float()
-        if heads:
-            w = permute_qk(w, heads)
+            log.warning("%s and other layers: codes that are not GGUF blocks are dequantized and rounded again to "
+                        "the GGUF types (for GPTQ on the GGUF grid itself quantize with --method gptq --format "
+                        "gguf, i.e. method gptq-gguf)", gname)
+        rows = []
+        for hf_name, source in zip(entry.hf_names, entry.sources):
+            w = (source.dequantize() if isinstance(source, QuantizedWeight) else source).float()
+            w = _gguf_rows(arch, config, hf_name, w) + norm_shift(arch, hf_name)
+            rows.append(w)
+        w = torch.stack(rows) if len(rows) > 1 else rows[0]
         if type_name in CODECS:
-            imp = (importance or {}).get(hf_name.rsplit(".", 1)[0])
-            data = quantize_rows(w.numpy(), type_name, None if imp is None else imp.float().numpy())
+            imps = [(importance or {}).get(n.rsplit(".", 1)[0]) for n in entry.hf_names]
+            if len(imps) == 1 and imps[0] is not None:
+                data = quantize_rows(w.numpy(), type_name, imps[0].float().numpy())
+            else:
+                flat = w.reshape(-1, w.shape[-1]).numpy()
+                data = quantize_rows(flat, type_name, None)
         else:
             data = w.numpy()
         if progress:
@@ -574,35 +601,38 @@ def export_gguf(model: nn.Module, tokenizer: Any, path: str | os.PathLike, type:
 def load_gguf_quantized(path: str | os.PathLike, kernel: str = "auto", **_: Any):
     """(model, tokenizer) from a GGUF file: Linear layers in block types become QuantLinears holding the
     file's exact blocks (no dequantization); embeddings, norms and float tensors load as float32."""
+    from lowbit.models.arch.base import gguf_row_order
     from lowbit.models.gguf_import import (
-        hf_config_from_gguf, hf_tensor_name, open_gguf, tokenizer_from_gguf, unpermute_qk,
+        gguf_architecture, gguf_names_of_model, hf_config_from_gguf, hf_value, tokenizer_from_gguf,
     )
     from lowbit.models.loading import empty_model_from_config
     from lowbit.runtime.surgery import install_quantized
 
     gf = read_gguf(path)  # validates before anything else touches the file
-    config = hf_config_from_gguf(open_gguf(path))
-    arch = gf.get("general.architecture")
+    arch = gguf_architecture(gf)
+    config = hf_config_from_gguf(gf, arch)
     model = empty_model_from_config(config)
     linear_names = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     state: dict[str, torch.Tensor] = {}
     quantized: dict[str, Any] = {}
+    hf_names = gguf_names_of_model(model, arch)
     for tensor in gf.tensors.values():
-        hf_name = hf_tensor_name(tensor.name)
+        targets = hf_names.get(tensor.name)
+        if targets is None:
+            raise CorruptFile(f"{path}: tensor {tensor.name} is not part of the {arch.family} layout")
+        if len(targets) != 1 or targets[0][0] is not None:
+            raise UnsupportedArchitecture(f"{path}: stacked expert tensors are imported in float only; load "
+                                          "without keep_quantized")
+        hf_name = targets[0][1]
         module = hf_name.rsplit(".", 1)[0]
-        heads = None
-        if arch in _PERMUTED_ARCHES and ".self_attn.q_proj." in hf_name:
-            heads = config.num_attention_heads
-        elif arch in _PERMUTED_ARCHES and ".self_attn.k_proj." in hf_name:
-            heads = config.num_key_value_heads
+        order = gguf_row_order(arch, config, hf_name, tensor.shape[0])
         if tensor.is_quantized and module in linear_names and hf_name.endswith(".weight"):
             blocks = torch.from_numpy(np.array(tensor.rows()))
-            if heads:
-                blocks = unpermute_qk(blocks, heads)
+            if order is not None:
+                blocks = blocks[torch.argsort(order)]  # llama.cpp row order -> HF
             quantized[module] = GGMLScheme(tensor.type_name).from_blocks(blocks.numpy(), tensor.shape)
             continue
-        w = torch.from_numpy(tensor.to_float().copy())
-        state[hf_name] = unpermute_qk(w, heads) if heads else w
+        state[hf_name] = hf_value(gf, tensor.name, arch, model, hf_name)
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     model.load_state_dict(state, strict=False, assign=True)

@@ -77,8 +77,11 @@ def _category(name: str) -> str:
     return m.group(1) if m else "other"
 
 
-def quantizable(name: str, shape: tuple[int, ...]) -> bool:
-    """llama.cpp quantizes 2-D `*.weight` tensors except norms (and a few special tensors we never write)."""
+def quantizable(name: str, shape: tuple[int, ...], keep_float: tuple[str, ...] = ()) -> bool:
+    """llama.cpp quantizes 2-D `*.weight` tensors except norms and the architecture's float-kept tensors
+    (expert routers: `keep_float` holds GGUF tensor kinds such as ffn_gate_inp)."""
+    if any(f".{kind}." in name for kind in keep_float):
+        return False
     return len(shape) >= 2 and name.endswith("weight") and "_norm.weight" not in name
 
 
@@ -94,7 +97,9 @@ class TypePlanner:
     """Decides tensor types in file order, keeping llama.cpp's running counters of attn_v / ffn_down."""
 
     def __init__(self, mix: str, n_layers: int, n_head: int, n_head_kv: int, tied_embeddings: bool,
-                 tensor_types: list[str] | None = None, pure: bool = False, has_imatrix: bool = False):
+                 tensor_types: list[str] | None = None, pure: bool = False, has_imatrix: bool = False,
+                 keep_float: tuple[str, ...] = ()):
+        self.keep_float = tuple(keep_float)
         self.mix = get_mix(mix)
         self.n_layers = n_layers
         self.n_gqa = n_head // max(1, n_head_kv)
@@ -107,7 +112,7 @@ class TypePlanner:
 
     def type_for(self, name: str, shape: tuple[int, ...]) -> str:
         """GGUF type of tensor `name` with HF-order shape [rows, ..., columns]."""
-        if not quantizable(name, shape):
+        if not quantizable(name, shape, self.keep_float):
             return "F32"
         default = self.mix.default
         columns = shape[-1]

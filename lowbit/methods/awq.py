@@ -23,7 +23,8 @@ from lowbit.calibration.capture import block_output, collect_inputs, first_input
 from lowbit.errors import LowbitError
 from lowbit.methods.base import register_method
 from lowbit.methods.gptq import CalibratedMethod, set_linear_weight
-from lowbit.models.adapters import ArchAdapter, linear_weight
+from lowbit.models.arch.base import Architecture as ArchAdapter
+from lowbit.models.arch.base import EXPERT, Fold, NormKind, ScaleGroup, expand_experts, is_expert_linear, is_linear, linear_weight
 from lowbit.quantized import QuantizedWeight
 from lowbit.schemes.intgrid import IntGrid
 
@@ -38,8 +39,6 @@ DEFAULT_CLIP_TOKENS = 512
 DEFAULT_SEARCH_TOKENS = 4096
 # Tokens the per-Linear output error (progress bar, reports) is measured on.
 REPORT_TOKENS = 4096
-# Linears whose outputs meet in a softmax (queries, keys): AutoAWQ does not clip them, nor do we.
-NO_CLIP_MARKERS = ("q_proj", "k_proj", "query", "key", "c_attn", "Wqkv")
 
 
 @dataclass
@@ -77,29 +76,67 @@ def awq_scales(x_mean: torch.Tensor, w_mean: torch.Tensor, alpha: float) -> torc
 
 
 @torch.no_grad()
-def fold_scales(prev: nn.Module, linears: list[nn.Module], scales: torch.Tensor) -> None:
-    """Divide the output of `prev` by `scales` and multiply the linears' input columns by them (exact)."""
-    if isinstance(prev, nn.Linear) or type(prev).__name__ == "Conv1D":
-        w = linear_weight(prev)
-        set_linear_weight(prev, w / scales.view(-1, 1))
-    else:  # a norm: y = x_hat * weight (+ bias)
+def fold_scales(prev: nn.Module, linears: list[nn.Module], scales: torch.Tensor, fold: Fold = Fold.NORM,
+                companions: tuple[nn.Module, ...] = ()) -> None:
+    """Divide the output of `prev` by `scales` and multiply the input columns of the linears (and of float
+    companions reading the same input, such as an MoE router) by them: the float model is unchanged."""
+    n = scales.numel()
+    if fold is Fold.NORM and is_linear(prev):
+        fold = Fold.LINEAR
+    if fold in (Fold.LINEAR, Fold.LINEAR_LAST_ROWS):
+        w = linear_weight(prev).clone()
+        w[-n:] = w[-n:] / scales.view(-1, 1)   # Fold.LINEAR: the last n rows are all rows
+        set_linear_weight(prev, w)
+    elif fold is Fold.NORM_PLUS_ONE:  # Gemma: y = x_hat * (1 + w), so 1 + w' = (1 + w) / s
+        prev.weight.copy_((1 + prev.weight) / scales - 1)
+    else:  # y = x_hat * w (+ b)
         prev.weight.div_(scales)
     bias = getattr(prev, "bias", None)
     if bias is not None:
-        bias.div_(scales)
+        bias[-n:] = bias[-n:] / scales
     for lin in linears:
         set_linear_weight(lin, linear_weight(lin) * scales.view(1, -1))
+    for module in companions:
+        module.weight.mul_(scales.view(1, -1))
 
 
-def can_fold(prev: nn.Module | None, linears: list[nn.Module]) -> bool:
-    """Whether 1/s can be folded into `prev`: its output width must equal the linears' input width."""
+def can_fold(prev: nn.Module | None, linears: list[nn.Module], fold: Fold = Fold.NORM, parts: int = 1) -> bool:
+    """Whether 1/s can be folded into `prev`: its output width must equal the linears' input width (for a
+    fused Linear folded in its last rows, `parts` equal parts of that width)."""
     if prev is None:
         return False
     k = linear_weight(linears[0]).shape[1]
-    if isinstance(prev, nn.Linear) or type(prev).__name__ == "Conv1D":
+    if fold is Fold.LINEAR_LAST_ROWS:
+        return is_linear(prev) and linear_weight(prev).shape[0] == parts * k
+    if is_linear(prev):
         return linear_weight(prev).shape[0] == k
     weight = getattr(prev, "weight", None)
     return weight is not None and weight.dim() == 1 and weight.numel() == k
+
+
+def block_scale_groups(block: nn.Module, arch: ArchAdapter) -> list[ScaleGroup]:
+    """The architecture's scale groups for this block, `{e}` templates expanded over its experts, and a norm
+    fold made the (1 + w) fold in families whose norms scale by 1 + w (Gemma)."""
+    import dataclasses
+
+    out = []
+    for group in arch.scale_groups:
+        if group.fold is Fold.NORM and arch.norm is NormKind.RMS_PLUS_ONE:
+            group = dataclasses.replace(group, fold=Fold.NORM_PLUS_ONE)
+        if EXPERT in group.prev:
+            for e in range(len(expand_experts((group.prev,), block, arch))):
+                out.append(dataclasses.replace(group, prev=group.prev.format(e=e), inspect=group.inspect.format(e=e),
+                                               linears=tuple(n.format(e=e) for n in group.linears)))
+        else:
+            out.append(dataclasses.replace(group, linears=expand_experts(group.linears, block, arch)))
+    return out
+
+
+def _submodule(block: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return block.get_submodule(name)
+    except AttributeError:
+        return None
 
 
 @torch.no_grad()
@@ -183,19 +220,33 @@ class AWQ(CalibratedMethod):
             raise LowbitError("AWQ needs calibration inputs for every block")
         scheme = self.scheme()
         alphas: dict[str, float] = {}
-        for group in (adapter.scale_groups if adapter is not None else ()):
+        for group in (block_scale_groups(block, adapter) if adapter is not None else ()):
             names = [n for n in group.linears]
             if not group.prev or any(n not in linears for n in names):
                 continue  # nothing to fold into, or a member is skipped (kept in float): leave it unscaled
-            prev = block.get_submodule(group.prev)
+            prev = _submodule(block, group.prev)
+            inspect = _submodule(block, group.inspect) if group.inspect else block
+            companions = tuple(_submodule(block, c) for c in group.companions)
+            if prev is None or inspect is None or None in companions:
+                continue  # the group belongs to another variant of the family (Falcon 7B vs 40B norms)
             members = [linears[n] for n in names]
-            if not can_fold(prev, members):
+            parts = len(adapter.fused.get(group.prev, ())) or 1
+            if not can_fold(prev, members, group.fold, parts):
                 log.debug("AWQ %s: %s output width differs from %s inputs; not scaled", prefix, group.prev, names)
                 continue
-            inspect = block.get_submodule(group.inspect)
             inputs_seen = InspectedInputs(int(self.option("search_tokens", DEFAULT_SEARCH_TOKENS)))
-            collect_inputs(block, {group.inspect: inspect}, inputs, inputs_seen.add)
-            x_mean = inputs_seen.abs_mean()
+            watched = {"inspect": inspect}
+            input_of = _submodule(block, group.input_of) if group.input_of else None
+            magnitudes = InspectedInputs(0)
+            if input_of is not None:
+                watched["input"] = input_of
+            expert_group = is_expert_linear(adapter, group.inspect)
+            collect_inputs(block, watched, inputs,
+                           lambda key, a, kw: (inputs_seen if key == "inspect" else magnitudes).add(key, a, kw),
+                           optional=set(watched) if expert_group else set())
+            if inputs_seen.n_tokens == 0:
+                continue  # an expert no calibration token was routed to: left unscaled
+            x_mean = (magnitudes if input_of is not None else inputs_seen).abs_mean()
             w_mean = weight_salience([linear_weight(m) for m in members], scheme.group_size)
             search_calls = inputs_seen.search_calls
             reference = [block_output(inspect(*a, **kw)) for a, kw in search_calls]
@@ -216,7 +267,7 @@ class AWQ(CalibratedMethod):
             for module, w in zip(members, originals):
                 set_linear_weight(module, w)
             if best[1] is not None:
-                fold_scales(prev, members, best[2])
+                fold_scales(prev, members, best[2], group.fold, companions)
                 for n in names:
                     alphas[n] = best[1]
             del inputs_seen, search_calls, reference
@@ -229,16 +280,25 @@ class AWQ(CalibratedMethod):
         n_tokens = sum(call.hidden.shape[:-1].numel() for call in inputs)
         stride = max(1, n_tokens // max(n_clip_tokens, REPORT_TOKENS))
         samples: dict[str, list[torch.Tensor]] = {n: [] for n in linears}
+        experts = {n for n in linears if adapter is not None and is_expert_linear(adapter, n)}
         collect_inputs(block, dict(linears), inputs,
                        lambda n, args, kwargs: samples[n].append(
                            flat_tokens(first_input(args, kwargs))[::stride].contiguous()),
-                       stop_early=False)
+                       stop_early=False, optional=experts)
         results: dict[str, QuantizedWeight] = {}
         self.last_reports: dict[str, AWQReport] = {}
+        no_clip = adapter.no_clip if adapter is not None else ()
         for name, module in linears.items():
-            x = torch.cat(samples.pop(name))
             w = linear_weight(module).detach().float()
-            if clip and not any(marker in name for marker in NO_CLIP_MARKERS):
+            if not samples[name]:
+                log.warning("AWQ: %s.%s received no calibration tokens (no token was routed to it); rounded to "
+                            "nearest", prefix, name)
+                samples.pop(name)
+                results[name] = scheme.quantize(w)
+                self.last_reports[name] = AWQReport(None, 0.0)
+                continue
+            x = torch.cat(samples.pop(name))
+            if clip and name not in no_clip:
                 step = max(1, x.shape[0] // n_clip_tokens)
                 bound = clip_ranges(w, x[::step], scheme, int(self.option("clip_grid", DEFAULT_CLIP_GRID)))
                 qw = scheme.quantize(apply_clip(w, bound, scheme.group_size))

@@ -28,7 +28,8 @@ from torch import nn
 
 from lowbit.errors import LowbitError
 from lowbit.methods.base import Method, register_method
-from lowbit.models.adapters import ArchAdapter, linear_weight
+from lowbit.models.arch.base import Architecture as ArchAdapter
+from lowbit.models.arch.base import expand_experts, is_expert_linear, linear_weight
 from lowbit.quantized import QuantizedWeight
 from lowbit.schemes.base import Scheme, expand_groups, scheme_from_config
 from lowbit.schemes.intgrid import IntGrid
@@ -303,18 +304,29 @@ class GPTQ(CalibratedMethod):
 
         if inputs is None:
             raise LowbitError("GPTQ needs calibration inputs for every block")
-        sequential = adapter.sequential if adapter is not None and self.option("true_sequential") else ()
+        sequential = ()
+        if adapter is not None and self.option("true_sequential"):
+            sequential = tuple(expand_experts(g, block, adapter) for g in adapter.sequential)
         groups = sequential_groups(linears, sequential)
         results: dict[str, QuantizedWeight] = {}
         self.last_reports: dict[str, GPTQReport] = {}
         for group in groups:
             accumulators = {name: HessianAccumulator(linear_weight(linears[name]).shape[1]) for name in group}
+            # an expert sees only the tokens routed to it, possibly none
+            optional = {n for n in group if adapter is not None and is_expert_linear(adapter, n)}
             collect_inputs(block, {name: linears[name] for name in group}, inputs,
-                           lambda name, args, kwargs: accumulators[name].add(first_input(args, kwargs)))
+                           lambda name, args, kwargs: accumulators[name].add(first_input(args, kwargs)),
+                           optional=optional)
             for name in group:
                 module = linears[name]
-                qw, report = self.quantize_with_hessian(f"{prefix}.{name}" if prefix else name,
-                                                        linear_weight(module), accumulators.pop(name).hessian())
+                full = f"{prefix}.{name}" if prefix else name
+                if accumulators[name].count == 0:
+                    log.warning("GPTQ: %s received no calibration tokens (no token was routed to it); rounded "
+                                "to nearest on the same grid", full)
+                    accumulators.pop(name)
+                    results[name] = self.quantize_weight(full, linear_weight(module).detach())
+                    continue
+                qw, report = self.quantize_with_hessian(full, linear_weight(module), accumulators.pop(name).hessian())
                 # Later groups of this block are calibrated on what the quantized layers produce.
                 set_linear_weight(module, qw.dequantize())
                 results[name] = qw
@@ -344,13 +356,14 @@ def run_calibrated(method: Method, model: nn.Module, calibration: Any, progress:
     """
     from lowbit.calibration.capture import calibrated_blocks
     from lowbit.calibration.text import calibration_batch
-    from lowbit.methods.pipeline import block_linears
-    from lowbit.models.adapters import adapter_for
+    from lowbit.methods.pipeline import block_linears, effective_skip
+    from lowbit.models.arch import architecture_for
     from lowbit.runtime.surgery import install_quantized, iter_linears, matches_any, set_kernel
 
     options = method.config.options
-    skip = tuple(method.config.skip)
-    adapter = adapter_for(model)
+    adapter = architecture_for(model)
+    adapter.prepare(model)
+    skip = effective_skip(model, method.config)
     batch = calibration_batch(model, calibration, options.get("calib_samples"), options.get("calib_len"),
                               options.get("seed"))
     model.eval()

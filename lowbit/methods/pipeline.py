@@ -8,7 +8,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lowbit.methods.base import Method, QuantizeConfig, get_method
-from lowbit.models.adapters import adapter_for, linear_weight
+from lowbit.models.arch import architecture_for
+from lowbit.models.arch.base import linear_weight
 from lowbit.runtime.surgery import install_quantized, iter_linears, matches_any
 
 log = logging.getLogger("lowbit")
@@ -17,6 +18,11 @@ log = logging.getLogger("lowbit")
 def block_linears(block: nn.Module, prefix: str, skip: tuple[str, ...]) -> dict[str, nn.Module]:
     """Linears of one block keyed by their name inside the block, minus the skipped ones."""
     return {full[len(prefix) + 1:]: mod for full, mod in iter_linears(block, prefix, skip)}
+
+
+def effective_skip(model: nn.Module, config: QuantizeConfig) -> tuple[str, ...]:
+    """The user's skip patterns plus the Linears the architecture keeps in float (tiny expert gates)."""
+    return tuple(config.skip) + architecture_for(model).keep_float
 
 
 def check_model(model: nn.Module, method: Method, skip: tuple[str, ...]) -> None:
@@ -29,7 +35,8 @@ def quantize_model(model: nn.Module, config: QuantizeConfig, calibration: Any = 
                    kernel: str = "auto") -> nn.Module:
     """Quantize `model` in place with `config` (calibration token batches for methods that need them)."""
     method = get_method(config)
-    skip = tuple(config.skip)
+    architecture_for(model).prepare(model)   # e.g. experts as one Linear per projection
+    skip = effective_skip(model, config)
     check_model(model, method, skip)
     if method.needs_calibration:
         run = getattr(method, "quantize_model", None)
@@ -44,7 +51,7 @@ def quantize_model(model: nn.Module, config: QuantizeConfig, calibration: Any = 
 
 def _quantize_weight_only(model: nn.Module, method: Method, skip: tuple[str, ...], progress: bool,
                           kernel: str) -> None:
-    adapter = adapter_for(model)
+    adapter = architecture_for(model)
     blocks = adapter.blocks(model)
     bar = tqdm(range(len(blocks)), desc=f"{method.name} quantize", unit="layer", disable=not progress)
     for i in bar:

@@ -1,175 +1,203 @@
-"""GGUF -> Hugging Face model: dequantize every tensor, map llama.cpp names and hyper-parameters to the
-HF architecture, undo convert_hf_to_gguf's q/k row permutation, and build the tokenizer from the metadata."""
+"""GGUF -> Hugging Face model: parse and validate the file with lowbit's own reader (formats.gguf.read_gguf),
+find its family in the architecture registry from the header alone (an unknown architecture is refused
+before any weight is read), build the transformers config from the family's hyper-parameter map, name
+every tensor with gguf-py's TensorNameMap, undo llama.cpp's layout changes (q/k rope permutation, fused
+q|k|v order, Gemma's 1 + w norms, stacked experts) and build the tokenizer from the metadata."""
 from __future__ import annotations
 
 import logging
-import re
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
+from torch import nn
 
-from lowbit.errors import CorruptFile, LowbitError, UnsupportedArchitecture
+from lowbit.errors import CorruptFile, LowbitError
+from lowbit.models.arch import architecture_for_gguf
+from lowbit.models.arch.base import (
+    Architecture, gguf_row_order, gguf_tensor_name, norm_shift, permute_qk, unpermute_qk,  # noqa: F401
+)
 
 log = logging.getLogger("lowbit")
 
-# llama.cpp tensor name (per block, after "blk.N.") -> HF name (after "model.layers.N.")
-_BLOCK_NAMES = {
-    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
-}
-_GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
-# GGUF general.architecture -> HF model_type; llama stores q/k rows permuted for its rope layout.
-_ARCHES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3"}
-_PERMUTED_QK = {"llama", "mistral"}
+
+def read_header(path: str | Path):
+    """The validated GGUFFile (tensor data stay on disk, memory-mapped) and its registry Architecture."""
+    from lowbit.formats.gguf import read_gguf
+
+    gf = read_gguf(path)
+    return gf, gguf_architecture(gf)
 
 
-def hf_tensor_name(gguf_name: str) -> str:
-    """`blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight` (clear error if unknown)."""
-    m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", gguf_name)
-    if m and m.group(2) in _BLOCK_NAMES:
-        return f"model.layers.{m.group(1)}.{_BLOCK_NAMES[m.group(2)]}.{m.group(3)}"
-    m = re.fullmatch(r"(\w+)\.(weight|bias)", gguf_name)
-    if m and m.group(1) in _GLOBAL_NAMES:
-        return f"{_GLOBAL_NAMES[m.group(1)]}.{m.group(2)}"
-    raise UnsupportedArchitecture(f"GGUF tensor {gguf_name!r} has no Hugging Face counterpart in lowbit's map")
+def gguf_architecture(gf) -> Architecture:
+    return architecture_for_gguf(gf.get("general.architecture"), gf.metadata)
 
 
-def gguf_tensor_name(hf_name: str) -> str:
-    """Inverse of hf_tensor_name."""
-    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)", hf_name)
-    if m:
-        inv = {v: k for k, v in _BLOCK_NAMES.items()}
-        if m.group(2) in inv:
-            return f"blk.{m.group(1)}.{inv[m.group(2)]}.{m.group(3)}"
-    m = re.fullmatch(r"(.+)\.(weight|bias)", hf_name)
-    inv = {v: k for k, v in _GLOBAL_NAMES.items()}
-    if m and m.group(1) in inv:
-        return f"{inv[m.group(1)]}.{m.group(2)}"
-    raise UnsupportedArchitecture(f"tensor {hf_name!r} has no GGUF name in lowbit's map")
-
-
-def permute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
-    """HF -> llama.cpp row order of a q/k projection (interleaved rope halves), as convert_hf_to_gguf does."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
-    """llama.cpp -> HF row order of a q/k projection (inverse of permute_qk)."""
-    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def open_gguf(path: str | Path):
-    """A gguf.GGUFReader for `path`, turning the reader's low-level failures into CorruptFile."""
-    from gguf import GGUFReader
-
-    path = Path(path)
-    if not path.is_file():
-        raise LowbitError(f"GGUF file {path} not found")
-    try:
-        return GGUFReader(str(path))
-    except (ValueError, IndexError, KeyError, OSError, TypeError) as exc:
-        raise CorruptFile(f"{path} is not a readable GGUF file ({exc}); it may be truncated or corrupt") from exc
-
-
-def field_value(reader, key: str, default: Any = None) -> Any:
-    f = reader.fields.get(key)
-    if f is None:
-        return default
-    value = f.contents()
-    return value
-
-
-def hf_config_from_gguf(reader) -> Any:
-    """A transformers config built from the GGUF's architecture hyper-parameters."""
+def hf_config_from_gguf(gf, arch: Architecture | None = None) -> Any:
+    """A transformers config built from the GGUF's hyper-parameters by the family's map."""
     from transformers import AutoConfig
 
-    arch = field_value(reader, "general.architecture")
-    if arch not in _ARCHES:
-        raise UnsupportedArchitecture(f"GGUF architecture {arch!r} is not supported; lowbit imports "
-                                      f"{', '.join(sorted(_ARCHES))}")
-    g = lambda k, d=None: field_value(reader, f"{arch}.{k}", d)  # noqa: E731
-    names = {t.name for t in reader.tensors}
-    embd = next(t for t in reader.tensors if t.name == "token_embd.weight")
-    hidden, n_head = int(g("embedding_length")), int(g("attention.head_count"))
-    kwargs = dict(
-        hidden_size=hidden, intermediate_size=int(g("feed_forward_length")),
-        num_hidden_layers=int(g("block_count")), num_attention_heads=n_head,
-        num_key_value_heads=int(g("attention.head_count_kv", n_head)),
-        rms_norm_eps=float(g("attention.layer_norm_rms_epsilon", 1e-6)),
-        rope_theta=float(g("rope.freq_base", 10000.0)),
-        max_position_embeddings=int(g("context_length", 2048)),
-        vocab_size=int(g("vocab_size", int(embd.shape[-1]))),
-        tie_word_embeddings="output.weight" not in names,
-        bos_token_id=field_value(reader, "tokenizer.ggml.bos_token_id"),
-        eos_token_id=field_value(reader, "tokenizer.ggml.eos_token_id"),
-        dtype="float32",
-    )
-    key_length = g("attention.key_length")
-    if key_length is not None:
-        kwargs["head_dim"] = int(key_length)
-    if arch == "qwen2":
-        kwargs["use_sliding_window"] = False
-    return AutoConfig.for_model(_ARCHES[arch], **kwargs)
-
-
-def dequantize_tensor(tensor) -> np.ndarray:
-    """float32 array in HF layout ([out, in] for matrices) of one GGUF tensor, any supported block type."""
-    from gguf import quants
-
+    arch = arch or gguf_architecture(gf)
+    prefix = f"{gf.get('general.architecture')}."
+    meta = {k[len(prefix):]: v for k, v in gf.metadata.items() if k.startswith(prefix)}
+    embedding = gf.tensors.get("token_embd.weight")
+    if embedding is None:
+        raise CorruptFile(f"{gf.path}: no token_embd.weight tensor; the file does not hold a language model")
     try:
-        values = quants.dequantize(tensor.data, tensor.tensor_type)
-    except NotImplementedError as exc:
-        raise CorruptFile(f"GGUF tensor {tensor.name} has type {tensor.tensor_type.name}, which lowbit cannot "
-                          "dequantize; re-export it as F16/F32 or a Q4_0..Q8_0/K-quant type") from exc
-    shape = tuple(int(d) for d in reversed(tensor.shape))
-    return np.array(values, dtype=np.float32, copy=True).reshape(shape)
+        kwargs = arch.gguf.config_from(meta)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CorruptFile(f"{gf.path}: {arch.gguf.name} hyper-parameter missing or malformed ({exc})") from None
+    kwargs.update(
+        vocab_size=int(meta.get("vocab_size", embedding.shape[0])),
+        tie_word_embeddings=arch.gguf.always_tied or "output.weight" not in gf.tensors,
+        bos_token_id=gf.get("tokenizer.ggml.bos_token_id"), eos_token_id=gf.get("tokenizer.ggml.eos_token_id"),
+        pad_token_id=gf.get("tokenizer.ggml.padding_token_id"), dtype="float32")
+    return AutoConfig.for_model(arch.model_types[0], **kwargs)
 
 
-def gguf_state_dict(reader, config) -> dict[str, torch.Tensor]:
-    """HF state dict (float32) of every tensor in the GGUF, q/k rows restored to HF order where needed."""
-    arch = field_value(reader, "general.architecture")
+def _hf_parameters(model: nn.Module) -> dict[str, tuple[tuple[int, ...], bool]]:
+    """{HF name: (shape as [out, in], stored transposed)} of every parameter (Conv1D weights transposed)."""
+    out = {}
+    for module_name, module in model.named_modules():
+        conv = type(module).__name__ == "Conv1D"
+        for pname, p in module.named_parameters(recurse=False):
+            shape = tuple(p.shape)
+            transposed = conv and pname == "weight"
+            out[f"{module_name}.{pname}" if module_name else pname] = (shape[::-1] if transposed else shape,
+                                                                      transposed)
+    return out
+
+
+def gguf_names_of_model(model: nn.Module, arch: Architecture) -> dict[str, list[tuple[int | None, str]]]:
+    """{GGUF name: [(expert index or None, HF name), ...]} for every parameter of `model`."""
+    n_blocks = len(arch.blocks(model))
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    out: dict[str, list[tuple[int | None, str]]] = {}
+    for hf_name in _hf_parameters(model):
+        if tied and hf_name.startswith(f"{arch.lm_head_path}."):
+            continue
+        gname, expert = gguf_tensor_name(arch, hf_name, n_blocks)
+        out.setdefault(gname, []).append((expert, hf_name))
+    return out
+
+
+def to_hf_layout(arch: Architecture, config, hf_name: str, w: torch.Tensor) -> torch.Tensor:
+    """One tensor in llama.cpp layout -> HF layout (rows reordered, norm shift removed)."""
+    order = gguf_row_order(arch, config, hf_name, w.shape[0])
+    if order is not None:
+        w = w[torch.argsort(order)]
+    shift = norm_shift(arch, hf_name)
+    return w - shift if shift else w
+
+
+def float_values(tensor) -> torch.Tensor:
+    """float32 values of one validated GGUF tensor in PyTorch order, dequantized by gguf-py (vectorised numpy;
+    lowbit's own codecs are the bit-exact reference and the quantizers)."""
+    import numpy as np
+    from gguf import GGMLQuantizationType, quants
+
+    if not tensor.is_quantized:
+        return torch.from_numpy(np.array(tensor.to_float()))
+    values = quants.dequantize(np.asarray(tensor.rows()), GGMLQuantizationType[tensor.type_name])
+    return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32).reshape(tensor.shape))
+
+
+def hf_value(gf, gguf_name: str, arch: Architecture, model: nn.Module, hf_name: str,
+             expert: int | None = None, params: dict | None = None, values: torch.Tensor | None = None
+             ) -> torch.Tensor:
+    """The float32 HF tensor `hf_name` read from GGUF tensor `gguf_name` (one expert of a stack), shape-checked."""
+    params = params or _hf_parameters(model)
+    if values is None:
+        values = float_values(gf.tensors[gguf_name])
+    w = values[expert] if expert is not None else values
+    shape, transposed = params[hf_name]
+    if tuple(w.shape) != shape:
+        raise CorruptFile(f"{gf.path}: tensor {gguf_name} has shape {list(w.shape)}, but the model's "
+                          f"hyper-parameters need {list(shape)} for {hf_name}")
+    w = to_hf_layout(arch, model.config, hf_name, w)
+    return w.t().contiguous() if transposed else w
+
+
+def gguf_state_dict(gf, arch: Architecture, model: nn.Module) -> dict[str, torch.Tensor]:
+    """HF state dict (float32, dequantized) of every tensor in the GGUF, in HF layout."""
+    params = _hf_parameters(model)
+    names = gguf_names_of_model(model, arch)
+    unexpected = sorted(set(gf.tensors) - set(names))
+    missing = sorted(set(names) - set(gf.tensors))
+    if unexpected or missing:
+        raise CorruptFile(f"{gf.path}: tensors do not match the {arch.family} layout "
+                          f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
     state = {}
-    for tensor in reader.tensors:
-        name = hf_tensor_name(tensor.name)
-        w = torch.from_numpy(dequantize_tensor(tensor))
-        if arch in _PERMUTED_QK and ".self_attn.q_proj." in name:
-            w = unpermute_qk(w, config.num_attention_heads)
-        elif arch in _PERMUTED_QK and ".self_attn.k_proj." in name:
-            w = unpermute_qk(w, config.num_key_value_heads)
-        state[name] = w
+    for gname, targets in names.items():
+        values = float_values(gf.tensors[gname])   # a stack of experts is read once
+        for expert, hf_name in targets:
+            state[hf_name] = hf_value(gf, gname, arch, model, hf_name, expert, params, values)
     return state
 
 
-def tokenizer_from_gguf(path: str | Path):
-    """The tokenizer stored in the GGUF metadata (vocab, merges/scores, special ids, chat template)."""
+def tokenizer_from_gguf(path: str | Path, gf=None):
+    """The tokenizer stored in the GGUF metadata (vocab, merges/scores, special ids, chat template).
+
+    transformers' GGUF tokenizer loading refuses architectures it has no model mapping for (gptneox, gemma,
+    bloom ...), although the tokenizer itself only depends on tokenizer.ggml.*: for those, the tokenizer
+    is built from lowbit's parsed metadata with transformers' own GGUF tokenizer converters."""
     from transformers import AutoTokenizer
 
     path = Path(path)
     try:
-        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
+        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True,
+                                             trust_remote_code=False)
     except Exception as exc:  # transformers raises many types for unsupported tokenizer metadata
-        raise CorruptFile(f"could not build a tokenizer from {path}'s metadata ({exc})") from exc
+        first = exc
+    try:
+        return _tokenizer_from_metadata(gf if gf is not None else open_gguf(path))
+    except LowbitError:
+        raise
+    except Exception as exc:
+        raise CorruptFile(f"could not build a tokenizer from {path}'s metadata ({first}; {exc})") from exc
+
+
+def _tokenizer_from_metadata(gf):
+    from transformers import PreTrainedTokenizerFast
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
+
+    meta = gf.metadata
+    grouped = {group: {name: meta[f"tokenizer.{key}"] for key, name in renames.items() if f"tokenizer.{key}" in meta}
+               for group, renames in GGUF_TOKENIZER_MAPPING.items()}
+    tokenizer, options = grouped["tokenizer"], grouped["tokenizer_config"]
+    backend, extra = convert_gguf_tokenizer(meta.get("general.architecture", ""), tokenizer)
+    tokens = tokenizer.get("tokens", [])
+    for role, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"), ("unk_token", "unk_token_id"),
+                      ("pad_token", "pad_token_id")):
+        token_id = tokenizer.get(key)
+        if isinstance(token_id, int) and 0 <= token_id < len(tokens):
+            options[role] = tokens[token_id]
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **options, **extra)
 
 
 def load_gguf_as_hf(path: str | Path):
     """(model, tokenizer): a float32 transformers model and tokenizer from a GGUF file."""
     from lowbit.models.loading import empty_model_from_config
 
-    reader = open_gguf(path)
-    config = hf_config_from_gguf(reader)
-    state = gguf_state_dict(reader, config)
+    gf, arch = read_header(path)   # an unknown architecture fails here, before any weight is touched
+    config = hf_config_from_gguf(gf, arch)
     model = empty_model_from_config(config)
-    if config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
+    state = gguf_state_dict(gf, arch, model)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    missing = [m for m in missing if not (config.tie_word_embeddings and m == "lm_head.weight")]
+    missing = [m for m in missing if not (config.tie_word_embeddings and m.startswith(f"{arch.lm_head_path}."))]
     if missing or unexpected:
         raise CorruptFile(f"{path}: tensors do not match the {config.model_type} layout "
                           f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-    model.tie_weights()
+    if config.tie_word_embeddings:
+        model.tie_weights()
     model.eval()
-    return model, tokenizer_from_gguf(path)
+    return model, tokenizer_from_gguf(path, gf)
+
+
+def open_gguf(path: str | Path):
+    """Compatibility: the validated GGUFFile of `path` (lowbit's one GGUF parser)."""
+    from lowbit.formats.gguf import read_gguf
+
+    if not Path(path).is_file():
+        raise LowbitError(f"GGUF file {path} not found")
+    return read_gguf(path)

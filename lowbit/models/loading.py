@@ -11,7 +11,8 @@ from typing import Any
 
 import torch
 
-from lowbit.errors import LowbitError, UnsupportedArchitecture, unreadable_weights
+from lowbit.errors import CorruptFile, LowbitError, UnsupportedArchitecture, unreadable_weights  # noqa: F401
+from lowbit.models.arch import supported_families
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -55,29 +56,45 @@ def empty_model_from_config(config_or_path: Any, dtype: torch.dtype = torch.floa
     config = config_or_path
     if isinstance(config_or_path, (str, Path)):
         config = load_config(Path(config_or_path))
-    check_architecture(config.model_type)
+    arch = check_architecture(config.model_type)
     with no_init_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    return model.eval()
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
+    return arch.prepare(model).eval()
 
 
-def check_architecture(model_type: str) -> None:
-    from lowbit.models.adapters import ADAPTERS
+def check_architecture(model_type: str):
+    """The registry's Architecture for `model_type`, or UnsupportedArchitecture naming the supported ones."""
+    from lowbit.models.arch import architecture_for
 
-    if model_type not in ADAPTERS:
-        raise UnsupportedArchitecture(f"architecture {model_type!r} is not supported; lowbit supports "
-                                      f"{', '.join(sorted(ADAPTERS))}")
+    return architecture_for(model_type)
+
+
+def config_model_type(path: Path) -> str:
+    """model_type from config.json, read as plain JSON (before transformers sees the folder, so an unknown
+    architecture is refused in milliseconds and no custom code named by auto_map is ever considered)."""
+    import json
+
+    file = path / "config.json"
+    if not file.is_file():
+        raise LowbitError(f"{path} has no config.json: not a Hugging Face model folder")
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise CorruptFile(f"{file} is not valid JSON ({exc}); re-download or fix it") from None
+    model_type = data.get("model_type") if isinstance(data, dict) else None
+    if not isinstance(model_type, str):
+        raise CorruptFile(f"{file} has no model_type string; lowbit supports {supported_families()}")
+    return model_type
 
 
 def load_config(path: Path):
     from transformers import AutoConfig
 
-    if not (path / "config.json").is_file():
-        raise LowbitError(f"{path} has no config.json: not a Hugging Face model folder")
+    check_architecture(config_model_type(path))
     try:
-        return AutoConfig.from_pretrained(str(path), local_files_only=True)
-    except ValueError as exc:
-        raise UnsupportedArchitecture(f"{path}/config.json: {exc}") from exc
+        return AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+    except (ValueError, TypeError, OSError) as exc:
+        raise UnsupportedArchitecture(f"{path}/config.json: {str(exc).splitlines()[0]}") from exc
 
 
 def load_tokenizer(path: Path):
@@ -85,7 +102,7 @@ def load_tokenizer(path: Path):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError, TypeError) as exc:
         log.warning("no usable tokenizer in %s (%s)", path, exc)
         return None
@@ -96,17 +113,18 @@ def load_hf_folder(path: Path, dtype: torch.dtype = torch.float32):
     from transformers import AutoModelForCausalLM
 
     config = load_config(path)
-    check_architecture(config.model_type)
+    arch = check_architecture(config.model_type)
     weights = list(path.glob("*.safetensors")) + list(path.glob("pytorch_model*.bin"))
     if not weights:
         raise LowbitError(f"{path} has no weight files (*.safetensors or pytorch_model.bin)")
     from safetensors import SafetensorError
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True,
+                                                     trust_remote_code=False)
     except (MemoryError, OSError, ValueError, RuntimeError, SafetensorError) as exc:
         raise unreadable_weights(path, exc) from exc
-    return model.eval(), load_tokenizer(path)
+    return arch.prepare(model).eval(), load_tokenizer(path)
 
 
 def load_model(spec: str | os.PathLike, dtype: torch.dtype = torch.float32, kernel: str = "auto", **options: Any):
