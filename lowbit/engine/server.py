@@ -670,10 +670,13 @@ class Handler(BaseHTTPRequestHandler):
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         """The stdlib's own errors (bad request line, header too long, unknown method) as JSON, not HTML."""
+        self.request_version = self.protocol_version   # never answer in HTTP/0.9, which has no status line
         if code == 501:   # no do_<METHOD>: a method no route takes
             self._send_error(self._method_error())
             return
         self.close_connection = True
+        if self.deadline.expired:   # the watchdog cut a slow request line or headers off mid-way
+            code, message = 408, f"the request did not arrive within {self.service.limits.read_timeout:g} s"
         self._send_error(RequestError(code, message or explain or self.responses.get(code, ("error",))[0]))
 
     def _method_error(self) -> RequestError:
