@@ -709,7 +709,10 @@ class Handler(BaseHTTPRequestHandler):
         if length > limits.max_body_bytes:
             raise RequestError(413, f"the request body has {length} bytes; this server takes at most "
                                     f"{limits.max_body_bytes} (--max-body-mb)")
-        raw = self.rfile.read(length) if length else b""
+        try:
+            raw = self.rfile.read(length) if length else b""
+        except TimeoutError:   # no byte for idle_timeout (the stdlib would close without a word)
+            raise RequestError(408, f"the request body stalled for {limits.idle_timeout:g} s") from None
         self.body_read = True
         self.server.watchdog.disarm(self.deadline)
         if len(raw) < length:
