@@ -74,7 +74,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from lowbit.models.loading import resolve_model_path
 
     for flag, value, low in (("--max-batch", args.max_batch, 1), ("--max-queue", args.max_queue, 0),
-                             ("--ctx", args.ctx, 2), ("--port", args.port, 0), ("--http-workers", args.http_workers, 1)):
+                             ("--ctx", args.ctx, 2), ("--port", args.port, 0),
+                             ("--http-workers", args.http_workers, 1)):
         if value < low:
             raise LowbitError(f"{flag} must be >= {low} (got {value})")
     for flag, value in (("--max-body-mb", args.max_body_mb), ("--read-timeout", args.read_timeout)):

@@ -269,7 +269,7 @@ def check_json_shape(body: Any, max_depth: int) -> None:
             if depth > max_depth:
                 raise RequestError(400, f"the request's JSON is nested deeper than {max_depth} levels")
             items = list(value.keys()) + list(value.values()) if isinstance(value, dict) else value
-            stack.extend((item, depth + 1) for item in items)
+            stack.extend((item, depth + 1) for item in items if isinstance(item, str | dict | list))
 
 
 class TokenizerPool:
@@ -408,7 +408,7 @@ class Service:
         top_p = float(_field(body, "top_p", (int, float), 1.0, lambda v: 0 < v <= 1, "in (0, 1]"))
         top_k = _field(body, "top_k", (int,), 0, lambda v: 0 <= v <= 1 << 31, "an integer >= 0")
         seed = _field(body, "seed", (int,), None, lambda v: SEED_RANGE[0] <= v <= SEED_RANGE[1],
-                      f"an integer in [-2^63, 2^64-1]")
+                      "an integer in [-2^63, 2^64-1]")
         ignore_eos = _field(body, "ignore_eos", (bool,), False)   # vLLM's extension, for benchmarks
         stops = self._stop_strings(body.get("stop"))
         logprobs, top_logprobs = self._logprobs_fields(body, chat)

@@ -20,7 +20,8 @@ from typing import Iterator
 log = logging.getLogger("lowbit")
 
 # Host names are reduced to [A-Za-z0-9_] so the name parses back unambiguously (no '.' or '-' inside the host).
-_TEMPORARY = re.compile(r"^\.(?P<output>.+)\.(?P<host>[A-Za-z0-9_]+)-(?P<pid>\d+)-[0-9a-f]{8}\.lowbit-(?P<kind>tmp|old)$")
+_TEMPORARY = re.compile(
+    r"^\.(?P<output>.+)\.(?P<host>[A-Za-z0-9_]+)-(?P<pid>\d+)-[0-9a-f]{8}\.lowbit-(?P<kind>tmp|old)$")
 
 
 def _umask() -> int:
