@@ -9,6 +9,8 @@ from pathlib import Path
 
 log = logging.getLogger("lowbit")
 
+API_KEY_ENV = "LOWBIT_API_KEY"
+
 
 def add_runtime_args(p: argparse.ArgumentParser) -> None:
     """The options every command that runs a model takes: threads, kernel, int8 activations."""
@@ -29,6 +31,14 @@ def add_commands(sub) -> None:
     s.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (cache slots)")
     s.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a slot; more get 429")
     s.add_argument("--ctx", type=int, default=2048, help="context per sequence (prompt + generated tokens)")
+    s.add_argument("--api-key", default=None,
+                   help=f"require 'Authorization: Bearer KEY' (default: the {API_KEY_ENV} environment variable; "
+                        "unset: no key)")
+    s.add_argument("--max-body-mb", type=float, default=4.0, help="largest request body; larger ones get 413")
+    s.add_argument("--http-workers", type=int, default=128,
+                   help="connections served at once (a streaming client holds one); 512 more may wait, then 503")
+    s.add_argument("--read-timeout", type=float, default=30.0,
+                   help="seconds a client has to send its whole request (headers and body)")
     s.set_defaults(func=cmd_serve)
 
     b = sub.add_parser("bench", help="prompt processing and generation tokens/s (like llama-bench)")
@@ -55,24 +65,35 @@ def _load(args: argparse.Namespace):
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
+    import os
+
+    from lowbit.engine.http_transport import ServerLimits
     from lowbit.engine.runner import Engine
     from lowbit.engine.server import Server
     from lowbit.errors import LowbitError
     from lowbit.models.loading import resolve_model_path
 
     for flag, value, low in (("--max-batch", args.max_batch, 1), ("--max-queue", args.max_queue, 0),
-                             ("--ctx", args.ctx, 2), ("--port", args.port, 0)):
+                             ("--ctx", args.ctx, 2), ("--port", args.port, 0),
+                             ("--http-workers", args.http_workers, 1)):
         if value < low:
             raise LowbitError(f"{flag} must be >= {low} (got {value})")
+    for flag, value in (("--max-body-mb", args.max_body_mb), ("--read-timeout", args.read_timeout)):
+        if not value > 0:
+            raise LowbitError(f"{flag} must be > 0 (got {value})")
+    api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
+    limits = ServerLimits(max_body_bytes=int(args.max_body_mb * (1 << 20)), http_workers=args.http_workers,
+                          read_timeout=args.read_timeout, idle_timeout=min(10.0, args.read_timeout))
     model, tokenizer = _load(args)
     from lowbit.models.loading import PACKAGED_MODELS
 
     name = args.model_name or (args.model if args.model in PACKAGED_MODELS else resolve_model_path(args.model).name)
     engine = Engine(model, tokenizer, max_batch=args.max_batch, context=args.ctx, threads=args.threads,
                     int8_activations=args.int8_activations)
-    server = Server(engine, tokenizer, name, args.host, args.port, args.max_queue)
+    server = Server(engine, tokenizer, name, args.host, args.port, args.max_queue, limits, api_key)
     print(f"lowbit: serving {name!r} at {server.url}/v1 ({engine.threads} threads, batch {args.max_batch}, "
-          f"context {engine.context}); Ctrl-C stops", file=sys.stderr, flush=True)
+          f"context {engine.context}{', API key required' if api_key else ''}); Ctrl-C stops",
+          file=sys.stderr, flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
