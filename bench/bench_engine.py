@@ -38,21 +38,10 @@ from lowbit.engine.bench import (  # noqa: E402  (after the sys.path line, so a 
     format_speed_table,
     llama_cpp_available,
 )
+from lowbit.engine.bench import memory_read_bandwidth  # noqa: E402
 from lowbit.engine.runner import Engine, set_threads  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
-
-
-def memory_read_bandwidth(threads: int, size_mb: int = 1024, reps: int = 5) -> float:
-    """GB/s of summing a float32 tensor much larger than the caches (a read-only stream)."""
-    data = torch.ones(size_mb * 1024 * 1024 // 4)
-    data.sum()
-    best = float("inf")
-    for _ in range(reps):
-        began = time.perf_counter()
-        data.sum()
-        best = min(best, time.perf_counter() - began)
-    return data.numel() * 4 / best / 1e9
 
 
 def weight_bytes_per_token(model) -> int:

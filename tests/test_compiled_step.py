@@ -82,7 +82,7 @@ def test_float_weights_and_thread_counts_agree():
     assert ((one - x @ w.T).abs() <= _float_bound(x, w)).all()
 
 
-@pytest.mark.skipif(not clib.has_act8(), reason="this CPU has no AVX-512 VNNI: int8 activations unavailable")
+@pytest.mark.skipif(not clib.has_act8(), reason="this CPU has neither AVX2 nor AVX-512 VNNI: int8 activations unavailable")
 @pytest.mark.parametrize("kind,n,k,group,bits", [c for c in CASES if c[3] % 32 == 0 and c[2] % 32 == 0])
 @pytest.mark.parametrize("rows", [1, 4])
 def test_int8_activations_stay_within_their_rounding_bound(kind, n, k, group, bits, rows):
@@ -228,7 +228,7 @@ def test_compiled_step_greedy_matches_transformers_on_a_real_model(stories):
     assert ours == theirs
 
 
-@pytest.mark.skipif(not clib.has_act8(), reason="this CPU has no AVX-512 VNNI: int8 activations unavailable")
+@pytest.mark.skipif(not clib.has_act8(), reason="this CPU has neither AVX2 nor AVX-512 VNNI: int8 activations unavailable")
 def test_int8_activations_step_stays_close(stories):
     """With int8 activations the next-token choice of stories260K RTN 4-bit agrees with the float32 step
     almost everywhere (teacher-forced over a real story)."""

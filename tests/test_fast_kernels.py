@@ -80,14 +80,18 @@ def test_without_the_native_library_the_registry_falls_back(monkeypatch):
     torch.testing.assert_close(kernel.matmul(x, kernel.prepare(qw)), x @ qw.dequantize().t(), atol=1e-4, rtol=1e-4)
 
 
-def test_prefill_dequantization_is_bit_exact_bf16():
-    """The C pass that builds the bf16 weight for prompts equals torch's float32 math rounded to bf16."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefill_dequantization_is_bit_exact(monkeypatch, dtype):
+    """The C pass that dequantizes weight slices for prompts equals torch's float32 math (rounded to bf16 when
+    the GEMM runs in bf16), for every slice of a weight taller than one slice."""
     if fast_kernels.native_library() is None:
         pytest.skip("the C kernel could not be built here (no C compiler)")
+    monkeypatch.setattr(fast_kernels, "gemm_dtype", lambda: dtype)
+    monkeypatch.setattr(fast_kernels, "PREFILL_SLICE_ROWS", 24)   # several slices, the last one partial
     qw = _weight(IntGrid(bits=5, group_size=32, symmetric=False))
     a, b, _ = fast_kernels.affine_form(qw)
     group = qw.effective_group_size
-    expected = (a.repeat_interleave(group, 1) * qw.codes.float() + b.repeat_interleave(group, 1)).to(torch.bfloat16)
+    expected = (a.repeat_interleave(group, 1) * qw.codes.float() + b.repeat_interleave(group, 1)).to(dtype)
     x = torch.eye(qw.in_features)                 # rows of the identity read the weight back out
-    got = fast_kernels.prefill_matmul(x, qw.codes, a.contiguous(), b.contiguous(), group).t().to(torch.bfloat16)
+    got = fast_kernels.prefill_matmul(x, qw).t().to(dtype)
     assert torch.equal(got, expected)

@@ -59,7 +59,7 @@ def bench_engine(engine: Engine, pp: int = 512, tg: int = 128, reps: int = 3, na
     vocab = engine.model.config.vocab_size
     if pp + 1 > engine.context or tg + 2 > engine.context:
         raise LowbitError(f"the engine's context {engine.context} is too small for pp{pp} / tg{tg}")
-    prompt = bench_tokens(vocab, pp)
+    prompt = bench_tokens(vocab, max(pp, 1))   # tg alone still needs its 1-token prompt
     greedy = SamplingParams(max_new_tokens=tg, temperature=0.0)
 
     def prefill() -> None:
@@ -100,6 +100,20 @@ def bench_transformers(model: nn.Module, pp: int = 512, tg: int = 128, reps: int
     return SpeedResult(name, torch.get_num_threads(), pp, tg, pp_rate, tg_rate, pp_rates, tg_rates)
 
 
+def memory_read_bandwidth(threads: int | None = None, size_mb: int = 1024, reps: int = 5) -> float:
+    """GB/s of summing a float32 tensor much larger than the caches (a read-only stream), on `threads` threads."""
+    if threads:
+        torch.set_num_threads(threads)
+    data = torch.ones(size_mb * 1024 * 1024 // 4)
+    data.sum()
+    best = float("inf")
+    for _ in range(reps):
+        began = time.perf_counter()
+        data.sum()
+        best = min(best, time.perf_counter() - began)
+    return data.numel() * 4 / best / 1e9
+
+
 def llama_cpp_available() -> bool:
     """True when llama-cpp-python imports (it is an optional peer, never needed by lowbit itself)."""
     try:
@@ -117,9 +131,10 @@ def bench_llama_cpp(gguf_path: str, threads: int, pp: int = 512, tg: int = 128, 
                           "(see DEVELOPERS.md for the CPU build flags)")
     import llama_cpp
 
-    llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=max(pp, tg) + 16, n_batch=max(pp, 1),
+    # scores holds n_batch rows (logits_all is off): room for every token tg evaluates one at a time
+    llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=max(pp, tg) + 16, n_batch=max(pp, tg, 1),
                           n_threads=threads, n_threads_batch=threads, verbose=False)
-    prompt = bench_tokens(llm.n_vocab(), pp)
+    prompt = bench_tokens(llm.n_vocab(), max(pp, 1))
 
     def prefill() -> None:
         llm.reset()

@@ -24,6 +24,7 @@ from lowbit.engine.generate import SamplingParams, sample_next
 from lowbit.engine.compiled_step import NativeDecodeStep
 from lowbit.errors import LowbitError
 from lowbit.quantized import QuantizedWeight
+from lowbit.runtime.cpu import gemm_dtype
 from lowbit.runtime.qlinear import QuantLinear
 
 FAST_PATH_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -354,12 +355,17 @@ class Engine:
         self.eos_ids = eos_token_ids(model, tokenizer)
         if prefill_attention_dtype is None:
             quantized = any(isinstance(m, QuantLinear) for m in model.modules())
-            prefill_attention_dtype = torch.bfloat16 if quantized else torch.float32
+            prefill_attention_dtype = gemm_dtype() if quantized else torch.float32
         if config.model_type in FAST_PATH_TYPES:
             self.decoder: Any = LlamaFamilyDecoder(model, max_batch, self.context, kv_dtype, fuse,
                                                    prefill_attention_dtype, native, int8_activations)
         else:
             self.decoder = HFDecoder(model, max_batch, self.context)
+        source = getattr(model, "lowbit_source_file", None)
+        if source is not None:
+            # The kernels now read their own packed copies: the file's pages need not stay resident (they come
+            # back from the page cache if an embedding lookup or a writer reads them).
+            source.release_pages()
         self.free_slots = list(range(max_batch))
         self.active: list[Sequence] = []
         self.fingerprint = weights_fingerprint(model)

@@ -102,6 +102,20 @@ class GGUFFile:
     def get(self, key: str, default: Any = None) -> Any:
         return self.metadata.get(key, default)
 
+    def __deepcopy__(self, memo: dict) -> GGUFFile:
+        return self          # read-only: a copied model shares the mapping (its tensors are copied by torch)
+
+    def __reduce__(self):
+        return read_gguf, (self.path,)     # a pickled model maps the file again where it is unpickled
+
+    def release_pages(self) -> None:
+        """Let the OS drop this process's resident pages of the file (they are re-read on the next access)."""
+        if self._map is not None and hasattr(mmap, "MADV_DONTNEED"):
+            try:
+                self._map.madvise(mmap.MADV_DONTNEED)
+            except (OSError, ValueError):
+                pass
+
 
 # -- reading ---------------------------------------------------------------------------------------------
 class _Cursor:
@@ -162,7 +176,8 @@ def read_gguf(path: str | os.PathLike) -> GGUFFile:
         size = os.fstat(fh.fileno()).st_size
         if size < 24:
             raise CorruptFile(f"{path}: only {size} bytes, too short for a GGUF header; the file is truncated")
-        mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        # copy-on-write: tensors built on the pages are writable for torch (the file itself never is)
+        mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
     cur = _Cursor(memoryview(mapped), path)
     magic = bytes(cur.take(4, "the magic"))
     if magic != MAGIC:
@@ -599,8 +614,11 @@ def export_gguf(model: nn.Module, tokenizer: Any, path: str | os.PathLike, type:
 
 # -- GGUF -> lowbit runtime, kept quantized --------------------------------------------------------------
 def load_gguf_quantized(path: str | os.PathLike, kernel: str = "auto", **_: Any):
-    """(model, tokenizer) from a GGUF file: Linear layers in block types become QuantLinears holding the
-    file's exact blocks (no dequantization); embeddings, norms and float tensors load as float32."""
+    """(model, tokenizer) from a GGUF file, kept quantized: Linear layers in block types become QuantLinears
+    whose blocks are the file's bytes, memory-mapped (no copy, no decoding: loading takes seconds and the pages
+    are shared with other processes and the page cache); a quantized token embedding stays quantized too
+    (QuantEmbedding), and a tied output head reads the same blocks. Norms, biases and float tensors load as
+    float32."""
     from lowbit.models.arch.base import gguf_row_order
     from lowbit.models.gguf_import import (
         gguf_architecture, gguf_names_of_model, hf_config_from_gguf, hf_value, tokenizer_from_gguf,
@@ -613,8 +631,10 @@ def load_gguf_quantized(path: str | os.PathLike, kernel: str = "auto", **_: Any)
     config = hf_config_from_gguf(gf, arch)
     model = empty_model_from_config(config)
     linear_names = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    embed_name = arch.embed_path
     state: dict[str, torch.Tensor] = {}
     quantized: dict[str, Any] = {}
+    embedding = None
     hf_names = gguf_names_of_model(model, arch)
     for tensor in gf.tensors.values():
         targets = hf_names.get(tensor.name)
@@ -625,34 +645,38 @@ def load_gguf_quantized(path: str | os.PathLike, kernel: str = "auto", **_: Any)
                                           "without keep_quantized")
         hf_name = targets[0][1]
         module = hf_name.rsplit(".", 1)[0]
-        order = gguf_row_order(arch, config, hf_name, tensor.shape[0])
-        if tensor.is_quantized and module in linear_names and hf_name.endswith(".weight"):
-            blocks = torch.from_numpy(np.array(tensor.rows()))
+        if tensor.is_quantized and hf_name.endswith(".weight") and module in linear_names | {embed_name}:
+            blocks = torch.from_numpy(tensor.rows())          # a view of the mapped file
+            order = gguf_row_order(arch, config, hf_name, tensor.shape[0])
             if order is not None:
-                blocks = blocks[torch.argsort(order)]  # llama.cpp row order -> HF
-            quantized[module] = GGMLScheme(tensor.type_name).from_blocks(blocks.numpy(), tensor.shape)
+                blocks = blocks[torch.argsort(order)]          # llama.cpp row order -> HF (a copy of q/k only)
+            qw = GGMLScheme(tensor.type_name).from_blocks(blocks, tensor.shape)
+            if module == embed_name:
+                embedding = qw
+            else:
+                quantized[module] = qw
             continue
         state[hf_name] = hf_value(gf, tensor.name, arch, model, hf_name)
-    if config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
+    tied = bool(config.tie_word_embeddings)
+    if tied:
+        state.pop(f"{arch.lm_head_path}.weight", None)
     model.load_state_dict(state, strict=False, assign=True)
-    if config.tie_word_embeddings:
+    if embedding is not None:
+        install_quantized(model, embed_name, embedding, kernel=kernel)
+    elif tied:
         model.tie_weights()
     for module, qw in quantized.items():
         install_quantized(model, module, qw, kernel=kernel)
-    embedding = gf.tensors.get("token_embd.weight")
-    if (config.tie_word_embeddings and "lm_head" in linear_names and embedding is not None
-            and embedding.is_quantized):
-        # A tied output projection runs on the embedding's own blocks, as llama.cpp does: the float copy the
-        # lookup table needs would otherwise be read in full for every generated token (4-8x the bytes).
-        install_quantized(model, "lm_head",
-                          GGMLScheme(embedding.type_name).from_blocks(np.array(embedding.rows()), embedding.shape),
-                          kernel=kernel)
+    if tied and embedding is not None and arch.lm_head_path in linear_names:
+        # A tied output projection runs on the embedding's own blocks, as llama.cpp does: no float copy, and
+        # the blocks are held once (the embedding reads the same QuantizedWeight).
+        install_quantized(model, arch.lm_head_path, embedding, kernel=kernel)
     missing = [n for n, p in model.named_parameters() if p.is_meta]
     if missing:
         raise CorruptFile(f"{path}: tensors missing for {missing[:3]}; the file does not match its architecture")
     model.eval()
-    return model, tokenizer_from_gguf(path)
+    model.lowbit_source_file = gf          # keeps the mapping open for as long as the model uses its pages
+    return model, tokenizer_from_gguf(path, gf)
 
 
 def is_gguf(path: Path) -> bool:

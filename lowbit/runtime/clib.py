@@ -117,6 +117,8 @@ def load_library(path: Path) -> ctypes.CDLL:
     lib.lowbit_kernel_has_avx512.restype = i32
     lib.lowbit_affine_dequant_u8_bf16.argtypes = [_ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _ptr, i32]
     lib.lowbit_affine_dequant_u8_bf16.restype = None
+    lib.lowbit_dequantize_rows.argtypes = [_ptr, _i64, _i64, _ptr, i32, i32]
+    lib.lowbit_dequantize_rows.restype = None
     lib.lowbit_decode_workspace.argtypes = [_ptr, _i64, i32]
     lib.lowbit_decode_workspace.restype = _i64
     lib.lowbit_decode_step.argtypes = [_ptr, _ptr, _i64, _ptr, _ptr, _ptr, _ptr, i32, i32]
@@ -164,8 +166,8 @@ def affine_spec(qw: QuantizedWeight, bias: torch.Tensor | None = None
     The packed codes are made once per weight and cached in `_DESCRIBED` (by the weight's identity, dropped
     with it), so the per-layer kernel and the engine's compiled step share one copy."""
     cached = _DESCRIBED.get(id(qw))
-    if cached is None or cached[0]() is not qw or cached[1] is not qw.codes:
-        cached = (weakref.ref(qw), qw.codes, _describe_affine(qw))
+    if cached is None or cached[0]() is not qw or cached[1] is not _stored_state(qw):
+        cached = (weakref.ref(qw), _stored_state(qw), _describe_affine(qw))
         _DESCRIBED[id(qw)] = cached
         weakref.finalize(qw, _DESCRIBED.pop, id(qw), None)
     described = cached[2]
@@ -177,6 +179,13 @@ def affine_spec(qw: QuantizedWeight, bias: torch.Tensor | None = None
         spec.bias = bias.data_ptr()
         keep = keep + [bias]
     return spec, keep
+
+
+def _stored_state(qw: QuantizedWeight) -> Any:
+    """What identifies a weight's numbers: its stored codes, or (codes derived on access) the bytes they come
+    from. A method replacing either invalidates the packed copy."""
+    stored = qw.__dict__.get("_codes")
+    return stored if stored is not None else qw.extra.get("blocks")
 
 
 def column_order(qw: QuantizedWeight) -> torch.Tensor | None:
@@ -286,6 +295,6 @@ def linear(spec: LinearSpec, x: torch.Tensor, act8: bool = False, lib: ctypes.CD
 
 
 def has_act8() -> bool:
-    """True when the compiled library has the int8-activation (AVX-512 VNNI) kernels."""
+    """True when the compiled library has the int8-activation kernels (AVX-512 VNNI or AVX2)."""
     lib = native_library()
     return bool(lib is not None and lib.lowbit_has_act8())

@@ -14,6 +14,7 @@ picks the next kernel.
 """
 from __future__ import annotations
 
+import ctypes
 import logging
 from typing import Any
 
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 
 from lowbit.quantized import QuantizedWeight
 from lowbit.runtime.clib import affine_spec, column_order, linear, native_library
+from lowbit.runtime.cpu import gemm_dtype
 from lowbit.runtime.kernels import Kernel, contiguous_groups, register_kernel
 
 log = logging.getLogger("lowbit")
@@ -36,20 +38,33 @@ def affine_form(qw: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor, int] |
     return qw.scheme.affine_form(qw)
 
 
-def prefill_matmul(x2: torch.Tensor, codes: torch.Tensor, a: torch.Tensor, b: torch.Tensor, group: int
-                   ) -> torch.Tensor:
-    """x2 [M, K] @ W^T for many rows: build W = a*q + b in bf16 once (C kernel, else torch ops), then one bf16
-    GEMM (measured ~7x faster than float32 here: AMX), returned in float32."""
-    n, k = codes.shape
+# Output rows dequantized per GEMM call: bounds the transient weight slice (4096 x 4096 float32: 64 MB) for any
+# matrix, a 150k-row head included.
+PREFILL_SLICE_ROWS = 4096
+
+
+def prefill_matmul(x2: torch.Tensor, qw: QuantizedWeight) -> torch.Tensor:
+    """x2 [M, K] @ W^T for many rows: slices of W dequantized from the packed bytes the decode kernels read (C),
+    each fed to one GEMM in the CPU's fast dtype (bf16 with AMX, else float32); float32 out."""
+    dtype = gemm_dtype()
     lib = native_library()
-    if lib is not None:
-        w = torch.empty(n, k, dtype=torch.bfloat16)
-        lib.lowbit_affine_dequant_u8_bf16(codes.data_ptr(), a.data_ptr(), b.data_ptr(), n, k, a.shape[1], group,
-                                          w.data_ptr(), torch.get_num_threads())
-    else:
-        w = torch.addcmul(b.repeat_interleave(group, 1)[:, :k], codes.float(),
-                          a.repeat_interleave(group, 1)[:, :k]).to(torch.bfloat16)
-    return F.linear(x2.to(torch.bfloat16), w).float()
+    described = affine_spec(qw) if lib is not None else None
+    if described is None:                   # no compiled library: dequantize through the scheme
+        return F.linear(x2.to(dtype), qw.dequantize(dtype)).float()
+    spec = described[0]
+    order = column_order(qw)
+    if order is not None:
+        x2 = x2.index_select(1, order)      # the codes are stored in the sorted column order
+    x2 = x2.to(dtype)
+    n, k = qw.shape
+    y = torch.empty(x2.shape[0], n, dtype=torch.float32)
+    for n0 in range(0, n, PREFILL_SLICE_ROWS):
+        n1 = min(n, n0 + PREFILL_SLICE_ROWS)
+        w = torch.empty(n1 - n0, k, dtype=dtype)
+        lib.lowbit_dequantize_rows(ctypes.byref(spec), n0, n1, w.data_ptr(), int(dtype == torch.bfloat16),
+                                   torch.get_num_threads())
+        y[:, n0:n1] = F.linear(x2, w)
+    return y
 
 
 class AffineInt4Kernel(Kernel):
@@ -63,15 +78,15 @@ class AffineInt4Kernel(Kernel):
                 and qw.out_features % 16 == 0 and contiguous_groups(qw))
 
     def prepare(self, qw: QuantizedWeight) -> dict[str, Any]:
-        a, b, _ = affine_form(qw)
-        # The prefill path reads the unpacked codes the QuantizedWeight already holds (no extra copy); the
+        # Nothing is copied up front: prefill reads the packed bytes clib keeps for the decode kernels, and the
         # int4pack copy is made on the first decode-sized call (the engine's compiled step may never need it).
-        return {"packed": None, "group": qw.effective_group_size, "codes": qw.codes.contiguous(),
-                "a": a.float().contiguous(), "b": b.float().contiguous()}
+        return {"qw": qw, "packed": None, "group": qw.effective_group_size}
 
     @staticmethod
     def _pack(state: dict[str, Any]) -> None:
-        codes, a, b, group = state["codes"], state["a"], state["b"], state["group"]
+        qw = state["qw"]
+        a, b, _ = affine_form(qw)
+        codes, group = qw.codes, state["group"]
         n, k = codes.shape
         pad = a.shape[1] * group - k
         if pad:
@@ -79,13 +94,13 @@ class AffineInt4Kernel(Kernel):
         state["pad"] = pad
         state["packed"] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 1)
         # int4pack computes (q - 8) * scale + offset per group: scale = a, offset = b + 8a.
-        state["sz"] = torch.stack([a.t(), (b + 8 * a).t()], dim=-1).to(torch.bfloat16).contiguous()
+        state["sz"] = torch.stack([a.float().t(), (b.float() + 8 * a.float()).t()], dim=-1).to(torch.bfloat16).contiguous()
 
     def matmul(self, x: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         if x2.shape[0] >= PREFILL_ROWS:
-            y = prefill_matmul(x2, state["codes"], state["a"], state["b"], state["group"])
+            y = prefill_matmul(x2, state["qw"])
         else:
             if state["packed"] is None:
                 self._pack(state)
@@ -108,21 +123,15 @@ class AffineU8Kernel(Kernel):
         return native_library() is not None and affine_form(qw) is not None and affine_spec(qw) is not None
 
     def prepare(self, qw: QuantizedWeight) -> dict[str, Any]:
-        a, b, _ = affine_form(qw)
-        order = column_order(qw)
-        codes = qw.codes if order is None else qw.codes[:, order]
-        # No ctypes objects in the state (modules holding it must stay deep-copyable): the C description is
-        # looked up per call from clib's cache.
-        return {"qw": qw, "codes": codes.to(torch.uint8).contiguous(), "order": order,
-                "a": a.float().contiguous(), "b": b.float().contiguous(), "group": qw.effective_group_size}
+        # No ctypes objects in the state (modules holding it must stay deep-copyable) and no copy of the codes:
+        # the C description and its packed bytes are looked up per call from clib's cache.
+        return {"qw": qw}
 
     def matmul(self, x: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         if x2.shape[0] >= PREFILL_ROWS:
-            if state["order"] is not None:
-                x2 = x2.index_select(1, state["order"])
-            y = prefill_matmul(x2, state["codes"], state["a"], state["b"], state["group"])
+            y = prefill_matmul(x2, state["qw"])
         else:
             y = linear(affine_spec(state["qw"])[0], x2)
         return y.reshape(*shape[:-1], -1).to(x.dtype)
@@ -131,4 +140,3 @@ class AffineU8Kernel(Kernel):
 register_kernel(AffineInt4Kernel(), before="int8pack")
 # Before int8pack too: same decode speed for per-channel 8-bit, exact float32 sums, and fast prefill.
 register_kernel(AffineU8Kernel(), before="int8pack")
-

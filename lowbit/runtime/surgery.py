@@ -41,9 +41,16 @@ def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def install_quantized(root: nn.Module, name: str, qweight: QuantizedWeight, kernel: str = "auto") -> QuantLinear:
-    """Replace the Linear `name` under `root` by a QuantLinear holding `qweight` (bias kept)."""
+    """Replace the Linear `name` under `root` by a QuantLinear holding `qweight` (bias kept); an embedding
+    table becomes a QuantEmbedding (its scale, e.g. Gemma's sqrt(hidden), kept)."""
+    from lowbit.runtime.qembedding import QuantEmbedding
+
     old = root.get_submodule(name)
-    new = QuantLinear(qweight, getattr(old, "bias", None), kernel=kernel)
+    if isinstance(old, (nn.Embedding, QuantEmbedding)) or type(old).__name__.endswith("ScaledWordEmbedding"):
+        new: QuantLinear = QuantEmbedding(qweight, getattr(old, "embed_scale", getattr(old, "scale", None)),
+                                          getattr(old, "padding_idx", None), kernel=kernel)
+    else:
+        new = QuantLinear(qweight, getattr(old, "bias", None), kernel=kernel)
     untie_if_shared(root, old)
     replace_module(root, name, new)
     return new
@@ -77,8 +84,13 @@ def dequantized_copy(model: nn.Module) -> nn.Module:
     (what transformers would run for the same numbers: the reference for engine and kernel checks)."""
     import copy
 
+    from lowbit.runtime.qembedding import QuantEmbedding
+
     plain = copy.deepcopy(model)
     for name, module in list(quantized_modules(plain)):
+        if isinstance(module, QuantEmbedding):
+            replace_module(plain, name, module.dequantized())
+            continue
         linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
         linear.weight.data = module.qweight.dequantize()
         if module.bias is not None:

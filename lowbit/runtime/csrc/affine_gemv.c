@@ -57,3 +57,37 @@ void lowbit_affine_dequant_u8_bf16(const uint8_t *codes, const float *a, const f
         }
     }
 }
+
+/* Rows [n0, n1) of a described weight (any lb_linear layout) as float32, or bfloat16 bits when `bf16`, into out
+ * [n1 - n0, K], columns in the order its codes are stored (an act-order weight's sorted order: the caller gathers
+ * x's columns by `perm`). Prompt-sized matmuls dequantize a slice of rows this way and hand it to a GEMM, reading
+ * the same packed bytes the decode kernels read, so no unpacked copy of the codes is ever kept. */
+void lowbit_dequantize_rows(const lb_linear *L, int64_t n0, int64_t n1, void *out, int bf16, int threads) {
+    const int64_t K = L->k, G = L->groups;
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t n = n0; n < n1; n++) {
+        float *row32 = bf16 ? NULL : (float *)out + (n - n0) * K;
+        uint16_t *row16 = bf16 ? (uint16_t *)out + (n - n0) * K : NULL;
+        for (int64_t k = 0; k < K; k++) {
+            float value;
+            if (L->kind == LB_F32) {
+                value = ((const float *)L->w)[n * K + k];
+            } else {
+                uint8_t code;
+                if (L->kind == LB_NIB) {
+                    const int64_t chunk = k / 32, j = k % 32;
+                    const uint8_t byte = ((const uint8_t *)L->w)[n * (K / 2) + chunk * 16 + (j & 15)];
+                    code = j < 16 ? byte & 0xF : byte >> 4;
+                } else {
+                    code = ((const uint8_t *)L->w)[n * K + k];
+                }
+                const int64_t g = k / L->group;
+                const float a = lb_stat(L->a, n * G + g, L->stats);
+                const float b = lb_stats_offset(L->stats) ? L->offset * a : lb_stat(L->b, n * G + g, L->stats);
+                value = a * (L->table ? L->table[code] : (float)code) + b;
+            }
+            if (bf16) row16[k] = to_bf16(value);
+            else row32[k] = value;
+        }
+    }
+}

@@ -1,0 +1,212 @@
+"""Engine at real scale: lowbit vs llama.cpp on the same GGUF files, from 135M to 8B-class shapes.
+
+For every (model, runner, threads) it starts a fresh process that loads the file, measures load time, pp128,
+pp512 and tg128 (llama-bench style: random tokens, median of --reps), and its resident memory (VmRSS after the
+runs, VmHWM peak), and prints one JSON line; the parent prints the table and writes
+bench/results/scale.json. Runners alternate within each model, so machine noise hits both alike; the ratio
+columns are the figures to read.
+
+Models: `smollm2` (the packaged SmolLM2-135M Q4_1 GGUF), any real .gguf given with --gguf, and synthetic
+random-weight models of real shapes (bench/synthetic.py: Qwen2.5-0.5B/1.5B, Llama-3.2-1B/3B, Llama-3-8B) as
+Q4_0, Q4_K_M and Q8_0, generated into .cache/models/ on first use (never committed).
+
+% of bandwidth = (bytes of weights read per generated token x tg tok/s) / memory read bandwidth, both measured
+in this run (the weights read per token: every tensor but the token embedding, which a tied head reads instead).
+
+Usage:
+    python bench/bench_scale.py --models qwen2.5-0.5b,llama-3.2-1b --mixes Q4_K_M,Q8_0 --threads 2
+    python bench/bench_scale.py --models smollm2 --gguf path/to/real.gguf --threads 1,2 --runners lowbit,llama.cpp
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+RESULTS = ROOT / "bench" / "results"
+CACHE = ROOT / ".cache" / "models"
+
+
+def _rss_mb() -> tuple[float, float]:
+    status = Path("/proc/self/status").read_text()
+    value = lambda key: int(status.split(f"{key}:")[1].split()[0]) / 1024  # noqa: E731
+    return value("VmRSS"), value("VmHWM")
+
+
+def worker(args: argparse.Namespace) -> None:
+    """One runner on one file in this process; prints a JSON line."""
+    began = time.perf_counter()
+    result: dict = {"runner": args.worker, "threads": args.threads, "file": args.file,
+                    "act8": bool(args.act8)}
+    if args.worker == "lowbit":
+        import torch
+
+        from lowbit.engine.bench import bench_engine
+        from lowbit.engine.runner import Engine
+        from lowbit.models.loading import load_model
+
+        torch.set_num_threads(args.threads)
+        model, tokenizer = load_model(args.file, keep_quantized=True)
+        engine = Engine(model, tokenizer, context=max(args.pp) + args.tg + 16, threads=args.threads,
+                        int8_activations=bool(args.act8))
+        result["load_s"] = time.perf_counter() - began
+        result["compiled_step"] = engine.fast_path and getattr(engine.decoder, "native", None) is not None
+        rates = {}
+        for pp in args.pp:
+            rates[f"pp{pp}"] = bench_engine(engine, pp=pp, tg=0, reps=args.reps).pp_tok_s
+        rates[f"tg{args.tg}"] = bench_engine(engine, pp=0, tg=args.tg, reps=args.reps).tg_tok_s
+        result["context_tokens"] = engine.context
+    else:
+        import llama_cpp
+
+        from lowbit.engine.bench import bench_llama_cpp
+
+        llm = llama_cpp.Llama(model_path=args.file, n_ctx=16, n_threads=args.threads, verbose=False)
+        result["load_s"] = time.perf_counter() - began
+        del llm
+        rates = {}
+        for pp in args.pp:
+            rates[f"pp{pp}"] = bench_llama_cpp(args.file, args.threads, pp=pp, tg=0, reps=args.reps).pp_tok_s
+        rates[f"tg{args.tg}"] = bench_llama_cpp(args.file, args.threads, pp=0, tg=args.tg, reps=args.reps).tg_tok_s
+    result.update(rates)
+    result["rss_mb"], result["peak_rss_mb"] = _rss_mb()
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def weight_bytes_per_token(path: Path) -> tuple[int, int, bool]:
+    """(bytes of weights one decode step reads, KV-cache-free file tensor bytes, tied) from the GGUF header."""
+    from lowbit.formats.gguf import read_gguf
+
+    gf = read_gguf(path)
+    tied = "output.weight" not in gf.tensors
+    total = sum(t.data.size for t in gf.tensors.values())
+    read = sum(t.data.size for name, t in gf.tensors.items() if name != "token_embd.weight" or tied)
+    return read, total, tied
+
+
+def model_files(args: argparse.Namespace) -> list[tuple[str, str, Path]]:
+    """(model label, mix, path) for the requested matrix, generating synthetic files that are missing."""
+    from synthetic import SHAPES, write_synthetic_gguf
+
+    from lowbit.models.loading import resolve_model_path
+
+    files = []
+    for name in args.models.split(","):
+        if name == "smollm2":
+            files.append(("SmolLM2-135M (real)", "Q4_1", resolve_model_path("smollm2")))
+            continue
+        if name not in SHAPES:
+            raise SystemExit(f"unknown model {name!r}: use smollm2 or one of {', '.join(SHAPES)}")
+        for mix in args.mixes.split(","):
+            path = CACHE / f"{name}-{mix}.gguf"
+            if not path.exists():
+                print(f"generating {path} ...", file=sys.stderr)
+                write_synthetic_gguf(path, name, mix)
+            files.append((f"{name} (synthetic)", mix, path))
+    for extra in args.gguf or []:
+        files.append((f"{Path(extra).stem} (real)", "file", Path(extra)))
+    return files
+
+
+def run_worker(runner: str, path: Path, threads: int, args: argparse.Namespace, act8: bool) -> dict | None:
+    cmd = [sys.executable, __file__, "--worker", runner, "--file", str(path), "--threads", str(threads),
+           "--pp", ",".join(map(str, args.pp)), "--tg", str(args.tg), "--reps", str(args.reps)]
+    if act8:
+        cmd.append("--act8")
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
+    except subprocess.TimeoutExpired:
+        print(f"  {runner} t{threads} on {path.name}: timed out after {args.timeout} s", file=sys.stderr)
+        return None
+    for line in out.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    print(f"  {runner} t{threads} on {path.name} failed:\n{out.stderr[-2000:]}", file=sys.stderr)
+    return None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default="smollm2,qwen2.5-0.5b,llama-3.2-1b")
+    parser.add_argument("--mixes", default="Q4_K_M")
+    parser.add_argument("--gguf", action="append", help="a real .gguf file to add to the matrix")
+    parser.add_argument("--threads", default="2")
+    parser.add_argument("--runners", default="lowbit,llama.cpp")
+    parser.add_argument("--act8", action="store_true", help="also run lowbit with --int8-activations")
+    parser.add_argument("--pp", default="128,512")
+    parser.add_argument("--tg", type=int, default=128)
+    parser.add_argument("--reps", type=int, default=2)
+    parser.add_argument("--timeout", type=int, default=1800, help="seconds per worker process")
+    parser.add_argument("--out", default=str(RESULTS / "scale.json"))
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--file", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    args.pp = [int(p) for p in str(args.pp).split(",") if p]
+    if args.worker:
+        args.threads = int(args.threads)
+        return worker(args)
+
+    from lowbit.engine.bench import llama_cpp_available, memory_read_bandwidth
+    from lowbit.eval.report import format_table, write_json
+
+    runners = args.runners.split(",")
+    if "llama.cpp" in runners and not llama_cpp_available():
+        print("llama-cpp-python is not installed (make llama-cpp): lowbit only", file=sys.stderr)
+        runners.remove("llama.cpp")
+    thread_counts = [int(t) for t in args.threads.split(",")]
+    bandwidth = {t: memory_read_bandwidth(t) for t in thread_counts}
+    print("memory read bandwidth: " + ", ".join(f"{bw:.1f} GB/s at {t} threads" for t, bw in bandwidth.items()))
+    rows, raw = [], []
+    for label, mix, path in model_files(args):
+        read, total, tied = weight_bytes_per_token(path)
+        for threads in thread_counts:
+            measured = {}
+            variants = [(r, False) for r in runners] + ([("lowbit", True)] if args.act8 and "lowbit" in runners else [])
+            for runner, act8 in variants:
+                result = run_worker(runner, path, threads, args, act8)
+                if result is None:
+                    continue
+                name = runner + (" act8" if act8 else "")
+                measured[name] = result
+                tg = result.get(f"tg{args.tg}")
+                row = {"model": label, "mix": mix, "file_mb": total / 1e6, "runner": name, "threads": threads,
+                       "load_s": result["load_s"], "rss_mb": result["rss_mb"], "peak_mb": result["peak_rss_mb"],
+                       "rss_per_file": result["rss_mb"] * 1e6 / total,
+                       "bw_pct": 100 * read * (tg or 0) / (bandwidth[threads] * 1e9)}
+                for pp in args.pp:
+                    row[f"pp{pp}"] = result.get(f"pp{pp}")
+                row["tg"] = tg
+                rows.append(row)
+                raw.append({**row, "raw": result, "weight_bytes_per_token": read, "tied": tied})
+            if "lowbit" in measured and "llama.cpp" in measured:
+                ours, theirs = measured["lowbit"], measured["llama.cpp"]
+                ratio = {k: (ours.get(k) or 0) / theirs[k] for k in theirs if k.startswith(("pp", "tg")) and theirs[k]}
+                rows.append({"model": label, "mix": mix, "runner": "lowbit / llama.cpp", "threads": threads,
+                             **{("tg" if k.startswith("tg") else k): v for k, v in ratio.items()}})
+            print(format_table(rows[-3:], _columns(args)), flush=True)
+    print()
+    print(format_table(rows, _columns(args)))
+    write_json(args.out, {"bandwidth_gb_s": bandwidth, "argv": sys.argv[1:], "rows": raw})
+    print(f"wrote {args.out}")
+
+
+def _columns(args: argparse.Namespace) -> list[tuple[str, str, str]]:
+    columns = [("model", "model", "s"), ("mix", "mix", "s"), ("file_mb", "file MB", ".0f"), ("runner", "runner", "s"),
+               ("threads", "thr", "d"), ("load_s", "load s", ".1f")]
+    columns += [(f"pp{pp}", f"pp{pp}", ".2f") for pp in args.pp]
+    columns += [("tg", f"tg{args.tg}", ".2f"), ("bw_pct", "% bw", ".0f"), ("rss_mb", "RSS MB", ".0f"),
+                ("rss_per_file", "RSS/file", ".2f")]
+    return columns
+
+
+if __name__ == "__main__":
+    main()
