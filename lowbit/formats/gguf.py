@@ -514,6 +514,25 @@ def plan_gguf_types(model: nn.Module, type: str = "Q4_K_M", tensor_types: list[s
     return out
 
 
+def plan_gguf_schemes(model: nn.Module, type: str = "Q4_K_M", tensor_types: list[str] | None = None,
+                      pure: bool = False, has_imatrix: bool = False) -> tuple[dict[str, GGMLScheme], tuple[str, ...]]:
+    """The llama.cpp mix as a per-layer scheme plan chosen before quantization: ({Linear module name: GGML
+    scheme}, Linears kept in float). A Linear the file does not hold (a tied head) or that the mix keeps in
+    F16/F32 is kept in float."""
+    from lowbit.runtime.surgery import iter_linears
+
+    types = plan_gguf_types(model, type, tensor_types, pure, has_imatrix)
+    schemes: dict[str, GGMLScheme] = {}
+    floats: list[str] = []
+    for name, _ in iter_linears(model):
+        type_name = types.get(f"{name}.weight")
+        if type_name in CODECS:
+            schemes[name] = GGMLScheme(type_name)
+        else:
+            floats.append(name)
+    return schemes, tuple(floats)
+
+
 def _gguf_rows(arch, config, hf_name: str, values: torch.Tensor) -> torch.Tensor:
     """HF layout -> llama.cpp layout of one tensor: rows reordered (float rows or quantized blocks alike)."""
     from lowbit.models.arch.base import gguf_row_order

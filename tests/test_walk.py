@@ -1,0 +1,85 @@
+"""The one block walk (issue 12 item 5): every method, in memory or streamed, goes through
+lowbit.methods.pipeline.walk, and the arithmetic did not change when the four drivers became one."""
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+import torch
+
+from lowbit.methods.base import QuantizeConfig
+
+# SHA-256 of every quantized layer's stored tensors (layer name, then scheme.to_tensors in key order) after
+# quantizing stories260K with the configs below on the calibration ids below. Computed once with the four
+# drivers of main before the walk was unified (commit 932e7a8: run_calibrated in methods/gptq.py, GGUFGPTQ's
+# own quantize_model), torch 2.13 CPU, one thread. Any change of GPTQ's or AWQ's codes changes these.
+PINNED = {
+    "gptq": (36, "36c0aa564a5c6ae6574378e2fae991d7d30bb36944017265694f385c66c6d5b9"),
+    "awq": (36, "1ca55b62bf77d19925a5c456de6f24963175011d7ba60ffdd2336b30eccaf582"),
+    "gptq-gguf": (30, "aef89724b02736742f7ac41f6bd9ba28bbc33cc6f9017e5def0d79119cbdbd77"),
+}
+CONFIGS = {
+    "gptq": dict(method="gptq", bits=4, group_size=32, symmetric=True, skip=()),
+    "awq": dict(method="awq", bits=4, group_size=32, symmetric=False, skip=()),
+    "gptq-gguf": dict(method="gptq-gguf", options={"gguf_type": "Q4_0"}),
+}
+
+
+def calibration_ids() -> torch.Tensor:
+    return torch.randint(3, 512, (4, 64), generator=torch.Generator().manual_seed(1))
+
+
+def codes_digest(model) -> tuple[int, str]:
+    from lowbit.runtime.surgery import quantized_modules
+
+    digest = hashlib.sha256()
+    layers = sorted(quantized_modules(model))
+    for name, module in layers:
+        digest.update(name.encode())
+        for key, value in sorted(module.qweight.scheme.to_tensors(module.qweight).items()):
+            digest.update(key.encode())
+            digest.update(value.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return len(layers), digest.hexdigest()
+
+
+@pytest.mark.parametrize("method", sorted(PINNED))
+def test_codes_equal_those_of_the_old_drivers(stories_dir, method):
+    from lowbit.methods.pipeline import quantize_model
+    from lowbit.models.loading import load_model
+
+    model, _ = load_model(stories_dir)
+    quantize_model(model, QuantizeConfig(**CONFIGS[method]), calibration=calibration_ids(), progress=False)
+    assert codes_digest(model) == PINNED[method]
+
+
+def test_reports_are_returned_per_layer_not_left_on_the_method(stories_dir):
+    from lowbit.methods.base import get_method
+    from lowbit.methods.pipeline import InMemory, walk
+    from lowbit.models.loading import load_model
+
+    model, _ = load_model(stories_dir)
+    method = get_method(QuantizeConfig(method="gptq", bits=4, group_size=32))
+    memory = InMemory(model, "reference")
+    reports = walk(method, memory, memory, calibration_ids(), progress=False)
+    assert len(reports) == 5 * 7 and all(name.startswith("model.layers.") for name in reports)
+    assert all(0 < r.relative_error < 0.5 for r in reports.values())
+    assert not hasattr(method, "last_reports")
+
+
+def test_weight_only_block_quantize_is_pure(stories):
+    """A weight-only method's quantize_block returns codes equal to the scheme's and leaves the block alone."""
+    import copy
+
+    from lowbit.methods.base import get_method
+    from lowbit.methods.pipeline import block_linears
+
+    model = copy.deepcopy(stories[0])
+    block = model.model.layers[0]
+    before = {k: v.clone() for k, v in block.state_dict().items()}
+    method = get_method(QuantizeConfig(method="rtn", bits=4, group_size=32))
+    result = method.quantize_block(block, block_linears(block, "model.layers.0", ()), None, None, "model.layers.0")
+    assert sorted(result.weights) == sorted(block_linears(block, "model.layers.0", ()))
+    assert result.reports == {}
+    w = block.self_attn.q_proj.weight.detach()
+    assert torch.equal(result.weights["self_attn.q_proj"].codes, method.scheme().quantize(w).codes)
+    assert all(torch.equal(v, before[k]) for k, v in block.state_dict().items())
