@@ -115,8 +115,9 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         quantize_model(model, config, calibration=calibration, kernel=args.kernel)
     writer_options = {}
     if args.format == "gguf":
-        writer_options = {"type": args.type, "tensor_types": args.tensor_type, "pure": args.pure,
-                          "imatrix_data": args.imatrix_data}
+        given = {"type": args.type, "tensor_types": args.tensor_type, "pure": args.pure,
+                 "imatrix_data": args.imatrix_data}
+        writer_options = {k: v for k, v in given.items() if v is not None}   # the writer's defaults otherwise
     out = save(model, args.output, format=writer.name, tokenizer=tokenizer, **writer_options)
     log.info("wrote %s in %.1f s", out, time.perf_counter() - t0)
     print(out)

@@ -83,3 +83,53 @@ def test_weight_only_block_quantize_is_pure(stories):
     w = block.self_attn.q_proj.weight.detach()
     assert torch.equal(result.weights["self_attn.q_proj"].codes, method.scheme().quantize(w).codes)
     assert all(torch.equal(v, before[k]) for k, v in block.state_dict().items())
+
+
+def test_gptq_for_gguf_quantizes_every_layer_on_its_planned_grid(stories):
+    """--method gptq --format gguf: the llama.cpp mix is a per-layer scheme plan chosen before quantization,
+    and the walk GPTQ-quantizes each Linear on exactly its planned GGUF type (the rest stay float)."""
+    import copy
+
+    from lowbit.formats.gguf import plan_gguf_types
+    from lowbit.methods.pipeline import quantize_model
+    from lowbit.runtime.surgery import iter_linears, quantized_modules
+
+    model = copy.deepcopy(stories[0])
+    planned = plan_gguf_types(model, "Q4_K_M", has_imatrix=True)
+    quantize_model(model, QuantizeConfig(method="gptq-gguf", options={"gguf_type": "Q4_K_M"}),
+                   calibration=calibration_ids(), progress=False)
+    quantized = {name: m.qweight.scheme.type for name, m in quantized_modules(model)}
+    assert quantized and all(planned[f"{name}.weight"] == t for name, t in quantized.items())
+    floats = [name for name, _ in iter_linears(model)]
+    assert all(planned.get(f"{name}.weight", "F32") in ("F32", "F16") for name in floats)
+
+
+@pytest.mark.parametrize("fmt,option", [("gptq", "type"), ("gguf", "typ"), ("lowbit", "pure")])
+def test_unknown_writer_option_is_a_one_line_error(stories, tmp_path, fmt, option):
+    import copy
+
+    from lowbit.api import save
+    from lowbit.errors import LowbitError
+    from lowbit.methods.pipeline import quantize_model
+
+    model, tok = stories
+    model = copy.deepcopy(model)
+    quantize_model(model, QuantizeConfig(method="rtn", bits=4, group_size=32), progress=False)
+    with pytest.raises(LowbitError) as err:
+        save(model, tmp_path / "out", format=fmt, tokenizer=tok, **{option: "Q8_0"})
+    message = str(err.value)
+    assert "\n" not in message and f"format {fmt} has no option '{option}'" in message
+    assert not (tmp_path / "out").exists()
+
+
+def test_gguf_writer_takes_typed_options(stories, tmp_path):
+    """GGUFOptions or its fields as keywords write the same file; both at once is an error."""
+    from lowbit.errors import LowbitError
+    from lowbit.formats.gguf import GGUFOptions, export_gguf
+
+    model, tok = stories
+    a = export_gguf(model, tok, tmp_path / "a.gguf", GGUFOptions(type="Q8_0", progress=False))
+    b = export_gguf(model, tok, tmp_path / "b.gguf", type="Q8_0", progress=False)
+    assert a.read_bytes() == b.read_bytes()
+    with pytest.raises(LowbitError, match="not both"):
+        export_gguf(model, tok, tmp_path / "c.gguf", GGUFOptions(), type="Q8_0")
