@@ -133,3 +133,46 @@ def test_gguf_writer_takes_typed_options(stories, tmp_path):
     assert a.read_bytes() == b.read_bytes()
     with pytest.raises(LowbitError, match="not both"):
         export_gguf(model, tok, tmp_path / "c.gguf", GGUFOptions(), type="Q8_0")
+
+
+def _save_checkpoint(model, folder, layout: str):
+    """An HF folder of `model` with its experts as transformers saves them ('per_expert': legacy per-expert
+    names, Mixtral's block_sparse_moe.experts.{e}.w1 included) or as transformers holds them in memory
+    ('fused': experts.gate_up_proj [E, 2I, H])."""
+    from safetensors.torch import save_file
+
+    if layout == "per_expert":
+        model.save_pretrained(folder)
+    else:
+        model.config.save_pretrained(folder)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"
+                   or not model.config.tie_word_embeddings}, str(folder / "model.safetensors"))
+    return folder
+
+
+@pytest.mark.parametrize("model_type,layout,method", [
+    ("qwen2_moe", "per_expert", "rtn"), ("mixtral", "per_expert", "rtn"), ("qwen3_moe", "fused", "rtn"),
+    ("mixtral", "fused", "gptq"),
+])
+def test_streaming_moe_equals_in_memory(tmp_path, model_type, layout, method):
+    """--stream on MoE checkpoints, per-expert or fused on disk: the same codes as quantizing in memory (GPTQ
+    calibrates each expert on the tokens routed to it in both)."""
+    import copy
+    import json
+
+    from arch_models import tiny_model
+    from lowbit.calibration.streaming import stream_quantize
+    from lowbit.methods.pipeline import quantize_model
+    from lowbit.models.loading import load_model
+
+    model, _ = tiny_model(model_type)
+    source = _save_checkpoint(model, tmp_path / "hf", layout)
+    config = QuantizeConfig(method=method, bits=4, group_size=32)
+    ids = torch.randint(3, 96, (4, 32), generator=torch.Generator().manual_seed(0))
+    in_memory = quantize_model(copy.deepcopy(model), config, calibration=ids, progress=False)
+    out = stream_quantize(source, tmp_path / "s", config, calibration=ids, progress=False)
+    layers = json.loads((out / "lowbit.json").read_text())["layers"]
+    assert sum(".experts." in name for name in layers) == 2 * 4 * 3   # 2 layers x 4 experts x 3 projections
+    streamed, _ = load_model(out)
+    with torch.no_grad():
+        assert torch.equal(streamed(ids).logits, in_memory(ids).logits)

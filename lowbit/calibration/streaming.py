@@ -110,19 +110,63 @@ def materialise_outside_blocks(model: nn.Module, index: ShardIndex, blocks_path:
 
 
 def load_block(model: nn.Module, index: ShardIndex, blocks_path: str, i: int) -> nn.Module:
-    """Give block i real weights from the shards (replacing its meta tensors)."""
+    """Give block i real weights from the shards (replacing its meta tensors); expert weights are read from
+    whichever layout the checkpoint uses (`expert_tensors`)."""
+    from lowbit.models.arch import architecture_for
+
     block = model.get_submodule(f"{blocks_path}.{i}")
     prefix = f"{blocks_path}.{i}."
-    expected = list(block.state_dict())
-    keys = [prefix + k for k in expected]
-    missing = [k for k in keys if k not in index.file_of]
+    keys = [prefix + k for k in block.state_dict()]
+    tensors = index.load([k for k in keys if k in index.file_of])
+    experts = architecture_for(model).experts
+    absent = [k for k in keys if k not in tensors]
+    if absent and experts is not None:
+        tensors.update(expert_tensors(index, experts, prefix, absent))
+    missing = [k for k in keys if k not in tensors]
     if missing:
         raise CorruptFile(f"{index.folder}: the checkpoint lacks {missing[:5]}; it is incomplete")
-    tensors = index.load(keys)
     block.load_state_dict({k[len(prefix):]: v for k, v in tensors.items()}, strict=True, assign=True)
     if any(t.is_meta for t in block.buffers()):
         raise LowbitError(f"{blocks_path}.{i} has buffers that are not in the checkpoint; quantize without streaming")
     return block
+
+
+def expert_tensors(index: ShardIndex, experts: Any, prefix: str, keys: list[str]) -> dict[str, torch.Tensor]:
+    """The per-expert (and router) tensors `keys` of one block (lowbit's unfused names) read from the other
+    layouts a checkpoint may use: the family's own names on disk (Mixtral's block_sparse_moe.experts.{e}.w1),
+    or transformers' fused 3-D tensors (experts.gate_up_proj [E, 2I, H], experts.down_proj [E, H, I]).
+    Keys found in neither are left out (the caller reports them)."""
+    import re
+
+    pattern = re.compile(rf"(.*{re.escape(experts.path)})\.(\d+)\.(\w+)\.weight")
+    fused: dict[str, torch.Tensor] = {}
+    out: dict[str, torch.Tensor] = {}
+    for key in keys:
+        name = key[len(prefix):]
+        match = pattern.fullmatch(name)
+        disk = name
+        if match and experts.disk_projections and match.group(3) in experts.projections:
+            projection = experts.disk_projections[experts.projections.index(match.group(3))]
+            disk = f"{match.group(1)}.{match.group(2)}.{projection}.weight"
+        for on_disk, in_model in experts.disk_renames:
+            disk = disk.replace(in_model, on_disk)
+        if prefix + disk in index.file_of:
+            out[key] = index.load([prefix + disk])[prefix + disk]
+            continue
+        if match is None:
+            continue
+        gate_up, down = (f"{prefix}{match.group(1)}.{p}" for p in ("gate_up_proj", "down_proj"))
+        if gate_up not in index.file_of or down not in index.file_of:
+            continue
+        if gate_up not in fused:
+            fused.update(index.load([gate_up, down]))
+        e, projection = int(match.group(2)), match.group(3)
+        inter = fused[gate_up].shape[1] // 2
+        parts = {"gate_proj": fused[gate_up][e, :inter], "up_proj": fused[gate_up][e, inter:],
+                 "down_proj": fused[down][e]}
+        if projection in parts:
+            out[key] = parts[projection].clone()
+    return out
 
 
 def quantized_layer_tensors(name: str, qw: Any, bias: torch.Tensor | None) -> tuple[dict[str, torch.Tensor], dict]:
@@ -306,7 +350,8 @@ def stream_quantize(source: str | Path, out: str | Path, config: QuantizeConfig,
                           "would need the whole model in memory")
     index = ShardIndex(source)
     model = meta_skeleton(hf_config)
-    arch.prepare(model)     # experts as one Linear per projection (on meta: nothing is allocated)
+    with torch.device("meta"):
+        arch.prepare(model)     # experts as one Linear per projection, allocating nothing
     materialise_outside_blocks(model, index, arch.blocks_path)
     tokenizer = load_tokenizer(source)
     model.tokenizer = tokenizer
