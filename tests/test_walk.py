@@ -176,3 +176,25 @@ def test_streaming_moe_equals_in_memory(tmp_path, model_type, layout, method):
     streamed, _ = load_model(out)
     with torch.no_grad():
         assert torch.equal(streamed(ids).logits, in_memory(ids).logits)
+
+
+@pytest.mark.parametrize("mix,weighted", [("Q4_K_M", False), ("Q4_0", True), ("Q8_0", False)])
+def test_gguf_export_only_serialises_the_planned_blocks(stories, tmp_path, mix, weighted):
+    """`--format gguf`: the mix's per-layer plan is quantized by the walk (method gguf) and the writer copies
+    the blocks; the file is byte-identical to the writer rounding the float model itself."""
+    import copy
+
+    from lowbit.calibration.imatrix import collect_imatrix
+    from lowbit.formats.gguf import export_gguf
+    from lowbit.methods.pipeline import quantize_model
+    from lowbit.runtime.surgery import quantized_modules
+
+    model, tok = stories
+    importance = collect_imatrix(model, calibration_ids()) if weighted else None
+    reference = export_gguf(model, tok, tmp_path / "writer.gguf", type=mix, importance=importance, progress=False)
+    planned = copy.deepcopy(model)
+    options = {"gguf_type": mix, **({"importance": importance} if weighted else {})}
+    quantize_model(planned, QuantizeConfig(method="gguf", skip=(), options=options), progress=False)
+    assert len(list(quantized_modules(planned))) > 0
+    walked = export_gguf(planned, tok, tmp_path / "walk.gguf", type=mix, importance=importance, progress=False)
+    assert walked.read_bytes() == reference.read_bytes()

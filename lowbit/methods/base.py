@@ -57,7 +57,8 @@ class QuantizeConfig:
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, "bits": self.bits, "group_size": self.group_size,
                 "symmetric": self.symmetric, "clip_search": self.clip_search, "skip": list(self.skip),
-                "options": dict(self.options)}
+                # an imatrix (Linear name -> vector) is calibration data, not a setting: not recorded
+                "options": {k: v for k, v in self.options.items() if k != "importance"}}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "QuantizeConfig":
