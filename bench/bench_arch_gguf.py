@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -17,7 +18,8 @@ from lowbit.eval.perplexity import evaluate_quality, read_text, tokenize_text
 from lowbit.models.gguf_import import load_gguf_as_hf
 from lowbit.models.loading import resolve_model_path
 
-CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpora" / "wikitext2-raw-test.txt"
+SHARED = Path(os.environ.get("LOWBIT_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+CORPUS = SHARED / "corpora" / "wikitext2-raw-test.txt"
 
 
 def main() -> None:

@@ -120,7 +120,7 @@ def bench_quality(mixes: list[str], tokens: int, ctx: int, with_imatrix: list[st
 
     from lowbit.eval.perplexity import evaluate_quality, read_text, tokenize_text
     from lowbit.formats.gguf import export_gguf
-    from lowbit.methods.imatrix import imatrix_from_file
+    from lowbit.calibration.imatrix import imatrix_from_file
     from lowbit.models.gguf_import import load_gguf_as_hf
 
     torch.set_num_threads(2)

@@ -51,8 +51,9 @@ def quantize(model_or_path: nn.Module | str | os.PathLike, config: QuantizeConfi
 
 def save(model: nn.Module, out: str | os.PathLike, format: str = "lowbit", tokenizer: Any = None,
          **options: Any) -> Path:
-    """Write `model` to `out` in `format` ("lowbit", "gptq", "awq", "bnb", "gguf"), atomically."""
+    """Write `model` to `out` in `format` ("lowbit", "gptq", "awq", "bnb", "gguf"), atomically; `options` are
+    the writer's (e.g. gguf: type, tensor_types, pure, importance, imatrix_data), and unknown ones are errors."""
     from lowbit.formats.registry import get_writer
 
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
-    return Path(get_writer(format).write(model, tokenizer, Path(out), **options))
+    return Path(get_writer(format).save(model, tokenizer, Path(out), **options))

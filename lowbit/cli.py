@@ -41,7 +41,8 @@ def add_quantize(sub) -> None:
     p.add_argument("--asym", action="store_true", help="asymmetric grid (zero point per group)")
     p.add_argument("--sym", action="store_true", help="symmetric grid (the default)")
     p.add_argument("--clip-search", action="store_true", help="MSE-optimal clipping instead of absmax")
-    p.add_argument("--skip", default="lm_head", help="comma-separated module patterns to keep unquantized")
+    p.add_argument("--skip", default=None, help="comma-separated module patterns to keep unquantized "
+                   "(default lm_head; with --format gguf the mix decides)")
     p.add_argument("--format", default="lowbit", help="lowbit (default), gptq, awq, bnb, gguf")
     p.add_argument("--kernel", default="auto", help=argparse.SUPPRESS)
     cal = p.add_argument_group("calibration (gptq, awq, imatrix)")
@@ -81,13 +82,19 @@ def build_quantize_config(args: argparse.Namespace):
 
         raise LowbitError("--asym and --sym contradict each other; give one")
     method = args.method or "rtn"
-    if args.format == "gguf" and method == "gptq":
-        # GPTQ's error compensation on the GGUF block grid itself, so the export keeps its codes.
-        method = "gptq-gguf"
-        options.update(gguf_type=args.type or "Q4_K_M", tensor_types=args.tensor_type, pure=args.pure)
+    skip = "lm_head" if args.skip is None else args.skip
+    if args.format == "gguf" and args.method in (None, "gptq"):
+        # The llama.cpp mix becomes a per-layer plan of GGUF schemes chosen before quantization, and the walk
+        # quantizes every Linear on its planned grid (GPTQ's error compensation on it with --method gptq), so
+        # the GGUF writer only serialises the blocks; the mix decides the head's type too.
+        from lowbit.methods.gguf_gptq import mix_options
+
+        method = "gguf" if args.method is None else "gptq-gguf"
+        options.update(mix_options(args.type, args.tensor_type, args.pure))
+        skip = args.skip or ""
     return QuantizeConfig(method=method, bits=args.bits, group_size=args.group_size,
                           symmetric=not args.asym, clip_search=args.clip_search,
-                          skip=tuple(s for s in args.skip.split(",") if s), options=options)
+                          skip=tuple(s for s in skip.split(",") if s), options=options)
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:
@@ -99,10 +106,8 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     from lowbit.methods.pipeline import quantize_model
 
     writer = get_writer(args.format)          # fail on a bad format before any work
-    quantize_in_lowbit = not (args.format == "gguf" and args.method is None)
     config = build_quantize_config(args)
-    if quantize_in_lowbit:
-        get_method(config)                    # fail on an unknown method or option before loading
+    get_method(config)                        # fail on an unknown method or option before loading
     from lowbit.formats.hf_quantized import check_format_config
     check_format_config(writer.name, config)
     if getattr(args, "stream", False):
@@ -110,13 +115,18 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         return print(stream_from_cli(args, config))
     model, tokenizer = _load_model(args.model, args)
     t0 = time.perf_counter()
-    if quantize_in_lowbit:
-        calibration = CalibrationRequest(tokenizer, args.calib, args.calib_samples, args.calib_len, args.seed)
-        quantize_model(model, config, calibration=calibration, kernel=args.kernel)
     writer_options = {}
     if args.format == "gguf":
-        writer_options = {"type": args.type, "tensor_types": args.tensor_type, "pure": args.pure,
-                          "imatrix_data": args.imatrix_data}
+        writer_options = {"type": args.type or "Q4_K_M", "tensor_types": args.tensor_type or None,
+                          "pure": args.pure}
+        if args.imatrix_data is not None:
+            from lowbit.calibration.imatrix import imatrix_from_file
+
+            writer_options["importance"] = imatrix_from_file(model, tokenizer, args.imatrix_data)
+            if config.method == "gguf":
+                config.options["importance"] = writer_options["importance"]
+    calibration = CalibrationRequest(tokenizer, args.calib, args.calib_samples, args.calib_len, args.seed)
+    quantize_model(model, config, calibration=calibration, kernel=args.kernel)
     out = save(model, args.output, format=writer.name, tokenizer=tokenizer, **writer_options)
     log.info("wrote %s in %.1f s", out, time.perf_counter() - t0)
     print(out)

@@ -109,8 +109,9 @@ def test_awq_scaling_reduces_error_with_salient_channels():
         rtn.proj.weight.copy_(grid.quantize(rtn.proj.weight).dequantize())
     awq_module = copy.deepcopy(module)
     method = AWQ(QuantizeConfig(method="awq", bits=4, group_size=32, options={"clip": False}))
-    method.quantize_block(awq_module, {"proj": awq_module.proj}, calls, adapter=adapter)
-    assert method.last_reports["proj"].alpha > 0          # a non-trivial scale was chosen
+    result = method.quantize_block(awq_module, {"proj": awq_module.proj}, calls, arch=adapter)
+    result.install(awq_module)
+    assert result.reports["proj"].alpha > 0          # a non-trivial scale was chosen
     err_awq = (awq_module(x) - reference).pow(2).mean()
     err_rtn = (rtn(x) - reference).pow(2).mean()
     assert err_awq < 0.8 * err_rtn, (err_awq, err_rtn)

@@ -286,7 +286,7 @@ def test_read_smollm2_q4_1_kept_quantized_matches_gguf_dequantize():
 
 
 def test_imatrix_is_the_mean_square_of_each_linear_input():
-    from lowbit.methods.imatrix import collect_imatrix
+    from lowbit.calibration.imatrix import collect_imatrix
 
     model, _ = _stories()
     batch = torch.randint(3, 512, (3, 24), generator=torch.Generator().manual_seed(0))
@@ -301,7 +301,7 @@ def test_imatrix_is_the_mean_square_of_each_linear_input():
 
 def test_export_with_importance_uses_the_weighted_search(tmp_path):
     from lowbit.formats.gguf import export_gguf
-    from lowbit.methods.imatrix import collect_imatrix
+    from lowbit.calibration.imatrix import collect_imatrix
 
     model, tok = _stories()
     batch = torch.randint(3, 512, (2, 32), generator=torch.Generator().manual_seed(1))

@@ -1,11 +1,12 @@
-"""Layer-by-layer calibration driver: capture what enters decoder block 0, then walk the blocks one at a time.
+"""Layer-by-layer calibration: capture what enters decoder block 0, and run a block on recorded calls.
 
 The embeddings run once on the calibration batch; a stand-in for block 0 records the hidden states and every
 keyword argument the model passes its decoder layers (attention mask, position ids, rotary position
 embeddings in transformers 5), then stops the forward pass. From there each block is calibrated on its
 recorded inputs, quantized, and re-run (now quantized) to produce the next block's inputs, so each block
-is calibrated on the activations it will really see (true-sequential across blocks). Only one block needs
-real weights at a time, which is what `streaming.py` builds on.
+is calibrated on the activations it will really see (true-sequential across blocks); the walk itself is
+`lowbit.methods.pipeline.walk`. Only one block needs real weights at a time, which is what `streaming.py`
+builds on.
 """
 from __future__ import annotations
 
@@ -150,33 +151,3 @@ def first_input(args: tuple, kwargs: dict) -> torch.Tensor:
 def flat_tokens(x: torch.Tensor) -> torch.Tensor:
     """[..., K] activations -> [tokens, K] float32."""
     return x.reshape(-1, x.shape[-1]).float()
-
-
-def calibrated_blocks(model: nn.Module, adapter: ArchAdapter, batch: torch.Tensor,
-                      quantize_block: Callable[[int, nn.Module, list[BlockCall]], Any],
-                      progress: bool = True, desc: str = "quantize", chunk: int = DEFAULT_CHUNK,
-                      load_block: Callable[[int], nn.Module] | None = None,
-                      release_block: Callable[[int, nn.Module], None] | None = None) -> list[Any]:
-    """Walk every decoder block: calibrate+quantize it on its inputs, then compute the next block's inputs.
-
-    `quantize_block(i, block, calls)` quantizes block i in place and returns a summary (shown on the bar).
-    `load_block`/`release_block` let a streaming caller materialise each block's weights only while it is
-    processed. Returns the summaries.
-    """
-    from tqdm.auto import tqdm
-
-    calls = capture_first_block_inputs(model, adapter, batch, chunk)
-    blocks = adapter.blocks(model)
-    summaries = []
-    bar = tqdm(range(len(blocks)), desc=desc, unit="layer", disable=not progress)
-    for i in bar:
-        block = load_block(i) if load_block is not None else blocks[i]
-        summary = quantize_block(i, block, calls)
-        summaries.append(summary)
-        if summary is not None:
-            bar.set_postfix_str(str(summary))
-        if i + 1 < len(blocks):
-            calls = run_block(block, calls)
-        if release_block is not None:
-            release_block(i, block)
-    return summaries

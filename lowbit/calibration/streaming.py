@@ -75,7 +75,7 @@ def meta_skeleton(config: Any) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=False)
     return model.eval()
 
 
@@ -110,19 +110,63 @@ def materialise_outside_blocks(model: nn.Module, index: ShardIndex, blocks_path:
 
 
 def load_block(model: nn.Module, index: ShardIndex, blocks_path: str, i: int) -> nn.Module:
-    """Give block i real weights from the shards (replacing its meta tensors)."""
+    """Give block i real weights from the shards (replacing its meta tensors); expert weights are read from
+    whichever layout the checkpoint uses (`expert_tensors`)."""
+    from lowbit.models.arch import architecture_for
+
     block = model.get_submodule(f"{blocks_path}.{i}")
     prefix = f"{blocks_path}.{i}."
-    expected = list(block.state_dict())
-    keys = [prefix + k for k in expected]
-    missing = [k for k in keys if k not in index.file_of]
+    keys = [prefix + k for k in block.state_dict()]
+    tensors = index.load([k for k in keys if k in index.file_of])
+    experts = architecture_for(model).experts
+    absent = [k for k in keys if k not in tensors]
+    if absent and experts is not None:
+        tensors.update(expert_tensors(index, experts, prefix, absent))
+    missing = [k for k in keys if k not in tensors]
     if missing:
         raise CorruptFile(f"{index.folder}: the checkpoint lacks {missing[:5]}; it is incomplete")
-    tensors = index.load(keys)
     block.load_state_dict({k[len(prefix):]: v for k, v in tensors.items()}, strict=True, assign=True)
     if any(t.is_meta for t in block.buffers()):
         raise LowbitError(f"{blocks_path}.{i} has buffers that are not in the checkpoint; quantize without streaming")
     return block
+
+
+def expert_tensors(index: ShardIndex, experts: Any, prefix: str, keys: list[str]) -> dict[str, torch.Tensor]:
+    """The per-expert (and router) tensors `keys` of one block (lowbit's unfused names) read from the other
+    layouts a checkpoint may use: the family's own names on disk (Mixtral's block_sparse_moe.experts.{e}.w1),
+    or transformers' fused 3-D tensors (experts.gate_up_proj [E, 2I, H], experts.down_proj [E, H, I]).
+    Keys found in neither are left out (the caller reports them)."""
+    import re
+
+    pattern = re.compile(rf"(.*{re.escape(experts.path)})\.(\d+)\.(\w+)\.weight")
+    fused: dict[str, torch.Tensor] = {}
+    out: dict[str, torch.Tensor] = {}
+    for key in keys:
+        name = key[len(prefix):]
+        match = pattern.fullmatch(name)
+        disk = name
+        if match and experts.disk_projections and match.group(3) in experts.projections:
+            projection = experts.disk_projections[experts.projections.index(match.group(3))]
+            disk = f"{match.group(1)}.{match.group(2)}.{projection}.weight"
+        for on_disk, in_model in experts.disk_renames:
+            disk = disk.replace(in_model, on_disk)
+        if prefix + disk in index.file_of:
+            out[key] = index.load([prefix + disk])[prefix + disk]
+            continue
+        if match is None:
+            continue
+        gate_up, down = (f"{prefix}{match.group(1)}.{p}" for p in ("gate_up_proj", "down_proj"))
+        if gate_up not in index.file_of or down not in index.file_of:
+            continue
+        if gate_up not in fused:
+            fused.update(index.load([gate_up, down]))
+        e, projection = int(match.group(2)), match.group(3)
+        inter = fused[gate_up].shape[1] // 2
+        parts = {"gate_proj": fused[gate_up][e, :inter], "up_proj": fused[gate_up][e, inter:],
+                 "down_proj": fused[down][e]}
+        if projection in parts:
+            out[key] = parts[projection].clone()
+    return out
 
 
 def quantized_layer_tensors(name: str, qw: Any, bias: torch.Tensor | None) -> tuple[dict[str, torch.Tensor], dict]:
@@ -222,6 +266,68 @@ def merge_safetensors(parts: list[Path], out: Path) -> None:
                 h.close()
 
 
+class ShardSource:
+    """Blocks read from the safetensors shards of an HF folder into the meta skeleton, one at a time."""
+
+    def __init__(self, model: nn.Module, index: ShardIndex, blocks_path: str):
+        self.model = model
+        self.index = index
+        self.blocks_path = blocks_path
+
+    def block(self, i: int) -> nn.Module:
+        return load_block(self.model, self.index, self.blocks_path, i)
+
+
+class PartFiles:
+    """Sink writing each finished block to its own safetensors part file (then dropping its weights), and the
+    quantized Linears outside the blocks to the rest; `merge` joins them into lowbit's native weights file."""
+
+    def __init__(self, model: nn.Module, blocks_path: str, folder: Path):
+        self.model = model
+        self.blocks = model.get_submodule(blocks_path)
+        self.block_root = blocks_path + "."
+        self.folder = folder
+        self.parts: list[Path] = []
+        self.layers: dict[str, Any] = {}      # manifest entries of the quantized layers
+        self.rest: dict[str, torch.Tensor] = {}
+        self.tied: dict[str, str] = {}        # tied parameter -> the one stored
+
+    def put_block(self, i: int, prefix: str, block: nn.Module) -> None:
+        tensors, entries = block_tensors(block, prefix)
+        part = self.folder / f".block-{i:05d}.safetensors"
+        write_safetensors(tensors, part)
+        self.parts.append(part)
+        self.layers.update(entries)
+        self.blocks[i] = nn.Module()     # drop the block's weights; only its file remains
+        del tensors
+        gc.collect()
+
+    def put_outside(self, name: str, module: nn.Module, qweight: Any) -> None:
+        tensors, self.layers[name] = quantized_layer_tensors(name, qweight, getattr(module, "bias", None))
+        self.rest.update(tensors)
+
+    def finish(self) -> None:
+        """Everything else outside the blocks (embeddings, norms, a skipped head), then merge the parts."""
+        from lowbit.formats.native import WEIGHTS
+
+        quantized_prefixes = tuple(f"{n}." for n in self.layers)
+        seen: dict[int, str] = {}
+        for key, value in self.model.state_dict().items():
+            if key.startswith(self.block_root) or key.startswith(quantized_prefixes) or key in self.rest:
+                continue
+            ptr = value.data_ptr()
+            if ptr in seen and value.numel():
+                self.tied[key] = seen[ptr]
+                continue
+            seen[ptr] = key
+            self.rest[key] = value.detach().contiguous()
+        rest_file = self.folder / ".rest.safetensors"
+        write_safetensors(self.rest, rest_file)
+        merge_safetensors(self.parts + [rest_file], self.folder / WEIGHTS)
+        for part in self.parts + [rest_file]:
+            part.unlink()
+
+
 def stream_quantize(source: str | Path, out: str | Path, config: QuantizeConfig, calibration: Any = None,
                     progress: bool = True) -> Path:
     """Quantize the HF folder `source` block by block from its safetensors shards into lowbit format at `out`.
@@ -229,100 +335,33 @@ def stream_quantize(source: str | Path, out: str | Path, config: QuantizeConfig,
     `calibration`: token ids [n, L], a CalibrationRequest with a text file, or a text file path (calibrated
     methods only; streaming cannot generate calibration text, since that needs the whole model at once).
     """
-    from lowbit.calibration.capture import calibrated_blocks
-    from lowbit.calibration.text import calibration_batch
     from lowbit.formats.atomic import atomic_dir
-    from lowbit.formats.native import FORMAT_VERSION, MANIFEST, WEIGHTS, save_hf_side_files
-    from lowbit.methods.pipeline import block_linears
-    from lowbit.models.adapters import adapter_for, linear_weight
+    from lowbit.formats.native import FORMAT_VERSION, MANIFEST, save_hf_side_files
+    from lowbit.methods.pipeline import walk
+    from lowbit.models.arch import architecture_for
     from lowbit.models.loading import load_config, load_tokenizer
-    from lowbit.runtime.surgery import install_quantized, iter_linears, matches_any
 
     source, out = Path(source), Path(out)
     hf_config = load_config(source)
-    adapter = adapter_for(hf_config.model_type)
+    arch = architecture_for(hf_config)
     method: Method = get_method(config)
-    skip = tuple(config.skip)
+    if method.needs_calibration and (calibration is None or getattr(calibration, "text_file", "") is None):
+        raise LowbitError("layer-wise streaming needs calibration text (--calib FILE): self-generated text "
+                          "would need the whole model in memory")
     index = ShardIndex(source)
     model = meta_skeleton(hf_config)
-    for name, module in iter_linears(model, "", skip):
-        method.check_layer(name, module)
-    materialise_outside_blocks(model, index, adapter.blocks_path)
+    with torch.device("meta"):
+        arch.prepare(model)     # experts as one Linear per projection, allocating nothing
+    materialise_outside_blocks(model, index, arch.blocks_path)
     tokenizer = load_tokenizer(source)
     model.tokenizer = tokenizer
-    blocks = adapter.blocks(model)
-    layers: dict[str, Any] = {}
     with atomic_dir(out) as tmp:
-        parts: list[Path] = []
-
-        def release(i: int, block: nn.Module) -> None:
-            tensors, entries = block_tensors(block, adapter.block_prefix(i))
-            part = tmp / f".block-{i:05d}.safetensors"
-            write_safetensors(tensors, part)
-            parts.append(part)
-            layers.update(entries)
-            blocks[i] = nn.Module()     # drop the block's weights; only its file remains
-            del tensors
-            gc.collect()
-
-        if method.needs_calibration:
-            if calibration is None or (getattr(calibration, "text_file", "") is None):
-                raise LowbitError("layer-wise streaming needs calibration text (--calib FILE): self-generated text "
-                                  "would need the whole model in memory")
-            options = config.options
-            batch = calibration_batch(model, calibration, options.get("calib_samples"), options.get("calib_len"),
-                                      options.get("seed"))
-
-            def quantize(i: int, block: nn.Module, calls) -> str:
-                prefix = adapter.block_prefix(i)
-                method.quantize_block(block, block_linears(block, prefix, skip), calls, adapter=adapter,
-                                      prefix=prefix, kernel="reference")
-                reports = getattr(method, "last_reports", {})
-                worst = max((r.relative_error for r in reports.values()), default=0.0)
-                return f"err={worst:.2e}"
-
-            calibrated_blocks(model, adapter, batch, quantize, progress=progress, desc=f"{method.name} stream",
-                              chunk=int(options.get("chunk") or 8),
-                              load_block=lambda i: load_block(model, index, adapter.blocks_path, i),
-                              release_block=release)
-        else:
-            from tqdm.auto import tqdm
-
-            for i in tqdm(range(len(blocks)), desc=f"{method.name} stream", unit="layer", disable=not progress):
-                block = load_block(model, index, adapter.blocks_path, i)
-                prefix = adapter.block_prefix(i)
-                for name, qw in method.quantize_block(block, block_linears(block, prefix, skip)).items():
-                    install_quantized(block, name, qw, "reference")
-                release(i, block)
-
-        # Linears outside the blocks (the head unless skipped), then everything else outside the blocks.
-        block_root = adapter.blocks_path + "."
-        rest: dict[str, torch.Tensor] = {}
-        tied: dict[str, str] = {}
-        for name, module in list(iter_linears(model, "", skip)):
-            if not name.startswith(block_root) and not matches_any(name, skip):
-                qw = method.quantize_weight(name, linear_weight(module).detach())
-                tensors, layers[name] = quantized_layer_tensors(name, qw, getattr(module, "bias", None))
-                rest.update(tensors)
-        quantized_prefixes = tuple(f"{n}." for n in layers)
-        seen: dict[int, str] = {}
-        for key, value in model.state_dict().items():
-            if key.startswith(block_root) or key.startswith(quantized_prefixes) or key in rest:
-                continue
-            ptr = value.data_ptr()
-            if ptr in seen and value.numel():
-                tied[key] = seen[ptr]
-                continue
-            seen[ptr] = key
-            rest[key] = value.detach().contiguous()
-        rest_file = tmp / ".rest.safetensors"
-        write_safetensors(rest, rest_file)
-        merge_safetensors(parts + [rest_file], tmp / WEIGHTS)
-        for part in parts + [rest_file]:
-            part.unlink()
+        sink = PartFiles(model, arch.blocks_path, tmp)
+        walk(method, ShardSource(model, index, arch.blocks_path), sink, calibration, progress,
+             desc=f"{method.name} stream")
         model.lowbit_config = config
         manifest = {"format": "lowbit", "version": FORMAT_VERSION, "quantization": config.to_dict(),
-                    "layers": layers, "tied": tied, "streamed": True}
+                    "layers": sink.layers, "tied": sink.tied, "streamed": True}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         save_hf_side_files(model, tokenizer, tmp)
     return out

@@ -21,7 +21,7 @@ from lowbit.errors import CorruptFile, LowbitError
 from lowbit.formats.gptq import _as_int32
 from lowbit.formats.hf_quantized import (check_fp16_exact, load_checkpoint, read_quantization_config,
                                          skipped_suffixes, write_checkpoint)
-from lowbit.formats.registry import Format, register_format
+from lowbit.formats.registry import Format, NoOptions, register_format
 from lowbit.quantized import QuantizedWeight
 from lowbit.runtime.surgery import quantized_modules
 from lowbit.schemes.intgrid import IntGrid
@@ -120,7 +120,7 @@ def awq_quantization_config(model: nn.Module) -> dict[str, Any]:
             "version": "gemm", "modules_to_not_convert": skipped or None}
 
 
-def save_awq(model: nn.Module, tokenizer: Any, out: str | Path, **_: Any) -> Path:
+def save_awq(model: nn.Module, tokenizer: Any, out: str | Path, options: NoOptions | None = None) -> Path:
     """Write a quantized model as an AWQ GEMM checkpoint folder, atomically."""
     return write_checkpoint(model, tokenizer, out, "AWQ", awq_layer_tensors, awq_quantization_config(model))
 

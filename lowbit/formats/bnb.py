@@ -19,7 +19,7 @@ from torch import nn
 
 from lowbit.errors import CorruptFile, LowbitError
 from lowbit.formats.hf_quantized import read_tensors, write_checkpoint
-from lowbit.formats.registry import Format, register_format
+from lowbit.formats.registry import Format, NoOptions, register_format
 from lowbit.models.adapters import in_out_features, is_linear
 from lowbit.quantized import QuantizedWeight
 from lowbit.runtime.surgery import install_quantized, quantized_modules
@@ -88,7 +88,7 @@ def quantization_config(schemes: list[Any], skipped: list[str]) -> dict[str, Any
     }
 
 
-def save_bnb(model: nn.Module, tokenizer: Any, out: str | Path, **_: Any) -> Path:
+def save_bnb(model: nn.Module, tokenizer: Any, out: str | Path, options: NoOptions | None = None) -> Path:
     """Write a quantized model as a bitsandbytes checkpoint folder (atomically)."""
     quantized = dict(quantized_modules(model))
     if not quantized:

@@ -529,6 +529,25 @@ def plan_gguf_types(model: nn.Module, type: str = "Q4_K_M", tensor_types: list[s
     return out
 
 
+def plan_gguf_schemes(model: nn.Module, type: str = "Q4_K_M", tensor_types: list[str] | None = None,
+                      pure: bool = False, has_imatrix: bool = False) -> tuple[dict[str, GGMLScheme], tuple[str, ...]]:
+    """The llama.cpp mix as a per-layer scheme plan chosen before quantization: ({Linear module name: GGML
+    scheme}, Linears kept in float). A Linear the file does not hold (a tied head) or that the mix keeps in
+    F16/F32 is kept in float."""
+    from lowbit.runtime.surgery import iter_linears
+
+    types = plan_gguf_types(model, type, tensor_types, pure, has_imatrix)
+    schemes: dict[str, GGMLScheme] = {}
+    floats: list[str] = []
+    for name, _ in iter_linears(model):
+        type_name = types.get(f"{name}.weight")
+        if type_name in CODECS:
+            schemes[name] = GGMLScheme(type_name)
+        else:
+            floats.append(name)
+    return schemes, tuple(floats)
+
+
 def _gguf_rows(arch, config, hf_name: str, values: torch.Tensor) -> torch.Tensor:
     """HF layout -> llama.cpp layout of one tensor: rows reordered (float rows or quantized blocks alike)."""
     from lowbit.models.arch.base import gguf_row_order
@@ -537,18 +556,36 @@ def _gguf_rows(arch, config, hf_name: str, values: torch.Tensor) -> torch.Tensor
     return values[order] if order is not None else values
 
 
-def export_gguf(model: nn.Module, tokenizer: Any, path: str | os.PathLike, type: str = "Q4_K_M",
-                tensor_types: list[str] | None = None, pure: bool = False,
-                importance: dict[str, torch.Tensor] | None = None, imatrix_data: str | os.PathLike | None = None,
-                progress: bool = True, **_: Any) -> Path:
-    """Write an HF model of any registry family llama.cpp knows (float, or holding quantized Linears) as a
-    complete GGUF file.
+@dataclass(frozen=True)
+class GGUFOptions:
+    """The GGUF writer's options.
 
     `type` is a llama.cpp file type (F32, F16, BF16, Q4_0 ... Q8_0, Q2_K_S ... Q6_K); `tensor_types` are
-    REGEX=TYPE overrides on GGUF tensor names; `importance` maps Linear module names to imatrix vectors [in]
-    (or `imatrix_data` names a text file to collect them from). Layers already quantized to a GGUF scheme
-    (GPTQ on the GGUF grid) are written as they are.
+    REGEX=TYPE overrides on GGUF tensor names; `pure` gives every tensor the same type; `importance` maps Linear
+    module names to imatrix vectors [in] (or `imatrix_data` names a text file to collect them from,
+    lowbit.calibration.imatrix); `progress` logs every tensor."""
+
+    type: str = "Q4_K_M"
+    tensor_types: list[str] | None = None
+    pure: bool = False
+    importance: dict[str, torch.Tensor] | None = None
+    imatrix_data: str | os.PathLike | None = None
+    progress: bool = True
+
+
+def export_gguf(model: nn.Module, tokenizer: Any, path: str | os.PathLike, options: GGUFOptions | None = None,
+                **fields: Any) -> Path:
+    """Write an HF model of any registry family llama.cpp knows (float, or holding quantized Linears) as a
+    complete GGUF file, with `options` (a GGUFOptions, or its fields as keywords; unknown ones are errors).
+
+    Layers already quantized to a GGUF scheme (the per-layer plan of `plan_gguf_schemes`, e.g. GPTQ on the
+    GGUF grid) are written as they are; float tensors are rounded to the mix's type here.
     """
+    from lowbit.formats.registry import writer_options
+
+    options = writer_options(GGUFOptions, "gguf", options, fields)
+    type, tensor_types, pure = options.type, options.tensor_types, options.pure
+    importance, imatrix_data, progress = options.importance, options.imatrix_data, options.progress
     from lowbit.models.arch import architecture_for
     from lowbit.models.arch.base import norm_shift
     from lowbit.quantized import QuantizedWeight
@@ -560,7 +597,7 @@ def export_gguf(model: nn.Module, tokenizer: Any, path: str | os.PathLike, type:
     if tokenizer is None:
         raise LowbitError("GGUF export needs the model's tokenizer (llama.cpp reads it from the file)")
     if imatrix_data is not None and importance is None:
-        from lowbit.methods.imatrix import imatrix_from_file
+        from lowbit.calibration.imatrix import imatrix_from_file
 
         importance = imatrix_from_file(model, tokenizer, imatrix_data)
     name = Path(str(getattr(config, "_name_or_path", "") or "model")).name or "model"
@@ -687,5 +724,5 @@ def is_gguf(path: Path) -> bool:
         return fh.read(4) == MAGIC
 
 
-register_format(Format("gguf", write=export_gguf, can_read=is_gguf, read=load_gguf_quantized,
+register_format(Format("gguf", write=export_gguf, can_read=is_gguf, read=load_gguf_quantized, options=GGUFOptions,
                        description="llama.cpp GGUF: every block type bit-exact, K-quant mixes"))

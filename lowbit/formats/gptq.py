@@ -24,7 +24,7 @@ from torch import nn
 from lowbit.errors import CorruptFile, LowbitError
 from lowbit.formats.hf_quantized import (check_fp16_exact, load_checkpoint, read_quantization_config,
                                          skipped_suffixes, write_checkpoint)
-from lowbit.formats.registry import Format, register_format
+from lowbit.formats.registry import Format, NoOptions, register_format
 from lowbit.quantized import QuantizedWeight
 from lowbit.runtime.surgery import quantized_modules
 from lowbit.schemes.intgrid import IntGrid
@@ -233,7 +233,7 @@ def gptq_quantization_config(model: nn.Module) -> dict[str, Any]:
     return config
 
 
-def save_gptq(model: nn.Module, tokenizer: Any, out: str | Path, **_: Any) -> Path:
+def save_gptq(model: nn.Module, tokenizer: Any, out: str | Path, options: NoOptions | None = None) -> Path:
     """Write a quantized model as a GPTQ v1 checkpoint folder, atomically."""
     config = gptq_quantization_config(model)
     return write_checkpoint(model, tokenizer, out, "GPTQ", gptq_layer_tensors, config,

@@ -17,7 +17,7 @@ from torch import nn
 
 from lowbit.errors import CorruptFile, unreadable_weights
 from lowbit.formats.atomic import atomic_dir
-from lowbit.formats.registry import Format, register_format
+from lowbit.formats.registry import Format, NoOptions, register_format
 from lowbit.runtime.surgery import install_quantized, quantized_modules
 from lowbit.schemes.base import scheme_from_config
 
@@ -56,7 +56,7 @@ def unquantized_tensors(model: nn.Module, quantized_names) -> tuple[dict[str, to
     return tensors, tied
 
 
-def save_native(model: nn.Module, tokenizer: Any, out: str | Path, **_: Any) -> Path:
+def save_native(model: nn.Module, tokenizer: Any, out: str | Path, options: NoOptions | None = None) -> Path:
     """Write `model` (quantized or not) to folder `out` in lowbit's format, atomically."""
     out = Path(out)
     tensors: dict[str, torch.Tensor] = {}

@@ -7,7 +7,7 @@ s = mean|x|^alpha / mean|w~|^(1-alpha) (w~: weights normalised per group), alpha
 minimise the output error of the module that consumes x (the attention or MLP), as in Lin et al., 2023
 and AutoAWQ; no scaling at all is a candidate too, so the search never does worse than plain rounding
 on its calibration tokens. The 1/s is folded into the preceding RMSNorm/LayerNorm weight or the rows of the preceding
-Linear (`ArchAdapter.scale_groups`). Then a clip search shrinks each group's range to minimise the Linear's
+Linear (`Architecture.scale_groups`). Then a clip search shrinks each group's range to minimise the Linear's
 output error, and the clipped weights are rounded to the integer grid (with a zero point by default).
 """
 from __future__ import annotations
@@ -21,9 +21,9 @@ from torch import nn
 
 from lowbit.calibration.capture import block_output, collect_inputs, first_input, flat_tokens
 from lowbit.errors import LowbitError
-from lowbit.methods.base import register_method
+from lowbit.methods.base import BlockResult, register_method
 from lowbit.methods.gptq import CalibratedMethod, set_linear_weight
-from lowbit.models.arch.base import Architecture as ArchAdapter
+from lowbit.models.arch.base import Architecture
 from lowbit.models.arch.base import EXPERT, Fold, NormKind, ScaleGroup, expand_experts, is_expert_linear, is_linear, linear_weight
 from lowbit.quantized import QuantizedWeight
 from lowbit.schemes.intgrid import IntGrid
@@ -114,7 +114,7 @@ def can_fold(prev: nn.Module | None, linears: list[nn.Module], fold: Fold = Fold
     return weight is not None and weight.dim() == 1 and weight.numel() == k
 
 
-def block_scale_groups(block: nn.Module, arch: ArchAdapter) -> list[ScaleGroup]:
+def block_scale_groups(block: nn.Module, arch: Architecture) -> list[ScaleGroup]:
     """The architecture's scale groups for this block, `{e}` templates expanded over its experts, and a norm
     fold made the (1 + w) fold in families whose norms scale by 1 + w (Gemma)."""
     import dataclasses
@@ -211,16 +211,16 @@ class AWQ(CalibratedMethod):
 
     @torch.no_grad()
     def quantize_block(self, block: nn.Module, linears: dict[str, nn.Module], inputs: Any = None,
-                       adapter: ArchAdapter | None = None, prefix: str = "", kernel: str = "reference"
-                       ) -> dict[str, QuantizedWeight]:
-        """Scale search + fold (per `adapter.scale_groups`), clip search and rounding for one block's Linears."""
-        from lowbit.runtime.surgery import install_quantized
+                       arch: Architecture | None = None, prefix: str = "") -> BlockResult:
+        """Scale search + fold (per `arch.scale_groups`), clip search and rounding for one block's Linears.
 
+        The folds change the block's float modules (norms, preceding Linears, routers) without changing what the
+        float block computes; the codes and reports are returned, not installed."""
         if inputs is None:
             raise LowbitError("AWQ needs calibration inputs for every block")
         scheme = self.scheme()
         alphas: dict[str, float] = {}
-        for group in (block_scale_groups(block, adapter) if adapter is not None else ()):
+        for group in (block_scale_groups(block, arch) if arch is not None else ()):
             names = [n for n in group.linears]
             if not group.prev or any(n not in linears for n in names):
                 continue  # nothing to fold into, or a member is skipped (kept in float): leave it unscaled
@@ -230,7 +230,7 @@ class AWQ(CalibratedMethod):
             if prev is None or inspect is None or None in companions:
                 continue  # the group belongs to another variant of the family (Falcon 7B vs 40B norms)
             members = [linears[n] for n in names]
-            parts = len(adapter.fused.get(group.prev, ())) or 1
+            parts = len(arch.fused.get(group.prev, ())) or 1
             if not can_fold(prev, members, group.fold, parts):
                 log.debug("AWQ %s: %s output width differs from %s inputs; not scaled", prefix, group.prev, names)
                 continue
@@ -240,7 +240,7 @@ class AWQ(CalibratedMethod):
             magnitudes = InspectedInputs(0)
             if input_of is not None:
                 watched["input"] = input_of
-            expert_group = is_expert_linear(adapter, group.inspect)
+            expert_group = is_expert_linear(arch, group.inspect)
             collect_inputs(block, watched, inputs,
                            lambda key, a, kw: (inputs_seen if key == "inspect" else magnitudes).add(key, a, kw),
                            optional=set(watched) if expert_group else set())
@@ -280,14 +280,14 @@ class AWQ(CalibratedMethod):
         n_tokens = sum(call.hidden.shape[:-1].numel() for call in inputs)
         stride = max(1, n_tokens // max(n_clip_tokens, REPORT_TOKENS))
         samples: dict[str, list[torch.Tensor]] = {n: [] for n in linears}
-        experts = {n for n in linears if adapter is not None and is_expert_linear(adapter, n)}
+        experts = {n for n in linears if arch is not None and is_expert_linear(arch, n)}
         collect_inputs(block, dict(linears), inputs,
                        lambda n, args, kwargs: samples[n].append(
                            flat_tokens(first_input(args, kwargs))[::stride].contiguous()),
                        stop_early=False, optional=experts)
         results: dict[str, QuantizedWeight] = {}
-        self.last_reports: dict[str, AWQReport] = {}
-        no_clip = adapter.no_clip if adapter is not None else ()
+        reports: dict[str, AWQReport] = {}
+        no_clip = arch.no_clip if arch is not None else ()
         for name, module in linears.items():
             w = linear_weight(module).detach().float()
             if not samples[name]:
@@ -295,7 +295,7 @@ class AWQ(CalibratedMethod):
                             "nearest", prefix, name)
                 samples.pop(name)
                 results[name] = scheme.quantize(w)
-                self.last_reports[name] = AWQReport(None, 0.0)
+                reports[name] = AWQReport(None, 0.0)
                 continue
             x = torch.cat(samples.pop(name))
             if clip and name not in no_clip:
@@ -307,7 +307,5 @@ class AWQ(CalibratedMethod):
             ref = x @ w.t()
             error = ((x @ qw.dequantize().t() - ref).norm() / ref.norm().clamp(min=1e-12)).item() ** 2
             results[name] = qw
-            self.last_reports[name] = AWQReport(alphas.get(name), error)
-        for name, qw in results.items():
-            install_quantized(block, name, qw, kernel)
-        return results
+            reports[name] = AWQReport(alphas.get(name), error)
+        return BlockResult(results, reports)

@@ -2,7 +2,8 @@
 
 A method decides the codes for a scheme. Weight-only methods (RTN, NF4, GGUF blocks) override
 `quantize_weight`; calibration-based methods (GPTQ, AWQ) override `quantize_block`, which sees one decoder
-block and the activations entering it.
+block and the activations entering it. Either way `quantize_block` returns what it made (a `BlockResult`):
+installing the codes, walking the blocks and writing files is `lowbit.methods.walk`'s job.
 """
 from __future__ import annotations
 
@@ -56,13 +57,38 @@ class QuantizeConfig:
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, "bits": self.bits, "group_size": self.group_size,
                 "symmetric": self.symmetric, "clip_search": self.clip_search, "skip": list(self.skip),
-                "options": dict(self.options)}
+                # an imatrix (Linear name -> vector) is calibration data, not a setting: not recorded
+                "options": {k: v for k, v in self.options.items() if k != "importance"}}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "QuantizeConfig":
         d = dict(d)
         d["skip"] = tuple(d.get("skip", ()))
         return cls(**d)
+
+
+@dataclass
+class BlockResult:
+    """What quantizing one decoder block made: codes per Linear (names inside the block) and, for calibrated
+    methods, a report per Linear (anything with a `relative_error`, e.g. GPTQReport, AWQReport)."""
+
+    weights: dict[str, QuantizedWeight] = field(default_factory=dict)
+    reports: dict[str, Any] = field(default_factory=dict)
+
+    def install(self, block: nn.Module, kernel: str = "reference") -> None:
+        """Put the codes into `block` (each Linear becomes a QuantLinear), so the block runs quantized."""
+        from lowbit.runtime.surgery import install_quantized
+
+        for name, qw in self.weights.items():
+            install_quantized(block, name, qw, kernel)
+
+    def worst_error(self) -> float | None:
+        """The largest relative output error among the reports (None without reports)."""
+        return max((r.relative_error for r in self.reports.values()), default=None)
+
+
+def join_name(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
 
 
 @dataclass
@@ -88,6 +114,9 @@ class Method:
 
     def __init__(self, config: QuantizeConfig):
         self.config = config
+        # Per-layer schemes chosen before quantization (full module name -> Scheme), e.g. a llama.cpp mix's
+        # GGUF type for every Linear; layers not in the plan use `scheme()`. See `plan_layers`.
+        self.layer_schemes: dict[str, Scheme] = {}
         unknown = set(config.options) - set(self.option_names())
         if unknown:
             raise LowbitError(f"method {self.name}: unknown options {sorted(unknown)}; "
@@ -100,6 +129,16 @@ class Method:
         """The scheme this method picks codes on."""
         raise NotImplementedError
 
+    def scheme_for(self, name: str) -> Scheme:
+        """The scheme of the layer `name` (full module name): its planned one, else the method's."""
+        planned = self.layer_schemes.get(name)
+        return planned if planned is not None else self.scheme()
+
+    def plan_layers(self, model: nn.Module) -> tuple[str, ...]:
+        """Choose per-layer schemes before quantization (fills `layer_schemes`); returns the Linears the plan
+        keeps in float (added to the skip list). The base method has one scheme for every layer."""
+        return ()
+
     def check_layer(self, name: str, linear: nn.Linear) -> None:
         """Raise a clear error before any work if this layer cannot be quantized with this method."""
         from lowbit.models.adapters import in_out_features
@@ -110,10 +149,15 @@ class Method:
 
     def quantize_weight(self, name: str, weight: torch.Tensor, importance: torch.Tensor | None = None
                         ) -> QuantizedWeight:
-        """Codes for one [N, K] weight."""
-        return self.scheme().quantize(weight, importance)
+        """Codes for one [N, K] weight of the layer `name` (full module name)."""
+        return self.scheme_for(name).quantize(weight, importance)
 
-    def quantize_block(self, block: nn.Module, linears: dict[str, nn.Linear], inputs: Any = None
-                       ) -> dict[str, QuantizedWeight]:
-        """Quantize the Linears of one decoder block; `inputs` are calibration activations when needed."""
-        return {name: self.quantize_weight(name, lin.weight.detach()) for name, lin in linears.items()}
+    def quantize_block(self, block: nn.Module, linears: dict[str, nn.Module], inputs: Any = None,
+                       arch: Any = None, prefix: str = "") -> BlockResult:
+        """Codes for the Linears of one decoder block (`linears`: name inside the block -> Linear-like module;
+        `inputs`: the calibration calls entering the block, for calibrated methods; `prefix`: the block's
+        module name). Returns them without installing them."""
+        from lowbit.models.arch.base import linear_weight
+
+        return BlockResult({name: self.quantize_weight(join_name(prefix, name), linear_weight(lin).detach())
+                            for name, lin in linears.items()})

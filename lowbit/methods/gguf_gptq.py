@@ -1,10 +1,14 @@
-"""GPTQ on the exact GGUF block grid of a llama.cpp mix ("gptq-gguf").
+"""Methods on the GGUF block grids of a llama.cpp mix: "gguf" (round to nearest, llama-quantize's own
+search) and "gptq-gguf" (GPTQ on the same grids).
 
-Each Linear gets the GGUF type the mix gives it (gguf_mixes' llama.cpp rules). Its block statistics (d, dmin,
-the 4/6-bit sub-scales) are fixed from the weights by the type's own importance-weighted search (imatrix =
-diag of the GPTQ Hessian), then GPTQ's column sweep re-chooses every code on that fixed grid, pushing each
-rounding error onto the columns not yet quantized. The result is ordinary GGUF blocks (llama.cpp runs them
-unchanged) with lower output error than round-to-nearest. Layers the mix keeps in F16/F32 stay float.
+The mix (gguf_mixes' llama.cpp rules) is a per-layer scheme plan chosen before quantization: every Linear gets
+the GGUF type llama-quantize would give its tensor, and the Linears the mix keeps in F16/F32 stay float. The
+walk then quantizes each Linear on its planned grid, so the GGUF writer only serialises the blocks.
+
+gptq-gguf: each Linear's block statistics (d, dmin, the 4/6-bit sub-scales) are fixed from the weights by the
+type's own importance-weighted search (imatrix = diag of the GPTQ Hessian), then GPTQ's column sweep
+re-chooses every code on that fixed grid, pushing each rounding error onto the columns not yet quantized. The
+result is ordinary GGUF blocks (llama.cpp runs them unchanged) with lower output error than round-to-nearest.
 """
 from __future__ import annotations
 
@@ -13,10 +17,51 @@ from typing import Any
 import torch
 from torch import nn
 
-from lowbit.methods.base import register_method
-from lowbit.methods.gptq import GPTQ, run_calibrated
+from lowbit.errors import LowbitError
+from lowbit.methods.base import Method, register_method
+from lowbit.methods.gptq import GPTQ
 from lowbit.quantized import QuantizedWeight
-from lowbit.schemes.ggml import CODECS, GGMLScheme
+
+MIX_OPTIONS = ("gguf_type", "tensor_types", "pure")
+
+
+def plan_mix(method: Method, model: nn.Module, has_imatrix: bool) -> tuple[str, ...]:
+    """Fill `method.layer_schemes` with the mix's GGUF scheme of every Linear; return the Linears kept float."""
+    from lowbit.formats.gguf import plan_gguf_schemes
+
+    options = method.config.options
+    method.layer_schemes, floats = plan_gguf_schemes(
+        model, str(options.get("gguf_type") or "Q4_K_M"), options.get("tensor_types"), bool(options.get("pure")),
+        has_imatrix=has_imatrix)
+    return floats
+
+
+@register_method
+class GGUFRound(Method):
+    """llama-quantize's rounding on the mix's per-layer GGUF types (options: gguf_type, tensor_types, pure,
+    importance = {Linear name: imatrix vector} from lowbit.calibration.imatrix)."""
+
+    name = "gguf"
+    aliases = ("rtn-gguf",)
+
+    def option_names(self) -> tuple[str, ...]:
+        return (*MIX_OPTIONS, "importance")
+
+    def check_layer(self, name: str, linear: nn.Module) -> None:
+        """Row widths are handled by the mix's fallbacks, never an error."""
+
+    def scheme(self):
+        raise LowbitError("method gguf has no single scheme: each layer's GGUF type comes from the mix's plan")
+
+    def plan_layers(self, model: nn.Module) -> tuple[str, ...]:
+        return plan_mix(self, model, has_imatrix=bool(self.config.options.get("importance")))
+
+    def quantize_weight(self, name: str, weight: torch.Tensor, importance: torch.Tensor | None = None
+                        ) -> QuantizedWeight:
+        """The layer's planned GGUF type, weighted by its imatrix when one was collected."""
+        if importance is None:
+            importance = (self.config.options.get("importance") or {}).get(name)
+        return self.scheme_for(name).quantize(weight, importance)
 
 
 @register_method
@@ -26,35 +71,15 @@ class GGUFGPTQ(GPTQ):
     name = "gptq-gguf"
 
     def option_names(self) -> tuple[str, ...]:
-        return (*super().option_names(), "gguf_type", "tensor_types", "pure")
+        return (*super().option_names(), *MIX_OPTIONS)
 
     def check_layer(self, name: str, linear: nn.Module) -> None:
         """Row widths are handled by the mix's fallbacks, never an error."""
 
-    def layer_types(self, model: nn.Module) -> dict[str, str]:
-        """{Linear module name: GGUF type} for this method's mix."""
-        from lowbit.formats.gguf import plan_gguf_types
+    def plan_layers(self, model: nn.Module) -> tuple[str, ...]:
+        return plan_mix(self, model, has_imatrix=True)
 
-        plan = plan_gguf_types(model, str(self.option("gguf_type", "Q4_K_M")), self.option("tensor_types", None),
-                               bool(self.option("pure", False)), has_imatrix=True)
-        linears = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-        return {n[:-len(".weight")]: t for n, t in plan.items() if n.endswith(".weight") and n[:-7] in linears}
 
-    def quantize_model(self, model: nn.Module, calibration: Any = None, progress: bool = True,
-                       kernel: str = "auto") -> nn.Module:
-        self._types = self.layer_types(model)
-        floats = tuple(n for n, t in self._types.items() if t not in CODECS)
-        self.config.skip = tuple(self.config.skip) + floats  # the mix keeps these in F16/F32
-        return run_calibrated(self, model, calibration, progress, kernel)
-
-    def scheme(self) -> GGMLScheme:
-        return GGMLScheme(self._types[self._layer])
-
-    def quantize_with_hessian(self, name: str, weight: torch.Tensor, hessian: torch.Tensor):
-        self._layer = name
-        return super().quantize_with_hessian(name, weight, hessian)
-
-    def quantize_weight(self, name: str, weight: torch.Tensor, importance: torch.Tensor | None = None
-                        ) -> QuantizedWeight:
-        self._layer = name
-        return super().quantize_weight(name, weight, importance)
+def mix_options(type: str | None, tensor_types: list[str] | None, pure: bool, **extra: Any) -> dict[str, Any]:
+    """Method options of a GGUF mix given on the command line."""
+    return {"gguf_type": type or "Q4_K_M", "tensor_types": tensor_types or None, "pure": pure, **extra}

@@ -27,8 +27,8 @@ import torch
 from torch import nn
 
 from lowbit.errors import LowbitError
-from lowbit.methods.base import Method, register_method
-from lowbit.models.arch.base import Architecture as ArchAdapter
+from lowbit.methods.base import BlockResult, Method, join_name, register_method
+from lowbit.models.arch.base import Architecture
 from lowbit.models.arch.base import expand_experts, is_expert_linear, linear_weight
 from lowbit.quantized import QuantizedWeight
 from lowbit.schemes.base import Scheme, expand_groups, scheme_from_config
@@ -253,11 +253,6 @@ class CalibratedMethod(Method):
         value = self.config.options.get(key)
         return self.defaults.get(key, default) if value is None else value
 
-    def quantize_model(self, model: nn.Module, calibration: Any = None, progress: bool = True,
-                       kernel: str = "auto") -> nn.Module:
-        """Quantize every decoder block of `model` in place, calibrating block by block."""
-        return run_calibrated(self, model, calibration, progress, kernel)
-
 
 @register_method
 class GPTQ(CalibratedMethod):
@@ -276,50 +271,45 @@ class GPTQ(CalibratedMethod):
         default = IntGrid(bits=c.bits, group_size=c.group_size, symmetric=c.symmetric, clip_search=c.clip_search)
         return resolve_scheme(c.options.get("scheme"), default)
 
-    def quantize_weight(self, name: str, weight: torch.Tensor, importance: torch.Tensor | None = None
-                        ) -> QuantizedWeight:
-        """Without calibration data (layers outside the decoder blocks) GPTQ falls back to RTN on its grid."""
-        return self.scheme().quantize(weight, importance)
-
     def quantize_with_hessian(self, name: str, weight: torch.Tensor, hessian: torch.Tensor
                               ) -> tuple[QuantizedWeight, GPTQReport]:
         """GPTQ one weight with this method's options; `hessian` (float64) is consumed as working memory."""
         damp = float(self.option("damp"))
         if not 0 <= damp < 1:
             raise LowbitError(f"--damp {damp} is out of range: use a fraction such as 0.01 (0 <= damp < 1)")
-        return gptq_quantize(weight, hessian, self.scheme(), damp=damp, desc_act=bool(self.option("desc_act")),
+        return gptq_quantize(weight, hessian, self.scheme_for(name), damp=damp, desc_act=bool(self.option("desc_act")),
                              static_groups=bool(self.option("static_groups")),
                              block_size=int(self.option("block_size")), name=name, consume_hessian=True)
 
     def quantize_block(self, block: nn.Module, linears: dict[str, nn.Module], inputs: Any = None,
-                       adapter: ArchAdapter | None = None, prefix: str = "", kernel: str = "reference"
-                       ) -> dict[str, QuantizedWeight]:
+                       arch: Architecture | None = None, prefix: str = "") -> BlockResult:
         """Calibrate and quantize the Linears of one block on its recorded inputs (list of BlockCall).
 
-        With an `adapter` and true_sequential (default), Linears are calibrated group by group in the adapter's
-        order, each group on the outputs of the already-quantized ones.
+        With an `arch` and true_sequential (default), Linears are calibrated group by group in the
+        architecture's order, each group on the outputs of the already-quantized ones: the block's float
+        weights of a finished group are overwritten by their dequantized codes (installing the codes replaces
+        them anyway).
         """
         from lowbit.calibration.capture import collect_inputs, first_input
-        from lowbit.runtime.surgery import install_quantized
 
         if inputs is None:
             raise LowbitError("GPTQ needs calibration inputs for every block")
         sequential = ()
-        if adapter is not None and self.option("true_sequential"):
-            sequential = tuple(expand_experts(g, block, adapter) for g in adapter.sequential)
+        if arch is not None and self.option("true_sequential"):
+            sequential = tuple(expand_experts(g, block, arch) for g in arch.sequential)
         groups = sequential_groups(linears, sequential)
         results: dict[str, QuantizedWeight] = {}
-        self.last_reports: dict[str, GPTQReport] = {}
+        reports: dict[str, GPTQReport] = {}
         for group in groups:
             accumulators = {name: HessianAccumulator(linear_weight(linears[name]).shape[1]) for name in group}
             # an expert sees only the tokens routed to it, possibly none
-            optional = {n for n in group if adapter is not None and is_expert_linear(adapter, n)}
+            optional = {n for n in group if arch is not None and is_expert_linear(arch, n)}
             collect_inputs(block, {name: linears[name] for name in group}, inputs,
                            lambda name, args, kwargs: accumulators[name].add(first_input(args, kwargs)),
                            optional=optional)
             for name in group:
                 module = linears[name]
-                full = f"{prefix}.{name}" if prefix else name
+                full = join_name(prefix, name)
                 if accumulators[name].count == 0:
                     log.warning("GPTQ: %s received no calibration tokens (no token was routed to it); rounded "
                                 "to nearest on the same grid", full)
@@ -330,10 +320,8 @@ class GPTQ(CalibratedMethod):
                 # Later groups of this block are calibrated on what the quantized layers produce.
                 set_linear_weight(module, qw.dequantize())
                 results[name] = qw
-                self.last_reports[name] = report
-        for name, qw in results.items():
-            install_quantized(block, name, qw, kernel)
-        return results
+                reports[name] = report
+        return BlockResult(results, reports)
 
 
 def sequential_groups(linears: dict[str, nn.Module], sequential: tuple[tuple[str, ...], ...]) -> list[tuple[str, ...]]:
@@ -345,46 +333,3 @@ def sequential_groups(linears: dict[str, nn.Module], sequential: tuple[tuple[str
     listed = {n for g in groups for n in g}
     rest = tuple(n for n in linears if n not in listed)
     return groups + ([rest] if rest else [])
-
-
-def run_calibrated(method: Method, model: nn.Module, calibration: Any, progress: bool, kernel: str,
-                   **walk: Any) -> nn.Module:
-    """Shared driver of calibrated methods: calibration batch -> block-by-block quantization -> other Linears.
-
-    `method.quantize_block(block, linears, calls, adapter=..., prefix=...)` quantizes one block in place and
-    leaves `method.last_reports` (name -> report with `relative_error`) for the progress bar.
-    """
-    from lowbit.calibration.capture import calibrated_blocks
-    from lowbit.calibration.text import calibration_batch
-    from lowbit.methods.pipeline import block_linears, effective_skip
-    from lowbit.models.arch import architecture_for
-    from lowbit.runtime.surgery import install_quantized, iter_linears, matches_any, set_kernel
-
-    options = method.config.options
-    adapter = architecture_for(model)
-    adapter.prepare(model)
-    skip = effective_skip(model, method.config)
-    batch = calibration_batch(model, calibration, options.get("calib_samples"), options.get("calib_len"),
-                              options.get("seed"))
-    model.eval()
-
-    def quantize_block(i: int, block: nn.Module, calls) -> str:
-        prefix = adapter.block_prefix(i)
-        linears = block_linears(block, prefix, skip)
-        method.quantize_block(block, linears, calls, adapter=adapter, prefix=prefix, kernel="reference")
-        reports = getattr(method, "last_reports", {})
-        if not reports:
-            return ""
-        worst = max(reports.values(), key=lambda r: r.relative_error)
-        return f"err={worst.relative_error:.2e}"
-
-    summaries = calibrated_blocks(model, adapter, batch, quantize_block, progress=progress,
-                                  desc=f"{method.name} quantize", chunk=int(options.get("chunk") or 8), **walk)
-    log.info("%s: per-layer worst relative output error: %s", method.name, ", ".join(summaries))
-    block_root = adapter.blocks_path + "."
-    for name, module in list(iter_linears(model, "", skip)):
-        if not name.startswith(block_root) and not matches_any(name, skip):
-            log.info("%s: %s is outside the decoder blocks: quantized with RTN on the same grid", method.name, name)
-            install_quantized(model, name, method.quantize_weight(name, linear_weight(module).detach()), kernel)
-    set_kernel(model, kernel)
-    return model

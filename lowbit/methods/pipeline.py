@@ -1,16 +1,26 @@
-"""Walk a model's decoder blocks and quantize their Linear layers with a method, one block at a time."""
+"""The one block walk of quantization: every method, in memory or streamed from shards, goes through `walk`.
+
+`walk(method, source, sink)` takes the decoder blocks one at a time from a `BlockSource` (the model in memory,
+or safetensors shards on disk for `--stream`), asks the method for the block's codes (`Method.quantize_block`,
+which returns a `BlockResult` and installs nothing), installs them into the block so it runs quantized, runs
+it to produce the next block's calibration inputs (calibrated methods: each block is calibrated on what the
+quantized blocks before it produce), and hands the block to a `BlockSink` (install in place, or write a part
+file). The Linears outside the blocks (the head unless skipped) are rounded on the method's grid and handed
+to the sink too. The reports come back from `walk`, keyed by full module name.
+"""
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Protocol
 
 from torch import nn
 from tqdm.auto import tqdm
 
-from lowbit.methods.base import Method, QuantizeConfig, get_method
+from lowbit.methods.base import BlockResult, Method, QuantizeConfig, get_method
 from lowbit.models.arch import architecture_for
 from lowbit.models.arch.base import linear_weight
-from lowbit.runtime.surgery import install_quantized, iter_linears, matches_any
+from lowbit.quantized import QuantizedWeight
+from lowbit.runtime.surgery import install_quantized, iter_linears, matches_any, set_kernel
 
 log = logging.getLogger("lowbit")
 
@@ -31,52 +41,113 @@ def check_model(model: nn.Module, method: Method, skip: tuple[str, ...]) -> None
         method.check_layer(name, module)
 
 
+def outside_linears(model: nn.Module, blocks_path: str, skip: tuple[str, ...]) -> list[tuple[str, nn.Module]]:
+    """The Linears that are not in a decoder block and not skipped (the head unless skipped)."""
+    root = blocks_path + "."
+    return [(name, module) for name, module in iter_linears(model, "", skip)
+            if not name.startswith(root) and not matches_any(name, skip)]
+
+
+class BlockSource(Protocol):
+    """Where the walk gets its blocks: `model` has every module (blocks possibly on the meta device) and
+    `block(i)` returns block i with real weights."""
+
+    model: nn.Module
+
+    def block(self, index: int) -> nn.Module: ...
+
+
+class BlockSink(Protocol):
+    """Where the walk puts what it made: `put_block` gets each finished block (its Linears are QuantLinears),
+    `put_outside` each quantized Linear outside the blocks, `finish` is called once at the end."""
+
+    def put_block(self, index: int, prefix: str, block: nn.Module) -> None: ...
+
+    def put_outside(self, name: str, module: nn.Module, qweight: QuantizedWeight) -> None: ...
+
+    def finish(self) -> None: ...
+
+
+class InMemory:
+    """Source and sink for a model in memory: its own blocks, quantized in place with `kernel`."""
+
+    def __init__(self, model: nn.Module, kernel: str = "auto"):
+        self.model = model
+        self.kernel = kernel
+        self._blocks = architecture_for(model).blocks(model)
+
+    def block(self, index: int) -> nn.Module:
+        return self._blocks[index]
+
+    def put_block(self, index: int, prefix: str, block: nn.Module) -> None:
+        """The block was quantized in place: nothing more to do."""
+
+    def put_outside(self, name: str, module: nn.Module, qweight: QuantizedWeight) -> None:
+        install_quantized(self.model, name, qweight, self.kernel)
+
+    def finish(self) -> None:
+        set_kernel(self.model, self.kernel)
+
+
+def walk(method: Method, source: BlockSource, sink: BlockSink, calibration: Any = None, progress: bool = True,
+         desc: str | None = None) -> dict[str, Any]:
+    """Quantize every decoder block of `source.model` with `method` into `sink`; returns the per-Linear reports
+    (full module name -> report) of calibrated methods.
+
+    `calibration` (calibrated methods): token ids, a CalibrationRequest, a text file, or None (self-generated
+    text; needs the whole model)."""
+    from lowbit.calibration.capture import capture_first_block_inputs, run_block
+    from lowbit.calibration.text import calibration_batch
+
+    model = source.model
+    arch = architecture_for(model)
+    floats = method.plan_layers(model)
+    skip = effective_skip(model, method.config) + tuple(floats)
+    check_model(model, method, skip)
+    calls = None
+    if method.needs_calibration:
+        options = method.config.options
+        batch = calibration_batch(model, calibration, options.get("calib_samples"), options.get("calib_len"),
+                                  options.get("seed"))
+        model.eval()
+        calls = capture_first_block_inputs(model, arch, batch, int(options.get("chunk") or 8))
+    n_blocks = len(arch.blocks(model))
+    reports: dict[str, Any] = {}
+    worst: list[str] = []
+    bar = tqdm(range(n_blocks), desc=desc or f"{method.name} quantize", unit="layer", disable=not progress)
+    for i in bar:
+        block = source.block(i)
+        prefix = arch.block_prefix(i)
+        result: BlockResult = method.quantize_block(block, block_linears(block, prefix, skip), calls, arch, prefix)
+        result.install(block)
+        reports.update({f"{prefix}.{name}": report for name, report in result.reports.items()})
+        error = result.worst_error()
+        if error is not None:
+            worst.append(f"err={error:.2e}")
+            bar.set_postfix_str(worst[-1])
+        if calls is not None and i + 1 < n_blocks:
+            calls = run_block(block, calls)
+        sink.put_block(i, prefix, block)
+    if worst:
+        log.info("%s: per-layer worst relative output error: %s", method.name, ", ".join(worst))
+    for name, module in outside_linears(model, arch.blocks_path, skip):
+        if method.needs_calibration:
+            log.info("%s: %s is outside the decoder blocks: rounded to nearest on the same grid", method.name, name)
+        else:
+            log.info("quantizing %s", name)
+        sink.put_outside(name, module, method.quantize_weight(name, linear_weight(module).detach()))
+    sink.finish()
+    return reports
+
+
 def quantize_model(model: nn.Module, config: QuantizeConfig, calibration: Any = None, progress: bool = True,
                    kernel: str = "auto") -> nn.Module:
-    """Quantize `model` in place with `config` (calibration token batches for methods that need them)."""
+    """Quantize `model` in place with `config` (calibration token batches for methods that need them).
+
+    The per-Linear reports of calibrated methods are left on `model.lowbit_reports`."""
     method = get_method(config)
     architecture_for(model).prepare(model)   # e.g. experts as one Linear per projection
-    skip = effective_skip(model, config)
-    check_model(model, method, skip)
-    if method.needs_calibration:
-        run = getattr(method, "quantize_model", None)
-        if run is None:
-            raise NotImplementedError(f"method {method.name} needs a calibrated driver")
-        run(model, calibration, progress=progress, kernel=kernel)
-    else:
-        _quantize_weight_only(model, method, skip, progress, kernel)
+    memory = InMemory(model, kernel)
+    model.lowbit_reports = walk(method, memory, memory, calibration, progress)
     model.lowbit_config = config
     return model
-
-
-def _quantize_weight_only(model: nn.Module, method: Method, skip: tuple[str, ...], progress: bool,
-                          kernel: str) -> None:
-    adapter = architecture_for(model)
-    blocks = adapter.blocks(model)
-    bar = tqdm(range(len(blocks)), desc=f"{method.name} quantize", unit="layer", disable=not progress)
-    for i in bar:
-        prefix = adapter.block_prefix(i)
-        linears = block_linears(blocks[i], prefix, skip)
-        codes = method.quantize_block(blocks[i], {n: _as_linear_view(m) for n, m in linears.items()})
-        for name, qw in codes.items():
-            install_quantized(model, f"{prefix}.{name}", qw, kernel)
-    # Linears outside the decoder blocks (lm_head unless skipped).
-    block_root = adapter.blocks_path + "."
-    for name, module in list(iter_linears(model, "", skip)):
-        if not name.startswith(block_root) and not matches_any(name, skip):
-            log.info("quantizing %s", name)
-            install_quantized(model, name, method.quantize_weight(name, linear_weight(module).detach()), kernel)
-
-
-class _LinearView:
-    """Linear-like view with an [out, in] weight, hiding GPT-2's transposed Conv1D layout from methods."""
-
-    def __init__(self, module: nn.Module):
-        self.module = module
-        self.weight = linear_weight(module)
-        self.bias = getattr(module, "bias", None)
-        self.out_features, self.in_features = self.weight.shape
-
-
-def _as_linear_view(module: nn.Module):
-    return module if isinstance(module, nn.Linear) else _LinearView(module)

@@ -56,6 +56,12 @@ class Experts:
 
     path: str = "mlp.experts"
     projections: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
+    # How a checkpoint on disk may spell one block's experts, when not as lowbit's per-expert names: module
+    # paths renamed ((on disk, in the model), e.g. Mixtral's ("block_sparse_moe.", "mlp.")) and the per-expert
+    # projections' names on disk in `projections` order (Mixtral: w1, w3, w2). transformers' fused 3-D tensors
+    # (`path.gate_up_proj`, `path.down_proj`) are understood for every family.
+    disk_renames: tuple[tuple[str, str], ...] = ()
+    disk_projections: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,8 @@ ARCHITECTURE = Architecture(
     blocks_path="model.layers", embed_path="model.embed_tokens", final_norm_path="model.norm",
     lm_head_path="lm_head",
     sequential=MOE_SEQUENTIAL, scale_groups=MOE_SCALE_GROUPS, no_clip=LLAMA_NO_CLIP,
-    experts=Experts(),
+    # transformers' own conversion (conversion_mapping "mixtral"): Mixtral checkpoints name the MoE
+    # block_sparse_moe and the experts' gate/down/up projections w1/w2/w3
+    experts=Experts(disk_renames=(("block_sparse_moe.", "mlp."),), disk_projections=("w1", "w3", "w2")),
     gguf=GGUFSpec("LLAMA", permute_qk=True, hparams=_hparams, config_from=_config),
 )
