@@ -137,6 +137,9 @@ def add_inspect(sub) -> None:
     p = sub.add_parser("inspect", help="architecture, size and quantization of a model")
     p.add_argument("model")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.add_argument("--load", action="store_true",
+                   help="load the model (slow: reads every weight) to also report memory and the kernels chosen; "
+                        "by default only headers are read")
     p.set_defaults(func=cmd_inspect)
 
 
@@ -179,11 +182,16 @@ def inspect_model(model, path: Path | None) -> dict[str, Any]:
 
 
 def cmd_inspect(args: argparse.Namespace) -> None:
-    from lowbit.models.loading import resolve_model_path
+    from lowbit.models.paths import resolve_model_path
 
     path = resolve_model_path(args.model)
-    model, _ = _load_model(args.model, args, keep_quantized=True)
-    info = inspect_model(model, path)
+    if args.load:
+        model, _ = _load_model(args.model, args, keep_quantized=True)
+        info = inspect_model(model, path)
+    else:
+        from lowbit.models.headers import describe
+
+        info = describe(path)
     if args.json:
         print(json.dumps(info, indent=1))
         return
@@ -290,6 +298,10 @@ def add_eval(sub) -> None:
     p.add_argument("--max-tokens", type=int, default=None, help="evaluate only the first N tokens")
     p.add_argument("--base", default=None, help="unquantized model for KL-divergence and top-1 agreement")
     p.add_argument("--json", default=None, help="write the figures to this JSON file")
+    p.add_argument("--compute", default="float32", choices=("float32", "runtime"),
+                   help="arithmetic for the quality figures: float32 (default: what quantization lost) or the "
+                        "runtime's fast kernels (bf16 activations where they use them)")
+    p.add_argument("--no-speed", action="store_true", help="skip the prompt/decode speed measurement")
     p.add_argument("--kernel", default="auto", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_eval)
 
@@ -304,11 +316,12 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if args.base:
         base, _ = _load_model(args.base, args)
     tokens = evaluation_tokens(base or model, tokenizer, args.data, args.max_tokens, args.ctx)
+    measure = {"speed": not args.no_speed, "compute": args.compute}
     rows = [evaluate(model, tokens, Path(args.model).name, ctx=args.ctx, base=base,
-                     path=resolve_model_path(args.model)).to_dict()]
+                     path=resolve_model_path(args.model), **measure).to_dict()]
     if base is not None:
         rows.append(evaluate(base, tokens, Path(args.base).name + " (base)", ctx=args.ctx,
-                             path=resolve_model_path(args.base)).to_dict())
+                             path=resolve_model_path(args.base), **measure).to_dict())
     print(format_table(rows, EVAL_COLUMNS))
     if args.json:
         write_json(args.json, {"data": args.data or "self-generated", "ctx": args.ctx, "results": rows})

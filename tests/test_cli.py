@@ -20,12 +20,16 @@ def test_quantize_inspect_generate_eval(stories_dir, tinystories_text, tmp_path,
                        "--asym", "--skip", "lm_head,mlp.down_proj")
     assert code == 0, err
     assert (out / "lowbit.json").is_file() and not list(tmp_path.glob(".q4*"))
-    code, text, _ = run(capsys, "inspect", out, "--json")
+    code, text, _ = run(capsys, "inspect", out, "--json", "--load")
     info = json.loads(text)
     assert info["quantization"]["bits"] == 4 and info["quantization"]["group_size"] == 32
     assert info["quantization"]["quantized_layers"] == 5 * 6
-    assert info["quantization"]["bits_per_weight"] == pytest.approx(4 + 20 / 32, abs=0.01)
+    assert info["quantization"]["bits_per_weight"] == pytest.approx(4 + 20 / 32, abs=0.01)  # fp16 scale, 4-bit zero
     assert info["parameters"] == 260032
+    code, text, _ = run(capsys, "inspect", out, "--json")       # headers only: what the file stores
+    headers = json.loads(text)
+    assert headers["parameters"] == 260032 and headers["quantization"]["quantized_layers"] == 5 * 6
+    assert headers["quantization"]["bits_per_weight"] == pytest.approx(4 + (16 + 8) / 32, abs=0.01)  # uint8 zeros
     code, text, _ = run(capsys, "generate", out, "-p", "Once upon a time", "-n", "12")
     assert code == 0 and text.startswith("Once upon a time") and len(text) > 30
     report = tmp_path / "eval.json"

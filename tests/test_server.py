@@ -241,7 +241,8 @@ def test_lowbit_serve_generates_in_the_main_thread_and_stops_on_ctrl_c(tmp_path)
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         url = f"http://127.0.0.1:{port}"
-        for _ in range(120):
+        deadline = time.monotonic() + 180           # a loaded machine can take a minute to import and load
+        while time.monotonic() < deadline and proc.poll() is None:
             try:
                 _get(url + "/v1/models")
                 break

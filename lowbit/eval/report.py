@@ -1,6 +1,7 @@
 """One evaluation of a model: quality against text (and a base model), size, memory and speed."""
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -10,8 +11,10 @@ from typing import Any
 import torch
 
 from lowbit.engine.generate import GenerationStats, SamplingParams, generate_ids
+from lowbit.errors import LowbitError
 from lowbit.eval.footprint import footprint, path_size, peak_rss_bytes
 from lowbit.eval.perplexity import evaluate_quality
+from lowbit.runtime.cpu import float32_arithmetic
 
 
 @dataclass
@@ -26,10 +29,11 @@ class EvalResult:
     kld: float | None
     top1_agreement: float | None
     base_perplexity: float | None
-    prompt_tokens_per_s: float
-    decode_tokens_per_s: float
+    prompt_tokens_per_s: float | None     # None when speed was not measured (--no-speed)
+    decode_tokens_per_s: float | None
     peak_rss_mb: float
     seconds: float
+    compute: str = "float32"              # the arithmetic quality was measured in: float32, or the runtime's
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -44,13 +48,26 @@ def measure_speed(model, tokens: torch.Tensor, prompt_len: int = 128, new_tokens
     return stats
 
 
+COMPUTE_CHOICES = ("float32", "runtime")
+
+
 def evaluate(model, tokens: torch.Tensor, name: str, ctx: int = 512, base=None, path: str | Path | None = None,
-             speed_tokens: int = 32, progress: bool = True) -> EvalResult:
-    """Every figure `lowbit eval` reports, for one model."""
+             speed_tokens: int = 32, progress: bool = True, speed: bool = True,
+             compute: str = "float32") -> EvalResult:
+    """Every figure `lowbit eval` reports, for one model.
+
+    Quality is measured in float32 arithmetic by default, so the figures are what quantization lost: the
+    runtime's fast kernels round activations to bf16 (int4pack, int8pack, bf16 GEMMs on AMX machines), which adds
+    error the quantized weights did not make. compute="runtime" measures what the runtime computes instead.
+    Speed is always the runtime's own."""
+    if compute not in COMPUTE_CHOICES:
+        raise LowbitError(f"unknown compute {compute!r}; choose one of: {', '.join(COMPUTE_CHOICES)}")
     t0 = time.perf_counter()
-    quality = evaluate_quality(model, tokens, ctx=ctx, base=base, progress=progress)
+    with float32_arithmetic() if compute == "float32" else contextlib.nullcontext():
+        quality = evaluate_quality(model, tokens, ctx=ctx, base=base, progress=progress)
     fp = footprint(model)
-    stats = measure_speed(model, tokens, prompt_len=min(128, tokens.numel() - 1), new_tokens=speed_tokens)
+    stats = (measure_speed(model, tokens, prompt_len=min(128, tokens.numel() - 1), new_tokens=speed_tokens)
+             if speed else None)
     config = getattr(model, "lowbit_config", None)
     size = path_size(path) if path is not None else fp.total_bytes
     return EvalResult(
@@ -58,8 +75,9 @@ def evaluate(model, tokens: torch.Tensor, name: str, ctx: int = 512, base=None, 
         bits_per_weight=fp.quantized_bits_per_weight, model_bits_per_weight=fp.model_bits_per_weight,
         size_mb=size / 1e6, perplexity=quality.perplexity, tokens=quality.tokens, kld=quality.kld,
         top1_agreement=quality.top1_agreement, base_perplexity=quality.base_perplexity,
-        prompt_tokens_per_s=stats.prompt_tokens_per_s, decode_tokens_per_s=stats.decode_tokens_per_s,
-        peak_rss_mb=peak_rss_bytes() / 1e6, seconds=time.perf_counter() - t0)
+        prompt_tokens_per_s=stats.prompt_tokens_per_s if stats else None,
+        decode_tokens_per_s=stats.decode_tokens_per_s if stats else None,
+        peak_rss_mb=peak_rss_bytes() / 1e6, seconds=time.perf_counter() - t0, compute=compute)
 
 
 def format_table(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]]) -> str:
@@ -79,7 +97,8 @@ def format_table(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]]
     return "\n".join(lines)
 
 
-EVAL_COLUMNS = [("name", "model", "s"), ("method", "method", "s"), ("bits_per_weight", "bpw", ".3f"),
+EVAL_COLUMNS = [("name", "model", "s"), ("method", "method", "s"), ("compute", "compute", "s"),
+                ("bits_per_weight", "bpw", ".3f"),
                 ("size_mb", "size MB", ".1f"), ("perplexity", "ppl", ".3f"), ("kld", "KLD", ".5f"),
                 ("top1_agreement", "top-1", ".3f"), ("prompt_tokens_per_s", "pp tok/s", ".1f"),
                 ("decode_tokens_per_s", "tg tok/s", ".1f"), ("peak_rss_mb", "peak MB", ".0f")]

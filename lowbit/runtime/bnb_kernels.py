@@ -15,6 +15,7 @@ Measured speeds are in bench/bench_bnb.py.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +59,9 @@ class Codebook4TiledKernel(Kernel):
     name = "bnb4-tiled"
     tile_rows = 512
 
+    def computes_in_float32(self, state: _Codebook4State) -> bool:
+        return state.dtype == torch.float32
+
     def supports(self, qw: QuantizedWeight) -> bool:
         return isinstance(qw.scheme, Codebook4)
 
@@ -82,6 +86,9 @@ class Codebook4CachedKernel(Kernel):
     """Dequantize once into the compute dtype and keep it: dense speed, dense memory."""
 
     name = "bnb4-cached"
+
+    def computes_in_float32(self, w: torch.Tensor) -> bool:
+        return w.dtype == torch.float32
 
     def supports(self, qw: QuantizedWeight) -> bool:
         return isinstance(qw.scheme, Codebook4)
@@ -146,6 +153,9 @@ class LLMInt8Kernel(Kernel):
     """LLM.int8(): outlier input columns in float, everything else int8 x int8 -> int32."""
 
     name = "llm-int8"
+
+    def computes_in_float32(self, state: Any) -> bool:
+        return True         # int8 activations are LLM.int8's (and dynamic int8's) method, not a speed shortcut
     activations = "int8"
 
     def supports(self, qw: QuantizedWeight) -> bool:

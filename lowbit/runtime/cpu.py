@@ -6,6 +6,7 @@ processing uses bf16 only where the hardware has it.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from pathlib import Path
 
@@ -29,4 +30,25 @@ def has_native_bf16() -> bool:
 
 def gemm_dtype() -> torch.dtype:
     """The dtype prompt-sized GEMMs run in on this CPU: bfloat16 where it is native, else float32."""
-    return torch.bfloat16 if has_native_bf16() else torch.float32
+    return torch.bfloat16 if has_native_bf16() and not float32_required() else torch.float32
+
+
+# Evaluation measures what quantization lost, so it can ask for float32 arithmetic everywhere: kernels that round
+# activations or dequantized weights to bf16 for speed (int4pack, int8pack, bf16 GEMMs) step aside while this is
+# set, and prompt-sized GEMMs run in float32 (see QuantLinear.forward).
+_FLOAT32_DEPTH = 0
+
+
+def float32_required() -> bool:
+    return _FLOAT32_DEPTH > 0
+
+
+@contextlib.contextmanager
+def float32_arithmetic():
+    """Within this block every QuantLinear computes in float32 (the weight's own values, summed in float32)."""
+    global _FLOAT32_DEPTH
+    _FLOAT32_DEPTH += 1
+    try:
+        yield
+    finally:
+        _FLOAT32_DEPTH -= 1

@@ -118,6 +118,9 @@ class AffineU8Kernel(Kernel):
 
     name = "u8"
 
+    def computes_in_float32(self, state: dict[str, Any]) -> bool:
+        return True         # decode rows: float32 C kernel; prompt rows: prefill_matmul in gemm_dtype()
+
     def supports(self, qw: QuantizedWeight) -> bool:
         # act-order weights too: their columns are sorted into contiguous groups once, activations gathered
         return native_library() is not None and affine_form(qw) is not None and affine_spec(qw) is not None

@@ -28,11 +28,20 @@ class Kernel:
     def matmul(self, x: torch.Tensor, state: Any) -> torch.Tensor:
         raise NotImplementedError
 
+    def computes_in_float32(self, state: Any) -> bool:
+        """True when matmul is float32 arithmetic on the weight's exact values (up to summation order), or the
+        quantization method itself defines the arithmetic (LLM.int8's int8 activations); False for kernels that
+        round to bf16 for speed, which evaluation replaces (runtime.cpu.float32_arithmetic)."""
+        return False
+
 
 class ReferenceKernel(Kernel):
     """Dequantize on every call: exact for every scheme, slow, no extra memory kept."""
 
     name = "reference"
+
+    def computes_in_float32(self, state: Any) -> bool:
+        return True
 
     def supports(self, qw: QuantizedWeight) -> bool:
         return True

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from lowbit.quantized import QuantizedWeight
+from lowbit.runtime.cpu import float32_required
 from lowbit.runtime.kernels import select_kernel
 
 
@@ -34,7 +35,13 @@ class QuantLinear(nn.Module):
         if self._kernel is None:
             self._kernel = select_kernel(self.qweight, self.kernel_preference)
             self._state = self._kernel.prepare(self.qweight)
-        y = self._kernel.matmul(x, self._state)
+        if float32_required() and not self._kernel.computes_in_float32(self._state):
+            from lowbit.runtime.fast_kernels import prefill_matmul
+
+            y = prefill_matmul(x.reshape(-1, x.shape[-1]).float(), self.qweight)
+            y = y.reshape(*x.shape[:-1], -1).to(x.dtype)
+        else:
+            y = self._kernel.matmul(x, self._state)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y

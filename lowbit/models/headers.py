@@ -1,0 +1,188 @@
+"""What a model file holds, from its headers alone: no weights read, no torch, no transformers.
+
+`lowbit inspect` uses this, so describing an 8B file takes the time of parsing its GGUF header (or its
+config.json, quantization configs and safetensors headers) and memory independent of the file's size. The GGUF
+header goes through the one validating parser (lowbit.formats.gguf_file.read_gguf); safetensors headers are read
+as the format defines them (an 8-byte length, then JSON), bounded before they are parsed.
+"""
+from __future__ import annotations
+
+import json
+import struct
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from lowbit.errors import CorruptFile
+
+MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024    # safetensors itself refuses headers over 100 MB
+
+# bits one stored element holds for packed code tensors: GPTQ/AWQ qweight and compressed-tensors weight_packed are
+# int32 words of 32 / bits codes
+PACKED_CODE_TENSORS = ("qweight", "weight_packed")
+
+
+SAFETENSORS_DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2,
+                           "U16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def path_size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def describe(path: Path) -> dict[str, Any]:
+    """Architecture, size and quantization of the model at `path` (a .gguf file or a folder)."""
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise CorruptFile(f"{path} is a file but not a .gguf; pass a .gguf file or a model folder")
+        return describe_gguf(path)
+    return describe_folder(path)
+
+
+def describe_gguf(path: Path) -> dict[str, Any]:
+    from lowbit.formats.gguf_file import FLOAT_TENSOR_TYPES, read_gguf
+
+    gf = read_gguf(path)          # a memory map: tensor data are never touched here
+    arch = gf.get("general.architecture")
+    elements = {name: _count(t.shape) for name, t in gf.tensors.items()}
+    quantized = {name: t for name, t in gf.tensors.items() if t.type_name not in FLOAT_TENSOR_TYPES}
+    embedding = gf.tensors.get("token_embd.weight")
+    info: dict[str, Any] = {
+        "format": f"GGUF v{gf.version}",
+        "name": gf.get("general.name"),
+        "gguf_architecture": arch,
+        "layers": gf.get(f"{arch}.block_count"),
+        "hidden_size": gf.get(f"{arch}.embedding_length"),
+        "vocab_size": embedding.shape[0] if embedding is not None else None,
+        "context_length": gf.get(f"{arch}.context_length"),
+        "tensors": len(gf.tensors),
+        "parameters": sum(elements.values()),
+        "tied_head": "output.weight" not in gf.tensors,
+        "tensor_types": dict(Counter(t.type_name for t in gf.tensors.values()).most_common()),
+        "file_size_mb": round(path.stat().st_size / 1e6, 3),
+    }
+    if quantized:
+        q_elements = sum(elements[name] for name in quantized)
+        q_bytes = sum(t.data.size for t in quantized.values())
+        info["quantization"] = {
+            "method": "gguf",
+            "file_type": gf.get("general.file_type"),
+            "quantized_tensors": len(quantized),
+            "bits_per_weight": round(8 * q_bytes / q_elements, 4),
+        }
+    total_bytes = sum(t.data.size for t in gf.tensors.values())
+    info["bits_per_weight_model"] = round(8 * total_bytes / max(info["parameters"], 1), 4)
+    return info
+
+
+def safetensors_header(path: Path) -> dict[str, Any]:
+    """The JSON header of one .safetensors file: {tensor name: {dtype, shape, data_offsets}}."""
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise CorruptFile(f"{path}: too short for a safetensors header; the file is truncated")
+        (length,) = struct.unpack("<Q", head)
+        if length > MAX_SAFETENSORS_HEADER or length > path.stat().st_size - 8:
+            raise CorruptFile(f"{path}: header length {length} is larger than the file or 100 MB; the file is "
+                              "corrupt")
+        try:
+            header = json.loads(fh.read(length))
+        except (ValueError, UnicodeDecodeError):
+            raise CorruptFile(f"{path}: the safetensors header is not JSON; the file is corrupt") from None
+    if not isinstance(header, dict):
+        raise CorruptFile(f"{path}: the safetensors header is not a JSON object; the file is corrupt")
+    header.pop("__metadata__", None)
+    for name, entry in header.items():
+        shape = entry.get("shape") if isinstance(entry, dict) else None
+        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+            raise CorruptFile(f"{path}: tensor {name} has no valid shape in the header; the file is corrupt")
+    return header
+
+
+def _json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        raise CorruptFile(f"{path} is not valid JSON; restore it from the original model") from None
+    if not isinstance(value, dict):
+        raise CorruptFile(f"{path} holds {type(value).__name__}, not a JSON object; restore it from the original")
+    return value
+
+
+def _count(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+def describe_folder(path: Path) -> dict[str, Any]:
+    config = _json(path / "config.json")
+    if not config:
+        raise CorruptFile(f"{path} has no config.json; pass a model folder (config.json + *.safetensors) or a .gguf")
+    lowbit_meta = _json(path / "lowbit.json")
+    quant_config = config.get("quantization_config") or _json(path / "quantize_config.json")
+    tensors: dict[str, dict[str, Any]] = {}
+    for shard in sorted(path.glob("*.safetensors")):
+        tensors.update(safetensors_header(shard))
+    text_config = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    info: dict[str, Any] = {
+        "format": "folder (safetensors)",
+        "architecture": (config.get("architectures") or ["?"])[0],
+        "model_type": config.get("model_type"),
+        "layers": text_config.get("num_hidden_layers"),
+        "hidden_size": text_config.get("hidden_size"),
+        "vocab_size": text_config.get("vocab_size"),
+        "tensors": len(tensors),
+        "tensor_dtypes": dict(Counter(t.get("dtype") for t in tensors.values()).most_common()),
+        "file_size_mb": round(path_size(path) / 1e6, 3),
+    }
+    layers = lowbit_meta.get("layers") if isinstance(lowbit_meta.get("layers"), dict) else {}
+    bits = quant_config.get("bits") if isinstance(quant_config, dict) else None
+    # bitsandbytes: a 4-bit weight is uint8 bytes of two codes with a quant_state beside it; LLM.int8 has SCB
+    bnb_4bit = {name.split(".weight.quant_state")[0] for name in tensors if ".weight.quant_state" in name}
+    bnb_int8 = {name[: -len(".SCB")] for name in tensors if name.endswith(".SCB")}
+    parameters, quantized_elements, quantized_layers = 0, 0, set()
+    for name, entry in tensors.items():
+        layer, _, leaf = name.rpartition(".")
+        if leaf == "weight" and (layer in bnb_4bit or layer in bnb_int8):
+            quantized_layers.add(layer)
+            quantized_elements += _count(entry["shape"]) * (2 if layer in bnb_4bit else 1)
+            continue
+        if layer in layers:                          # lowbit native: the layer's shape is in lowbit.json
+            if layer not in quantized_layers:
+                quantized_layers.add(layer)
+                quantized_elements += _count(layers[layer].get("shape", []))
+            continue
+        if leaf in PACKED_CODE_TENSORS and isinstance(bits, int) and 0 < bits <= 8:
+            quantized_layers.add(layer)
+            quantized_elements += _count(entry["shape"]) * (32 // bits)
+            continue
+        if leaf in ("scales", "qzeros", "g_idx", "weight_scale", "weight_zero_point", "weight_shape",
+                    "weight_g_idx", "SCB", "weight_format") or ".quant_state" in name or leaf.startswith("absmax") \
+                or leaf.startswith("quant_map") or leaf.startswith("nested_"):
+            continue                                  # statistics of a quantized layer, not parameters
+        parameters += _count(entry["shape"])
+    info["parameters"] = parameters + quantized_elements
+    if quantized_elements:
+        stored = sum(_count(entry["shape"]) * SAFETENSORS_DTYPE_BYTES.get(entry.get("dtype"), 4)
+                     for name, entry in tensors.items() if name.rpartition(".")[0] in quantized_layers
+                     or any(name.startswith(layer + ".") for layer in quantized_layers))
+        storage_bits_per_weight = round(8 * stored / quantized_elements, 4)
+    else:
+        storage_bits_per_weight = None
+    if quantized_layers or quant_config or lowbit_meta:
+        native = lowbit_meta.get("quantization") if isinstance(lowbit_meta.get("quantization"), dict) else {}
+        method = (native.get("method") or (quant_config.get("quant_method") if isinstance(quant_config, dict)
+                                           else None) or "unknown")
+        info["quantization"] = {"method": method, "quantized_layers": len(quantized_layers) or None,
+                                "bits_per_weight": storage_bits_per_weight}
+        for source in (native, quant_config if isinstance(quant_config, dict) else {}):
+            for key in ("bits", "group_size", "sym", "desc_act", "version", "format"):
+                if key in source and key not in info["quantization"]:
+                    info["quantization"][key] = source[key]
+    return info
