@@ -81,6 +81,36 @@ def worker(args: argparse.Namespace) -> None:
     print("RESULT " + json.dumps(result), flush=True)
 
 
+def kv_cache_bytes(path: Path, context: int) -> int:
+    """Bytes of the float32 K and V caches the engine allocates for `context` tokens (from the GGUF header)."""
+    from lowbit.formats.gguf import read_gguf
+
+    gf = read_gguf(path)
+    arch = gf.get("general.architecture")
+    layers, width = gf.get(f"{arch}.block_count"), gf.get(f"{arch}.embedding_length")
+    heads = gf.get(f"{arch}.attention.head_count")
+    kv_heads = gf.get(f"{arch}.attention.head_count_kv") or heads
+    head_dim = gf.get(f"{arch}.attention.key_length") or width // heads
+    return 2 * layers * kv_heads * head_dim * context * 4
+
+
+class BusyMachine:
+    """`n` processes spinning on the CPU (at normal priority) while a measurement runs: a user's busy laptop."""
+
+    def __init__(self, n: int):
+        self.n, self.procs = n, []
+
+    def __enter__(self):
+        self.procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(self.n)]
+        return self
+
+    def __exit__(self, *exc):
+        for proc in self.procs:
+            proc.kill()
+        for proc in self.procs:
+            proc.wait()
+
+
 def weight_bytes_per_token(path: Path) -> tuple[int, int, bool]:
     """(bytes of weights one decode step reads, KV-cache-free file tensor bytes, tied) from the GGUF header."""
     from lowbit.formats.gguf import read_gguf
@@ -94,6 +124,7 @@ def weight_bytes_per_token(path: Path) -> tuple[int, int, bool]:
 
 def model_files(args: argparse.Namespace) -> list[tuple[str, str, Path]]:
     """(model label, mix, path) for the requested matrix, generating synthetic files that are missing."""
+    from real_models import PACKAGED, real_model_path
     from synthetic import SHAPES, write_synthetic_gguf
 
     from lowbit.models.loading import resolve_model_path
@@ -103,8 +134,12 @@ def model_files(args: argparse.Namespace) -> list[tuple[str, str, Path]]:
         if name == "smollm2":
             files.append(("SmolLM2-135M (real)", "Q4_1", resolve_model_path("smollm2")))
             continue
+        if name in PACKAGED:
+            files.append((PACKAGED[name].label, "file", real_model_path(name)))
+            continue
         if name not in SHAPES:
-            raise SystemExit(f"unknown model {name!r}: use smollm2 or one of {', '.join(SHAPES)}")
+            raise SystemExit(f"unknown model {name!r}: use smollm2, one of {', '.join(PACKAGED)} (real models "
+                             f"PyPI packages ship) or a synthetic shape: {', '.join(SHAPES)}")
         for mix in args.mixes.split(","):
             path = CACHE / f"{name}-{mix}.gguf"
             if not path.exists():
@@ -146,6 +181,9 @@ def main() -> None:
     parser.add_argument("--tg", type=int, default=128)
     parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per worker process")
+    parser.add_argument("--busy", type=int, default=0,
+                        help="also measure every runner with this many CPU-spinning processes running (a busy "
+                             "machine); the 'busy / quiet' rows are the ratios")
     parser.add_argument("--out", default=str(RESULTS / "scale.json"))
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--file", help=argparse.SUPPRESS)
@@ -170,23 +208,34 @@ def main() -> None:
         read, total, tied = weight_bytes_per_token(path)
         for threads in thread_counts:
             measured = {}
-            variants = [(r, False) for r in runners] + ([("lowbit", True)] if args.act8 and "lowbit" in runners else [])
-            for runner, act8 in variants:
-                result = run_worker(runner, path, threads, args, act8)
+            variants = [(r, False, 0) for r in runners]
+            variants += [("lowbit", True, 0)] if args.act8 and "lowbit" in runners else []
+            variants += [(r, False, args.busy) for r in runners] if args.busy else []
+            for runner, act8, busy in variants:
+                with BusyMachine(busy):
+                    result = run_worker(runner, path, threads, args, act8)
                 if result is None:
                     continue
-                name = runner + (" act8" if act8 else "")
+                name = runner + (" act8" if act8 else "") + (f" busy x{busy}" if busy else "")
                 measured[name] = result
                 tg = result.get(f"tg{args.tg}")
                 row = {"model": label, "mix": mix, "file_mb": total / 1e6, "runner": name, "threads": threads,
                        "load_s": result["load_s"], "rss_mb": result["rss_mb"], "peak_mb": result["peak_rss_mb"],
                        "rss_per_file": result["rss_mb"] * 1e6 / total,
+                       "rss_target_mb": (1.15 * total + kv_cache_bytes(path, result.get("context_tokens") or
+                                                                          max(args.pp) + args.tg + 16)) / 1e6 + 150,
                        "bw_pct": 100 * read * (tg or 0) / (bandwidth[threads] * 1e9)}
                 for pp in args.pp:
                     row[f"pp{pp}"] = result.get(f"pp{pp}")
                 row["tg"] = tg
                 rows.append(row)
                 raw.append({**row, "raw": result, "weight_bytes_per_token": read, "tied": tied})
+            for runner in runners:
+                quiet, loaded = measured.get(runner), measured.get(f"{runner} busy x{args.busy}")
+                if quiet and loaded:
+                    rows.append({"model": label, "mix": mix, "runner": f"{runner} busy / quiet", "threads": threads,
+                                 **{("tg" if k.startswith("tg") else k): (loaded.get(k) or 0) / quiet[k]
+                                    for k in quiet if k.startswith(("pp", "tg")) and quiet[k]}})
             if "lowbit" in measured and "llama.cpp" in measured:
                 ours, theirs = measured["lowbit"], measured["llama.cpp"]
                 ratio = {k: (ours.get(k) or 0) / theirs[k] for k in theirs if k.startswith(("pp", "tg")) and theirs[k]}
@@ -204,7 +253,7 @@ def _columns(args: argparse.Namespace) -> list[tuple[str, str, str]]:
                ("threads", "thr", "d"), ("load_s", "load s", ".1f")]
     columns += [(f"pp{pp}", f"pp{pp}", ".2f") for pp in args.pp]
     columns += [("tg", f"tg{args.tg}", ".2f"), ("bw_pct", "% bw", ".0f"), ("rss_mb", "RSS MB", ".0f"),
-                ("rss_per_file", "RSS/file", ".2f")]
+                ("rss_target_mb", "RSS target", ".0f"), ("rss_per_file", "RSS/file", ".2f")]
     return columns
 
 

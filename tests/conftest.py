@@ -24,6 +24,21 @@ def one_thread():
     yield
 
 
+# A chat template for stories260K (which has none), so the server's chat route can be tested on it.
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}assistant:{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def stories_chat():
+    """(model, tokenizer) of stories260K with CHAT_TEMPLATE (a fresh copy per test module: servers change it)."""
+    from lowbit.models.loading import load_model
+
+    model, tokenizer = load_model(STORIES)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return model, tokenizer
+
+
 def shared_path(*parts: str) -> Path:
     path = SHARED.joinpath(*parts)
     if not path.exists():

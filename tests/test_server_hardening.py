@@ -17,17 +17,9 @@ pytestmark = pytest.mark.skipif(not STORIES.is_dir(), reason=f"shared model stor
 
 MODEL = "stories"
 CONTEXT = 128
-CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-                 "{% if add_generation_prompt %}assistant:{% endif %}")
-
-
 @pytest.fixture(scope="module")
-def stories():
-    from lowbit.models.loading import load_model
-
-    model, tokenizer = load_model(STORIES)
-    tokenizer.chat_template = CHAT_TEMPLATE
-    return model, tokenizer
+def stories(stories_chat):
+    return stories_chat
 
 
 def _start(stories, **kw):

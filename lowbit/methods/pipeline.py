@@ -11,6 +11,7 @@ to the sink too. The reports come back from `walk`, keyed by full module name.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any, Protocol
 
 from torch import nn
@@ -110,8 +111,13 @@ def walk(method: Method, source: BlockSource, sink: BlockSink, calibration: Any 
         batch = calibration_batch(model, calibration, options.get("calib_samples"), options.get("calib_len"),
                                   options.get("seed"))
         model.eval()
+        # timed and reported on its own, before the per-layer bar starts, so the bar's rate and ETA are the layers'
+        began = time.perf_counter()
         calls = capture_first_block_inputs(model, arch, batch, int(options.get("chunk") or 8))
+        log.info("%s: calibration: %d x %d tokens prepared and the first block's inputs captured in %.1f s",
+                 method.name, batch.shape[0], batch.shape[1], time.perf_counter() - began)
     n_blocks = len(arch.blocks(model))
+    began = time.perf_counter()
     reports: dict[str, Any] = {}
     worst: list[str] = []
     bar = tqdm(range(n_blocks), desc=desc or f"{method.name} quantize", unit="layer", disable=not progress)
@@ -128,6 +134,8 @@ def walk(method: Method, source: BlockSource, sink: BlockSink, calibration: Any 
         if calls is not None and i + 1 < n_blocks:
             calls = run_block(block, calls)
         sink.put_block(i, prefix, block)
+    log.info("%s: %d decoder layers in %.1f s (%.2f s per layer)", method.name, n_blocks,
+             time.perf_counter() - began, (time.perf_counter() - began) / max(n_blocks, 1))
     if worst:
         log.info("%s: per-layer worst relative output error: %s", method.name, ", ".join(worst))
     for name, module in outside_linears(model, arch.blocks_path, skip):
