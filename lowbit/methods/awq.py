@@ -185,7 +185,7 @@ def clip_ranges(weight: torch.Tensor, x: torch.Tensor, scheme: IntGrid, n_grid: 
     for step in range(int(max_shrink * n_grid)):
         bound = original_max * (1 - step / n_grid)
         clipped = torch.maximum(torch.minimum(wg, bound.unsqueeze(-1)), -bound.unsqueeze(-1))
-        q = padded_groups(scheme.quantize(clipped.reshape(n, -1)[:, :k]).dequantize(), scheme.group_size)
+        q = padded_groups(scheme.fake_quantize(clipped.reshape(n, -1)[:, :k]), scheme.group_size)
         out = torch.bmm(xg, q.permute(1, 2, 0))
         err = (out - reference).pow(2).mean(dim=1).t()             # [N, G]
         better = err < best_err
@@ -292,7 +292,7 @@ class AWQ(CalibratedMethod):
             def scaled_loss(s: torch.Tensor) -> float:
                 for module, w in zip(members, originals):
                     scaled = w.float() * s.view(1, -1)
-                    set_linear_weight(module, scheme.quantize(scaled).dequantize() / s.view(1, -1))
+                    set_linear_weight(module, scheme.fake_quantize(scaled) / s.view(1, -1))
                 return sum((block_output(inspect(*a, **kw)) - ref).float().pow(2).sum().item()
                            for (a, kw), ref in zip(search_calls, reference))
 
