@@ -1,11 +1,13 @@
 """lowbit's inference engine: batched prefill, decode over a preallocated KV cache, sampling, stop tokens.
 
-The engine runs a loaded Hugging Face model whose Linear layers may be QuantLinear modules. For the Llama
-family (Llama, Mistral, Qwen2, Qwen3, SmolLM2) it runs its own decoder loop over the model's modules: q/k/v and
-gate/up projections fused into one matmul each, rotary tables computed once, a static cache of shape
-[layers, slots, kv_heads, context, head_dim] written in place, and attention over only the filled prefix. One
-cache slot per sequence lets sequences at different positions decode together in one step (continuous
-batching). Other architectures run through transformers' own forward, one sequence at a time.
+The engine runs a loaded Hugging Face model whose Linear layers may be QuantLinear modules. For pre-norm rotary
+decoders (Llama, Mistral, Qwen2, Qwen3, SmolLM2, Gemma 1/2/3, Phi-3: whatever `decoder_blocker` accepts from the
+family's Architecture) it runs its own decoder loop over the model's modules: q/k/v and gate/up projections
+fused into one matmul each, rotary tables computed once, a static cache of shape
+[layers, slots, kv_heads, context, head_dim] written in place, and attention over only the filled prefix (or the
+layer's window). Single tokens decode through the compiled step (engine/compiled_step.py). One cache slot per
+sequence lets sequences at different positions decode together in one step (continuous batching). Other
+architectures run through transformers' own forward, one sequence at a time.
 """
 from __future__ import annotations
 
@@ -120,6 +122,8 @@ def _fused_or_separate(modules: SequenceType[nn.Module], fuse: bool
                        ) -> tuple[Callable[[torch.Tensor], torch.Tensor], list[nn.Module]]:
     """A callable returning the concatenated outputs of `modules` (one matmul when they can be fused), and the
     modules it runs (the fused one, or the originals)."""
+    if len(modules) == 1:      # already one weight (Phi-3's qkv_proj, gate_up_proj)
+        return modules[0], list(modules)
     fused = fuse_linears(modules) if fuse else None
     if fused is not None:
         return fused, [fused]
@@ -187,7 +191,8 @@ def _activation_of(model: nn.Module, arch: Any) -> str | None:
 
     block = arch.blocks(model)[0]
     mlp_path = arch.sequential[3][0].rpartition(".")[0]
-    act = getattr(block.get_submodule(mlp_path), "act_fn", None)
+    mlp = block.get_submodule(mlp_path)
+    act = getattr(mlp, "act_fn", None) or getattr(mlp, "activation_fn", None)    # Phi-3: activation_fn
     config = model.config
     for name in (getattr(config, "hidden_activation", None), getattr(config, "hidden_act", None), arch.activation):
         if name in ACT2FN and act is not None and type(ACT2FN[name]) is type(act):
