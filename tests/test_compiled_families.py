@@ -141,3 +141,17 @@ def test_each_feature_changes_the_tokens(feature):
                                        torch.tensor([len(p) + step for p in PROMPTS]))
         changed = max(changed, float((logits - logits_t[step]).abs().max()))
     assert changed > 1e-2 * logits_t.abs().max()
+
+
+@pytest.mark.parametrize("model_type,path", [("gemma2", "compiled step"),
+                                             ("gpt2", "transformers forward (layer norms)")])
+def test_bench_says_which_decode_path_ran(model_type, path, tmp_path, capsys):
+    from lowbit.api import save
+    from lowbit.cli import main
+
+    from arch_models import tiny_model
+
+    model = family_model(model_type) if model_type in FAMILIES else tiny_model(model_type)[0]
+    saved = save(model, tmp_path / model_type, tokenizer=None)
+    assert main(["-q", "bench", str(saved), "-p", "2", "-n", "2", "-r", "1"]) == 0
+    assert f"decode: {path}\n" in capsys.readouterr().out
