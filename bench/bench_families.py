@@ -112,7 +112,8 @@ def main() -> None:
     for r in rows:
         t = r["tg_tok_s"]
         print(f"| {r['family']} | {r['shape_of']} | {t['compiled step']:.1f} | {t['torch decoder']:.1f} | "
-              f"{t['transformers forward']:.1f} | {r['compiled_vs_torch']:.2f}x | {r['compiled_vs_transformers']:.2f}x |")
+              f"{t['transformers forward']:.1f} | {r['compiled_vs_torch']:.2f}x | "
+              f"{r['compiled_vs_transformers']:.2f}x |")
     out = ROOT / "bench" / "results" / "families.json"
     out.write_text(json.dumps({"threads": threads, "tg": args.tg, "reps": args.reps, "rows": rows}, indent=1))
     print(f"\nwrote {out}")

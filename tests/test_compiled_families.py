@@ -155,3 +155,16 @@ def test_bench_says_which_decode_path_ran(model_type, path, tmp_path, capsys):
     saved = save(model, tmp_path / model_type, tokenizer=None)
     assert main(["-q", "bench", str(saved), "-p", "2", "-n", "2", "-r", "1"]) == 0
     assert f"decode: {path}\n" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("model_type,reason", [("gpt_neox", "layer norms"), ("mixtral", "mixture-of-experts MLP"),
+                                               ("qwen3_moe", "mixture-of-experts MLP")])
+def test_families_outside_the_decoder_fall_back_with_their_reason(model_type, reason):
+    """The engine asks the family's Architecture, not a list: what the decoder cannot compute is named, and
+    those models run through transformers' forward with lowbit's quantized Linears."""
+    from arch_models import tiny_model
+
+    model = tiny_model(model_type)[0]
+    assert decoder_blocker(model) == reason
+    engine = Engine(model, context=32)
+    assert engine.decode_path == f"transformers forward ({reason})" and not engine.fast_path

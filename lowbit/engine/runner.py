@@ -164,16 +164,23 @@ def decoder_blocker(model: nn.Module) -> str | None:
                                         for path, expected in zip(arch.sequential[::2], (("q", "k", "v"),
                                                                                           ("gate", "up")))):
         return "block layout other than attention then MLP"
+    if not _has(model, _rotary_path(arch)):
+        return f"no rotary module at {_rotary_path(arch)}"
     if _activation_of(model, arch) is None:
         return f"MLP activation {getattr(config, 'hidden_act', None)!r}"
-    rope_types = {p.get("rope_type", "default") for p in _rope_parameter_sets(config)}
-    if rope_types & set(LENGTH_DEPENDENT_ROPE):
-        return f"rope type {sorted(rope_types & set(LENGTH_DEPENDENT_ROPE))[0]} (tables change with the sequence length)"
+    varying = sorted({p.get("rope_type", "default") for p in _rope_parameter_sets(config)} & set(LENGTH_DEPENDENT_ROPE))
+    if varying:
+        return f"rope type {varying[0]} (tables change with the sequence length)"
     if getattr(config, "use_bidirectional_attention", False):
         return "bidirectional attention"
     if not all(getattr(config, "no_rope_layers", None) or [1]):
         return "layers without rotary embedding (NoPE)"
     return None
+
+
+def _rotary_path(arch: Any) -> str:
+    """transformers keeps the rotary module next to the embedding (model.rotary_emb)."""
+    return f"{arch.embed_path.rpartition('.')[0]}.rotary_emb".lstrip(".")
 
 
 def _rope_parameter_sets(config: Any) -> list[dict]:
@@ -289,7 +296,7 @@ class RotaryDecoder:
         # Rotary tables for every position, computed once with the model's own rotary module (rope scaling
         # variants, partial rotary and per-layer-type bases included), exactly as transformers computes them
         # per step: [table][context, rotary dims].
-        rotary = model.get_submodule(arch.embed_path.rpartition(".")[0] + ".rotary_emb")
+        rotary = model.get_submodule(_rotary_path(arch))
         positions = torch.arange(context)[None]
         types = list(getattr(config, "layer_types", None) or [])
         per_type = types and "layer_type" in inspect.signature(rotary.forward).parameters
