@@ -122,6 +122,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
     model, _ = _load(args)
     engine = Engine(model, max_batch=1, context=max(args.n_prompt, args.n_gen) + 8, threads=args.threads,
                     int8_activations=args.int8_activations)
+    decode_path = engine.decode_path
+    print(f"decode: {decode_path}")
     results = [bench_engine(engine, args.n_prompt, args.n_gen, args.reps, name=f"lowbit ({Path(args.model).name})")]
     del engine
     if args.vs_transformers:
@@ -133,4 +135,5 @@ def cmd_bench(args: argparse.Namespace) -> None:
         from lowbit.formats.atomic import atomic_file
 
         with atomic_file(args.json) as tmp:
-            tmp.write_text(json.dumps({"model": args.model, "results": [r.to_dict() for r in results]}, indent=1))
+            tmp.write_text(json.dumps({"model": args.model, "decode": decode_path,
+                                       "results": [r.to_dict() for r in results]}, indent=1))

@@ -1,10 +1,13 @@
-"""The engine's compiled decode step (runtime/csrc/decode.c): a whole Llama-family token step in one C call.
+"""The engine's compiled decode step (runtime/csrc/decode.c): a whole token step of a pre-norm rotary decoder
+(Llama, Mistral, Qwen2/3, Gemma 1/2/3, Phi-3) in one C call.
 
-`NativeDecodeStep.build(decoder)` describes the decoder's weights to the C code once (ctypes structures pointing
-at tensors kept alive here) and returns None when anything is outside what the C step handles: a layer that is
-neither affine per group (integer grids, GPTQ act-order through a column order, AWQ, GGUF blocks) nor an NF4/FP4
-codebook (LLM.int8's outliers, dynamic int8), a non-float32 KV cache, or no compiled library. The engine then
-keeps running its torch decoder.
+`NativeDecodeStep.build(decoder)` describes the decoder (a RotaryDecoder, which read the family's facts from its
+Architecture: norms and their (1 + w), sandwich norms, activation, q/k norms, partial rotary, per-layer rotary
+tables and windows, soft-capping, attention scale) to the C code once, as ctypes structures pointing at tensors
+kept alive here. It returns no step, with the reason, when anything is outside what the C step handles: a layer
+that is neither affine per group (integer grids, GPTQ act-order through a column order, AWQ, GGUF blocks) nor an
+NF4/FP4 codebook (LLM.int8's outliers, dynamic int8), a non-float32 KV cache, or no compiled library. The engine
+then keeps running its torch decoder.
 """
 from __future__ import annotations
 
@@ -26,7 +29,8 @@ SMALL_MODEL_BYTES = 8 << 20    # below this many weight bytes a token step runs 
 class LayerSpec(ctypes.Structure):
     """decode.c's lb_layer (qkv and gate_up: up to 3 and 2 weights whose outputs are concatenated)."""
 
-    _fields_ = [("input_norm", _ptr), ("post_norm", _ptr), ("q_norm", _ptr), ("k_norm", _ptr),
+    _fields_ = [("input_norm", _ptr), ("mlp_norm", _ptr), ("attn_out_norm", _ptr), ("mlp_out_norm", _ptr),
+                ("q_norm", _ptr), ("k_norm", _ptr), ("cos", _ptr), ("sin", _ptr), ("window", _i64),
                 ("qkv", LinearSpec * 3), ("o", LinearSpec), ("gate_up", LinearSpec * 2), ("down", LinearSpec)]
 
 
@@ -34,14 +38,18 @@ class ModelSpec(ctypes.Structure):
     """decode.c's lb_model."""
 
     _fields_ = [("n_layers", _i64), ("hidden", _i64), ("heads", _i64), ("kv_heads", _i64), ("head_dim", _i64),
-                ("intermediate", _i64), ("context", _i64), ("slots", _i64),
+                ("rope_dim", _i64), ("intermediate", _i64), ("context", _i64), ("slots", _i64),
                 ("norm_eps", _f32), ("q_norm_eps", _f32), ("k_norm_eps", _f32), ("attn_scale", _f32),
-                ("act8", _i64),
+                ("attn_softcap", _f32), ("final_softcap", _f32), ("activation", _i64), ("act8", _i64),
                 ("layers", ctypes.POINTER(LayerSpec)), ("final_norm", _ptr), ("lm_head", LinearSpec),
-                ("cos", _ptr), ("sin", _ptr), ("k_cache", _ptr), ("v_cache", _ptr)]
+                ("k_cache", _ptr), ("v_cache", _ptr)]
 
 
-def _norm_weight(norm: nn.Module | None, keep: list[torch.Tensor]) -> int | None:
+ACTIVATION_CODES = {"silu": 0, "gelu_tanh": 1, "gelu": 2}   # decode.c's LB_ACT_*
+
+
+def _norm_weight(norm: Any, keep: list[torch.Tensor]) -> int | None:
+    """Pointer to a decoder norm's float32 factor (kept alive in `keep`), or None when the norm is absent."""
     if norm is None:
         return None
     weight = norm.weight.detach().float().contiguous()
@@ -50,7 +58,7 @@ def _norm_weight(norm: nn.Module | None, keep: list[torch.Tensor]) -> int | None
 
 
 class NativeDecodeStep:
-    """Callable (tokens [B], slots [B], positions [B]) -> logits [B, vocab] for a LlamaFamilyDecoder."""
+    """Callable (tokens [B], slots [B], positions [B]) -> logits [B, vocab] for a RotaryDecoder."""
 
     def __init__(self, lib: ctypes.CDLL, spec: ModelSpec, layers: Any, keep: list[torch.Tensor],
                  embed: nn.Module, vocab: int):
@@ -63,12 +71,12 @@ class NativeDecodeStep:
         self.max_threads = 1 if weight_bytes < SMALL_MODEL_BYTES else None
 
     @classmethod
-    def build(cls, decoder: Any, act8: bool = False) -> NativeDecodeStep | None:
-        """The compiled step for `decoder` (a LlamaFamilyDecoder), or None if it cannot run it (reason logged).
+    def build(cls, decoder: Any, act8: bool = False) -> tuple[NativeDecodeStep | None, str]:
+        """(the compiled step for `decoder` (a RotaryDecoder), "") or (None, why it cannot run it).
         `act8`: int8 activations in the integer-code matmuls (llama.cpp's arithmetic; faster, no longer float32-exact)."""
-        def unsupported(reason: str) -> None:
+        def unsupported(reason: str) -> tuple[None, str]:
             log.debug("compiled decode step not used: %s", reason)
-            return None
+            return None, reason
 
         lib = native_library()
         if lib is None:
@@ -77,6 +85,10 @@ class NativeDecodeStep:
             return unsupported(f"KV cache dtype {decoder.k_cache.dtype}")
         if decoder.heads % decoder.kv_heads:
             return unsupported("heads not a multiple of kv heads")
+        hidden_norms = [n for layer in decoder.layers for n in (layer.input_norm, layer.mlp_norm, layer.attn_out_norm,
+                                                                 layer.mlp_out_norm) if n is not None]
+        if len({n.eps for n in hidden_norms + [decoder.final_norm]}) > 1:
+            return unsupported("norms with different epsilons")
         keep: list[torch.Tensor] = []
         layer_specs = []
         for index, layer in enumerate(decoder.layers):
@@ -89,8 +101,9 @@ class NativeDecodeStep:
                 specs[name] = [d[0] for d in described]
                 keep.extend(t for d in described for t in d[1])
             layer_specs.append(LayerSpec(
-                _norm_weight(layer.input_norm, keep), _norm_weight(layer.post_norm, keep),
-                _norm_weight(layer.q_norm, keep), _norm_weight(layer.k_norm, keep),
+                *(_norm_weight(norm, keep) for norm in (layer.input_norm, layer.mlp_norm, layer.attn_out_norm,
+                                                        layer.mlp_out_norm, layer.q_norm, layer.k_norm)),
+                decoder.cos[layer.rope].data_ptr(), decoder.sin[layer.rope].data_ptr(), layer.window,
                 (LinearSpec * 3)(*specs["qkv"]), specs["o"][0], (LinearSpec * 2)(*specs["gate_up"]),
                 specs["down"][0]))
         head = linear_spec(decoder.lm_head)
@@ -99,16 +112,16 @@ class NativeDecodeStep:
         keep.extend(head[1])
         first = decoder.layers[0]
         layers = (LayerSpec * len(layer_specs))(*layer_specs)
-        keep.extend([decoder.cos, decoder.sin])
+        keep.extend(decoder.cos + decoder.sin)
         spec = ModelSpec(
-            len(layer_specs), decoder.hidden, decoder.heads, decoder.kv_heads, decoder.head_dim,
+            len(layer_specs), decoder.hidden, decoder.heads, decoder.kv_heads, decoder.head_dim, decoder.rope_dim,
             decoder.intermediate, decoder.context, decoder.k_cache.shape[1],
-            first.input_norm.variance_epsilon,
-            first.q_norm.variance_epsilon if first.q_norm is not None else 0.0,
-            first.k_norm.variance_epsilon if first.k_norm is not None else 0.0,
-            decoder.head_dim ** -0.5, int(act8), layers, _norm_weight(decoder.final_norm, keep), head[0],
-            decoder.cos.data_ptr(), decoder.sin.data_ptr(), decoder.k_cache.data_ptr(), decoder.v_cache.data_ptr())
-        return cls(lib, spec, layers, keep, decoder.embed, head[0].n)
+            first.input_norm.eps, first.q_norm.eps if first.q_norm is not None else 0.0,
+            first.k_norm.eps if first.k_norm is not None else 0.0, decoder.attn_scale,
+            decoder.attn_softcap or 0.0, decoder.final_softcap or 0.0, ACTIVATION_CODES[decoder.activation],
+            int(act8), layers, _norm_weight(decoder.final_norm, keep), head[0],
+            decoder.k_cache.data_ptr(), decoder.v_cache.data_ptr())
+        return cls(lib, spec, layers, keep, decoder.embed, head[0].n), ""
 
     def prefill(self, tokens: torch.Tensor, slot: int, start: int) -> torch.Tensor:
         """Logits [1, vocab] of the last of `tokens` [S], a prompt chunk for cache slot `slot` from `start`

@@ -1,14 +1,17 @@
 """lowbit's inference engine: batched prefill, decode over a preallocated KV cache, sampling, stop tokens.
 
-The engine runs a loaded Hugging Face model whose Linear layers may be QuantLinear modules. For the Llama
-family (Llama, Mistral, Qwen2, Qwen3, SmolLM2) it runs its own decoder loop over the model's modules: q/k/v and
-gate/up projections fused into one matmul each, rotary tables computed once, a static cache of shape
-[layers, slots, kv_heads, context, head_dim] written in place, and attention over only the filled prefix. One
-cache slot per sequence lets sequences at different positions decode together in one step (continuous
-batching). Other architectures run through transformers' own forward, one sequence at a time.
+The engine runs a loaded Hugging Face model whose Linear layers may be QuantLinear modules. For pre-norm rotary
+decoders (Llama, Mistral, Qwen2, Qwen3, SmolLM2, Gemma 1/2/3, Phi-3: whatever `decoder_blocker` accepts from the
+family's Architecture) it runs its own decoder loop over the model's modules: q/k/v and gate/up projections
+fused into one matmul each, rotary tables computed once, a static cache of shape
+[layers, slots, kv_heads, context, head_dim] written in place, and attention over only the filled prefix (or the
+layer's window). Single tokens decode through the compiled step (engine/compiled_step.py). One cache slot per
+sequence lets sequences at different positions decode together in one step (continuous batching). Other
+architectures run through transformers' own forward, one sequence at a time.
 """
 from __future__ import annotations
 
+import inspect
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -27,7 +30,6 @@ from lowbit.quantized import QuantizedWeight
 from lowbit.runtime.cpu import gemm_dtype
 from lowbit.runtime.qlinear import QuantLinear
 
-FAST_PATH_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 # Prompt chunks up to this many tokens run through the compiled step (float32, as decoding is: measured as fast
 # as bf16 GEMMs up to 16 tokens, 2x slower at 32), longer ones through bf16 GEMMs.
 NATIVE_PREFILL_TOKENS = 16
@@ -120,34 +122,146 @@ def _fused_or_separate(modules: SequenceType[nn.Module], fuse: bool
                        ) -> tuple[Callable[[torch.Tensor], torch.Tensor], list[nn.Module]]:
     """A callable returning the concatenated outputs of `modules` (one matmul when they can be fused), and the
     modules it runs (the fused one, or the originals)."""
+    if len(modules) == 1:      # already one weight (Phi-3's qkv_proj, gate_up_proj)
+        return modules[0], list(modules)
     fused = fuse_linears(modules) if fuse else None
     if fused is not None:
         return fused, [fused]
     return (lambda x: torch.cat([m(x) for m in modules], dim=-1)), list(modules)
 
 
-# -- the Llama-family decoder ---------------------------------------------------------------------------------
+# -- the rotary decoder ---------------------------------------------------------------------------------------
+
+# transformers' activation names -> what the decoder computes: act(gate) * up
+ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
+               "gelu": "gelu"}
+# rope variants whose tables depend on the length of the sequence seen so far (not one table for all positions)
+LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
+
+
+def decoder_blocker(model: nn.Module) -> str | None:
+    """Why lowbit's own decoder (static cache, compiled step) cannot run `model`, from its architecture's
+    declared features and its config; None when it can."""
+    from lowbit.models.arch import architecture_for
+    from lowbit.models.arch.base import NormKind
+
+    config = model.config
+    try:
+        arch = architecture_for(model)
+    except LowbitError:
+        return f"architecture {getattr(config, 'model_type', None)!r} not in lowbit's registry"
+    if arch.experts is not None:
+        return "mixture-of-experts MLP"
+    if arch.norm not in (NormKind.RMS, NormKind.RMS_PLUS_ONE):
+        return f"{arch.norm.value} norms"
+    if not arch.gated_mlp:
+        return "MLP without a gate"
+    if arch.parallel_attn_mlp:
+        return "parallel attention and MLP"
+    if arch.position not in ("rope", "partial_rope"):
+        return f"{arch.position} positions"
+    if len(arch.sequential) != 4 or any(arch.fused.get(path[0], ()) not in ((), expected)
+                                        for path, expected in zip(arch.sequential[::2], (("q", "k", "v"),
+                                                                                          ("gate", "up")))):
+        return "block layout other than attention then MLP"
+    if not _has(model, _rotary_path(arch)):
+        return f"no rotary module at {_rotary_path(arch)}"
+    if _activation_of(model, arch) is None:
+        return f"MLP activation {getattr(config, 'hidden_act', None)!r}"
+    varying = sorted({p.get("rope_type", "default") for p in _rope_parameter_sets(config)} & set(LENGTH_DEPENDENT_ROPE))
+    if varying:
+        return f"rope type {varying[0]} (tables change with the sequence length)"
+    if getattr(config, "use_bidirectional_attention", False):
+        return "bidirectional attention"
+    if not all(getattr(config, "no_rope_layers", None) or [1]):
+        return "layers without rotary embedding (NoPE)"
+    return None
+
+
+def _rotary_path(arch: Any) -> str:
+    """transformers keeps the rotary module next to the embedding (model.rotary_emb)."""
+    return f"{arch.embed_path.rpartition('.')[0]}.rotary_emb".lstrip(".")
+
+
+def _rope_parameter_sets(config: Any) -> list[dict]:
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if not isinstance(rope, dict):
+        return []
+    nested = [v for v in rope.values() if isinstance(v, dict)]
+    return nested or [rope]
+
+
+def _activation_of(model: nn.Module, arch: Any) -> str | None:
+    """What the MLP computes on the gate ("silu", "gelu_tanh", "gelu"), read from the module the model runs
+    (Gemma 1 reads config.hidden_act, Gemma 2/3 config.hidden_activation), or None if it is none of those."""
+    from transformers.activations import ACT2FN
+
+    block = arch.blocks(model)[0]
+    mlp_path = arch.sequential[3][0].rpartition(".")[0]
+    mlp = block.get_submodule(mlp_path)
+    act = getattr(mlp, "act_fn", None) or getattr(mlp, "activation_fn", None)    # Phi-3: activation_fn
+    config = model.config
+    for name in (getattr(config, "hidden_activation", None), getattr(config, "hidden_act", None), arch.activation):
+        if name in ACT2FN and act is not None and type(ACT2FN[name]) is type(act):
+            return ACTIVATIONS.get(name)
+    return None
+
+
+def layer_windows(config: Any) -> list[int]:
+    """Each layer's attention window (0: the whole context): config.layer_types' sliding-attention layers
+    (Gemma 2/3, Qwen2), or every layer when the config has a window and no layer types (Mistral, Phi-3)."""
+    window = getattr(config, "sliding_window", None) or 0
+    types = getattr(config, "layer_types", None)
+    if types:
+        return [window if t == "sliding_attention" else 0 for t in types]
+    return [window] * config.num_hidden_layers
+
+
+@dataclass
+class _Norm:
+    """An RMSNorm as the family applies it: `weight` is the factor (Gemma's 1 + w, added once in float32)."""
+
+    weight: torch.Tensor
+    eps: float
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+
+
+def _norm(module: nn.Module | None, plus_one: bool) -> _Norm | None:
+    if module is None:
+        return None
+    eps = getattr(module, "variance_epsilon", None)
+    weight = module.weight.detach()
+    return _Norm((1.0 + weight.float()) if plus_one else weight, float(eps if eps is not None else module.eps))
+
 
 @dataclass
 class _Layer:
-    input_norm: nn.Module
+    input_norm: _Norm
     qkv: Callable[[torch.Tensor], torch.Tensor]
-    q_norm: nn.Module | None
-    k_norm: nn.Module | None
+    q_norm: _Norm | None
+    k_norm: _Norm | None
     o_proj: nn.Module
-    post_norm: nn.Module
+    attn_out_norm: _Norm | None      # sandwich norms (Gemma 2/3): of the attention / MLP output, before the add
+    mlp_norm: _Norm
     gate_up: Callable[[torch.Tensor], torch.Tensor]
     down: nn.Module
+    mlp_out_norm: _Norm | None
     qkv_parts: list[nn.Module]        # the modules `qkv` runs, in output order
     gate_up_parts: list[nn.Module]
+    rope: int                         # index of this layer's rotary tables in the decoder's cos / sin
+    window: int                       # attends to the last `window` positions; 0: all
 
 
-def _rms_norm(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
-    return F.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)
+def _softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
+    return x if not cap else torch.tanh(x / cap) * cap
 
 
-class LlamaFamilyDecoder:
-    """Runs a Llama-family HF model's weights with lowbit's static cache (no HF forward on the hot path)."""
+class RotaryDecoder:
+    """Runs a pre-norm rotary decoder (the families `decoder_blocker` accepts: Llama, Mistral, Qwen2/3, Gemma 1/2/3,
+    Phi-3) with lowbit's static cache, reading the block layout from the model's Architecture (no HF forward on
+    the hot path)."""
 
     def __init__(self, model: nn.Module, slots: int, context: int, kv_dtype: torch.dtype, fuse: bool = True,
                  prefill_attention_dtype: torch.dtype = torch.float32, native: bool = True,
@@ -155,47 +269,75 @@ class LlamaFamilyDecoder:
         """`native`: decode single tokens with the compiled step (engine/compiled_step.py) when it can run the model;
         `int8_activations`: let it round activations to int8 for integer-code weights (faster, llama.cpp's
         arithmetic)."""
+        from lowbit.models.arch import architecture_for
+        from lowbit.models.arch.base import NormKind
+
+        blocker = decoder_blocker(model)
+        if blocker is not None:
+            raise LowbitError(f"lowbit's decoder cannot run this model: {blocker}")
         config = model.config
+        self.arch = arch = architecture_for(model)
+        self.plus_one = arch.norm is NormKind.RMS_PLUS_ONE
         self.prefill_attention_dtype = prefill_attention_dtype
-        inner = model.model
         self.hidden = config.hidden_size
         self.heads = config.num_attention_heads
         self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
         self.head_dim = getattr(config, "head_dim", None) or self.hidden // self.heads
-        self.embed = inner.embed_tokens
-        self.final_norm = inner.norm
-        self.lm_head = model.lm_head
-        if config.hidden_act not in ("silu", "swish"):
-            raise LowbitError(f"activation {config.hidden_act!r} is not supported by the fast decoder")
-        # The compiled step reads q/k/v and gate/up as parts of one matmul, so it needs no fused copies of their
-        # codes: layers are built unfused for it, and fused only if it cannot run the model.
-        self.layers = self._layers(inner, fuse and not native)
+        self.embed = model.get_submodule(arch.embed_path)
+        self.final_norm = _norm(model.get_submodule(arch.final_norm_path), self.plus_one)
+        self.lm_head = model.get_submodule(arch.lm_head_path)
+        self.activation = _activation_of(model, arch)
+        self.attn_scale = float(getattr(config, "query_pre_attn_scalar", None) or self.head_dim) ** -0.5
+        self.attn_softcap = getattr(config, "attn_logit_softcapping", None) if arch.logit_softcap else None
+        self.final_softcap = getattr(config, "final_logit_softcapping", None)
         self.intermediate = config.intermediate_size
         self.context = context
+        self.windows = layer_windows(config)
         # Rotary tables for every position, computed once with the model's own rotary module (rope scaling
-        # variants included), exactly as transformers computes them per step.
+        # variants, partial rotary and per-layer-type bases included), exactly as transformers computes them
+        # per step: [table][context, rotary dims].
+        rotary = model.get_submodule(_rotary_path(arch))
         positions = torch.arange(context)[None]
-        cos, sin = inner.rotary_emb(torch.zeros(1, dtype=torch.float32), positions)
-        self.cos, self.sin = cos[0].contiguous(), sin[0].contiguous()
+        types = list(getattr(config, "layer_types", None) or [])
+        per_type = types and "layer_type" in inspect.signature(rotary.forward).parameters
+        table_names = sorted(set(types)) if per_type else [None]
+        self.cos, self.sin = [], []
+        for name in table_names:
+            extra = {"layer_type": name} if name is not None else {}
+            cos, sin = rotary(torch.zeros(1, dtype=torch.float32), positions, **extra)
+            self.cos.append(cos[0].float().contiguous())
+            self.sin.append(sin[0].float().contiguous())
+        self.rope_dim = self.cos[0].shape[-1]
+        self.layer_rope = [table_names.index(t) for t in types] if per_type else [0] * config.num_hidden_layers
+        # The compiled step reads q/k/v and gate/up as parts of one matmul, so it needs no fused copies of their
+        # codes: layers are built unfused for it, and fused only if it cannot run the model.
+        self.layers = self._layers(model, fuse and not native)
         shape = (len(self.layers), slots, self.kv_heads, context, self.head_dim)
         self.k_cache = torch.zeros(shape, dtype=kv_dtype)
         self.v_cache = torch.zeros(shape, dtype=kv_dtype)
-        self.native = NativeDecodeStep.build(self, int8_activations) if native else None
+        self.native, reason = (NativeDecodeStep.build(self, int8_activations) if native
+                               else (None, "compiled step switched off"))
+        self.path = "compiled step" if self.native is not None else f"torch decoder ({reason})"
         if self.native is None and native and fuse:
-            self.layers = self._layers(inner, fuse=True)
+            self.layers = self._layers(model, fuse=True)
 
-    @staticmethod
-    def _layers(inner: nn.Module, fuse: bool) -> list[_Layer]:
+    def _layers(self, model: nn.Module, fuse: bool) -> list[_Layer]:
+        arch = self.arch
+        (attn_in, attn_out, mlp_in, mlp_out), layout = arch.sequential, arch.layout
         layers = []
-        for block in inner.layers:
-            attn, mlp = block.self_attn, block.mlp
-            qkv, qkv_parts = _fused_or_separate([attn.q_proj, attn.k_proj, attn.v_proj], fuse)
-            gate_up, gate_up_parts = _fused_or_separate([mlp.gate_proj, mlp.up_proj], fuse)
+        for index, block in enumerate(arch.blocks(model)):
+            module = lambda path: block.get_submodule(path) if path and _has(block, path) else None  # noqa: E731
+            qkv, qkv_parts = _fused_or_separate([block.get_submodule(p) for p in attn_in], fuse)
+            gate_up, gate_up_parts = _fused_or_separate([block.get_submodule(p) for p in mlp_in], fuse)
+            norm = lambda path: _norm(module(path), self.plus_one)  # noqa: E731
             layers.append(_Layer(
-                input_norm=block.input_layernorm, qkv=qkv,
-                q_norm=getattr(attn, "q_norm", None), k_norm=getattr(attn, "k_norm", None),
-                o_proj=attn.o_proj, post_norm=block.post_attention_layernorm,
-                gate_up=gate_up, down=mlp.down_proj, qkv_parts=qkv_parts, gate_up_parts=gate_up_parts))
+                input_norm=norm(layout.input_norm), qkv=qkv,
+                q_norm=norm(layout.q_norm) if arch.qk_norm else None,
+                k_norm=norm(layout.k_norm) if arch.qk_norm else None,
+                o_proj=block.get_submodule(attn_out[0]), attn_out_norm=norm(layout.attn_out_norm),
+                mlp_norm=norm(layout.mlp_norm), gate_up=gate_up, down=block.get_submodule(mlp_out[0]),
+                mlp_out_norm=norm(layout.mlp_out_norm), qkv_parts=qkv_parts, gate_up_parts=gate_up_parts,
+                rope=self.layer_rope[index], window=self.windows[index]))
         return layers
 
     def decode(self, tokens: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -212,9 +354,27 @@ class LlamaFamilyDecoder:
         return self.forward(batch_tokens, slice(low, high), batch_positions)[slots - low]
 
     def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        half = x.shape[-1] // 2
-        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        return x * cos + rotated * sin
+        """rotate_half rotary embedding of the first rope_dim dimensions (all, or Phi-3's partial rotary)."""
+        rotary, rest = x[..., :self.rope_dim], x[..., self.rope_dim:]
+        half = self.rope_dim // 2
+        rotated = torch.cat((-rotary[..., half:], rotary[..., :half]), dim=-1)
+        out = rotary * cos + rotated * sin
+        return out if rest.shape[-1] == 0 else torch.cat((out, rest), dim=-1)
+
+    def _attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
+                   causal: bool) -> torch.Tensor:
+        if self.attn_softcap is None:
+            return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal,
+                                                  enable_gqa=self.kv_heads != self.heads, scale=self.attn_scale)
+        # Soft-capped scores (Gemma 2): SDPA has no hook between the product and the softmax
+        group = self.heads // self.kv_heads
+        keys, values = keys.repeat_interleave(group, dim=1), values.repeat_interleave(group, dim=1)
+        scores = _softcap(q @ keys.transpose(-1, -2) * self.attn_scale, self.attn_softcap)
+        if causal:
+            mask = torch.ones(q.shape[-2], keys.shape[-2], dtype=torch.bool).tril()
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        return torch.softmax(scores, dim=-1) @ values
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, rows: slice, positions: torch.Tensor, all_logits: bool = False
@@ -234,34 +394,29 @@ class LlamaFamilyDecoder:
         start = int(positions[0])
         if same_start:
             end = start + seq
-            cos, sin = self.cos[start:end][None, :, None], self.sin[start:end][None, :, None]
+            query_positions = torch.arange(start, end)[None]                  # [1, S]
             attend = end
         else:
             assert seq == 1, "sequences at different positions decode one token at a time"
-            cos, sin = self.cos[positions][:, None, None], self.sin[positions][:, None, None]
+            query_positions = positions[:, None]                               # [B, 1]
             attend = int(positions.max()) + 1
-        if same_start and start == 0:
-            mask, causal = None, seq > 1
-        elif same_start:
-            # Queries i may see keys j <= start + i; with seq == 1 that is the whole filled prefix.
-            mask = None if seq == 1 else (torch.arange(attend)[None, :] <= torch.arange(start, end)[:, None])
-            causal = False
-        else:
-            mask = (torch.arange(attend)[None, :] <= positions[:, None])[:, None, None, :]
-            causal = False
+        tables = [(cos[query_positions][:, :, None], sin[query_positions][:, :, None])
+                  for cos, sin in zip(self.cos, self.sin)]
+        masks = {window: self._mask(query_positions, attend, window, same_start and start == 0)
+                 for window in set(self.windows)}
         batch_index = torch.arange(batch)
 
         x = self.embed(tokens)
         for index, layer in enumerate(self.layers):
-            h = _rms_norm(x, layer.input_norm)
+            h = layer.input_norm(x)
             qkv = layer.qkv(h).view(batch, seq, heads + 2 * kv_heads, head_dim)
             q, k, v = qkv.split((heads, kv_heads, kv_heads), dim=2)
             if layer.q_norm is not None:
-                q, k = _rms_norm(q, layer.q_norm), _rms_norm(k, layer.k_norm)
+                q, k = layer.q_norm(q), layer.k_norm(k)
                 qk = torch.cat((q, k), dim=2)
             else:
                 qk = qkv[:, :, :heads + kv_heads]
-            qk = self._rope(qk, cos, sin).transpose(1, 2)
+            qk = self._rope(qk, *tables[layer.rope]).transpose(1, 2)
             q, k = qk[:, :heads], qk[:, heads:]
             v = v.transpose(1, 2)
             k_cache = self.k_cache[index, rows]
@@ -276,22 +431,54 @@ class LlamaFamilyDecoder:
             dtype = self.prefill_attention_dtype if seq > 1 else q.dtype
             if keys.dtype != dtype or q.dtype != dtype:
                 q, keys, values = q.to(dtype), keys.to(dtype), values.to(dtype)
-            attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal,
-                                                  enable_gqa=kv_heads != heads).to(x.dtype)
-            x = x + layer.o_proj(attn.transpose(1, 2).reshape(batch, seq, heads * head_dim))
-            h = _rms_norm(x, layer.post_norm)
+            attn = self._attention(q, keys, values, *masks[layer.window]).to(x.dtype)
+            attn = layer.o_proj(attn.transpose(1, 2).reshape(batch, seq, heads * head_dim))
+            x = x + (layer.attn_out_norm(attn) if layer.attn_out_norm is not None else attn)
+            h = layer.mlp_norm(x)
             gate, up = layer.gate_up(h).split((self.intermediate, self.intermediate), dim=-1)
-            x = x + layer.down(F.silu(gate) * up)
+            mlp = layer.down(_ACTIVATE[self.activation](gate) * up)
+            x = x + (layer.mlp_out_norm(mlp) if layer.mlp_out_norm is not None else mlp)
         if not all_logits:
             x = x[:, -1]
-        return self.lm_head(_rms_norm(x, self.final_norm))
+        return _softcap(self.lm_head(self.final_norm(x)), self.final_softcap)
+
+    @staticmethod
+    def _mask(query_positions: torch.Tensor, attend: int, window: int, from_zero: bool
+              ) -> tuple[torch.Tensor | None, bool]:
+        """(mask [B or 1, 1, S, attend] of the keys each query sees, or None; is_causal) for queries at
+        `query_positions` [B or 1, S]: keys at or before the query, and within `window` of it if window > 0."""
+        seq = query_positions.shape[1]
+        if window <= 0 or window >= attend:
+            if from_zero:
+                return None, seq > 1
+            if seq == 1 and query_positions.shape[0] == 1:
+                return None, False               # one query sees the whole filled prefix
+        keys = torch.arange(attend)[None, None, :]
+        queries = query_positions[:, :, None]
+        mask = keys <= queries
+        if 0 < window < attend:
+            mask &= keys > queries - window
+        return mask[:, None], False
+
+
+_ACTIVATE: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "silu": F.silu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "gelu": F.gelu}
+
+
+def _has(module: nn.Module, path: str) -> bool:
+    try:
+        module.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
 
 
 class HFDecoder:
     """Fallback for architectures without a fast path: transformers' forward with one cache per slot."""
 
-    def __init__(self, model: nn.Module, slots: int, context: int):
+    def __init__(self, model: nn.Module, slots: int, context: int, reason: str = ""):
         self.model = model
+        self.path = f"transformers forward ({reason})" if reason else "transformers forward"
         self.context = context
         self.caches: list[Any] = [None] * slots
 
@@ -356,11 +543,12 @@ class Engine:
         if prefill_attention_dtype is None:
             quantized = any(isinstance(m, QuantLinear) for m in model.modules())
             prefill_attention_dtype = gemm_dtype() if quantized else torch.float32
-        if config.model_type in FAST_PATH_TYPES:
-            self.decoder: Any = LlamaFamilyDecoder(model, max_batch, self.context, kv_dtype, fuse,
-                                                   prefill_attention_dtype, native, int8_activations)
+        blocker = decoder_blocker(model)
+        if blocker is None:
+            self.decoder: Any = RotaryDecoder(model, max_batch, self.context, kv_dtype, fuse,
+                                              prefill_attention_dtype, native, int8_activations)
         else:
-            self.decoder = HFDecoder(model, max_batch, self.context)
+            self.decoder = HFDecoder(model, max_batch, self.context, blocker)
         source = getattr(model, "lowbit_source_file", None)
         if source is not None:
             # The kernels now read their own packed copies: the file's pages need not stay resident (they come
@@ -379,7 +567,14 @@ class Engine:
 
     @property
     def fast_path(self) -> bool:
-        return isinstance(self.decoder, LlamaFamilyDecoder)
+        """True when lowbit's own decoder (static cache; compiled step or torch ops) runs the model."""
+        return isinstance(self.decoder, RotaryDecoder)
+
+    @property
+    def decode_path(self) -> str:
+        """What runs a decode step, and why not the faster one: "compiled step", "torch decoder (reason)" or
+        "transformers forward (reason)"."""
+        return self.decoder.path
 
     # -- request lifecycle ----------------------------------------------------------------------------------
     def check_prompt(self, prompt_ids: SequenceType[int]) -> None:
@@ -569,4 +764,4 @@ def engine_generate_ids(model: nn.Module, input_ids: torch.Tensor, params: Sampl
 
 def supports_engine(model: nn.Module) -> bool:
     """True when lowbit's fast decoder runs this model's architecture."""
-    return getattr(getattr(model, "config", None), "model_type", None) in FAST_PATH_TYPES
+    return getattr(model, "config", None) is not None and decoder_blocker(model) is None

@@ -65,6 +65,24 @@ class Experts:
 
 
 @dataclass(frozen=True)
+class BlockLayout:
+    """Where a pre-norm block keeps its norms (paths inside a block), for the engine's decoder; its Linears are
+    `Architecture.sequential`'s four stages (attention inputs, attention output, MLP inputs, MLP output)."""
+
+    input_norm: str = "input_layernorm"            # before attention
+    mlp_norm: str = "post_attention_layernorm"     # before the MLP
+    attn_out_norm: str = ""                        # sandwich norms: of the attention / MLP output, before the
+    mlp_out_norm: str = ""                         # residual add ("" when absent)
+    q_norm: str = "self_attn.q_norm"               # per-head norms, read when `qk_norm`
+    k_norm: str = "self_attn.k_norm"
+
+
+# Gemma 2 / 3: post_attention_layernorm normalises the attention *output*; the MLP reads pre_feedforward_layernorm
+SANDWICH_LAYOUT = BlockLayout(mlp_norm="pre_feedforward_layernorm", attn_out_norm="post_attention_layernorm",
+                              mlp_out_norm="post_feedforward_layernorm")
+
+
+@dataclass(frozen=True)
 class GGUFSpec:
     """How llama.cpp names and lays out this family (`arch` is gguf.constants.MODEL_ARCH's member)."""
 
@@ -114,7 +132,7 @@ class Architecture:
     embed_scale: bool = False              # Gemma multiplies embeddings by sqrt(hidden)
     fused: dict[str, tuple[str, ...]] = field(default_factory=dict)  # fused Linear -> the projections it holds
     tied_head: str = "config"              # "config": tie_word_embeddings says; "always": head is the embedding
-    llama_fast_path: bool = False          # lowbit's Llama-like compiled step runs this family as it is
+    layout: BlockLayout = BlockLayout()    # norm paths inside a block (engine decoder)
     no_clip: tuple[str, ...] = ()          # Linears whose outputs meet in a softmax: AWQ does not clip them
     keep_float: tuple[str, ...] = ()       # Linears never quantized (tiny gates); skip patterns
     experts: Experts | None = None

@@ -1,6 +1,8 @@
 """Gemma 2: Gemma with sandwich norms (after attention and after the MLP), alternating sliding-window
 layers and tanh soft-capping of attention scores and final logits."""
-from lowbit.models.arch.base import Architecture, Fold, GGUFSpec, NormKind, ScaleGroup, llama_like_config
+from lowbit.models.arch.base import (
+    SANDWICH_LAYOUT, Architecture, Fold, GGUFSpec, NormKind, ScaleGroup, llama_like_config,
+)
 from lowbit.models.arch.gemma import _hparams as gemma_hparams
 from lowbit.models.arch.llama import ATTN, LLAMA_NO_CLIP, LLAMA_SEQUENTIAL, MLP_IN
 
@@ -37,6 +39,7 @@ ARCHITECTURE = Architecture(
     lm_head_path="lm_head",
     sequential=LLAMA_SEQUENTIAL, scale_groups=GEMMA2_SCALE_GROUPS, no_clip=LLAMA_NO_CLIP,
     norm=NormKind.RMS_PLUS_ONE, activation="gelu_tanh", embed_scale=True, sandwich_norm=True,
+    layout=SANDWICH_LAYOUT,
     sliding_window=True, logit_softcap=True,
     gguf=GGUFSpec("GEMMA2", norm_shift=1.0, hparams=_hparams, config_from=_config),
 )

@@ -10,7 +10,9 @@ What is special about the family, and where each fact is used:
 - llama.cpp architecture "gemma3"; tensor names come from gguf-py's TensorNameMap for MODEL_ARCH.GEMMA3.
 """
 from lowbit.errors import UnsupportedArchitecture
-from lowbit.models.arch.base import Architecture, GGUFSpec, NormKind, config_value, llama_like_config
+from lowbit.models.arch.base import (
+    SANDWICH_LAYOUT, Architecture, GGUFSpec, NormKind, config_value, llama_like_config,
+)
 from lowbit.models.arch.gemma import _hparams as gemma_hparams
 from lowbit.models.arch.gemma2 import GEMMA2_SCALE_GROUPS
 from lowbit.models.arch.llama import LLAMA_NO_CLIP, LLAMA_SEQUENTIAL
@@ -61,6 +63,7 @@ ARCHITECTURE = Architecture(
     scale_groups=GEMMA2_SCALE_GROUPS,
     no_clip=LLAMA_NO_CLIP,
     norm=NormKind.RMS_PLUS_ONE, activation="gelu_tanh", embed_scale=True, sandwich_norm=True,
+    layout=SANDWICH_LAYOUT,
     qk_norm=True, sliding_window=True,
     gguf=GGUFSpec("GEMMA3", norm_shift=1.0, hparams=_hparams, config_from=_config),
 )

@@ -21,6 +21,6 @@ ARCHITECTURE = Architecture(
     blocks_path="model.layers", embed_path="model.embed_tokens", final_norm_path="model.norm",
     lm_head_path="lm_head",
     sequential=LLAMA_SEQUENTIAL, scale_groups=LLAMA_SCALE_GROUPS, no_clip=LLAMA_NO_CLIP,
-    sliding_window=False, llama_fast_path=True,
+    sliding_window=False,
     gguf=GGUFSpec("LLAMA", permute_qk=True, hparams=llama_like_hparams, config_from=llama_like_config),
 )

@@ -1,4 +1,4 @@
-/* One decode step of a Llama-family model (Llama, Mistral, Qwen2, Qwen3, SmolLM2) in one call.
+/* One decode step of a pre-norm rotary decoder (Llama, Mistral, Qwen2/3, SmolLM2, Gemma 1/2/3, Phi-3) in one call.
  *
  * Why: at batch 1 a small model's decode step is ~50 torch operations per layer, and their dispatch costs more
  * than the arithmetic (measured: 13.4 ms per SmolLM2-135M token, of which ~5 ms were matmuls). Here the whole
@@ -15,20 +15,31 @@
 
 #include "affine_dot.h"
 
+/* Every norm is an RMSNorm y = x / rms(x) * w; the caller passes w as the family computes it (Gemma's 1 + w
+ * is added once when the step is built, as transformers adds it in float32 on every call). */
 typedef struct {
-    const float *input_norm, *post_norm, *q_norm, *k_norm;   /* q_norm / k_norm: Qwen3's per-head norms, or NULL */
+    const float *input_norm, *mlp_norm;          /* before attention, before the MLP */
+    const float *attn_out_norm, *mlp_out_norm;   /* sandwich norms (Gemma 2/3) of the attention and MLP outputs,
+                                                    applied before the residual add; NULL when absent */
+    const float *q_norm, *k_norm;                /* per-head norms (Qwen3, Gemma 3), or NULL */
+    const float *cos, *sin;                      /* this layer's rotary tables [context, rope_dim] (Gemma 3's
+                                                    sliding-window layers have their own base) */
+    int64_t window;                              /* attend to the last `window` positions only; 0: all */
     lb_linear qkv[3], o, gate_up[2], down;   /* q, k, v and gate, up (parts with n == 0 are absent: a fused
                                                 weight in the first part computes them all) */
 } lb_layer;
 
+enum { LB_ACT_SILU = 0, LB_ACT_GELU_TANH = 1, LB_ACT_GELU = 2 };
+
 typedef struct {
-    int64_t n_layers, hidden, heads, kv_heads, head_dim, intermediate, context, slots;
+    int64_t n_layers, hidden, heads, kv_heads, head_dim, rope_dim, intermediate, context, slots;
     float norm_eps, q_norm_eps, k_norm_eps, attn_scale;
+    float attn_softcap, final_softcap;   /* cap * tanh(s / cap) of attention scores / final logits; 0: none */
+    int64_t activation;                  /* LB_ACT_*: act(gate) * up */
     int64_t act8;                        /* int8 activations in the matmuls where the layout allows */
     const lb_layer *layers;
     const float *final_norm;
     lb_linear lm_head;
-    const float *cos, *sin;              /* rotary tables [context, head_dim] */
     float *k_cache, *v_cache;
 } lb_model;
 
@@ -53,13 +64,32 @@ static void rms_norm(const float *x, const float *weight, int64_t size, float ep
     for (int64_t i = 0; i < size; i++) out[i] = weight[i] * (x[i] * inv);
 }
 
-/* Rotary embedding as transformers' rotate_half: pairs (i, i + d/2). */
+/* Rotary embedding as transformers' rotate_half on the first d dimensions (all, or Phi-3's partial rotary):
+ * pairs (i, i + d/2). */
 static void rope(float *v, const float *cos, const float *sin, int64_t d) {
     const int64_t half = d / 2;
     for (int64_t i = 0; i < half; i++) {
         const float x0 = v[i], x1 = v[i + half];
         v[i] = x0 * cos[i] - x1 * sin[i];
         v[i + half] = x1 * cos[i + half] + x0 * sin[i + half];
+    }
+}
+
+static float activation(float x, int64_t kind) {
+    if (kind == LB_ACT_GELU_TANH) return 0.5f * x * (1.0f + tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x)));
+    if (kind == LB_ACT_GELU) return 0.5f * x * (1.0f + erff(x * 0.7071067811865476f));
+    return x / (1.0f + expf(-x));
+}
+
+static float softcap(float x, float cap) { return cap > 0.0f ? tanhf(x / cap) * cap : x; }
+
+/* x[b] += rms_norm(y[b]) for every row, rows split over the threads (a sandwich norm; needs y's whole rows, so
+ * it follows the matmul's barrier). */
+static void add_normed(float *x, const float *y, const float *weight, int64_t B, int64_t H, float eps, float *tmp) {
+    #pragma omp for schedule(static)
+    for (int64_t b = 0; b < B; b++) {
+        rms_norm(y + b * H, weight, H, eps, tmp);
+        for (int64_t i = 0; i < H; i++) x[b * H + i] += tmp[i];
     }
 }
 
@@ -81,7 +111,7 @@ static int64_t thread_scratch_floats(const lb_model *m, int64_t B) {
 /* Floats of scratch memory lowbit_decode_step needs for B rows and `threads` threads. */
 int64_t lowbit_decode_workspace(const lb_model *m, int64_t B, int threads) {
     const int64_t qkv = (m->heads + 2 * m->kv_heads) * m->head_dim;
-    return B * (qkv + m->heads * m->head_dim + 3 * m->intermediate + m->heads * m->context)
+    return B * (qkv + m->heads * m->head_dim + 3 * m->intermediate + m->heads * m->context + m->hidden)
            + (int64_t)threads * (thread_scratch_floats(m, B) + B * m->hidden);
 }
 
@@ -95,7 +125,7 @@ void lowbit_decode_step(const lb_model *m, float *x, int64_t B, const int64_t *s
     const int64_t I = m->intermediate, T = m->context, QKV = (heads + 2 * kv_heads) * D;
     const int64_t group_ratio = heads / kv_heads;
     float *qkv = work, *attn = qkv + B * QKV, *gu = attn + B * heads * D, *act = gu + B * 2 * I;
-    float *scores = act + B * I, *per_thread = scores + B * heads * T;
+    float *scores = act + B * I, *out = scores + B * heads * T, *per_thread = out + B * H;
     const int64_t scratch_floats = thread_scratch_floats(m, B);
 
     #pragma omp parallel num_threads(threads)
@@ -110,7 +140,7 @@ void lowbit_decode_step(const lb_model *m, float *x, int64_t B, const int64_t *s
             for (int64_t b = 0; b < B; b++) rms_norm(x + b * H, layer->input_norm, H, m->norm_eps, h + b * H);
             matmul_parts(layer->qkv, 3, h, B, qkv, QKV, xsum, act8);
 
-            /* per-head norms (Qwen3), rotary embedding, and this token's keys and values into the cache */
+            /* per-head norms (Qwen3, Gemma 3), rotary embedding, and this token's keys and values into the cache */
             #pragma omp for schedule(static) collapse(2)
             for (int64_t b = 0; b < B; b++)
                 for (int64_t j = 0; j < heads + kv_heads; j++) {
@@ -118,7 +148,7 @@ void lowbit_decode_step(const lb_model *m, float *x, int64_t B, const int64_t *s
                     float *v = qkv + b * QKV + j * D;
                     const float *norm = j < heads ? layer->q_norm : layer->k_norm;
                     if (norm) rms_norm(v, norm, D, j < heads ? m->q_norm_eps : m->k_norm_eps, v);
-                    rope(v, m->cos + pos * D, m->sin + pos * D, D);
+                    rope(v, layer->cos + pos * m->rope_dim, layer->sin + pos * m->rope_dim, m->rope_dim);
                     if (j >= heads) {
                         const int64_t kvh = j - heads;
                         const int64_t at = (((l * m->slots + slots[b]) * kv_heads + kvh) * T + pos) * D;
@@ -136,41 +166,57 @@ void lowbit_decode_step(const lb_model *m, float *x, int64_t B, const int64_t *s
                     const int64_t pos = positions[b];
                     const int64_t base = ((l * m->slots + slots[b]) * kv_heads + hh / group_ratio) * T * D;
                     const float *q = qkv + b * QKV + hh * D, *keys = m->k_cache + base, *values = m->v_cache + base;
-                    float *score = scores + (b * heads + hh) * T, *out = attn + b * heads * D + hh * D;
+                    float *score = scores + (b * heads + hh) * T, *head_out = attn + b * heads * D + hh * D;
+                    /* positions first..pos: all of them, or the last `window` (pos - t < window) */
+                    const int64_t first = layer->window > 0 && pos >= layer->window ? pos - layer->window + 1 : 0;
                     float top = -INFINITY;
-                    for (int64_t t = 0; t <= pos; t++) {
-                        score[t] = dot(q, keys + t * D, D) * m->attn_scale;
+                    for (int64_t t = first; t <= pos; t++) {
+                        score[t] = softcap(dot(q, keys + t * D, D) * m->attn_scale, m->attn_softcap);
                         if (score[t] > top) top = score[t];
                     }
                     float total = 0.0f;
-                    for (int64_t t = 0; t <= pos; t++) {
+                    for (int64_t t = first; t <= pos; t++) {
                         score[t] = expf(score[t] - top);
                         total += score[t];
                     }
-                    for (int64_t i = 0; i < D; i++) out[i] = 0.0f;
-                    for (int64_t t = 0; t <= pos; t++) {
+                    for (int64_t i = 0; i < D; i++) head_out[i] = 0.0f;
+                    for (int64_t t = first; t <= pos; t++) {
                         const float p = score[t];
                         const float *vt = values + t * D;
                         #pragma omp simd
-                        for (int64_t i = 0; i < D; i++) out[i] += p * vt[i];
+                        for (int64_t i = 0; i < D; i++) head_out[i] += p * vt[i];
                     }
                     const float inv = 1.0f / total;
-                    for (int64_t i = 0; i < D; i++) out[i] *= inv;
+                    for (int64_t i = 0; i < D; i++) head_out[i] *= inv;
                 }
 
-            lb_matmul(&layer->o, attn, B, x, H, 1, xsum, act8, 1);      /* x += attention output */
-            for (int64_t b = 0; b < B; b++) rms_norm(x + b * H, layer->post_norm, H, m->norm_eps, h + b * H);
+            if (layer->attn_out_norm) {                                   /* x += norm(attention output) */
+                lb_matmul(&layer->o, attn, B, out, H, 0, xsum, act8, 1);
+                add_normed(x, out, layer->attn_out_norm, B, H, m->norm_eps, h);
+            } else {
+                lb_matmul(&layer->o, attn, B, x, H, 1, xsum, act8, 1);  /* x += attention output */
+            }
+            for (int64_t b = 0; b < B; b++) rms_norm(x + b * H, layer->mlp_norm, H, m->norm_eps, h + b * H);
             matmul_parts(layer->gate_up, 2, h, B, gu, 2 * I, xsum, act8);
             #pragma omp for schedule(static)
             for (int64_t i = 0; i < B * I; i++) {
                 const int64_t b = i / I, j = i - b * I;
-                const float gate = gu[b * 2 * I + j];
-                act[i] = gate / (1.0f + expf(-gate)) * gu[b * 2 * I + I + j];
+                act[i] = activation(gu[b * 2 * I + j], m->activation) * gu[b * 2 * I + I + j];
             }
-            lb_matmul(&layer->down, act, B, x, H, 1, xsum, act8, 1);    /* x += MLP output */
+            if (layer->mlp_out_norm) {                                    /* x += norm(MLP output) */
+                lb_matmul(&layer->down, act, B, out, H, 0, xsum, act8, 1);
+                add_normed(x, out, layer->mlp_out_norm, B, H, m->norm_eps, h);
+            } else {
+                lb_matmul(&layer->down, act, B, x, H, 1, xsum, act8, 1);  /* x += MLP output */
+            }
         }
         const int64_t first = last_only ? B - 1 : 0;
         for (int64_t b = first; b < B; b++) rms_norm(x + b * H, m->final_norm, H, m->norm_eps, h + b * H);
         lb_matmul(&m->lm_head, h + first * H, B - first, logits, m->lm_head.n, 0, xsum, act8, 1);
+        if (m->final_softcap > 0.0f) {
+            const int64_t count = (B - first) * m->lm_head.n;
+            #pragma omp for schedule(static)
+            for (int64_t i = 0; i < count; i++) logits[i] = softcap(logits[i], m->final_softcap);
+        }
     }
 }
