@@ -173,3 +173,20 @@ def test_calibrated_codes_on_a_real_model(stories_dir, tmp_path, method):
     expected = _logits(model, ids)
     hf = _transformers(out, dequantize=method != "gptq")
     assert (_logits(hf, ids) - expected).abs().max().item() <= 1e-5 * expected.abs().max().item()
+
+
+def test_inspect_lists_runtimes_and_gptq_warns_for_vllm(stories_dir, tmp_path, capsys, caplog):
+    from lowbit.cli import main
+
+    out = tmp_path / "gptq-asym"
+    with caplog.at_level("WARNING", logger="lowbit"):
+        assert main(["quantize", str(stories_dir), "-o", str(out), "--format", "gptq", "--asym",
+                     "--group-size", "-1", "--skip", "lm_head,mlp"]) == 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "vLLM" in r.getMessage()]
+    assert any("sym=False" in w for w in warnings) and any("float32" in w for w in warnings)
+    capsys.readouterr()
+    assert main(["inspect", str(out), "--json"]) == 0
+    runtimes = json.loads(capsys.readouterr().out)["runtimes"]
+    assert runtimes["vLLM"].startswith("no:") and "sym=False" in runtimes["vLLM"]
+    assert runtimes["transformers"] == "yes" and runtimes["GPTQModel"] == "yes"
+    assert runtimes["llama.cpp"].startswith("no:")
