@@ -153,6 +153,42 @@ def test_batched_decode_equals_single_sequences(stories):
 
 
 @needs_stories
+def test_large_batches_decode_through_one_gemm_per_weight_and_equal_single_sequences(stories, stories_rtn4):
+    """From PREFILL_ROWS rows a decode step leaves the compiled step for the torch decoder's GEMMs (each weight
+    dequantized once for all rows); the tokens stay those each sequence gives alone through the compiled step."""
+    from lowbit.runtime.fast_kernels import PREFILL_ROWS
+
+    tokenizer = stories[1]
+    words = ("Once", "Tom", "The sun", "A cat", "Lily", "One day", "Ben", "The dog", "Sue", "A bird")
+    prompts = [tokenizer(f"{w} {v}").input_ids for w in words for v in ("was", "had")][:PREFILL_ROWS + 2]
+    single = Engine(stories_rtn4, tokenizer, context=64)
+    assert single.decoder.native is not None
+    alone = [engine_greedy(single, p, 12) for p in prompts]
+
+    class CountedStep:
+        """The compiled step, recording how many rows each decode call gave it."""
+
+        def __init__(self, step):
+            self.step, self.rows = step, []
+
+        def __call__(self, tokens, *args):
+            self.rows.append(len(tokens))
+            return self.step(tokens, *args)
+
+        def __getattr__(self, name):
+            return getattr(self.step, name)
+
+    engine = Engine(stories_rtn4, tokenizer, max_batch=len(prompts), context=64)
+    engine.decoder.native = counted = CountedStep(engine.decoder.native)
+    greedy = SamplingParams(max_new_tokens=12, temperature=0.0)
+    seqs = [engine.start(p, greedy, stop_on_eos=False) for p in prompts]
+    while not all(s.finished for s in seqs):
+        engine.step()
+    assert [s.generated for s in seqs] == alone
+    assert all(rows < PREFILL_ROWS for rows in counted.rows)   # the full batch never ran the compiled step
+
+
+@needs_stories
 def test_sampling_is_seeded_and_limits_apply(stories):
     model, tokenizer = stories
     engine = Engine(model, tokenizer, context=96)

@@ -28,6 +28,7 @@ from lowbit.engine.compiled_step import NativeDecodeStep
 from lowbit.errors import LowbitError
 from lowbit.quantized import QuantizedWeight
 from lowbit.runtime.cpu import gemm_dtype
+from lowbit.runtime.fast_kernels import PREFILL_ROWS
 from lowbit.runtime.qlinear import QuantLinear
 
 # Prompt chunks up to this many tokens run through the compiled step (float32, as decoding is: measured as fast
@@ -341,8 +342,12 @@ class RotaryDecoder:
         return layers
 
     def decode(self, tokens: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Logits [B, vocab] for one token per row: row b's token `tokens[b]` at `positions[b]` of slot `slots[b]`."""
-        if self.native is not None:
+        """Logits [B, vocab] for one token per row: row b's token `tokens[b]` at `positions[b]` of slot `slots[b]`.
+
+        Fewer than PREFILL_ROWS rows run through the compiled step, which reads every weight once per step but
+        multiplies it per row (its cost grows with B once the weights come from cache); more run through the torch
+        decoder, whose kernels dequantize each weight once per step into one GEMM over all rows."""
+        if self.native is not None and len(tokens) < PREFILL_ROWS:
             return self.native(tokens, slots, positions)
         low, high = int(slots.min()), int(slots.max()) + 1
         # Slots low..high-1 run as one batch; idle slots in between are free, so the throwaway token they
@@ -385,7 +390,7 @@ class RotaryDecoder:
         """
         batch, seq = tokens.shape
         if self.native is not None and not all_logits:
-            if seq == 1:
+            if seq == 1 and batch < PREFILL_ROWS:
                 return self.native(tokens[:, 0], torch.arange(rows.start or 0, rows.stop), positions)
             if batch == 1 and seq <= NATIVE_PREFILL_TOKENS:
                 return self.native.prefill(tokens[0], rows.start or 0, int(positions[0]))
