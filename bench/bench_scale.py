@@ -53,9 +53,11 @@ def worker(args: argparse.Namespace) -> None:
         from lowbit.engine.runner import Engine
         from lowbit.models.loading import load_model
 
-        torch.set_num_threads(args.threads)
+        if args.threads:
+            torch.set_num_threads(args.threads)
         model, tokenizer = load_model(args.file, keep_quantized=True)
-        engine = Engine(model, tokenizer, context=max(args.pp) + args.tg + 16, threads=args.threads,
+        # threads 0 ("auto"): the engine's default, all cores for prompts and a timed choice per decode step
+        engine = Engine(model, tokenizer, context=max(args.pp) + args.tg + 16, threads=args.threads or None,
                         int8_activations=bool(args.act8))
         result["load_s"] = time.perf_counter() - began
         result["compiled_step"] = engine.fast_path and getattr(engine.decoder, "native", None) is not None
@@ -69,6 +71,7 @@ def worker(args: argparse.Namespace) -> None:
 
         from lowbit.engine.bench import bench_llama_cpp
 
+        args.threads = args.threads or os.cpu_count()    # llama.cpp's own default is every core
         llm = llama_cpp.Llama(model_path=args.file, n_ctx=16, n_threads=args.threads, verbose=False)
         result["load_s"] = time.perf_counter() - began
         del llm
@@ -156,7 +159,7 @@ def run_worker(runner: str, path: Path, threads: int, args: argparse.Namespace, 
            "--pp", ",".join(map(str, args.pp)), "--tg", str(args.tg), "--reps", str(args.reps)]
     if act8:
         cmd.append("--act8")
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads or os.cpu_count()))
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
     except subprocess.TimeoutExpired:
@@ -174,7 +177,9 @@ def main() -> None:
     parser.add_argument("--models", default="smollm2,qwen2.5-0.5b,llama-3.2-1b")
     parser.add_argument("--mixes", default="Q4_K_M")
     parser.add_argument("--gguf", action="append", help="a real .gguf file to add to the matrix")
-    parser.add_argument("--threads", default="2")
+    parser.add_argument("--threads", default="2",
+                        help="comma-separated thread counts; 'auto' (0) leaves lowbit its default (all cores for "
+                             "prompts, decode threads chosen by timing) and gives llama.cpp every core")
     parser.add_argument("--runners", default="lowbit,llama.cpp")
     parser.add_argument("--act8", action="store_true", help="also run lowbit with --int8-activations")
     parser.add_argument("--pp", default="128,512")
@@ -192,6 +197,7 @@ def main() -> None:
     if args.worker:
         args.threads = int(args.threads)
         return worker(args)
+    args.threads = args.threads.replace("auto", "0")
 
     from lowbit.engine.bench import llama_cpp_available, memory_read_bandwidth
     from lowbit.eval.report import format_table, write_json
@@ -201,7 +207,7 @@ def main() -> None:
         print("llama-cpp-python is not installed (make llama-cpp): lowbit only", file=sys.stderr)
         runners.remove("llama.cpp")
     thread_counts = [int(t) for t in args.threads.split(",")]
-    bandwidth = {t: memory_read_bandwidth(t) for t in thread_counts}
+    bandwidth = {t: memory_read_bandwidth(t or os.cpu_count()) for t in thread_counts}
     print("memory read bandwidth: " + ", ".join(f"{bw:.1f} GB/s at {t} threads" for t, bw in bandwidth.items()))
     rows, raw = [], []
     for label, mix, path in model_files(args):
@@ -219,7 +225,8 @@ def main() -> None:
                 name = runner + (" act8" if act8 else "") + (f" busy x{busy}" if busy else "")
                 measured[name] = result
                 tg = result.get(f"tg{args.tg}")
-                row = {"model": label, "mix": mix, "file_mb": total / 1e6, "runner": name, "threads": threads,
+                row = {"model": label, "mix": mix, "file_mb": total / 1e6, "runner": name,
+                       "threads": threads or "auto",
                        "load_s": result["load_s"], "rss_mb": result["rss_mb"], "peak_mb": result["peak_rss_mb"],
                        "rss_per_file": result["rss_mb"] * 1e6 / total,
                        "rss_target_mb": (1.15 * total + kv_cache_bytes(path, result.get("context_tokens") or
@@ -233,13 +240,15 @@ def main() -> None:
             for runner in runners:
                 quiet, loaded = measured.get(runner), measured.get(f"{runner} busy x{args.busy}")
                 if quiet and loaded:
-                    rows.append({"model": label, "mix": mix, "runner": f"{runner} busy / quiet", "threads": threads,
+                    rows.append({"model": label, "mix": mix, "runner": f"{runner} busy / quiet",
+                                 "threads": threads or "auto",
                                  **{("tg" if k.startswith("tg") else k): (loaded.get(k) or 0) / quiet[k]
                                     for k in quiet if k.startswith(("pp", "tg")) and quiet[k]}})
             if "lowbit" in measured and "llama.cpp" in measured:
                 ours, theirs = measured["lowbit"], measured["llama.cpp"]
                 ratio = {k: (ours.get(k) or 0) / theirs[k] for k in theirs if k.startswith(("pp", "tg")) and theirs[k]}
-                rows.append({"model": label, "mix": mix, "runner": "lowbit / llama.cpp", "threads": threads,
+                rows.append({"model": label, "mix": mix, "runner": "lowbit / llama.cpp",
+                             "threads": threads or "auto",
                              **{("tg" if k.startswith("tg") else k): v for k, v in ratio.items()}})
             print(format_table(rows[-3:], _columns(args)), flush=True)
     print()
@@ -250,7 +259,7 @@ def main() -> None:
 
 def _columns(args: argparse.Namespace) -> list[tuple[str, str, str]]:
     columns = [("model", "model", "s"), ("mix", "mix", "s"), ("file_mb", "file MB", ".0f"), ("runner", "runner", "s"),
-               ("threads", "thr", "d"), ("load_s", "load s", ".1f")]
+               ("threads", "thr", ""), ("load_s", "load s", ".1f")]
     columns += [(f"pp{pp}", f"pp{pp}", ".2f") for pp in args.pp]
     columns += [("tg", f"tg{args.tg}", ".2f"), ("bw_pct", "% bw", ".0f"), ("rss_mb", "RSS MB", ".0f"),
                 ("rss_target_mb", "RSS target", ".0f"), ("rss_per_file", "RSS/file", ".2f")]

@@ -25,6 +25,7 @@ from torch import nn
 
 from lowbit.engine.generate import SamplingParams, sample_next
 from lowbit.engine.compiled_step import NativeDecodeStep
+from lowbit.engine.threads import ThreadTuner
 from lowbit.errors import LowbitError
 from lowbit.quantized import QuantizedWeight
 from lowbit.runtime.cpu import gemm_dtype
@@ -535,6 +536,8 @@ class Engine:
         if prefill_chunk < 1:
             raise LowbitError(f"prefill chunk must be >= 1 (got {prefill_chunk})")
         self.threads = set_threads(threads)
+        # threads left to lowbit (None): decode steps pick their thread count by timing, for busy machines
+        self.thread_tuner = ThreadTuner(self.threads) if threads is None and self.threads > 1 else None
         self.model = model.eval()
         self.tokenizer = tokenizer
         config = model.config
@@ -620,7 +623,12 @@ class Engine:
         self._accept(seq, sample_token(logits, params, seq.generator))
         return seq
 
+    def _use_threads(self, count: int) -> None:
+        if torch.get_num_threads() != count:
+            torch.set_num_threads(count)
+
     def _prefill(self, seq: Sequence) -> torch.Tensor:
+        self._use_threads(self.threads)     # prompt GEMMs keep every core: they do not sync per matmul row block
         ids = seq.prompt_ids
         logits = None
         for begin in range(0, len(ids), self.prefill_chunk):
@@ -649,9 +657,15 @@ class Engine:
                 s.position += 1
                 self._accept(s, sample_token(logits[0], s.params, s.generator))
             return running
+        tuner = self.thread_tuner
+        if tuner is not None:
+            self._use_threads(tuner.threads())
+            started = time.perf_counter()
         logits = self.decoder.decode(torch.tensor([s.generated[-1] for s in running]),
                                      torch.tensor([s.slot for s in running]),
                                      torch.tensor([s.position for s in running]))
+        if tuner is not None:
+            tuner.record(time.perf_counter() - started, len(running))
         for row, s in enumerate(running):
             s.position += 1
             self._accept(s, sample_token(logits[row], s.params, s.generator))
