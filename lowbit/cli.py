@@ -126,6 +126,12 @@ def cmd_quantize(args: argparse.Namespace) -> None:
             if config.method == "gguf":
                 config.options["importance"] = writer_options["importance"]
     calibration = CalibrationRequest(tokenizer, args.calib, args.calib_samples, args.calib_len, args.seed)
+    if writer.name == "gptq":
+        from lowbit.formats.gptq import vllm_gptq_problems
+
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+        for problem in vllm_gptq_problems(config.symmetric, dtype):
+            log.warning("this GPTQ file will not load in vLLM as written: %s", problem)
     quantize_model(model, config, calibration=calibration, kernel=args.kernel)
     out = save(model, args.output, format=writer.name, tokenizer=tokenizer, **writer_options)
     log.info("wrote %s in %.1f s", out, time.perf_counter() - t0)
@@ -189,9 +195,10 @@ def cmd_inspect(args: argparse.Namespace) -> None:
         model, _ = _load_model(args.model, args, keep_quantized=True)
         info = inspect_model(model, path)
     else:
-        from lowbit.models.headers import describe
+        from lowbit.models.headers import describe, runtimes_for
 
         info = describe(path)
+        info["runtimes"] = runtimes_for(path, info)
     if args.json:
         print(json.dumps(info, indent=1))
         return

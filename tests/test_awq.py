@@ -170,3 +170,43 @@ def test_inspected_inputs_average_every_token_but_keep_only_the_search_budget():
     one.add("mlp", (), {"hidden_states": calls[0]})
     one.add("mlp", (), {"hidden_states": calls[1]})
     assert len(one.search_calls) == 1                             # at least one call, however small the budget
+
+
+def test_alpha_search_refine_finds_the_grid_minimum_of_unimodal_losses_in_fewer_passes():
+    from lowbit.methods.awq import search_alpha_grid
+
+    for n_grid in (1, 2, 5, 20):
+        for minimum in range(n_grid):
+            calls = {"grid": 0, "refine": 0}
+
+            def counted(mode):
+                def loss(step):
+                    calls[mode] += 1
+                    return (step - minimum) ** 2 + 0.5 * step
+                return loss
+            grid = search_alpha_grid(n_grid, "grid", counted("grid"))
+            refine = search_alpha_grid(n_grid, "refine", counted("refine"))
+            assert refine == grid, (n_grid, minimum)
+            assert calls["grid"] == n_grid
+            if n_grid == 20:
+                assert calls["refine"] <= 9   # 5 coarse points, then at most 2 neighbours per halving
+
+
+def test_alpha_search_ties_go_to_the_smaller_step_and_bad_settings_are_errors():
+    from lowbit.errors import LowbitError
+    from lowbit.methods.awq import search_alpha_grid
+
+    assert search_alpha_grid(20, "grid", lambda step: 1.0) == (0, 1.0)
+    assert search_alpha_grid(20, "refine", lambda step: 1.0) == (0, 1.0)
+    with pytest.raises(LowbitError, match="alpha_grid"):
+        search_alpha_grid(0, "grid", lambda step: 1.0)
+
+
+def test_awq_alpha_search_option_is_checked():
+    from lowbit.errors import LowbitError
+    from lowbit.methods.awq import AWQ
+    from lowbit.methods.base import QuantizeConfig
+
+    method = AWQ(QuantizeConfig(method="awq", options={"alpha_search": "exhaustive"}))
+    with pytest.raises(LowbitError, match="alpha_search must be one of refine, grid"):
+        method.quantize_block(torch.nn.Module(), {}, inputs=[])

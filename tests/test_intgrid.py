@@ -131,3 +131,12 @@ def test_bits_per_weight_accounts_for_statistics():
     assert IntGrid(4, 128, True).quantize(w).bits_per_weight() == pytest.approx(4 + 16 / 128)
     assert IntGrid(4, 128, False).quantize(w).bits_per_weight() == pytest.approx(4 + 20 / 128)
     assert IntGrid(8, -1, True).quantize(w).bits_per_weight() == pytest.approx(8 + 16 / 512)
+
+
+@pytest.mark.parametrize("group_size", [32, 48, -1, 0])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_fake_quantize_is_bit_identical_to_quantize_then_dequantize(group_size, symmetric):
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(24, 80, generator=g) * torch.rand(1, 80, generator=g) * 3
+    grid = IntGrid(bits=3, group_size=group_size, symmetric=symmetric, clip_search=True)
+    assert torch.equal(grid.fake_quantize(w), grid.quantize(w).dequantize())

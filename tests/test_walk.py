@@ -20,7 +20,8 @@ PINNED = {
 }
 CONFIGS = {
     "gptq": dict(method="gptq", bits=4, group_size=32, symmetric=True, skip=()),
-    "awq": dict(method="awq", bits=4, group_size=32, symmetric=False, skip=()),
+    # every alpha of the grid, as the old drivers searched (the default refines coarse to fine since)
+    "awq": dict(method="awq", bits=4, group_size=32, symmetric=False, skip=(), options={"alpha_search": "grid"}),
     "gptq-gguf": dict(method="gptq-gguf", options={"gguf_type": "Q4_0"}),
 }
 

@@ -14,6 +14,7 @@ BUILTIN_FORMATS = (
     "lowbit.formats.bnb",   # bitsandbytes safetensors (issue 5)
     "lowbit.formats.gptq",  # GPTQ v1 checkpoints (issue 4)
     "lowbit.formats.awq",   # AWQ GEMM checkpoints (issue 4)
+    "lowbit.formats.compressed_tensors",   # llm-compressor / vLLM checkpoints (issue 15)
 )
 
 

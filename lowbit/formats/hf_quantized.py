@@ -58,8 +58,10 @@ def skipped_suffixes(model: nn.Module, blocks_path: str) -> list[str]:
 
 def write_checkpoint(model: nn.Module, tokenizer: Any, out: str | Path, fmt: str,
                      layer_tensors: Callable[[str, QuantizedWeight], dict[str, torch.Tensor]],
-                     quant_config: dict[str, Any], extra_files: dict[str, dict[str, Any]] | None = None) -> Path:
-    """Write `model` as an HF folder: quantized layers via `layer_tensors`, config with `quant_config`."""
+                     quant_config: dict[str, Any], extra_files: dict[str, dict[str, Any]] | None = None,
+                     float_dtype: torch.dtype | None = None) -> Path:
+    """Write `model` as an HF folder: quantized layers via `layer_tensors`, config with `quant_config`;
+    `float_dtype` casts the floating tensors outside the quantized layers (and the config's dtype) to it."""
     from lowbit.formats.native import unquantized_tensors, save_hf_side_files
 
     out = Path(out)
@@ -72,13 +74,22 @@ def write_checkpoint(model: nn.Module, tokenizer: Any, out: str | Path, fmt: str
             tensors[f"{name}.{key}"] = value.contiguous()
         if module.bias is not None:
             tensors[f"{name}.bias"] = module.bias.detach().contiguous()
-    tensors.update(unquantized_tensors(model, quantized)[0])
+    floats = unquantized_tensors(model, quantized)[0]
+    if float_dtype is not None:
+        floats = {k: v.to(float_dtype) if v.is_floating_point() else v for k, v in floats.items()}
+        tensors = {k: v.to(float_dtype) if k.endswith(".bias") else v for k, v in tensors.items()}
+    tensors.update(floats)
     with atomic_dir(out) as tmp:
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
         save_hf_side_files(model, tokenizer, tmp)
         cfg_path = tmp / "config.json"
         config = json.loads(cfg_path.read_text())
         config["quantization_config"] = quant_config
+        if float_dtype is not None:
+            # transformers 5 reads "dtype", older releases "torch_dtype"; loaders pick the model's dtype from it
+            for key in ("dtype", "torch_dtype"):
+                if key in config or key == "dtype":
+                    config[key] = str(float_dtype).replace("torch.", "")
         cfg_path.write_text(json.dumps(config, indent=2))
         for filename, content in (extra_files or {}).items():
             (tmp / filename).write_text(json.dumps(content, indent=2))

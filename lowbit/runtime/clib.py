@@ -5,8 +5,9 @@ calls `build_native()`) with -march=native and OpenMP, cached by source and CPU 
 failed build, `native_library()` is None and every caller falls back to torch kernels.
 
 `linear_spec(module)` turns a Linear (float, or a QuantLinear whose weight is affine per group, act-order too, or
-an NF4/FP4 codebook) into the `lb_linear` structure of csrc/affine_dot.h; 4-bit codes are re-packed two per byte
-(LB_NIB), wider codes are read one per byte (LB_U8).
+an NF4/FP4 codebook, or GGUF blocks) into the `lb_linear` structure of csrc/affine_dot.h; GGUF blocks are read
+where they lie (csrc/ggml_blocks.h: the mmapped file's bytes, no copy), other 4-bit codes are re-packed two per
+byte (LB_NIB), wider codes are read one per byte (LB_U8).
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lowbit.errors import LowbitError
 from lowbit.quantized import QuantizedWeight
 
 log = logging.getLogger("lowbit")
@@ -32,6 +34,11 @@ log = logging.getLogger("lowbit")
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = (CSRC / "affine_gemv.c", CSRC / "decode.c")   # one library; decode.c is the engine's whole-step kernel
 LB_F32, LB_U8, LB_NIB = 0, 1, 2
+# csrc/ggml_blocks.h: a GGUF block type is read as the file stores it, kind LB_GGML + its ggml_type value
+LB_GGML = 16
+GGML_KINDS = {"Q4_0": LB_GGML + 2, "Q4_1": LB_GGML + 3, "Q5_0": LB_GGML + 6, "Q5_1": LB_GGML + 7, "Q8_0": LB_GGML + 8,
+              "Q2_K": LB_GGML + 10, "Q3_K": LB_GGML + 11, "Q4_K": LB_GGML + 12, "Q5_K": LB_GGML + 13,
+              "Q6_K": LB_GGML + 14}
 LB_STATS_F32, LB_STATS_F16, LB_STATS_F16_OFFSET, LB_STATS_F32_OFFSET = 0, 1, 2, 3
 _LIBRARY: ctypes.CDLL | None = None
 _LIBRARY_TRIED = False
@@ -217,7 +224,47 @@ def _describe_codebook(qw: QuantizedWeight) -> tuple[LinearSpec, list[torch.Tens
     return spec, [codes, a, b, table]
 
 
+def ggml_block_spec(blocks: torch.Tensor, type_name: str, shape: tuple[int, int]
+                    ) -> tuple[LinearSpec, list[torch.Tensor]]:
+    """The C description of GGUF block bytes [N, row_bytes] of `type_name` (a key of GGML_KINDS) for a weight of
+    `shape`, pointing at those bytes (no copy unless they are not contiguous). Raises LowbitError for a type the
+    kernels do not read or bytes that do not hold the shape, before any C code sees them."""
+    from lowbit.schemes.ggml import codec
+
+    n, k = shape
+    c = codec(type_name)
+    if c.name not in GGML_KINDS:
+        raise LowbitError(f"no compiled kernel reads GGUF {c.name} blocks; known: {', '.join(GGML_KINDS)}")
+    if n < 1 or k < 1 or k % c.block:
+        raise LowbitError(f"a [{n}, {k}] {c.name} weight needs a positive row width that is a multiple of {c.block}")
+    if blocks.dtype != torch.uint8 or blocks.numel() != n * (k // c.block) * c.type_size:
+        raise LowbitError(f"{blocks.numel()} {blocks.dtype} values cannot be the {c.name} blocks of a [{n}, {k}] "
+                          f"weight ({n * (k // c.block) * c.type_size} bytes)")
+    blocks = blocks.contiguous()
+    spec = LinearSpec(GGML_KINDS[c.name], n, k, k // 32, c.block, blocks.data_ptr(), None, None, None)
+    return spec, [blocks]
+
+
+def reads_blocks(qw: QuantizedWeight) -> bool:
+    """True when the compiled kernels read this weight's GGUF blocks directly (csrc/ggml_blocks.h)."""
+    return native_library() is not None and _describe_blocks(qw) is not None
+
+
+def _describe_blocks(qw: QuantizedWeight) -> tuple[LinearSpec, list[torch.Tensor]] | None:
+    """A GGUF weight whose block bytes are its state (no codes stored by a method since): those bytes, as the
+    file stores them. None for anything else."""
+    if not getattr(qw.scheme, "derives_codes", False) or qw.__dict__.get("_codes") is not None:
+        return None
+    blocks, type_name = qw.extra.get("blocks"), getattr(qw.scheme, "type", None)
+    if not isinstance(blocks, torch.Tensor) or type_name not in GGML_KINDS:
+        return None
+    return ggml_block_spec(blocks, type_name, qw.shape)
+
+
 def _describe_affine(qw: QuantizedWeight) -> tuple[LinearSpec, list[torch.Tensor]] | None:
+    blocks = _describe_blocks(qw)
+    if blocks is not None:
+        return blocks
     if qw.scheme.quantizes_activations:
         return None      # LLM.int8 / dynamic int8: float activations would change their numbers
     form = qw.scheme.affine_form(qw)

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from lowbit.quantized import QuantizedWeight
-from lowbit.runtime.clib import affine_spec, column_order, linear, native_library
+from lowbit.runtime.clib import affine_spec, column_order, linear, native_library, reads_blocks
 from lowbit.runtime.cpu import gemm_dtype
 from lowbit.runtime.kernels import Kernel, contiguous_groups, register_kernel
 
@@ -52,7 +52,7 @@ def prefill_matmul(x2: torch.Tensor, qw: QuantizedWeight) -> torch.Tensor:
     if described is None:                   # no compiled library: dequantize through the scheme
         return F.linear(x2.to(dtype), qw.dequantize(dtype)).float()
     spec = described[0]
-    order = column_order(qw)
+    order = None if reads_blocks(qw) else column_order(qw)
     if order is not None:
         x2 = x2.index_select(1, order)      # the codes are stored in the sorted column order
     x2 = x2.to(dtype)
@@ -140,6 +140,33 @@ class AffineU8Kernel(Kernel):
         return y.reshape(*shape[:-1], -1).to(x.dtype)
 
 
+class GGMLBlockKernel(Kernel):
+    """GGUF blocks (Q4_0 ... Q6_K) read as the file stores them (csrc/ggml_blocks.h): float32 activations for
+    decode rows, blocks dequantized in C slice by slice for prompt rows. No copy of the weight is made."""
+
+    name = "ggml"
+
+    def computes_in_float32(self, state: dict[str, Any]) -> bool:
+        return True
+
+    def supports(self, qw: QuantizedWeight) -> bool:
+        return reads_blocks(qw)
+
+    def prepare(self, qw: QuantizedWeight) -> dict[str, Any]:
+        return {"qw": qw}
+
+    def matmul(self, x: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if x2.shape[0] >= PREFILL_ROWS:
+            y = prefill_matmul(x2, state["qw"])
+        else:
+            y = linear(affine_spec(state["qw"])[0], x2)
+        return y.reshape(*shape[:-1], -1).to(x.dtype)
+
+
+# First: GGUF blocks are read in place (int4pack and u8 would each keep a repacked copy).
+register_kernel(GGMLBlockKernel(), before="int8pack")
 register_kernel(AffineInt4Kernel(), before="int8pack")
 # Before int8pack too: same decode speed for per-channel 8-bit, exact float32 sums, and fast prefill.
 register_kernel(AffineU8Kernel(), before="int8pack")

@@ -154,6 +154,17 @@ class IntGrid(Scheme):
         qw.codes = self.encode(weight.float(), expand_groups(scale, gi), expand_groups(zero, gi))
         return qw
 
+    def fake_quantize(self, weight: torch.Tensor, importance: torch.Tensor | None = None) -> torch.Tensor:
+        """`quantize(weight).dequantize()`, the same numbers, without storing codes or gathering statistics per
+        column: searches that try many candidates (AWQ's scales and clipping) only need the rounded weights."""
+        n, k = weight.shape
+        scale, zero = self.fit(weight, importance)
+        if self.group_size == PER_TENSOR:
+            scale, zero = scale[:1], zero[:1]          # fit repeats the one statistic per row
+        w, _ = self._grouped(weight.float())
+        s, z = scale.unsqueeze(-1), zero.unsqueeze(-1)
+        return self.decode(self.encode(w, s, z), s, z).reshape(n, -1)[:, :k]
+
     def dequantize(self, qw: QuantizedWeight) -> torch.Tensor:
         gi = qw.group_index()
         return self.decode(qw.codes, expand_groups(qw.scales, gi), expand_groups(qw.zeros, gi))

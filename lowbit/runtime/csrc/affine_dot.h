@@ -41,8 +41,9 @@ static inline int lb_stats_f32(int64_t stats) { return stats == LB_STATS_F32 || 
 static inline int lb_stats_offset(int64_t stats) { return stats == LB_STATS_F16_OFFSET || stats == LB_STATS_F32_OFFSET; }
 
 typedef struct {
-    int64_t kind, n, k, groups, group;   /* LB_F32 / LB_U8 / LB_NIB; weight [n, k]; groups of `group` columns */
-    const void *w;                       /* weight or codes */
+    int64_t kind, n, k, groups, group;   /* LB_F32 / LB_U8 / LB_NIB / a GGUF block kind (ggml_blocks.h);
+                                            weight [n, k]; groups of `group` columns */
+    const void *w;                       /* weight, codes, or GGUF blocks [n, k / block * block bytes] */
     const void *a, *b;                   /* [n, groups]: W = a * q + b (unused for LB_F32) */
     const float *bias;                   /* [n] or NULL */
     int64_t stats;                       /* LB_STATS_* */
@@ -77,6 +78,8 @@ static inline float lb_stat(const void *values, int64_t index, int64_t stats) {
 }
 
 static inline int64_t lb_min(int64_t a, int64_t b) { return a < b ? a : b; }
+
+#include "ggml_blocks.h"   /* GGUF block kinds (LB_Q4_0 ... LB_Q6_K): lb_matmul hands them to lb_ggml_matmul */
 
 /* sum_g values[g] * xsum[g] for G statistics stored as `stats` says (the b * xsum term of one output). */
 static inline float lb_stat_dot(const void *values, int64_t stats, const float *xsum, int64_t G) {
@@ -422,7 +425,8 @@ static inline int64_t lb_act8_blocks(int64_t K) { return (K + 127) / 128; }
 
 /* Floats of per-thread scratch lb_matmul needs for M rows (group sums, and int8 activations with their scales). */
 static inline int64_t lb_scratch_floats(int64_t K, int64_t G, int64_t M) {
-    return M * (G + K + lb_act8_blocks(K) * (32 + 128 / 4 + 128));
+    const int64_t affine = M * (G + K + lb_act8_blocks(K) * (32 + 128 / 4 + 128)), blocks = lb_ggml_scratch_floats(K, M);
+    return affine > blocks ? affine : blocks;
 }
 
 /* x [M, K] (K % 32 == 0) -> x8 [M, blocks * 128] and lane scales sx [M, blocks * 32]; columns past K are zero.
@@ -671,6 +675,10 @@ LB_INLINE void lb_block(const lb_linear *L, const float *x, int64_t M, float *y,
  * next of several matmuls reading the same x). */
 static inline void lb_matmul(const lb_linear *L, const float *x, int64_t M, float *y, int64_t ldy, int accumulate,
                              float *scratch, int act8, int wait) {
+    if (lb_is_ggml(L->kind)) {           /* read as the file stores it (its own act8 arithmetic on every build) */
+        lb_ggml_matmul(L, x, M, y, ldy, accumulate, scratch, act8, wait);
+        return;
+    }
     const int64_t blocks = (L->n + 3) / 4;
     float *xsum = scratch, *sx = NULL;
     int8_t *x8 = NULL;

@@ -64,6 +64,22 @@ void lowbit_affine_dequant_u8_bf16(const uint8_t *codes, const float *a, const f
  * the same packed bytes the decode kernels read, so no unpacked copy of the codes is ever kept. */
 void lowbit_dequantize_rows(const lb_linear *L, int64_t n0, int64_t n1, void *out, int bf16, int threads) {
     const int64_t K = L->k, G = L->groups;
+    if (lb_is_ggml(L->kind)) {           /* GGUF blocks: 256 columns at a time through a float buffer */
+        const int64_t block = lb_ggml_block(L->kind), row_bytes = (K / block) * lb_ggml_bytes(L->kind);
+        #pragma omp parallel for schedule(static) num_threads(threads)
+        for (int64_t n = n0; n < n1; n++) {
+            float buffer[256];
+            for (int64_t k0 = 0; k0 < K; k0 += 256) {
+                const int64_t count = lb_min(256 / block, (K - k0) / block), width = count * block;
+                float *target = bf16 ? buffer : (float *)out + (n - n0) * K + k0;
+                lb_ggml_dequantize(L->kind, (const uint8_t *)L->w + n * row_bytes + (k0 / block) * lb_ggml_bytes(L->kind),
+                                   count, target);
+                if (bf16)
+                    for (int64_t k = 0; k < width; k++) ((uint16_t *)out)[(n - n0) * K + k0 + k] = to_bf16(buffer[k]);
+            }
+        }
+        return;
+    }
     #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t n = n0; n < n1; n++) {
         float *row32 = bf16 ? NULL : (float *)out + (n - n0) * K;

@@ -1,0 +1,516 @@
+/* GGUF block types read as the file stores them: y = x W^T straight from the ggml blocks, no repacking.
+ *
+ * Why: a GGUF weight repacked into one code per byte plus float statistics costs 1 byte per weight to read
+ * (Q5_0, Q6_K, Q8_0) where the file needs 0.56-1.06, and keeps a second copy of every weight resident. Decoding
+ * is bound by the bytes it reads, so these kernels read the blocks themselves.
+ *
+ * Two arithmetics, chosen per call (`act8`):
+ *   float   each block is dequantized into a small float buffer (the float32 values gguf-py's dequantize gives,
+ *           in the same order of operations) and dotted with the float32 activations: the result differs from a
+ *           float32 matmul of the dequantized weight only by summation order.
+ *   act8    llama.cpp's arithmetic: the activation row is rounded once per matmul to int8 per block (per 32
+ *           columns for the 32-value types, Q8_0-style; per 256 for the K-quants, Q8_K-style, with the sums of
+ *           every 16 int8 values), and each block's dot product is done in integers (AVX2 vpmaddubsw/vpmaddwd),
+ *           scaled once per block. The only error beyond float rounding is the activations' rounding: at most
+ *           half an activation scale per value.
+ *
+ * Every type also has a portable form: `lb_ggml_unpack` turns any block into unsigned integer codes with
+ * integer sub-scales and sub-minimums per 16 columns,
+ *     w[k] = (d * scale[k/16]) * (q[k] - offset) - (dmin * min[k/16]),
+ * which is exactly ggml's float32 dequantization for every type (legacy minimums ride on dmin = -m, min = 1),
+ * and the scalar kernels, the float path and prompt dequantization are all written on it. The AVX2 act8 kernels
+ * unpack the hot types (Q4_0/1, Q5_0/1, Q8_0, Q4_K, Q5_K, Q6_K) with vector code.
+ */
+#ifndef LOWBIT_GGML_BLOCKS_H
+#define LOWBIT_GGML_BLOCKS_H
+
+#include <math.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+/* lb_linear.kind of a GGUF block type: LB_GGML + the ggml_type enum value. */
+#define LB_GGML 16
+enum {
+    LB_Q4_0 = LB_GGML + 2, LB_Q4_1 = LB_GGML + 3, LB_Q5_0 = LB_GGML + 6, LB_Q5_1 = LB_GGML + 7,
+    LB_Q8_0 = LB_GGML + 8, LB_Q2_K = LB_GGML + 10, LB_Q3_K = LB_GGML + 11, LB_Q4_K = LB_GGML + 12,
+    LB_Q5_K = LB_GGML + 13, LB_Q6_K = LB_GGML + 14,
+};
+
+static inline int lb_is_ggml(int64_t kind) {
+    switch (kind) {
+    case LB_Q4_0: case LB_Q4_1: case LB_Q5_0: case LB_Q5_1: case LB_Q8_0:
+    case LB_Q2_K: case LB_Q3_K: case LB_Q4_K: case LB_Q5_K: case LB_Q6_K: return 1;
+    default: return 0;
+    }
+}
+
+/* Values per block (32 or 256) and bytes per block. */
+static inline int64_t lb_ggml_block(int64_t kind) { return kind >= LB_Q2_K ? 256 : 32; }
+static inline int64_t lb_ggml_bytes(int64_t kind) {
+    switch (kind) {
+    case LB_Q4_0: return 18;
+    case LB_Q4_1: return 20;
+    case LB_Q5_0: return 22;
+    case LB_Q5_1: return 24;
+    case LB_Q8_0: return 34;
+    case LB_Q2_K: return 84;
+    case LB_Q3_K: return 110;
+    case LB_Q4_K: return 144;
+    case LB_Q5_K: return 176;
+    case LB_Q6_K: return 210;
+    default: return 0;
+    }
+}
+
+static inline float lb_ggml_half(const uint8_t *p) {
+    uint16_t h;
+    memcpy(&h, p, 2);
+    return lb_half(h);
+}
+
+/* One block as integers (see the top of the file); only the first `block` codes and block/16 sub-scales are used. */
+typedef struct {
+    uint8_t q[256];
+    int16_t scale[16], min[16];
+    float d, dmin;
+    int32_t offset;
+} lb_unpacked;
+
+/* Q4_K / Q5_K: the 6-bit scale and minimum of sub-block j (of 8) from the 12 packed bytes. */
+static inline void lb_k4_scale_min(int j, const uint8_t *s, int *scale, int *min) {
+    if (j < 4) {
+        *scale = s[j] & 63;
+        *min = s[j + 4] & 63;
+    } else {
+        *scale = (s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4);
+        *min = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+    }
+}
+
+/* Q3_K's 16 signed 6-bit scales (stored + 32) from their 12 packed bytes: low 4 bits in bytes 0-7 (two per
+ * byte), high 2 bits in bytes 8-11 (four per byte). */
+static inline void lb_q3k_scales(const uint8_t *s, int16_t *out) {
+    for (int j = 0; j < 16; j++) {
+        const int low = j < 8 ? s[j] & 0xF : s[j - 8] >> 4;
+        const int high = (s[8 + (j & 3)] >> (2 * (j >> 2))) & 3;
+        out[j] = (int16_t)((low | (high << 4)) - 32);
+    }
+}
+
+/* The sub-scales and header of a block (everything but the codes). */
+static inline void lb_ggml_header(int64_t kind, const uint8_t *b, lb_unpacked *u) {
+    u->offset = 0;
+    u->dmin = 0.0f;
+    for (int j = 0; j < 16; j++) u->scale[j] = 1, u->min[j] = 0;
+    switch (kind) {
+    case LB_Q4_0: case LB_Q5_0: case LB_Q8_0:
+        u->d = lb_ggml_half(b);
+        u->offset = kind == LB_Q4_0 ? 8 : kind == LB_Q5_0 ? 16 : 128;
+        break;
+    case LB_Q4_1: case LB_Q5_1:
+        u->d = lb_ggml_half(b);
+        u->dmin = -lb_ggml_half(b + 2);      /* w = d q + m = d q - (-m) */
+        u->min[0] = u->min[1] = 1;
+        break;
+    case LB_Q2_K:
+        u->d = lb_ggml_half(b + 80);
+        u->dmin = lb_ggml_half(b + 82);
+        for (int j = 0; j < 16; j++) u->scale[j] = b[j] & 0xF, u->min[j] = b[j] >> 4;
+        break;
+    case LB_Q3_K:
+        u->d = lb_ggml_half(b + 108);
+        u->offset = 4;
+        lb_q3k_scales(b + 96, u->scale);
+        break;
+    case LB_Q4_K: case LB_Q5_K:
+        u->d = lb_ggml_half(b);
+        u->dmin = lb_ggml_half(b + 2);
+        for (int j = 0; j < 8; j++) {
+            int scale, min;
+            lb_k4_scale_min(j, b + 4, &scale, &min);
+            u->scale[2 * j] = u->scale[2 * j + 1] = (int16_t)scale;
+            u->min[2 * j] = u->min[2 * j + 1] = (int16_t)min;
+        }
+        break;
+    case LB_Q6_K:
+        u->d = lb_ggml_half(b + 208);
+        u->offset = 32;
+        for (int j = 0; j < 16; j++) u->scale[j] = (int8_t)b[192 + j];
+        break;
+    }
+}
+
+/* A whole block as integers, portable code. */
+static inline void lb_ggml_unpack(int64_t kind, const uint8_t *b, lb_unpacked *u) {
+    lb_ggml_header(kind, b, u);
+    uint8_t *q = u->q;
+    switch (kind) {
+    case LB_Q4_0: case LB_Q4_1: {
+        const uint8_t *qs = b + (kind == LB_Q4_0 ? 2 : 4);
+        for (int j = 0; j < 16; j++) q[j] = qs[j] & 0xF, q[j + 16] = qs[j] >> 4;
+        break;
+    }
+    case LB_Q5_0: case LB_Q5_1: {
+        const uint8_t *qh = b + (kind == LB_Q5_0 ? 2 : 4), *qs = qh + 4;
+        uint32_t high;
+        memcpy(&high, qh, 4);
+        for (int j = 0; j < 16; j++) {
+            q[j] = (uint8_t)((qs[j] & 0xF) | (((high >> j) & 1) << 4));
+            q[j + 16] = (uint8_t)((qs[j] >> 4) | (((high >> (j + 16)) & 1) << 4));
+        }
+        break;
+    }
+    case LB_Q8_0:
+        for (int j = 0; j < 32; j++) q[j] = (uint8_t)(b[2 + j] ^ 0x80);   /* int8 + 128 */
+        break;
+    case LB_Q2_K:
+        for (int half = 0; half < 2; half++)
+            for (int shift = 0; shift < 4; shift++)
+                for (int l = 0; l < 32; l++) q[half * 128 + shift * 32 + l] = (b[16 + half * 32 + l] >> (2 * shift)) & 3;
+        break;
+    case LB_Q3_K:
+        for (int half = 0; half < 2; half++)
+            for (int shift = 0; shift < 4; shift++)
+                for (int l = 0; l < 32; l++) {
+                    const int bit = half * 4 + shift;
+                    q[half * 128 + shift * 32 + l] = (uint8_t)(((b[32 + half * 32 + l] >> (2 * shift)) & 3)
+                                                               | (((b[l] >> bit) & 1) << 2));
+                }
+        break;
+    case LB_Q4_K: case LB_Q5_K: {
+        const uint8_t *qh = b + 16, *qs = b + (kind == LB_Q4_K ? 16 : 48);
+        for (int j = 0; j < 4; j++)
+            for (int l = 0; l < 32; l++) {
+                uint8_t lo = qs[j * 32 + l] & 0xF, hi = qs[j * 32 + l] >> 4;
+                if (kind == LB_Q5_K) {
+                    lo |= ((qh[l] >> (2 * j)) & 1) << 4;
+                    hi |= ((qh[l] >> (2 * j + 1)) & 1) << 4;
+                }
+                q[j * 64 + l] = lo;
+                q[j * 64 + 32 + l] = hi;
+            }
+        break;
+    }
+    case LB_Q6_K:
+        for (int half = 0; half < 2; half++) {
+            const uint8_t *ql = b + half * 64, *qh = b + 128 + half * 32;
+            uint8_t *o = q + half * 128;
+            for (int l = 0; l < 32; l++) {
+                o[l] = (uint8_t)((ql[l] & 0xF) | ((qh[l] & 3) << 4));
+                o[l + 32] = (uint8_t)((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4));
+                o[l + 64] = (uint8_t)((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4));
+                o[l + 96] = (uint8_t)((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4));
+            }
+        }
+        break;
+    }
+}
+
+/* `count` consecutive blocks as float32 into out (ggml's dequantization, bit for bit). */
+/* fp-contract off: a fused multiply-add would round differently from ggml's separate multiply and subtract */
+__attribute__((optimize("fp-contract=off"))) static void lb_ggml_dequantize(int64_t kind, const uint8_t *blocks, int64_t count, float *out) {
+    const int64_t block = lb_ggml_block(kind), bytes = lb_ggml_bytes(kind);
+    lb_unpacked u;
+    for (int64_t i = 0; i < count; i++) {
+        lb_ggml_unpack(kind, blocks + i * bytes, &u);
+        for (int64_t s = 0; s < block / 16; s++) {
+            const float scale = u.d * (float)u.scale[s], min = u.dmin * (float)u.min[s];
+            float *o = out + i * block + s * 16;
+            #pragma omp simd
+            for (int l = 0; l < 16; l++) o[l] = scale * (float)((int32_t)u.q[s * 16 + l] - u.offset) - min;
+        }
+    }
+}
+
+/* -- int8 activations --------------------------------------------------------------------------------------
+ * One row of K activations as the act8 kernels read it: x8 [K] int8 (|v| <= 127), dx [K / qblock] scales,
+ * bsum [K / 16] sums of every 16 int8 values, and for 32-value blocks sx [K / 32] = dx * (sum of the block). */
+typedef struct {
+    const int8_t *x8;
+    const float *dx, *sx;
+    const int16_t *bsum;
+} lb_act8_row;
+
+/* Floats of scratch one row of K activations takes in the act8 layout. */
+static inline int64_t lb_ggml_act8_floats(int64_t K) { return K / 4 + K / 32 + K / 32 + K / 32 + 4; }
+
+static inline lb_act8_row lb_ggml_act8_at(float *scratch, int64_t K) {
+    lb_act8_row row;
+    row.dx = scratch;
+    row.sx = scratch + K / 32;
+    row.bsum = (const int16_t *)(scratch + 2 * (K / 32));
+    row.x8 = (const int8_t *)(scratch + 3 * (K / 32));
+    return row;
+}
+
+/* Round x [K] to int8 per `qblock` columns (scale absmax / 127) into the layout at `scratch`. */
+static inline void lb_ggml_quantize_act8(const float *x, int64_t K, int64_t qblock, float *scratch) {
+    float *dx = scratch, *sx = scratch + K / 32;
+    int16_t *bsum = (int16_t *)(scratch + 2 * (K / 32));
+    int8_t *x8 = (int8_t *)(scratch + 3 * (K / 32));
+    for (int64_t b = 0; b < K / qblock; b++) {
+        const float *xb = x + b * qblock;
+        float top = 0.0f;
+        #pragma omp simd reduction(max : top)
+        for (int64_t k = 0; k < qblock; k++) top = fmaxf(top, fabsf(xb[k]));
+        const float d = top / 127.0f, inv = top > 0.0f ? 127.0f / top : 0.0f;
+        dx[b] = d;
+        for (int64_t k = 0; k < qblock; k++) {
+            float v = rintf(xb[k] * inv);
+            v = v > 127.0f ? 127.0f : v < -127.0f ? -127.0f : v;
+            x8[b * qblock + k] = (int8_t)v;
+        }
+    }
+    for (int64_t s = 0; s < K / 16; s++) {
+        int32_t total = 0;
+        for (int l = 0; l < 16; l++) total += x8[s * 16 + l];
+        bsum[s] = (int16_t)total;
+    }
+    if (qblock == 32)
+        for (int64_t b = 0; b < K / 32; b++) sx[b] = dx[b] * (float)(bsum[2 * b] + bsum[2 * b + 1]);
+}
+
+/* sum_k w[k] x[k] over a block from its integers and the activations' int8 form (portable). Block `index` of
+ * the row: its activation scale is dx[index] (one scale per block, both for 32- and 256-value blocks). */
+static inline float lb_ggml_dot_unpacked(const lb_unpacked *u, int64_t block, const lb_act8_row *a, int64_t index) {
+    const int8_t *x8 = a->x8 + index * block;
+    const int16_t *bsum = a->bsum + index * (block / 16);
+    int32_t total = 0, mins = 0;
+    for (int64_t s = 0; s < block / 16; s++) {
+        int32_t part = 0;
+        for (int l = 0; l < 16; l++) part += (int32_t)u->q[s * 16 + l] * x8[s * 16 + l];
+        total += u->scale[s] * (part - u->offset * bsum[s]);
+        mins += u->min[s] * bsum[s];
+    }
+    return a->dx[index] * (u->d * (float)total - u->dmin * (float)mins);
+}
+
+#if defined(__AVX2__) && defined(__FMA__)
+static inline float lb_ggml_hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+static inline int32_t lb_ggml_hsum_i32(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+    return _mm_cvtsi128_si32(s);
+}
+
+/* 16 bytes of packed nibbles -> 32 codes in column order (byte j: column j low, column 16 + j high). */
+static inline __m256i lb_nibbles32(const uint8_t *p) {
+    const __m128i v = _mm_loadu_si128((const __m128i *)p);
+    return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(v, 4), v), _mm256_set1_epi8(0x0F));
+}
+
+/* 32 bits (little-endian) -> 32 bytes, 0x10 where the bit is set: the fifth bit of Q5_0 / Q5_1 codes. */
+static inline __m256i lb_bits32_to_0x10(const uint8_t *p) {
+    uint32_t bits;
+    memcpy(&bits, p, 4);
+    const __m256i spread = _mm256_shuffle_epi8(_mm256_set1_epi32((int)bits),
+        _mm256_set_epi64x(0x0303030303030303LL, 0x0202020202020202LL, 0x0101010101010101LL, 0));
+    const __m256i mask = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
+    return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(spread, mask), mask), _mm256_set1_epi8(0x10));
+}
+
+/* int32x8 partial sums of u8 codes (< 128) times int8 activations, 32 columns. */
+static inline __m256i lb_dot_u8s8(__m256i codes, __m256i x8) {
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(codes, x8), _mm256_set1_epi16(1));
+}
+
+/* The 32-value types, one weight row against R activation rows (R <= 16). Per block,
+ *   d * dx * dot(q, x8) + (m - offset * d) * sx   (sx = dx * sum(x8 of the block), m = Q4_1 / Q5_1's minimum). */
+static inline void lb_ggml_row32_act8(int64_t kind, const uint8_t *row, int64_t K, const lb_act8_row *act, int64_t R,
+                                      float *out) {
+    const int64_t bytes = lb_ggml_bytes(kind), nb = K / 32;
+    __m256 acc[16];
+    float extra[16];
+    for (int64_t r = 0; r < R; r++) acc[r] = _mm256_setzero_ps(), extra[r] = 0.0f;
+    for (int64_t i = 0; i < nb; i++) {
+        const uint8_t *b = row + i * bytes;
+        const float d = lb_ggml_half(b);
+        if (kind == LB_Q8_0) {
+            const __m256i w = _mm256_loadu_si256((const __m256i *)(b + 2));
+            const __m256i aw = _mm256_sign_epi8(w, w);   /* |w| (as unsigned: -128 reads as 128) */
+            for (int64_t r = 0; r < R; r++) {
+                const __m256i x = _mm256_loadu_si256((const __m256i *)(act[r].x8 + i * 32));
+                const __m256i dot = lb_dot_u8s8(aw, _mm256_sign_epi8(x, w));
+                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * act[r].dx[i]), _mm256_cvtepi32_ps(dot), acc[r]);
+            }
+            continue;
+        }
+        __m256i q;
+        float m = 0.0f, offset = 0.0f;
+        switch (kind) {
+        case LB_Q4_0: q = lb_nibbles32(b + 2); offset = 8.0f; break;
+        case LB_Q4_1: q = lb_nibbles32(b + 4); m = lb_ggml_half(b + 2); break;
+        case LB_Q5_0: q = _mm256_or_si256(lb_nibbles32(b + 6), lb_bits32_to_0x10(b + 2)); offset = 16.0f; break;
+        default: q = _mm256_or_si256(lb_nibbles32(b + 8), lb_bits32_to_0x10(b + 4)); m = lb_ggml_half(b + 2); break;
+        }
+        const float corr = m - offset * d;
+        for (int64_t r = 0; r < R; r++) {
+            const __m256i dot = lb_dot_u8s8(q, _mm256_loadu_si256((const __m256i *)(act[r].x8 + i * 32)));
+            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * act[r].dx[i]), _mm256_cvtepi32_ps(dot), acc[r]);
+            extra[r] += corr * act[r].sx[i];
+        }
+    }
+    for (int64_t r = 0; r < R; r++) out[r] = lb_ggml_hsum(acc[r]) + extra[r];
+}
+
+/* A K-quant block's codes into q[256] with vector code (Q4_K, Q5_K, Q6_K), else the portable unpack. */
+static inline void lb_ggml_unpack_k(int64_t kind, const uint8_t *b, lb_unpacked *u) {
+    const __m256i low = _mm256_set1_epi8(0x0F);
+    if (kind == LB_Q4_K || kind == LB_Q5_K) {
+        lb_ggml_header(kind, b, u);
+        const uint8_t *qs = b + (kind == LB_Q4_K ? 16 : 48);
+        const __m256i qh = _mm256_loadu_si256((const __m256i *)(b + 16)), one = _mm256_set1_epi8(1);
+        for (int j = 0; j < 4; j++) {
+            const __m256i v = _mm256_loadu_si256((const __m256i *)(qs + 32 * j));
+            __m256i lo = _mm256_and_si256(v, low), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+            if (kind == LB_Q5_K) {
+                const __m128i shift = _mm_cvtsi32_si128(2 * j);
+                const __m256i h = _mm256_srl_epi16(qh, shift);
+                lo = _mm256_or_si256(lo, _mm256_slli_epi16(_mm256_and_si256(h, one), 4));
+                hi = _mm256_or_si256(hi, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 1), one), 4));
+            }
+            _mm256_storeu_si256((__m256i *)(u->q + 64 * j), lo);
+            _mm256_storeu_si256((__m256i *)(u->q + 64 * j + 32), hi);
+        }
+    } else if (kind == LB_Q6_K) {
+        lb_ggml_header(kind, b, u);
+        const __m256i three = _mm256_set1_epi8(3);
+        for (int half = 0; half < 2; half++) {
+            const __m256i ql0 = _mm256_loadu_si256((const __m256i *)(b + half * 64));
+            const __m256i ql1 = _mm256_loadu_si256((const __m256i *)(b + half * 64 + 32));
+            const __m256i qh = _mm256_loadu_si256((const __m256i *)(b + 128 + half * 32));
+            uint8_t *o = u->q + half * 128;
+#define LB_Q6_HIGH(s) _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, (s)), three), 4)
+            _mm256_storeu_si256((__m256i *)o, _mm256_or_si256(_mm256_and_si256(ql0, low), LB_Q6_HIGH(0)));
+            _mm256_storeu_si256((__m256i *)(o + 32), _mm256_or_si256(_mm256_and_si256(ql1, low), LB_Q6_HIGH(2)));
+            _mm256_storeu_si256((__m256i *)(o + 64),
+                                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), low), LB_Q6_HIGH(4)));
+            _mm256_storeu_si256((__m256i *)(o + 96),
+                                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), low), LB_Q6_HIGH(6)));
+#undef LB_Q6_HIGH
+        }
+    } else {
+        lb_ggml_unpack(kind, b, u);
+    }
+}
+
+/* The K-quants (256-value blocks, codes < 64), one weight row against R activation rows: per block the integer
+ * sum over 16-column sub-blocks of scale * dot(q, x8) (vpmaddubsw, then vpmaddwd with the two sub-scales of each
+ * 32 columns), less the offset and minimum terms from the activations' 16-column sums. */
+static inline void lb_ggml_row256_act8(int64_t kind, const uint8_t *row, int64_t K, const lb_act8_row *act, int64_t R,
+                                       float *out) {
+    const int64_t bytes = lb_ggml_bytes(kind), nb = K / 256;
+    lb_unpacked u __attribute__((aligned(32)));
+    float total[16];
+    for (int64_t r = 0; r < R; r++) total[r] = 0.0f;
+    for (int64_t i = 0; i < nb; i++) {
+        lb_ggml_unpack_k(kind, row + i * bytes, &u);
+        const __m256i scales = _mm256_loadu_si256((const __m256i *)u.scale);
+        const __m256i mins = _mm256_loadu_si256((const __m256i *)u.min);
+        __m256i pair[8];   /* the two sub-scales of 32 columns c, each over its 8 int16 lanes */
+        for (int c = 0; c < 8; c++)
+            pair[c] = _mm256_set_m128i(_mm_set1_epi16(u.scale[2 * c + 1]), _mm_set1_epi16(u.scale[2 * c]));
+        for (int64_t r = 0; r < R; r++) {
+            const int8_t *x8 = act[r].x8 + i * 256;
+            __m256i sum = _mm256_setzero_si256();
+            for (int c = 0; c < 8; c++) {
+                const __m256i q = _mm256_loadu_si256((const __m256i *)(u.q + 32 * c));
+                const __m256i p = _mm256_maddubs_epi16(q, _mm256_loadu_si256((const __m256i *)(x8 + 32 * c)));
+                sum = _mm256_add_epi32(sum, _mm256_madd_epi16(p, pair[c]));
+            }
+            const __m256i bsum = _mm256_loadu_si256((const __m256i *)(act[r].bsum + i * 16));
+            const int32_t dot = lb_ggml_hsum_i32(sum) - u.offset * lb_ggml_hsum_i32(_mm256_madd_epi16(scales, bsum));
+            const int32_t minsum = lb_ggml_hsum_i32(_mm256_madd_epi16(mins, bsum));
+            total[r] += act[r].dx[i] * (u.d * (float)dot - u.dmin * (float)minsum);
+        }
+    }
+    for (int64_t r = 0; r < R; r++) out[r] = total[r];
+}
+#endif
+
+/* out[r] = dot(weight row, activation row r) for R <= 16 rows, int8 activations. */
+static inline void lb_ggml_row_act8(int64_t kind, const uint8_t *row, int64_t K, const lb_act8_row *act, int64_t R,
+                                    float *out) {
+#if defined(__AVX2__) && defined(__FMA__)
+    if (lb_ggml_block(kind) == 32) lb_ggml_row32_act8(kind, row, K, act, R, out);
+    else lb_ggml_row256_act8(kind, row, K, act, R, out);
+#else
+    const int64_t block = lb_ggml_block(kind), bytes = lb_ggml_bytes(kind);
+    lb_unpacked u;
+    for (int64_t r = 0; r < R; r++) out[r] = 0.0f;
+    for (int64_t i = 0; i < K / block; i++) {
+        lb_ggml_unpack(kind, row + i * bytes, &u);
+        for (int64_t r = 0; r < R; r++) out[r] += lb_ggml_dot_unpacked(&u, block, &act[r], i);
+    }
+#endif
+}
+
+/* out[r] = dot(weight row, x[r]) for R <= 16 float32 rows `K` apart: 256 columns at a time dequantized into a
+ * buffer (ggml's values exactly), then dotted. */
+static inline void lb_ggml_row_f32(int64_t kind, const uint8_t *row, int64_t K, const float *x, int64_t R,
+                                   float *out) {
+    const int64_t block = lb_ggml_block(kind), bytes = lb_ggml_bytes(kind), per = 256 / block;
+    float w[256] __attribute__((aligned(32)));
+    for (int64_t r = 0; r < R; r++) out[r] = 0.0f;
+    for (int64_t k0 = 0; k0 < K; k0 += 256) {
+        const int64_t count = lb_min(per, (K - k0) / block), width = count * block;
+        lb_ggml_dequantize(kind, row + (k0 / block) * bytes, count, w);
+        for (int64_t r = 0; r < R; r++) {
+            const float *xr = x + r * K + k0;
+            float s = 0.0f;
+            #pragma omp simd reduction(+ : s)
+            for (int64_t k = 0; k < width; k++) s += w[k] * xr[k];
+            out[r] += s;
+        }
+    }
+}
+
+/* Floats of per-thread scratch lb_ggml_matmul needs for M rows of K activations. */
+static inline int64_t lb_ggml_scratch_floats(int64_t K, int64_t M) { return M * lb_ggml_act8_floats(K); }
+
+/* lb_matmul for a GGUF block weight: y[M, :n] (= or +=) x W^T + bias; called by every thread of a team, rows
+ * shared out by an orphaned `omp for`; each thread rounds the activations into its own scratch (no barrier). */
+static inline void lb_ggml_matmul(const lb_linear *L, const float *x, int64_t M, float *y, int64_t ldy,
+                                  int accumulate, float *scratch, int act8, int wait) {
+    const int64_t K = L->k, N = L->n, row_bytes = (K / lb_ggml_block(L->kind)) * lb_ggml_bytes(L->kind);
+    const int64_t per_row = lb_ggml_act8_floats(K);
+    lb_act8_row act[16];
+    if (act8)
+        for (int64_t r = 0; r < M; r++)
+            lb_ggml_quantize_act8(x + r * K, K, lb_ggml_block(L->kind), scratch + r * per_row);
+    #pragma omp for schedule(static) nowait
+    for (int64_t n = 0; n < N; n++) {
+        const uint8_t *row = (const uint8_t *)L->w + n * row_bytes;
+        for (int64_t m0 = 0; m0 < M; m0 += 16) {
+            const int64_t R = lb_min(16, M - m0);
+            float out[16];
+            if (act8) {
+                for (int64_t r = 0; r < R; r++) act[r] = lb_ggml_act8_at(scratch + (m0 + r) * per_row, K);
+                lb_ggml_row_act8(L->kind, row, K, act, R, out);
+            } else {
+                lb_ggml_row_f32(L->kind, row, K, x + m0 * K, R, out);
+            }
+            for (int64_t r = 0; r < R; r++) {
+                float *target = y + (m0 + r) * ldy + n;
+                const float value = out[r] + (L->bias ? L->bias[n] : 0.0f);
+                *target = accumulate ? *target + value : value;
+            }
+        }
+    }
+    if (wait) {
+        #pragma omp barrier
+    }
+}
+
+#endif
