@@ -7,7 +7,7 @@ Three computations of the same file's perplexity:
   dequantized by gguf-py's codecs into transformers' model class, transformers' forward;
 - transformers: transformers' own GGUF loader (its parser and name tables, also dequantizing with gguf-py's
   codecs), the same forward;
-- lowbit engine: the file kept quantized, decoded token by token through the engine's compiled step (the
+- lowbit engine: the file kept quantized, run through the engine's compiled step in chunks of 16 tokens (the
   blocks' codes read by lowbit's C kernels, float32 arithmetic), or its torch decoder when the step cannot run it.
 The first two share the dequantizer and the forward, so when the import is right their weights are bit-identical
 and so are their perplexities: the table reports the weight comparison that explains an exact tie. The third is
@@ -60,19 +60,70 @@ def main() -> None:
                                                   trust_remote_code=False).eval()
     t_theirs = time.perf_counter() - t0
     tokens = tokenize_text(tok, read_text(args.corpus), args.tokens)
+    weights = compare_weights(ours, theirs)
     a = evaluate_quality(ours, tokens, ctx=args.ctx, progress=False)
     b = evaluate_quality(theirs, tokens, ctx=args.ctx, progress=False)
+    del ours, theirs
+    engine_ppl, decode_path = engine_perplexity(path, tokens, args.ctx)
     diff = abs(a.perplexity - b.perplexity) / b.perplexity
-    print(f"| model | tokens | ctx | lowbit ppl | transformers ppl | rel. diff | load s (lowbit / transformers) |")
-    print("|---|---|---|---|---|---|---|")
+    engine_diff = abs(engine_ppl - b.perplexity) / b.perplexity
+    print(f"weights: {weights['identical']} of {weights['tensors']} tensors bit-identical between the two loads "
+          f"(max |difference| among the others {weights['max_abs_difference']:.3g})")
+    print("| model | tokens | ctx | lowbit float ppl | transformers ppl | rel. diff | lowbit engine ppl "
+          "(decode path) | rel. diff | load s (lowbit / transformers) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     print(f"| {path.name} | {a.tokens} | {args.ctx} | {a.perplexity:.4f} | {b.perplexity:.4f} | {diff:.2e} | "
-          f"{t_ours:.1f} / {t_theirs:.1f} |")
+          f"{engine_ppl:.4f} ({decode_path}) | {engine_diff:.2e} | {t_ours:.1f} / {t_theirs:.1f} |")
     out = Path(__file__).parent / "results" / "arch_gguf.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps({"model": path.name, "tokens": a.tokens, "ctx": args.ctx,
                                "lowbit_ppl": a.perplexity, "transformers_ppl": b.perplexity,
-                               "relative_difference": diff, "load_seconds": [t_ours, t_theirs]}, indent=2))
+                               "relative_difference": diff, "weights": weights,
+                               "engine_ppl": engine_ppl, "engine_decode_path": decode_path,
+                               "engine_relative_difference": engine_diff,
+                               "load_seconds": [t_ours, t_theirs]}, indent=2))
 
+
+def compare_weights(ours, theirs) -> dict:
+    """How many of the two models' tensors (by name) are bit-identical, and the largest difference among the rest."""
+    mine, other = ours.state_dict(), theirs.state_dict()
+    common = sorted(set(mine) & set(other))
+    identical, largest = 0, 0.0
+    for name in common:
+        x, y = mine[name].float(), other[name].float()
+        if x.shape != y.shape:
+            largest = float("inf")
+        elif torch.equal(x, y):
+            identical += 1
+        else:
+            largest = max(largest, float((x - y).abs().max()))
+    return {"tensors": len(common), "identical": identical, "max_abs_difference": largest,
+            "only_lowbit": sorted(set(mine) - set(other))[:5], "only_transformers": sorted(set(other) - set(mine))[:5]}
+
+
+@torch.inference_mode()
+def engine_perplexity(path: Path, tokens: torch.Tensor, ctx: int, chunk: int = 16) -> tuple[float, str]:
+    """Perplexity of the GGUF kept quantized, through lowbit's engine, and which decode path ran: each window
+    fed in chunks of `chunk` consecutive tokens to the compiled step (rows of one cache slot, every row's logits,
+    as when it prefills a short prompt), or one token at a time to the torch decoder when the step cannot run."""
+    from lowbit.engine.runner import Engine
+    from lowbit.models.loading import load_model
+
+    model, _ = load_model(path, keep_quantized=True)
+    engine = Engine(model, context=ctx, prefill_attention_dtype=torch.float32)
+    step = engine.decoder.native
+    size = chunk if step is not None else 1
+    nll, count = 0.0, 0
+    for window in windows(tokens, ctx):
+        inputs, targets = window[:-1], window[1:]
+        for begin in range(0, ctx - 1, size):
+            feed = inputs[begin:begin + size]
+            positions = torch.arange(begin, begin + feed.numel())
+            slots = torch.zeros_like(positions)
+            logits = step(feed, slots, positions) if step is not None else engine.decoder.decode(feed, slots, positions)
+            nll += float(F.cross_entropy(logits.float(), targets[begin:begin + feed.numel()], reduction="sum"))
+            count += feed.numel()
+    return math.exp(nll / count), engine.decode_path
 
 if __name__ == "__main__":
     main()
