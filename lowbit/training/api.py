@@ -115,14 +115,14 @@ def finetune(model: nn.Module | str | Path, data: str | Path, output: str | Path
                               "symmetric": config.symmetric},
                       calibration=text.windows(min(config.seq_len, 512), 32, config.seed))
     base_quantization = quantization_of(model)
-    before = held_out_perplexity(model, text.held_out, config.seq_len)
+    before = held_out_perplexity(model, text.held_out[:config.eval_tokens], config.seq_len)
     from lowbit.training.lora import attach_lora
 
     peft_model = attach_lora(model, config)
     history = train(peft_model, lambda step, micro: text.batch(config.seq_len, config.batch, config.seed, step, micro),
                     config, checkpoint_dir=output / "checkpoint", resume=resume, progress=progress,
                     desc=f"{config.method} finetune")
-    after = held_out_perplexity(peft_model, text.held_out, config.seq_len)
+    after = held_out_perplexity(peft_model, text.held_out[:config.eval_tokens], config.seq_len)
     peft_model.save_pretrained(str(output))
     result = FinetuneResult(output, config.method, before, after, history, peft_model, base_quantization)
     _write_record(output, config, result, model)
@@ -147,7 +147,7 @@ def _qat(model: nn.Module, tokenizer: Any, text: TrainingText, output: Path, con
 
     if quantization_of(model) is not None:
         raise LowbitError("qat starts from the float model; pass the unquantized model")
-    before = held_out_perplexity(model, text.held_out, config.seq_len)
+    before = held_out_perplexity(model, text.held_out[:config.eval_tokens], config.seq_len)
     samples = max(config.batch, config.steps * config.batch // config.qat_epochs)
     windows = text.windows(config.seq_len, samples, config.seed)
     qconfig = QuantizeConfig(method="qat", bits=config.bits, group_size=config.group_size,
@@ -157,7 +157,7 @@ def _qat(model: nn.Module, tokenizer: Any, text: TrainingText, output: Path, con
     began = time.perf_counter()
     quantize_model(model, qconfig, calibration=windows, progress=progress)
     history = TrainLog(seconds=time.perf_counter() - began, tokens=int(windows.numel()))
-    after = held_out_perplexity(model, text.held_out, config.seq_len)
+    after = held_out_perplexity(model, text.held_out[:config.eval_tokens], config.seq_len)
     writer_options = {"type": config.scheme.upper(), "pure": True} if format == "gguf" else {}
     save(model, output, format=format, tokenizer=tokenizer, **writer_options)
     result = FinetuneResult(output, "qat", before, after, history, model, qconfig.to_dict())

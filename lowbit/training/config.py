@@ -30,6 +30,7 @@ class FinetuneConfig:
     grad_accum: int = 1
     seed: int = 0
     held_out: float = 0.1          # fraction of the text (its end) never trained on, for held-out perplexity
+    eval_tokens: int = 16384       # held-out tokens the perplexity is measured on (the first ones)
     optimizer: str = "adamw"       # adamw8bit: bitsandbytes' 8-bit AdamW states (the QLoRA recipe)
     weight_decay: float = 0.0
     warmup: int = 10               # linear warm-up steps, then cosine decay to 10% of lr
@@ -48,7 +49,7 @@ class FinetuneConfig:
             raise LowbitError(f"unknown finetune method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.optimizer not in OPTIMIZERS:
             raise LowbitError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
-        for name in ("steps", "rank", "seq_len", "batch", "grad_accum", "qat_epochs"):
+        for name in ("steps", "rank", "seq_len", "batch", "grad_accum", "qat_epochs", "eval_tokens"):
             if int(getattr(self, name)) < 1:
                 raise LowbitError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(self, name)})")
         if not 0 < self.held_out < 1:

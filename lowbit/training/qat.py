@@ -275,3 +275,101 @@ class QAT(Method):
         report = QATReport(relative_error=final, initial_error=initial)
         log.debug("qat %s: block error %.3e -> %.3e", prefix, initial, final)
         return BlockResult(results, {name: report for name in results})
+
+
+# -- end to end: the integer grids' scales trained on the language-model loss, codes fixed (EfficientQAT's E2E-QP)
+class _ScaledCodesMatmul(torch.autograd.Function):
+    """y = x W^T with W = s[:, g(k)] * (codes - zeros) rebuilt from the codes in forward and backward (no float
+    copy of W is kept between them); the gradient goes to log s."""
+
+    @staticmethod
+    def forward(ctx, x, log_scale, layer):   # type: ignore[override]
+        ctx.layer = layer
+        ctx.save_for_backward(x, log_scale)
+        return x @ layer.weight_from(log_scale).t()
+
+    @staticmethod
+    def backward(ctx, grad_y):   # type: ignore[override]
+        x, log_scale = ctx.saved_tensors
+        layer = ctx.layer
+        grad_x = grad_y @ layer.weight_from(log_scale)
+        grad_w = grad_y.reshape(-1, grad_y.shape[-1]).t() @ x.reshape(-1, x.shape[-1])       # [N, K]
+        per_column = grad_w * layer.centered_codes()
+        grad_scale = torch.zeros_like(log_scale).index_add_(1, layer.group_index, per_column)
+        return grad_x, grad_scale * log_scale.exp(), None
+
+
+class ScaleTrainableLinear(nn.Module):
+    """A QuantLinear on an integer grid whose per-group scales train (log space), codes and zeros fixed."""
+
+    def __init__(self, quantized: nn.Module):
+        super().__init__()
+        qw = quantized.qweight
+        self.quantized = quantized
+        self.group_index = qw.group_index()
+        self.log_scale = nn.Parameter(qw.scales.float().clamp(min=1e-12).log())
+
+    def centered_codes(self) -> torch.Tensor:
+        qw = self.quantized.qweight
+        return qw.codes.float() - expand_groups(qw.zeros, self.group_index)
+
+    def weight_from(self, log_scale: torch.Tensor) -> torch.Tensor:
+        return expand_groups(log_scale.exp(), self.group_index) * self.centered_codes()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = _ScaledCodesMatmul.apply(x.float(), self.log_scale, self).to(x.dtype)
+        bias = self.quantized.bias
+        return y if bias is None else y + bias
+
+    @torch.no_grad()
+    def finish(self) -> nn.Module:
+        """The QuantLinear with the learned scales (rounded to the grid's scale dtype)."""
+        qw = self.quantized.qweight
+        qw.scales = self.log_scale.exp().to(_SCALE_DTYPES[qw.scheme.scale_dtype]).float()
+        self.quantized.set_kernel(self.quantized.kernel_preference)   # repack with the new scales
+        return self.quantized
+
+
+def train_scales(model: nn.Module, batches: torch.Tensor, steps: int, lr: float = 1e-3, seed: int = 0,
+                 progress: bool = False) -> list[float]:
+    """Train the scales of every integer-grid QuantLinear of `model` on the language-model loss of `batches`
+    ([n, L] token windows, `steps` passes of one window batch each, cycling): the codes stay as chosen. Returns the
+    losses. Other layers (float, NF4, GGUF) stay as they are."""
+    from tqdm.auto import tqdm
+
+    from lowbit.runtime.qlinear import QuantLinear
+    from lowbit.runtime.surgery import replace_module
+
+    wrapped = {name: ScaleTrainableLinear(m) for name, m in model.named_modules()
+               if isinstance(m, QuantLinear) and isinstance(m.qweight.scheme, IntGrid) and m.qweight.zeros is not None
+               and type(m).__name__ == "QuantLinear"}
+    if not wrapped:
+        return []
+    flags = {p: p.requires_grad for p in model.parameters()}
+    for p in flags:
+        p.requires_grad_(False)
+    for name, layer in wrapped.items():
+        replace_module(model, name, layer)
+    losses: list[float] = []
+    try:
+        optimizer = torch.optim.Adam([layer.log_scale for layer in wrapped.values()], lr=lr)
+        order = torch.randperm(batches.shape[0], generator=torch.Generator().manual_seed(seed))
+        per_step = max(1, batches.shape[0] // max(steps, 1))
+        model.train()
+        for step in tqdm(range(steps), desc="qat scales", disable=not progress):
+            rows = order[(step * per_step + torch.arange(per_step)) % batches.shape[0]]
+            ids = batches[rows]
+            for group in optimizer.param_groups:
+                group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+    finally:
+        model.eval()
+        for name, layer in wrapped.items():
+            replace_module(model, name, layer.finish())
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+    return losses

@@ -77,10 +77,10 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     state = torch.load(path, weights_only=False)
     saved = dict(state["config"])
     mine = config.to_dict()
-    differ = sorted(k for k in mine if k not in ("steps", "checkpoint_every", "extra") and saved.get(k) != mine[k])
+    differ = sorted(k for k in mine if k not in ("checkpoint_every", "eval_tokens", "extra") and saved.get(k) != mine[k])
     if differ:
         raise LowbitError(f"--resume: the checkpoint was trained with different {', '.join(differ)}; resume with "
-                          "the same options (only --steps may change)")
+                          "the same options")
     params = trainable(model)
     if set(params) != set(state["params"]):
         raise LowbitError(f"--resume: the checkpoint at {path} holds other parameters than this model trains")
