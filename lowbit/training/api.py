@@ -167,11 +167,14 @@ def _qat(model: nn.Module, tokenizer: Any, text: TrainingText, output: Path, con
 
 def merge(base: nn.Module | str | Path, adapter: str | Path, output: str | Path | None = None,
           method: str | None = None, format: str = "lowbit", calibration: Any = None, tokenizer: Any = None,
-          **quantize_options: Any) -> nn.Module:
+          scale_steps: int = 0, scale_lr: float = 3e-3, **quantize_options: Any) -> nn.Module:
     """Fold a LoRA adapter into the base's weights (dequantized from its codes when the base is quantized) and
     re-quantize the merged layers with `method` (rtn, gptq, awq, nf4, qat, ...; None keeps them float), calibrated
     on `calibration` (a text file, token windows or a CalibrationRequest: the training text is the natural
-    choice). Layers the adapter does not touch keep the base's codes. Writes `output` in `format` when given."""
+    choice). Layers the adapter does not touch keep the base's codes. `scale_steps` > 0 then trains the integer
+    grids' scales end to end on the language-model loss of the calibration windows (codes fixed; see
+    qat.train_scales), which wins back part of what re-quantizing the merged weights loses. Writes `output` in
+    `format` when given."""
     from lowbit.api import config_from_kwargs, save
     from lowbit.methods.base import CalibrationRequest
     from lowbit.methods.pipeline import quantize_model
@@ -194,6 +197,14 @@ def merge(base: nn.Module | str | Path, adapter: str | Path, output: str | Path 
                                              quantize_options.get("calib_samples", 128),
                                              quantize_options.get("calib_len", 512))
         quantize_model(model, config, calibration=calibration, progress=False)
+        if scale_steps:
+            if not isinstance(calibration, torch.Tensor):
+                from lowbit.calibration.text import calibration_batch
+
+                calibration = calibration_batch(model, calibration)
+            from lowbit.training.qat import train_scales
+
+            train_scales(model, calibration, scale_steps, lr=scale_lr)
     model.tokenizer = tokenizer
     if output is not None:
         save(model, output, format=format, tokenizer=tokenizer)
