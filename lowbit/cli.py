@@ -12,7 +12,8 @@ from typing import Any, Callable
 log = logging.getLogger("lowbit")
 
 # Modules that add subcommands: each defines add_commands(subparsers). Optional features register here.
-COMMAND_MODULES: list[str] = ["lowbit.engine.commands"]  # serve, bench (issue 6)
+COMMAND_MODULES: list[str] = ["lowbit.engine.commands",   # serve, bench (issue 6)
+                               "lowbit.training.commands"]  # finetune, merge (issue 14)
 
 
 def _load_model(spec: str, args: argparse.Namespace, **kw: Any):
@@ -250,6 +251,9 @@ def _runtime_model(args: argparse.Namespace):
     if load_time_method:
         quantize_model(model, QuantizeConfig(method=load_time_method), CalibrationRequest(tokenizer),
                        kernel=args.kernel)
+    from lowbit.engine.commands import with_adapter
+
+    with_adapter(model, args)
     model.lowbit_engine_options = {"int8_activations": args.int8_activations}
     return model, tokenizer
 

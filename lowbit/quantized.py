@@ -47,6 +47,14 @@ class QuantizedWeight:
         return self.shape[1]
 
     @property
+    def device(self) -> torch.device:
+        """Where the codes live (code written for GPTQ layers, such as peft's, reads `qweight.device`)."""
+        stored = self.__dict__.get("_codes")
+        if stored is None:
+            stored = next((v for v in self.extra.values() if isinstance(v, torch.Tensor)), None)
+        return stored.device if stored is not None else torch.device("cpu")
+
+    @property
     def effective_group_size(self) -> int:
         return self.in_features if self.group_size in (-1, 0, None) else self.group_size
 

@@ -18,6 +18,18 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kernel", default="auto", help="matmul kernel for quantized layers (auto, reference, ...)")
     p.add_argument("--int8-activations", action="store_true",
                    help="decode with int8 activations (llama.cpp's arithmetic: faster, not float32-exact)")
+    p.add_argument("--adapter", default=None,
+                   help="LoRA adapter folder (peft format) to run with the model: merged on the fly into float "
+                        "copies of the adapted layers (W + scaling B A), so the compiled step still applies")
+
+
+def with_adapter(model, args: argparse.Namespace):
+    """Apply `--adapter` to a loaded model (see lowbit.training.lora.apply_adapter)."""
+    if getattr(args, "adapter", None):
+        from lowbit.training.lora import apply_adapter
+
+        apply_adapter(model, args.adapter)
+    return model
 
 
 def add_commands(sub) -> None:
@@ -61,7 +73,8 @@ def _load(args: argparse.Namespace):
     from lowbit.models.loading import load_model
 
     set_threads(args.threads)
-    return load_model(args.model, kernel=args.kernel, keep_quantized=True)
+    model, tokenizer = load_model(args.model, kernel=args.kernel, keep_quantized=True)
+    return with_adapter(model, args), tokenizer
 
 
 def cmd_serve(args: argparse.Namespace) -> None:

@@ -9,6 +9,26 @@ from lowbit.runtime.cpu import float32_required
 from lowbit.runtime.kernels import select_kernel
 
 
+class DequantizedMatmul(torch.autograd.Function):
+    """y = x W^T with W dequantized from its codes in the forward pass and again in the backward pass.
+
+    The differentiable path QuantLinear takes when its input needs a gradient (training adapters on a quantized
+    base): the codes stay frozen and packed, no float copy of W outlives one call, and grad_x = grad_y W is
+    computed on a freshly dequantized W. The arithmetic is float32, the same numbers as the float model
+    holding the dequantized weight."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, qweight: QuantizedWeight) -> torch.Tensor:   # type: ignore[override]
+        ctx.qweight = qweight
+        ctx.input_dtype = x.dtype
+        return (x.float() @ qweight.dequantize().t()).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):   # type: ignore[override]
+        grad_x = grad_y.float() @ ctx.qweight.dequantize()
+        return grad_x.to(ctx.input_dtype), None
+
+
 class QuantLinear(nn.Module):
     """y = x W^T + b with W held quantized; the kernel and its packed state are chosen on first use."""
 
@@ -32,6 +52,9 @@ class QuantLinear(nn.Module):
         return select_kernel(self.qweight, self.kernel_preference).name
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            y = DequantizedMatmul.apply(x, self.qweight)
+            return y if self.bias is None else y + self.bias.to(y.dtype)
         if self._kernel is None:
             self._kernel = select_kernel(self.qweight, self.kernel_preference)
             self._state = self._kernel.prepare(self.qweight)

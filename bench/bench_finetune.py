@@ -1,0 +1,202 @@
+"""Training on quantized bases (issue 14), measured side by side in one run.
+
+For stories260K (TinyStories validation: trained on its first 90%, perplexity on the held-out last 10%) and
+SmolLM2-135M (tinyshakespeare, same split):
+- lora: held-out perplexity before / after LoRA on RTN-4, GPTQ-4 and NF4 bases, against peft on the float base
+  (the same loop and options), with time per step and peak RSS;
+- qlora vs peft + transformers on the float model (SmolLM2): peak RSS and time per step, each in its own
+  process (VmHWM: the process's peak resident memory; also the peak while training, reset after loading);
+- merge: the LoRA trained on RTN-4 merged into the float weights and re-quantized (GPTQ, QAT + scales trained
+  end to end), share of the LoRA's gain kept;
+- qat vs RTN and GPTQ at 4, 3 and 2 bits on the same grid (held-out perplexity).
+Prints a table and writes bench/results/finetune.json.
+
+    python bench/bench_finetune.py [--models stories260K,smollm2] [--steps N] [--skip-qat-smollm2]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("LOWBIT_SHARED", ROOT.parent / "shared"))
+MODELS = {
+    "stories260K": {"path": str(SHARED / "models" / "stories260K"), "text": SHARED / "corpora" / "tinystories-valid.txt",
+                    "group": 32, "lora": dict(steps=60, seq_len=128, batch=8, lr=4e-3, warmup=5),
+                    "qat_calib": (64, 256), "eval_tokens": 16384},
+    "smollm2": {"path": "smollm2", "text": SHARED / "corpora" / "tinyshakespeare.txt", "group": 64,
+                "lora": dict(steps=20, seq_len=128, batch=4, lr=2e-3, warmup=3),
+                "qat_calib": (32, 256), "eval_tokens": 8192},
+}
+
+
+def peak_rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def reset_peak() -> None:
+    """Linux: writing 5 to clear_refs resets VmHWM to the current resident size."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def base_model(name: str, base: str):
+    """(model, tokenizer): the float model, quantized to `base` (float, rtn4, gptq4, nf4)."""
+    from lowbit.methods.base import QuantizeConfig
+    from lowbit.methods.pipeline import quantize_model
+    from lowbit.models.loading import load_model
+    from lowbit.training.data import training_text
+
+    spec = MODELS[name]
+    model, tok = load_model(spec["path"])
+    if base == "float":
+        return model, tok
+    config = {"rtn4": QuantizeConfig(method="rtn", bits=4, group_size=spec["group"]),
+              "gptq4": QuantizeConfig(method="gptq", bits=4, group_size=spec["group"]),
+              "nf4": QuantizeConfig(method="nf4", options={"double_quant": True, "compute_dtype": "fp32"})}[base]
+    calib = training_text(tok, spec["text"]).windows(256, 32, 0) if base == "gptq4" else None
+    quantize_model(model, config, calibration=calib, progress=False)
+    return model, tok
+
+
+def child_lora(name: str, base: str, out: str, steps: int | None) -> dict:
+    """One LoRA run in this process: peak RSS of the process and while training."""
+    from lowbit.training import finetune
+
+    spec = MODELS[name]
+    options = dict(spec["lora"], method="lora", eval_tokens=spec["eval_tokens"], checkpoint_every=0)
+    if steps:
+        options["steps"] = steps
+    if base == "qlora":
+        from lowbit.models.loading import load_model
+
+        model, tok = load_model(spec["path"])
+        options["method"] = "qlora"
+    else:
+        model, tok = base_model(name, base)
+    loaded = peak_rss_mb()
+    reset_peak()
+    result = finetune(model, spec["text"], out, tokenizer=tok, progress=False, **options)
+    figures = result.to_dict()
+    figures.update(model=name, base=base, peak_rss_mb=peak_rss_mb(), peak_rss_after_load_mb=loaded)
+    return figures
+
+
+def run_child(*args: str) -> dict:
+    cmd = [sys.executable, __file__, "--child", *args]
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    if done.returncode:
+        raise SystemExit(f"child {args} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def merge_figures(name: str, lora: dict) -> list[dict]:
+    from lowbit.training.api import held_out_perplexity, merge
+    from lowbit.training.data import training_text
+
+    spec = MODELS[name]
+    base, tok = base_model(name, "rtn4")
+    text = training_text(tok, spec["text"])
+    held = text.held_out[: spec["eval_tokens"]]
+    ctx = spec["lora"]["seq_len"]
+    before, after = lora["perplexity_before"], lora["perplexity_after"]
+    rows = []
+    for label, method, options in (("rtn", "rtn", {}), ("gptq", "gptq", {}),
+                                   ("qat+scales", "qat", {"epochs": 2, "scale_steps": 64, "scale_lr": 5e-3})):
+        began = time.perf_counter()
+        calib = text.windows(ctx, 128, 0)
+        model = merge(copy.deepcopy(base), lora["output"], method=method, calibration=calib, tokenizer=tok, bits=4,
+                      group_size=spec["group"], **options)
+        ppl = held_out_perplexity(model, held, ctx)
+        rows.append({"model": name, "merge": f"rtn4 base + lora -> {label}-4", "perplexity": ppl,
+                     "kept": (before - ppl) / (before - after), "seconds": time.perf_counter() - began})
+    return rows
+
+
+def qat_figures(name: str, bits_list: tuple[int, ...]) -> list[dict]:
+    from lowbit.methods.base import QuantizeConfig
+    from lowbit.methods.pipeline import quantize_model
+    from lowbit.training.api import held_out_perplexity
+    from lowbit.training.data import training_text
+
+    spec = MODELS[name]
+    float_model, tok = base_model(name, "float")
+    text = training_text(tok, spec["text"])
+    held = text.held_out[: spec["eval_tokens"]]
+    n, length = spec["qat_calib"]
+    calib = text.windows(length, n, 0)
+    rows = [{"model": name, "bits": 32, "method": "float", "perplexity": held_out_perplexity(float_model, held, 256)}]
+    for bits in bits_list:
+        for method, options in (("rtn", {}), ("gptq", {}), ("qat", {"epochs": 2})):
+            model = copy.deepcopy(float_model)
+            began = time.perf_counter()
+            quantize_model(model, QuantizeConfig(method=method, bits=bits, group_size=spec["group"], options=options),
+                           calibration=calib, progress=False)
+            rows.append({"model": name, "bits": bits, "method": method, "group_size": spec["group"],
+                         "perplexity": held_out_perplexity(model, held, 256),
+                         "seconds": time.perf_counter() - began})
+            print(rows[-1], flush=True)
+    return rows
+
+
+def table(rows: list[dict], columns: list[str]) -> str:
+    def cell(v):
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+    lines = [" | ".join(columns), " | ".join("---" for _ in columns)]
+    lines += [" | ".join(cell(r.get(c, "")) for c in columns) for r in rows]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--models", default="stories260K,smollm2")
+    parser.add_argument("--steps", type=int, default=None, help="LoRA steps (default per model)")
+    parser.add_argument("--skip-qat-smollm2", action="store_true", help="QAT/GPTQ at 4/3/2 bits on SmolLM2 is slow")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "finetune.json"))
+    parser.add_argument("--child", nargs="*", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    if args.child is not None:
+        name, base, out, steps = args.child
+        print(json.dumps(child_lora(name, base, out, int(steps) or None)))
+        return
+    cache = ROOT / ".cache" / "bench_finetune"
+    results: dict = {"lora": [], "merge": [], "qat": []}
+    for name in args.models.split(","):
+        bases = ("float", "rtn4", "gptq4", "nf4") + (("qlora",) if name == "smollm2" else ())
+        for base in bases:
+            row = run_child(name, base, str(cache / f"{name}-{base}"), str(args.steps or 0))
+            results["lora"].append(row)
+            print(row, flush=True)
+        lora_rtn = next(r for r in results["lora"] if r["model"] == name and r["base"] == "rtn4")
+        results["merge"] += merge_figures(name, lora_rtn)
+        if name != "smollm2" or not args.skip_qat_smollm2:
+            results["qat"] += qat_figures(name, (4, 3, 2))
+    for row in results["lora"]:
+        row["base"] = {"float": "float (peft + transformers)", "qlora": "qlora: nf4 on load + 8-bit AdamW"}.get(
+            row["base"], row["base"])
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=1))
+    print(table(results["lora"], ["model", "base", "perplexity_before", "perplexity_after", "seconds_per_step",
+                                  "peak_rss_mb", "peak_rss_after_load_mb"]))
+    print()
+    print(table(results["merge"], ["model", "merge", "perplexity", "kept", "seconds"]))
+    print()
+    print(table(results["qat"], ["model", "bits", "method", "perplexity", "seconds"]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,211 @@
+"""`finetune` and `merge`: the Python API behind `lowbit finetune` and `lowbit merge`."""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lowbit.errors import LowbitError
+from lowbit.training.config import FinetuneConfig
+from lowbit.training.data import TrainingText, training_text
+from lowbit.training.trainer import TrainLog, train
+
+log = logging.getLogger("lowbit")
+
+RECORD = "lowbit_finetune.json"
+QLORA_BASE = {"method": "nf4", "options": {"double_quant": True, "compute_dtype": "fp32", "blocksize": 64}}
+
+
+@dataclass
+class FinetuneResult:
+    """What `finetune` made and measured (held-out perplexity of the training text before and after)."""
+
+    output: Path
+    method: str
+    perplexity_before: float
+    perplexity_after: float
+    history: TrainLog
+    model: nn.Module | None = field(default=None, repr=False)
+    base_quantization: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"output": str(self.output), "method": self.method, "perplexity_before": self.perplexity_before,
+                "perplexity_after": self.perplexity_after, "steps": len(self.history.losses),
+                "final_loss": self.history.losses[-1] if self.history.losses else None,
+                "seconds_per_step": self.history.seconds_per_step, "tokens": self.history.tokens,
+                "base_quantization": self.base_quantization}
+
+
+def held_out_perplexity(model: nn.Module, tokens: torch.Tensor, ctx: int) -> float:
+    """Perplexity over non-overlapping windows of `tokens`, in float32 arithmetic."""
+    from lowbit.eval.perplexity import evaluate_quality
+    from lowbit.runtime.cpu import float32_arithmetic
+
+    was_training = model.training
+    model.eval()
+    with float32_arithmetic():
+        ppl = evaluate_quality(model, tokens, ctx=min(ctx, tokens.numel()), progress=False).perplexity
+    model.train(was_training)
+    return ppl
+
+
+def load_base(model: nn.Module | str | Path, tokenizer: Any = None) -> tuple[nn.Module, Any]:
+    """(model, tokenizer): a path or packaged name is loaded keeping quantized weights quantized."""
+    if isinstance(model, nn.Module):
+        tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+        return model, tokenizer
+    from lowbit.models.loading import load_model
+
+    return load_model(model, keep_quantized=True)
+
+
+def quantization_of(model: nn.Module) -> dict[str, Any] | None:
+    """The base's quantization as recorded on the model (method, bits, ...), None for a float model."""
+    from lowbit.runtime.surgery import quantized_modules
+
+    config = getattr(model, "lowbit_config", None)
+    if config is not None:
+        return config.to_dict()
+    schemes = sorted({m.qweight.scheme.name for _, m in quantized_modules(model)})
+    return {"schemes": schemes} if schemes else None
+
+
+def quantize_base(model: nn.Module, spec: dict[str, Any], calibration: Any = None) -> None:
+    from lowbit.methods.base import QuantizeConfig
+    from lowbit.methods.pipeline import quantize_model
+
+    quantize_model(model, QuantizeConfig.from_dict(spec), calibration=calibration, progress=False)
+
+
+def finetune(model: nn.Module | str | Path, data: str | Path, output: str | Path, config: FinetuneConfig | None = None,
+             resume: bool = False, progress: bool = True, tokenizer: Any = None, format: str = "lowbit",
+             **options: Any) -> FinetuneResult:
+    """Train on the text file `data` with `config` (or keywords: method="lora", steps=..., see FinetuneConfig).
+
+    lora: peft adapters on the base's Linears or QuantLinears (codes frozen), saved in peft's format to `output`;
+    qlora: the float base quantized to NF4 with double quantization first, then lora with 8-bit AdamW;
+    qat: block-wise quantization-aware training to `config.scheme`, the quantized model written to `output` in
+    `format`. The text's last `held_out` fraction is never trained on: its perplexity is measured before and after.
+    """
+    if config is not None and options:
+        raise LowbitError(f"pass either a FinetuneConfig or options, not both (got {sorted(options)})")
+    config = config or FinetuneConfig.from_dict(options)
+    output = Path(output).expanduser()
+    model, tokenizer = load_base(model, tokenizer)
+    text = training_text(tokenizer, data, config.held_out)
+    if config.method == "qat":
+        if resume:
+            raise LowbitError("--resume applies to lora/qlora: qat trains block by block in one pass (no checkpoints)")
+        return _qat(model, tokenizer, text, output, config, progress, format)
+    if config.method == "qlora":
+        if quantization_of(model) is not None:
+            raise LowbitError("qlora quantizes a float model to NF4 itself; pass the float model (or use --method "
+                              "lora on a quantized base)")
+        quantize_base(model, QLORA_BASE)
+        if config.optimizer == "adamw":
+            config.optimizer = "adamw8bit"
+    elif config.base_quantize:
+        quantize_base(model, {"method": config.base_quantize, "bits": config.bits, "group_size": config.group_size,
+                              "symmetric": config.symmetric},
+                      calibration=text.windows(min(config.seq_len, 512), 32, config.seed))
+    base_quantization = quantization_of(model)
+    before = held_out_perplexity(model, text.held_out[:config.eval_tokens], config.seq_len)
+    from lowbit.training.lora import attach_lora
+
+    peft_model = attach_lora(model, config)
+    history = train(peft_model, lambda step, micro: text.batch(config.seq_len, config.batch, config.seed, step, micro),
+                    config, checkpoint_dir=output / "checkpoint", resume=resume, progress=progress,
+                    desc=f"{config.method} finetune")
+    after = held_out_perplexity(peft_model, text.held_out[:config.eval_tokens], config.seq_len)
+    peft_model.save_pretrained(str(output))
+    result = FinetuneResult(output, config.method, before, after, history, peft_model, base_quantization)
+    _write_record(output, config, result, model)
+    log.info("held-out perplexity %.4f -> %.4f (%d steps, %.2f s/step); adapter in %s", before, after,
+             len(history.losses), history.seconds_per_step, output)
+    return result
+
+
+def _write_record(output: Path, config: FinetuneConfig, result: FinetuneResult, model: nn.Module) -> None:
+    output.mkdir(parents=True, exist_ok=True)
+    record = {"config": config.to_dict(), "result": result.to_dict(),
+              "base": getattr(getattr(model, "config", None), "_name_or_path", None),
+              "base_quantized_on_load": QLORA_BASE if config.method == "qlora" else None}
+    (output / RECORD).write_text(json.dumps(record, indent=1))
+
+
+def _qat(model: nn.Module, tokenizer: Any, text: TrainingText, output: Path, config: FinetuneConfig,
+         progress: bool, format: str) -> FinetuneResult:
+    from lowbit.api import save
+    from lowbit.methods.base import QuantizeConfig
+    from lowbit.methods.pipeline import quantize_model
+
+    if quantization_of(model) is not None:
+        raise LowbitError("qat starts from the float model; pass the unquantized model")
+    before = held_out_perplexity(model, text.held_out[:config.eval_tokens], config.seq_len)
+    samples = max(config.batch, config.steps * config.batch // config.qat_epochs)
+    windows = text.windows(config.seq_len, samples, config.seed)
+    qconfig = QuantizeConfig(method="qat", bits=config.bits, group_size=config.group_size,
+                             symmetric=config.symmetric,
+                             options={"scheme": config.scheme, "epochs": config.qat_epochs, "chunk": config.batch,
+                                      "seed": config.seed, **({"lr": config.lr} if config.lr else {})})
+    began = time.perf_counter()
+    quantize_model(model, qconfig, calibration=windows, progress=progress)
+    history = TrainLog(seconds=time.perf_counter() - began, tokens=int(windows.numel()))
+    after = held_out_perplexity(model, text.held_out[:config.eval_tokens], config.seq_len)
+    writer_options = {"type": config.scheme.upper(), "pure": True} if format == "gguf" else {}
+    save(model, output, format=format, tokenizer=tokenizer, **writer_options)
+    result = FinetuneResult(output, "qat", before, after, history, model, qconfig.to_dict())
+    log.info("qat: held-out perplexity float %.4f -> quantized %.4f; model in %s", before, after, output)
+    return result
+
+
+def merge(base: nn.Module | str | Path, adapter: str | Path, output: str | Path | None = None,
+          method: str | None = None, format: str = "lowbit", calibration: Any = None, tokenizer: Any = None,
+          scale_steps: int = 0, scale_lr: float = 3e-3, **quantize_options: Any) -> nn.Module:
+    """Fold a LoRA adapter into the base's weights (dequantized from its codes when the base is quantized) and
+    re-quantize the merged layers with `method` (rtn, gptq, awq, nf4, qat, ...; None keeps them float), calibrated
+    on `calibration` (a text file, token windows or a CalibrationRequest: the training text is the natural
+    choice). Layers the adapter does not touch keep the base's codes. `scale_steps` > 0 then trains the integer
+    grids' scales end to end on the language-model loss of the calibration windows (codes fixed; see
+    qat.train_scales), which wins back part of what re-quantizing the merged weights loses. Writes `output` in
+    `format` when given."""
+    from lowbit.api import config_from_kwargs, save
+    from lowbit.methods.base import CalibrationRequest
+    from lowbit.methods.pipeline import quantize_model
+    from lowbit.training.lora import apply_adapter, read_adapter
+
+    model, tokenizer = load_base(base, tokenizer)
+    loaded = read_adapter(adapter)
+    record_path = Path(adapter).expanduser() / RECORD
+    if record_path.is_file():
+        on_load = json.loads(record_path.read_text()).get("base_quantized_on_load")
+        if on_load and quantization_of(model) is None:
+            log.info("the adapter was trained on the base quantized on load (%s): quantizing it the same way",
+                     on_load["method"])
+            quantize_base(model, on_load)
+    apply_adapter(model, loaded)
+    if method is not None:
+        config = config_from_kwargs(method=method, **quantize_options)
+        if not isinstance(calibration, (CalibrationRequest, torch.Tensor)):
+            calibration = CalibrationRequest(tokenizer, None if calibration is None else str(calibration),
+                                             quantize_options.get("calib_samples", 128),
+                                             quantize_options.get("calib_len", 512))
+        quantize_model(model, config, calibration=calibration, progress=False)
+        if scale_steps:
+            if not isinstance(calibration, torch.Tensor):
+                from lowbit.calibration.text import calibration_batch
+
+                calibration = calibration_batch(model, calibration)
+            from lowbit.training.qat import train_scales
+
+            train_scales(model, calibration, scale_steps, lr=scale_lr)
+    model.tokenizer = tokenizer
+    if output is not None:
+        save(model, output, format=format, tokenizer=tokenizer)
+    return model

@@ -1,0 +1,215 @@
+"""Training on quantized bases (issue 14), on stories260K and TinyStories: LoRA through peft on a quantized base
+(held-out perplexity down, adapters peft loads with the same logits, resumable and reproducible), merging back,
+QAT against GPTQ on the same grid, 8-bit AdamW."""
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+peft = pytest.importorskip("peft", reason="peft is an optional dependency (pip install 'lowbit[train]')")
+
+from lowbit.errors import LowbitError  # noqa: E402
+from lowbit.training import FinetuneConfig  # noqa: E402
+
+HELD_OUT_TOKENS = 8192
+LORA = dict(method="lora", steps=30, seq_len=128, batch=8, lr=4e-3, warmup=3, checkpoint_every=0,
+            eval_tokens=HELD_OUT_TOKENS)
+
+
+@pytest.fixture(scope="module")
+def stories_float(stories_dir):
+    from lowbit.models.loading import load_model
+
+    return load_model(stories_dir)
+
+
+@pytest.fixture(scope="module")
+def text(stories_float, tinystories_text):
+    from lowbit.training.data import training_text
+
+    return training_text(stories_float[1], tinystories_text)
+
+
+def rtn4_base(stories_float):
+    from lowbit.api import quantize
+
+    model = copy.deepcopy(stories_float[0])
+    quantize(model, method="rtn", bits=4, group_size=32, progress=False)
+    return model
+
+
+@pytest.fixture(scope="module")
+def lora_run(stories_float, tinystories_text, tmp_path_factory):
+    """One LoRA run on an RTN-4 (g32) base, shared by the tests that read its adapter."""
+    from lowbit.training import finetune
+
+    out = tmp_path_factory.mktemp("lora")
+    result = finetune(rtn4_base(stories_float), tinystories_text, out, tokenizer=stories_float[1], progress=False,
+                      held_out=0.1, **LORA)
+    return result
+
+
+def ppl(model, text, ctx=128):
+    from lowbit.training.api import held_out_perplexity
+
+    return held_out_perplexity(model, text.held_out[:HELD_OUT_TOKENS], ctx)
+
+
+def test_lora_on_a_quantized_base_lowers_held_out_perplexity(lora_run):
+    # the adapter must recover a real share of what RTN-4 lost and adapt to the domain: 10% is far above noise
+    assert lora_run.perplexity_after < 0.9 * lora_run.perplexity_before, lora_run.to_dict()
+    files = {p.name for p in lora_run.output.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "lowbit_finetune.json"} <= files
+
+
+def test_base_codes_stay_frozen_and_no_float_copy_is_kept(lora_run):
+    from lowbit.runtime.qlinear import QuantLinear
+
+    model = lora_run.model
+    quantized = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert quantized
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    # a QuantLinear holds no float weight tensor: only codes and statistics
+    assert all(not any(p.dim() == 2 for p in m.parameters()) for m in quantized)
+
+
+def test_gradient_through_the_quantized_base_is_the_dequantized_products():
+    from lowbit.runtime.qlinear import QuantLinear
+    from lowbit.schemes.intgrid import IntGrid
+
+    torch.manual_seed(0)
+    weight = torch.randn(24, 64)
+    qw = IntGrid(bits=4, group_size=32).quantize(weight)
+    layer = QuantLinear(qw)
+    x = torch.randn(5, 64, requires_grad=True)
+    reference = x.detach().clone().requires_grad_(True)
+    grad = torch.randn(5, 24)
+    layer(x).backward(grad)
+    (reference @ qw.dequantize().t()).backward(grad)
+    torch.testing.assert_close(x.grad, reference.grad, rtol=0, atol=1e-6)
+
+
+def test_peft_loads_the_adapter_and_gives_lowbits_logits(lora_run, stories_float):
+    """peft on the float model holding the base's dequantized weights == lowbit's quantized base + adapter
+    (the trained peft model and `--adapter`'s merge on the fly), within float32 rounding."""
+    from lowbit.runtime.cpu import float32_arithmetic
+    from lowbit.runtime.surgery import dequantized_copy
+    from lowbit.training.lora import apply_adapter
+
+    ids = torch.randint(3, 512, (2, 64), generator=torch.Generator().manual_seed(1))
+    base = rtn4_base(stories_float)
+    float_view = dequantized_copy(base)
+    peft_model = peft.PeftModel.from_pretrained(float_view, str(lora_run.output)).eval()
+    apply_adapter(base, lora_run.output)
+    with torch.no_grad(), float32_arithmetic():
+        ours = base(ids).logits
+        trained = lora_run.model(input_ids=ids).logits
+        theirs = peft_model(input_ids=ids).logits
+    assert ours.abs().max() > 1
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=2e-4)
+    torch.testing.assert_close(trained, theirs, rtol=0, atol=2e-4)
+
+
+def test_adapter_on_the_float_base_equals_peft_on_the_float_base(lora_run, stories_float):
+    from lowbit.training.lora import apply_adapter
+
+    ids = torch.randint(3, 512, (1, 48), generator=torch.Generator().manual_seed(2))
+    ours = copy.deepcopy(stories_float[0])
+    apply_adapter(ours, lora_run.output)
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(stories_float[0]), str(lora_run.output)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, theirs(input_ids=ids).logits, rtol=0, atol=2e-4)
+
+
+def test_resume_continues_bit_for_bit(stories_float, tinystories_text, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from lowbit.training import finetune, trainer
+
+    options = dict(LORA, steps=4, batch=2, seq_len=32, checkpoint_every=2, eval_tokens=256)
+    kw = dict(tokenizer=stories_float[1], progress=False)
+    finetune(rtn4_base(stories_float), tinystories_text, tmp_path / "straight", **kw, **options)
+    # an interrupted run: killed right after its checkpoint at step 2, then resumed to 4 from it
+    save = trainer.save_checkpoint
+
+    def save_then_die(path, model, optimizer, step, *args):
+        save(path, model, optimizer, step, *args)
+        if step == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(rtn4_base(stories_float), tinystories_text, tmp_path / "resumed", **kw, **options)
+    monkeypatch.setattr(trainer, "save_checkpoint", save)
+    finetune(rtn4_base(stories_float), tinystories_text, tmp_path / "resumed", resume=True, **kw, **options)
+    straight = load_file(tmp_path / "straight" / "adapter_model.safetensors")
+    resumed = load_file(tmp_path / "resumed" / "adapter_model.safetensors")
+    assert straight.keys() == resumed.keys()
+    for key in straight:
+        assert torch.equal(straight[key], resumed[key]), key
+    record = json.loads((tmp_path / "resumed" / "lowbit_finetune.json").read_text())
+    assert record["result"]["steps"] == 4
+
+
+def test_resume_with_other_options_is_an_error(stories_float, tinystories_text, tmp_path):
+    from lowbit.training import finetune
+
+    options = dict(LORA, steps=2, batch=1, seq_len=16, checkpoint_every=1, eval_tokens=256)
+    kw = dict(tokenizer=stories_float[1], progress=False)
+    finetune(rtn4_base(stories_float), tinystories_text, tmp_path, **kw, **options)
+    with pytest.raises(LowbitError, match="rank"):
+        finetune(rtn4_base(stories_float), tinystories_text, tmp_path, resume=True, **kw, **dict(options, rank=4))
+
+
+def test_unknown_and_bad_options_are_errors():
+    with pytest.raises(LowbitError, match="unknown finetune options"):
+        FinetuneConfig.from_dict({"method": "lora", "learning_rate": 1})
+    with pytest.raises(LowbitError, match="unknown finetune method"):
+        FinetuneConfig(method="dora")
+    with pytest.raises(LowbitError, match="--steps"):
+        FinetuneConfig(steps=0)
+
+
+def test_adamw8bit_follows_adamw():
+    from lowbit.training.optim import AdamW8bit, encode_state, decode_state
+
+    torch.manual_seed(0)
+    target = torch.randn(64, 128)
+    runs = {}
+    for name, make in (("fp32", torch.optim.AdamW), ("8bit", AdamW8bit)):
+        w = torch.zeros(64, 128, requires_grad=True)
+        opt = make([w], lr=1e-2)
+        for _ in range(50):
+            opt.zero_grad()
+            ((w - target) ** 2).mean().backward()
+            opt.step()
+        runs[name] = w.detach()
+        if name == "8bit":
+            state = opt.state[w]
+            assert state["m_codes"].dtype == torch.uint8 and state["m_codes"].numel() == w.numel()
+    # 8-bit states move the weights as AdamW does, to within a few percent of the distance travelled (measured
+    # 4.0%); a state map off by a code or a wrong bias correction lands tens of percent away
+    assert (runs["8bit"] - runs["fp32"]).norm() < 0.06 * runs["fp32"].norm()
+    x = torch.randn(1000)
+    codes, absmax = encode_state(x, signed=True)
+    # the dynamic map's coarsest step is ~1/64 of the block's absmax near it
+    assert (decode_state(codes, absmax, True, x.shape) - x).abs().max() < absmax.max() / 50
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_qat_beats_gptq_on_the_same_grid(stories_float, text, bits):
+    from lowbit.methods.base import QuantizeConfig
+    from lowbit.methods.pipeline import quantize_model
+
+    calib = text.windows(128, 32, 0)
+    results = {}
+    for method, options in (("gptq", {}), ("qat", {"epochs": 2})):
+        model = copy.deepcopy(stories_float[0])
+        quantize_model(model, QuantizeConfig(method=method, bits=bits, group_size=32, options=options),
+                       calibration=calib, progress=False)
+        results[method] = ppl(model, text)
+    assert results["qat"] < results["gptq"], results
