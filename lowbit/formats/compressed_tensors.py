@@ -109,11 +109,14 @@ def layer_scheme(name: str, qw: QuantizedWeight) -> LayerScheme:
                        symmetric)
 
 
-def _exact(name: str, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def _scales_in(name: str, scales: torch.Tensor, dtype: torch.dtype, exact: bool) -> torch.Tensor:
+    """Scales in the file's dtype. Integer grids keep fp16-exact scales, so a rounding there is an error; int8 rows
+    (absmax / 127 in float32) are rounded as llm-compressor stores them in the model's dtype: each weight moves by
+    at most half an ulp of the dtype (2^-11 relative in float16), and the codes stay."""
     cast = scales.to(dtype)
-    if not torch.equal(cast.float(), scales.float()):
+    if exact and not torch.equal(cast.float(), scales.float()):
         raise LowbitError(f"layer {name}: its scales are not exactly representable in {str(dtype)[6:]}; write "
-                          "with dtype float16 or float32 (lowbit's grids keep fp16-exact scales), or save as lowbit")
+                          "with dtype float32 (or float16: lowbit's grids keep fp16-exact scales), or save as lowbit")
     return cast
 
 
@@ -135,7 +138,7 @@ def layer_tensors(name: str, qw: QuantizedWeight, scheme: LayerScheme, dtype: to
     # this check keeps it so (a wrong code would silently change the model).
     if not torch.equal(_signed_codes(out, scheme, qw.shape).to(torch.int16), qw.codes.to(torch.int16) - offset):
         raise LowbitError(f"layer {name}: compressed-tensors did not reproduce its codes exactly; save as lowbit")
-    out["weight_scale"] = _exact(name, scales, dtype)
+    out["weight_scale"] = _scales_in(name, scales, dtype, exact=isinstance(qw.scheme, IntGrid))
     return out
 
 
