@@ -213,3 +213,50 @@ def test_qat_beats_gptq_on_the_same_grid(stories_float, text, bits):
                        calibration=calib, progress=False)
         results[method] = ppl(model, text)
     assert results["qat"] < results["gptq"], results
+
+
+def run_cli(capsys, *argv):
+    from lowbit.cli import main
+
+    code = main(["-q", *map(str, argv)])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_finetune_generate_with_adapter_and_merge(stories_dir, tinystories_text, tmp_path, capsys):
+    """The commands end to end on a quantized lowbit folder: finetune a few steps, generate with --adapter (the
+    greedy text equals that of the merged float model), merge + re-quantize to GPTQ, write, reload."""
+    from lowbit.models.loading import load_model
+    from lowbit.runtime.surgery import quantized_modules
+
+    base = tmp_path / "rtn4"
+    assert run_cli(capsys, "quantize", stories_dir, "-o", base, "--group-size", "32")[0] == 0
+    adapter = tmp_path / "adapter"
+    code, out, err = run_cli(capsys, "finetune", base, "--data", tinystories_text, "-o", adapter, "--steps", "3",
+                             "--seq-len", "32", "--batch", "2", "--rank", "4", "--target-modules", "q_proj,v_proj")
+    assert code == 0, err
+    assert "held-out perplexity" in out and (adapter / "adapter_model.safetensors").is_file()
+    prompt = ["-p", "Once upon a time", "-n", "12"]
+    code, with_adapter, err = run_cli(capsys, "generate", base, *prompt, "--adapter", adapter)
+    assert code == 0, err
+    merged = tmp_path / "merged-float"
+    assert run_cli(capsys, "merge", base, adapter, "-o", merged)[0] == 0
+    assert run_cli(capsys, "generate", merged, *prompt)[1] == with_adapter
+    requantized = tmp_path / "merged-gptq"
+    code, _, err = run_cli(capsys, "merge", base, adapter, "-o", requantized, "--method", "gptq", "--group-size", "32",
+                           "--calib", tinystories_text, "--calib-samples", "8", "--calib-len", "64")
+    assert code == 0, err
+    model, _ = load_model(requantized)
+    names = {n for n, _ in quantized_modules(model)}
+    assert "model.layers.0.self_attn.q_proj" in names and "model.layers.0.mlp.up_proj" in names
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--data", "/nonexistent.txt"], "training text"),
+    (["--data", "{text}", "--method", "qlora", "--steps", "0"], "--steps must be >= 1"),
+    (["--data", "{text}", "--target-modules", "nope_proj"], "match no module"),
+])
+def test_cli_finetune_bad_input_is_one_line(stories_dir, tinystories_text, tmp_path, capsys, argv, message):
+    argv = [a.replace("{text}", str(tinystories_text)) for a in argv]
+    code, _, err = run_cli(capsys, "finetune", stories_dir, "-o", tmp_path / "out", *argv)
+    assert code == 2 and message in err and "Traceback" not in err, err
