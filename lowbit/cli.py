@@ -12,7 +12,8 @@ from typing import Any, Callable
 log = logging.getLogger("lowbit")
 
 # Modules that add subcommands: each defines add_commands(subparsers). Optional features register here.
-COMMAND_MODULES: list[str] = ["lowbit.engine.commands"]  # serve, bench (issue 6)
+COMMAND_MODULES: list[str] = ["lowbit.engine.commands",   # serve, bench (issue 6)
+                              "lowbit.eval.compare"]       # compare (issue 15)
 
 
 def _load_model(spec: str, args: argparse.Namespace, **kw: Any):
