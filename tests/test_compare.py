@@ -71,9 +71,9 @@ def test_compare_runs_and_resumes(stories_dir, tinystories_text, tmp_path, capsy
     assert main(args[:3] + ["rtn4,rtn8,nf4"] + args[4:]) == 0
     assert (tmp_path / "logs" / "rtn4.log").read_text() == log_before
     assert list(json.loads((tmp_path / "compare.json").read_text())["results"]) == ["float", "rtn4", "rtn8", "nf4"]
+    from lowbit.eval.compare import CompareSettings, run_compare
+
+    changed = CompareSettings(model=str(stories_dir), methods=[MethodSpec("rtn4", ("--method", "rtn", "--bits", "4"))],
+                              data=tinystories_text, out=tmp_path, task_items=13, ctx=128, max_tokens=1024)
     with pytest.raises(LowbitError, match="other settings"):
-        main(args[:-2] + ["--task-items", "13", "-o", str(tmp_path)]) if False else \
-            __import__("lowbit.eval.compare", fromlist=["x"]).run_compare(
-                __import__("lowbit.eval.compare", fromlist=["x"]).CompareSettings(
-                    model=str(stories_dir), methods=[MethodSpec("rtn4", ("--method", "rtn", "--bits", "4"))],
-                    data=tinystories_text, out=tmp_path, task_items=13, ctx=128, max_tokens=1024), progress=False)
+        run_compare(changed, progress=False)
