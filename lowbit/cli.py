@@ -13,7 +13,8 @@ log = logging.getLogger("lowbit")
 
 # Modules that add subcommands: each defines add_commands(subparsers). Optional features register here.
 COMMAND_MODULES: list[str] = ["lowbit.engine.commands",   # serve, bench (issue 6)
-                               "lowbit.training.commands"]  # finetune, merge (issue 14)
+                               "lowbit.training.commands",  # finetune, merge (issue 14)
+                               "lowbit.eval.compare"]       # compare (issue 15)
 
 
 def _load_model(spec: str, args: argparse.Namespace, **kw: Any):
