@@ -30,7 +30,8 @@ from lowbit.quantized import QuantizedWeight
 log = logging.getLogger("lowbit")
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = (CSRC / "affine_gemv.c", CSRC / "decode.c")   # one library; decode.c is the engine's whole-step kernel
+SOURCES = (CSRC / "affine_gemv.c", CSRC / "decode.c",   # one library; decode.c is the engine's whole-step kernel
+           CSRC / "checks.c")                            # size checks of weight descriptions (runtime/checks.py)
 LB_F32, LB_U8, LB_NIB = 0, 1, 2
 LB_STATS_F32, LB_STATS_F16, LB_STATS_F16_OFFSET, LB_STATS_F32_OFFSET = 0, 1, 2, 3
 _LIBRARY: ctypes.CDLL | None = None
