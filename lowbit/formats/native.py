@@ -16,8 +16,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lowbit.errors import CorruptFile, unreadable_weights
-from lowbit.models.validate import (SCHEME_TENSOR_NAMES, check_part_names, check_state, check_state_tensor,
-                                    layer_errors)
+from lowbit.models.validate import (SCHEME_TENSOR_NAMES, check_integer_tensor, check_not_bool, check_part_names,
+                                    check_state, check_state_tensor, layer_errors)
 from lowbit.formats.atomic import atomic_dir
 from lowbit.formats.registry import Format, NoOptions, register_format
 from lowbit.runtime.surgery import install_quantized, quantized_modules
@@ -141,6 +141,11 @@ def load_native(path: str | Path, kernel: str = "auto", **_: Any):
         if "codes" not in parts and not parts:
             raise CorruptFile(f"{path / WEIGHTS} has no tensors for quantized layer {name}")
         check_part_names(name, parts, SCHEME_TENSOR_NAMES, path / WEIGHTS, allowed_prefix="extra.")
+        for part, tensor in parts.items():   # codes and statistics are numbers: a bool tensor reads 0/1 silently
+            if part in ("codes", "g_idx", "blocks", "CB"):
+                check_integer_tensor(f"{name}.{part}", tensor, path / WEIGHTS)
+            else:
+                check_not_bool(f"{name}.{part}", tensor, path / WEIGHTS)
         with layer_errors(path / WEIGHTS, name):
             qw = scheme_from_config(spec["scheme"]).from_tensors(parts, tuple(spec["shape"]), spec["group_size"])
         module = install_quantized(model, name, qw, kernel, source=path / WEIGHTS)

@@ -47,7 +47,7 @@ def hf_config_from_gguf(gf, arch: Architecture | None = None) -> Any:
     try:
         kwargs = arch.gguf.config_from(meta)
         kwargs["vocab_size"] = int(meta.get("vocab_size", embedding.shape[0]))
-    except (KeyError, TypeError, ValueError, OverflowError) as exc:
+    except (KeyError, TypeError, ValueError, OverflowError, ZeroDivisionError) as exc:
         raise CorruptFile(f"{gf.path}: {arch.gguf.name} hyper-parameter missing or malformed ({exc})") from None
     check_hparams(kwargs, gf.path)      # block_count = 2**32 - 1 fails here, before a skeleton is allocated
     kwargs.update(

@@ -133,6 +133,14 @@ def check_float_tensor(name: str, tensor: Any, source: Any) -> None:
                           "not a floating-point type; the checkpoint is corrupt")
 
 
+def check_not_bool(name: str, tensor: Any, source: Any) -> None:
+    import torch
+
+    if tensor.dtype == torch.bool:
+        raise CorruptFile(f"{source}: tensor {name} is stored as bool, which holds no statistics; the checkpoint is "
+                          "corrupt")
+
+
 def check_integer_tensor(name: str, tensor: Any, source: Any, dtypes: tuple = ()) -> None:
     """`tensor` holds integers (of one of `dtypes`, when given): packed codes, zero points and group indices."""
     import torch
@@ -261,8 +269,10 @@ def layer_errors(source: Any, name: str):
     shape and dtype errors from torch) into one CorruptFile naming the layer; LowbitErrors pass unchanged."""
     try:
         yield
-    except LowbitError:
-        raise
+    except LowbitError as exc:
+        if name in str(exc):
+            raise
+        raise type(exc)(f"{source}: quantized layer {name}: {exc}") from None
     except (KeyError, TypeError, ValueError, IndexError, RuntimeError, OverflowError, ZeroDivisionError,
             AttributeError) as exc:
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
