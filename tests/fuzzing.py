@@ -314,7 +314,8 @@ def safetensors_mutants(rng: random.Random, data: bytes, count: int) -> list[tup
             entry = h[name]
             if choice == 3:
                 old = entry["dtype"]
-                entry["dtype"] = rng.choice([d for d in SAFETENSORS_DTYPES if d != old])
+                # F16 <-> BF16: same bytes, every bit pattern a value of either (see gguf_byte_mutants' types)
+                entry["dtype"] = rng.choice([d for d in SAFETENSORS_DTYPES if d != old and {d, old} != {"F16", "BF16"}])
                 detail = f"{name} dtype {old} -> {entry['dtype']}"
                 kind = "type"
             elif choice == 4:
@@ -364,7 +365,9 @@ def tensor_set_mutants(rng: random.Random, folder: Path, count: int) -> list[tup
             new = {**tensors, name: torch.zeros(shape, dtype=t.dtype)}
             detail = f"{name} shape {list(t.shape)} -> {shape}"
         else:
-            dtype = torch.float32 if not t.is_floating_point() else rng.choice([torch.int32, torch.uint8])
+            # floats cast to int32 (no format stores statistics so); uint8 is lowbit's legal compact form of
+            # integer-valued statistics, so a cast to it is a change of values, not of format: left out
+            dtype = torch.float32 if not t.is_floating_point() else torch.int32
             new = {**tensors, name: t.to(dtype)}
             detail = f"{name} dtype {t.dtype} -> {dtype}"
         kind = "dtype" if choice == 3 else "tensor-set" if choice < 2 else "shape"

@@ -26,6 +26,8 @@ from lowbit.schemes.base import scheme_from_config
 MANIFEST = "lowbit.json"
 WEIGHTS = "model.safetensors"
 FORMAT_VERSION = 1
+# how Scheme.to_tensors stores statistics: float, or uint8 when every value is an integer 0..255 (_compact_float)
+STATISTICS_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.uint8)
 
 
 def save_hf_side_files(model: nn.Module, tokenizer: Any, out: Path) -> None:
@@ -144,6 +146,9 @@ def load_native(path: str | Path, kernel: str = "auto", **_: Any):
         for part, tensor in parts.items():   # codes and statistics are numbers: a bool tensor reads 0/1 silently
             if part in ("codes", "g_idx", "blocks", "CB"):
                 check_integer_tensor(f"{name}.{part}", tensor, path / WEIGHTS)
+            elif part in ("scales", "zeros") and tensor.dtype not in STATISTICS_DTYPES:
+                raise CorruptFile(f"{path / WEIGHTS}: tensor {name}.{part} is stored as {tensor.dtype}, not a float "
+                                  "or uint8 (lowbit's exact compact form); the checkpoint is corrupt")
             else:
                 check_not_bool(f"{name}.{part}", tensor, path / WEIGHTS)
         with layer_errors(path / WEIGHTS, name):
