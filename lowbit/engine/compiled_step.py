@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lowbit.runtime.checks import check_decode_model, check_step_inputs
 from lowbit.runtime.clib import LinearSpec, linear_spec, native_library
 
 log = logging.getLogger("lowbit")
@@ -121,6 +122,7 @@ class NativeDecodeStep:
             decoder.attn_softcap or 0.0, decoder.final_softcap or 0.0, ACTIVATION_CODES[decoder.activation],
             int(act8), layers, _norm_weight(decoder.final_norm, keep), head[0],
             decoder.k_cache.data_ptr(), decoder.v_cache.data_ptr())
+        check_decode_model(lib, spec, decoder, keep)    # every pointer's bytes, before C ever reads them
         return cls(lib, spec, layers, keep, decoder.embed, head[0].n), ""
 
     def prefill(self, tokens: torch.Tensor, slot: int, start: int) -> torch.Tensor:
@@ -132,6 +134,7 @@ class NativeDecodeStep:
     def __call__(self, tokens: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor,
                  last_only: bool = False) -> torch.Tensor:
         batch = tokens.shape[0]
+        check_step_inputs(tokens, slots, positions, self.vocab, self.spec.slots, self.spec.context)
         threads = min(torch.get_num_threads(), self.max_threads or torch.get_num_threads())
         size = self.lib.lowbit_decode_workspace(ctypes.byref(self.spec), batch, threads)
         if self.workspace is None or self.workspace.numel() < size:

@@ -18,9 +18,11 @@ import torch
 from torch import nn
 
 from lowbit.errors import CorruptFile, LowbitError
-from lowbit.formats.hf_quantized import read_tensors, write_checkpoint
+from lowbit.formats.hf_quantized import read_quantization_config, read_tensors, write_checkpoint
 from lowbit.formats.registry import Format, NoOptions, register_format
 from lowbit.models.adapters import in_out_features, is_linear
+from lowbit.models.validate import (check_float_tensor, check_integer_tensor, check_state, check_state_tensor,
+                                    layer_errors)
 from lowbit.quantized import QuantizedWeight
 from lowbit.runtime.surgery import install_quantized, quantized_modules
 from lowbit.schemes.codebook import (Codebook4, codebook, dynamic_map, json_to_uint8, quant_state_json,
@@ -114,11 +116,8 @@ def is_bnb(path: Path) -> bool:
     cfg = path / "config.json"
     if not (path.is_dir() and cfg.is_file()):
         return False
-    try:
-        qc = json.loads(cfg.read_text()).get("quantization_config") or {}
-    except (OSError, json.JSONDecodeError):
-        return False
-    return qc.get("quant_method") == "bitsandbytes"
+    qc = read_quantization_config(path)
+    return isinstance(qc, dict) and qc.get("quant_method") == "bitsandbytes"
 
 
 def _read_4bit(prefix: str, parts: dict[str, torch.Tensor], compute_dtype: str, expected: tuple[int, int]
@@ -145,8 +144,15 @@ def _read_4bit(prefix: str, parts: dict[str, torch.Tensor], compute_dtype: str, 
                    "extra.nested_offset": torch.tensor(float(state["nested_offset"]), dtype=torch.float32)}
     else:
         tensors = {"codes": parts["weight"], "scales": parts["absmax"].float()}
-    if parts["weight"].numel() * parts["weight"].element_size() * 2 < n * k:
-        raise CorruptFile(f"{prefix}.weight holds {parts['weight'].numel()} bytes, too few for {n}x{k} codes")
+    check_integer_tensor(f"{prefix}.weight", parts["weight"], "bitsandbytes checkpoint", (torch.uint8,))
+    for key in ("absmax", "nested_absmax", "quant_map", "nested_quant_map"):
+        if key in parts and not (key == "absmax" and nested):   # a nested absmax is uint8 codes
+            check_float_tensor(f"{prefix}.weight.{key}", parts[key], "bitsandbytes checkpoint")
+    if nested:
+        check_integer_tensor(f"{prefix}.weight.absmax", parts["absmax"], "bitsandbytes checkpoint", (torch.uint8,))
+    if parts["weight"].numel() != -(-n * k // 2):
+        raise CorruptFile(f"{prefix}.weight holds {parts['weight'].numel()} bytes, and {n}x{k} 4-bit codes take "
+                          f"{-(-n * k // 2)}; the checkpoint is corrupt")
     return scheme.from_tensors(tensors, (n, k), scheme.blocksize)
 
 
@@ -166,7 +172,11 @@ def load_bnb(path: str | Path, kernel: str = "auto", **_: Any):
     model = empty_model_from_config(config)
     tensors = read_tensors(path)
     compute_dtype = str(qc.get("bnb_4bit_compute_dtype") or "float32").replace("torch.", "")
-    threshold = float(qc.get("llm_int8_threshold", 6.0))
+    threshold = qc.get("llm_int8_threshold", 6.0)
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold >= 0:
+        raise CorruptFile(f"{path}: llm_int8_threshold {threshold!r} is not a non-negative number; the "
+                          "quantization config is corrupt")
+    threshold = float(threshold)
 
     state_marker = ".weight." + QUANT_STATE_PREFIX
     layer_prefixes = {k.split(state_marker)[0] for k in tensors if state_marker in k}
@@ -185,7 +195,8 @@ def load_bnb(path: str | Path, kernel: str = "auto", **_: Any):
             head = f"{prefix}.weight"
             parts = {key[len(head) + 1:] if key != head else "weight": tensors.pop(key)
                      for key in [key for key in tensors if key == head or key.startswith(head + ".")]}
-            qw = _read_4bit(prefix, parts, compute_dtype, (n_out, k_in))
+            with layer_errors(path, prefix):
+                qw = _read_4bit(prefix, parts, compute_dtype, (n_out, k_in))
         else:
             cb = tensors.pop(f"{prefix}.weight", None)
             scb = tensors.pop(f"{prefix}.SCB")
@@ -195,24 +206,22 @@ def load_bnb(path: str | Path, kernel: str = "auto", **_: Any):
                                   "layout; only row-major (0) checkpoints can be read")
             if cb is None:
                 raise CorruptFile(f"{path}: {prefix}.SCB has no {prefix}.weight next to it; the file is incomplete")
-            qw = RowInt8(threshold=threshold, activations="int8").from_tensors(
-                {"CB": cb, "SCB": scb}, (n_out, k_in), -1)
+            with layer_errors(path, prefix):
+                qw = RowInt8(threshold=threshold, activations="int8").from_tensors(
+                    {"CB": cb, "SCB": scb}, (n_out, k_in), -1)
         bias = tensors.pop(f"{prefix}.bias", None)
-        new = install_quantized(model, prefix, qw, kernel)
+        new = install_quantized(model, prefix, qw, kernel, source=path)
         if bias is not None:
+            check_state_tensor(new, "bias", bias, path, prefix)
             new.bias = nn.Parameter(bias.float(), requires_grad=False)
         schemes.append(qw.scheme)
     if not schemes:
         raise CorruptFile(f"{path}: config.json says bitsandbytes but no quantized tensors were found")
+    check_state(model, tensors, path, skip_prefixes=layer_prefixes | int8_prefixes)
     float_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     tensors = {k: v.to(float_dtype) if v.is_floating_point() else v for k, v in tensors.items()}
-    missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
-    if unexpected:
-        raise CorruptFile(f"{path}: tensors the model does not have: {unexpected[:5]}")
+    model.load_state_dict(tensors, strict=False, assign=True)
     tied = bool(getattr(config, "tie_word_embeddings", False))
-    missing = [m for m in missing if not (tied and m.startswith("lm_head."))]
-    if missing:
-        raise CorruptFile(f"{path}: tensors missing from the checkpoint: {missing[:5]}; the file is incomplete")
     if tied:
         model.tie_weights()
     model.eval()

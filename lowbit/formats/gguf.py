@@ -445,7 +445,7 @@ def load_gguf_quantized(path: str | os.PathLike, kernel: str = "auto", **_: Any)
     float32."""
     from lowbit.models.arch.base import gguf_row_order
     from lowbit.models.gguf_import import (
-        gguf_architecture, gguf_names_of_model, hf_config_from_gguf, hf_value, tokenizer_from_gguf,
+        check_gguf_tensors, gguf_architecture, gguf_names_of_model, hf_config_from_gguf, hf_value, tokenizer_from_gguf,
     )
     from lowbit.models.loading import empty_model_from_config
     from lowbit.runtime.surgery import install_quantized
@@ -454,6 +454,7 @@ def load_gguf_quantized(path: str | os.PathLike, kernel: str = "auto", **_: Any)
     arch = gguf_architecture(gf)
     config = hf_config_from_gguf(gf, arch)
     model = empty_model_from_config(config)
+    check_gguf_tensors(gf, arch, model)    # names and shapes, before any block is handed to a kernel
     linear_names = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     embed_name = arch.embed_path
     state: dict[str, torch.Tensor] = {}

@@ -4,6 +4,7 @@ tensors as zero-copy views of a memory map. It imports numpy and gguf-py's const
 """
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import struct
@@ -57,7 +58,7 @@ class GGUFTensor:
     def rows(self) -> np.ndarray:
         """Raw data as [rows, bytes_per_row] uint8 (the layout of GGMLScheme.from_blocks)."""
         flat = self.data.reshape(-1).view(np.uint8)
-        return flat.reshape(int(np.prod(self.shape[:-1], dtype=np.int64)) if len(self.shape) > 1 else 1, -1)
+        return flat.reshape(math.prod(self.shape[:-1]), -1)
 
     def to_float(self) -> np.ndarray:
         """float32 values in PyTorch order."""
@@ -246,10 +247,12 @@ def read_gguf(path: str | os.PathLike) -> GGUFFile:
     tensors: dict[str, GGUFTensor] = {}
     for name, ne, type_name, offset in infos:
         _, block, type_size = TENSOR_TYPES[type_name]
+        if min(ne) < 1:
+            raise CorruptFile(f"{path}: tensor {name} has shape {ne} with an empty dimension; the file is corrupt")
         if ne[0] % block:
             raise CorruptFile(f"{path}: tensor {name} has rows of {ne[0]} values, not a multiple of the "
                               f"{type_name} block size {block}")
-        n_rows = int(np.prod(ne[1:], dtype=np.int64)) if len(ne) > 1 else 1
+        n_rows = math.prod(ne[1:])          # Python integers: a shape of 2**63 x 4 cannot wrap around
         nbytes = n_rows * (ne[0] // block) * type_size
         if offset % alignment:
             raise CorruptFile(f"{path}: tensor {name} starts at offset {offset}, not aligned to {alignment} bytes")
@@ -258,8 +261,28 @@ def read_gguf(path: str | os.PathLike) -> GGUFFile:
                               f"but it holds only {data_size}; the file is truncated or corrupt")
         data = np.frombuffer(mapped, dtype=np.uint8, count=nbytes, offset=data_start + offset)
         tensors[name] = GGUFTensor(name, type_name, tuple(int(d) for d in reversed(ne)), data, offset)
-    spans = sorted((t.offset, t.offset + t.data.size, t.name) for t in tensors.values())
-    for (a0, a1, an), (b0, b1, bn) in zip(spans, spans[1:]):
-        if b0 < a1:
-            raise CorruptFile(f"{path}: tensors {an} and {bn} overlap in the data section; the file is malformed")
+    check_tiling(path, sorted((t.offset, t.offset + t.data.size, t.name) for t in tensors.values()), data_size,
+                 alignment)
     return GGUFFile(path, version, metadata, types, tensors, alignment, mapped)
+
+
+def check_tiling(path: Path, spans: list[tuple[int, int, str]], data_size: int, alignment: int) -> None:
+    """Tensors tile the data section as GGUF writers lay them out: in some order, each starting at the aligned end
+    of the one before, the first at 0, and nothing after the last but alignment padding. An overlap, or a gap (a
+    tensor whose type or shape in the header was changed to one of fewer bytes: the bytes would be read as
+    something they are not), is a corrupt file."""
+    expected, expected_end, previous = 0, 0, None
+    for start, end, name in spans:
+        if previous is not None and start < expected_end:
+            raise CorruptFile(f"{path}: tensors {previous} and {name} overlap in the data section; the file is "
+                              "malformed")
+        if start != expected:
+            where = f"after tensor {previous}" if previous else "at the start of the data section"
+            raise CorruptFile(f"{path}: {start - expected} bytes {where} belong to no tensor (tensor {name} starts "
+                              f"at {start}, expected {expected}); a tensor's type or shape in the header is wrong")
+        expected_end = end
+        expected = -(-end // alignment) * alignment
+        previous = name
+    if spans and data_size - spans[-1][1] >= alignment:
+        raise CorruptFile(f"{path}: {data_size - spans[-1][1]} bytes after the last tensor ({spans[-1][2]}) belong "
+                          "to no tensor; a tensor's type or shape in the header is wrong, or data were appended")

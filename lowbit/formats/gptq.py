@@ -25,6 +25,7 @@ from lowbit.errors import CorruptFile, LowbitError
 from lowbit.formats.hf_quantized import (check_fp16_exact, load_checkpoint, read_quantization_config,
                                          skipped_suffixes, write_checkpoint)
 from lowbit.formats.registry import Format, NoOptions, register_format
+from lowbit.models.validate import check_float_tensor, check_integer_tensor, check_part_names
 from lowbit.quantized import QuantizedWeight
 from lowbit.runtime.surgery import quantized_modules
 from lowbit.schemes.intgrid import IntGrid
@@ -152,8 +153,9 @@ def v1_stored_zeros(qzeros: torch.Tensor, bits: int, columns: int) -> torch.Tens
 
 
 def layer_from_gptq(name: str, parts: dict[str, torch.Tensor], bits: int, group_size: int, sym: bool,
-                    shape: tuple[int, int], zero_offset: int = 1) -> QuantizedWeight:
+                    shape: tuple[int, int], zero_offset: int = 1, act_order: bool = True) -> QuantizedWeight:
     """Rebuild a QuantizedWeight of `shape` (out, in) from one layer's GPTQ tensors (zero_offset 1 for v1, 0 for v2).
+    Without `act_order` (desc_act false) g_idx must be the contiguous groups of `group_size`.
 
     Widths whose packed bits do not fill whole 32-bit words are padded to whole words (GPTQModel does this for
     e.g. 172 inputs at 4 bits: 22 words), so the logical shape comes from the model, not from qweight.
@@ -162,6 +164,13 @@ def layer_from_gptq(name: str, parts: dict[str, torch.Tensor], bits: int, group_
         if key not in parts:
             raise CorruptFile(f"GPTQ layer {name} lacks its {key} tensor; the checkpoint is incomplete")
     qweight, qzeros, scales = parts["qweight"], parts["qzeros"], parts["scales"]
+    check_part_names(name, parts, ("qweight", "qzeros", "scales", "g_idx"), "GPTQ checkpoint")
+    for key in ("qweight", "qzeros", "g_idx"):
+        if key in parts:
+            check_integer_tensor(f"{name}.{key}", parts[key], "GPTQ checkpoint", (torch.int32,))
+    check_float_tensor(f"{name}.scales", scales, "GPTQ checkpoint")
+    if qweight.dim() != 2 or qzeros.dim() != 2 or scales.dim() != 2:
+        raise CorruptFile(f"GPTQ layer {name}: qweight, qzeros and scales must be 2-D")
     n, k = shape
     per = _period(bits)[0]
     padded_k, padded_n = qweight.shape[0] * 32 // bits, qzeros.shape[1] * 32 // bits
@@ -183,7 +192,13 @@ def layer_from_gptq(name: str, parts: dict[str, torch.Tensor], bits: int, group_
         if g_idx.shape != (k,) or int(g_idx.min()) < 0 or int(g_idx.max()) >= n_groups:
             raise CorruptFile(f"GPTQ layer {name}: g_idx has shape {tuple(g_idx.shape)} or values outside "
                               f"0..{n_groups - 1}")
-        g_idx = None if torch.equal(g_idx, contiguous) else g_idx.to(torch.int32)
+        if torch.equal(g_idx, contiguous):
+            g_idx = None
+        elif not act_order:
+            raise CorruptFile(f"GPTQ layer {name}: g_idx is not the contiguous groups of group_size {group_size}, "
+                              "and desc_act is false; the quantization config does not match the tensors")
+        else:
+            g_idx = g_idx.to(torch.int32)
     elif n_groups != -(-k // g):
         raise CorruptFile(f"GPTQ layer {name}: {n_groups} scale groups for {k} inputs at group size {group_size}")
     scheme = IntGrid(bits=bits, group_size=group_size if group_size > 0 else -1, symmetric=sym)
@@ -279,24 +294,33 @@ def load_gptq(path: str | Path, kernel: str = "auto", **_: Any):
     qc = gptq_config_of(path)
     if qc is None:
         raise LowbitError(f"{path} is not a GPTQ checkpoint (no quantization_config with quant_method gptq)")
-    bits = int(qc.get("bits", qc.get("w_bit", 4)))
-    if bits not in GPTQ_BITS:
-        raise CorruptFile(f"{path}: GPTQ bits {bits} is not one of {GPTQ_BITS}")
-    group_size = int(qc.get("group_size", -1))
-    sym = bool(qc.get("sym", True))
+    bits, group_size = qc.get("bits"), qc.get("group_size")
+    if not isinstance(bits, int) or isinstance(bits, bool) or bits not in GPTQ_BITS:
+        raise CorruptFile(f"{path}: GPTQ bits {bits!r} is not one of {GPTQ_BITS}; the quantization config is "
+                          "missing or corrupt")
+    if not isinstance(group_size, int) or isinstance(group_size, bool) or not (group_size == -1 or group_size > 0):
+        raise CorruptFile(f"{path}: GPTQ group_size {group_size!r} is not -1 or a positive integer; the "
+                          "quantization config is missing or corrupt")
+    sym = qc.get("sym", True)
+    if not isinstance(sym, bool):
+        raise CorruptFile(f"{path}: GPTQ sym {sym!r} is not true or false")
     fmt = str(qc.get("checkpoint_format") or qc.get("format") or "gptq").lower()   # transformers 5: "format"
     if fmt not in ("gptq", "gptq_v2"):
         raise LowbitError(f"{path}: GPTQ checkpoint_format {fmt!r} is not supported (gptq, gptq_v2 are)")
     offset = 0 if fmt == "gptq_v2" else 1
-    model, tokenizer = load_checkpoint(path, "GPTQ", "qweight",
-                                       lambda name, parts, shape: layer_from_gptq(name, parts, bits, group_size, sym,
-                                                                                  shape, offset),
-                                       kernel=kernel)
+    try:
+        options = {"desc_act": bool(qc.get("desc_act", False)),
+                   "static_groups": bool(qc.get("static_groups", False)),
+                   "true_sequential": bool(qc.get("true_sequential", True)),
+                   "damp": float(qc.get("damp_percent", 0.01))}
+    except (TypeError, ValueError) as exc:
+        raise CorruptFile(f"{path}: GPTQ settings are malformed ({exc}); the quantization config is corrupt") from None
+    model, tokenizer = load_checkpoint(
+        path, "GPTQ", "qweight", lambda name, parts, shape: layer_from_gptq(
+            name, parts, bits, group_size, sym, shape, offset, act_order=options["desc_act"]), kernel=kernel)
     from lowbit.methods.base import QuantizeConfig
 
     method = (qc.get("meta") or {}).get("method", "gptq") if isinstance(qc.get("meta"), dict) else "gptq"
-    options = {"desc_act": bool(qc.get("desc_act", False)), "static_groups": bool(qc.get("static_groups", False)),
-               "true_sequential": bool(qc.get("true_sequential", True)), "damp": float(qc.get("damp_percent", 0.01))}
     model.lowbit_config = QuantizeConfig(method=method, bits=bits, group_size=group_size, symmetric=sym,
                                          options=options if method == "gptq" else {})
     return model, tokenizer

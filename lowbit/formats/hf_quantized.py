@@ -18,6 +18,7 @@ from torch import nn
 
 from lowbit.errors import CorruptFile, LowbitError, unreadable_weights
 from lowbit.formats.atomic import atomic_dir
+from lowbit.models.validate import check_state, check_state_tensor, layer_errors
 from lowbit.quantized import QuantizedWeight
 from lowbit.runtime.surgery import install_quantized, iter_linears, quantized_modules
 
@@ -30,9 +31,10 @@ def read_quantization_config(path: Path) -> dict[str, Any] | None:
     if not Path(path).is_dir() or not cfg.is_file():
         return None
     try:
-        return json.loads(cfg.read_text()).get("quantization_config")
-    except (OSError, json.JSONDecodeError, AttributeError):
+        data = json.loads(cfg.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
+    return data.get("quantization_config") if isinstance(data, dict) else None
 
 
 def check_fp16_exact(name: str, scales: torch.Tensor, fmt: str) -> torch.Tensor:
@@ -163,26 +165,20 @@ def load_checkpoint(path: str | Path, fmt: str, marker: str,
             linear = model.get_submodule(name)
         except AttributeError as exc:
             raise CorruptFile(f"{path}: quantized layer {name} does not exist in this {config.model_type} model") from exc
+        if not isinstance(linear, nn.Linear):
+            raise CorruptFile(f"{path}: {name} is not a Linear layer of this {config.model_type} model")
         shape = (linear.out_features, linear.in_features)
-        qweight = build_layer(name, parts, shape)
-        if tuple(qweight.shape) != shape:
-            raise CorruptFile(f"{path}: quantized layer {name} holds a {list(qweight.shape)} weight, and the model's "
-                              f"Linear is {list(shape)}")
-        module = install_quantized(model, name, qweight, kernel)
+        with layer_errors(path, name):
+            qweight = build_layer(name, parts, shape)
+        module = install_quantized(model, name, qweight, kernel, source=path)
         if bias is not None:
+            check_state_tensor(module, "bias", bias, path, name)
             module.bias = nn.Parameter(bias.to(dtype), requires_grad=False)
+    check_state(model, tensors, path, skip_prefixes=layers)
     tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
-    missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
-    quantized = set(layers)
-    missing = [m for m in missing if m.rsplit(".", 1)[0] not in quantized]
-    tied = getattr(model.config, "tie_word_embeddings", False)
-    if tied:
+    model.load_state_dict(tensors, strict=False, assign=True)
+    if getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()
-        missing = [m for m in missing if not m.startswith("lm_head.")]
-    if unexpected:
-        raise CorruptFile(f"{path}: tensors the model does not have: {unexpected[:5]}")
-    if missing:
-        raise CorruptFile(f"{path}: the checkpoint lacks tensors {missing[:5]}; it is incomplete")
     model.eval()
     return model, load_tokenizer(path)
 

@@ -16,6 +16,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lowbit.errors import CorruptFile, unreadable_weights
+from lowbit.models.validate import (SCHEME_TENSOR_NAMES, check_integer_tensor, check_not_bool, check_part_names,
+                                    check_state, check_state_tensor, layer_errors)
 from lowbit.formats.atomic import atomic_dir
 from lowbit.formats.registry import Format, NoOptions, register_format
 from lowbit.runtime.surgery import install_quantized, quantized_modules
@@ -24,6 +26,8 @@ from lowbit.schemes.base import scheme_from_config
 MANIFEST = "lowbit.json"
 WEIGHTS = "model.safetensors"
 FORMAT_VERSION = 1
+# how Scheme.to_tensors stores statistics: float, or uint8 when every value is an integer 0..255 (_compact_float)
+STATISTICS_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.uint8)
 
 
 def save_hf_side_files(model: nn.Module, tokenizer: Any, out: Path) -> None:
@@ -87,12 +91,32 @@ def is_native(path: Path) -> bool:
 
 
 def read_manifest(path: Path) -> dict[str, Any]:
+    file = Path(path) / MANIFEST
     try:
-        manifest = json.loads((Path(path) / MANIFEST).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CorruptFile(f"{path}/{MANIFEST} is unreadable ({exc}); re-save the model with lowbit") from exc
-    if manifest.get("format") != "lowbit" or manifest.get("version", 0) > FORMAT_VERSION:
-        raise CorruptFile(f"{path}/{MANIFEST} is not a lowbit v{FORMAT_VERSION} manifest; upgrade lowbit")
+        manifest = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CorruptFile(f"{file} is unreadable ({exc}); re-save the model with lowbit") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != "lowbit":
+        raise CorruptFile(f"{file} is not a lowbit manifest (a JSON object with format 'lowbit'); re-save the model")
+    version = manifest.get("version")
+    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
+        raise CorruptFile(f"{file}: version {version!r} is not a lowbit manifest version this lowbit reads "
+                          f"(1..{FORMAT_VERSION}); upgrade lowbit or re-save the model")
+    layers, tied = manifest.get("layers"), manifest.get("tied", {})
+    if not isinstance(layers, dict) or not isinstance(tied, dict):
+        raise CorruptFile(f"{file}: 'layers' and 'tied' must be JSON objects; the manifest is corrupt")
+    for name, spec in layers.items():
+        shape = spec.get("shape") if isinstance(spec, dict) else None
+        if (not isinstance(spec.get("scheme") if isinstance(spec, dict) else None, dict) or not isinstance(shape, list)
+                or len(shape) != 2 or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape)
+                or not isinstance(spec.get("group_size"), int) or isinstance(spec.get("group_size"), bool)):
+            raise CorruptFile(f"{file}: layer {name} needs a scheme object, a [out, in] shape and an integer "
+                              "group_size; the manifest is corrupt")
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in tied.items()):
+        raise CorruptFile(f"{file}: 'tied' must map tensor names to tensor names; the manifest is corrupt")
+    quantization = manifest.get("quantization")
+    if quantization is not None and not isinstance(quantization, dict):
+        raise CorruptFile(f"{file}: 'quantization' must be a JSON object or null; the manifest is corrupt")
     return manifest
 
 
@@ -108,25 +132,37 @@ def load_native(path: str | Path, kernel: str = "auto", **_: Any):
     except (SafetensorError, OSError, MemoryError, RuntimeError) as exc:
         raise unreadable_weights(path / WEIGHTS, exc) from exc
     model = empty_model_from_config(path)
+    unknown = [name for name in manifest["layers"] if not _is_linear_like(model, name)]
+    if unknown:
+        raise CorruptFile(f"{path / MANIFEST} names quantized layers the {model.config.model_type} model does not "
+                          f"have: {unknown[:3]}; the manifest does not match config.json")
     for name, spec in manifest["layers"].items():
-        scheme = scheme_from_config(spec["scheme"])
         prefix = f"{name}."
         parts = {k[len(prefix):]: tensors.pop(k) for k in [k for k in tensors if k.startswith(prefix)]}
         bias = parts.pop("bias", None)
         if "codes" not in parts and not parts:
             raise CorruptFile(f"{path / WEIGHTS} has no tensors for quantized layer {name}")
-        qw = scheme.from_tensors(parts, tuple(spec["shape"]), spec["group_size"])
-        module = install_quantized(model, name, qw, kernel)
+        check_part_names(name, parts, SCHEME_TENSOR_NAMES, path / WEIGHTS, allowed_prefix="extra.")
+        for part, tensor in parts.items():   # codes and statistics are numbers: a bool tensor reads 0/1 silently
+            if part in ("codes", "g_idx", "blocks", "CB"):
+                check_integer_tensor(f"{name}.{part}", tensor, path / WEIGHTS)
+            elif part in ("scales", "zeros") and tensor.dtype not in STATISTICS_DTYPES:
+                raise CorruptFile(f"{path / WEIGHTS}: tensor {name}.{part} is stored as {tensor.dtype}, not a float "
+                                  "or uint8 (lowbit's exact compact form); the checkpoint is corrupt")
+            else:
+                check_not_bool(f"{name}.{part}", tensor, path / WEIGHTS)
+        with layer_errors(path / WEIGHTS, name):
+            qw = scheme_from_config(spec["scheme"]).from_tensors(parts, tuple(spec["shape"]), spec["group_size"])
+        module = install_quantized(model, name, qw, kernel, source=path / WEIGHTS)
         if bias is not None:
+            check_state_tensor(module, "bias", bias, path / WEIGHTS, name)
             module.bias = nn.Parameter(bias, requires_grad=False)
-    for key, source in manifest.get("tied", {}).items():
+    for key, source in manifest["tied"].items():
+        if source not in tensors:
+            raise CorruptFile(f"{path / MANIFEST}: tied tensor {key} names {source}, which the weights do not hold")
         tensors[key] = tensors[source]
-    missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
-    missing = [m for m in missing if not _is_quantized_param(m, manifest["layers"])]
-    if unexpected:
-        raise CorruptFile(f"{path / WEIGHTS} has tensors the model does not: {unexpected[:5]}")
-    if missing:
-        raise CorruptFile(f"{path / WEIGHTS} lacks tensors: {missing[:5]}; the file is incomplete")
+    check_state(model, tensors, path / WEIGHTS, skip_prefixes=manifest["layers"])
+    model.load_state_dict(tensors, strict=False, assign=True)
     if not manifest.get("tied"):
         model.tie_weights()  # tied pairs were stored once and assigned above; otherwise follow the config
     model.eval()
@@ -135,8 +171,13 @@ def load_native(path: str | Path, kernel: str = "auto", **_: Any):
     return model, load_tokenizer(path)
 
 
-def _is_quantized_param(key: str, layers: dict[str, Any]) -> bool:
-    return key.rsplit(".", 1)[0] in layers
+def _is_linear_like(model: nn.Module, name: str) -> bool:
+    from lowbit.models.validate import module_weight_shape
+
+    try:
+        return module_weight_shape(model.get_submodule(name)) is not None
+    except AttributeError:
+        return False
 
 
 register_format(Format("lowbit", write=save_native, can_read=is_native, read=load_native,

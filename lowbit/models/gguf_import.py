@@ -14,6 +14,7 @@ from torch import nn
 
 from lowbit.errors import CorruptFile, LowbitError
 from lowbit.models.arch import architecture_for_gguf
+from lowbit.models.validate import check_hparams
 from lowbit.models.arch.base import (
     Architecture, gguf_row_order, gguf_tensor_name, norm_shift, permute_qk, unpermute_qk,  # noqa: F401
 )
@@ -45,14 +46,20 @@ def hf_config_from_gguf(gf, arch: Architecture | None = None) -> Any:
         raise CorruptFile(f"{gf.path}: no token_embd.weight tensor; the file does not hold a language model")
     try:
         kwargs = arch.gguf.config_from(meta)
-    except (KeyError, TypeError, ValueError) as exc:
+        kwargs["vocab_size"] = int(meta.get("vocab_size", embedding.shape[0]))
+    except (KeyError, TypeError, ValueError, OverflowError, ZeroDivisionError) as exc:
         raise CorruptFile(f"{gf.path}: {arch.gguf.name} hyper-parameter missing or malformed ({exc})") from None
+    check_hparams(kwargs, gf.path)      # block_count = 2**32 - 1 fails here, before a skeleton is allocated
     kwargs.update(
-        vocab_size=int(meta.get("vocab_size", embedding.shape[0])),
         tie_word_embeddings=arch.gguf.always_tied or "output.weight" not in gf.tensors,
         bos_token_id=gf.get("tokenizer.ggml.bos_token_id"), eos_token_id=gf.get("tokenizer.ggml.eos_token_id"),
         pad_token_id=gf.get("tokenizer.ggml.padding_token_id"), dtype="float32")
-    return AutoConfig.for_model(arch.model_types[0], **kwargs)
+    try:
+        return AutoConfig.for_model(arch.model_types[0], **kwargs)
+    except Exception as exc:  # noqa: BLE001  (transformers validates fields with its own exception types)
+        detail = str(exc).strip().splitlines()[-1][:200] if str(exc).strip() else type(exc).__name__
+        raise CorruptFile(f"{gf.path}: its {arch.gguf.name} hyper-parameters do not make a valid model ({detail})"
+                          ) from None
 
 
 def _hf_parameters(model: nn.Module) -> dict[str, tuple[tuple[int, ...], bool]]:
@@ -79,6 +86,27 @@ def gguf_names_of_model(model: nn.Module, arch: Architecture) -> dict[str, list[
         gname, expert = gguf_tensor_name(arch, hf_name, n_blocks)
         out.setdefault(gname, []).append((expert, hf_name))
     return out
+
+
+def expected_gguf_tensors(model: nn.Module, arch: Architecture) -> dict[str, tuple[int, ...]]:
+    """{GGUF name: shape in PyTorch order} of every tensor the file must hold for `model`'s configuration (a stack
+    of experts is [experts, out, in])."""
+    params = _hf_parameters(model)
+    out = {}
+    for gname, targets in gguf_names_of_model(model, arch).items():
+        shape = params[targets[0][1]][0]
+        out[gname] = (len(targets), *shape) if targets[0][0] is not None else shape
+    return out
+
+
+def check_gguf_tensors(gf, arch: Architecture, model: nn.Module) -> None:
+    """The file's tensors are exactly the ones its architecture and hyper-parameters need, with their shapes
+    (a tensor with 65,536 outputs where the heads need 64, a layer beyond block_count, a missing tensor: errors
+    naming them, before any block reaches a kernel)."""
+    from lowbit.models.validate import check_tensor_set
+
+    check_tensor_set(expected_gguf_tensors(model, arch), {n: t.shape for n, t in gf.tensors.items()}, gf.path,
+                     what=f"the {arch.family} layout of its metadata")
 
 
 def to_hf_layout(arch: Architecture, config, hf_name: str, w: torch.Tensor) -> torch.Tensor:
@@ -120,13 +148,9 @@ def hf_value(gf, gguf_name: str, arch: Architecture, model: nn.Module, hf_name: 
 
 def gguf_state_dict(gf, arch: Architecture, model: nn.Module) -> dict[str, torch.Tensor]:
     """HF state dict (float32, dequantized) of every tensor in the GGUF, in HF layout."""
+    check_gguf_tensors(gf, arch, model)
     params = _hf_parameters(model)
     names = gguf_names_of_model(model, arch)
-    unexpected = sorted(set(gf.tensors) - set(names))
-    missing = sorted(set(names) - set(gf.tensors))
-    if unexpected or missing:
-        raise CorruptFile(f"{gf.path}: tensors do not match the {arch.family} layout "
-                          f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
     state = {}
     for gname, targets in names.items():
         values = float_values(gf.tensors[gname])   # a stack of experts is read once
@@ -142,21 +166,16 @@ def tokenizer_from_gguf(path: str | Path, gf=None):
     `from_pretrained(gguf_file=...)` re-parses the whole file with gguf-py's reader (15 s for SmolLM2's 49k
     vocabulary, a minute for a 150k one, against 1 s here; the tokens are identical) and refuses architectures
     it has no model mapping for (gptneox, gemma, bloom ...), although the tokenizer only depends on
-    tokenizer.ggml.*. transformers' loader remains the fallback for metadata the converters do not take."""
-    from transformers import AutoTokenizer
-
+    tokenizer.ggml.*. There is no second parser to fall back on: metadata the converters refuse is an error."""
     path = Path(path)
     try:
         return _tokenizer_from_metadata(gf if gf is not None else read_header(path)[0])
     except LowbitError:
         raise
     except Exception as exc:  # transformers' converters raise many types for metadata they do not take
-        first = exc
-    try:
-        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True,
-                                             trust_remote_code=False)
-    except Exception as exc:
-        raise CorruptFile(f"could not build a tokenizer from {path}'s metadata ({first}; {exc})") from exc
+        detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise CorruptFile(f"{path}: the tokenizer metadata (tokenizer.ggml.*) cannot build a tokenizer "
+                          f"({type(exc).__name__}: {detail}); re-convert the file with a current llama.cpp") from None
 
 
 def _tokenizer_from_metadata(gf):

@@ -23,10 +23,13 @@ def empty_model_from_config(config_or_path: Any, dtype: torch.dtype = torch.floa
     from transformers import AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
+    from lowbit.models.validate import check_hparams, config_json_values
+
     config = config_or_path
     if isinstance(config_or_path, (str, Path)):
         config = load_config(Path(config_or_path))
     arch = check_architecture(config.model_type)
+    check_hparams(config_json_values(config), f"{getattr(config, 'name_or_path', '') or config.model_type} config")
     with no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
     return arch.prepare(model).eval()
@@ -51,9 +54,14 @@ def config_model_type(path: Path) -> str:
         data = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise CorruptFile(f"{file} is not valid JSON ({exc}); re-download or fix it") from None
-    model_type = data.get("model_type") if isinstance(data, dict) else None
+    if not isinstance(data, dict):
+        raise CorruptFile(f"{file} holds {type(data).__name__}, not a JSON object; re-download or fix it")
+    model_type = data.get("model_type")
     if not isinstance(model_type, str):
         raise CorruptFile(f"{file} has no model_type string; lowbit supports {supported_families()}")
+    from lowbit.models.validate import check_hparams
+
+    check_hparams(data, file)       # before transformers builds anything from it
     return model_type
 
 
@@ -63,8 +71,16 @@ def load_config(path: Path):
     check_architecture(config_model_type(path))
     try:
         return AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
-    except (ValueError, TypeError, OSError) as exc:
-        raise UnsupportedArchitecture(f"{path}/config.json: {str(exc).splitlines()[0]}") from exc
+    except Exception as exc:  # noqa: BLE001
+        # transformers' config classes validate fields with their own exception types (strict dataclass
+        # validation errors, ValueError, TypeError ...): any of them means config.json is not valid
+        raise CorruptFile(f"{path}/config.json is invalid ({_first_line(exc)}); fix it or re-download the model"
+                          ) from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def load_tokenizer(path: Path):
@@ -84,17 +100,57 @@ def load_hf_folder(path: Path, dtype: torch.dtype = torch.float32):
 
     config = load_config(path)
     arch = check_architecture(config.model_type)
+    refuse_unknown_quantization(path, config)
     weights = list(path.glob("*.safetensors")) + list(path.glob("pytorch_model*.bin"))
     if not weights:
         raise LowbitError(f"{path} has no weight files (*.safetensors or pytorch_model.bin)")
     from safetensors import SafetensorError
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True,
-                                                     trust_remote_code=False)
+        model, info = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True,
+                                                           trust_remote_code=False, output_loading_info=True)
     except (MemoryError, OSError, ValueError, RuntimeError, SafetensorError) as exc:
         raise unreadable_weights(path, exc) from exc
+    check_loading_info(path, info)
     return arch.prepare(model).eval(), load_tokenizer(path)
+
+
+# tensor names only a quantized checkpoint holds: a folder with them but no quantization config lost its config
+QUANTIZED_TENSOR_SUFFIXES = (".codes", ".scales", ".zeros", ".qweight", ".qzeros", ".g_idx", ".absmax", ".SCB",
+                             ".quant_state", ".weight_packed")
+
+
+def refuse_unknown_quantization(path: Path, config: Any) -> None:
+    """A folder no lowbit reader claimed is loaded as a float model; refuse one whose config says it is quantized
+    (an unknown method, or a known one whose settings its reader rejected) instead of loading it as float."""
+    quant = getattr(config, "quantization_config", None)
+    if quant is None and (path / "quantize_config.json").is_file():
+        quant = {"quant_method": "gptq (quantize_config.json)"}
+    if quant is not None:
+        method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", quant)
+        raise LowbitError(f"{path} is quantized with {method!r}, which lowbit cannot read (it reads lowbit, gptq, "
+                          "awq and bitsandbytes folders and GGUF files); convert it to one of those")
+
+
+def check_loading_info(path: Path, info: dict[str, Any]) -> None:
+    """transformers' report of missing, unexpected and misshapen weights as a LowbitError naming them (it only
+    logs them, leaving randomly initialised weights in the model)."""
+    from lowbit.models.validate import name_list
+
+    missing, unexpected = set(info.get("missing_keys") or ()), set(info.get("unexpected_keys") or ())
+    mismatched = info.get("mismatched_keys") or ()
+    quantized = {k for k in unexpected if k.endswith(QUANTIZED_TENSOR_SUFFIXES) or ".quant_state" in k}
+    if quantized:
+        raise CorruptFile(f"{path} holds quantized tensors ({name_list(quantized, 3)}) but no quantization config "
+                          "(lowbit.json, quantization_config or quantize_config.json); restore it from the original")
+    if missing:
+        raise CorruptFile(f"{path}: weights missing from the checkpoint: {name_list(missing)}; it is incomplete or "
+                          "does not match config.json")
+    if unexpected:
+        raise CorruptFile(f"{path}: weights the model does not have: {name_list(unexpected)}; the checkpoint does not "
+                          "match config.json (layer count changed?)")
+    if mismatched:
+        raise CorruptFile(f"{path}: weights whose shape config.json contradicts: {mismatched[:3]}")
 
 
 def load_model(spec: str | os.PathLike, dtype: torch.dtype = torch.float32, kernel: str = "auto", **options: Any):

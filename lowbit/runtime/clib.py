@@ -32,7 +32,8 @@ from lowbit.quantized import QuantizedWeight
 log = logging.getLogger("lowbit")
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = (CSRC / "affine_gemv.c", CSRC / "decode.c")   # one library; decode.c is the engine's whole-step kernel
+SOURCES = (CSRC / "affine_gemv.c", CSRC / "decode.c",   # one library; decode.c is the engine's whole-step kernel
+           CSRC / "checks.c")                            # size checks of weight descriptions (runtime/checks.py)
 LB_F32, LB_U8, LB_NIB = 0, 1, 2
 # csrc/ggml_blocks.h: a GGUF block type is read as the file stores it, kind LB_GGML + its ggml_type value
 LB_GGML = 16

@@ -40,12 +40,17 @@ def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child_name, new)
 
 
-def install_quantized(root: nn.Module, name: str, qweight: QuantizedWeight, kernel: str = "auto") -> QuantLinear:
+def install_quantized(root: nn.Module, name: str, qweight: QuantizedWeight, kernel: str = "auto",
+                      source: object = None) -> QuantLinear:
     """Replace the Linear `name` under `root` by a QuantLinear holding `qweight` (bias kept); an embedding
-    table becomes a QuantEmbedding (its scale, e.g. Gemma's sqrt(hidden), kept)."""
+    table becomes a QuantEmbedding (its scale, e.g. Gemma's sqrt(hidden), kept). The weight is checked against
+    the layer first (shape, codes, statistics: lowbit.models.validate), so a checkpoint's misshapen layer is an
+    error naming it (`source`, the file), not memory a kernel reads past."""
+    from lowbit.models.validate import check_quantized_weight, module_weight_shape
     from lowbit.runtime.qembedding import QuantEmbedding
 
     old = root.get_submodule(name)
+    check_quantized_weight(name, qweight, module_weight_shape(old), source)
     if isinstance(old, (nn.Embedding, QuantEmbedding)) or type(old).__name__.endswith("ScaledWordEmbedding"):
         new: QuantLinear = QuantEmbedding(qweight, getattr(old, "embed_scale", getattr(old, "scale", None)),
                                           getattr(old, "padding_idx", None), kernel=kernel)

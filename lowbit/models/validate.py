@@ -1,0 +1,295 @@
+"""One validation layer between model files and the kernels: every loader asks here before it builds or fills a
+model, so a damaged or inconsistent checkpoint is a one-line LowbitError naming the problem, never a crash in C, a
+huge allocation, a silently dropped layer or randomly initialised weights.
+
+- `check_hparams(values, source)`: hyper-parameters (config.json keys, also those a GGUF's metadata becomes) are
+  integers within bounds no real model exceeds, checked before anything is allocated.
+- `expected_tensors(model)` / `check_tensor_set(expected, present, source)`: the architecture's tensors (names and
+  shapes from the skeleton transformers builds for the config, i.e. the family declared in lowbit/models/arch)
+  against the tensors a file holds: missing, unexpected and misshapen tensors are errors naming them.
+- `check_float_tensor` / `check_integer_tensor`: dtypes of stored tensors (a GPTQ qweight stored as float is not
+  a checkpoint lowbit can trust).
+- `check_quantized_weight(name, qw, shape)`: a QuantizedWeight's codes, statistics and column groups agree with
+  the Linear it replaces (called by runtime.surgery.install_quantized, the one place quantized layers enter a
+  model).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterable, Mapping
+
+from lowbit.errors import CorruptFile, LowbitError
+
+# config.json keys (several spellings across families) -> (what they mean, the largest value accepted). The bounds
+# are far above any released model (Llama 3.1 405B: 126 layers, 128 heads, 16384 hidden, 53248 intermediate,
+# 128k vocab and context) and far below what would make a skeleton allocate more than the machine has.
+HPARAM_LIMITS: dict[str, tuple[str, int]] = {}
+for _keys, _meaning, _limit in (
+    (("num_hidden_layers", "n_layer", "num_layers", "n_layers"), "layers", 1024),
+    (("num_attention_heads", "n_head", "num_heads"), "attention heads", 4096),
+    (("num_key_value_heads", "num_kv_heads", "n_head_kv", "multi_query_group_num"), "key-value heads", 4096),
+    (("hidden_size", "n_embd", "d_model", "dim"), "hidden size", 1 << 17),
+    (("head_dim",), "head dimension", 1 << 14),
+    (("intermediate_size", "n_inner", "ffn_dim", "moe_intermediate_size", "shared_expert_intermediate_size"),
+     "intermediate size", 1 << 20),
+    (("vocab_size",), "vocabulary size", 1 << 22),
+    (("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len", "seq_length"), "context length", 1 << 24),
+    (("num_local_experts", "num_experts"), "experts", 1 << 12),
+    (("num_experts_per_tok",), "experts per token", 1 << 12),
+    (("sliding_window",), "sliding window", 1 << 24),
+):
+    for _key in _keys:
+        HPARAM_LIMITS[_key] = (_meaning, _limit)
+# values that may legitimately be 0 or null (no window, no experts)
+OPTIONAL_ZERO = {"sliding_window", "num_local_experts", "num_experts", "num_experts_per_tok",
+                 "shared_expert_intermediate_size", "moe_intermediate_size"}
+
+
+def check_hparams(values: Mapping[str, Any], source: Any) -> None:
+    """Every bounded hyper-parameter in `values` (a config.json dict, its text_config, or the config kwargs a GGUF's
+    metadata becomes) is an integer from 1 to its limit; key-value heads divide the attention heads."""
+    if not isinstance(values, Mapping):
+        raise CorruptFile(f"{source}: the configuration is {type(values).__name__}, not a JSON object")
+    for key, value in values.items():
+        if key in ("text_config", "llm_config") and isinstance(value, Mapping):
+            check_hparams(value, source)
+            continue
+        if key not in HPARAM_LIMITS:
+            continue
+        meaning, limit = HPARAM_LIMITS[key]
+        optional = key in OPTIONAL_ZERO
+        if value is None and (optional or key == "head_dim"):
+            continue
+        items = value if isinstance(value, list) and key == "intermediate_size" else [value]  # per-layer lists
+        for item in items:
+            if isinstance(item, bool) or not isinstance(item, int):
+                raise CorruptFile(f"{source}: {key} ({meaning}) is {item!r}, not an integer; fix the configuration "
+                                  "or re-download the model")
+            if not (0 if optional else 1) <= item <= limit:
+                raise CorruptFile(f"{source}: {key} ({meaning}) is {item}, outside 1..{limit}; the configuration "
+                                  "is corrupt")
+    heads, kv_heads = _first(values, "num_attention_heads", "n_head"), _first(values, "num_key_value_heads")
+    if isinstance(heads, int) and isinstance(kv_heads, int) and not isinstance(kv_heads, bool) and heads % kv_heads:
+        raise CorruptFile(f"{source}: {heads} attention heads are not a multiple of {kv_heads} key-value heads; "
+                          "the configuration is corrupt")
+
+
+def _first(values: Mapping[str, Any], *keys: str) -> Any:
+    for key in keys:
+        if values.get(key) is not None:
+            return values[key]
+    return None
+
+
+def config_json_values(config: Any) -> dict[str, Any]:
+    """The hyper-parameters of a transformers config object, as the dict check_hparams reads."""
+    values = {key: getattr(config, key) for key in HPARAM_LIMITS if hasattr(config, key)}
+    text = getattr(config, "text_config", None)
+    if text is not None and text is not config:
+        values["text_config"] = config_json_values(text)
+    return values
+
+
+# -- the tensor set -------------------------------------------------------------------------------------------
+def name_list(names: Iterable[str], limit: int = 5) -> str:
+    names = sorted(names)
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def expected_tensors(model: Any) -> dict[str, tuple[int, ...]]:
+    """{state-dict name: shape} of every tensor the model's architecture holds (its parameters and persistent
+    buffers), from a skeleton (meta or empty) built for the config."""
+    out = {name: tuple(p.shape) for name, p in model.named_parameters(remove_duplicate=False)}
+    persistent = set(model.state_dict(keep_vars=True))
+    out.update({name: tuple(b.shape) for name, b in model.named_buffers() if name in persistent})
+    return out
+
+
+def check_tensor_set(expected: Mapping[str, tuple[int, ...]], present: Mapping[str, tuple[int, ...]], source: Any,
+                     optional: Iterable[str] = (), what: str = "the model's architecture") -> None:
+    """The tensors a file holds (`present`: name -> shape) are exactly those `expected` (name -> shape), apart from
+    `optional` names (tied heads, non-persistent buffers) that may be absent; each difference is named."""
+    optional = set(optional)
+    missing = set(expected) - set(present) - optional
+    unexpected = set(present) - set(expected)
+    if missing:
+        raise CorruptFile(f"{source}: tensors missing for {what}: {name_list(missing)}; the file is incomplete or does "
+                          "not match its configuration")
+    if unexpected:
+        raise CorruptFile(f"{source}: tensors {what} does not have: {name_list(unexpected)}; the file does not match "
+                          "its configuration (layer or expert count changed?)")
+    wrong = {name: (tuple(present[name]), tuple(shape)) for name, shape in expected.items()
+             if name in present and tuple(present[name]) != tuple(shape)}
+    if wrong:
+        name, (have, need) = sorted(wrong.items())[0]
+        more = f" ({len(wrong) - 1} more tensors differ)" if len(wrong) > 1 else ""
+        raise CorruptFile(f"{source}: tensor {name} has shape {list(have)}, but the configuration's hyper-parameters "
+                          f"(heads, head_dim, hidden, intermediate, vocab) need {list(need)}{more}")
+
+
+def check_float_tensor(name: str, tensor: Any, source: Any) -> None:
+    if not tensor.is_floating_point():
+        raise CorruptFile(f"{source}: tensor {name} is stored as {str(tensor.dtype).replace('torch.', '')}, "
+                          "not a floating-point type; the checkpoint is corrupt")
+
+
+def check_not_bool(name: str, tensor: Any, source: Any) -> None:
+    import torch
+
+    if tensor.dtype == torch.bool:
+        raise CorruptFile(f"{source}: tensor {name} is stored as bool, which holds no statistics; the checkpoint is "
+                          "corrupt")
+
+
+def check_integer_tensor(name: str, tensor: Any, source: Any, dtypes: tuple = ()) -> None:
+    """`tensor` holds integers (of one of `dtypes`, when given): packed codes, zero points and group indices."""
+    import torch
+
+    bad = tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool
+    if bad or (dtypes and tensor.dtype not in dtypes):
+        names = "/".join(str(d).replace("torch.", "") for d in dtypes) or "an integer type"
+        raise CorruptFile(f"{source}: tensor {name} is stored as {str(tensor.dtype).replace('torch.', '')}, not "
+                          f"{names}; the checkpoint is corrupt")
+
+
+def check_state(model: Any, tensors: Mapping[str, Any], source: Any, skip_prefixes: Iterable[str] = (),
+                optional: Iterable[str] = ()) -> None:
+    """The tensors left to load into `model` by name, once the loader has taken the quantized layers' own
+    (`skip_prefixes`), are exactly the architecture's other tensors, with its shapes and a floating dtype where
+    the parameter is floating; a leftover under a quantized layer's name is unexpected too."""
+    prefixes = tuple(f"{p}." for p in skip_prefixes)
+    expected = {n: s for n, s in expected_tensors(model).items() if not n.startswith(prefixes)}
+    present = {n: tuple(t.shape) for n, t in tensors.items()}
+    check_tensor_set(expected, present, source, optional=set(optional) | _tied_or_buffer_names(model))
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for name, tensor in tensors.items():
+        if name in params and params[name].is_floating_point():
+            check_float_tensor(name, tensor, source)
+
+
+def _tied_or_buffer_names(model: Any) -> set[str]:
+    """Tensors a checkpoint may leave out: a tied output head (stored once as the embedding) and buffers that
+    transformers recomputes (rotary inverse frequencies)."""
+    out = {name for name, _ in model.named_buffers()}
+    if getattr(getattr(model, "config", None), "tie_word_embeddings", False):
+        try:
+            head = model.get_output_embeddings()
+        except (AttributeError, NotImplementedError):
+            head = None
+        out |= {f"{n}.weight" for n, m in model.named_modules() if m is head and head is not None}
+    return out
+
+
+# -- quantized layers -------------------------------------------------------------------------------------------
+def check_quantized_weight(name: str, qw: Any, shape: tuple[int, int] | None, source: Any = None) -> None:
+    """A QuantizedWeight fits the layer it replaces (`shape` [out, in]) and is internally consistent: stored codes
+    [out, in] of an integer type, statistics [out, groups], g_idx [in] naming existing groups."""
+    import torch
+
+    where = f"{source}: layer {name}" if source is not None else f"layer {name}"
+    qshape = tuple(int(d) for d in qw.shape)
+    if len(qshape) != 2 or min(qshape) <= 0:
+        raise CorruptFile(f"{where}: quantized weight shape {list(qshape)} is not [out, in]")
+    if shape is not None and qshape != tuple(shape):
+        raise CorruptFile(f"{where} holds a {list(qshape)} weight, and the model's layer is {list(shape)}; the "
+                          "checkpoint does not match its configuration")
+    n, k = qshape
+    group = qw.effective_group_size
+    if not isinstance(group, int) or group <= 0:
+        raise CorruptFile(f"{where}: group size {qw.group_size!r} is not a positive integer")
+    if getattr(qw.scheme, "derives_codes", False) and qw.extra:
+        return          # codes are derived from the file's blocks, whose size the GGUF parser checked
+    stored = qw.__dict__
+    codes, scales, zeros = stored.get("_codes"), stored.get("_scales"), stored.get("_zeros")
+    if codes is not None:
+        check_integer_tensor(f"{name} codes", codes, source or "checkpoint")
+        if codes.dim() == 2 and tuple(codes.shape) != qshape:
+            raise CorruptFile(f"{where}: codes have shape {list(codes.shape)}, not {list(qshape)}")
+    n_groups = -(-k // group)
+    if qw.g_idx is not None:
+        g_idx = qw.g_idx
+        check_integer_tensor(f"{name}.g_idx", g_idx, source or "checkpoint")
+        if tuple(g_idx.shape) != (k,):
+            raise CorruptFile(f"{where}: g_idx has shape {list(g_idx.shape)}, not [{k}]")
+        if k and (int(g_idx.min()) < 0 or (scales is not None and int(g_idx.max()) >= scales.shape[-1])):
+            raise CorruptFile(f"{where}: g_idx names groups outside the stored scales")
+        n_groups = None    # act-order: the scales' width is the number of groups
+    from lowbit.schemes.intgrid import IntGrid
+
+    per_row_groups = isinstance(qw.scheme, IntGrid)   # other schemes lay statistics out their own way (bnb blocks)
+    for what, stats in (("scales", scales), ("zeros", zeros)):
+        if stats is None or not isinstance(stats, torch.Tensor):
+            continue
+        if per_row_groups and (stats.dim() != 2 or stats.shape[0] != n
+                               or (n_groups is not None and stats.shape[1] != n_groups)):
+            need = f"[{n}, {n_groups}]" if n_groups is not None else f"[{n}, groups]"
+            raise CorruptFile(f"{where}: {what} have shape {list(stats.shape)}, not {need}")
+        if stats.is_floating_point() and not bool(torch.isfinite(stats).all()):
+            raise CorruptFile(f"{where}: {what} hold NaN or infinite values; the checkpoint is corrupt")
+    if per_row_groups and zeros is None:     # integer grids decode (q - zero) * scale, symmetric ones too
+        raise CorruptFile(f"{where}: the integer grid has no zero points; the checkpoint is incomplete")
+    if per_row_groups and qw.scheme.symmetric and isinstance(zeros, torch.Tensor) and zeros.numel():
+        middle = float((qw.scheme.maxq + 1) // 2)       # the one zero point of a symmetric grid
+        if not bool((zeros == middle).all()):
+            raise CorruptFile(f"{where}: the grid is symmetric but its zero points are not all {middle:g}; the "
+                              "checkpoint's settings (sym, checkpoint_format) do not match its tensors")
+
+
+def module_weight_shape(module: Any) -> tuple[int, int] | None:
+    """[out, in] of the Linear-like module (or embedding [vocab, hidden]) a quantized weight replaces."""
+    from lowbit.models.arch.base import linear_weight
+
+    qweight = getattr(module, "qweight", None)
+    if qweight is not None:
+        return tuple(qweight.shape)
+    weight = getattr(module, "weight", None)
+    if weight is None:
+        return None
+    try:
+        w = linear_weight(module)
+    except AttributeError:
+        w = weight
+    return tuple(w.shape) if w.dim() == 2 else None
+
+
+
+def check_state_tensor(module: Any, attribute: str, tensor: Any, source: Any, name: str) -> None:
+    """A tensor about to become `module.attribute` (a quantized layer's bias) has the shape of the one it replaces
+    and a floating dtype."""
+    current = getattr(module, attribute, None)
+    need = tuple(current.shape) if current is not None else (module_weight_shape(module) or (None,))[:1]
+    if tuple(tensor.shape) != tuple(need):
+        raise CorruptFile(f"{source}: {name}.{attribute} has shape {list(tensor.shape)}, not {list(need)}")
+    check_float_tensor(f"{name}.{attribute}", tensor, source)
+
+
+@contextlib.contextmanager
+def layer_errors(source: Any, name: str):
+    """Turn what a scheme or format raises for tensors that do not fit together (KeyError for a missing part,
+    shape and dtype errors from torch) into one CorruptFile naming the layer; LowbitErrors pass unchanged."""
+    try:
+        yield
+    except LowbitError as exc:
+        if name in str(exc):
+            raise
+        raise type(exc)(f"{source}: quantized layer {name}: {exc}") from None
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError, OverflowError, ZeroDivisionError,
+            AttributeError) as exc:
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CorruptFile(f"{source}: quantized layer {name} cannot be rebuilt from its tensors and settings "
+                          f"({type(exc).__name__}: {detail[:200]}); the checkpoint is corrupt") from None
+
+
+# the tensor names lowbit's schemes store per quantized layer (Scheme.to_tensors), besides extra.*
+SCHEME_TENSOR_NAMES = frozenset({"codes", "scales", "zeros", "g_idx", "blocks", "CB", "SCB"})
+
+
+def check_part_names(name: str, parts: Iterable[str], allowed: Iterable[str], source: Any,
+                     allowed_prefix: str | None = None) -> None:
+    """A quantized layer's stored tensors (names without the layer prefix) are among those its format writes
+    (`allowed`, or any name starting with `allowed_prefix`)."""
+    unknown = sorted(p for p in parts if p not in set(allowed)
+                     and not (allowed_prefix and p.startswith(allowed_prefix)))
+    if unknown:
+        raise CorruptFile(f"{source}: quantized layer {name} has tensors its format does not store: "
+                          f"{name_list(f'{name}.{p}' for p in unknown)}; the checkpoint is corrupt")
