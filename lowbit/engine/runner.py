@@ -38,6 +38,21 @@ NATIVE_PREFILL_TOKENS = 16
 DEFAULT_CONTEXT = 2048
 
 
+def release_freed_heap() -> None:
+    """Hand memory freed while loading back to the OS (glibc keeps freed arenas otherwise: measured 112 MB
+    on Qwen2.5-0.5B's GGUF after load); a no-op without glibc."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        trim = getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
+    except OSError:
+        return
+    if trim is not None:
+        trim(0)
+
+
 def set_threads(threads: int | None) -> int:
     """Use `threads` intra-op threads for torch (None or 0: keep torch's default); returns the count in use."""
     if threads is not None and threads < 0:
@@ -559,9 +574,10 @@ class Engine:
             self.decoder = HFDecoder(model, max_batch, self.context, blocker)
         source = getattr(model, "lowbit_source_file", None)
         if source is not None:
-            # The kernels now read their own packed copies: the file's pages need not stay resident (they come
-            # back from the page cache if an embedding lookup or a writer reads them).
+            # Pages touched while loading need not stay resident: the kernels read GGUF blocks in place, so the
+            # ones they use come back from the page cache on the first step.
             source.release_pages()
+        release_freed_heap()
         self.free_slots = list(range(max_batch))
         self.active: list[Sequence] = []
         self.fingerprint = weights_fingerprint(model)

@@ -5,9 +5,10 @@
  * is bound by the bytes it reads, so these kernels read the blocks themselves.
  *
  * Two arithmetics, chosen per call (`act8`):
- *   float   each block is dequantized into a small float buffer (the float32 values gguf-py's dequantize gives,
- *           in the same order of operations) and dotted with the float32 activations: the result differs from a
- *           float32 matmul of the dequantized weight only by summation order.
+ *   float   float32 activations against the block's codes: per 16 columns (d * scale) * dot(q - offset, x) less
+ *           (dmin * min) * sum(x) (AVX2), or the block dequantized into a float buffer (the values gguf-py's
+ *           dequantize gives, bit for bit) and dotted (portable): the result differs from a float32 matmul of
+ *           the dequantized weight only by float rounding.
  *   act8    llama.cpp's arithmetic: the activation row is rounded once per matmul to int8 per block (per 32
  *           columns for the 32-value types, Q8_0-style; per 256 for the K-quants, Q8_K-style, with the sums of
  *           every 16 int8 values), and each block's dot product is done in integers (AVX2 vpmaddubsw/vpmaddwd),
@@ -325,6 +326,17 @@ static inline __m256i lb_dot_u8s8(__m256i codes, __m256i x8) {
     return _mm256_madd_epi16(_mm256_maddubs_epi16(codes, x8), _mm256_set1_epi16(1));
 }
 
+/* A 32-value block's codes as 32 unsigned bytes in column order (Q8_0: int8 + 128, as lb_ggml_unpack). */
+static inline __m256i lb_codes32(int64_t kind, const uint8_t *b) {
+    switch (kind) {
+    case LB_Q4_0: return lb_nibbles32(b + 2);
+    case LB_Q4_1: return lb_nibbles32(b + 4);
+    case LB_Q5_0: return _mm256_or_si256(lb_nibbles32(b + 6), lb_bits32_to_0x10(b + 2));
+    case LB_Q5_1: return _mm256_or_si256(lb_nibbles32(b + 8), lb_bits32_to_0x10(b + 4));
+    default: return _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(b + 2)), _mm256_set1_epi8((char)0x80));
+    }
+}
+
 /* The 32-value types, one weight row against R activation rows (R <= 16). Per block,
  *   d * dx * dot(q, x8) + (m - offset * d) * sx   (sx = dx * sum(x8 of the block), m = Q4_1 / Q5_1's minimum). */
 static inline void lb_ggml_row32_act8(int64_t kind, const uint8_t *row, int64_t K, const lb_act8_row *act, int64_t R,
@@ -346,14 +358,9 @@ static inline void lb_ggml_row32_act8(int64_t kind, const uint8_t *row, int64_t 
             }
             continue;
         }
-        __m256i q;
-        float m = 0.0f, offset = 0.0f;
-        switch (kind) {
-        case LB_Q4_0: q = lb_nibbles32(b + 2); offset = 8.0f; break;
-        case LB_Q4_1: q = lb_nibbles32(b + 4); m = lb_ggml_half(b + 2); break;
-        case LB_Q5_0: q = _mm256_or_si256(lb_nibbles32(b + 6), lb_bits32_to_0x10(b + 2)); offset = 16.0f; break;
-        default: q = _mm256_or_si256(lb_nibbles32(b + 8), lb_bits32_to_0x10(b + 4)); m = lb_ggml_half(b + 2); break;
-        }
+        const __m256i q = lb_codes32(kind, b);
+        const float m = kind == LB_Q4_1 || kind == LB_Q5_1 ? lb_ggml_half(b + 2) : 0.0f;
+        const float offset = kind == LB_Q4_0 ? 8.0f : kind == LB_Q5_0 ? 16.0f : 0.0f;
         const float corr = m - offset * d;
         for (int64_t r = 0; r < R; r++) {
             const __m256i dot = lb_dot_u8s8(q, _mm256_loadu_si256((const __m256i *)(act[r].x8 + i * 32)));
@@ -437,6 +444,44 @@ static inline void lb_ggml_row256_act8(int64_t kind, const uint8_t *row, int64_t
     }
     for (int64_t r = 0; r < R; r++) out[r] = total[r];
 }
+
+/* Float32 activations, one weight row against R rows of x (K apart), xsum16 [R, K / 16] their 16-column sums:
+ * per 16 columns (d * scale) * dot(q - offset, x) (the offset taken off in integers, so codes stored with one,
+ * as Q8_0's + 128, cancel nothing in floats), less (dmin * min) * xsum16. */
+static inline void lb_ggml_row_f32_avx2(int64_t kind, const uint8_t *row, int64_t K, const float *x, int64_t R,
+                                        const float *xsum16, float *out) {
+    const int64_t block = lb_ggml_block(kind), bytes = lb_ggml_bytes(kind), subs = block / 16;
+    lb_unpacked u __attribute__((aligned(32)));
+    __m256 acc[16];
+    float extra[16];
+    for (int64_t r = 0; r < R; r++) acc[r] = _mm256_setzero_ps(), extra[r] = 0.0f;
+    for (int64_t i = 0; i < K / block; i++) {
+        const uint8_t *b = row + i * bytes;
+        if (block == 32) {
+            lb_ggml_header(kind, b, &u);
+            _mm256_storeu_si256((__m256i *)u.q, lb_codes32(kind, b));
+        } else {
+            lb_ggml_unpack_k(kind, b, &u);
+        }
+        const __m256i offset = _mm256_set1_epi32(u.offset);
+        for (int64_t s = 0; s < subs; s++) {
+            const __m128i codes = _mm_loadu_si128((const __m128i *)(u.q + 16 * s));
+            const __m256 w0 = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(codes), offset));
+            const __m256 w1 = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(codes, codes)),
+                                                                  offset));
+            const __m256 scale = _mm256_set1_ps(u.d * (float)u.scale[s]);
+            const float min = u.dmin * (float)u.min[s];
+            const int64_t k = i * block + 16 * s;
+            for (int64_t r = 0; r < R; r++) {
+                const float *xr = x + r * K + k;
+                const __m256 dot = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xr), _mm256_mul_ps(w1, _mm256_loadu_ps(xr + 8)));
+                acc[r] = _mm256_fmadd_ps(scale, dot, acc[r]);
+                extra[r] -= min * xsum16[r * (K / 16) + k / 16];
+            }
+        }
+    }
+    for (int64_t r = 0; r < R; r++) out[r] = lb_ggml_hsum(acc[r]) + extra[r];
+}
 #endif
 
 /* out[r] = dot(weight row, activation row r) for R <= 16 rows, int8 activations. */
@@ -489,6 +534,15 @@ static inline void lb_ggml_matmul(const lb_linear *L, const float *x, int64_t M,
     if (act8)
         for (int64_t r = 0; r < M; r++)
             lb_ggml_quantize_act8(x + r * K, K, lb_ggml_block(L->kind), scratch + r * per_row);
+#if defined(__AVX2__) && defined(__FMA__)
+    float *xsum16 = scratch;             /* float path: [M, K / 16] sums of x */
+    if (!act8)
+        for (int64_t s = 0; s < M * (K / 16); s++) {
+            float total = 0.0f;
+            for (int l = 0; l < 16; l++) total += x[s * 16 + l];
+            xsum16[s] = total;
+        }
+#endif
     #pragma omp for schedule(static) nowait
     for (int64_t n = 0; n < N; n++) {
         const uint8_t *row = (const uint8_t *)L->w + n * row_bytes;
@@ -499,7 +553,11 @@ static inline void lb_ggml_matmul(const lb_linear *L, const float *x, int64_t M,
                 for (int64_t r = 0; r < R; r++) act[r] = lb_ggml_act8_at(scratch + (m0 + r) * per_row, K);
                 lb_ggml_row_act8(L->kind, row, K, act, R, out);
             } else {
+#if defined(__AVX2__) && defined(__FMA__)
+                lb_ggml_row_f32_avx2(L->kind, row, K, x + m0 * K, R, xsum16 + m0 * (K / 16), out);
+#else
                 lb_ggml_row_f32(L->kind, row, K, x + m0 * K, R, out);
+#endif
             }
             for (int64_t r = 0; r < R; r++) {
                 float *target = y + (m0 + r) * ldy + n;
