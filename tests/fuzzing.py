@@ -228,13 +228,19 @@ def rewrite_gguf(src: Path, dst: Path, meta: dict | None = None, drop: tuple[str
     return write_gguf(dst, {**gf.metadata, **(meta or {})}, tensors + list(extra), value_types=dict(gf.value_types))
 
 
-def float_tensor(name: str, shape: tuple[int, ...], seed: int = 0):
-    """An F32 GGUF tensor of `shape` with random values (for tensors replaced by ones of another shape)."""
+def float_tensor(name: str, shape: tuple[int, ...], seed: int = 0, type_name: str = "F32"):
+    """A GGUF tensor of `shape` with random values, F32 or quantized to a block type (for tensors replaced by ones
+    of another shape: a quantized one goes the kept-quantized loader's way, straight to the kernels)."""
     import numpy as np
 
     from lowbit.formats.gguf import TensorToWrite
 
-    return TensorToWrite(name, "F32", shape, np.random.default_rng(seed).standard_normal(shape).astype(np.float32))
+    values = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+    if type_name != "F32":
+        from lowbit.schemes.ggml import quantize_rows
+
+        values = quantize_rows(values.reshape(-1, shape[-1]), type_name, None)
+    return TensorToWrite(name, type_name, shape, values)
 
 
 def gguf_structured_mutants(rng: random.Random, path: Path, count: int) -> list[tuple[str, str, Callable]]:

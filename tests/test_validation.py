@@ -51,7 +51,7 @@ def test_gguf_tensor_of_another_shape_is_refused_before_the_kernels(made, tmp_pa
     """Self-consistent files (data appended) whose one tensor has 65,536 outputs or 262,144 inputs: they used to
     load and crash `lowbit generate` in the compiled step (double free / SIGSEGV)."""
     bad = fuzzing.rewrite_gguf(made["gguf-q8_0"], tmp_path / "bad.gguf",
-                               replace={name: fuzzing.float_tensor(name, shape)})
+                               replace={name: fuzzing.float_tensor(name, shape, type_name="Q8_0")})
     rejects(bad, name, str(list(shape)))
     rejects(bad, name, keep_quantized=False)
 

@@ -58,7 +58,7 @@ def check_hparams(values: Mapping[str, Any], source: Any) -> None:
             continue
         meaning, limit = HPARAM_LIMITS[key]
         optional = key in OPTIONAL_ZERO
-        if value is None and (optional or key == "head_dim"):
+        if value is None:        # not given: transformers derives it (GPT-2's n_inner = 4 x hidden) or refuses
             continue
         items = value if isinstance(value, list) and key == "intermediate_size" else [value]  # per-layer lists
         for item in items:
