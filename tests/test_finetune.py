@@ -260,3 +260,26 @@ def test_cli_finetune_bad_input_is_one_line(stories_dir, tinystories_text, tmp_p
     argv = [a.replace("{text}", str(tinystories_text)) for a in argv]
     code, _, err = run_cli(capsys, "finetune", stories_dir, "-o", tmp_path / "out", *argv)
     assert code == 2 and message in err and "Traceback" not in err, err
+
+
+def test_adapter_base_quantized_on_load_is_remade_for_generate_and_merge(stories_dir, tmp_path):
+    """An adapter finetune trained on a float model quantized on load (qlora's NF4, lora --base-quantize rtn) runs
+    on that quantized base, not on the float weights; a calibrated base cannot be remade and says so."""
+    import json
+
+    from lowbit.errors import LowbitError
+    from lowbit.models.loading import load_model
+    from lowbit.training.api import RECORD, prepare_adapter_base, quantization_of
+
+    for method, calibrated in (("rtn", False), ("nf4", False), ("gptq", True)):
+        record = {"base_quantized_on_load": {"method": method, "bits": 4, "group_size": 32, "symmetric": True}}
+        folder = tmp_path / method
+        folder.mkdir()
+        (folder / RECORD).write_text(json.dumps(record))
+        model, _ = load_model(stories_dir)
+        if calibrated:
+            with pytest.raises(LowbitError, match="needs its calibration text"):
+                prepare_adapter_base(model, folder)
+        else:
+            prepare_adapter_base(model, folder)
+            assert quantization_of(model)["method"] == method

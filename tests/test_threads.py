@@ -57,11 +57,11 @@ def test_tuning_engine_generates_what_a_fixed_thread_engine_does(stories_dir):
         params = SamplingParams(max_new_tokens=40, temperature=0.0)
         fixed = list(Engine(model, tokenizer, context=64, threads=2).generate(prompt, params, stop_on_eos=False))
         tuned_engine = Engine(model, tokenizer, context=64)
-        assert tuned_engine.thread_tuner is not None
-        tuned_engine.thread_tuner.trial_steps = 3      # both counts are tried within the 40 tokens
+        tuner = tuned_engine.thread_tuners[False]     # the single-sequence (compiled step) path's tuner
+        tuner.trial_steps = 3                          # both counts are tried within the 40 tokens
         seen = []
-        real_record = tuned_engine.thread_tuner.record
-        tuned_engine.thread_tuner.record = lambda s, r: (seen.append(torch.get_num_threads()), real_record(s, r))
+        real_record = tuner.record
+        tuner.record = lambda s, r: (seen.append(torch.get_num_threads()), real_record(s, r))
         tuned = list(tuned_engine.generate(prompt, params, stop_on_eos=False))
         assert tuned == fixed
         assert set(seen) == {1, 2}

@@ -26,8 +26,10 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
 def with_adapter(model, args: argparse.Namespace):
     """Apply `--adapter` to a loaded model (see lowbit.training.lora.apply_adapter)."""
     if getattr(args, "adapter", None):
+        from lowbit.training.api import prepare_adapter_base
         from lowbit.training.lora import apply_adapter
 
+        prepare_adapter_base(model, args.adapter)
         apply_adapter(model, args.adapter)
     return model
 

@@ -65,6 +65,9 @@ class NativeDecodeStep:
                  embed: nn.Module, vocab: int):
         self.lib, self.spec, self.layers, self.keep = lib, spec, layers, keep
         self.embed, self.vocab = embed, vocab
+        # token ids index the embedding, whose rows may differ from the head's outputs (padded vocabularies)
+        rows = getattr(embed, "num_embeddings", None) or getattr(getattr(embed, "qweight", None), "shape", (vocab,))[0]
+        self.embedding_rows = int(rows)
         self.workspace: torch.Tensor | None = None
         # A step has 7 barriers a layer; for a model this small they cost more than a second thread saves
         # (and on a busy machine a preempted thread stalls every one of them).
@@ -134,7 +137,7 @@ class NativeDecodeStep:
     def __call__(self, tokens: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor,
                  last_only: bool = False) -> torch.Tensor:
         batch = tokens.shape[0]
-        check_step_inputs(tokens, slots, positions, self.vocab, self.spec.slots, self.spec.context)
+        check_step_inputs(tokens, slots, positions, self.embedding_rows, self.spec.slots, self.spec.context)
         threads = min(torch.get_num_threads(), self.max_threads or torch.get_num_threads())
         size = self.lib.lowbit_decode_workspace(ctypes.byref(self.spec), batch, threads)
         if self.workspace is None or self.workspace.numel() < size:

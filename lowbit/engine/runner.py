@@ -552,7 +552,10 @@ class Engine:
             raise LowbitError(f"prefill chunk must be >= 1 (got {prefill_chunk})")
         self.threads = set_threads(threads)
         # threads left to lowbit (None): decode steps pick their thread count by timing, for busy machines
-        self.thread_tuner = ThreadTuner(self.threads) if threads is None and self.threads > 1 else None
+        # (one tuner per decode path: per-row compiled step below PREFILL_ROWS rows, GEMMs from there; their best
+        # counts differ and a trial round must not time one against the other)
+        self.thread_tuners = ({False: ThreadTuner(self.threads), True: ThreadTuner(self.threads)}
+                              if threads is None and self.threads > 1 else None)
         self.model = model.eval()
         self.tokenizer = tokenizer
         config = model.config
@@ -673,7 +676,7 @@ class Engine:
                 s.position += 1
                 self._accept(s, sample_token(logits[0], s.params, s.generator))
             return running
-        tuner = self.thread_tuner
+        tuner = self.thread_tuners[len(running) >= PREFILL_ROWS] if self.thread_tuners else None
         if tuner is not None:
             self._use_threads(tuner.threads())
             started = time.perf_counter()

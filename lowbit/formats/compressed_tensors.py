@@ -272,6 +272,10 @@ def load_compressed_tensors(path: str | Path, kernel: str = "auto", **_: Any):
     if status != "compressed":
         raise LowbitError(f"{path}: compressed-tensors status {status!r} holds float weights; load it with "
                           "transformers, or save it compressed")
+    weight_groups = [g.weights for g in (config.config_groups or {}).values() if g.weights is not None]
+    if not weight_groups:
+        raise CorruptFile(f"{path}: its compressed-tensors quantization_config has no weight quantization group; "
+                          "lowbit reads weight-quantized checkpoints (W4A16, W8A16, W8A8)")
     model, tokenizer = load_checkpoint(
         path, "compressed-tensors", "weight_scale",
         lambda name, parts, shape: layer_from_compressed(name, parts, _scheme_for(name, config.config_groups),
@@ -279,7 +283,7 @@ def load_compressed_tensors(path: str | Path, kernel: str = "auto", **_: Any):
         kernel=kernel)
     from lowbit.methods.base import QuantizeConfig
 
-    first = next(iter(config.config_groups.values())).weights
+    first = weight_groups[0]
     model.lowbit_config = QuantizeConfig(method=QUANT_METHOD, bits=first.num_bits,
                                          group_size=first.group_size or -1, symmetric=bool(first.symmetric))
     return model, tokenizer

@@ -131,11 +131,42 @@ def finetune(model: nn.Module | str | Path, data: str | Path, output: str | Path
     return result
 
 
+def base_quantized_on_load(config: FinetuneConfig) -> dict[str, Any] | None:
+    """How finetune quantized a float MODEL before training (qlora's NF4, lora's --base-quantize), or None."""
+    if config.method == "qlora":
+        return QLORA_BASE
+    if config.method == "lora" and config.base_quantize:
+        return {"method": config.base_quantize, "bits": config.bits, "group_size": config.group_size,
+                "symmetric": config.symmetric}
+    return None
+
+
+def prepare_adapter_base(model: nn.Module, adapter: str | Path) -> None:
+    """Give an adapter the base it was trained on: when finetune quantized a float model on load (its record says
+    how) and `model` is that float model, quantize it the same way, so base + adapter computes what was trained
+    and evaluated. A calibrated base (GPTQ, AWQ) cannot be remade without the training text: an error says so."""
+    from lowbit.methods.base import QuantizeConfig, get_method
+
+    record_path = Path(adapter).expanduser() / RECORD
+    if not record_path.is_file():
+        return
+    on_load = json.loads(record_path.read_text()).get("base_quantized_on_load")
+    if not on_load or quantization_of(model) is not None:
+        return
+    if get_method(QuantizeConfig.from_dict(on_load)).needs_calibration:
+        raise LowbitError(f"adapter {adapter} was trained on this model quantized with {on_load['method']} on load, "
+                          "which needs its calibration text: quantize the model with `lowbit quantize` as finetune "
+                          "did and pass that folder")
+    log.info("the adapter was trained on the base quantized on load (%s): quantizing it the same way",
+             on_load["method"])
+    quantize_base(model, on_load)
+
+
 def _write_record(output: Path, config: FinetuneConfig, result: FinetuneResult, model: nn.Module) -> None:
     output.mkdir(parents=True, exist_ok=True)
     record = {"config": config.to_dict(), "result": result.to_dict(),
               "base": getattr(getattr(model, "config", None), "_name_or_path", None),
-              "base_quantized_on_load": QLORA_BASE if config.method == "qlora" else None}
+              "base_quantized_on_load": base_quantized_on_load(config)}
     (output / RECORD).write_text(json.dumps(record, indent=1))
 
 
@@ -182,13 +213,7 @@ def merge(base: nn.Module | str | Path, adapter: str | Path, output: str | Path 
 
     model, tokenizer = load_base(base, tokenizer)
     loaded = read_adapter(adapter)
-    record_path = Path(adapter).expanduser() / RECORD
-    if record_path.is_file():
-        on_load = json.loads(record_path.read_text()).get("base_quantized_on_load")
-        if on_load and quantization_of(model) is None:
-            log.info("the adapter was trained on the base quantized on load (%s): quantizing it the same way",
-                     on_load["method"])
-            quantize_base(model, on_load)
+    prepare_adapter_base(model, adapter)
     apply_adapter(model, loaded)
     if method is not None:
         config = config_from_kwargs(method=method, **quantize_options)
