@@ -283,3 +283,16 @@ def test_adapter_base_quantized_on_load_is_remade_for_generate_and_merge(stories
         else:
             prepare_adapter_base(model, folder)
             assert quantization_of(model)["method"] == method
+
+
+def test_finetune_options_are_typed_and_bounded_and_qlora_keeps_an_explicit_optimizer():
+    from lowbit.errors import LowbitError
+    from lowbit.training.config import FinetuneConfig
+
+    assert FinetuneConfig(method="qlora").optimizer == "adamw8bit"
+    assert FinetuneConfig(method="qlora", optimizer="adamw").optimizer == "adamw"
+    assert FinetuneConfig(method="lora").optimizer == "adamw"
+    for bad in ({"steps": "ten"}, {"steps": 2.5}, {"rank": True}, {"lr": "fast"}, {"dropout": 1.0},
+                {"alpha": 0}, {"warmup": -1}, {"checkpoint_every": -5}, {"weight_decay": -0.1}, {"symmetric": 1}):
+        with pytest.raises(LowbitError):
+            FinetuneConfig(**bad)

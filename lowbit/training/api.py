@@ -108,8 +108,6 @@ def finetune(model: nn.Module | str | Path, data: str | Path, output: str | Path
             raise LowbitError("qlora quantizes a float model to NF4 itself; pass the float model (or use --method "
                               "lora on a quantized base)")
         quantize_base(model, QLORA_BASE)
-        if config.optimizer == "adamw":
-            config.optimizer = "adamw8bit"
     elif config.base_quantize:
         quantize_base(model, {"method": config.base_quantize, "bits": config.bits, "group_size": config.group_size,
                               "symmetric": config.symmetric},

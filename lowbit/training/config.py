@@ -31,7 +31,8 @@ class FinetuneConfig:
     seed: int = 0
     held_out: float = 0.1          # fraction of the text (its end) never trained on, for held-out perplexity
     eval_tokens: int = 16384       # held-out tokens the perplexity is measured on (the first ones)
-    optimizer: str = "adamw"       # adamw8bit: bitsandbytes' 8-bit AdamW states (the QLoRA recipe)
+    optimizer: str | None = None   # adamw | adamw8bit (bitsandbytes' 8-bit states); None: adamw8bit for qlora
+                                   # (the QLoRA recipe), adamw otherwise
     weight_decay: float = 0.0
     warmup: int = 10               # linear warm-up steps, then cosine decay to 10% of lr
     checkpoint_every: int = 50     # steps between checkpoints (0: only at the end)
@@ -45,10 +46,19 @@ class FinetuneConfig:
     extra: dict[str, Any] = field(default_factory=dict)   # not options: reserved for callers' notes
 
     def __post_init__(self) -> None:
+        self._check_types()
         if self.method not in METHODS:
             raise LowbitError(f"unknown finetune method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.optimizer is None:
+            self.optimizer = "adamw8bit" if self.method == "qlora" else "adamw"
         if self.optimizer not in OPTIMIZERS:
             raise LowbitError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+        for name, low, high in (("dropout", 0.0, 1.0), ("alpha", 0.0, None), ("warmup", 0, None),
+                                ("checkpoint_every", 0, None), ("weight_decay", 0.0, None)):
+            value = getattr(self, name)
+            if value < low or (high is not None and value >= high) or (name == "alpha" and value == 0):
+                bound = f"in [{low}, {high})" if high is not None else (f"> {low}" if name == "alpha" else f">= {low}")
+                raise LowbitError(f"--{name.replace('_', '-')} must be {bound} (got {value})")
         for name in ("steps", "rank", "seq_len", "batch", "grad_accum", "qat_epochs", "eval_tokens"):
             if int(getattr(self, name)) < 1:
                 raise LowbitError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(self, name)})")
@@ -61,6 +71,25 @@ class FinetuneConfig:
         self.target_modules = tuple(self.target_modules)
         if not self.target_modules:
             raise LowbitError("--target-modules is empty; name the Linears to adapt (e.g. q_proj,v_proj)")
+
+    def _check_types(self) -> None:
+        """Each option has its default's type (int options take ints, float ones ints or floats; None where the
+        default is None): a string or a truncated float is an error, not a traceback or a silent cast."""
+        nullable = {"lr": float, "base_quantize": str, "optimizer": str}
+        for f in fields(self):
+            if f.name in ("target_modules", "extra"):
+                continue
+            value, expected = getattr(self, f.name), nullable.get(f.name, type(f.default))
+            if value is None and f.name in nullable:
+                continue
+            if expected is float:
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            elif expected is int:
+                ok = isinstance(value, int) and not isinstance(value, bool)
+            else:
+                ok = isinstance(value, expected)
+            if not ok:
+                raise LowbitError(f"finetune option {f.name} must be {expected.__name__}, got {value!r}")
 
     @property
     def learning_rate(self) -> float:
