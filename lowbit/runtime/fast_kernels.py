@@ -140,29 +140,14 @@ class AffineU8Kernel(Kernel):
         return y.reshape(*shape[:-1], -1).to(x.dtype)
 
 
-class GGMLBlockKernel(Kernel):
-    """GGUF blocks (Q4_0 ... Q6_K) read as the file stores them (csrc/ggml_blocks.h): float32 activations for
-    decode rows, blocks dequantized in C slice by slice for prompt rows. No copy of the weight is made."""
+class GGMLBlockKernel(AffineU8Kernel):
+    """GGUF blocks (Q4_0 ... Q6_K) read as the file stores them (csrc/ggml_blocks.h): the u8 kernel's decode and
+    prompt paths, whose C description of such a weight points at its blocks (clib.reads_blocks). No copy is made."""
 
     name = "ggml"
 
-    def computes_in_float32(self, state: dict[str, Any]) -> bool:
-        return True
-
     def supports(self, qw: QuantizedWeight) -> bool:
         return reads_blocks(qw)
-
-    def prepare(self, qw: QuantizedWeight) -> dict[str, Any]:
-        return {"qw": qw}
-
-    def matmul(self, x: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
-        if x2.shape[0] >= PREFILL_ROWS:
-            y = prefill_matmul(x2, state["qw"])
-        else:
-            y = linear(affine_spec(state["qw"])[0], x2)
-        return y.reshape(*shape[:-1], -1).to(x.dtype)
 
 
 # First: GGUF blocks are read in place (int4pack and u8 would each keep a repacked copy).
