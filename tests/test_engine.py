@@ -10,6 +10,7 @@ from lowbit.runtime.surgery import dequantized_copy
 from lowbit.engine.generate import SamplingParams
 from lowbit.engine.runner import Engine, fuse_linears
 from lowbit.errors import LowbitError
+from lowbit.runtime import clib
 from lowbit.runtime.qlinear import QuantLinear
 
 from conftest import STORIES
@@ -271,10 +272,28 @@ def test_gguf_kept_quantized_runs_on_the_engine(stories, tmp_path):
     torch_only = Engine(quantized, tokenizer, context=128, prefill_attention_dtype=torch.float32, native=False)
     assert isinstance(torch_only.decoder.layers[0].qkv, QuantLinear)        # GGML weights of one type fuse
     assert engine_greedy(torch_only, prompt, 32) == reference
-    engine = Engine(quantized, tokenizer, context=128, prefill_attention_dtype=torch.float32)
+    engine = Engine(quantized, tokenizer, context=128, prefill_attention_dtype=torch.float32, activations="float32")
     if engine.decoder.native is not None:   # no fused copies of the codes next to the model's own
         assert engine.decoder.layers[0].qkv_parts[0] is quantized.model.layers[0].self_attn.q_proj
     assert engine_greedy(engine, prompt, 32) == reference
+    if engine.decoder.native is not None:
+        assert engine.arithmetic == "float32 activations (float32)"
+        # by default GGUF blocks get llama.cpp's arithmetic (int8 activations), float weights float32
+        blocks = sum(type(m) is QuantLinear and m.qweight.scheme.kind == "ggml" for m in quantized.modules())
+        assert Engine(quantized, tokenizer, context=32).arithmetic.startswith(f"int8 activations in {blocks} of ")
+
+
+@needs_stories
+def test_activations_choice(stories_rtn4):
+    """auto keeps lowbit's own layouts in float32; int8 is asked for by name; anything else is one clear error."""
+    tokenizer = None
+    auto = Engine(stories_rtn4, tokenizer, context=32)
+    if auto.decoder.native is not None:
+        assert auto.arithmetic == "float32 activations (auto)"
+        if clib.has_act8():
+            assert Engine(stories_rtn4, tokenizer, context=32, activations="int8").arithmetic.startswith("int8")
+    with pytest.raises(LowbitError, match="unknown activations 'int4'; choose one of: float32, int8, auto"):
+        Engine(stories_rtn4, tokenizer, context=32, activations="int4")
 
 
 def test_a_model_that_ran_in_the_engine_still_copies_and_saves(stories_rtn4, tmp_path):
@@ -294,5 +313,5 @@ def test_a_model_that_ran_in_the_engine_still_copies_and_saves(stories_rtn4, tmp
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, model(ids).logits)
     assert engine_for(model, context=64) is first
-    model.lowbit_engine_options = {"int8_activations": True}
+    model.lowbit_engine_options = {"activations": "int8"}
     assert engine_for(model, context=64) is not first

@@ -36,7 +36,7 @@ typedef struct {
     float norm_eps, q_norm_eps, k_norm_eps, attn_scale;
     float attn_softcap, final_softcap;   /* cap * tanh(s / cap) of attention scores / final logits; 0: none */
     int64_t activation;                  /* LB_ACT_*: act(gate) * up */
-    int64_t act8;                        /* int8 activations in the matmuls where the layout allows */
+    int64_t activations;                 /* LB_ACTS_*: the matmuls' activation arithmetic (affine_dot.h) */
     const lb_layer *layers;
     const float *final_norm;
     lb_linear lm_head;
@@ -45,13 +45,13 @@ typedef struct {
 
 /* The concatenated outputs of several weights reading the same x, into y's columns in order; one barrier. */
 static void matmul_parts(const lb_linear *parts, int64_t count, const float *x, int64_t M, float *y, int64_t ldy,
-                         float *xsum, int act8) {
+                         float *xsum, int activations) {
     int64_t last = 0, column = 0;
     for (int64_t i = 0; i < count; i++)
         if (parts[i].n) last = i;
     for (int64_t i = 0; i <= last; i++)
         if (parts[i].n) {
-            lb_matmul(&parts[i], x, M, y + column, ldy, 0, xsum, act8, i == last);
+            lb_matmul(&parts[i], x, M, y + column, ldy, 0, xsum, activations, i == last);
             column += parts[i].n;
         }
 }
@@ -134,11 +134,11 @@ void lowbit_decode_step(const lb_model *m, float *x, int64_t B, const int64_t *s
          * a shared copy would need before the next matmul: 2 of a layer's 9 barriers. */
         float *xsum = per_thread + (int64_t)omp_get_thread_num() * (scratch_floats + B * H);
         float *h = xsum + scratch_floats;
-        const int act8 = (int)m->act8;
+        const int activations = (int)m->activations;
         for (int64_t l = 0; l < m->n_layers; l++) {
             const lb_layer *layer = &m->layers[l];
             for (int64_t b = 0; b < B; b++) rms_norm(x + b * H, layer->input_norm, H, m->norm_eps, h + b * H);
-            matmul_parts(layer->qkv, 3, h, B, qkv, QKV, xsum, act8);
+            matmul_parts(layer->qkv, 3, h, B, qkv, QKV, xsum, activations);
 
             /* per-head norms (Qwen3, Gemma 3), rotary embedding, and this token's keys and values into the cache */
             #pragma omp for schedule(static) collapse(2)
@@ -191,28 +191,28 @@ void lowbit_decode_step(const lb_model *m, float *x, int64_t B, const int64_t *s
                 }
 
             if (layer->attn_out_norm) {                                   /* x += norm(attention output) */
-                lb_matmul(&layer->o, attn, B, out, H, 0, xsum, act8, 1);
+                lb_matmul(&layer->o, attn, B, out, H, 0, xsum, activations, 1);
                 add_normed(x, out, layer->attn_out_norm, B, H, m->norm_eps, h);
             } else {
-                lb_matmul(&layer->o, attn, B, x, H, 1, xsum, act8, 1);  /* x += attention output */
+                lb_matmul(&layer->o, attn, B, x, H, 1, xsum, activations, 1);  /* x += attention output */
             }
             for (int64_t b = 0; b < B; b++) rms_norm(x + b * H, layer->mlp_norm, H, m->norm_eps, h + b * H);
-            matmul_parts(layer->gate_up, 2, h, B, gu, 2 * I, xsum, act8);
+            matmul_parts(layer->gate_up, 2, h, B, gu, 2 * I, xsum, activations);
             #pragma omp for schedule(static)
             for (int64_t i = 0; i < B * I; i++) {
                 const int64_t b = i / I, j = i - b * I;
                 act[i] = activation(gu[b * 2 * I + j], m->activation) * gu[b * 2 * I + I + j];
             }
             if (layer->mlp_out_norm) {                                    /* x += norm(MLP output) */
-                lb_matmul(&layer->down, act, B, out, H, 0, xsum, act8, 1);
+                lb_matmul(&layer->down, act, B, out, H, 0, xsum, activations, 1);
                 add_normed(x, out, layer->mlp_out_norm, B, H, m->norm_eps, h);
             } else {
-                lb_matmul(&layer->down, act, B, x, H, 1, xsum, act8, 1);  /* x += MLP output */
+                lb_matmul(&layer->down, act, B, x, H, 1, xsum, activations, 1);  /* x += MLP output */
             }
         }
         const int64_t first = last_only ? B - 1 : 0;
         for (int64_t b = first; b < B; b++) rms_norm(x + b * H, m->final_norm, H, m->norm_eps, h + b * H);
-        lb_matmul(&m->lm_head, h + first * H, B - first, logits, m->lm_head.n, 0, xsum, act8, 1);
+        lb_matmul(&m->lm_head, h + first * H, B - first, logits, m->lm_head.n, 0, xsum, activations, 1);
         if (m->final_softcap > 0.0f) {
             const int64_t count = (B - first) * m->lm_head.n;
             #pragma omp for schedule(static)
