@@ -154,7 +154,9 @@ def test_bench_says_which_decode_path_ran(model_type, path, tmp_path, capsys):
     model = family_model(model_type) if model_type in FAMILIES else tiny_model(model_type)[0]
     saved = save(model, tmp_path / model_type, tokenizer=None)
     assert main(["-q", "bench", str(saved), "-p", "2", "-n", "2", "-r", "1"]) == 0
-    assert f"decode: {path}\n" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"decode: {path}\n" in out
+    assert "arithmetic: float32 activations" in out     # lowbit's own layouts: float32 unless asked otherwise
 
 
 @pytest.mark.parametrize("model_type,reason", [("gpt_neox", "layer norms"), ("mixtral", "mixture-of-experts MLP"),

@@ -144,7 +144,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
     engine = Engine(model, max_batch=1, context=max(args.n_prompt, args.n_gen) + 8, threads=args.threads,
                     activations=args.activations)
     decode_path, arithmetic = engine.decode_path, engine.arithmetic
-    print(f"decode: {decode_path}, {arithmetic}")
+    print(f"decode: {decode_path}")
+    print(f"arithmetic: {arithmetic}")
     results = [bench_engine(engine, args.n_prompt, args.n_gen, args.reps, name=f"lowbit ({Path(args.model).name})")]
     del engine
     if args.vs_transformers:

@@ -685,6 +685,11 @@ static inline int lb_uses_act8(const lb_linear *L, int activations) {
            && L->k % 32 == 0;
 }
 
+/* Output rows of L that one iteration of lb_matmul's shared loop computes: its `omp for schedule(static)` runs over
+ * ceil(n / rows) iterations, so a later loop with the same count and schedule gives every thread the rows it
+ * computed itself (OpenMP assigns static iterations alike in both), and it may read them without a barrier. */
+static inline int64_t lb_matmul_rows_per_item(const lb_linear *L) { return lb_is_ggml(L->kind) ? 1 : 4; }
+
 /* y[M, :n] (= or +=) x[M, K] W^T + bias, y's rows `ldy` floats apart, with `scratch` of lb_scratch_floats
  * floats for this thread; `activations` (LB_ACTS_*): int8 activations where it and the layout allow (see above).
  * Call it from every thread of an OpenMP team: blocks of four output rows are shared out (orphaned `omp for`).
