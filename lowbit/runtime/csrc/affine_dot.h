@@ -84,6 +84,16 @@ static inline float lb_stat(const void *values, int64_t index, int64_t stats) {
 
 static inline int64_t lb_min(int64_t a, int64_t b) { return a < b ? a : b; }
 
+#if defined(__AVX2__)
+/* The sum of 8 floats (one helper for every AVX2 kernel here and in ggml_blocks.h). */
+static inline float lb_hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+#endif
+
 #include "ggml_blocks.h"   /* GGUF block kinds (LB_Q4_0 ... LB_Q6_K): lb_matmul hands them to lb_ggml_matmul */
 
 
@@ -108,9 +118,7 @@ static inline float lb_stat_dot(const void *values, int64_t stats, const float *
                                              : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)values + g)));
         acc = _mm256_fmadd_ps(v, _mm256_loadu_ps(xsum + g), acc);
     }
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    float total = _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+    float total = lb_hsum256(acc);
     for (; g < G; g++) total += lb_stat(values, g, stats) * xsum[g];
     return total;
 #else
@@ -255,13 +263,6 @@ LB_INLINE void tile_f32(LB_TILE_ARGS) {
  * two partial sums per (weight row, activation row) (one for each 8-column half of a 16-column step, so 8
  * independent FMA chains are in flight at the usual 4-row tile), scaled by the group's a at the group's end.
  * Columns past the last multiple of 8 in a group (ragged widths such as 172) are summed in scalar code. */
-static inline float lb_hsum256(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
 #define LB_ZERO(v) for (int64_t i = 0; i < NR; i++) for (int64_t r = 0; r < R; r++) v[i][r] = _mm256_setzero_ps()
 
 /* The low 8 bytes of `bytes` (codes < 16 with a table) as 8 floats: the integers, or table[code] (two 8-entry

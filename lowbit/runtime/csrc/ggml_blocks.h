@@ -295,13 +295,6 @@ static inline float lb_ggml_dot_unpacked(const lb_unpacked *u, int64_t block, co
 #define LB_GGML_INLINE static inline __attribute__((always_inline))
 
 #if defined(__AVX2__) && defined(__FMA__)
-static inline float lb_ggml_hsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
 static inline int32_t lb_ggml_hsum_i32(__m256i v) {
     __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
     s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
@@ -372,14 +365,32 @@ LB_GGML_INLINE void lb_ggml_row32_act8(int64_t kind, const uint8_t *row, int64_t
             extra[r] += corr * act[r].sx[i];
         }
     }
-    for (int64_t r = 0; r < R; r++) out[r] = lb_ggml_hsum(acc[r]) + extra[r];
+    for (int64_t r = 0; r < R; r++) out[r] = lb_hsum256(acc[r]) + extra[r];
+}
+
+/* A Q4_K / Q5_K block's 8 six-bit scales and minimums (12 packed bytes at b + 4, see lb_k4_scale_min) as the low
+ * 8 bytes of two vectors: bytes 0-3 keep scales 0-3 and, in bits 6-7, the high bits of scales 4-7; bytes 4-7 the
+ * same for the minimums; bytes 8-11 the low nibbles of scales 4-7 and, high nibbles, of minimums 4-7. */
+static inline void lb_k4_scales_mins(const uint8_t *b, __m128i *scales, __m128i *mins) {
+    uint32_t w[3];
+    memcpy(w, b + 4, 12);
+    const uint32_t scales_hi = (w[2] & 0x0F0F0F0Fu) | ((w[0] >> 6) & 0x03030303u) << 4;
+    const uint32_t mins_hi = ((w[2] >> 4) & 0x0F0F0F0Fu) | ((w[1] >> 6) & 0x03030303u) << 4;
+    *scales = _mm_setr_epi32((int)(w[0] & 0x3F3F3F3Fu), (int)scales_hi, 0, 0);
+    *mins = _mm_setr_epi32((int)(w[1] & 0x3F3F3F3Fu), (int)mins_hi, 0, 0);
 }
 
 /* A K-quant block's codes into q[256] with vector code (Q4_K, Q5_K, Q6_K), else the portable unpack. */
 static inline void lb_ggml_unpack_k(int64_t kind, const uint8_t *b, lb_unpacked *u) {
     const __m256i low = _mm256_set1_epi8(0x0F);
     if (kind == LB_Q4_K || kind == LB_Q5_K) {
-        lb_ggml_header(kind, b, u);
+        __m128i scales8, mins8;            /* the header: each sub-scale and minimum twice (per 16 columns) */
+        lb_k4_scales_mins(b, &scales8, &mins8);
+        _mm256_storeu_si256((__m256i *)u->scale, _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(scales8, scales8)));
+        _mm256_storeu_si256((__m256i *)u->min, _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(mins8, mins8)));
+        u->d = lb_ggml_half(b);
+        u->dmin = lb_ggml_half(b + 2);
+        u->offset = 0;
         const uint8_t *qs = b + (kind == LB_Q4_K ? 16 : 48);
         const __m256i qh = _mm256_loadu_si256((const __m256i *)(b + 16)), one = _mm256_set1_epi8(1);
         for (int j = 0; j < 4; j++) {
@@ -395,7 +406,11 @@ static inline void lb_ggml_unpack_k(int64_t kind, const uint8_t *b, lb_unpacked 
             _mm256_storeu_si256((__m256i *)(u->q + 64 * j + 32), hi);
         }
     } else if (kind == LB_Q6_K) {
-        lb_ggml_header(kind, b, u);
+        _mm256_storeu_si256((__m256i *)u->scale, _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(b + 192))));
+        _mm256_storeu_si256((__m256i *)u->min, _mm256_setzero_si256());
+        u->d = lb_ggml_half(b + 208);
+        u->dmin = 0.0f;
+        u->offset = 32;
         const __m256i three = _mm256_set1_epi8(3);
         for (int half = 0; half < 2; half++) {
             const __m256i ql0 = _mm256_loadu_si256((const __m256i *)(b + half * 64));
@@ -479,14 +494,9 @@ LB_GGML_INLINE void lb_k4_row_act8(int64_t kind, const uint8_t *row, int64_t K, 
     for (int64_t i = 0; i < nb; i++) {
         const uint8_t *b = row + i * bytes, *qs = b + (five ? 48 : 16);
         const float d = lb_ggml_half(b), dmin = lb_ggml_half(b + 2);
-        uint32_t w[3];
-        memcpy(w, b + 4, 12);
-        const uint32_t scales_lo = w[0] & 0x3F3F3F3Fu, mins_lo = w[1] & 0x3F3F3F3Fu;
-        const uint32_t scales_hi = (w[2] & 0x0F0F0F0Fu) | ((w[0] >> 6) & 0x03030303u) << 4;
-        const uint32_t mins_hi = ((w[2] >> 4) & 0x0F0F0F0Fu) | ((w[1] >> 6) & 0x03030303u) << 4;
-        const __m256i scales = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(_mm_setr_epi32((int)scales_lo,
-                                                                                          (int)scales_hi, 0, 0)));
-        const __m128i mins8 = _mm_setr_epi32((int)mins_lo, (int)mins_hi, 0, 0);
+        __m128i scales8, mins8;
+        lb_k4_scales_mins(b, &scales8, &mins8);
+        const __m256i scales = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(scales8));
         const __m256i mins = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(mins8, mins8));   /* per 16 columns */
         const __m256i qh = five ? _mm256_loadu_si256((const __m256i *)(b + 16)) : _mm256_setzero_si256();
         __m256i q[8];
@@ -514,7 +524,7 @@ LB_GGML_INLINE void lb_k4_row_act8(int64_t kind, const uint8_t *row, int64_t K, 
                                           mins_acc[r]);
         }
     }
-    for (int64_t r = 0; r < R; r++) out[r] = lb_ggml_hsum(_mm256_sub_ps(acc[r], mins_acc[r]));
+    for (int64_t r = 0; r < R; r++) out[r] = lb_hsum256(_mm256_sub_ps(acc[r], mins_acc[r]));
 }
 
 /* Q6_K, one weight row against R activation rows. A block is 128 bytes of low nibbles, 64 of high 2-bit pairs,
@@ -558,13 +568,13 @@ LB_GGML_INLINE void lb_q6k_row_act8(const uint8_t *row, int64_t K, const lb_act8
             acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * act[r].dx[i]), _mm256_cvtepi32_ps(sum), acc[r]);
         }
     }
-    for (int64_t r = 0; r < R; r++) out[r] = lb_ggml_hsum(acc[r]);
+    for (int64_t r = 0; r < R; r++) out[r] = lb_hsum256(acc[r]);
 }
 
 /* Float32 activations, one weight row against R rows of x (K apart), xsum16 [R, K / 16] their 16-column sums:
  * per 16 columns (d * scale) * dot(q - offset, x) (the offset taken off in integers, so codes stored with one,
  * as Q8_0's + 128, cancel nothing in floats), less (dmin * min) * xsum16. */
-static inline void lb_ggml_row_f32_avx2(int64_t kind, const uint8_t *row, int64_t K, const float *x, int64_t R,
+LB_GGML_INLINE void lb_ggml_row_f32_avx2(int64_t kind, const uint8_t *row, int64_t K, const float *x, int64_t R,
                                         const float *xsum16, float *out) {
     const int64_t block = lb_ggml_block(kind), bytes = lb_ggml_bytes(kind), subs = block / 16;
     lb_unpacked u __attribute__((aligned(32)));
@@ -596,7 +606,20 @@ static inline void lb_ggml_row_f32_avx2(int64_t kind, const uint8_t *row, int64_
             }
         }
     }
-    for (int64_t r = 0; r < R; r++) out[r] = lb_ggml_hsum(acc[r]) + extra[r];
+    for (int64_t r = 0; r < R; r++) out[r] = lb_hsum256(acc[r]) + extra[r];
+}
+
+/* lb_ggml_row_f32_avx2 with a constant kind, and R = 1 (decoding) apart. */
+static inline void lb_ggml_row_f32_dispatch(int64_t kind, const uint8_t *row, int64_t K, const float *x, int64_t R,
+                                            const float *xsum16, float *out) {
+#define LB_KIND(k) case k: if (R == 1) lb_ggml_row_f32_avx2(k, row, K, x, 1, xsum16, out); \
+                           else lb_ggml_row_f32_avx2(k, row, K, x, R, xsum16, out); break
+    switch (kind) {
+    LB_KIND(LB_Q4_0); LB_KIND(LB_Q4_1); LB_KIND(LB_Q5_0); LB_KIND(LB_Q5_1); LB_KIND(LB_Q8_0);
+    LB_KIND(LB_Q4_K); LB_KIND(LB_Q5_K); LB_KIND(LB_Q6_K);
+    default: lb_ggml_row_f32_avx2(kind, row, K, x, R, xsum16, out);
+    }
+#undef LB_KIND
 }
 #endif
 
@@ -680,7 +703,7 @@ static inline void lb_ggml_matmul(const lb_linear *L, const float *x, int64_t M,
                 lb_ggml_row_act8(L->kind, row, K, act, R, out);
             } else {
 #if defined(__AVX2__) && defined(__FMA__)
-                lb_ggml_row_f32_avx2(L->kind, row, K, x + m0 * K, R, xsum16 + m0 * (K / 16), out);
+                lb_ggml_row_f32_dispatch(L->kind, row, K, x + m0 * K, R, xsum16 + m0 * (K / 16), out);
 #else
                 lb_ggml_row_f32(L->kind, row, K, x + m0 * K, R, out);
 #endif
