@@ -9,7 +9,7 @@ its tg tokens/s through each path lowbit can run it on, side by side in one run:
 
 Speed depends on shapes only, not on trained values, so random weights measure what a real model would.
 
-    python bench/bench_families.py [--threads 2] [--tg 16] [--reps 5] [--layers 4] [--only gemma2,phi3]
+    python bench/bench_families.py [--threads 2] [--tg 16] [--reps 5] [--layers 4] [--only gemma2,phi3] [--out F]
 
 The paths run in rounds (one generation each per round, median over rounds), so that load from other processes
 on a shared machine hits them alike.
@@ -48,6 +48,20 @@ FAMILIES = {
                "Gemma-3-1B"),
     "phi3": ("phi3", dict(hidden_size=3072, intermediate_size=8192, num_attention_heads=32, num_key_value_heads=32),
              "Phi-3-mini"),
+    # Mixtures of experts: a token's cost is its top-k experts (and the router), not the number of experts, so
+    # these keep each real model's expert shape and top-k with fewer experts (memory and build minutes).
+    "mixtral": ("mixtral", dict(hidden_size=2048, intermediate_size=7168, num_attention_heads=16,
+                                num_key_value_heads=4, head_dim=128, num_local_experts=4, num_experts_per_tok=2),
+                "Mixtral-8x7B at half width, top-2 of 4 experts"),
+    "qwen2_moe": ("qwen2_moe", dict(hidden_size=2048, intermediate_size=1408, moe_intermediate_size=1408,
+                                    shared_expert_intermediate_size=5632, num_attention_heads=16,
+                                    num_key_value_heads=16, num_experts=8, num_experts_per_tok=4,
+                                    norm_topk_prob=False),
+                  "Qwen1.5-MoE-A2.7B, top-4 of 8 (of its 60) experts + shared"),
+    "qwen3_moe": ("qwen3_moe", dict(hidden_size=2048, intermediate_size=768, moe_intermediate_size=768,
+                                    num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=16,
+                                    num_experts_per_tok=8, norm_topk_prob=True),
+                  "Qwen3-30B-A3B, top-8 of 16 (of its 128) experts"),
 }
 
 
@@ -106,6 +120,7 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--only", default="", help="comma-separated families (default: all)")
     parser.add_argument("--no-real", action="store_true", help="skip the real GGUF files (bench/real_models.py)")
+    parser.add_argument("--out", default="", help="results file name in bench/results (default families.json)")
     args = parser.parse_args()
     wanted = [f for f in args.only.split(",") if f] or list(FAMILIES)
     unknown = sorted(set(wanted) - set(FAMILIES))
@@ -150,6 +165,9 @@ def main() -> None:
         rows.append({"family": family, "shape_of": real, "layers": layers, "vocab": vocab, "real_file": is_real,
                      **{k: shape[k] for k in ("hidden_size", "intermediate_size", "num_attention_heads",
                                               "num_key_value_heads")},
+                     **{k: shape[k] for k in ("num_local_experts", "num_experts", "num_experts_per_tok",
+                                              "moe_intermediate_size", "shared_expert_intermediate_size")
+                        if k in shape},
                      "tg_tok_s": rates, "paths": paths,
                      "compiled_vs_torch": rates["compiled step"] / rates["torch decoder"],
                      "compiled_vs_transformers": rates["compiled step"] / rates["transformers forward"],
@@ -166,8 +184,9 @@ def main() -> None:
         print(f"| {r['family']} | {r['shape_of']} | {r['layers']} | {t['compiled step']:.1f} | {t['torch decoder']:.1f} | "
               f"{t['transformers forward']:.1f} | {r['compiled_vs_torch']:.2f}x | "
               f"{r['compiled_vs_transformers']:.2f}x |")
-    out = ROOT / "bench" / "results" / "families.json"
-    out.write_text(json.dumps({"threads": threads, "tg": args.tg, "reps": args.reps, "rows": rows}, indent=1))
+    out = ROOT / "bench" / "results" / (args.out or "families.json")
+    out.write_text(json.dumps({"threads": threads, "tg": args.tg, "reps": args.reps, "layers": args.layers,
+                               "rows": rows}, indent=1))
     print(f"\nwrote {out}")
 
 

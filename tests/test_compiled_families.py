@@ -279,3 +279,38 @@ def test_moe_models_the_step_cannot_read_fall_back_with_their_reason():
     mixed = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     assert decoder_blocker(mixed) == "dense MLP layers [1] among the expert layers"
     assert Engine(mixed, context=32).decode_path == "transformers forward (dense MLP layers [1] among the expert layers)"
+
+
+@pytest.mark.parametrize("model_type", list(MOE_FAMILIES))
+def test_moe_gguf_file_kept_quantized_runs_compiled(model_type, tmp_path):
+    """A GGUF file with llama.cpp's stacked expert tensors (ffn_*_exps) loads kept quantized, each expert a view of
+    its rows of the stack (the blocks it was written from, bit for bit), and decodes through the compiled step:
+    its logits equal the torch decoder's within the bound above, and its 32 greedy tokens are transformers'
+    choices on the file's dequantized weights."""
+    from lowbit.formats.gguf import export_gguf
+    from lowbit.models.gguf_import import load_gguf_as_hf
+    from lowbit.models.loading import load_model
+    from lowbit.runtime.qlinear import QuantLinear
+
+    from test_architectures import _tokenizer
+
+    model = family_model(model_type, "gguf")
+    model.config.sliding_window = None     # llama.cpp's "llama" (Mixtral) stores no window
+    path = export_gguf(model, _tokenizer(tmp_path), tmp_path / "moe.gguf", type="Q4_K_M", progress=False)
+    loaded, _ = load_model(path, keep_quantized=True)
+    written = dict(model.named_modules())
+    experts = [(n, m) for n, m in loaded.named_modules() if isinstance(m, QuantLinear) and ".experts." in n]
+    assert experts and all(torch.equal(m.qweight.extra["blocks"], written[n].qweight.extra["blocks"])
+                           for n, m in experts)
+    set_kernel(loaded, "reference")
+    tokens_t, logits_t = decode_run(loaded, native=False)
+    _, logits_c = decode_run(loaded, native=True, forced=tokens_t)
+    assert (logits_c - logits_t).abs().max() <= 1e-4 * logits_t.abs().max()
+    engine = Engine(loaded, context=64, prefill_attention_dtype=torch.float32)
+    assert engine.decode_path == "compiled step"
+    ours = list(engine.generate(PROMPTS[0], SamplingParams(max_new_tokens=STEPS, temperature=0.0),
+                                stop_on_eos=False))
+    reference, _ = load_gguf_as_hf(path)
+    with torch.no_grad():
+        logits = reference(torch.tensor([PROMPTS[0] + ours])).logits[0]
+    assert ours == logits[len(PROMPTS[0]) - 1:-1].argmax(-1).tolist()
