@@ -278,7 +278,8 @@ def test_moe_models_the_step_cannot_read_fall_back_with_their_reason():
     config = AutoConfig.for_model("qwen2_moe", **COMMON, **MOE_FAMILIES["qwen2_moe"], mlp_only_layers=[1])
     mixed = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     assert decoder_blocker(mixed) == "dense MLP layers [1] among the expert layers"
-    assert Engine(mixed, context=32).decode_path == "transformers forward (dense MLP layers [1] among the expert layers)"
+    path = Engine(mixed, context=32).decode_path
+    assert path == "transformers forward (dense MLP layers [1] among the expert layers)"
 
 
 @pytest.mark.parametrize("model_type", list(MOE_FAMILIES))

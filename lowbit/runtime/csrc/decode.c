@@ -140,7 +140,8 @@ static int64_t moe_work(const lb_moe *moe, int64_t B, int64_t H, float *base, lb
     const int64_t E = moe->n_experts + moe->shared, R = moe_routed(moe, B), I = moe_widest(moe);
     int64_t at = 0;
     /* int64 tables (2 floats each) at even offsets: aligned as int64 */
-#define LB_CARVE(field, type, floats) do { if (base) w->field = (type *)(base + at); at += ((floats) + 1) / 2 * 2; } while (0)
+#define LB_CARVE(field, type, floats) \
+    do { if (base) w->field = (type *)(base + at); at += ((floats) + 1) / 2 * 2; } while (0)
     LB_CARVE(logits, float, B * E);
     LB_CARVE(first, int64_t, 2 * (E + 1));
     LB_CARVE(row_of, int64_t, 2 * R);
