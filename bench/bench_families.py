@@ -1,15 +1,17 @@
 """Decode speed of the compiled step beyond Llama: one row per family, a random-weight model of a real model's
-layer shape (fewer layers and a smaller vocabulary, so that all fit in memory and minutes), RTN 4-bit g32, and
-its tg tokens/s through each path lowbit can run it on, side by side in one run:
+layer shape (fewer layers and a smaller vocabulary, so that all fit in memory and minutes; mixtures of experts
+with fewer experts, each of the real shape, and the real top-k), RTN 4-bit g32 (or --layout gguf: llama.cpp's
+Q4_K_M mix), and its tg tokens/s through each path lowbit can run it on, side by side in one run:
 
 - compiled step: the engine's default (runtime/csrc/decode.c, one C call per token);
 - torch decoder: lowbit's own decoder loop in torch ops over lowbit's quantized kernels (--no-native);
 - transformers forward: transformers' model with lowbit's quantized Linears and its own cache (what every family
-  outside Llama/Mistral/Qwen2/Qwen3 ran before).
+  outside Llama/Mistral/Qwen2/Qwen3 ran before, and the mixtures of experts until the step computed them).
 
 Speed depends on shapes only, not on trained values, so random weights measure what a real model would.
 
     python bench/bench_families.py [--threads 2] [--tg 16] [--reps 5] [--layers 4] [--only gemma2,phi3]
+                                   [--layout rtn|gguf] [--out families.json]
 
 The paths run in rounds (one generation each per round, median over rounds), so that load from other processes
 on a shared machine hits them alike.
@@ -48,6 +50,20 @@ FAMILIES = {
                "Gemma-3-1B"),
     "phi3": ("phi3", dict(hidden_size=3072, intermediate_size=8192, num_attention_heads=32, num_key_value_heads=32),
              "Phi-3-mini"),
+    # Mixtures of experts: a token's cost is its top-k experts (and the router), not the number of experts, so
+    # these keep each real model's expert shape and top-k with fewer experts (memory and build minutes).
+    "mixtral": ("mixtral", dict(hidden_size=2048, intermediate_size=7168, num_attention_heads=16,
+                                num_key_value_heads=4, head_dim=128, num_local_experts=4, num_experts_per_tok=2),
+                "Mixtral-8x7B at half width, top-2 of 4 experts"),
+    "qwen2_moe": ("qwen2_moe", dict(hidden_size=2048, intermediate_size=1408, moe_intermediate_size=1408,
+                                    shared_expert_intermediate_size=5632, num_attention_heads=16,
+                                    num_key_value_heads=16, num_experts=8, num_experts_per_tok=4,
+                                    norm_topk_prob=False),
+                  "Qwen1.5-MoE-A2.7B, top-4 of 8 (of its 60) experts + shared"),
+    "qwen3_moe": ("qwen3_moe", dict(hidden_size=2048, intermediate_size=768, moe_intermediate_size=768,
+                                    num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=16,
+                                    num_experts_per_tok=8, norm_topk_prob=True),
+                  "Qwen3-30B-A3B, top-8 of 16 (of its 128) experts"),
 }
 
 
@@ -66,7 +82,13 @@ def real_model(name: str):
     return load_model(real_model_path(name), keep_quantized=True)[0]
 
 
-def family_model(model_type: str, shape: dict, layers: int, vocab: int):
+# How the random models are quantized: RTN 4-bit g32 (the torch paths run torch's int4pack kernel on it), or
+# llama.cpp's Q4_K_M mix (GGUF blocks: every path runs lowbit's block kernels)
+LAYOUTS = {"rtn": dict(method="rtn", bits=4, group_size=32, skip=()),
+           "gguf": dict(method="gguf", skip=(), options={"gguf_type": "Q4_K_M"})}
+
+
+def family_model(model_type: str, shape: dict, layers: int, vocab: int, layout: str = "rtn"):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from lowbit.methods.base import QuantizeConfig
@@ -80,7 +102,7 @@ def family_model(model_type: str, shape: dict, layers: int, vocab: int):
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.02) if p.dim() >= 2 else p.zero_()
-    quantize_model(model, QuantizeConfig(method="rtn", bits=4, group_size=32, skip=()), progress=False)
+    quantize_model(model, QuantizeConfig(**LAYOUTS[layout]), progress=False)
     return model
 
 
@@ -106,6 +128,9 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--only", default="", help="comma-separated families (default: all)")
     parser.add_argument("--no-real", action="store_true", help="skip the real GGUF files (bench/real_models.py)")
+    parser.add_argument("--layout", choices=sorted(LAYOUTS), default="rtn",
+                        help="random models' weights: RTN 4-bit g32 or GGUF Q4_K_M blocks")
+    parser.add_argument("--out", default="", help="results file name in bench/results (default families.json)")
     args = parser.parse_args()
     wanted = [f for f in args.only.split(",") if f] or list(FAMILIES)
     unknown = sorted(set(wanted) - set(FAMILIES))
@@ -127,7 +152,7 @@ def main() -> None:
             shape = {k: getattr(config, k) for k in ("hidden_size", "intermediate_size", "num_attention_heads",
                                                      "num_key_value_heads")}
         else:
-            model = family_model(model_type, shape, args.layers, args.vocab)
+            model = family_model(model_type, shape, args.layers, args.vocab, args.layout)
         built = time.perf_counter() - began
         engines = {}
         for path in PATHS:
@@ -148,15 +173,19 @@ def main() -> None:
         layers, vocab = (model.config.num_hidden_layers, model.config.vocab_size) if is_real else (args.layers,
                                                                                                    args.vocab)
         rows.append({"family": family, "shape_of": real, "layers": layers, "vocab": vocab, "real_file": is_real,
+                     "layout": "as the file" if is_real else args.layout,
                      **{k: shape[k] for k in ("hidden_size", "intermediate_size", "num_attention_heads",
                                               "num_key_value_heads")},
+                     **{k: shape[k] for k in ("num_local_experts", "num_experts", "num_experts_per_tok",
+                                              "moe_intermediate_size", "shared_expert_intermediate_size")
+                        if k in shape},
                      "tg_tok_s": rates, "paths": paths,
                      "compiled_vs_torch": rates["compiled step"] / rates["torch decoder"],
                      "compiled_vs_transformers": rates["compiled step"] / rates["transformers forward"],
                      "build_seconds": round(built, 1)})
         print(f"{family}: {rates}", flush=True)
         del model
-    print(f"\ntg{args.tg} tokens/s, {threads} threads (median of {args.reps} rounds); random weights RTN 4-bit g32 "
+    print(f"\ntg{args.tg} tokens/s, {threads} threads (median of {args.reps} rounds); random weights {args.layout} "
           f"with {args.layers} layers and vocab {args.vocab}, real files as they are\n")
     print("| family | shape of | layers | compiled step | torch decoder | transformers forward | compiled / torch | "
           "compiled / transformers |")
@@ -166,8 +195,9 @@ def main() -> None:
         print(f"| {r['family']} | {r['shape_of']} | {r['layers']} | {t['compiled step']:.1f} | {t['torch decoder']:.1f} | "
               f"{t['transformers forward']:.1f} | {r['compiled_vs_torch']:.2f}x | "
               f"{r['compiled_vs_transformers']:.2f}x |")
-    out = ROOT / "bench" / "results" / "families.json"
-    out.write_text(json.dumps({"threads": threads, "tg": args.tg, "reps": args.reps, "rows": rows}, indent=1))
+    out = ROOT / "bench" / "results" / (args.out or "families.json")
+    out.write_text(json.dumps({"threads": threads, "tg": args.tg, "reps": args.reps, "layers": args.layers,
+                               "rows": rows}, indent=1))
     print(f"\nwrote {out}")
 
 

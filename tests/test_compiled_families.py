@@ -1,7 +1,8 @@
 """The compiled decode step beyond Llama: every family lowbit's decoder accepts (Gemma 1/2/3, Phi-3, Qwen2 with
-biases, Mistral with a window) against lowbit's torch decoder (logits, within float32 rounding) and against
-transformers on the dequantized weights (greedy tokens), with contexts longer than the sliding windows and
-soft-caps small enough that leaving one out would change the numbers."""
+biases, Mistral with a window, the mixtures of experts Mixtral, Qwen2-MoE and Qwen3-MoE) against lowbit's torch
+decoder (logits, within float32 rounding) and against transformers on the dequantized weights (greedy tokens),
+with contexts longer than the sliding windows and soft-caps small enough that leaving one out would change the
+numbers."""
 from __future__ import annotations
 
 import pytest
@@ -35,16 +36,39 @@ FAMILIES = {
     "qwen2": dict(SHAPE),
     "mistral": dict(SHAPE, sliding_window=WINDOW),
 }
+# Mixtures of experts, 256 wide so that GGUF's 256-column K-quant blocks fit every expert projection; experts
+# are chosen per token from 4-8 (so the two rows decoded together route to different experts), with each
+# family's weighting: Mixtral renormalises the top-k, Qwen2-MoE (norm_topk_prob off) does not and adds its shared
+# expert behind a sigmoid gate, Qwen3-MoE (norm_topk_prob on) renormalises, with q/k norms.
+MOE_SHAPE = dict(SHAPE, hidden_size=256, intermediate_size=256, head_dim=64)
+MOE_FAMILIES = {
+    "mixtral": dict(MOE_SHAPE, num_local_experts=4, num_experts_per_tok=2, sliding_window=WINDOW),
+    "qwen2_moe": dict(MOE_SHAPE, moe_intermediate_size=256, shared_expert_intermediate_size=512, num_experts=4,
+                      num_experts_per_tok=2, norm_topk_prob=False),
+    "qwen3_moe": dict(MOE_SHAPE, moe_intermediate_size=256, num_experts=8, num_experts_per_tok=3,
+                      norm_topk_prob=True),
+}
+# Layouts the expert Linears are decoded from: integer grids (RTN; GPTQ with act-order and groups in its order:
+# a column permutation) and
+# GGUF blocks (llama.cpp's Q4_K_M mix: Q4_K, and Q6_K for some down projections)
+LAYOUTS = {
+    "rtn": QuantizeConfig(method="rtn", bits=4, group_size=32, skip=()),
+    "gptq": QuantizeConfig(method="gptq", bits=4, group_size=32, skip=(),
+                           options={"calib_samples": 4, "desc_act": True, "static_groups": False}),
+    "gguf": QuantizeConfig(method="gguf", skip=(), options={"gguf_type": "Q4_K_M"}),
+}
 PROMPTS = ([1, 5, 17, 33, 8, 9, 40, 12, 3, 22, 7, 61, 14, 30, 2, 19, 44, 6, 27, 11],   # > NATIVE_PREFILL_TOKENS
            [4, 9, 23])
 STEPS = 32
 
 
-def family_model(model_type: str):
-    """A tiny random model of the family, RTN 4-bit g32, its layers on the float32 reference kernel."""
+def family_model(model_type: str, layout: str = "rtn"):
+    """A tiny random model of the family, quantized as LAYOUTS[layout] says (RTN 4-bit g32 by default), its layers
+    on the float32 reference kernel."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.for_model(model_type, **COMMON, **FAMILIES[model_type], tie_word_embeddings=False)
+    shape = FAMILIES.get(model_type) or MOE_FAMILIES[model_type]
+    config = AutoConfig.for_model(model_type, **COMMON, **shape, tie_word_embeddings=False)
     if model_type == "qwen2":
         assert config.layer_types is not None
     torch.manual_seed(0)
@@ -57,15 +81,18 @@ def family_model(model_type: str):
                 p.uniform_(-0.3, 0.3) if model_type.startswith("gemma") else p.uniform_(0.7, 1.3)
             else:                       # biases (Qwen2's q/k/v): large enough that dropping one shows
                 p.normal_(0, 0.5)
-    quantize_model(model, QuantizeConfig(method="rtn", bits=4, group_size=32, skip=()), progress=False)
+    calibration = (torch.randint(3, 96, (4, 32), generator=torch.Generator().manual_seed(0))
+                   if layout == "gptq" else None)
+    quantize_model(model, LAYOUTS[layout], calibration=calibration, progress=False)
     set_kernel(model, "reference")
     return model
 
 
-def decode_run(model, native: bool, forced: list[list[int]] | None = None):
+def decode_run(model, native: bool, forced: list[list[int]] | None = None, engine: Engine | None = None):
     """Prefill both prompts into their own slots, then STEPS decode steps of both rows together: greedy, or
     teacher-forced with `forced` tokens. Returns (tokens per row, logits [steps, rows, vocab])."""
-    engine = Engine(model, max_batch=len(PROMPTS), context=64, native=native, prefill_attention_dtype=torch.float32)
+    engine = engine or Engine(model, max_batch=len(PROMPTS), context=64, native=native,
+                              prefill_attention_dtype=torch.float32, activations="float32")
     assert (engine.decode_path == "compiled step") == native, engine.decode_path
     seqs = [engine.start(p, SamplingParams(max_new_tokens=STEPS + 2, temperature=0.0), stop_on_eos=False)
             for p in PROMPTS]
@@ -104,7 +131,7 @@ def test_compiled_step_greedy_equals_transformers(model_type):
     """The default engine (compiled step) generates, from a prompt past the sliding window, the same 32 greedy
     tokens as transformers' own model class running the dequantized weights (its masks, caches, soft-caps)."""
     model = family_model(model_type)
-    engine = Engine(model, context=64, prefill_attention_dtype=torch.float32)
+    engine = Engine(model, context=64, prefill_attention_dtype=torch.float32, activations="float32")
     assert engine.decode_path == "compiled step"
     ours = list(engine.generate(PROMPTS[0], SamplingParams(max_new_tokens=STEPS, temperature=0.0),
                                 stop_on_eos=False))
@@ -143,6 +170,73 @@ def test_each_feature_changes_the_tokens(feature):
     assert changed > 1e-2 * logits_t.abs().max()
 
 
+def _routed_experts(model) -> set[int]:
+    """Hook every router: the set of expert ids it picks while the model runs (transformers' routers return
+    (logits, weights, top-k ids))."""
+    from lowbit.models.arch import architecture_for
+
+    arch = architecture_for(model)
+    seen: set[int] = set()
+    for block in arch.blocks(model):
+        block.get_submodule(arch.experts.router).register_forward_hook(
+            lambda _m, _i, out: seen.update(out[2].reshape(-1).tolist()))
+    return seen
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("model_type", list(MOE_FAMILIES))
+def test_moe_compiled_step_equals_torch_and_transformers(model_type, layout):
+    """Expert layers in the compiled step, for the expert Linears' integer-grid and GGUF-block layouts: over two
+    prompts and 32 steps of both rows together, its logits equal the torch decoder's (transformers' own routing
+    module over lowbit's quantized experts) within the float32 bound above, every expert is routed to, and the
+    default engine's 32 greedy tokens equal transformers' on the dequantized weights."""
+    from lowbit.runtime.qlinear import QuantLinear
+
+    model = family_model(model_type, layout)
+    assert decoder_blocker(model) is None
+    kinds = {m.qweight.scheme.name for n, m in model.named_modules() if isinstance(m, QuantLinear) and "experts" in n}
+    assert kinds and all(k.startswith("ggml-") for k in kinds) == (layout == "gguf"), kinds
+    if layout == "gptq":
+        assert any(m.qweight.g_idx is not None for m in model.modules() if isinstance(m, QuantLinear))
+    routed = _routed_experts(model)
+    tokens_t, logits_t = decode_run(model, native=False)
+    n_experts = getattr(model.config, "num_local_experts", None) or model.config.num_experts
+    assert routed == set(range(n_experts))        # every expert runs at some point
+    tokens_c, logits_c = decode_run(model, native=True, forced=tokens_t)
+    assert tokens_c == tokens_t
+    assert (logits_c - logits_t).abs().max() <= 1e-4 * logits_t.abs().max()
+    engine = Engine(model, context=64, prefill_attention_dtype=torch.float32, activations="float32")
+    assert engine.decode_path == "compiled step"
+    ours = list(engine.generate(PROMPTS[0], SamplingParams(max_new_tokens=STEPS, temperature=0.0),
+                                stop_on_eos=False))
+    # transformers' greedy choice at every position of prompt + our tokens (one forward: its generate() would
+    # hold back the EOS id these random models may pick, as min_new_tokens asks)
+    with torch.no_grad():
+        reference = reference_model(model)(torch.tensor([PROMPTS[0] + ours])).logits[0]
+    assert ours == reference[len(PROMPTS[0]) - 1:-1].argmax(-1).tolist()
+
+
+@pytest.mark.parametrize("model_type,rule", [("mixtral", "renormalize"), ("qwen2_moe", "renormalize"),
+                                             ("qwen2_moe", "shared"), ("qwen3_moe", "top_k")])
+def test_each_routing_rule_changes_the_logits(model_type, rule):
+    """The MoE test above can fail: changing one routing rule in the compiled step (renormalising the top-k or
+    not, dropping Qwen2-MoE's shared expert, one expert fewer per token) moves the logits beyond its bound."""
+    model = family_model(model_type)
+    tokens_t, logits_t = decode_run(model, native=False)
+    engine = Engine(model, max_batch=len(PROMPTS), context=64, prefill_attention_dtype=torch.float32)
+    spec = engine.decoder.native.spec
+    for i in range(spec.n_layers):
+        moe = spec.layers[i].moe.contents
+        if rule == "renormalize":
+            moe.renormalize = 1 - moe.renormalize
+        elif rule == "shared":
+            moe.shared, moe.router[1].n = 0, 0
+        else:
+            moe.top_k -= 1
+    _, logits_c = decode_run(model, native=True, forced=tokens_t, engine=engine)
+    assert (logits_c - logits_t).abs().max() > 1e-2 * logits_t.abs().max()
+
+
 @pytest.mark.parametrize("model_type,path", [("gemma2", "compiled step"),
                                              ("gpt2", "transformers forward (layer norms)")])
 def test_bench_says_which_decode_path_ran(model_type, path, tmp_path, capsys):
@@ -159,8 +253,7 @@ def test_bench_says_which_decode_path_ran(model_type, path, tmp_path, capsys):
     assert "arithmetic: float32 activations" in out     # lowbit's own layouts: float32 unless asked otherwise
 
 
-@pytest.mark.parametrize("model_type,reason", [("gpt_neox", "layer norms"), ("mixtral", "mixture-of-experts MLP"),
-                                               ("qwen3_moe", "mixture-of-experts MLP")])
+@pytest.mark.parametrize("model_type,reason", [("gpt_neox", "layer norms"), ("opt", "layer norms")])
 def test_families_outside_the_decoder_fall_back_with_their_reason(model_type, reason):
     """The engine asks the family's Architecture, not a list: what the decoder cannot compute is named, and
     those models run through transformers' forward with lowbit's quantized Linears."""
@@ -170,3 +263,57 @@ def test_families_outside_the_decoder_fall_back_with_their_reason(model_type, re
     assert decoder_blocker(model) == reason
     engine = Engine(model, context=32)
     assert engine.decode_path == f"transformers forward ({reason})" and not engine.fast_path
+
+
+def test_moe_models_the_step_cannot_read_fall_back_with_their_reason():
+    """Experts still in transformers' fused 3-D tensors (a float model lowbit did not prepare) run on the torch
+    decoder, saying why; dense MLP layers among the expert ones (Qwen-MoE's mlp_only_layers) on transformers'
+    forward."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from arch_models import tiny_model
+
+    fused = tiny_model("mixtral")[0]
+    engine = Engine(fused, context=32)
+    assert engine.decode_path == ("torch decoder (layer 0: expert weights fused in 3-D tensors (not one Linear per "
+                                  "expert))")
+    config = AutoConfig.for_model("qwen2_moe", **COMMON, **MOE_FAMILIES["qwen2_moe"], mlp_only_layers=[1])
+    mixed = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    assert decoder_blocker(mixed) == "dense MLP layers [1] among the expert layers"
+    path = Engine(mixed, context=32).decode_path
+    assert path == "transformers forward (dense MLP layers [1] among the expert layers)"
+
+
+@pytest.mark.parametrize("model_type", list(MOE_FAMILIES))
+def test_moe_gguf_file_kept_quantized_runs_compiled(model_type, tmp_path):
+    """A GGUF file with llama.cpp's stacked expert tensors (ffn_*_exps) loads kept quantized, each expert a view of
+    its rows of the stack (the blocks it was written from, bit for bit), and decodes through the compiled step:
+    its logits equal the torch decoder's within the bound above, and its 32 greedy tokens are transformers'
+    choices on the file's dequantized weights."""
+    from lowbit.formats.gguf import export_gguf
+    from lowbit.models.gguf_import import load_gguf_as_hf
+    from lowbit.models.loading import load_model
+    from lowbit.runtime.qlinear import QuantLinear
+
+    from test_architectures import _tokenizer
+
+    model = family_model(model_type, "gguf")
+    model.config.sliding_window = None     # llama.cpp's "llama" (Mixtral) stores no window
+    path = export_gguf(model, _tokenizer(tmp_path), tmp_path / "moe.gguf", type="Q4_K_M", progress=False)
+    loaded, _ = load_model(path, keep_quantized=True)
+    written = dict(model.named_modules())
+    experts = [(n, m) for n, m in loaded.named_modules() if isinstance(m, QuantLinear) and ".experts." in n]
+    assert experts and all(torch.equal(m.qweight.extra["blocks"], written[n].qweight.extra["blocks"])
+                           for n, m in experts)
+    set_kernel(loaded, "reference")
+    tokens_t, logits_t = decode_run(loaded, native=False)
+    _, logits_c = decode_run(loaded, native=True, forced=tokens_t)
+    assert (logits_c - logits_t).abs().max() <= 1e-4 * logits_t.abs().max()
+    engine = Engine(loaded, context=64, prefill_attention_dtype=torch.float32, activations="float32")
+    assert engine.decode_path == "compiled step"
+    ours = list(engine.generate(PROMPTS[0], SamplingParams(max_new_tokens=STEPS, temperature=0.0),
+                                stop_on_eos=False))
+    reference, _ = load_gguf_as_hf(path)
+    with torch.no_grad():
+        logits = reference(torch.tensor([PROMPTS[0] + ours])).logits[0]
+    assert ours == logits[len(PROMPTS[0]) - 1:-1].argmax(-1).tolist()

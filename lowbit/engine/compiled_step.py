@@ -1,5 +1,5 @@
 """The engine's compiled decode step (runtime/csrc/decode.c): a whole token step of a pre-norm rotary decoder
-(Llama, Mistral, Qwen2/3, Gemma 1/2/3, Phi-3) in one C call.
+(Llama, Mistral, Qwen2/3, Gemma 1/2/3, Phi-3; Mixtral, Qwen2-MoE, Qwen3-MoE with their routed experts) in one C call.
 
 `NativeDecodeStep.build(decoder)` describes the decoder (a RotaryDecoder, which read the family's facts from its
 Architecture: norms and their (1 + w), sandwich norms, activation, q/k norms, partial rotary, per-layer rotary
@@ -28,12 +28,20 @@ _i64, _f32, _ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
 SMALL_MODEL_BYTES = 8 << 20    # below this many weight bytes a token step runs on one thread
 
 
+class MoESpec(ctypes.Structure):
+    """decode.c's lb_moe: router (and shared-expert gate) and every expert's gate, up, down."""
+
+    _fields_ = [("n_experts", _i64), ("top_k", _i64), ("renormalize", _i64), ("shared", _i64),
+                ("router", LinearSpec * 2), ("experts", ctypes.POINTER(LinearSpec))]
+
+
 class LayerSpec(ctypes.Structure):
     """decode.c's lb_layer (qkv and gate_up: up to 3 and 2 weights whose outputs are concatenated)."""
 
     _fields_ = [("input_norm", _ptr), ("mlp_norm", _ptr), ("attn_out_norm", _ptr), ("mlp_out_norm", _ptr),
                 ("q_norm", _ptr), ("k_norm", _ptr), ("cos", _ptr), ("sin", _ptr), ("window", _i64),
-                ("qkv", LinearSpec * 3), ("o", LinearSpec), ("gate_up", LinearSpec * 2), ("down", LinearSpec)]
+                ("qkv", LinearSpec * 3), ("o", LinearSpec), ("gate_up", LinearSpec * 2), ("down", LinearSpec),
+                ("moe", ctypes.POINTER(MoESpec))]
 
 
 class ModelSpec(ctypes.Structure):
@@ -59,12 +67,55 @@ def _norm_weight(norm: Any, keep: list[torch.Tensor]) -> int | None:
     return weight.data_ptr()
 
 
+def _described(modules: list[Any], keep: list[torch.Tensor]) -> list[LinearSpec] | None:
+    """The lb_linear of each module (their tensors kept alive in `keep`), or None if one has a layout the
+    compiled step cannot read."""
+    described = [linear_spec(module) for module in modules]
+    if any(d is None for d in described):
+        return None
+    keep.extend(t for d in described for t in d[1])
+    return [d[0] for d in described]
+
+
+def _router_linear(router: nn.Module) -> nn.Module:
+    """A router as a Linear the step can describe: a quantized or plain Linear as it is, transformers' TopKRouter
+    modules (a bare [experts, hidden] weight) as a float Linear over that weight."""
+    from lowbit.models.arch.base import is_linear
+    from lowbit.runtime.qlinear import QuantLinear
+
+    if isinstance(router, QuantLinear) or is_linear(router):
+        return router
+    from lowbit.engine.runner import _DenseLinear
+
+    return _DenseLinear(router.weight.detach(), None)
+
+
+def _moe_spec(moe: Any, keep: list[torch.Tensor], structures: list[Any]) -> tuple[MoESpec | None, str]:
+    """(decode.c's lb_moe for a decoder's expert layer, "") or (None, why the step cannot run it)."""
+    if moe.experts is None:
+        return None, "expert weights fused in 3-D tensors (not one Linear per expert)"
+    if any(getattr(m, "bias", None) is not None for expert in moe.experts for m in expert):
+        return None, "expert projections with biases"
+    router = _described([_router_linear(moe.router)], keep)
+    gate = _described([_router_linear(moe.shared_gate)], keep) if moe.shared_gate is not None else [LinearSpec()]
+    experts = _described([m for expert in moe.experts for m in expert], keep)
+    if router is None or gate is None or experts is None:
+        return None, "an expert or router weight layout the compiled step cannot read"
+    array = (LinearSpec * len(experts))(*experts)
+    structures.append(array)
+    spec = MoESpec(moe.n_experts, moe.top_k, int(moe.renormalize), int(moe.shared_gate is not None),
+                   (LinearSpec * 2)(router[0], gate[0]), array)
+    structures.append(spec)
+    return spec, ""
+
+
 class NativeDecodeStep:
     """Callable (tokens [B], slots [B], positions [B]) -> logits [B, vocab] for a RotaryDecoder."""
 
     def __init__(self, lib: ctypes.CDLL, spec: ModelSpec, layers: Any, keep: list[torch.Tensor],
-                 embed: nn.Module, vocab: int, arithmetic: str):
+                 embed: nn.Module, vocab: int, arithmetic: str, structures: list[Any] = ()):
         self.lib, self.spec, self.layers, self.keep = lib, spec, layers, keep
+        self.structures = list(structures)     # ctypes structures the layers point to (expert layers)
         self.embed, self.vocab = embed, vocab
         self.arithmetic = arithmetic       # what the matmuls compute in, for people reading a benchmark
         # token ids index the embedding, whose rows may differ from the head's outputs (padded vocabularies)
@@ -97,22 +148,30 @@ class NativeDecodeStep:
         if len({n.eps for n in hidden_norms + [decoder.final_norm]}) > 1:
             return unsupported("norms with different epsilons")
         keep: list[torch.Tensor] = []
+        structures: list[Any] = []
         layer_specs = []
         for index, layer in enumerate(decoder.layers):
             specs = {}
+            moe = None
+            if layer.moe is not None:    # the expert layer replaces gate|up and down (absent: n == 0)
+                moe, reason = _moe_spec(layer.moe, keep, structures)
+                if moe is None:
+                    return unsupported(f"layer {index}: {reason}")
+                specs["gate_up"], specs["down"] = [LinearSpec(), LinearSpec()], [LinearSpec()]
             for name, modules in (("qkv", layer.qkv_parts), ("o", [layer.o_proj]),
                                   ("gate_up", layer.gate_up_parts), ("down", [layer.down])):
-                described = [linear_spec(module) for module in modules]
-                if any(d is None for d in described):
+                if name in specs:
+                    continue
+                described = _described(modules, keep)
+                if described is None:
                     return unsupported(f"layer {index} {name}: a weight layout the compiled step cannot read")
-                specs[name] = [d[0] for d in described]
-                keep.extend(t for d in described for t in d[1])
+                specs[name] = described
             layer_specs.append(LayerSpec(
                 *(_norm_weight(norm, keep) for norm in (layer.input_norm, layer.mlp_norm, layer.attn_out_norm,
                                                         layer.mlp_out_norm, layer.q_norm, layer.k_norm)),
                 decoder.cos[layer.rope].data_ptr(), decoder.sin[layer.rope].data_ptr(), layer.window,
                 (LinearSpec * 3)(*specs["qkv"]), specs["o"][0], (LinearSpec * 2)(*specs["gate_up"]),
-                specs["down"][0]))
+                specs["down"][0], ctypes.pointer(moe) if moe is not None else None))
         head = linear_spec(decoder.lm_head)
         if head is None:
             return unsupported("lm_head weight layout not handled")
@@ -134,7 +193,8 @@ class NativeDecodeStep:
         rounded = sum(uses_act8(w, activations, lib) for w in weights)
         arithmetic = ("float32 activations" if rounded == 0 else "int8 activations" if rounded == len(weights)
                       else f"int8 activations in {rounded} of {len(weights)} matmuls, float32 in the others")
-        return cls(lib, spec, layers, keep, decoder.embed, head[0].n, f"{arithmetic} ({activations.value})"), ""
+        return cls(lib, spec, layers, keep, decoder.embed, head[0].n, f"{arithmetic} ({activations.value})",
+                   structures), ""
 
     def prefill(self, tokens: torch.Tensor, slot: int, start: int) -> torch.Tensor:
         """Logits [1, vocab] of the last of `tokens` [S], a prompt chunk for cache slot `slot` from `start`

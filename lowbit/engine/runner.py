@@ -1,8 +1,9 @@
 """lowbit's inference engine: batched prefill, decode over a preallocated KV cache, sampling, stop tokens.
 
 The engine runs a loaded Hugging Face model whose Linear layers may be QuantLinear modules. For pre-norm rotary
-decoders (Llama, Mistral, Qwen2, Qwen3, SmolLM2, Gemma 1/2/3, Phi-3: whatever `decoder_blocker` accepts from the
-family's Architecture) it runs its own decoder loop over the model's modules: q/k/v and gate/up projections
+decoders (Llama, Mistral, Qwen2, Qwen3, SmolLM2, Gemma 1/2/3, Phi-3, and the mixtures of experts Mixtral, Qwen2-MoE,
+Qwen3-MoE: whatever `decoder_blocker` accepts from the family's Architecture) it runs its own decoder loop over the
+model's modules: q/k/v and gate/up projections
 fused into one matmul each, rotary tables computed once, a static cache of shape
 [layers, slots, kv_heads, context, head_dim] written in place, and attention over only the filled prefix (or the
 layer's window). Single tokens decode through the compiled step (engine/compiled_step.py). One cache slot per
@@ -169,7 +170,9 @@ def decoder_blocker(model: nn.Module) -> str | None:
     except LowbitError:
         return f"architecture {getattr(config, 'model_type', None)!r} not in lowbit's registry"
     if arch.experts is not None:
-        return "mixture-of-experts MLP"
+        dense = [i for i, block in enumerate(arch.blocks(model)) if not _has(block, arch.experts.path)]
+        if dense:
+            return f"dense MLP layers {dense[:4]} among the expert layers"
     if arch.norm not in (NormKind.RMS, NormKind.RMS_PLUS_ONE):
         return f"{arch.norm.value} norms"
     if not arch.gated_mlp:
@@ -215,8 +218,11 @@ def _activation_of(model: nn.Module, arch: Any) -> str | None:
     from transformers.activations import ACT2FN
 
     block = arch.blocks(model)[0]
-    mlp_path = arch.sequential[3][0].rpartition(".")[0]
-    mlp = block.get_submodule(mlp_path)
+    if arch.experts is not None:      # transformers' fused experts module, or lowbit's per-expert MLPs
+        mlp = block.get_submodule(arch.experts.path)
+        mlp = mlp[0] if isinstance(mlp, nn.ModuleList) and len(mlp) else mlp
+    else:
+        mlp = block.get_submodule(arch.sequential[3][0].rpartition(".")[0])
     act = getattr(mlp, "act_fn", None) or getattr(mlp, "activation_fn", None)    # Phi-3: activation_fn
     config = model.config
     for name in (getattr(config, "hidden_activation", None), getattr(config, "hidden_act", None), arch.activation):
@@ -255,16 +261,51 @@ def _norm(module: nn.Module | None, plus_one: bool) -> _Norm | None:
 
 
 @dataclass
+class _MoE:
+    """An expert layer: `module` is the block's MLP, transformers' own routing over the experts (what the torch
+    decoder runs); the rest is what the compiled step reads, per the family's Architecture.experts."""
+
+    module: nn.Module
+    router: nn.Module
+    shared_gate: nn.Module | None
+    experts: list[list[nn.Module]] | None   # gate, up, down of each routed expert, then the shared expert's;
+                                            # None while transformers' fused 3-D expert tensors hold them
+    n_experts: int
+    top_k: int
+    renormalize: bool
+
+
+def _moe_layer(block: nn.Module, arch: Any, config: Any) -> _MoE:
+    from lowbit.models.arch.base import UnfusedExperts
+
+    spec = arch.experts
+    experts = block.get_submodule(spec.path)
+    module = lambda path: block.get_submodule(path) if path else None  # noqa: E731
+    per_expert = None
+    if isinstance(experts, UnfusedExperts):
+        shared = [module(spec.shared_expert)] if spec.shared_expert else []
+        per_expert = [[getattr(expert, p) for p in spec.projections] for expert in [*experts, *shared]]
+    n_experts = len(experts) if isinstance(experts, nn.ModuleList) else int(experts.gate_up_proj.shape[0])
+    top_k = int(getattr(config, spec.top_k))
+    if not 0 < top_k <= n_experts:
+        raise LowbitError(f"config {spec.top_k}={top_k} must be between 1 and the {n_experts} experts; fix the "
+                          "model's config.json")
+    return _MoE(module(spec.path.rpartition(".")[0]), module(spec.router), module(spec.shared_gate), per_expert,
+                n_experts, top_k, spec.renormalizes(config))
+
+
+@dataclass
 class _Layer:
     input_norm: _Norm
+    moe: _MoE | None                  # an expert layer: its MLP instead of gate_up and down
     qkv: Callable[[torch.Tensor], torch.Tensor]
     q_norm: _Norm | None
     k_norm: _Norm | None
     o_proj: nn.Module
     attn_out_norm: _Norm | None      # sandwich norms (Gemma 2/3): of the attention / MLP output, before the add
     mlp_norm: _Norm
-    gate_up: Callable[[torch.Tensor], torch.Tensor]
-    down: nn.Module
+    gate_up: Callable[[torch.Tensor], torch.Tensor] | None
+    down: nn.Module | None
     mlp_out_norm: _Norm | None
     qkv_parts: list[nn.Module]        # the modules `qkv` runs, in output order
     gate_up_parts: list[nn.Module]
@@ -278,8 +319,8 @@ def _softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
 
 class RotaryDecoder:
     """Runs a pre-norm rotary decoder (the families `decoder_blocker` accepts: Llama, Mistral, Qwen2/3, Gemma 1/2/3,
-    Phi-3) with lowbit's static cache, reading the block layout from the model's Architecture (no HF forward on
-    the hot path)."""
+    Phi-3, Mixtral, Qwen2-MoE, Qwen3-MoE) with lowbit's static cache, reading the block layout from the model's
+    Architecture (no HF forward on the hot path, but for the expert layers' routing in torch)."""
 
     def __init__(self, model: nn.Module, slots: int, context: int, kv_dtype: torch.dtype, fuse: bool = True,
                  prefill_attention_dtype: torch.dtype = torch.float32, native: bool = True,
@@ -346,14 +387,19 @@ class RotaryDecoder:
         for index, block in enumerate(arch.blocks(model)):
             module = lambda path: block.get_submodule(path) if path and _has(block, path) else None  # noqa: E731
             qkv, qkv_parts = _fused_or_separate([block.get_submodule(p) for p in attn_in], fuse)
-            gate_up, gate_up_parts = _fused_or_separate([block.get_submodule(p) for p in mlp_in], fuse)
+            moe = _moe_layer(block, arch, model.config) if arch.experts is not None else None
+            if moe is None:
+                gate_up, gate_up_parts = _fused_or_separate([block.get_submodule(p) for p in mlp_in], fuse)
+                down = block.get_submodule(mlp_out[0])
+            else:
+                gate_up, gate_up_parts, down = None, [], None
             norm = lambda path: _norm(module(path), self.plus_one)  # noqa: E731
             layers.append(_Layer(
-                input_norm=norm(layout.input_norm), qkv=qkv,
+                input_norm=norm(layout.input_norm), moe=moe, qkv=qkv,
                 q_norm=norm(layout.q_norm) if arch.qk_norm else None,
                 k_norm=norm(layout.k_norm) if arch.qk_norm else None,
                 o_proj=block.get_submodule(attn_out[0]), attn_out_norm=norm(layout.attn_out_norm),
-                mlp_norm=norm(layout.mlp_norm), gate_up=gate_up, down=block.get_submodule(mlp_out[0]),
+                mlp_norm=norm(layout.mlp_norm), gate_up=gate_up, down=down,
                 mlp_out_norm=norm(layout.mlp_out_norm), qkv_parts=qkv_parts, gate_up_parts=gate_up_parts,
                 rope=self.layer_rope[index], window=self.windows[index]))
         return layers
@@ -457,8 +503,11 @@ class RotaryDecoder:
             attn = layer.o_proj(attn.transpose(1, 2).reshape(batch, seq, heads * head_dim))
             x = x + (layer.attn_out_norm(attn) if layer.attn_out_norm is not None else attn)
             h = layer.mlp_norm(x)
-            gate, up = layer.gate_up(h).split((self.intermediate, self.intermediate), dim=-1)
-            mlp = layer.down(_ACTIVATE[self.activation](gate) * up)
+            if layer.moe is not None:
+                mlp = layer.moe.module(h)
+            else:
+                gate, up = layer.gate_up(h).split((self.intermediate, self.intermediate), dim=-1)
+                mlp = layer.down(_ACTIVATE[self.activation](gate) * up)
             x = x + (layer.mlp_out_norm(mlp) if layer.mlp_out_norm is not None else mlp)
         if not all_logits:
             x = x[:, -1]

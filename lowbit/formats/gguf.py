@@ -445,7 +445,8 @@ def load_gguf_quantized(path: str | os.PathLike, kernel: str = "auto", **_: Any)
     float32."""
     from lowbit.models.arch.base import gguf_row_order
     from lowbit.models.gguf_import import (
-        check_gguf_tensors, gguf_architecture, gguf_names_of_model, hf_config_from_gguf, hf_value, tokenizer_from_gguf,
+        check_gguf_tensors, float_values, gguf_architecture, gguf_names_of_model, hf_config_from_gguf, hf_value,
+        tokenizer_from_gguf,
     )
     from lowbit.models.loading import empty_model_from_config
     from lowbit.runtime.surgery import install_quantized
@@ -465,23 +466,30 @@ def load_gguf_quantized(path: str | os.PathLike, kernel: str = "auto", **_: Any)
         targets = hf_names.get(tensor.name)
         if targets is None:
             raise CorruptFile(f"{path}: tensor {tensor.name} is not part of the {arch.family} layout")
-        if len(targets) != 1 or targets[0][0] is not None:
-            raise UnsupportedArchitecture(f"{path}: stacked expert tensors are imported in float only; load "
-                                          "without keep_quantized")
-        hf_name = targets[0][1]
-        module = hf_name.rsplit(".", 1)[0]
-        if tensor.is_quantized and hf_name.endswith(".weight") and module in linear_names | {embed_name}:
-            blocks = torch.from_numpy(tensor.rows())          # a view of the mapped file
-            order = gguf_row_order(arch, config, hf_name, tensor.shape[0])
-            if order is not None:
-                blocks = blocks[torch.argsort(order)]          # llama.cpp row order -> HF (a copy of q/k only)
-            qw = GGMLScheme(tensor.type_name).from_blocks(blocks, tensor.shape)
-            if module == embed_name:
-                embedding = qw
-            else:
-                quantized[module] = qw
-            continue
-        state[hf_name] = hf_value(gf, tensor.name, arch, model, hf_name)
+        stacked = targets[0][0] is not None      # experts stacked [experts, out, in] (ffn_*_exps)
+        if [e for e, _ in targets] != (list(range(tensor.shape[0])) if stacked else [None]):
+            raise CorruptFile(f"{path}: tensor {tensor.name} {list(tensor.shape)} does not hold the "
+                              f"{len(targets)} tensors the {arch.family} layout puts in it")
+        values = None                               # a float stack is read once for all its experts
+        for expert, hf_name in targets:
+            module = hf_name.rsplit(".", 1)[0]
+            if tensor.is_quantized and hf_name.endswith(".weight") and module in linear_names | {embed_name}:
+                blocks = torch.from_numpy(tensor.rows())          # a view of the mapped file
+                shape = tuple(tensor.shape)
+                if stacked:                                     # one expert's rows of the stack: still a view
+                    blocks, shape = blocks.reshape(shape[0], shape[1], -1)[expert], shape[1:]
+                order = gguf_row_order(arch, config, hf_name, shape[0])
+                if order is not None:
+                    blocks = blocks[torch.argsort(order)]          # llama.cpp row order -> HF (a copy of q/k only)
+                qw = GGMLScheme(tensor.type_name).from_blocks(blocks, shape)
+                if module == embed_name:
+                    embedding = qw
+                else:
+                    quantized[module] = qw
+                continue
+            if values is None:
+                values = float_values(tensor)
+            state[hf_name] = hf_value(gf, tensor.name, arch, model, hf_name, expert, values=values)
     tied = bool(config.tie_word_embeddings)
     if tied:
         state.pop(f"{arch.lm_head_path}.weight", None)

@@ -92,8 +92,11 @@ def check_decode_model(lib: ctypes.CDLL, spec: Any, decoder: Any, keep: list[tor
         where = f"layer {index}"
         parts(f"{where} q|k|v", layer.qkv, 3, (heads + 2 * kv) * head_dim, hidden)
         parts(f"{where} o", (layer.o,), 1, hidden, heads * head_dim)
-        parts(f"{where} gate|up", layer.gate_up, 2, 2 * inter, hidden)
-        parts(f"{where} down", (layer.down,), 1, hidden, inter)
+        if layer.moe:
+            check_experts(lib, layer.moe.contents, sizes, where, hidden, parts)
+        else:
+            parts(f"{where} gate|up", layer.gate_up, 2, 2 * inter, hidden)
+            parts(f"{where} down", (layer.down,), 1, hidden, inter)
         norm(f"{where} input norm", layer.input_norm, hidden)
         norm(f"{where} MLP norm", layer.mlp_norm, hidden)
         norm(f"{where} attention output norm", layer.attn_out_norm, hidden, required=False)
@@ -110,6 +113,25 @@ def check_decode_model(lib: ctypes.CDLL, spec: Any, decoder: Any, keep: list[tor
     cache = (spec.n_layers, spec.slots, kv, context, head_dim)
     for name in ("k_cache", "v_cache"):
         _expect(name, tuple(getattr(decoder, name).shape), cache)
+
+
+def check_experts(lib: ctypes.CDLL, moe: Any, sizes: dict[int, int], where: str, hidden: int, parts: Any) -> None:
+    """An expert layer (compiled_step.MoESpec): router and shared gate read the hidden state and give one logit per
+    expert (and the shared one); every expert is gate, up [width, hidden] and down [hidden, width]."""
+    experts, shared = moe.n_experts, moe.shared
+    if experts <= 0 or not 0 < moe.top_k <= experts or shared not in (0, 1):
+        raise LowbitError(f"compiled step: {where} has {experts} experts, top_k {moe.top_k} and shared {shared}; "
+                          "the model does not match its configuration")
+    parts(f"{where} router", moe.router, 2, experts + shared, hidden)
+    for e in range(experts + shared):
+        gate, up, down = (moe.experts[3 * e + i] for i in range(3))
+        what = f"{where} expert {e}"
+        parts(f"{what} gate", (gate,), 1, gate.n, hidden)
+        parts(f"{what} up", (up,), 1, gate.n, hidden)
+        parts(f"{what} down", (down,), 1, hidden, gate.n)
+        if gate.n <= 0 or any(p.bias for p in (gate, up, down)):
+            raise LowbitError(f"compiled step: {what} has width {gate.n} or biases; the step reads experts "
+                              "without biases")
 
 
 def check_step_inputs(tokens: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor, vocab: int,

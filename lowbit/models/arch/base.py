@@ -62,6 +62,22 @@ class Experts:
     # (`path.gate_up_proj`, `path.down_proj`) are understood for every family.
     disk_renames: tuple[tuple[str, str], ...] = ()
     disk_projections: tuple[str, ...] = ()
+    # Routing, as transformers computes it (what the engine's decoder and compiled step compute): the router
+    # Linear at `router` (inside the block) gives one logit per expert; probabilities are the softmax over all
+    # experts, each token runs the config's `top_k` most probable ones, weighted by their probabilities,
+    # divided by their sum when `renormalize` says ("always": Mixtral, whose weights are then the softmax of the
+    # top-k logits; otherwise the config attribute that says, Qwen-MoE's norm_topk_prob).
+    router: str = "mlp.gate"
+    top_k: str = "num_experts_per_tok"
+    renormalize: str = "always"
+    # A shared expert every token runs (Qwen2-MoE), added to the routed experts' sum with the weight
+    # sigmoid(shared_gate(x)); "" when the family has none.
+    shared_expert: str = ""
+    shared_gate: str = ""
+
+    def renormalizes(self, config: Any) -> bool:
+        """Whether the top-k probabilities are divided by their sum, for this config."""
+        return self.renormalize == "always" or bool(getattr(config, self.renormalize))
 
 
 @dataclass(frozen=True)

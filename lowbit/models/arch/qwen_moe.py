@@ -43,7 +43,10 @@ def _moe(family, model_type, cls, arch, shared: bool, qkv_bias: bool, qk_norm: b
         blocks_path="model.layers", embed_path="model.embed_tokens", final_norm_path="model.norm",
         lm_head_path="lm_head",
         sequential=(ATTN, ("self_attn.o_proj",), expert_in, downs), scale_groups=groups, no_clip=LLAMA_NO_CLIP,
-        qkv_bias=qkv_bias, qk_norm=qk_norm, experts=Experts(),
+        qkv_bias=qkv_bias, qk_norm=qk_norm,
+        experts=Experts(renormalize="norm_topk_prob",
+                        shared_expert="mlp.shared_expert" if shared else "",
+                        shared_gate="mlp.shared_expert_gate" if shared else ""),
         keep_float=("mlp.shared_expert_gate",),
         gguf=GGUFSpec(arch, hparams=_hparams, config_from=_config),
     )

@@ -1,4 +1,5 @@
-/* One decode step of a pre-norm rotary decoder (Llama, Mistral, Qwen2/3, SmolLM2, Gemma 1/2/3, Phi-3) in one call.
+/* One decode step of a pre-norm rotary decoder (Llama, Mistral, Qwen2/3, SmolLM2, Gemma 1/2/3, Phi-3, and the
+ * mixture-of-experts ones: Mixtral, Qwen2-MoE, Qwen3-MoE) in one call.
  *
  * Why: at batch 1 a small model's decode step is ~50 torch operations per layer, and their dispatch costs more
  * than the arithmetic (measured: 13.4 ms per SmolLM2-135M token, of which ~5 ms were matmuls). Here the whole
@@ -15,6 +16,17 @@
 
 #include "affine_dot.h"
 
+/* A mixture-of-experts MLP (Mixtral, Qwen2-MoE, Qwen3-MoE) as transformers routes it: softmax over the router's
+ * logits of all experts, the top_k most probable experts per token, weighted by their probabilities (divided by
+ * their sum when `renormalize`); plus, when `shared`, a shared expert every token runs, weighted by
+ * sigmoid(shared gate logit). Each expert is act(gate(x)) * up(x) -> down, without biases. */
+typedef struct {
+    int64_t n_experts, top_k, renormalize, shared;
+    lb_linear router[2];          /* router [n_experts, hidden] and the shared expert's gate [1, hidden] (n == 0:
+                                     no shared expert): their logits side by side, one matmul */
+    const lb_linear *experts;     /* [n_experts + shared][3]: gate, up, down of each expert, the shared one last */
+} lb_moe;
+
 /* Every norm is an RMSNorm y = x / rms(x) * w; the caller passes w as the family computes it (Gemma's 1 + w
  * is added once when the step is built, as transformers adds it in float32 on every call). */
 typedef struct {
@@ -27,6 +39,7 @@ typedef struct {
     int64_t window;                              /* attend to the last `window` positions only; 0: all */
     lb_linear qkv[3], o, gate_up[2], down;   /* q, k, v and gate, up (parts with n == 0 are absent: a fused
                                                 weight in the first part computes them all) */
+    const lb_moe *moe;                       /* the MLP is this mixture of experts (gate_up, down unused); or NULL */
 } lb_layer;
 
 enum { LB_ACT_SILU = 0, LB_ACT_GELU_TANH = 1, LB_ACT_GELU = 2 };
@@ -100,19 +113,185 @@ static float dot(const float *a, const float *b, int64_t n) {
     return s;
 }
 
+/* An expert layer's routing tables and buffers for B rows, carved from `base` (NULL: only count the floats).
+ * A "routed row" is one (token row, expert) pair; routed rows are grouped by expert so that each expert runs one
+ * matmul over all the tokens routed to it. One function for the workspace size and the step, so they agree. */
+typedef struct {
+    float *logits;        /* [B, n_experts + shared]: router logits, then softmax probabilities in place */
+    int64_t *first;       /* [experts + 1]: routed rows of expert e are first[e] .. first[e + 1] - 1 */
+    int64_t *row_of, *expert_of;  /* [routed]: the token row and the expert of each routed row */
+    float *weight_of;     /* [routed]: its routing weight */
+    int64_t *slots;       /* [B, top_k + shared]: row b's routed rows, in expert order (the sum's order) */
+    int64_t *chosen, *next;   /* [B, top_k]: each row's experts; [experts]: next free routed row of each */
+    float *chosen_weight;     /* [B, top_k]: their weights */
+    float *x, *gate_up, *act, *y;   /* [routed, hidden], [routed, 2 * widest], [routed, widest], [routed, hidden] */
+} lb_moe_work;
+
+static int64_t moe_widest(const lb_moe *moe) {
+    int64_t widest = 0;
+    for (int64_t e = 0; e < moe->n_experts + moe->shared; e++)
+        if (moe->experts[3 * e].n > widest) widest = moe->experts[3 * e].n;
+    return widest;
+}
+
+static int64_t moe_routed(const lb_moe *moe, int64_t B) { return B * (moe->top_k + moe->shared); }
+
+static int64_t moe_work(const lb_moe *moe, int64_t B, int64_t H, float *base, lb_moe_work *w) {
+    const int64_t E = moe->n_experts + moe->shared, R = moe_routed(moe, B), I = moe_widest(moe);
+    int64_t at = 0;
+    /* int64 tables (2 floats each) at even offsets: aligned as int64 */
+#define LB_CARVE(field, type, floats) \
+    do { if (base) w->field = (type *)(base + at); at += ((floats) + 1) / 2 * 2; } while (0)
+    LB_CARVE(logits, float, B * E);
+    LB_CARVE(first, int64_t, 2 * (E + 1));
+    LB_CARVE(row_of, int64_t, 2 * R);
+    LB_CARVE(expert_of, int64_t, 2 * R);
+    LB_CARVE(weight_of, float, R);
+    LB_CARVE(slots, int64_t, 2 * R);
+    LB_CARVE(chosen, int64_t, 2 * B * moe->top_k);
+    LB_CARVE(next, int64_t, 2 * E);
+    LB_CARVE(chosen_weight, float, B * moe->top_k);
+    LB_CARVE(x, float, R * H);
+    LB_CARVE(gate_up, float, R * 2 * I);
+    LB_CARVE(act, float, R * I);
+    LB_CARVE(y, float, R * H);
+#undef LB_CARVE
+    return at;
+}
+
 /* Per-thread matmul scratch for B rows: sized for the widest matmul input (hidden, intermediate or heads x D).
  * One function for lowbit_decode_workspace and lowbit_decode_step, so the size and the layout cannot drift. */
 static int64_t thread_scratch_floats(const lb_model *m, int64_t B) {
-    int64_t widest = m->hidden > m->intermediate ? m->hidden : m->intermediate;
+    int64_t widest = m->hidden > m->intermediate ? m->hidden : m->intermediate, rows = B;
     if (m->heads * m->head_dim > widest) widest = m->heads * m->head_dim;
-    return lb_scratch_floats(widest, widest, B);
+    for (int64_t l = 0; l < m->n_layers; l++) {       /* an expert matmul reads up to all routed rows */
+        const lb_moe *moe = m->layers[l].moe;
+        if (!moe) continue;
+        if (moe_widest(moe) > widest) widest = moe_widest(moe);
+        if (moe_routed(moe, B) > rows) rows = moe_routed(moe, B);
+    }
+    return lb_scratch_floats(widest, widest, rows);
+}
+
+/* Floats of the expert layers' buffers (the largest layer's; layers run one after the other). */
+static int64_t moe_floats(const lb_model *m, int64_t B) {
+    int64_t most = 0;
+    for (int64_t l = 0; l < m->n_layers; l++)
+        if (m->layers[l].moe) {
+            const int64_t floats = moe_work(m->layers[l].moe, B, m->hidden, NULL, NULL);
+            if (floats > most) most = floats;
+        }
+    return most;
+}
+
+/* Row b's choice of experts (inside `omp single`): softmax over all experts' logits, the top_k most probable
+ * (the first of equal ones, as a stable descending sort), their probabilities (over their sum if renormalize). */
+static void route_row(const lb_moe *moe, float *logits, int64_t *chosen, float *weights) {
+    const int64_t E = moe->n_experts, K = moe->top_k;
+    float top = -INFINITY, total = 0.0f;
+    for (int64_t e = 0; e < E; e++) top = logits[e] > top ? logits[e] : top;
+    for (int64_t e = 0; e < E; e++) total += (logits[e] = expf(logits[e] - top));
+    for (int64_t e = 0; e < E; e++) logits[e] /= total;
+    float picked = 0.0f;
+    for (int64_t j = 0; j < K; j++) {
+        int64_t best = -1;
+        for (int64_t e = 0; e < E; e++) {
+            int taken = 0;
+            for (int64_t i = 0; i < j; i++) taken |= chosen[i] == e;
+            if (!taken && (best < 0 || logits[e] > logits[best])) best = e;
+        }
+        chosen[j] = best;
+        picked += (weights[j] = logits[best]);
+    }
+    if (moe->renormalize)
+        for (int64_t j = 0; j < K; j++) weights[j] /= picked;
+}
+
+/* y [B, H] = the expert layer's output for the normalised rows h [B, H] (each thread's own copy). */
+static void moe_mlp(const lb_model *m, const lb_moe *moe, const float *h, int64_t B, float *base, float *y,
+                    float *xsum, int activations) {
+    const int64_t H = m->hidden, E = moe->n_experts, S = moe->shared, K = moe->top_k;
+    const int64_t R = moe_routed(moe, B), I = moe_widest(moe), per_row = K + S;
+    lb_moe_work w;
+    moe_work(moe, B, H, base, &w);
+    matmul_parts(moe->router, 2, h, B, w.logits, E + S, xsum, activations);
+
+    #pragma omp single
+    {
+        for (int64_t b = 0; b < B; b++)
+            route_row(moe, w.logits + b * (E + S), w.chosen + b * K, w.chosen_weight + b * K);
+        /* group the routed rows by expert: counts, then where each expert's rows begin */
+        for (int64_t e = 0; e <= E + S; e++) w.first[e] = 0;
+        for (int64_t i = 0; i < B * K; i++) w.first[w.chosen[i] + 1]++;
+        if (S) w.first[E + 1] = B;
+        for (int64_t e = 0; e < E + S; e++) w.first[e + 1] += w.first[e];
+        for (int64_t e = 0; e < E + S; e++) w.next[e] = w.first[e];
+        for (int64_t b = 0; b < B; b++) {
+            int64_t *slots = w.slots + b * per_row;
+            for (int64_t e = 0, j = 0; e < E; e++)            /* row b's experts in expert order */
+                for (int64_t c = 0; c < K; c++)
+                    if (w.chosen[b * K + c] == e) {
+                        const int64_t at = w.next[e]++;
+                        w.row_of[at] = b;
+                        w.expert_of[at] = e;
+                        w.weight_of[at] = w.chosen_weight[b * K + c];
+                        slots[j++] = at;
+                    }
+            if (S) {                           /* the shared expert, added last as transformers adds it */
+                const int64_t at = w.next[E]++;
+                w.row_of[at] = b;
+                w.expert_of[at] = E;
+                w.weight_of[at] = 1.0f / (1.0f + expf(-w.logits[b * (E + S) + E]));
+                slots[K] = at;
+            }
+        }
+    }
+
+    #pragma omp for schedule(static)
+    for (int64_t r = 0; r < R; r++)
+        for (int64_t i = 0; i < H; i++) w.x[r * H + i] = h[w.row_of[r] * H + i];
+
+    /* gate and up of every expert that has rows: one barrier after the last */
+    int64_t last = -1;
+    for (int64_t e = 0; e < E + S; e++)
+        if (w.first[e + 1] > w.first[e]) last = e;
+    for (int64_t e = 0; e <= last; e++) {
+        const int64_t rows = w.first[e + 1] - w.first[e];
+        if (!rows) continue;
+        const lb_linear *ex = moe->experts + 3 * e;
+        float *out = w.gate_up + w.first[e] * 2 * I;
+        lb_matmul(&ex[0], w.x + w.first[e] * H, rows, out, 2 * I, 0, xsum, activations, 0);
+        lb_matmul(&ex[1], w.x + w.first[e] * H, rows, out + ex[0].n, 2 * I, 0, xsum, activations, e == last);
+    }
+    /* weight * act(gate) * up, each expert's rows packed [rows, its width] for its down matmul (down is linear
+       without bias, so weighting its input weights its output) */
+    #pragma omp for schedule(static)
+    for (int64_t r = 0; r < R; r++) {
+        const int64_t e = w.expert_of[r], width = moe->experts[3 * e].n;
+        const float *gu = w.gate_up + r * 2 * I;
+        float *a = w.act + w.first[e] * I + (r - w.first[e]) * width;
+        for (int64_t j = 0; j < width; j++) a[j] = w.weight_of[r] * activation(gu[j], m->activation) * gu[width + j];
+    }
+    for (int64_t e = 0; e <= last; e++) {
+        const int64_t rows = w.first[e + 1] - w.first[e];
+        if (!rows) continue;
+        lb_matmul(&moe->experts[3 * e + 2], w.act + w.first[e] * I, rows, w.y + w.first[e] * H, H, 0, xsum, activations,
+                  e == last);
+    }
+    #pragma omp for schedule(static)
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t i = 0; i < H; i++) {
+            float sum = 0.0f;
+            for (int64_t j = 0; j < per_row; j++) sum += w.y[w.slots[b * per_row + j] * H + i];
+            y[b * H + i] = sum;
+        }
 }
 
 /* Floats of scratch memory lowbit_decode_step needs for B rows and `threads` threads. */
 int64_t lowbit_decode_workspace(const lb_model *m, int64_t B, int threads) {
     const int64_t qkv = (m->heads + 2 * m->kv_heads) * m->head_dim;
     return B * (qkv + m->heads * m->head_dim + 3 * m->intermediate + m->heads * m->context + m->hidden)
-           + (int64_t)threads * (thread_scratch_floats(m, B) + B * m->hidden);
+           + (int64_t)threads * (thread_scratch_floats(m, B) + B * m->hidden) + moe_floats(m, B) + 2;
 }
 
 /* x [B, hidden]: the rows' embeddings, overwritten with the final hidden states; logits [B, vocab] out (or
@@ -127,6 +306,8 @@ void lowbit_decode_step(const lb_model *m, float *x, int64_t B, const int64_t *s
     float *qkv = work, *attn = qkv + B * QKV, *gu = attn + B * heads * D, *act = gu + B * 2 * I;
     float *scores = act + B * I, *out = scores + B * heads * T, *per_thread = out + B * H;
     const int64_t scratch_floats = thread_scratch_floats(m, B);
+    float *moe_base = per_thread + (int64_t)threads * (scratch_floats + B * H);
+    moe_base += ((uintptr_t)moe_base / sizeof(float)) % 2;      /* int64 routing tables: 8-byte aligned */
 
     #pragma omp parallel num_threads(threads)
     {
@@ -198,6 +379,16 @@ void lowbit_decode_step(const lb_model *m, float *x, int64_t B, const int64_t *s
                 lb_matmul(&layer->o, attn, B, x, H, 1, xsum, activations, 1);  /* x += attention output */
             }
             for (int64_t b = 0; b < B; b++) rms_norm(x + b * H, layer->mlp_norm, H, m->norm_eps, h + b * H);
+            if (layer->moe) {                                             /* x += experts' output */
+                moe_mlp(m, layer->moe, h, B, moe_base, out, xsum, activations);
+                if (layer->mlp_out_norm) {
+                    add_normed(x, out, layer->mlp_out_norm, B, H, m->norm_eps, h);
+                } else {
+                    #pragma omp for schedule(static)
+                    for (int64_t i = 0; i < B * H; i++) x[i] += out[i];
+                }
+                continue;
+            }
             const lb_linear *gate = &layer->gate_up[0], *up = &layer->gate_up[1];
             const int64_t per_item = lb_matmul_rows_per_item(gate);
             if (gate->n == I && up->n == I && lb_matmul_rows_per_item(up) == per_item) {
