@@ -89,6 +89,25 @@ def test_gguf_type_changed_to_a_smaller_one_is_a_gap(made, tmp_path):
     rejects(tmp_path / "bad.gguf", "belong to no tensor")
 
 
+@pytest.mark.parametrize("type_id", [1, 3, 30])
+def test_gguf_last_tensor_type_shrunk_is_refused(made, tmp_path, type_id):
+    """The last tensor (output_norm.weight, F32) retyped F16, Q4_1 or BF16 in the header: fewer bytes, the rest of
+    the file left over as trailing bytes. It loaded with other logits (slow fuzz run, seeds 1 and 4)."""
+    data = bytearray(made["gguf-q8_0"].read_bytes())
+    layout = fuzzing.gguf_layout(bytes(data))
+    last = max(layout.tensors, key=lambda t: t["offset"])
+    assert last["name"] == "output_norm.weight"
+    struct.pack_into("<I", data, last["type_at"], type_id)
+    (tmp_path / "bad.gguf").write_bytes(bytes(data))
+    rejects(tmp_path / "bad.gguf", "after the last tensor", "output_norm.weight")
+    rejects(tmp_path / "bad.gguf", "after the last tensor", keep_quantized=False)
+
+
+def test_gguf_data_appended_is_refused(made, tmp_path):
+    (tmp_path / "bad.gguf").write_bytes(made["gguf-q8_0"].read_bytes() + bytes(40))
+    rejects(tmp_path / "bad.gguf", "40 bytes after the last tensor")
+
+
 @pytest.mark.parametrize("field", ["n_tensors", "n_kv"])
 def test_gguf_counts(made, tmp_path, field):
     """n_tensors = 0 (no model) and counts larger than the file: one line, no allocation."""
@@ -162,6 +181,20 @@ def test_lowbit_json_shape_or_group_size_disagreeing_with_tensors(made, tmp_path
     bad = copy_folder(made["native-rtn4"], tmp_path / "group", "lowbit.json",
                       lambda m: m["layers"][name].update(group_size=16))
     rejects(bad, name)
+
+
+@pytest.mark.parametrize("field", ["layer", "scheme"])
+def test_lowbit_json_group_size_with_the_same_group_count(made, tmp_path, field):
+    """Group size 32 -> 33 on 64 columns: still 2 groups, so every shape fits, but columns 32 map to another
+    group's scale. The layer's edit loaded with other logits (slow fuzz run, seed 4)."""
+    name = "model.layers.2.mlp.up_proj"
+
+    def edit(manifest):
+        spec = manifest["layers"][name]
+        (spec if field == "layer" else spec["scheme"])["group_size"] = 33
+
+    bad = copy_folder(made["native-rtn4"], tmp_path / "bad", "lowbit.json", edit)
+    rejects(bad, name, "group size")
 
 
 def test_unknown_gptq_quant_method(made, tmp_path):
