@@ -89,6 +89,25 @@ def test_gguf_type_changed_to_a_smaller_one_is_a_gap(made, tmp_path):
     rejects(tmp_path / "bad.gguf", "belong to no tensor")
 
 
+@pytest.mark.parametrize("edit,words", [("shift", "belong to no tensor"), ("overlap", "overlap|belong to no tensor"),
+                                        ("beyond", "needs bytes"), ("misalign", "not aligned")])
+def test_gguf_tensor_offsets_through_lowbit_load(made, tmp_path, edit, words):
+    """Offsets shifted by an alignment step, equal to another tensor's, past the end or unaligned: `lowbit.load`
+    of a GGUF used to go through a second parser that did not check them (the kept-quantized reader did)."""
+    import lowbit
+
+    data = bytearray(made["gguf-q8_0"].read_bytes())
+    tensors = fuzzing.gguf_layout(bytes(data)).tensors
+    target, other = tensors[3], tensors[4]
+    value = {"shift": target["offset"] + 32, "overlap": other["offset"], "beyond": len(data),
+             "misalign": target["offset"] + 1}[edit]
+    struct.pack_into("<Q", data, target["offset_at"], value)
+    (tmp_path / "bad.gguf").write_bytes(bytes(data))
+    for keep_quantized in (False, True):
+        with pytest.raises(LowbitError, match=words):
+            lowbit.load(tmp_path / "bad.gguf", keep_quantized=keep_quantized)
+
+
 @pytest.mark.parametrize("type_id", [1, 3, 30])
 def test_gguf_last_tensor_type_shrunk_is_refused(made, tmp_path, type_id):
     """The last tensor (output_norm.weight, F32) retyped F16, Q4_1 or BF16 in the header: fewer bytes, the rest of
