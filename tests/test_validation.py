@@ -309,6 +309,25 @@ def test_c_size_check_codes(field, value, code):
         checks.check_linear(lib, bent, sizes, "bent")
 
 
+def test_c_linear_refuses_inputs_of_another_width():
+    """A 128-input layer on the compiled u8 kernel given 96 columns read 32 floats past the input's buffer
+    (outputs near 1e30), and 160 columns were silently truncated."""
+    from lowbit.runtime import clib
+    from lowbit.runtime.qlinear import QuantLinear
+    from lowbit.schemes.intgrid import IntGrid
+
+    if clib.native_library() is None:
+        pytest.skip("no C compiler: compiled kernels unavailable")
+    qw = IntGrid(bits=4, group_size=32).quantize(torch.randn(64, 128, generator=torch.Generator().manual_seed(0)))
+    layer = QuantLinear(qw, None, kernel="u8")
+    assert layer.kernel_name == "u8"
+    for width in (96, 160):
+        with pytest.raises(LowbitError, match=rf"inputs of shape \[1, {width}\]; it needs \[rows, 128\]"):
+            layer(torch.randn(1, width))
+    x = torch.randn(3, 128, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(layer(x), x @ qw.dequantize().t(), rtol=1e-4, atol=1e-4)
+
+
 def test_step_inputs_outside_the_cache(made):
     from lowbit.runtime.checks import check_step_inputs
 
