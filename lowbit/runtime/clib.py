@@ -336,6 +336,10 @@ def linear(spec: LinearSpec, x: torch.Tensor, act8: bool = False, lib: ctypes.CD
     """y [M, N] = x [M, K] W^T (+ bias) with the compiled kernel on torch's thread count: float32 arithmetic, or
     with `act8` int8 activations (llama.cpp's Q8_0 / Q8_K arithmetic) where the layout allows."""
     lib = lib or native_library()
+    if x.dim() != 2 or x.shape[1] != spec.k:
+        # C reads M x K floats from x's pointer, however many it holds: a narrower input is read past its end
+        raise LowbitError(f"a {spec.n} x {spec.k} quantized layer was given inputs of shape {list(x.shape)}; it "
+                          f"needs [rows, {spec.k}]")
     x = x.float().contiguous()
     threads = torch.get_num_threads()
     spec_ref = ctypes.byref(spec)
