@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 from typing import Any, ClassVar
 
 import torch
@@ -148,3 +148,55 @@ def _compact_float(t: torch.Tensor) -> torch.Tensor:
 def expand_groups(stat: torch.Tensor, group_index: torch.Tensor) -> torch.Tensor:
     """Per-group statistics [N, G] -> per-column [N, K] using each column's group."""
     return stat.index_select(1, group_index)
+
+
+class KeptGrid(Scheme):
+    """The statistics of an existing weight (`base`: its scales and zeros, or GGUF block statistics) kept, only
+    the codes chosen anew: what `merge` re-quantizes an adapted layer on when the method's grid is the base's.
+
+    Rounding W_base + delta on a fresh grid moves every weight by up to half a step (a whole re-quantization's
+    error, of the order of the base's own); on the base's grid, W_base sits on grid points, so each weight's
+    rounding error is at most its delta's size, and error-compensating rounding (GPTQ) turns the deltas into the
+    few code changes that carry them. Not registered: the weights it makes carry the base's own scheme."""
+
+    kind = "kept"
+
+    def __init__(self, base: QuantizedWeight):
+        self.base = base
+
+    @property
+    def name(self) -> str:
+        return f"{self.base.scheme.name} (kept statistics)"
+
+    def _columns(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        index = self.base.group_index()
+        zeros = self.base.zeros
+        return expand_groups(self.base.scales, index), None if zeros is None else expand_groups(zeros, index)
+
+    def quantize(self, weight: torch.Tensor, importance: torch.Tensor | None = None) -> QuantizedWeight:
+        if tuple(weight.shape) != tuple(self.base.shape):
+            raise LowbitError(f"a kept grid of shape {tuple(self.base.shape)} cannot quantize a "
+                              f"{tuple(weight.shape)} weight")
+        scales, zeros = self._columns()
+        return self.with_codes(self.base, self.encode(weight.float(), scales, zeros))
+
+    def with_codes(self, qw: QuantizedWeight, codes: torch.Tensor) -> QuantizedWeight:
+        """The base weight with `codes` (block bytes rebuilt for GGUF types), under its own scheme."""
+        rebuild = getattr(self.base.scheme, "with_codes", None)
+        return rebuild(self.base, codes) if rebuild is not None else replace(self.base, codes=codes)
+
+    def dequantize(self, qw: QuantizedWeight) -> torch.Tensor:
+        return self.base.scheme.dequantize(qw)
+
+    def storage_bits(self, qw: QuantizedWeight) -> int:
+        return self.base.scheme.storage_bits(qw)
+
+    def encode(self, w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None) -> torch.Tensor:
+        return self.base.scheme.encode(w, scales, zeros)
+
+    def decode(self, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None) -> torch.Tensor:
+        return self.base.scheme.decode(codes, scales, zeros)
+
+    @property
+    def affine_bits(self) -> int | None:
+        return self.base.scheme.affine_bits

@@ -1,6 +1,7 @@
 """`finetune` and `merge`: the Python API behind `lowbit finetune` and `lowbit merge`."""
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import time
@@ -196,7 +197,8 @@ def _qat(model: nn.Module, tokenizer: Any, text: TrainingText, output: Path, con
 
 def merge(base: nn.Module | str | Path, adapter: str | Path, output: str | Path | None = None,
           method: str | None = None, format: str = "lowbit", calibration: Any = None, tokenizer: Any = None,
-          scale_steps: int = 0, scale_lr: float = 3e-3, **quantize_options: Any) -> nn.Module:
+          scale_steps: int = 0, scale_lr: float = 3e-3, keep_grid: bool = True, distill_steps: int = 0, distill_lr: float = 1e-2,
+          distill_scale_lr: float = 1e-3, **quantize_options: Any) -> nn.Module:
     """Fold a LoRA adapter into the base's weights (dequantized from its codes when the base is quantized) and
     re-quantize the merged layers with `method` (rtn, gptq, awq, nf4, qat, ...; None keeps them float), calibrated
     on `calibration` (a text file, token windows or a CalibrationRequest: the training text is the natural
@@ -205,13 +207,14 @@ def merge(base: nn.Module | str | Path, adapter: str | Path, output: str | Path 
     qat.train_scales), which wins back part of what re-quantizing the merged weights loses. Writes `output` in
     `format` when given."""
     from lowbit.api import config_from_kwargs, save
-    from lowbit.methods.base import CalibrationRequest
+    from lowbit.methods.base import CalibrationRequest, get_method
     from lowbit.methods.pipeline import quantize_model
-    from lowbit.training.lora import apply_adapter, read_adapter
+    from lowbit.training.lora import adapted_base_weights, apply_adapter, read_adapter
 
     model, tokenizer = load_base(base, tokenizer)
     loaded = read_adapter(adapter)
     prepare_adapter_base(model, adapter)
+    base_weights = adapted_base_weights(model, loaded)
     apply_adapter(model, loaded)
     if method is not None:
         config = config_from_kwargs(method=method, **quantize_options)
@@ -219,16 +222,41 @@ def merge(base: nn.Module | str | Path, adapter: str | Path, output: str | Path 
             calibration = CalibrationRequest(tokenizer, None if calibration is None else str(calibration),
                                              quantize_options.get("calib_samples", 128),
                                              quantize_options.get("calib_len", 512))
-        quantize_model(model, config, calibration=calibration, progress=False)
-        if scale_steps:
-            if not isinstance(calibration, torch.Tensor):
-                from lowbit.calibration.text import calibration_batch
+        kept = kept_grids(get_method(config), base_weights) if keep_grid else {}
+        if kept:
+            log.info("merge: %d of %d adapted layers re-quantized on the base's own grid (codes chosen anew)",
+                     len(kept), len(loaded.modules))
+        teacher = copy.deepcopy(model) if distill_steps else None
+        quantize_model(model, config, calibration=calibration, progress=False, layer_schemes=kept)
+        if distill_steps:
+            from lowbit.training.qat import distill_merged
 
-                calibration = calibration_batch(model, calibration)
+            distill_merged(model, teacher, _token_windows(model, calibration), loaded.modules, distill_steps,
+                           lr=distill_lr, scale_lr=distill_scale_lr)
+            del teacher
+        if scale_steps:
             from lowbit.training.qat import train_scales
 
-            train_scales(model, calibration, scale_steps, lr=scale_lr)
+            train_scales(model, _token_windows(model, calibration), scale_steps, lr=scale_lr)
     model.tokenizer = tokenizer
     if output is not None:
         save(model, output, format=format, tokenizer=tokenizer)
     return model
+
+
+def _token_windows(model: nn.Module, calibration: Any) -> torch.Tensor:
+    if isinstance(calibration, torch.Tensor):
+        return calibration
+    from lowbit.calibration.text import calibration_batch
+
+    return calibration_batch(model, calibration)
+
+
+def kept_grids(method: Any, base_weights: dict[str, Any]) -> dict[str, Any]:
+    """Adapted layer -> KeptGrid of its base weight, for the layers whose base scheme is the one `method`
+    re-quantizes on (same grid: the statistics are kept, only the codes re-chosen); a different target (other
+    bits, group size or scheme) or a scheme without column-wise codes (NF4) gets a fresh grid."""
+    from lowbit.schemes.base import KeptGrid, Scheme
+
+    return {name: KeptGrid(qweight) for name, qweight in base_weights.items()
+            if qweight.scheme == method.scheme_for(name) and type(qweight.scheme).encode is not Scheme.encode}

@@ -33,7 +33,7 @@ from lowbit.errors import LowbitError
 from lowbit.methods.base import BlockResult, Method, join_name, register_method
 from lowbit.methods.gptq import resolve_scheme
 from lowbit.quantized import QuantizedWeight
-from lowbit.schemes.base import Scheme, expand_groups
+from lowbit.schemes.base import KeptGrid, Scheme, expand_groups
 from lowbit.schemes.codebook import Codebook4, _bucketing
 from lowbit.schemes.ggml import GGMLScheme
 from lowbit.schemes.intgrid import _SCALE_DTYPES, IntGrid
@@ -58,23 +58,20 @@ class FakeQuantizer(nn.Module):
 
 
 class AffineFake(FakeQuantizer):
-    """w = s * (q - z) grids (IntGrid; GGUF types in their affine view, with fixed statistics)."""
+    """w = s * (q - z) grids (IntGrid; GGUF types in their affine view, with fixed statistics), starting from the
+    codes and statistics of `initial`."""
 
-    def __init__(self, scheme: Scheme, weight: torch.Tensor, learn_scales: bool):
+    def __init__(self, initial: QuantizedWeight, learn_scales: bool):
         super().__init__()
+        scheme = initial.scheme
         self.scheme = scheme
-        if isinstance(scheme, IntGrid):
-            # start from the MSE-clipped grid (what RTN --clip-search picks): at 2-3 bits absmax wastes levels
-            self.initial = dataclasses.replace(scheme, clip_search=True).quantize(weight)
-            self.initial.scheme = scheme
-        else:
-            self.initial = scheme.quantize(weight)
-        self.group_index = self.initial.group_index()
+        self.initial = initial
+        self.group_index = initial.group_index()
         self.has_min = isinstance(scheme, GGMLScheme) and scheme.codec.has_min
         self.maxq = scheme.codec.maxq if isinstance(scheme, GGMLScheme) else scheme.maxq
-        scales = self.initial.scales.float().clamp(min=1e-12)
+        scales = initial.scales.float().clamp(min=1e-12)
         self.log_scale = nn.Parameter(scales.log(), requires_grad=learn_scales)
-        self.register_buffer("zeros", self.initial.zeros.float())
+        self.register_buffer("zeros", initial.zeros.float())
 
     def scales(self) -> torch.Tensor:
         return self.log_scale.exp()
@@ -141,11 +138,16 @@ class CodebookFake(FakeQuantizer):
 
 def fake_quantizer(scheme: Scheme, weight: torch.Tensor) -> FakeQuantizer:
     if isinstance(scheme, IntGrid):
-        return AffineFake(scheme, weight, learn_scales=True)
+        # start from the MSE-clipped grid (what RTN --clip-search picks): at 2-3 bits absmax wastes levels
+        initial = dataclasses.replace(scheme, clip_search=True).quantize(weight)
+        initial.scheme = scheme
+        return AffineFake(initial, learn_scales=True)
     if isinstance(scheme, Codebook4):
         return CodebookFake(scheme, weight)
+    if isinstance(scheme, KeptGrid):      # merge: the base's statistics as the start (learned for integer grids)
+        return AffineFake(scheme.quantize(weight), learn_scales=isinstance(scheme.base.scheme, IntGrid))
     if isinstance(scheme, GGMLScheme):
-        return AffineFake(scheme, weight, learn_scales=False)
+        return AffineFake(scheme.quantize(weight), learn_scales=False)
     raise LowbitError(f"qat does not support scheme {scheme.name}; use an integer grid, nf4/fp4 or a GGUF type")
 
 
@@ -160,6 +162,24 @@ class FakeQuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.quantizer(self.weight).to(x.dtype), self.bias)
+
+
+def qat_optimizer(fakes: Any, lr: float, scale_lr: float) -> torch.optim.Adam:
+    """Adam over the fake-quantized layers' latent weights and learnable statistics."""
+    groups = []
+    for fake in fakes:
+        # step sizes relative to the weight's own size: one lr fits layers and models of any scale
+        groups.append({"params": [fake.weight], "lr": lr * fake.weight.detach().pow(2).mean().sqrt().item()})
+        stats = [p for p in fake.quantizer.parameters() if p.requires_grad]
+        if stats:
+            groups.append({"params": stats, "lr": scale_lr})
+    return torch.optim.Adam(groups)
+
+
+def cosine(optimizer: torch.optim.Optimizer, base_lrs: list[float], step: int, total: int) -> None:
+    """Set each group's lr on a cosine from its base lr to 0 over `total` steps."""
+    for group, base in zip(optimizer.param_groups, base_lrs):
+        group["lr"] = base * 0.5 * (1 + math.cos(math.pi * step / total))
 
 
 @dataclass
@@ -232,15 +252,7 @@ class QAT(Method):
                                           fake_quantizer(self.scheme_for(join_name(prefix, name)), weight))
             replace_module(block, name, fakes[name])
         try:
-            groups = []
-            lr, scale_lr = float(self.option("lr")), float(self.option("scale_lr"))
-            for fake in fakes.values():
-                # step sizes relative to the weight's own size: one lr fits layers and models of any scale
-                groups.append({"params": [fake.weight], "lr": lr * fake.weight.detach().pow(2).mean().sqrt().item()})
-                stats = [p for p in fake.quantizer.parameters() if p.requires_grad]
-                if stats:
-                    groups.append({"params": stats, "lr": scale_lr})
-            optimizer = torch.optim.Adam(groups)
+            optimizer = qat_optimizer(fakes.values(), float(self.option("lr")), float(self.option("scale_lr")))
             generator = torch.Generator().manual_seed(int(self.option("seed") or 0))
             epochs = int(self.option("epochs"))
 
@@ -256,8 +268,7 @@ class QAT(Method):
             step = 0
             for _ in range(epochs):
                 for i in torch.randperm(len(calls), generator=generator).tolist():
-                    for group, base in zip(optimizer.param_groups, base_lrs):
-                        group["lr"] = base * 0.5 * (1 + math.cos(math.pi * step / total))   # cosine to 0
+                    cosine(optimizer, base_lrs, step, total)
                     call = calls[i]
                     out = block_output(block(*call.args, **call.kwargs))
                     loss = F.mse_loss(out, targets[i])
@@ -370,6 +381,67 @@ def train_scales(model: nn.Module, batches: torch.Tensor, steps: int, lr: float 
         model.eval()
         for name, layer in wrapped.items():
             replace_module(model, name, layer.finish())
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+    return losses
+
+
+def distill_merged(model: nn.Module, teacher: nn.Module, batches: torch.Tensor, layers: Any, steps: int,
+                   lr: float = 1e-2, scale_lr: float = 1e-3, chunk: int = 8, seed: int = 0,
+                   progress: bool = False) -> list[float]:
+    """End-to-end quantization-aware training of the re-quantized `layers` of `model` towards `teacher` (the
+    float merged model): each such QuantLinear on an affine grid becomes a FakeQuantLinear (a latent float
+    weight starting at its dequantized codes, its statistics learnable for integer grids, straight-through
+    rounding), the loss is the KL divergence of the model's next-token distribution from the teacher's on
+    `chunk` windows of `batches` per step (cycling, seeded), and the codes are chosen anew on the learned
+    statistics at the end. Layer-wise re-quantization (GPTQ, block QAT) matches each layer or block on its own;
+    this matches what the adapter changed, the whole model's output, so the rounding errors of all layers
+    compensate one another. Memory: a float copy of the trained layers and Adam's two states for them."""
+    from tqdm.auto import tqdm
+
+    from lowbit.runtime.qlinear import QuantLinear
+    from lowbit.runtime.surgery import install_quantized, replace_module
+    from lowbit.schemes.base import KeptGrid
+
+    modules = dict(model.named_modules())
+    fakes: dict[str, FakeQuantLinear] = {}
+    for name in layers:
+        module = modules.get(name)
+        if not isinstance(module, QuantLinear) or module.qweight.zeros is None:
+            continue
+        qweight = module.qweight
+        fakes[name] = FakeQuantLinear(qweight.dequantize(), module.bias,
+                                      fake_quantizer(KeptGrid(qweight), qweight.dequantize()))
+    if not fakes:
+        return []
+    flags = {p: p.requires_grad for p in model.parameters()}
+    for p in flags:
+        p.requires_grad_(False)
+    for name, fake in fakes.items():
+        replace_module(model, name, fake)
+    losses: list[float] = []
+    try:
+        optimizer = qat_optimizer(fakes.values(), lr, scale_lr)
+        base_lrs = [group["lr"] for group in optimizer.param_groups]
+        order = torch.randperm(batches.shape[0], generator=torch.Generator().manual_seed(seed))
+        teacher.eval()
+        model.train()
+        for step in tqdm(range(steps), desc="merge distill", disable=not progress):
+            ids = batches[order[(step * chunk + torch.arange(chunk)) % batches.shape[0]]]
+            with torch.no_grad():
+                target = F.log_softmax(teacher(input_ids=ids, use_cache=False).logits.float(), dim=-1)
+            logits = model(input_ids=ids, use_cache=False).logits.float()
+            loss = F.kl_div(F.log_softmax(logits, dim=-1).flatten(0, -2), target.flatten(0, -2),
+                            log_target=True, reduction="batchmean")
+            cosine(optimizer, base_lrs, step, steps)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+    finally:
+        model.eval()
+        for name, fake in fakes.items():
+            install_quantized(model, name, fake.quantizer.finish(fake.weight.detach()))
         for p, flag in flags.items():
             p.requires_grad_(flag)
     return losses
