@@ -57,10 +57,26 @@ class Scheme(ABC):
     def storage_bits(self, qw: QuantizedWeight) -> int:
         """Bits needed to store `qw` (packed codes plus every statistic)."""
 
-    # Column-wise access used by error-compensating methods (GPTQ): statistics are fixed, codes chosen per column.
+    # Column-wise access used by error-compensating methods (GPTQ) and quantization-aware training: statistics are
+    # fixed (or learned), codes chosen per column. Affine grids (integer grids, GGUF types) define `grid_position`
+    # and `maxq`; rounding and clamping are the same for all of them, with or without gradients.
+    maxq: int
+
+    def grid_position(self, w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None) -> torch.Tensor:
+        """`w` in code units before rounding and clamping, under statistics broadcastable to w."""
+        raise LowbitError(f"scheme {self.kind} does not support column-wise encoding (needed by GPTQ and QAT)")
+
     def encode(self, w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None) -> torch.Tensor:
         """Codes for `w` [N, c] under per-row statistics `scales`/`zeros` broadcastable to [N, c]."""
-        raise LowbitError(f"scheme {self.kind} does not support column-wise encoding (needed by GPTQ)")
+        with torch.no_grad():
+            # a zero scale (an all-zero group of a GGUF block): any code decodes the same
+            position = torch.nan_to_num(self.grid_position(w, scales, zeros), nan=0.0, posinf=0.0, neginf=0.0)
+            return torch.clamp(torch.round(position), 0, self.maxq).to(torch.uint8)
+
+    def fake_quantize_ste(self, w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None) -> torch.Tensor:
+        """decode(encode(w)) with straight-through rounding: differentiable in w (identity inside the grid, zero
+        where clamped) and in the statistics (LSQ's step-size gradient, d/ds = q - w/s inside the grid)."""
+        return self.decode(torch.clamp(round_ste(self.grid_position(w, scales, zeros)), 0, self.maxq), scales, zeros)
 
     def decode(self, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None) -> torch.Tensor:
         """Values of `codes` [N, c] under statistics broadcastable to [N, c]."""
@@ -135,6 +151,11 @@ class Scheme(ABC):
         return cls(**config)
 
 
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """round(x) in the forward pass, the identity in the backward pass (straight-through estimator)."""
+    return x + (torch.round(x) - x).detach()
+
+
 def _compact_float(t: torch.Tensor) -> torch.Tensor:
     """Store float32 statistics as uint8 or fp16 when that is exact (it usually is), else as they are."""
     t = t.float()
@@ -191,8 +212,12 @@ class KeptGrid(Scheme):
     def storage_bits(self, qw: QuantizedWeight) -> int:
         return self.base.scheme.storage_bits(qw)
 
-    def encode(self, w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None) -> torch.Tensor:
-        return self.base.scheme.encode(w, scales, zeros)
+    @property
+    def maxq(self) -> int:          # type: ignore[override]
+        return self.base.scheme.maxq
+
+    def grid_position(self, w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None) -> torch.Tensor:
+        return self.base.scheme.grid_position(w, scales, zeros)
 
     def decode(self, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None) -> torch.Tensor:
         return self.base.scheme.decode(codes, scales, zeros)

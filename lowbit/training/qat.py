@@ -33,17 +33,13 @@ from lowbit.errors import LowbitError
 from lowbit.methods.base import BlockResult, Method, join_name, register_method
 from lowbit.methods.gptq import resolve_scheme
 from lowbit.quantized import QuantizedWeight
+from lowbit.runtime.qlinear import DequantizedMatmul, QuantLinear
 from lowbit.schemes.base import KeptGrid, Scheme, expand_groups
 from lowbit.schemes.codebook import Codebook4, _bucketing
 from lowbit.schemes.ggml import GGMLScheme
 from lowbit.schemes.intgrid import _SCALE_DTYPES, IntGrid
 
 log = logging.getLogger("lowbit")
-
-
-def round_ste(x: torch.Tensor) -> torch.Tensor:
-    """round(x) in the forward pass, the identity in the backward pass (straight-through estimator)."""
-    return x + (torch.round(x) - x).detach()
 
 
 class FakeQuantizer(nn.Module):
@@ -67,8 +63,6 @@ class AffineFake(FakeQuantizer):
         self.scheme = scheme
         self.initial = initial
         self.group_index = initial.group_index()
-        self.has_min = isinstance(scheme, GGMLScheme) and scheme.codec.has_min
-        self.maxq = scheme.codec.maxq if isinstance(scheme, GGMLScheme) else scheme.maxq
         scales = initial.scales.float().clamp(min=1e-12)
         self.log_scale = nn.Parameter(scales.log(), requires_grad=learn_scales)
         self.register_buffer("zeros", initial.zeros.float())
@@ -80,12 +74,7 @@ class AffineFake(FakeQuantizer):
         return expand_groups(self.scales(), self.group_index), expand_groups(self.zeros, self.group_index)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        s, z = self._columns()
-        if self.has_min:        # w = s * q - m (GGUF types with a min)
-            q = torch.clamp(round_ste((weight + z) / s), 0, self.maxq)
-            return s * q - z
-        q = torch.clamp(round_ste(weight / s) + z, 0, self.maxq)
-        return s * (q - z)
+        return self.scheme.fake_quantize_ste(weight, *self._columns())
 
     @torch.no_grad()
     def finish(self, weight: torch.Tensor) -> QuantizedWeight:
@@ -289,27 +278,6 @@ class QAT(Method):
 
 
 # -- end to end: the integer grids' scales trained on the language-model loss, codes fixed (EfficientQAT's E2E-QP)
-class _ScaledCodesMatmul(torch.autograd.Function):
-    """y = x W^T with W = s[:, g(k)] * (codes - zeros) rebuilt from the codes in forward and backward (no float
-    copy of W is kept between them); the gradient goes to log s."""
-
-    @staticmethod
-    def forward(ctx, x, log_scale, layer):   # type: ignore[override]
-        ctx.layer = layer
-        ctx.save_for_backward(x, log_scale)
-        return x @ layer.weight_from(log_scale).t()
-
-    @staticmethod
-    def backward(ctx, grad_y):   # type: ignore[override]
-        x, log_scale = ctx.saved_tensors
-        layer = ctx.layer
-        grad_x = grad_y @ layer.weight_from(log_scale)
-        grad_w = grad_y.reshape(-1, grad_y.shape[-1]).t() @ x.reshape(-1, x.shape[-1])       # [N, K]
-        per_column = grad_w * layer.centered_codes()
-        grad_scale = torch.zeros_like(log_scale).index_add_(1, layer.group_index, per_column)
-        return grad_x, grad_scale * log_scale.exp(), None
-
-
 class ScaleTrainableLinear(nn.Module):
     """A QuantLinear on an integer grid whose per-group scales train (log space), codes and zeros fixed."""
 
@@ -328,7 +296,7 @@ class ScaleTrainableLinear(nn.Module):
         return expand_groups(log_scale.exp(), self.group_index) * self.centered_codes()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = _ScaledCodesMatmul.apply(x.float(), self.log_scale, self).to(x.dtype)
+        y = DequantizedMatmul.apply(x, self.weight_from, self.log_scale)
         bias = self.quantized.bias
         return y if bias is None else y + bias
 
@@ -348,7 +316,6 @@ def train_scales(model: nn.Module, batches: torch.Tensor, steps: int, lr: float 
     losses. Other layers (float, NF4, GGUF) stay as they are."""
     from tqdm.auto import tqdm
 
-    from lowbit.runtime.qlinear import QuantLinear
     from lowbit.runtime.surgery import replace_module
 
     wrapped = {name: ScaleTrainableLinear(m) for name, m in model.named_modules()
@@ -399,7 +366,6 @@ def distill_merged(model: nn.Module, teacher: nn.Module, batches: torch.Tensor, 
     compensate one another. Memory: a float copy of the trained layers and Adam's two states for them."""
     from tqdm.auto import tqdm
 
-    from lowbit.runtime.qlinear import QuantLinear
     from lowbit.runtime.surgery import install_quantized, replace_module
     from lowbit.schemes.base import KeptGrid
 
