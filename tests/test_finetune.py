@@ -375,3 +375,25 @@ def test_finetune_options_are_typed_and_bounded_and_qlora_keeps_an_explicit_opti
                 {"alpha": 0}, {"warmup": -1}, {"checkpoint_every": -5}, {"weight_decay": -0.1}, {"symmetric": 1}):
         with pytest.raises(LowbitError):
             FinetuneConfig(**bad)
+
+
+@pytest.mark.parametrize("method, options, message", [
+    ("qat", {"epochs": "2"}, "option epochs must be int"),
+    ("qat", {"epochs": 2.5}, "option epochs must be int"),
+    ("qat", {"lr": "fast"}, "option lr must be float"),
+    ("qat", {"epochs": 0}, "epochs and chunk must be >= 1"),
+    ("qat", {"lr": 0}, "lr must be > 0"),
+    ("awq", {"zero_point": "false"}, "option zero_point must be bool"),
+    ("awq", {"clip": 0}, "option clip must be bool"),
+    ("awq", {"alpha_grid": 20.0}, "option alpha_grid must be int"),
+    ("awq", {"calib_samples": "128"}, "option calib_samples must be int"),
+    ("gptq", {"desc_act": 1}, "option desc_act must be bool"),
+    ("gptq", {"damp": "0.01"}, "option damp must be float"),
+])
+def test_method_options_are_typed(method, options, message):
+    """A wrong type is a one-line error naming the option, not a silent bool()/int() cast ("false" -> True)."""
+    from lowbit.methods.base import QuantizeConfig, get_method
+
+    with pytest.raises(LowbitError, match=message):
+        get_method(QuantizeConfig(method=method, options=options))
+    get_method(QuantizeConfig(method=method, options={"seed": 3, "chunk": 2}))       # the right types pass
