@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))     # this tree's lowbit, not an installed one (children get it through PYTHONPATH)
 SHARED = Path(os.environ.get("LOWBIT_SHARED", ROOT.parent / "shared"))
 MODELS = {
     "stories260K": {"path": str(SHARED / "models" / "stories260K"), "text": SHARED / "corpora" / "tinystories-valid.txt",

@@ -230,6 +230,7 @@ class AWQ(CalibratedMethod):
     """Activation-aware weight quantization on CPU (see the module docstring)."""
 
     name = "awq"
+    uses_layer_schemes = False
     option_types = {"zero_point": bool, "alpha_grid": int, "alpha_search": str, "clip": bool, "clip_grid": int,
                     "clip_tokens": int, "search_tokens": int, **CALIBRATION_OPTION_TYPES}
 

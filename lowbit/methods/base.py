@@ -118,6 +118,8 @@ class Method:
     # option -> its type, checked when the method is made (a string or a truncated float is a one-line error,
     # not a silent bool()/int() cast); options not listed (schemes, per-layer maps) are checked where used
     option_types: ClassVar[dict[str, type]] = {}
+    # whether quantize_block picks each layer's codes on `scheme_for(name)` (AWQ searches on its one grid)
+    uses_layer_schemes: ClassVar[bool] = True
 
     def __init__(self, config: QuantizeConfig):
         self.config = config

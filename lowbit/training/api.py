@@ -272,5 +272,7 @@ def kept_grids(method: Any, base_weights: dict[str, Any]) -> dict[str, Any]:
     bits, group size or scheme) or a scheme without column-wise codes (NF4) gets a fresh grid."""
     from lowbit.schemes.base import KeptGrid, Scheme
 
+    if not method.uses_layer_schemes:
+        return {}
     return {name: KeptGrid(qweight) for name, qweight in base_weights.items()
             if qweight.scheme == method.scheme_for(name) and type(qweight.scheme).grid_position is not Scheme.grid_position}
