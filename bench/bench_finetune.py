@@ -14,6 +14,7 @@ SmolLM2-135M (tinyshakespeare, same split):
 Prints a table and writes bench/results/finetune.json (--out); children's logs go to .cache/bench_finetune/.
 
     nice -n 10 python bench/bench_finetune.py [--models stories260K,smollm2] [--steps N] [--skip-qat-smollm2]
+        [--parts lora,merge,qat] [--qat-runs 4:qat,3:gptq,...] [--qat-jobs N]
 """
 from __future__ import annotations
 
@@ -156,7 +157,23 @@ def merge_figures(name: str, lora: dict) -> list[dict]:
     return rows
 
 
-def qat_figures(name: str, bits_list: tuple[int, ...]) -> list[dict]:
+QAT_OPTIONS = {"rtn": {}, "gptq": {}, "qat": {"epochs": 2}}
+
+
+def qat_runs(spec: str) -> list[tuple[int, str]]:
+    """"4:rtn,3:qat,..." (or "all": 4, 3 and 2 bits x rtn, gptq, qat) -> [(bits, method)], float first."""
+    if spec == "all":
+        return [(bits, method) for bits in (4, 3, 2) for method in QAT_OPTIONS]
+    runs = []
+    for item in spec.split(","):
+        bits, _, method = item.partition(":")
+        if method not in QAT_OPTIONS or not bits.isdigit():
+            raise SystemExit(f"--qat-runs: {item!r} is not BITS:METHOD with METHOD one of {', '.join(QAT_OPTIONS)}")
+        runs.append((int(bits), method))
+    return runs
+
+
+def qat_figures(name: str, runs: list[tuple[int, str]], with_float: bool = True) -> list[dict]:
     from lowbit.methods.base import QuantizeConfig
     from lowbit.methods.pipeline import quantize_model
     from lowbit.training.api import held_out_perplexity
@@ -168,18 +185,26 @@ def qat_figures(name: str, bits_list: tuple[int, ...]) -> list[dict]:
     held = text.held_out[: spec["eval_tokens"]]
     n, length = spec["qat_calib"]
     calib = text.windows(length, n, 0)
-    rows = [{"model": name, "bits": 32, "method": "float", "perplexity": held_out_perplexity(float_model, held, 256)}]
-    for bits in bits_list:
-        for method, options in (("rtn", {}), ("gptq", {}), ("qat", {"epochs": 2})):
-            model = copy.deepcopy(float_model)
-            began = time.perf_counter()
-            quantize_model(model, QuantizeConfig(method=method, bits=bits, group_size=spec["group"], options=options),
-                           calibration=calib, progress=False)
-            rows.append({"model": name, "bits": bits, "method": method, "group_size": spec["group"],
-                         "perplexity": held_out_perplexity(model, held, 256),
-                         "seconds": time.perf_counter() - began})
-            print(rows[-1], file=sys.stderr, flush=True)
+    rows = []
+    if with_float:
+        rows.append({"model": name, "bits": 32, "method": "float",
+                     "perplexity": held_out_perplexity(float_model, held, 256)})
+    for bits, method in runs:
+        model = copy.deepcopy(float_model)
+        began = time.perf_counter()
+        quantize_model(model, QuantizeConfig(method=method, bits=bits, group_size=spec["group"],
+                                             options=QAT_OPTIONS[method]), calibration=calib, progress=False)
+        rows.append({"model": name, "bits": bits, "method": method, "group_size": spec["group"],
+                     "perplexity": held_out_perplexity(model, held, 256), "seconds": time.perf_counter() - began})
+        print(rows[-1], file=sys.stderr, flush=True)
     return rows
+
+
+def start_qat(name: str, runs: list[tuple[int, str]], jobs: int) -> list[Child]:
+    """The qat/rtn/gptq quantizations in `jobs` child processes (round robin; the first also measures float)."""
+    shares = [runs[i::jobs] for i in range(min(jobs, len(runs)))]
+    return [start_child("qat", name, ",".join(f"{b}:{m}" for b, m in share), str(int(i == 0)),
+                        log_name=f"{name}-qat{i}") for i, share in enumerate(shares)]
 
 
 def table(rows: list[dict], columns: list[str]) -> str:
@@ -195,34 +220,41 @@ def main() -> None:
     parser.add_argument("--models", default="stories260K,smollm2")
     parser.add_argument("--steps", type=int, default=None, help="LoRA steps (default per model)")
     parser.add_argument("--skip-qat-smollm2", action="store_true", help="QAT/GPTQ at 4/3/2 bits on SmolLM2 is slow")
+    parser.add_argument("--parts", default="lora,merge,qat", help="which measurements: lora, merge, qat")
+    parser.add_argument("--qat-runs", default="all", help="BITS:METHOD,... of the qat comparison (default: 4, 3, 2 "
+                                                          "bits x rtn, gptq, qat)")
+    parser.add_argument("--qat-jobs", type=int, default=1, help="child processes the qat comparison is spread over")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "finetune.json"))
     parser.add_argument("--child", nargs="*", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.child is not None:
         if args.child[0] == "qat":
-            print(json.dumps(qat_figures(args.child[1], (4, 3, 2))))
+            _, name, runs, with_float = args.child
+            print(json.dumps(qat_figures(name, qat_runs(runs), with_float == "1")))
             return
         name, base, out, steps = args.child
         print(json.dumps(child_lora(name, base, out, int(steps) or None)))
         return
+    parts = set(args.parts.split(","))
     cache = ROOT / ".cache" / "bench_finetune"
     results: dict = {"lora": [], "merge": [], "qat": []}
     began = time.perf_counter()
     for name in args.models.split(","):
         # qat vs rtn/gptq in its own process while the LoRA runs go one after the other (peak RSS per process)
-        qat = None if name == "smollm2" and args.skip_qat_smollm2 else start_child("qat", name, log_name=f"{name}-qat")
+        skip_qat = "qat" not in parts or (name == "smollm2" and args.skip_qat_smollm2)
+        qat = [] if skip_qat else start_qat(name, qat_runs(args.qat_runs), args.qat_jobs)
         bases = ("float", "rtn4", "gptq4", "nf4") + (("qlora",) if name == "smollm2" else ())
-        for base in bases:
+        for base in bases if "lora" in parts else ():
             row = run_child(name, base, str(cache / f"{name}-{base}"), str(args.steps or 0), log_name=f"{name}-{base}")
             results["lora"].append(row)
             print(row, flush=True)
-        if name in MERGE_MODELS:
+        if name in MERGE_MODELS and {"merge", "lora"} <= parts:
             for base in ("rtn4", "gptq4"):
                 lora = next(r for r in results["lora"] if r["model"] == name and r["base"] == base)
                 results["merge"] += merge_figures(name, lora)
-        if qat is not None:
-            results["qat"] += json.loads(qat.wait_json())
+        for child in qat:
+            results["qat"] += json.loads(child.wait_json())
         print(f"{name}: {time.perf_counter() - began:.0f} s so far", flush=True)
     results["seconds"] = time.perf_counter() - began
     for row in results["lora"]:
