@@ -40,7 +40,7 @@ class LayerSpec(ctypes.Structure):
     _fields_ = [("input_norm", _ptr), ("mlp_norm", _ptr), ("attn_out_norm", _ptr), ("mlp_out_norm", _ptr),
                 ("q_norm", _ptr), ("k_norm", _ptr), ("cos", _ptr), ("sin", _ptr), ("window", _i64),
                 ("qkv", LinearSpec * 3), ("o", LinearSpec), ("gate_up", LinearSpec * 2), ("down", LinearSpec),
-                ("moe", ctypes.POINTER(MoESpec))]
+                ("moe", ctypes.POINTER(MoESpec)), ("input_norm_bias", _ptr), ("mlp_norm_bias", _ptr)]
 
 
 class ModelSpec(ctypes.Structure):
@@ -51,17 +51,19 @@ class ModelSpec(ctypes.Structure):
                 ("norm_eps", _f32), ("q_norm_eps", _f32), ("k_norm_eps", _f32), ("attn_scale", _f32),
                 ("attn_softcap", _f32), ("final_softcap", _f32), ("activation", _i64), ("act8", _i64),
                 ("layers", ctypes.POINTER(LayerSpec)), ("final_norm", _ptr), ("lm_head", LinearSpec),
-                ("k_cache", _ptr), ("v_cache", _ptr)]
+                ("k_cache", _ptr), ("v_cache", _ptr), ("layer_norm", _i64), ("gated", _i64), ("parallel", _i64),
+                ("final_norm_bias", _ptr)]
 
 
 ACTIVATION_CODES = {"silu": 0, "gelu_tanh": 1, "gelu": 2}   # decode.c's LB_ACT_*
 
 
-def _norm_weight(norm: Any, keep: list[torch.Tensor]) -> int | None:
-    """Pointer to a decoder norm's float32 factor (kept alive in `keep`), or None when the norm is absent."""
-    if norm is None:
+def _norm_weight(norm: Any, keep: list[torch.Tensor], part: str = "weight") -> int | None:
+    """Pointer to a decoder norm's float32 factor (or `part` "bias", a LayerNorm's) kept alive in `keep`, or None
+    when the norm (or its bias) is absent."""
+    if norm is None or getattr(norm, part, None) is None:
         return None
-    weight = norm.weight.detach().float().contiguous()
+    weight = getattr(norm, part).detach().float().contiguous()
     keep.append(weight)
     return weight.data_ptr()
 
@@ -150,6 +152,10 @@ class NativeDecodeStep:
         for index, layer in enumerate(decoder.layers):
             specs = {}
             moe = None
+            if not layer.qkv_parts:
+                return unsupported(f"layer {index}: fused q|k|v rows the step cannot reorder")
+            if layer.moe is not None and decoder.parallel:
+                return unsupported("experts in a parallel attention + MLP block")
             if layer.moe is not None:    # the expert layer replaces gate|up and down (absent: n == 0)
                 moe, reason = _moe_spec(layer.moe, keep, structures)
                 if moe is None:
@@ -168,7 +174,8 @@ class NativeDecodeStep:
                                                         layer.mlp_out_norm, layer.q_norm, layer.k_norm)),
                 decoder.cos[layer.rope].data_ptr(), decoder.sin[layer.rope].data_ptr(), layer.window,
                 (LinearSpec * 3)(*specs["qkv"]), specs["o"][0], (LinearSpec * 2)(*specs["gate_up"]),
-                specs["down"][0], ctypes.pointer(moe) if moe is not None else None))
+                specs["down"][0], ctypes.pointer(moe) if moe is not None else None,
+                _norm_weight(layer.input_norm, keep, "bias"), _norm_weight(layer.mlp_norm, keep, "bias")))
         head = linear_spec(decoder.lm_head)
         if head is None:
             return unsupported("lm_head weight layout not handled")
@@ -183,7 +190,8 @@ class NativeDecodeStep:
             first.k_norm.eps if first.k_norm is not None else 0.0, decoder.attn_scale,
             decoder.attn_softcap or 0.0, decoder.final_softcap or 0.0, ACTIVATION_CODES[decoder.activation],
             int(act8), layers, _norm_weight(decoder.final_norm, keep), head[0],
-            decoder.k_cache.data_ptr(), decoder.v_cache.data_ptr())
+            decoder.k_cache.data_ptr(), decoder.v_cache.data_ptr(), int(decoder.layer_norm), int(decoder.gated),
+            int(decoder.parallel), _norm_weight(decoder.final_norm, keep, "bias"))
         check_decode_model(lib, spec, decoder, keep)    # every pointer's bytes, before C ever reads them
         return cls(lib, spec, layers, keep, decoder.embed, head[0].n, structures), ""
 

@@ -172,18 +172,18 @@ def decoder_blocker(model: nn.Module) -> str | None:
         dense = [i for i, block in enumerate(arch.blocks(model)) if not _has(block, arch.experts.path)]
         if dense:
             return f"dense MLP layers {dense[:4]} among the expert layers"
-    if arch.norm not in (NormKind.RMS, NormKind.RMS_PLUS_ONE):
-        return f"{arch.norm.value} norms"
-    if not arch.gated_mlp:
-        return "MLP without a gate"
-    if arch.parallel_attn_mlp:
-        return "parallel attention and MLP"
     if arch.position not in ("rope", "partial_rope"):
         return f"{arch.position} positions"
     if len(arch.sequential) != 4 or any(arch.fused.get(path[0], ()) not in ((), expected)
                                         for path, expected in zip(arch.sequential[::2], (("q", "k", "v"),
                                                                                           ("gate", "up")))):
         return "block layout other than attention then MLP"
+    fused_qkv = [path for path in arch.sequential[0] if arch.fused.get(path) == ("q", "k", "v")]
+    qkv_layout = arch.gguf.qkv_layout if arch.gguf is not None else ""
+    if fused_qkv and qkv_layout not in ("", "heads_interleaved"):
+        return f"fused q|k|v rows in {qkv_layout} order"
+    if arch.norm is NormKind.LAYER and arch.sandwich_norm:
+        return "sandwich layer norms"
     if not _has(model, _rotary_path(arch)):
         return f"no rotary module at {_rotary_path(arch)}"
     if _activation_of(model, arch) is None:
@@ -222,7 +222,7 @@ def _activation_of(model: nn.Module, arch: Any) -> str | None:
         mlp = mlp[0] if isinstance(mlp, nn.ModuleList) and len(mlp) else mlp
     else:
         mlp = block.get_submodule(arch.sequential[3][0].rpartition(".")[0])
-    act = getattr(mlp, "act_fn", None) or getattr(mlp, "activation_fn", None)    # Phi-3: activation_fn
+    act = next((getattr(mlp, a) for a in ("act_fn", "activation_fn", "act") if hasattr(mlp, a)), None)  # Phi-3, NeoX
     config = model.config
     for name in (getattr(config, "hidden_activation", None), getattr(config, "hidden_act", None), arch.activation):
         if name in ACT2FN and act is not None and type(ACT2FN[name]) is type(act):
@@ -242,21 +242,49 @@ def layer_windows(config: Any) -> list[int]:
 
 @dataclass
 class _Norm:
-    """An RMSNorm as the family applies it: `weight` is the factor (Gemma's 1 + w, added once in float32)."""
+    """An RMSNorm as the family applies it: `weight` is the factor (Gemma's 1 + w, added once in float32); or, with
+    `bias` (GPT-NeoX), a LayerNorm."""
 
     weight: torch.Tensor
     eps: float
+    bias: torch.Tensor | None = None
+    layer: bool = False
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.layer:
+            return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
         return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
 
-def _norm(module: nn.Module | None, plus_one: bool) -> _Norm | None:
+def _norm(module: nn.Module | None, plus_one: bool, layer: bool = False) -> _Norm | None:
     if module is None:
         return None
     eps = getattr(module, "variance_epsilon", None)
     weight = module.weight.detach()
-    return _Norm((1.0 + weight.float()) if plus_one else weight, float(eps if eps is not None else module.eps))
+    bias = getattr(module, "bias", None) if layer else None
+    return _Norm((1.0 + weight.float()) if plus_one else weight, float(eps if eps is not None else module.eps),
+                 None if bias is None else bias.detach(), layer)
+
+
+def _rows_reordered(module: nn.Module, order: torch.Tensor) -> nn.Module | None:
+    """A copy of a Linear (float or quantized) whose output rows are `order` of the original's (a fused
+    query_key_value interleaved per head -> q|k|v), or None for a weight whose extra tensors it cannot reorder."""
+    from lowbit.models.arch.base import linear_weight
+
+    bias = getattr(module, "bias", None)
+    bias = None if bias is None else bias.detach()[order]
+    if not isinstance(module, QuantLinear):
+        return _DenseLinear(linear_weight(module).detach()[order].contiguous(), bias)
+    qw = module.qweight
+    if qw.scheme.kind == "ggml":            # rows are independent blocks
+        reordered = qw.scheme.from_blocks(qw.extra["blocks"][order].contiguous(), qw.shape)
+    elif qw.extra:
+        return None
+    else:
+        reordered = QuantizedWeight(
+            scheme=qw.scheme, shape=qw.shape, codes=qw.codes[order].contiguous(), scales=qw.scales[order].contiguous(),
+            zeros=None if qw.zeros is None else qw.zeros[order].contiguous(), group_size=qw.group_size, g_idx=qw.g_idx)
+    return QuantLinear(reordered, None if bias is None else bias.float(), kernel=module.kernel_preference)
 
 
 @dataclass
@@ -336,13 +364,18 @@ class RotaryDecoder:
         config = model.config
         self.arch = arch = architecture_for(model)
         self.plus_one = arch.norm is NormKind.RMS_PLUS_ONE
+        self.layer_norm = arch.norm is NormKind.LAYER          # LayerNorms with bias (GPT-NeoX)
+        self.gated = arch.gated_mlp                            # act(gate) * up, or act(up) alone
+        # x + attn(norm(x)) + mlp(norm2(x)): both read the block's input (GPT-NeoX, unless its config says not)
+        self.parallel = arch.parallel_attn_mlp and bool(getattr(config, arch.parallel_switch, True)
+                                                        if arch.parallel_switch else True)
         self.prefill_attention_dtype = prefill_attention_dtype
         self.hidden = config.hidden_size
         self.heads = config.num_attention_heads
         self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
         self.head_dim = getattr(config, "head_dim", None) or self.hidden // self.heads
         self.embed = model.get_submodule(arch.embed_path)
-        self.final_norm = _norm(model.get_submodule(arch.final_norm_path), self.plus_one)
+        self.final_norm = _norm(model.get_submodule(arch.final_norm_path), self.plus_one, self.layer_norm)
         self.lm_head = model.get_submodule(arch.lm_head_path)
         self.activation = _activation_of(model, arch)
         self.attn_scale = float(getattr(config, "query_pre_attn_scalar", None) or self.head_dim) ** -0.5
@@ -385,14 +418,14 @@ class RotaryDecoder:
         layers = []
         for index, block in enumerate(arch.blocks(model)):
             module = lambda path: block.get_submodule(path) if path and _has(block, path) else None  # noqa: E731
-            qkv, qkv_parts = _fused_or_separate([block.get_submodule(p) for p in attn_in], fuse)
+            qkv, qkv_parts = self._qkv(block, attn_in, fuse)
             moe = _moe_layer(block, arch, model.config) if arch.experts is not None else None
             if moe is None:
                 gate_up, gate_up_parts = _fused_or_separate([block.get_submodule(p) for p in mlp_in], fuse)
                 down = block.get_submodule(mlp_out[0])
             else:
                 gate_up, gate_up_parts, down = None, [], None
-            norm = lambda path: _norm(module(path), self.plus_one)  # noqa: E731
+            norm = lambda path: _norm(module(path), self.plus_one, self.layer_norm)  # noqa: E731
             layers.append(_Layer(
                 input_norm=norm(layout.input_norm), moe=moe, qkv=qkv,
                 q_norm=norm(layout.q_norm) if arch.qk_norm else None,
@@ -402,6 +435,23 @@ class RotaryDecoder:
                 mlp_out_norm=norm(layout.mlp_out_norm), qkv_parts=qkv_parts, gate_up_parts=gate_up_parts,
                 rope=self.layer_rope[index], window=self.windows[index]))
         return layers
+
+    def _qkv(self, block: nn.Module, paths: tuple[str, ...], fuse: bool
+             ) -> tuple[Callable[[torch.Tensor], torch.Tensor], list[nn.Module]]:
+        """The block's q|k|v (one matmul where possible) in q, k, v row order: a fused query_key_value interleaved
+        per head (GPT-NeoX) is read through a row-reordered copy; if the weight cannot be reordered, its outputs are
+        gathered in torch (and the compiled step, given no parts, is not used)."""
+        from lowbit.models.arch.base import qkv_row_order
+
+        modules = [block.get_submodule(p) for p in paths]
+        layout = self.arch.gguf.qkv_layout if self.arch.gguf is not None else ""
+        if len(modules) > 1 or not layout:
+            return _fused_or_separate(modules, fuse)
+        order = qkv_row_order(layout, self.heads, self.kv_heads, self.head_dim)
+        reordered = _rows_reordered(modules[0], order)
+        if reordered is None:
+            return (lambda x: modules[0](x)[..., order]), []
+        return reordered, [reordered]
 
     def decode(self, tokens: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Logits [B, vocab] for one token per row: row b's token `tokens[b]` at `positions[b]` of slot `slots[b]`.
@@ -500,14 +550,22 @@ class RotaryDecoder:
                 q, keys, values = q.to(dtype), keys.to(dtype), values.to(dtype)
             attn = self._attention(q, keys, values, *masks[layer.window]).to(x.dtype)
             attn = layer.o_proj(attn.transpose(1, 2).reshape(batch, seq, heads * head_dim))
-            x = x + (layer.attn_out_norm(attn) if layer.attn_out_norm is not None else attn)
-            h = layer.mlp_norm(x)
+            if self.parallel:                                   # the MLP reads the block's input too
+                h = layer.mlp_norm(x)
+            else:
+                x = x + (layer.attn_out_norm(attn) if layer.attn_out_norm is not None else attn)
+                h = layer.mlp_norm(x)
             if layer.moe is not None:
                 mlp = layer.moe.module(h)
-            else:
+            elif self.gated:
                 gate, up = layer.gate_up(h).split((self.intermediate, self.intermediate), dim=-1)
                 mlp = layer.down(_ACTIVATE[self.activation](gate) * up)
-            x = x + (layer.mlp_out_norm(mlp) if layer.mlp_out_norm is not None else mlp)
+            else:
+                mlp = layer.down(_ACTIVATE[self.activation](layer.gate_up(h)))
+            if self.parallel:
+                x = (mlp + attn) + x                            # transformers' order of the sums
+            else:
+                x = x + (layer.mlp_out_norm(mlp) if layer.mlp_out_norm is not None else mlp)
         if not all_logits:
             x = x[:, -1]
         return _softcap(self.lm_head(self.final_norm(x)), self.final_softcap)

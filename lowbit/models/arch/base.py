@@ -145,6 +145,7 @@ class Architecture:
     sliding_window: bool = False           # some or all layers attend within a window
     sandwich_norm: bool = False            # Gemma 2/3: extra norms after attention and after the MLP
     parallel_attn_mlp: bool = False        # x + attn(ln(x)) + mlp(ln(x)) (Falcon, NeoX, GPT-J style)
+    parallel_switch: str = ""              # config attribute that can turn parallel_attn_mlp off (NeoX's)
     embed_scale: bool = False              # Gemma multiplies embeddings by sqrt(hidden)
     fused: dict[str, tuple[str, ...]] = field(default_factory=dict)  # fused Linear -> the projections it holds
     tied_head: str = "config"              # "config": tie_word_embeddings says; "always": head is the embedding

@@ -40,6 +40,7 @@ typedef struct {
     lb_linear qkv[3], o, gate_up[2], down;   /* q, k, v and gate, up (parts with n == 0 are absent: a fused
                                                 weight in the first part computes them all) */
     const lb_moe *moe;                       /* the MLP is this mixture of experts (gate_up, down unused); or NULL */
+    const float *input_norm_bias, *mlp_norm_bias;   /* LayerNorm biases (layer_norm models) */
 } lb_layer;
 
 enum { LB_ACT_SILU = 0, LB_ACT_GELU_TANH = 1, LB_ACT_GELU = 2 };
@@ -54,6 +55,10 @@ typedef struct {
     const float *final_norm;
     lb_linear lm_head;
     float *k_cache, *v_cache;
+    int64_t layer_norm;                  /* input, MLP and final norms are LayerNorms with bias (GPT-NeoX) */
+    int64_t gated;                       /* MLP act(gate) * up; 0: act(up) from one weight */
+    int64_t parallel;                    /* x + attn(norm(x)) + mlp(norm2(x)): the MLP reads the block's input */
+    const float *final_norm_bias;
 } lb_model;
 
 /* The concatenated outputs of several weights reading the same x, into y's columns in order; one barrier. */
@@ -75,6 +80,24 @@ static void rms_norm(const float *x, const float *weight, int64_t size, float ep
     for (int64_t i = 0; i < size; i++) squares += x[i] * x[i];
     const float inv = 1.0f / sqrtf(squares / (float)size + eps);
     for (int64_t i = 0; i < size; i++) out[i] = weight[i] * (x[i] * inv);
+}
+
+/* (x - mean) / sqrt(var + eps) * w + b, var the mean square deviation (as torch's layer_norm). */
+static void layer_norm(const float *x, const float *weight, const float *bias, int64_t size, float eps, float *out) {
+    float total = 0.0f, squares = 0.0f;
+    #pragma omp simd reduction(+ : total)
+    for (int64_t i = 0; i < size; i++) total += x[i];
+    const float mean = total / (float)size;
+    #pragma omp simd reduction(+ : squares)
+    for (int64_t i = 0; i < size; i++) squares += (x[i] - mean) * (x[i] - mean);
+    const float inv = 1.0f / sqrtf(squares / (float)size + eps);
+    for (int64_t i = 0; i < size; i++) out[i] = (x[i] - mean) * inv * weight[i] + (bias ? bias[i] : 0.0f);
+}
+
+/* A block's input, MLP or final norm of one row: the model's kind. */
+static void hidden_norm(const lb_model *m, const float *x, const float *weight, const float *bias, float *out) {
+    if (m->layer_norm) layer_norm(x, weight, bias, m->hidden, m->norm_eps, out);
+    else rms_norm(x, weight, m->hidden, m->norm_eps, out);
 }
 
 /* Rotary embedding as transformers' rotate_half on the first d dimensions (all, or Phi-3's partial rotary):
@@ -318,7 +341,7 @@ void lowbit_decode_step(const lb_model *m, float *x, int64_t B, const int64_t *s
         const int act8 = (int)m->act8;
         for (int64_t l = 0; l < m->n_layers; l++) {
             const lb_layer *layer = &m->layers[l];
-            for (int64_t b = 0; b < B; b++) rms_norm(x + b * H, layer->input_norm, H, m->norm_eps, h + b * H);
+            for (int64_t b = 0; b < B; b++) hidden_norm(m, x + b * H, layer->input_norm, layer->input_norm_bias, h + b * H);
             matmul_parts(layer->qkv, 3, h, B, qkv, QKV, xsum, act8);
 
             /* per-head norms (Qwen3, Gemma 3), rotary embedding, and this token's keys and values into the cache */
@@ -371,13 +394,15 @@ void lowbit_decode_step(const lb_model *m, float *x, int64_t B, const int64_t *s
                     for (int64_t i = 0; i < D; i++) head_out[i] *= inv;
                 }
 
-            if (layer->attn_out_norm) {                                   /* x += norm(attention output) */
+            if (m->parallel) {                 /* out = attention output; x stays the block's input for the MLP */
+                lb_matmul(&layer->o, attn, B, out, H, 0, xsum, act8, 1);
+            } else if (layer->attn_out_norm) {                            /* x += norm(attention output) */
                 lb_matmul(&layer->o, attn, B, out, H, 0, xsum, act8, 1);
                 add_normed(x, out, layer->attn_out_norm, B, H, m->norm_eps, h);
             } else {
                 lb_matmul(&layer->o, attn, B, x, H, 1, xsum, act8, 1);  /* x += attention output */
             }
-            for (int64_t b = 0; b < B; b++) rms_norm(x + b * H, layer->mlp_norm, H, m->norm_eps, h + b * H);
+            for (int64_t b = 0; b < B; b++) hidden_norm(m, x + b * H, layer->mlp_norm, layer->mlp_norm_bias, h + b * H);
             if (layer->moe) {                                             /* x += experts' output */
                 moe_mlp(m, layer->moe, h, B, moe_base, out, xsum, act8);
                 if (layer->mlp_out_norm) {
@@ -392,9 +417,13 @@ void lowbit_decode_step(const lb_model *m, float *x, int64_t B, const int64_t *s
             #pragma omp for schedule(static)
             for (int64_t i = 0; i < B * I; i++) {
                 const int64_t b = i / I, j = i - b * I;
-                act[i] = activation(gu[b * 2 * I + j], m->activation) * gu[b * 2 * I + I + j];
+                act[i] = activation(gu[b * 2 * I + j], m->activation) * (m->gated ? gu[b * 2 * I + I + j] : 1.0f);
             }
-            if (layer->mlp_out_norm) {                                    /* x += norm(MLP output) */
+            if (m->parallel) {                 /* x = (attention + MLP output) + x, transformers' order */
+                lb_matmul(&layer->down, act, B, out, H, 1, xsum, act8, 1);
+                #pragma omp for schedule(static)
+                for (int64_t i = 0; i < B * H; i++) x[i] = out[i] + x[i];
+            } else if (layer->mlp_out_norm) {                                    /* x += norm(MLP output) */
                 lb_matmul(&layer->down, act, B, out, H, 0, xsum, act8, 1);
                 add_normed(x, out, layer->mlp_out_norm, B, H, m->norm_eps, h);
             } else {
@@ -402,7 +431,7 @@ void lowbit_decode_step(const lb_model *m, float *x, int64_t B, const int64_t *s
             }
         }
         const int64_t first = last_only ? B - 1 : 0;
-        for (int64_t b = first; b < B; b++) rms_norm(x + b * H, m->final_norm, H, m->norm_eps, h + b * H);
+        for (int64_t b = first; b < B; b++) hidden_norm(m, x + b * H, m->final_norm, m->final_norm_bias, h + b * H);
         lb_matmul(&m->lm_head, h + first * H, B - first, logits, m->lm_head.n, 0, xsum, act8, 1);
         if (m->final_softcap > 0.0f) {
             const int64_t count = (B - first) * m->lm_head.n;
