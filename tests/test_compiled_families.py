@@ -41,6 +41,8 @@ FAMILIES = {
     # rotary; attention and MLP in parallel (the default) or one after the other
     "gpt_neox": dict(NEOX),
     "gpt_neox-sequential": dict(NEOX, use_parallel_residual=False),
+    # learned positions added to the embedding, no rotary; Conv1D weights ([in, out]), fused c_attn, GELU-tanh
+    "gpt2": dict(n_embd=64, n_layer=2, n_head=4, n_positions=128),
 }
 # Mixtures of experts, 256 wide so that GGUF's 256-column K-quant blocks fit every expert projection; experts
 # are chosen per token from 4-8 (so the two rows decoded together route to different experts), with each
@@ -272,7 +274,7 @@ def test_each_routing_rule_changes_the_logits(model_type, rule):
 
 
 @pytest.mark.parametrize("model_type,path", [("gemma2", "compiled step"),
-                                             ("gpt2", "transformers forward (learned positions)")])
+                                             ("opt", "transformers forward (learned positions)")])
 def test_bench_says_which_decode_path_ran(model_type, path, tmp_path, capsys):
     from lowbit.api import save
     from lowbit.cli import main

@@ -114,10 +114,11 @@ class NativeDecodeStep:
     """Callable (tokens [B], slots [B], positions [B]) -> logits [B, vocab] for a RotaryDecoder."""
 
     def __init__(self, lib: ctypes.CDLL, spec: ModelSpec, layers: Any, keep: list[torch.Tensor],
-                 embed: nn.Module, vocab: int, structures: list[Any] = ()):
+                 embed: nn.Module, vocab: int, structures: list[Any] = (), position_embed: nn.Module | None = None):
         self.lib, self.spec, self.layers, self.keep = lib, spec, layers, keep
         self.structures = list(structures)     # ctypes structures the layers point to (expert layers)
         self.embed, self.vocab = embed, vocab
+        self.position_embed = position_embed
         # token ids index the embedding, whose rows may differ from the head's outputs (padded vocabularies)
         rows = getattr(embed, "num_embeddings", None) or getattr(getattr(embed, "qweight", None), "shape", (vocab,))[0]
         self.embedding_rows = int(rows)
@@ -193,7 +194,7 @@ class NativeDecodeStep:
             decoder.k_cache.data_ptr(), decoder.v_cache.data_ptr(), int(decoder.layer_norm), int(decoder.gated),
             int(decoder.parallel), _norm_weight(decoder.final_norm, keep, "bias"))
         check_decode_model(lib, spec, decoder, keep)    # every pointer's bytes, before C ever reads them
-        return cls(lib, spec, layers, keep, decoder.embed, head[0].n, structures), ""
+        return cls(lib, spec, layers, keep, decoder.embed, head[0].n, structures, decoder.position_embed), ""
 
     def prefill(self, tokens: torch.Tensor, slot: int, start: int) -> torch.Tensor:
         """Logits [1, vocab] of the last of `tokens` [S], a prompt chunk for cache slot `slot` from `start`
@@ -209,7 +210,10 @@ class NativeDecodeStep:
         size = self.lib.lowbit_decode_workspace(ctypes.byref(self.spec), batch, threads)
         if self.workspace is None or self.workspace.numel() < size:
             self.workspace = torch.empty(size, dtype=torch.float32)
-        x = self.embed(tokens).float().contiguous()
+        x = self.embed(tokens).float()
+        if self.position_embed is not None:             # learned positions (GPT-2)
+            x = x + self.position_embed(positions).float()
+        x = x.contiguous()
         slots = slots.to(torch.int64).contiguous()
         positions = positions.to(torch.int64).contiguous()
         logits = torch.empty(1 if last_only else batch, self.vocab, dtype=torch.float32)

@@ -172,8 +172,11 @@ def decoder_blocker(model: nn.Module) -> str | None:
         dense = [i for i, block in enumerate(arch.blocks(model)) if not _has(block, arch.experts.path)]
         if dense:
             return f"dense MLP layers {dense[:4]} among the expert layers"
-    if arch.position not in ("rope", "partial_rope"):
+    learned = arch.position == "learned" and bool(arch.position_embed_path)
+    if arch.position not in ("rope", "partial_rope") and not learned:
         return f"{arch.position} positions"
+    if getattr(config, "scale_attn_by_inverse_layer_idx", False):
+        return "attention scaled by the inverse layer index"
     if len(arch.sequential) != 4 or any(arch.fused.get(path[0], ()) not in ((), expected)
                                         for path, expected in zip(arch.sequential[::2], (("q", "k", "v"),
                                                                                           ("gate", "up")))):
@@ -184,7 +187,7 @@ def decoder_blocker(model: nn.Module) -> str | None:
         return f"fused q|k|v rows in {qkv_layout} order"
     if arch.norm is NormKind.LAYER and arch.sandwich_norm:
         return "sandwich layer norms"
-    if not _has(model, _rotary_path(arch)):
+    if not learned and not _has(model, _rotary_path(arch)):
         return f"no rotary module at {_rotary_path(arch)}"
     if _activation_of(model, arch) is None:
         return f"MLP activation {getattr(config, 'hidden_act', None)!r}"
@@ -224,7 +227,8 @@ def _activation_of(model: nn.Module, arch: Any) -> str | None:
         mlp = block.get_submodule(arch.sequential[3][0].rpartition(".")[0])
     act = next((getattr(mlp, a) for a in ("act_fn", "activation_fn", "act") if hasattr(mlp, a)), None)  # Phi-3, NeoX
     config = model.config
-    for name in (getattr(config, "hidden_activation", None), getattr(config, "hidden_act", None), arch.activation):
+    for name in (getattr(config, "hidden_activation", None), getattr(config, "hidden_act", None),
+                 getattr(config, "activation_function", None), arch.activation):     # GPT-2: activation_function
         if name in ACT2FN and act is not None and type(ACT2FN[name]) is type(act):
             return ACTIVATIONS.get(name)
     return None
@@ -381,16 +385,23 @@ class RotaryDecoder:
         self.attn_scale = float(getattr(config, "query_pre_attn_scalar", None) or self.head_dim) ** -0.5
         self.attn_softcap = getattr(config, "attn_logit_softcapping", None) if arch.logit_softcap else None
         self.final_softcap = getattr(config, "final_logit_softcapping", None)
-        self.intermediate = config.intermediate_size
+        from lowbit.models.arch.base import in_out_features
+
+        # GPT-2's config has no intermediate_size (n_inner, or 4 x hidden): the MLP output's input width says
+        self.intermediate = (getattr(config, "intermediate_size", None)
+                             or in_out_features(arch.blocks(model)[0].get_submodule(arch.sequential[3][0]))[0])
         self.context = context
         self.windows = layer_windows(config)
         # Rotary tables for every position, computed once with the model's own rotary module (rope scaling
         # variants, partial rotary and per-layer-type bases included), exactly as transformers computes them
         # per step: [table][context, rotary dims].
-        rotary = model.get_submodule(_rotary_path(arch))
+        # Learned positions (GPT-2): their embedding is added to the token's, and no table rotates q and k.
+        self.position_embed = model.get_submodule(arch.position_embed_path) if arch.position == "learned" else None
+        rotary = (model.get_submodule(_rotary_path(arch)) if self.position_embed is None
+                  else lambda x, positions: (torch.zeros(1, context, 0), torch.zeros(1, context, 0)))
         positions = torch.arange(context)[None]
         types = list(getattr(config, "layer_types", None) or [])
-        per_type = types and "layer_type" in inspect.signature(rotary.forward).parameters
+        per_type = types and "layer_type" in inspect.signature(getattr(rotary, "forward", rotary)).parameters
         table_names = sorted(set(types)) if per_type else [None]
         self.cos, self.sin = [], []
         for name in table_names:
@@ -471,7 +482,10 @@ class RotaryDecoder:
         return self.forward(batch_tokens, slice(low, high), batch_positions)[slots - low]
 
     def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """rotate_half rotary embedding of the first rope_dim dimensions (all, or Phi-3's partial rotary)."""
+        """rotate_half rotary embedding of the first rope_dim dimensions (all, or Phi-3's partial rotary; none with
+        learned positions)."""
+        if self.rope_dim == 0:
+            return x
         rotary, rest = x[..., :self.rope_dim], x[..., self.rope_dim:]
         half = self.rope_dim // 2
         rotated = torch.cat((-rotary[..., half:], rotary[..., :half]), dim=-1)
@@ -524,6 +538,8 @@ class RotaryDecoder:
         batch_index = torch.arange(batch)
 
         x = self.embed(tokens)
+        if self.position_embed is not None:
+            x = x + self.position_embed(query_positions)
         for index, layer in enumerate(self.layers):
             h = layer.input_norm(x)
             qkv = layer.qkv(h).view(batch, seq, heads + 2 * kv_heads, head_dim)

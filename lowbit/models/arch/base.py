@@ -137,6 +137,7 @@ class Architecture:
     activation: str = "silu"               # silu | gelu_tanh | gelu | relu
     gated_mlp: bool = True                 # act(gate) * up
     position: str = "rope"                 # rope | partial_rope | alibi | learned
+    position_embed_path: str = ""          # learned: the position embedding added to the token's (GPT-2's wpe)
     qk_norm: bool = False
     qkv_bias: bool = False
     out_bias: bool = False
