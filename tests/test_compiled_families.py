@@ -43,6 +43,9 @@ FAMILIES = {
     "gpt_neox-sequential": dict(NEOX, use_parallel_residual=False),
     # learned positions added to the embedding, no rotary; Conv1D weights ([in, out]), fused c_attn, GELU-tanh
     "gpt2": dict(n_embd=64, n_layer=2, n_head=4, n_positions=128),
+    # learned positions read 2 rows further on, separate q/k/v with biases, ReLU
+    "opt": dict(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4, word_embed_proj_dim=64,
+                max_position_embeddings=128),
 }
 # Mixtures of experts, 256 wide so that GGUF's 256-column K-quant blocks fit every expert projection; experts
 # are chosen per token from 4-8 (so the two rows decoded together route to different experts), with each
@@ -274,7 +277,7 @@ def test_each_routing_rule_changes_the_logits(model_type, rule):
 
 
 @pytest.mark.parametrize("model_type,path", [("gemma2", "compiled step"),
-                                             ("opt", "transformers forward (learned positions)")])
+                                             ("bloom", "transformers forward (alibi positions)")])
 def test_bench_says_which_decode_path_ran(model_type, path, tmp_path, capsys):
     from lowbit.api import save
     from lowbit.cli import main
@@ -287,14 +290,21 @@ def test_bench_says_which_decode_path_ran(model_type, path, tmp_path, capsys):
     assert f"decode: {path}\n" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("model_type,reason", [("opt", "learned positions"), ("bloom", "alibi positions"),
-                                               ("falcon", "block layout other than attention then MLP")])
+@pytest.mark.parametrize("model_type,reason", [("bloom", "alibi positions"),
+                                               ("falcon", "block layout other than attention then MLP"),
+                                               ("opt-350m", "norms after attention and MLP (do_layer_norm_before=False)")])
 def test_families_outside_the_decoder_fall_back_with_their_reason(model_type, reason):
     """The engine asks the family's Architecture, not a list: what the decoder cannot compute is named, and
     those models run through transformers' forward with lowbit's quantized Linears."""
     from arch_models import tiny_model
 
-    model = tiny_model(model_type)[0]
+    if model_type == "opt-350m":          # OPT-350m normalises after attention and MLP
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        config = AutoConfig.for_model("opt", **COMMON, **FAMILIES["opt"], do_layer_norm_before=False)
+        model = AutoModelForCausalLM.from_config(config).eval()
+    else:
+        model = tiny_model(model_type)[0]
     assert decoder_blocker(model) == reason
     engine = Engine(model, context=32)
     assert engine.decode_path == f"transformers forward ({reason})" and not engine.fast_path

@@ -55,7 +55,7 @@ class ModelSpec(ctypes.Structure):
                 ("final_norm_bias", _ptr)]
 
 
-ACTIVATION_CODES = {"silu": 0, "gelu_tanh": 1, "gelu": 2}   # decode.c's LB_ACT_*
+ACTIVATION_CODES = {"silu": 0, "gelu_tanh": 1, "gelu": 2, "relu": 3}   # decode.c's LB_ACT_*
 
 
 def _norm_weight(norm: Any, keep: list[torch.Tensor], part: str = "weight") -> int | None:
@@ -114,7 +114,7 @@ class NativeDecodeStep:
     """Callable (tokens [B], slots [B], positions [B]) -> logits [B, vocab] for a RotaryDecoder."""
 
     def __init__(self, lib: ctypes.CDLL, spec: ModelSpec, layers: Any, keep: list[torch.Tensor],
-                 embed: nn.Module, vocab: int, structures: list[Any] = (), position_embed: nn.Module | None = None):
+                 embed: nn.Module, vocab: int, structures: list[Any] = (), position_embed: Any = None):
         self.lib, self.spec, self.layers, self.keep = lib, spec, layers, keep
         self.structures = list(structures)     # ctypes structures the layers point to (expert layers)
         self.embed, self.vocab = embed, vocab

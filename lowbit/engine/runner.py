@@ -152,7 +152,7 @@ def _fused_or_separate(modules: SequenceType[nn.Module], fuse: bool
 
 # transformers' activation names -> what the decoder computes: act(gate) * up
 ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
-               "gelu": "gelu"}
+               "gelu": "gelu", "relu": "relu"}
 # rope variants whose tables depend on the length of the sequence seen so far (not one table for all positions)
 LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
 
@@ -177,6 +177,12 @@ def decoder_blocker(model: nn.Module) -> str | None:
         return f"{arch.position} positions"
     if getattr(config, "scale_attn_by_inverse_layer_idx", False):
         return "attention scaled by the inverse layer index"
+    if getattr(config, "do_layer_norm_before", True) is False:
+        return "norms after attention and MLP (do_layer_norm_before=False)"
+    if getattr(config, "layer_norm_elementwise_affine", True) is False:
+        return "LayerNorms without weights"
+    if getattr(config, "word_embed_proj_dim", None) not in (None, config.hidden_size):
+        return "embedding projections (project_in / project_out)"
     if len(arch.sequential) != 4 or any(arch.fused.get(path[0], ()) not in ((), expected)
                                         for path, expected in zip(arch.sequential[::2], (("q", "k", "v"),
                                                                                           ("gate", "up")))):
@@ -396,7 +402,10 @@ class RotaryDecoder:
         # variants, partial rotary and per-layer-type bases included), exactly as transformers computes them
         # per step: [table][context, rotary dims].
         # Learned positions (GPT-2): their embedding is added to the token's, and no table rotates q and k.
-        self.position_embed = model.get_submodule(arch.position_embed_path) if arch.position == "learned" else None
+        self.position_embed = None
+        if arch.position == "learned":
+            table, offset = model.get_submodule(arch.position_embed_path).weight.detach(), arch.position_offset
+            self.position_embed = lambda positions: F.embedding(positions + offset, table)
         rotary = (model.get_submodule(_rotary_path(arch)) if self.position_embed is None
                   else lambda x, positions: (torch.zeros(1, context, 0), torch.zeros(1, context, 0)))
         positions = torch.arange(context)[None]
@@ -606,7 +615,7 @@ class RotaryDecoder:
 
 
 _ACTIVATE: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "silu": F.silu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "gelu": F.gelu}
+    "silu": F.silu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "gelu": F.gelu, "relu": F.relu}
 
 
 def _has(module: nn.Module, path: str) -> bool:

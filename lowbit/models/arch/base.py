@@ -138,6 +138,7 @@ class Architecture:
     gated_mlp: bool = True                 # act(gate) * up
     position: str = "rope"                 # rope | partial_rope | alibi | learned
     position_embed_path: str = ""          # learned: the position embedding added to the token's (GPT-2's wpe)
+    position_offset: int = 0               # its row of position p is p + offset (OPT: 2)
     qk_norm: bool = False
     qkv_bias: bool = False
     out_bias: bool = False

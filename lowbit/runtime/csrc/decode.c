@@ -43,13 +43,13 @@ typedef struct {
     const float *input_norm_bias, *mlp_norm_bias;   /* LayerNorm biases (layer_norm models) */
 } lb_layer;
 
-enum { LB_ACT_SILU = 0, LB_ACT_GELU_TANH = 1, LB_ACT_GELU = 2 };
+enum { LB_ACT_SILU = 0, LB_ACT_GELU_TANH = 1, LB_ACT_GELU = 2, LB_ACT_RELU = 3 };
 
 typedef struct {
     int64_t n_layers, hidden, heads, kv_heads, head_dim, rope_dim, intermediate, context, slots;
     float norm_eps, q_norm_eps, k_norm_eps, attn_scale;
     float attn_softcap, final_softcap;   /* cap * tanh(s / cap) of attention scores / final logits; 0: none */
-    int64_t activation;                  /* LB_ACT_*: act(gate) * up */
+    int64_t activation;                  /* LB_ACT_*: act(gate) * up, or act(up) */
     int64_t act8;                        /* int8 activations in the matmuls where the layout allows */
     const lb_layer *layers;
     const float *final_norm;
@@ -114,6 +114,7 @@ static void rope(float *v, const float *cos, const float *sin, int64_t d) {
 static float activation(float x, int64_t kind) {
     if (kind == LB_ACT_GELU_TANH) return 0.5f * x * (1.0f + tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x)));
     if (kind == LB_ACT_GELU) return 0.5f * x * (1.0f + erff(x * 0.7071067811865476f));
+    if (kind == LB_ACT_RELU) return x > 0.0f ? x : 0.0f;
     return x / (1.0f + expf(-x));
 }
 
