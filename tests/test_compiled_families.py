@@ -46,6 +46,8 @@ FAMILIES = {
     # learned positions read 2 rows further on, separate q/k/v with biases, ReLU
     "opt": dict(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4, word_embed_proj_dim=64,
                 max_position_embeddings=128),
+    # ALiBi slopes on the scores, a LayerNorm of the embeddings, q|k|v interleaved per head, BloomGelu (GELU-tanh)
+    "bloom": dict(hidden_size=64, n_layer=2, n_head=4),
 }
 # Mixtures of experts, 256 wide so that GGUF's 256-column K-quant blocks fit every expert projection; experts
 # are chosen per token from 4-8 (so the two rows decoded together route to different experts), with each
@@ -150,13 +152,13 @@ def test_compiled_step_greedy_equals_transformers(model_type):
 
 
 @pytest.mark.parametrize("feature", ["window", "attn_softcap", "final_softcap", "sandwich", "partial_rope",
-                                     "parallel", "layer_norm"])
+                                     "parallel", "layer_norm", "alibi"])
 def test_each_feature_changes_the_tokens(feature):
     """The tests above can fail: switching one family feature off in the compiled step (leaving the rest as
     transformers runs it) changes the logits beyond the bound, so each feature is really exercised."""
     model_type = {"window": "gemma3_text", "attn_softcap": "gemma2", "final_softcap": "gemma2",
                   "sandwich": "gemma2", "partial_rope": "phi3", "parallel": "gpt_neox",
-                  "layer_norm": "gpt_neox"}[feature]
+                  "layer_norm": "gpt_neox", "alibi": "bloom"}[feature]
     model = family_model(model_type)
     tokens_t, logits_t = decode_run(model, native=False)
     engine = Engine(model, max_batch=len(PROMPTS), context=64, prefill_attention_dtype=torch.float32)
@@ -174,6 +176,8 @@ def test_each_feature_changes_the_tokens(feature):
         spec.parallel = 0
     elif feature == "layer_norm":
         spec.layer_norm = 0                # RMSNorm instead (no mean, no bias)
+    elif feature == "alibi":
+        spec.alibi = None
     else:
         spec.rope_dim //= 2                # rotate a quarter of each head instead of half (reads within the tables)
     seqs = [engine.start(p, SamplingParams(max_new_tokens=STEPS + 2, temperature=0.0), stop_on_eos=False)
@@ -277,7 +281,8 @@ def test_each_routing_rule_changes_the_logits(model_type, rule):
 
 
 @pytest.mark.parametrize("model_type,path", [("gemma2", "compiled step"),
-                                             ("bloom", "transformers forward (alibi positions)")])
+                                             ("falcon", "transformers forward (block layout other than attention "
+                                                        "then MLP)")])
 def test_bench_says_which_decode_path_ran(model_type, path, tmp_path, capsys):
     from lowbit.api import save
     from lowbit.cli import main
@@ -290,8 +295,7 @@ def test_bench_says_which_decode_path_ran(model_type, path, tmp_path, capsys):
     assert f"decode: {path}\n" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("model_type,reason", [("bloom", "alibi positions"),
-                                               ("falcon", "block layout other than attention then MLP"),
+@pytest.mark.parametrize("model_type,reason", [("falcon", "block layout other than attention then MLP"),
                                                ("opt-350m", "norms after attention and MLP (do_layer_norm_before=False)")])
 def test_families_outside_the_decoder_fall_back_with_their_reason(model_type, reason):
     """The engine asks the family's Architecture, not a list: what the decoder cannot compute is named, and

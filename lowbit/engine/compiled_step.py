@@ -52,7 +52,7 @@ class ModelSpec(ctypes.Structure):
                 ("attn_softcap", _f32), ("final_softcap", _f32), ("activation", _i64), ("act8", _i64),
                 ("layers", ctypes.POINTER(LayerSpec)), ("final_norm", _ptr), ("lm_head", LinearSpec),
                 ("k_cache", _ptr), ("v_cache", _ptr), ("layer_norm", _i64), ("gated", _i64), ("parallel", _i64),
-                ("final_norm_bias", _ptr)]
+                ("final_norm_bias", _ptr), ("alibi", _ptr)]
 
 
 ACTIVATION_CODES = {"silu": 0, "gelu_tanh": 1, "gelu": 2, "relu": 3}   # decode.c's LB_ACT_*
@@ -114,11 +114,13 @@ class NativeDecodeStep:
     """Callable (tokens [B], slots [B], positions [B]) -> logits [B, vocab] for a RotaryDecoder."""
 
     def __init__(self, lib: ctypes.CDLL, spec: ModelSpec, layers: Any, keep: list[torch.Tensor],
-                 embed: nn.Module, vocab: int, structures: list[Any] = (), position_embed: Any = None):
+                 embed: nn.Module, vocab: int, structures: list[Any] = (), position_embed: Any = None,
+                 embed_norm: Any = None):
         self.lib, self.spec, self.layers, self.keep = lib, spec, layers, keep
         self.structures = list(structures)     # ctypes structures the layers point to (expert layers)
         self.embed, self.vocab = embed, vocab
         self.position_embed = position_embed
+        self.embed_norm = embed_norm
         # token ids index the embedding, whose rows may differ from the head's outputs (padded vocabularies)
         rows = getattr(embed, "num_embeddings", None) or getattr(getattr(embed, "qweight", None), "shape", (vocab,))[0]
         self.embedding_rows = int(rows)
@@ -183,6 +185,10 @@ class NativeDecodeStep:
         keep.extend(head[1])
         first = decoder.layers[0]
         layers = (LayerSpec * len(layer_specs))(*layer_specs)
+        alibi = None
+        if decoder.alibi is not None:
+            keep.append(decoder.alibi)
+            alibi = decoder.alibi.data_ptr()
         keep.extend(decoder.cos + decoder.sin)
         spec = ModelSpec(
             len(layer_specs), decoder.hidden, decoder.heads, decoder.kv_heads, decoder.head_dim, decoder.rope_dim,
@@ -192,9 +198,10 @@ class NativeDecodeStep:
             decoder.attn_softcap or 0.0, decoder.final_softcap or 0.0, ACTIVATION_CODES[decoder.activation],
             int(act8), layers, _norm_weight(decoder.final_norm, keep), head[0],
             decoder.k_cache.data_ptr(), decoder.v_cache.data_ptr(), int(decoder.layer_norm), int(decoder.gated),
-            int(decoder.parallel), _norm_weight(decoder.final_norm, keep, "bias"))
+            int(decoder.parallel), _norm_weight(decoder.final_norm, keep, "bias"), alibi)
         check_decode_model(lib, spec, decoder, keep)    # every pointer's bytes, before C ever reads them
-        return cls(lib, spec, layers, keep, decoder.embed, head[0].n, structures, decoder.position_embed), ""
+        return cls(lib, spec, layers, keep, decoder.embed, head[0].n, structures, decoder.position_embed,
+                   decoder.embed_norm), ""
 
     def prefill(self, tokens: torch.Tensor, slot: int, start: int) -> torch.Tensor:
         """Logits [1, vocab] of the last of `tokens` [S], a prompt chunk for cache slot `slot` from `start`
@@ -211,8 +218,10 @@ class NativeDecodeStep:
         if self.workspace is None or self.workspace.numel() < size:
             self.workspace = torch.empty(size, dtype=torch.float32)
         x = self.embed(tokens).float()
-        if self.position_embed is not None:             # learned positions (GPT-2)
+        if self.position_embed is not None:             # learned positions (GPT-2, OPT)
             x = x + self.position_embed(positions).float()
+        if self.embed_norm is not None:                 # BLOOM's norm of the embeddings
+            x = self.embed_norm(x)
         x = x.contiguous()
         slots = slots.to(torch.int64).contiguous()
         positions = positions.to(torch.int64).contiguous()

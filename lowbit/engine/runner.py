@@ -173,8 +173,11 @@ def decoder_blocker(model: nn.Module) -> str | None:
         if dense:
             return f"dense MLP layers {dense[:4]} among the expert layers"
     learned = arch.position == "learned" and bool(arch.position_embed_path)
-    if arch.position not in ("rope", "partial_rope") and not learned:
+    alibi = arch.position == "alibi" and _alibi_builder(model, arch) is not None
+    if arch.position not in ("rope", "partial_rope") and not learned and not alibi:
         return f"{arch.position} positions"
+    if getattr(config, "apply_residual_connection_post_layernorm", False):
+        return "residuals from the normalised input (apply_residual_connection_post_layernorm)"
     if getattr(config, "scale_attn_by_inverse_layer_idx", False):
         return "attention scaled by the inverse layer index"
     if getattr(config, "do_layer_norm_before", True) is False:
@@ -193,7 +196,7 @@ def decoder_blocker(model: nn.Module) -> str | None:
         return f"fused q|k|v rows in {qkv_layout} order"
     if arch.norm is NormKind.LAYER and arch.sandwich_norm:
         return "sandwich layer norms"
-    if not learned and not _has(model, _rotary_path(arch)):
+    if not learned and not alibi and not _has(model, _rotary_path(arch)):
         return f"no rotary module at {_rotary_path(arch)}"
     if _activation_of(model, arch) is None:
         return f"MLP activation {getattr(config, 'hidden_act', None)!r}"
@@ -210,6 +213,19 @@ def decoder_blocker(model: nn.Module) -> str | None:
 def _rotary_path(arch: Any) -> str:
     """transformers keeps the rotary module next to the embedding (model.rotary_emb)."""
     return f"{arch.embed_path.rpartition('.')[0]}.rotary_emb".lstrip(".")
+
+
+def _alibi_builder(model: nn.Module, arch: Any) -> Any:
+    """transformers' own ALiBi builder (BLOOM's build_alibi_tensor, on the module holding the blocks), or None."""
+    holder = model.get_submodule(arch.blocks_path.rpartition(".")[0])
+    return getattr(holder, "build_alibi_tensor", None)
+
+
+def alibi_slopes(model: nn.Module, arch: Any, heads: int) -> torch.Tensor:
+    """Each head's ALiBi slope, read from transformers' builder: the bias of key position 1 (it adds slope * key
+    position to the scores; softmax is blind to the per-query shift)."""
+    bias = _alibi_builder(model, arch)(torch.ones(1, 2, dtype=torch.long), heads, torch.float32)
+    return bias.reshape(heads, 2)[:, 1].contiguous()
 
 
 def _rope_parameter_sets(config: Any) -> list[dict]:
@@ -231,7 +247,9 @@ def _activation_of(model: nn.Module, arch: Any) -> str | None:
         mlp = mlp[0] if isinstance(mlp, nn.ModuleList) and len(mlp) else mlp
     else:
         mlp = block.get_submodule(arch.sequential[3][0].rpartition(".")[0])
-    act = next((getattr(mlp, a) for a in ("act_fn", "activation_fn", "act") if hasattr(mlp, a)), None)  # Phi-3, NeoX
+    act = next((getattr(mlp, a) for a in ("act_fn", "activation_fn", "act", "gelu_impl") if hasattr(mlp, a)), None)
+    if arch.activation_class and type(act).__name__ == arch.activation_class:     # BLOOM's BloomGelu
+        return arch.activation
     config = model.config
     for name in (getattr(config, "hidden_activation", None), getattr(config, "hidden_act", None),
                  getattr(config, "activation_function", None), arch.activation):     # GPT-2: activation_function
@@ -402,11 +420,15 @@ class RotaryDecoder:
         # variants, partial rotary and per-layer-type bases included), exactly as transformers computes them
         # per step: [table][context, rotary dims].
         # Learned positions (GPT-2): their embedding is added to the token's, and no table rotates q and k.
+        self.embed_norm = _norm(model.get_submodule(arch.embed_norm_path), False, self.layer_norm) \
+            if arch.embed_norm_path else None
+        # ALiBi (BLOOM): slope[head] * key position added to the attention scores, no rotary tables
+        self.alibi = alibi_slopes(model, arch, self.heads) if arch.position == "alibi" else None
         self.position_embed = None
         if arch.position == "learned":
             table, offset = model.get_submodule(arch.position_embed_path).weight.detach(), arch.position_offset
             self.position_embed = lambda positions: F.embedding(positions + offset, table)
-        rotary = (model.get_submodule(_rotary_path(arch)) if self.position_embed is None
+        rotary = (model.get_submodule(_rotary_path(arch)) if arch.position in ("rope", "partial_rope")
                   else lambda x, positions: (torch.zeros(1, context, 0), torch.zeros(1, context, 0)))
         positions = torch.arange(context)[None]
         types = list(getattr(config, "layer_types", None) or [])
@@ -503,13 +525,15 @@ class RotaryDecoder:
 
     def _attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
                    causal: bool) -> torch.Tensor:
-        if self.attn_softcap is None:
+        if self.attn_softcap is None and self.alibi is None:
             return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal,
                                                   enable_gqa=self.kv_heads != self.heads, scale=self.attn_scale)
-        # Soft-capped scores (Gemma 2): SDPA has no hook between the product and the softmax
+        # Soft-capped scores (Gemma 2), ALiBi (BLOOM): SDPA has no hook between the product and the softmax
         group = self.heads // self.kv_heads
         keys, values = keys.repeat_interleave(group, dim=1), values.repeat_interleave(group, dim=1)
         scores = _softcap(q @ keys.transpose(-1, -2) * self.attn_scale, self.attn_softcap)
+        if self.alibi is not None:
+            scores = scores + self.alibi[:, None, None] * torch.arange(keys.shape[-2], dtype=scores.dtype)
         if causal:
             mask = torch.ones(q.shape[-2], keys.shape[-2], dtype=torch.bool).tril()
         if mask is not None:
@@ -549,6 +573,8 @@ class RotaryDecoder:
         x = self.embed(tokens)
         if self.position_embed is not None:
             x = x + self.position_embed(query_positions)
+        if self.embed_norm is not None:
+            x = self.embed_norm(x)
         for index, layer in enumerate(self.layers):
             h = layer.input_norm(x)
             qkv = layer.qkv(h).view(batch, seq, heads + 2 * kv_heads, head_dim)

@@ -109,6 +109,7 @@ def check_decode_model(lib: ctypes.CDLL, spec: Any, decoder: Any, keep: list[tor
         norm(f"{where} rotary sin", layer.sin, context * spec.rope_dim, required=spec.rope_dim > 0)
     norm("final norm", spec.final_norm, hidden)
     norm("final norm bias", spec.final_norm_bias, hidden, required=False)
+    norm("ALiBi slopes", spec.alibi, heads, required=False)
     vocab = decoder.embed.num_embeddings if hasattr(decoder.embed, "num_embeddings") else spec.lm_head.n
     parts("lm_head", (spec.lm_head,), 1, vocab, hidden)
     if not 0 <= spec.rope_dim <= head_dim or spec.rope_dim % 2:      # 0: learned positions, no rotary

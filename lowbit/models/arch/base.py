@@ -135,10 +135,13 @@ class Architecture:
     # facts the engine's fast path needs
     norm: NormKind = NormKind.RMS
     activation: str = "silu"               # silu | gelu_tanh | gelu | relu
+    activation_class: str = ""             # the MLP's activation module when not one of transformers' ACT2FN
+                                           # (BLOOM's BloomGelu): it computes `activation`
     gated_mlp: bool = True                 # act(gate) * up
     position: str = "rope"                 # rope | partial_rope | alibi | learned
     position_embed_path: str = ""          # learned: the position embedding added to the token's (GPT-2's wpe)
     position_offset: int = 0               # its row of position p is p + offset (OPT: 2)
+    embed_norm_path: str = ""              # a norm applied to the embeddings (BLOOM's word_embeddings_layernorm)
     qk_norm: bool = False
     qkv_bias: bool = False
     out_bias: bool = False

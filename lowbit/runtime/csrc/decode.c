@@ -59,6 +59,7 @@ typedef struct {
     int64_t gated;                       /* MLP act(gate) * up; 0: act(up) from one weight */
     int64_t parallel;                    /* x + attn(norm(x)) + mlp(norm2(x)): the MLP reads the block's input */
     const float *final_norm_bias;
+    const float *alibi;                  /* [heads]: slope * key position added to the scores (BLOOM), or NULL */
 } lb_model;
 
 /* The concatenated outputs of several weights reading the same x, into y's columns in order; one barrier. */
@@ -376,7 +377,8 @@ void lowbit_decode_step(const lb_model *m, float *x, int64_t B, const int64_t *s
                     const int64_t first = layer->window > 0 && pos >= layer->window ? pos - layer->window + 1 : 0;
                     float top = -INFINITY;
                     for (int64_t t = first; t <= pos; t++) {
-                        score[t] = softcap(dot(q, keys + t * D, D) * m->attn_scale, m->attn_softcap);
+                        score[t] = softcap(dot(q, keys + t * D, D) * m->attn_scale, m->attn_softcap)
+                                   + (m->alibi ? m->alibi[hh] * (float)t : 0.0f);
                         if (score[t] > top) top = score[t];
                     }
                     float total = 0.0f;
