@@ -24,6 +24,7 @@ SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_att
              num_key_value_heads=2, max_position_embeddings=128)
 NEOX = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             max_position_embeddings=128, rotary_pct=0.5)
+FALCON = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=128)
 # Each family with the features it exercises switched on and made visible at this size.
 FAMILIES = {
     "gemma": dict(SHAPE, head_dim=16),
@@ -48,6 +49,10 @@ FAMILIES = {
                 max_position_embeddings=128),
     # ALiBi slopes on the scores, a LayerNorm of the embeddings, q|k|v interleaved per head, BloomGelu (GELU-tanh)
     "bloom": dict(hidden_size=64, n_layer=2, n_head=4),
+    # one LayerNorm feeding attention and MLP in parallel; q|k|v grouped per KV head: multi-query (one KV head) and
+    # one group per head
+    "falcon": dict(FALCON),
+    "falcon-heads": dict(FALCON, multi_query=False),
 }
 # Mixtures of experts, 256 wide so that GGUF's 256-column K-quant blocks fit every expert projection; experts
 # are chosen per token from 4-8 (so the two rows decoded together route to different experts), with each
@@ -99,6 +104,19 @@ def family_model(model_type: str, layout: str = "rtn"):
     quantize_model(model, LAYOUTS[layout], calibration=calibration, progress=False)
     set_kernel(model, "reference")
     return model
+
+
+# Configs of supported families that lowbit's decoder refuses by name
+VARIANTS = {"opt-350m": ("opt", dict(do_layer_norm_before=False)),        # norms after attention and MLP
+            "falcon-40b": ("falcon", dict(new_decoder_architecture=True, num_kv_heads=2))}
+
+
+def variant_model(name: str):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    base, extra = VARIANTS[name]
+    config = AutoConfig.for_model(base, **COMMON, **{**FAMILIES[base], **extra})
+    return AutoModelForCausalLM.from_config(config).eval()
 
 
 def decode_run(model, native: bool, forced: list[list[int]] | None = None, engine: Engine | None = None):
@@ -281,34 +299,28 @@ def test_each_routing_rule_changes_the_logits(model_type, rule):
 
 
 @pytest.mark.parametrize("model_type,path", [("gemma2", "compiled step"),
-                                             ("falcon", "transformers forward (block layout other than attention "
-                                                        "then MLP)")])
+                                             ("falcon-40b", "transformers forward (ln_attn / ln_mlp blocks "
+                                                            "(new_decoder_architecture))")])
 def test_bench_says_which_decode_path_ran(model_type, path, tmp_path, capsys):
     from lowbit.api import save
     from lowbit.cli import main
 
     from arch_models import tiny_model
 
-    model = family_model(model_type) if model_type in FAMILIES else tiny_model(model_type)[0]
+    model = family_model(model_type) if model_type in FAMILIES else variant_model(model_type)
     saved = save(model, tmp_path / model_type, tokenizer=None)
     assert main(["-q", "bench", str(saved), "-p", "2", "-n", "2", "-r", "1"]) == 0
     assert f"decode: {path}\n" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("model_type,reason", [("falcon", "block layout other than attention then MLP"),
+@pytest.mark.parametrize("model_type,reason", [("falcon-40b", "ln_attn / ln_mlp blocks (new_decoder_architecture)"),
                                                ("opt-350m", "norms after attention and MLP (do_layer_norm_before=False)")])
 def test_families_outside_the_decoder_fall_back_with_their_reason(model_type, reason):
     """The engine asks the family's Architecture, not a list: what the decoder cannot compute is named, and
     those models run through transformers' forward with lowbit's quantized Linears."""
     from arch_models import tiny_model
 
-    if model_type == "opt-350m":          # OPT-350m normalises after attention and MLP
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        config = AutoConfig.for_model("opt", **COMMON, **FAMILIES["opt"], do_layer_norm_before=False)
-        model = AutoModelForCausalLM.from_config(config).eval()
-    else:
-        model = tiny_model(model_type)[0]
+    model = variant_model(model_type)
     assert decoder_blocker(model) == reason
     engine = Engine(model, context=32)
     assert engine.decode_path == f"transformers forward ({reason})" and not engine.fast_path

@@ -186,14 +186,17 @@ def decoder_blocker(model: nn.Module) -> str | None:
         return "LayerNorms without weights"
     if getattr(config, "word_embed_proj_dim", None) not in (None, config.hidden_size):
         return "embedding projections (project_in / project_out)"
-    if len(arch.sequential) != 4 or any(arch.fused.get(path[0], ()) not in ((), expected)
-                                        for path, expected in zip(arch.sequential[::2], (("q", "k", "v"),
+    if len(arch.stages) != 4 or any(arch.fused.get(path[0], ()) not in ((), expected)
+                                    for path, expected in zip(arch.stages[::2], (("q", "k", "v"),
                                                                                           ("gate", "up")))):
         return "block layout other than attention then MLP"
-    fused_qkv = [path for path in arch.sequential[0] if arch.fused.get(path) == ("q", "k", "v")]
+    fused_qkv = [path for path in arch.stages[0] if arch.fused.get(path) == ("q", "k", "v")]
     qkv_layout = arch.gguf.qkv_layout if arch.gguf is not None else ""
-    if fused_qkv and qkv_layout not in ("", "heads_interleaved"):
+    if fused_qkv and qkv_layout not in ("", "heads_interleaved", "kv_groups"):
         return f"fused q|k|v rows in {qkv_layout} order"
+    refused = arch.engine_refuses(config) if arch.engine_refuses is not None else None
+    if refused:
+        return refused
     if arch.norm is NormKind.LAYER and arch.sandwich_norm:
         return "sandwich layer norms"
     if not learned and not alibi and not _has(model, _rotary_path(arch)):
@@ -246,7 +249,7 @@ def _activation_of(model: nn.Module, arch: Any) -> str | None:
         mlp = block.get_submodule(arch.experts.path)
         mlp = mlp[0] if isinstance(mlp, nn.ModuleList) and len(mlp) else mlp
     else:
-        mlp = block.get_submodule(arch.sequential[3][0].rpartition(".")[0])
+        mlp = block.get_submodule(arch.stages[3][0].rpartition(".")[0])
     act = next((getattr(mlp, a) for a in ("act_fn", "activation_fn", "act", "gelu_impl") if hasattr(mlp, a)), None)
     if arch.activation_class and type(act).__name__ == arch.activation_class:     # BLOOM's BloomGelu
         return arch.activation
@@ -400,7 +403,8 @@ class RotaryDecoder:
         self.prefill_attention_dtype = prefill_attention_dtype
         self.hidden = config.hidden_size
         self.heads = config.num_attention_heads
-        self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
+        self.kv_heads = (arch.kv_heads_of(config) if arch.kv_heads_of is not None
+                         else getattr(config, "num_key_value_heads", None) or self.heads)
         self.head_dim = getattr(config, "head_dim", None) or self.hidden // self.heads
         self.embed = model.get_submodule(arch.embed_path)
         self.final_norm = _norm(model.get_submodule(arch.final_norm_path), self.plus_one, self.layer_norm)
@@ -413,7 +417,7 @@ class RotaryDecoder:
 
         # GPT-2's config has no intermediate_size (n_inner, or 4 x hidden): the MLP output's input width says
         self.intermediate = (getattr(config, "intermediate_size", None)
-                             or in_out_features(arch.blocks(model)[0].get_submodule(arch.sequential[3][0]))[0])
+                             or in_out_features(arch.blocks(model)[0].get_submodule(arch.stages[3][0]))[0])
         self.context = context
         self.windows = layer_windows(config)
         # Rotary tables for every position, computed once with the model's own rotary module (rope scaling
@@ -456,7 +460,7 @@ class RotaryDecoder:
 
     def _layers(self, model: nn.Module, fuse: bool) -> list[_Layer]:
         arch = self.arch
-        (attn_in, attn_out, mlp_in, mlp_out), layout = arch.sequential, arch.layout
+        (attn_in, attn_out, mlp_in, mlp_out), layout = arch.stages, arch.layout
         layers = []
         for index, block in enumerate(arch.blocks(model)):
             module = lambda path: block.get_submodule(path) if path and _has(block, path) else None  # noqa: E731

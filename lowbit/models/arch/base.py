@@ -155,6 +155,15 @@ class Architecture:
     fused: dict[str, tuple[str, ...]] = field(default_factory=dict)  # fused Linear -> the projections it holds
     tied_head: str = "config"              # "config": tie_word_embeddings says; "always": head is the embedding
     layout: BlockLayout = BlockLayout()    # norm paths inside a block (engine decoder)
+    # the engine decoder's four stages (attention inputs, attention output, MLP inputs, MLP output) when
+    # `sequential` groups the Linears otherwise (Falcon quantizes q|k|v and h_to_4h together: one norm feeds both)
+    engine_stages: tuple[tuple[str, ...], ...] = ()
+    kv_heads_of: Callable[[Any], int] | None = None   # KV heads from the config, when not num_key_value_heads
+    engine_refuses: Callable[[Any], str | None] | None = None   # configs of the family the decoder cannot run
+
+    @property
+    def stages(self) -> tuple[tuple[str, ...], ...]:
+        return self.engine_stages or self.sequential
     no_clip: tuple[str, ...] = ()          # Linears whose outputs meet in a softmax: AWQ does not clip them
     keep_float: tuple[str, ...] = ()       # Linears never quantized (tiny gates); skip patterns
     experts: Experts | None = None
