@@ -22,6 +22,9 @@ pytestmark = pytest.mark.skipif(clib.native_library() is None, reason="no C comp
 WINDOW = 8
 SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=128)
+NEOX = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=128, rotary_pct=0.5)
+FALCON = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=128)
 # Each family with the features it exercises switched on and made visible at this size.
 FAMILIES = {
     "gemma": dict(SHAPE, head_dim=16),
@@ -35,6 +38,21 @@ FAMILIES = {
     "phi3": dict(SHAPE, partial_rotary_factor=0.5, sliding_window=WINDOW),
     "qwen2": dict(SHAPE),
     "mistral": dict(SHAPE, sliding_window=WINDOW),
+    # LayerNorms with bias, biases everywhere, q|k|v fused and interleaved per head, GELU without a gate, partial
+    # rotary; attention and MLP in parallel (the default) or one after the other
+    "gpt_neox": dict(NEOX),
+    "gpt_neox-sequential": dict(NEOX, use_parallel_residual=False),
+    # learned positions added to the embedding, no rotary; Conv1D weights ([in, out]), fused c_attn, GELU-tanh
+    "gpt2": dict(n_embd=64, n_layer=2, n_head=4, n_positions=128),
+    # learned positions read 2 rows further on, separate q/k/v with biases, ReLU
+    "opt": dict(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4, word_embed_proj_dim=64,
+                max_position_embeddings=128),
+    # ALiBi slopes on the scores, a LayerNorm of the embeddings, q|k|v interleaved per head, BloomGelu (GELU-tanh)
+    "bloom": dict(hidden_size=64, n_layer=2, n_head=4),
+    # one LayerNorm feeding attention and MLP in parallel; q|k|v grouped per KV head: multi-query (one KV head) and
+    # one group per head
+    "falcon": dict(FALCON),
+    "falcon-heads": dict(FALCON, multi_query=False),
 }
 # Mixtures of experts, 256 wide so that GGUF's 256-column K-quant blocks fit every expert projection; experts
 # are chosen per token from 4-8 (so the two rows decoded together route to different experts), with each
@@ -68,7 +86,7 @@ def family_model(model_type: str, layout: str = "rtn"):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     shape = FAMILIES.get(model_type) or MOE_FAMILIES[model_type]
-    config = AutoConfig.for_model(model_type, **COMMON, **shape, tie_word_embeddings=False)
+    config = AutoConfig.for_model(model_type.split("-")[0], **COMMON, **shape, tie_word_embeddings=False)
     if model_type == "qwen2":
         assert config.layer_types is not None
     torch.manual_seed(0)
@@ -86,6 +104,19 @@ def family_model(model_type: str, layout: str = "rtn"):
     quantize_model(model, LAYOUTS[layout], calibration=calibration, progress=False)
     set_kernel(model, "reference")
     return model
+
+
+# Configs of supported families that lowbit's decoder refuses by name
+VARIANTS = {"opt-350m": ("opt", dict(do_layer_norm_before=False)),        # norms after attention and MLP
+            "falcon-40b": ("falcon", dict(new_decoder_architecture=True, num_kv_heads=2))}
+
+
+def variant_model(name: str):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    base, extra = VARIANTS[name]
+    config = AutoConfig.for_model(base, **COMMON, **{**FAMILIES[base], **extra})
+    return AutoModelForCausalLM.from_config(config).eval()
 
 
 def decode_run(model, native: bool, forced: list[list[int]] | None = None, engine: Engine | None = None):
@@ -138,12 +169,14 @@ def test_compiled_step_greedy_equals_transformers(model_type):
     assert ours == greedy_reference(reference_model(model), torch.tensor(PROMPTS[0]), STEPS)
 
 
-@pytest.mark.parametrize("feature", ["window", "attn_softcap", "final_softcap", "sandwich", "partial_rope"])
+@pytest.mark.parametrize("feature", ["window", "attn_softcap", "final_softcap", "sandwich", "partial_rope",
+                                     "parallel", "layer_norm", "alibi"])
 def test_each_feature_changes_the_tokens(feature):
     """The tests above can fail: switching one family feature off in the compiled step (leaving the rest as
     transformers runs it) changes the logits beyond the bound, so each feature is really exercised."""
     model_type = {"window": "gemma3_text", "attn_softcap": "gemma2", "final_softcap": "gemma2",
-                  "sandwich": "gemma2", "partial_rope": "phi3"}[feature]
+                  "sandwich": "gemma2", "partial_rope": "phi3", "parallel": "gpt_neox",
+                  "layer_norm": "gpt_neox", "alibi": "bloom"}[feature]
     model = family_model(model_type)
     tokens_t, logits_t = decode_run(model, native=False)
     engine = Engine(model, max_batch=len(PROMPTS), context=64, prefill_attention_dtype=torch.float32)
@@ -157,6 +190,12 @@ def test_each_feature_changes_the_tokens(feature):
         spec.final_softcap = 0.0
     elif feature == "sandwich":
         spec.layers[0].attn_out_norm = None
+    elif feature == "parallel":
+        spec.parallel = 0
+    elif feature == "layer_norm":
+        spec.layer_norm = 0                # RMSNorm instead (no mean, no bias)
+    elif feature == "alibi":
+        spec.alibi = None
     else:
         spec.rope_dim //= 2                # rotate a quarter of each head instead of half (reads within the tables)
     seqs = [engine.start(p, SamplingParams(max_new_tokens=STEPS + 2, temperature=0.0), stop_on_eos=False)
@@ -183,25 +222,11 @@ def _routed_experts(model) -> set[int]:
     return seen
 
 
-@pytest.mark.parametrize("layout", list(LAYOUTS))
-@pytest.mark.parametrize("model_type", list(MOE_FAMILIES))
-def test_moe_compiled_step_equals_torch_and_transformers(model_type, layout):
-    """Expert layers in the compiled step, for the expert Linears' integer-grid and GGUF-block layouts: over two
-    prompts and 32 steps of both rows together, its logits equal the torch decoder's (transformers' own routing
-    module over lowbit's quantized experts) within the float32 bound above, every expert is routed to, and the
-    default engine's 32 greedy tokens equal transformers' on the dequantized weights."""
-    from lowbit.runtime.qlinear import QuantLinear
-
-    model = family_model(model_type, layout)
-    assert decoder_blocker(model) is None
-    kinds = {m.qweight.scheme.name for n, m in model.named_modules() if isinstance(m, QuantLinear) and "experts" in n}
-    assert kinds and all(k.startswith("ggml-") for k in kinds) == (layout == "gguf"), kinds
-    if layout == "gptq":
-        assert any(m.qweight.g_idx is not None for m in model.modules() if isinstance(m, QuantLinear))
-    routed = _routed_experts(model)
+def assert_compiled_equals_torch_and_transformers(model) -> None:
+    """Over two prompts and 32 steps of both rows together the compiled step's logits equal the torch decoder's
+    within the float32 bound above, and the default engine's 32 greedy tokens are transformers' choices on the
+    dequantized weights."""
     tokens_t, logits_t = decode_run(model, native=False)
-    n_experts = getattr(model.config, "num_local_experts", None) or model.config.num_experts
-    assert routed == set(range(n_experts))        # every expert runs at some point
     tokens_c, logits_c = decode_run(model, native=True, forced=tokens_t)
     assert tokens_c == tokens_t
     assert (logits_c - logits_t).abs().max() <= 1e-4 * logits_t.abs().max()
@@ -214,6 +239,42 @@ def test_moe_compiled_step_equals_torch_and_transformers(model_type, layout):
     with torch.no_grad():
         reference = reference_model(model)(torch.tensor([PROMPTS[0] + ours])).logits[0]
     assert ours == reference[len(PROMPTS[0]) - 1:-1].argmax(-1).tolist()
+
+
+def _layout_kinds(model, where: str, layout: str) -> None:
+    """The Linears under `where` hold the layout asked for (GGUF blocks; GPTQ's column order)."""
+    from lowbit.runtime.qlinear import QuantLinear
+
+    linears = [m for n, m in model.named_modules() if isinstance(m, QuantLinear) and where in n]
+    kinds = {m.qweight.scheme.name for m in linears}
+    assert kinds and all(k.startswith("ggml-") for k in kinds) == (layout == "gguf"), kinds
+    if layout == "gptq":
+        assert any(m.qweight.g_idx is not None for m in linears)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("model_type", list(MOE_FAMILIES))
+def test_moe_compiled_step_equals_torch_and_transformers(model_type, layout):
+    """Expert layers in the compiled step, for the expert Linears' integer-grid and GGUF-block layouts: the two
+    bounds above (the torch decoder runs transformers' own routing module over lowbit's quantized experts), and
+    every expert is routed to during the run."""
+    model = family_model(model_type, layout)
+    assert decoder_blocker(model) is None
+    _layout_kinds(model, ".experts.", layout)
+    routed = _routed_experts(model)
+    decode_run(model, native=False)
+    n_experts = getattr(model.config, "num_local_experts", None) or model.config.num_experts
+    assert routed == set(range(n_experts))        # every expert runs at some point
+    assert_compiled_equals_torch_and_transformers(model)
+
+
+@pytest.mark.parametrize("layout", ["gptq", "gguf"])
+def test_neox_interleaved_qkv_in_every_layout(layout):
+    """GPT-NeoX's query_key_value (rows interleaved per head) is read through a row-reordered copy: the copy is
+    right for GPTQ's column-ordered codes and for GGUF blocks too (the two bounds above)."""
+    model = family_model("gpt_neox", layout)
+    _layout_kinds(model, "query_key_value", layout)
+    assert_compiled_equals_torch_and_transformers(model)
 
 
 @pytest.mark.parametrize("model_type,rule", [("mixtral", "renormalize"), ("qwen2_moe", "renormalize"),
@@ -238,14 +299,15 @@ def test_each_routing_rule_changes_the_logits(model_type, rule):
 
 
 @pytest.mark.parametrize("model_type,path", [("gemma2", "compiled step"),
-                                             ("gpt2", "transformers forward (layer norms)")])
+                                             ("falcon-40b", "transformers forward (ln_attn / ln_mlp blocks "
+                                                            "(new_decoder_architecture))")])
 def test_bench_says_which_decode_path_ran(model_type, path, tmp_path, capsys):
     from lowbit.api import save
     from lowbit.cli import main
 
     from arch_models import tiny_model
 
-    model = family_model(model_type) if model_type in FAMILIES else tiny_model(model_type)[0]
+    model = family_model(model_type) if model_type in FAMILIES else variant_model(model_type)
     saved = save(model, tmp_path / model_type, tokenizer=None)
     assert main(["-q", "bench", str(saved), "-p", "2", "-n", "2", "-r", "1"]) == 0
     out = capsys.readouterr().out
@@ -253,13 +315,14 @@ def test_bench_says_which_decode_path_ran(model_type, path, tmp_path, capsys):
     assert "arithmetic: float32 activations" in out     # lowbit's own layouts: float32 unless asked otherwise
 
 
-@pytest.mark.parametrize("model_type,reason", [("gpt_neox", "layer norms"), ("opt", "layer norms")])
+@pytest.mark.parametrize("model_type,reason", [("falcon-40b", "ln_attn / ln_mlp blocks (new_decoder_architecture)"),
+                                               ("opt-350m", "norms after attention and MLP (do_layer_norm_before=False)")])
 def test_families_outside_the_decoder_fall_back_with_their_reason(model_type, reason):
     """The engine asks the family's Architecture, not a list: what the decoder cannot compute is named, and
     those models run through transformers' forward with lowbit's quantized Linears."""
     from arch_models import tiny_model
 
-    model = tiny_model(model_type)[0]
+    model = variant_model(model_type)
     assert decoder_blocker(model) == reason
     engine = Engine(model, context=32)
     assert engine.decode_path == f"transformers forward ({reason})" and not engine.fast_path

@@ -41,7 +41,7 @@ class LayerSpec(ctypes.Structure):
     _fields_ = [("input_norm", _ptr), ("mlp_norm", _ptr), ("attn_out_norm", _ptr), ("mlp_out_norm", _ptr),
                 ("q_norm", _ptr), ("k_norm", _ptr), ("cos", _ptr), ("sin", _ptr), ("window", _i64),
                 ("qkv", LinearSpec * 3), ("o", LinearSpec), ("gate_up", LinearSpec * 2), ("down", LinearSpec),
-                ("moe", ctypes.POINTER(MoESpec))]
+                ("moe", ctypes.POINTER(MoESpec)), ("input_norm_bias", _ptr), ("mlp_norm_bias", _ptr)]
 
 
 class ModelSpec(ctypes.Structure):
@@ -52,17 +52,19 @@ class ModelSpec(ctypes.Structure):
                 ("norm_eps", _f32), ("q_norm_eps", _f32), ("k_norm_eps", _f32), ("attn_scale", _f32),
                 ("attn_softcap", _f32), ("final_softcap", _f32), ("activation", _i64), ("activations", _i64),
                 ("layers", ctypes.POINTER(LayerSpec)), ("final_norm", _ptr), ("lm_head", LinearSpec),
-                ("k_cache", _ptr), ("v_cache", _ptr)]
+                ("k_cache", _ptr), ("v_cache", _ptr), ("layer_norm", _i64), ("gated", _i64), ("parallel", _i64),
+                ("final_norm_bias", _ptr), ("alibi", _ptr)]
 
 
-ACTIVATION_CODES = {"silu": 0, "gelu_tanh": 1, "gelu": 2}   # decode.c's LB_ACT_*
+ACTIVATION_CODES = {"silu": 0, "gelu_tanh": 1, "gelu": 2, "relu": 3}   # decode.c's LB_ACT_*
 
 
-def _norm_weight(norm: Any, keep: list[torch.Tensor]) -> int | None:
-    """Pointer to a decoder norm's float32 factor (kept alive in `keep`), or None when the norm is absent."""
-    if norm is None:
+def _norm_weight(norm: Any, keep: list[torch.Tensor], part: str = "weight") -> int | None:
+    """Pointer to a decoder norm's float32 factor (or `part` "bias", a LayerNorm's) kept alive in `keep`, or None
+    when the norm (or its bias) is absent."""
+    if norm is None or getattr(norm, part, None) is None:
         return None
-    weight = norm.weight.detach().float().contiguous()
+    weight = getattr(norm, part).detach().float().contiguous()
     keep.append(weight)
     return weight.data_ptr()
 
@@ -113,11 +115,14 @@ class NativeDecodeStep:
     """Callable (tokens [B], slots [B], positions [B]) -> logits [B, vocab] for a RotaryDecoder."""
 
     def __init__(self, lib: ctypes.CDLL, spec: ModelSpec, layers: Any, keep: list[torch.Tensor],
-                 embed: nn.Module, vocab: int, arithmetic: str, structures: list[Any] = ()):
+                 embed: nn.Module, vocab: int, arithmetic: str, structures: list[Any] = (),
+                 position_embed: Any = None, embed_norm: Any = None):
         self.lib, self.spec, self.layers, self.keep = lib, spec, layers, keep
         self.structures = list(structures)     # ctypes structures the layers point to (expert layers)
         self.embed, self.vocab = embed, vocab
         self.arithmetic = arithmetic       # what the matmuls compute in, for people reading a benchmark
+        self.position_embed = position_embed
+        self.embed_norm = embed_norm
         # token ids index the embedding, whose rows may differ from the head's outputs (padded vocabularies)
         rows = getattr(embed, "num_embeddings", None) or getattr(getattr(embed, "qweight", None), "shape", (vocab,))[0]
         self.embedding_rows = int(rows)
@@ -153,6 +158,10 @@ class NativeDecodeStep:
         for index, layer in enumerate(decoder.layers):
             specs = {}
             moe = None
+            if not layer.qkv_parts:
+                return unsupported(f"layer {index}: fused q|k|v rows the step cannot reorder")
+            if layer.moe is not None and decoder.parallel:
+                return unsupported("experts in a parallel attention + MLP block")
             if layer.moe is not None:    # the expert layer replaces gate|up and down (absent: n == 0)
                 moe, reason = _moe_spec(layer.moe, keep, structures)
                 if moe is None:
@@ -171,13 +180,18 @@ class NativeDecodeStep:
                                                         layer.mlp_out_norm, layer.q_norm, layer.k_norm)),
                 decoder.cos[layer.rope].data_ptr(), decoder.sin[layer.rope].data_ptr(), layer.window,
                 (LinearSpec * 3)(*specs["qkv"]), specs["o"][0], (LinearSpec * 2)(*specs["gate_up"]),
-                specs["down"][0], ctypes.pointer(moe) if moe is not None else None))
+                specs["down"][0], ctypes.pointer(moe) if moe is not None else None,
+                _norm_weight(layer.input_norm, keep, "bias"), _norm_weight(layer.mlp_norm, keep, "bias")))
         head = linear_spec(decoder.lm_head)
         if head is None:
             return unsupported("lm_head weight layout not handled")
         keep.extend(head[1])
         first = decoder.layers[0]
         layers = (LayerSpec * len(layer_specs))(*layer_specs)
+        alibi = None
+        if decoder.alibi is not None:
+            keep.append(decoder.alibi)
+            alibi = decoder.alibi.data_ptr()
         keep.extend(decoder.cos + decoder.sin)
         spec = ModelSpec(
             len(layer_specs), decoder.hidden, decoder.heads, decoder.kv_heads, decoder.head_dim, decoder.rope_dim,
@@ -186,7 +200,8 @@ class NativeDecodeStep:
             first.k_norm.eps if first.k_norm is not None else 0.0, decoder.attn_scale,
             decoder.attn_softcap or 0.0, decoder.final_softcap or 0.0, ACTIVATION_CODES[decoder.activation],
             activations.code, layers, _norm_weight(decoder.final_norm, keep), head[0],
-            decoder.k_cache.data_ptr(), decoder.v_cache.data_ptr())
+            decoder.k_cache.data_ptr(), decoder.v_cache.data_ptr(), int(decoder.layer_norm), int(decoder.gated),
+            int(decoder.parallel), _norm_weight(decoder.final_norm, keep, "bias"), alibi)
         check_decode_model(lib, spec, decoder, keep)    # every pointer's bytes, before C ever reads them
         weights = [part for layer in layer_specs for part in (*layer.qkv, layer.o, *layer.gate_up, layer.down)
                    if part.n] + [head[0]]
@@ -194,7 +209,7 @@ class NativeDecodeStep:
         arithmetic = ("float32 activations" if rounded == 0 else "int8 activations" if rounded == len(weights)
                       else f"int8 activations in {rounded} of {len(weights)} matmuls, float32 in the others")
         return cls(lib, spec, layers, keep, decoder.embed, head[0].n, f"{arithmetic} ({activations.value})",
-                   structures), ""
+                   structures, decoder.position_embed, decoder.embed_norm), ""
 
     def prefill(self, tokens: torch.Tensor, slot: int, start: int) -> torch.Tensor:
         """Logits [1, vocab] of the last of `tokens` [S], a prompt chunk for cache slot `slot` from `start`
@@ -210,7 +225,12 @@ class NativeDecodeStep:
         size = self.lib.lowbit_decode_workspace(ctypes.byref(self.spec), batch, threads)
         if self.workspace is None or self.workspace.numel() < size:
             self.workspace = torch.empty(size, dtype=torch.float32)
-        x = self.embed(tokens).float().contiguous()
+        x = self.embed(tokens).float()
+        if self.position_embed is not None:             # learned positions (GPT-2, OPT)
+            x = x + self.position_embed(positions).float()
+        if self.embed_norm is not None:                 # BLOOM's norm of the embeddings
+            x = self.embed_norm(x)
+        x = x.contiguous()
         slots = slots.to(torch.int64).contiguous()
         positions = positions.to(torch.int64).contiguous()
         logits = torch.empty(1 if last_only else batch, self.vocab, dtype=torch.float32)

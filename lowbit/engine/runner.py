@@ -153,7 +153,7 @@ def _fused_or_separate(modules: SequenceType[nn.Module], fuse: bool
 
 # transformers' activation names -> what the decoder computes: act(gate) * up
 ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
-               "gelu": "gelu"}
+               "gelu": "gelu", "relu": "relu"}
 # rope variants whose tables depend on the length of the sequence seen so far (not one table for all positions)
 LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
 
@@ -173,19 +173,34 @@ def decoder_blocker(model: nn.Module) -> str | None:
         dense = [i for i, block in enumerate(arch.blocks(model)) if not _has(block, arch.experts.path)]
         if dense:
             return f"dense MLP layers {dense[:4]} among the expert layers"
-    if arch.norm not in (NormKind.RMS, NormKind.RMS_PLUS_ONE):
-        return f"{arch.norm.value} norms"
-    if not arch.gated_mlp:
-        return "MLP without a gate"
-    if arch.parallel_attn_mlp:
-        return "parallel attention and MLP"
-    if arch.position not in ("rope", "partial_rope"):
+    learned = arch.position == "learned" and bool(arch.position_embed_path)
+    alibi = arch.position == "alibi" and _alibi_builder(model, arch) is not None
+    if arch.position not in ("rope", "partial_rope") and not learned and not alibi:
         return f"{arch.position} positions"
-    if len(arch.sequential) != 4 or any(arch.fused.get(path[0], ()) not in ((), expected)
-                                        for path, expected in zip(arch.sequential[::2], (("q", "k", "v"),
+    if getattr(config, "apply_residual_connection_post_layernorm", False):
+        return "residuals from the normalised input (apply_residual_connection_post_layernorm)"
+    if getattr(config, "scale_attn_by_inverse_layer_idx", False):
+        return "attention scaled by the inverse layer index"
+    if getattr(config, "do_layer_norm_before", True) is False:
+        return "norms after attention and MLP (do_layer_norm_before=False)"
+    if getattr(config, "layer_norm_elementwise_affine", True) is False:
+        return "LayerNorms without weights"
+    if getattr(config, "word_embed_proj_dim", None) not in (None, config.hidden_size):
+        return "embedding projections (project_in / project_out)"
+    if len(arch.stages) != 4 or any(arch.fused.get(path[0], ()) not in ((), expected)
+                                    for path, expected in zip(arch.stages[::2], (("q", "k", "v"),
                                                                                           ("gate", "up")))):
         return "block layout other than attention then MLP"
-    if not _has(model, _rotary_path(arch)):
+    fused_qkv = [path for path in arch.stages[0] if arch.fused.get(path) == ("q", "k", "v")]
+    qkv_layout = arch.gguf.qkv_layout if arch.gguf is not None else ""
+    if fused_qkv and qkv_layout not in ("", "heads_interleaved", "kv_groups"):
+        return f"fused q|k|v rows in {qkv_layout} order"
+    refused = arch.engine_refuses(config) if arch.engine_refuses is not None else None
+    if refused:
+        return refused
+    if arch.norm is NormKind.LAYER and arch.sandwich_norm:
+        return "sandwich layer norms"
+    if not learned and not alibi and not _has(model, _rotary_path(arch)):
         return f"no rotary module at {_rotary_path(arch)}"
     if _activation_of(model, arch) is None:
         return f"MLP activation {getattr(config, 'hidden_act', None)!r}"
@@ -202,6 +217,19 @@ def decoder_blocker(model: nn.Module) -> str | None:
 def _rotary_path(arch: Any) -> str:
     """transformers keeps the rotary module next to the embedding (model.rotary_emb)."""
     return f"{arch.embed_path.rpartition('.')[0]}.rotary_emb".lstrip(".")
+
+
+def _alibi_builder(model: nn.Module, arch: Any) -> Any:
+    """transformers' own ALiBi builder (BLOOM's build_alibi_tensor, on the module holding the blocks), or None."""
+    holder = model.get_submodule(arch.blocks_path.rpartition(".")[0])
+    return getattr(holder, "build_alibi_tensor", None)
+
+
+def alibi_slopes(model: nn.Module, arch: Any, heads: int) -> torch.Tensor:
+    """Each head's ALiBi slope, read from transformers' builder: the bias of key position 1 (it adds slope * key
+    position to the scores; softmax is blind to the per-query shift)."""
+    bias = _alibi_builder(model, arch)(torch.ones(1, 2, dtype=torch.long), heads, torch.float32)
+    return bias.reshape(heads, 2)[:, 1].contiguous()
 
 
 def _rope_parameter_sets(config: Any) -> list[dict]:
@@ -222,10 +250,13 @@ def _activation_of(model: nn.Module, arch: Any) -> str | None:
         mlp = block.get_submodule(arch.experts.path)
         mlp = mlp[0] if isinstance(mlp, nn.ModuleList) and len(mlp) else mlp
     else:
-        mlp = block.get_submodule(arch.sequential[3][0].rpartition(".")[0])
-    act = getattr(mlp, "act_fn", None) or getattr(mlp, "activation_fn", None)    # Phi-3: activation_fn
+        mlp = block.get_submodule(arch.stages[3][0].rpartition(".")[0])
+    act = next((getattr(mlp, a) for a in ("act_fn", "activation_fn", "act", "gelu_impl") if hasattr(mlp, a)), None)
+    if arch.activation_class and type(act).__name__ == arch.activation_class:     # BLOOM's BloomGelu
+        return arch.activation
     config = model.config
-    for name in (getattr(config, "hidden_activation", None), getattr(config, "hidden_act", None), arch.activation):
+    for name in (getattr(config, "hidden_activation", None), getattr(config, "hidden_act", None),
+                 getattr(config, "activation_function", None), arch.activation):     # GPT-2: activation_function
         if name in ACT2FN and act is not None and type(ACT2FN[name]) is type(act):
             return ACTIVATIONS.get(name)
     return None
@@ -243,21 +274,49 @@ def layer_windows(config: Any) -> list[int]:
 
 @dataclass
 class _Norm:
-    """An RMSNorm as the family applies it: `weight` is the factor (Gemma's 1 + w, added once in float32)."""
+    """An RMSNorm as the family applies it: `weight` is the factor (Gemma's 1 + w, added once in float32); or, with
+    `bias` (GPT-NeoX), a LayerNorm."""
 
     weight: torch.Tensor
     eps: float
+    bias: torch.Tensor | None = None
+    layer: bool = False
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.layer:
+            return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
         return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
 
-def _norm(module: nn.Module | None, plus_one: bool) -> _Norm | None:
+def _norm(module: nn.Module | None, plus_one: bool, layer: bool = False) -> _Norm | None:
     if module is None:
         return None
     eps = getattr(module, "variance_epsilon", None)
     weight = module.weight.detach()
-    return _Norm((1.0 + weight.float()) if plus_one else weight, float(eps if eps is not None else module.eps))
+    bias = getattr(module, "bias", None) if layer else None
+    return _Norm((1.0 + weight.float()) if plus_one else weight, float(eps if eps is not None else module.eps),
+                 None if bias is None else bias.detach(), layer)
+
+
+def _rows_reordered(module: nn.Module, order: torch.Tensor) -> nn.Module | None:
+    """A copy of a Linear (float or quantized) whose output rows are `order` of the original's (a fused
+    query_key_value interleaved per head -> q|k|v), or None for a weight whose extra tensors it cannot reorder."""
+    from lowbit.models.arch.base import linear_weight
+
+    bias = getattr(module, "bias", None)
+    bias = None if bias is None else bias.detach()[order]
+    if not isinstance(module, QuantLinear):
+        return _DenseLinear(linear_weight(module).detach()[order].contiguous(), bias)
+    qw = module.qweight
+    if qw.scheme.kind == "ggml":            # rows are independent blocks
+        reordered = qw.scheme.from_blocks(qw.extra["blocks"][order].contiguous(), qw.shape)
+    elif qw.extra:
+        return None
+    else:
+        reordered = QuantizedWeight(
+            scheme=qw.scheme, shape=qw.shape, codes=qw.codes[order].contiguous(), scales=qw.scales[order].contiguous(),
+            zeros=None if qw.zeros is None else qw.zeros[order].contiguous(), group_size=qw.group_size, g_idx=qw.g_idx)
+    return QuantLinear(reordered, None if bias is None else bias.float(), kernel=module.kernel_preference)
 
 
 @dataclass
@@ -336,28 +395,48 @@ class RotaryDecoder:
         config = model.config
         self.arch = arch = architecture_for(model)
         self.plus_one = arch.norm is NormKind.RMS_PLUS_ONE
+        self.layer_norm = arch.norm is NormKind.LAYER          # LayerNorms with bias (GPT-NeoX)
+        self.gated = arch.gated_mlp                            # act(gate) * up, or act(up) alone
+        # x + attn(norm(x)) + mlp(norm2(x)): both read the block's input (GPT-NeoX, unless its config says not)
+        self.parallel = arch.parallel_attn_mlp and bool(getattr(config, arch.parallel_switch, True)
+                                                        if arch.parallel_switch else True)
         self.prefill_attention_dtype = prefill_attention_dtype
         self.hidden = config.hidden_size
         self.heads = config.num_attention_heads
-        self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
+        self.kv_heads = (arch.kv_heads_of(config) if arch.kv_heads_of is not None
+                         else getattr(config, "num_key_value_heads", None) or self.heads)
         self.head_dim = getattr(config, "head_dim", None) or self.hidden // self.heads
         self.embed = model.get_submodule(arch.embed_path)
-        self.final_norm = _norm(model.get_submodule(arch.final_norm_path), self.plus_one)
+        self.final_norm = _norm(model.get_submodule(arch.final_norm_path), self.plus_one, self.layer_norm)
         self.lm_head = model.get_submodule(arch.lm_head_path)
         self.activation = _activation_of(model, arch)
         self.attn_scale = float(getattr(config, "query_pre_attn_scalar", None) or self.head_dim) ** -0.5
         self.attn_softcap = getattr(config, "attn_logit_softcapping", None) if arch.logit_softcap else None
         self.final_softcap = getattr(config, "final_logit_softcapping", None)
-        self.intermediate = config.intermediate_size
+        from lowbit.models.arch.base import in_out_features
+
+        # GPT-2's config has no intermediate_size (n_inner, or 4 x hidden): the MLP output's input width says
+        self.intermediate = (getattr(config, "intermediate_size", None)
+                             or in_out_features(arch.blocks(model)[0].get_submodule(arch.stages[3][0]))[0])
         self.context = context
         self.windows = layer_windows(config)
         # Rotary tables for every position, computed once with the model's own rotary module (rope scaling
         # variants, partial rotary and per-layer-type bases included), exactly as transformers computes them
         # per step: [table][context, rotary dims].
-        rotary = model.get_submodule(_rotary_path(arch))
+        # Learned positions (GPT-2): their embedding is added to the token's, and no table rotates q and k.
+        self.embed_norm = _norm(model.get_submodule(arch.embed_norm_path), False, self.layer_norm) \
+            if arch.embed_norm_path else None
+        # ALiBi (BLOOM): slope[head] * key position added to the attention scores, no rotary tables
+        self.alibi = alibi_slopes(model, arch, self.heads) if arch.position == "alibi" else None
+        self.position_embed = None
+        if arch.position == "learned":
+            table, offset = model.get_submodule(arch.position_embed_path).weight.detach(), arch.position_offset
+            self.position_embed = lambda positions: F.embedding(positions + offset, table)
+        rotary = (model.get_submodule(_rotary_path(arch)) if arch.position in ("rope", "partial_rope")
+                  else lambda x, positions: (torch.zeros(1, context, 0), torch.zeros(1, context, 0)))
         positions = torch.arange(context)[None]
         types = list(getattr(config, "layer_types", None) or [])
-        per_type = types and "layer_type" in inspect.signature(rotary.forward).parameters
+        per_type = types and "layer_type" in inspect.signature(getattr(rotary, "forward", rotary)).parameters
         table_names = sorted(set(types)) if per_type else [None]
         self.cos, self.sin = [], []
         for name in table_names:
@@ -382,18 +461,18 @@ class RotaryDecoder:
 
     def _layers(self, model: nn.Module, fuse: bool) -> list[_Layer]:
         arch = self.arch
-        (attn_in, attn_out, mlp_in, mlp_out), layout = arch.sequential, arch.layout
+        (attn_in, attn_out, mlp_in, mlp_out), layout = arch.stages, arch.layout
         layers = []
         for index, block in enumerate(arch.blocks(model)):
             module = lambda path: block.get_submodule(path) if path and _has(block, path) else None  # noqa: E731
-            qkv, qkv_parts = _fused_or_separate([block.get_submodule(p) for p in attn_in], fuse)
+            qkv, qkv_parts = self._qkv(block, attn_in, fuse)
             moe = _moe_layer(block, arch, model.config) if arch.experts is not None else None
             if moe is None:
                 gate_up, gate_up_parts = _fused_or_separate([block.get_submodule(p) for p in mlp_in], fuse)
                 down = block.get_submodule(mlp_out[0])
             else:
                 gate_up, gate_up_parts, down = None, [], None
-            norm = lambda path: _norm(module(path), self.plus_one)  # noqa: E731
+            norm = lambda path: _norm(module(path), self.plus_one, self.layer_norm)  # noqa: E731
             layers.append(_Layer(
                 input_norm=norm(layout.input_norm), moe=moe, qkv=qkv,
                 q_norm=norm(layout.q_norm) if arch.qk_norm else None,
@@ -403,6 +482,23 @@ class RotaryDecoder:
                 mlp_out_norm=norm(layout.mlp_out_norm), qkv_parts=qkv_parts, gate_up_parts=gate_up_parts,
                 rope=self.layer_rope[index], window=self.windows[index]))
         return layers
+
+    def _qkv(self, block: nn.Module, paths: tuple[str, ...], fuse: bool
+             ) -> tuple[Callable[[torch.Tensor], torch.Tensor], list[nn.Module]]:
+        """The block's q|k|v (one matmul where possible) in q, k, v row order: a fused query_key_value interleaved
+        per head (GPT-NeoX) is read through a row-reordered copy; if the weight cannot be reordered, its outputs are
+        gathered in torch (and the compiled step, given no parts, is not used)."""
+        from lowbit.models.arch.base import qkv_row_order
+
+        modules = [block.get_submodule(p) for p in paths]
+        layout = self.arch.gguf.qkv_layout if self.arch.gguf is not None else ""
+        if len(modules) > 1 or not layout:
+            return _fused_or_separate(modules, fuse)
+        order = qkv_row_order(layout, self.heads, self.kv_heads, self.head_dim)
+        reordered = _rows_reordered(modules[0], order)
+        if reordered is None:
+            return (lambda x: modules[0](x)[..., order]), []
+        return reordered, [reordered]
 
     def decode(self, tokens: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Logits [B, vocab] for one token per row: row b's token `tokens[b]` at `positions[b]` of slot `slots[b]`.
@@ -422,7 +518,10 @@ class RotaryDecoder:
         return self.forward(batch_tokens, slice(low, high), batch_positions)[slots - low]
 
     def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """rotate_half rotary embedding of the first rope_dim dimensions (all, or Phi-3's partial rotary)."""
+        """rotate_half rotary embedding of the first rope_dim dimensions (all, or Phi-3's partial rotary; none with
+        learned positions)."""
+        if self.rope_dim == 0:
+            return x
         rotary, rest = x[..., :self.rope_dim], x[..., self.rope_dim:]
         half = self.rope_dim // 2
         rotated = torch.cat((-rotary[..., half:], rotary[..., :half]), dim=-1)
@@ -431,13 +530,15 @@ class RotaryDecoder:
 
     def _attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
                    causal: bool) -> torch.Tensor:
-        if self.attn_softcap is None:
+        if self.attn_softcap is None and self.alibi is None:
             return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal,
                                                   enable_gqa=self.kv_heads != self.heads, scale=self.attn_scale)
-        # Soft-capped scores (Gemma 2): SDPA has no hook between the product and the softmax
+        # Soft-capped scores (Gemma 2), ALiBi (BLOOM): SDPA has no hook between the product and the softmax
         group = self.heads // self.kv_heads
         keys, values = keys.repeat_interleave(group, dim=1), values.repeat_interleave(group, dim=1)
         scores = _softcap(q @ keys.transpose(-1, -2) * self.attn_scale, self.attn_softcap)
+        if self.alibi is not None:
+            scores = scores + self.alibi[:, None, None] * torch.arange(keys.shape[-2], dtype=scores.dtype)
         if causal:
             mask = torch.ones(q.shape[-2], keys.shape[-2], dtype=torch.bool).tril()
         if mask is not None:
@@ -475,6 +576,10 @@ class RotaryDecoder:
         batch_index = torch.arange(batch)
 
         x = self.embed(tokens)
+        if self.position_embed is not None:
+            x = x + self.position_embed(query_positions)
+        if self.embed_norm is not None:
+            x = self.embed_norm(x)
         for index, layer in enumerate(self.layers):
             h = layer.input_norm(x)
             qkv = layer.qkv(h).view(batch, seq, heads + 2 * kv_heads, head_dim)
@@ -501,14 +606,22 @@ class RotaryDecoder:
                 q, keys, values = q.to(dtype), keys.to(dtype), values.to(dtype)
             attn = self._attention(q, keys, values, *masks[layer.window]).to(x.dtype)
             attn = layer.o_proj(attn.transpose(1, 2).reshape(batch, seq, heads * head_dim))
-            x = x + (layer.attn_out_norm(attn) if layer.attn_out_norm is not None else attn)
-            h = layer.mlp_norm(x)
+            if self.parallel:                                   # the MLP reads the block's input too
+                h = layer.mlp_norm(x)
+            else:
+                x = x + (layer.attn_out_norm(attn) if layer.attn_out_norm is not None else attn)
+                h = layer.mlp_norm(x)
             if layer.moe is not None:
                 mlp = layer.moe.module(h)
-            else:
+            elif self.gated:
                 gate, up = layer.gate_up(h).split((self.intermediate, self.intermediate), dim=-1)
                 mlp = layer.down(_ACTIVATE[self.activation](gate) * up)
-            x = x + (layer.mlp_out_norm(mlp) if layer.mlp_out_norm is not None else mlp)
+            else:
+                mlp = layer.down(_ACTIVATE[self.activation](layer.gate_up(h)))
+            if self.parallel:
+                x = (mlp + attn) + x                            # transformers' order of the sums
+            else:
+                x = x + (layer.mlp_out_norm(mlp) if layer.mlp_out_norm is not None else mlp)
         if not all_logits:
             x = x[:, -1]
         return _softcap(self.lm_head(self.final_norm(x)), self.final_softcap)
@@ -533,7 +646,7 @@ class RotaryDecoder:
 
 
 _ACTIVATE: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "silu": F.silu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "gelu": F.gelu}
+    "silu": F.silu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "gelu": F.gelu, "relu": F.relu}
 
 
 def _has(module: nn.Module, path: str) -> bool:

@@ -95,20 +95,24 @@ def check_decode_model(lib: ctypes.CDLL, spec: Any, decoder: Any, keep: list[tor
         if layer.moe:
             check_experts(lib, layer.moe.contents, sizes, where, hidden, parts)
         else:
-            parts(f"{where} gate|up", layer.gate_up, 2, 2 * inter, hidden)
+            parts(f"{where} gate|up", layer.gate_up, 2, (2 if spec.gated else 1) * inter, hidden)
             parts(f"{where} down", (layer.down,), 1, hidden, inter)
         norm(f"{where} input norm", layer.input_norm, hidden)
         norm(f"{where} MLP norm", layer.mlp_norm, hidden)
+        norm(f"{where} input norm bias", layer.input_norm_bias, hidden, required=False)
+        norm(f"{where} MLP norm bias", layer.mlp_norm_bias, hidden, required=False)
         norm(f"{where} attention output norm", layer.attn_out_norm, hidden, required=False)
         norm(f"{where} MLP output norm", layer.mlp_out_norm, hidden, required=False)
         norm(f"{where} q norm", layer.q_norm, head_dim, required=False)
         norm(f"{where} k norm", layer.k_norm, head_dim, required=False)
-        norm(f"{where} rotary cos", layer.cos, context * spec.rope_dim)
-        norm(f"{where} rotary sin", layer.sin, context * spec.rope_dim)
+        norm(f"{where} rotary cos", layer.cos, context * spec.rope_dim, required=spec.rope_dim > 0)
+        norm(f"{where} rotary sin", layer.sin, context * spec.rope_dim, required=spec.rope_dim > 0)
     norm("final norm", spec.final_norm, hidden)
+    norm("final norm bias", spec.final_norm_bias, hidden, required=False)
+    norm("ALiBi slopes", spec.alibi, heads, required=False)
     vocab = decoder.embed.num_embeddings if hasattr(decoder.embed, "num_embeddings") else spec.lm_head.n
     parts("lm_head", (spec.lm_head,), 1, vocab, hidden)
-    if not 0 < spec.rope_dim <= head_dim or spec.rope_dim % 2:
+    if not 0 <= spec.rope_dim <= head_dim or spec.rope_dim % 2:      # 0: learned positions, no rotary
         raise LowbitError(f"compiled step: rotary width {spec.rope_dim} does not fit head_dim {head_dim}")
     cache = (spec.n_layers, spec.slots, kv, context, head_dim)
     for name in ("k_cache", "v_cache"):

@@ -135,8 +135,13 @@ class Architecture:
     # facts the engine's fast path needs
     norm: NormKind = NormKind.RMS
     activation: str = "silu"               # silu | gelu_tanh | gelu | relu
+    activation_class: str = ""             # the MLP's activation module when not one of transformers' ACT2FN
+                                           # (BLOOM's BloomGelu): it computes `activation`
     gated_mlp: bool = True                 # act(gate) * up
     position: str = "rope"                 # rope | partial_rope | alibi | learned
+    position_embed_path: str = ""          # learned: the position embedding added to the token's (GPT-2's wpe)
+    position_offset: int = 0               # its row of position p is p + offset (OPT: 2)
+    embed_norm_path: str = ""              # a norm applied to the embeddings (BLOOM's word_embeddings_layernorm)
     qk_norm: bool = False
     qkv_bias: bool = False
     out_bias: bool = False
@@ -145,10 +150,20 @@ class Architecture:
     sliding_window: bool = False           # some or all layers attend within a window
     sandwich_norm: bool = False            # Gemma 2/3: extra norms after attention and after the MLP
     parallel_attn_mlp: bool = False        # x + attn(ln(x)) + mlp(ln(x)) (Falcon, NeoX, GPT-J style)
+    parallel_switch: str = ""              # config attribute that can turn parallel_attn_mlp off (NeoX's)
     embed_scale: bool = False              # Gemma multiplies embeddings by sqrt(hidden)
     fused: dict[str, tuple[str, ...]] = field(default_factory=dict)  # fused Linear -> the projections it holds
     tied_head: str = "config"              # "config": tie_word_embeddings says; "always": head is the embedding
     layout: BlockLayout = BlockLayout()    # norm paths inside a block (engine decoder)
+    # the engine decoder's four stages (attention inputs, attention output, MLP inputs, MLP output) when
+    # `sequential` groups the Linears otherwise (Falcon quantizes q|k|v and h_to_4h together: one norm feeds both)
+    engine_stages: tuple[tuple[str, ...], ...] = ()
+    kv_heads_of: Callable[[Any], int] | None = None   # KV heads from the config, when not num_key_value_heads
+    engine_refuses: Callable[[Any], str | None] | None = None   # configs of the family the decoder cannot run
+
+    @property
+    def stages(self) -> tuple[tuple[str, ...], ...]:
+        return self.engine_stages or self.sequential
     no_clip: tuple[str, ...] = ()          # Linears whose outputs meet in a softmax: AWQ does not clip them
     keep_float: tuple[str, ...] = ()       # Linears never quantized (tiny gates); skip patterns
     experts: Experts | None = None

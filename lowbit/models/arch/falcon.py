@@ -1,6 +1,6 @@
 """Falcon: parallel attention + MLP reading one LayerNorm (7B layout; 40B's ln_attn/ln_mlp also covered),
 multi-query attention in a fused query_key_value grouped per KV head, GELU MLP, rotary positions."""
-from lowbit.models.arch.base import Architecture, GGUFSpec, NormKind, ScaleGroup
+from lowbit.models.arch.base import Architecture, BlockLayout, GGUFSpec, NormKind, ScaleGroup
 
 QKV, H4H = "self_attention.query_key_value", "mlp.dense_h_to_4h"
 
@@ -9,6 +9,17 @@ def _n_head_kv(config) -> int:
     if getattr(config, "new_decoder_architecture", False):
         return int(config.num_kv_heads)
     return 1 if getattr(config, "multi_query", True) else int(config.num_attention_heads)
+
+
+def _engine_refuses(config) -> str | None:
+    """The 7B layout runs in lowbit's decoder; 40B's ln_attn/ln_mlp, sequential blocks and ALiBi do not."""
+    if getattr(config, "new_decoder_architecture", False):
+        return "ln_attn / ln_mlp blocks (new_decoder_architecture)"
+    if getattr(config, "alibi", False):
+        return "alibi positions"
+    if not getattr(config, "parallel_attn", True):
+        return "attention then MLP with a second norm (parallel_attn=False)"
+    return None
 
 
 def _hparams(config):
@@ -39,6 +50,10 @@ ARCHITECTURE = Architecture(
         ScaleGroup("ln_mlp", (H4H,), "mlp"),
     ),
     norm=NormKind.LAYER, activation="gelu", gated_mlp=False, parallel_attn_mlp=True,
+    # one norm feeds attention and MLP (7B layout)
+    layout=BlockLayout(mlp_norm="input_layernorm"),
+    engine_stages=((QKV,), ("self_attention.dense",), (H4H,), ("mlp.dense_4h_to_h",)),
+    kv_heads_of=_n_head_kv, engine_refuses=_engine_refuses,
     fused={QKV: ("q", "k", "v")}, no_clip=(QKV,), tied_head="config",
     gguf=GGUFSpec("FALCON", qkv_layout="kv_groups", always_tied=True, hparams=_hparams, config_from=_config),
 )

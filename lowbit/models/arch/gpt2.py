@@ -1,5 +1,5 @@
 """GPT-2: learned positions, LayerNorms with bias, Conv1D layers (weights stored [in, out]), GELU MLP."""
-from lowbit.models.arch.base import Architecture, GGUFSpec, NormKind, ScaleGroup
+from lowbit.models.arch.base import Architecture, BlockLayout, GGUFSpec, NormKind, ScaleGroup
 
 
 def _hparams(config):
@@ -27,6 +27,7 @@ ARCHITECTURE = Architecture(
         ScaleGroup("", ("mlp.c_proj",), "mlp.c_proj"),  # GELU sits before c_proj: scales cannot be folded
     ),
     norm=NormKind.LAYER, activation="gelu_tanh", gated_mlp=False, position="learned",
+    position_embed_path="transformer.wpe", layout=BlockLayout(input_norm="ln_1", mlp_norm="ln_2"),
     qkv_bias=True, out_bias=True, mlp_bias=True, fused={"attn.c_attn": ("q", "k", "v")},
     no_clip=("attn.c_attn",),
     gguf=GGUFSpec("GPT2", always_tied=True, hparams=_hparams, config_from=_config),

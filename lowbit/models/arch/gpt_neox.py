@@ -41,6 +41,7 @@ ARCHITECTURE = Architecture(
         ScaleGroup("post_attention_layernorm", ("mlp.dense_h_to_4h",), "mlp"),
     ),
     norm=NormKind.LAYER, activation="gelu", gated_mlp=False, position="partial_rope", parallel_attn_mlp=True,
+    parallel_switch="use_parallel_residual",
     qkv_bias=True, out_bias=True, mlp_bias=True,
     fused={"attention.query_key_value": ("q", "k", "v")}, no_clip=("attention.query_key_value",),
     gguf=GGUFSpec("GPTNEOX", qkv_layout="heads_interleaved", hparams=_hparams, config_from=_config),

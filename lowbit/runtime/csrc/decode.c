@@ -40,20 +40,26 @@ typedef struct {
     lb_linear qkv[3], o, gate_up[2], down;   /* q, k, v and gate, up (parts with n == 0 are absent: a fused
                                                 weight in the first part computes them all) */
     const lb_moe *moe;                       /* the MLP is this mixture of experts (gate_up, down unused); or NULL */
+    const float *input_norm_bias, *mlp_norm_bias;   /* LayerNorm biases (layer_norm models) */
 } lb_layer;
 
-enum { LB_ACT_SILU = 0, LB_ACT_GELU_TANH = 1, LB_ACT_GELU = 2 };
+enum { LB_ACT_SILU = 0, LB_ACT_GELU_TANH = 1, LB_ACT_GELU = 2, LB_ACT_RELU = 3 };
 
 typedef struct {
     int64_t n_layers, hidden, heads, kv_heads, head_dim, rope_dim, intermediate, context, slots;
     float norm_eps, q_norm_eps, k_norm_eps, attn_scale;
     float attn_softcap, final_softcap;   /* cap * tanh(s / cap) of attention scores / final logits; 0: none */
-    int64_t activation;                  /* LB_ACT_*: act(gate) * up */
+    int64_t activation;                  /* LB_ACT_*: act(gate) * up, or act(up) */
     int64_t activations;                 /* LB_ACTS_*: the matmuls' activation arithmetic (affine_dot.h) */
     const lb_layer *layers;
     const float *final_norm;
     lb_linear lm_head;
     float *k_cache, *v_cache;
+    int64_t layer_norm;                  /* input, MLP and final norms are LayerNorms with bias (GPT-NeoX) */
+    int64_t gated;                       /* MLP act(gate) * up; 0: act(up) from one weight */
+    int64_t parallel;                    /* x + attn(norm(x)) + mlp(norm2(x)): the MLP reads the block's input */
+    const float *final_norm_bias;
+    const float *alibi;                  /* [heads]: slope * key position added to the scores (BLOOM), or NULL */
 } lb_model;
 
 /* The concatenated outputs of several weights reading the same x, into y's columns in order; one barrier. */
@@ -77,6 +83,24 @@ static void rms_norm(const float *x, const float *weight, int64_t size, float ep
     for (int64_t i = 0; i < size; i++) out[i] = weight[i] * (x[i] * inv);
 }
 
+/* (x - mean) / sqrt(var + eps) * w + b, var the mean square deviation (as torch's layer_norm). */
+static void layer_norm(const float *x, const float *weight, const float *bias, int64_t size, float eps, float *out) {
+    float total = 0.0f, squares = 0.0f;
+    #pragma omp simd reduction(+ : total)
+    for (int64_t i = 0; i < size; i++) total += x[i];
+    const float mean = total / (float)size;
+    #pragma omp simd reduction(+ : squares)
+    for (int64_t i = 0; i < size; i++) squares += (x[i] - mean) * (x[i] - mean);
+    const float inv = 1.0f / sqrtf(squares / (float)size + eps);
+    for (int64_t i = 0; i < size; i++) out[i] = (x[i] - mean) * inv * weight[i] + (bias ? bias[i] : 0.0f);
+}
+
+/* A block's input, MLP or final norm of one row: the model's kind. */
+static void hidden_norm(const lb_model *m, const float *x, const float *weight, const float *bias, float *out) {
+    if (m->layer_norm) layer_norm(x, weight, bias, m->hidden, m->norm_eps, out);
+    else rms_norm(x, weight, m->hidden, m->norm_eps, out);
+}
+
 /* Rotary embedding as transformers' rotate_half on the first d dimensions (all, or Phi-3's partial rotary):
  * pairs (i, i + d/2). */
 static void rope(float *v, const float *cos, const float *sin, int64_t d) {
@@ -91,6 +115,7 @@ static void rope(float *v, const float *cos, const float *sin, int64_t d) {
 static float activation(float x, int64_t kind) {
     if (kind == LB_ACT_GELU_TANH) return 0.5f * x * (1.0f + tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x)));
     if (kind == LB_ACT_GELU) return 0.5f * x * (1.0f + erff(x * 0.7071067811865476f));
+    if (kind == LB_ACT_RELU) return x > 0.0f ? x : 0.0f;
     return x / (1.0f + expf(-x));
 }
 
@@ -319,7 +344,7 @@ void lowbit_decode_step(const lb_model *m, float *x, int64_t B, const int64_t *s
         const int activations = (int)m->activations;
         for (int64_t l = 0; l < m->n_layers; l++) {
             const lb_layer *layer = &m->layers[l];
-            for (int64_t b = 0; b < B; b++) rms_norm(x + b * H, layer->input_norm, H, m->norm_eps, h + b * H);
+            for (int64_t b = 0; b < B; b++) hidden_norm(m, x + b * H, layer->input_norm, layer->input_norm_bias, h + b * H);
             matmul_parts(layer->qkv, 3, h, B, qkv, QKV, xsum, activations);
 
             /* per-head norms (Qwen3, Gemma 3), rotary embedding, and this token's keys and values into the cache */
@@ -353,7 +378,8 @@ void lowbit_decode_step(const lb_model *m, float *x, int64_t B, const int64_t *s
                     const int64_t first = layer->window > 0 && pos >= layer->window ? pos - layer->window + 1 : 0;
                     float top = -INFINITY;
                     for (int64_t t = first; t <= pos; t++) {
-                        score[t] = softcap(dot(q, keys + t * D, D) * m->attn_scale, m->attn_softcap);
+                        score[t] = softcap(dot(q, keys + t * D, D) * m->attn_scale, m->attn_softcap)
+                                   + (m->alibi ? m->alibi[hh] * (float)t : 0.0f);
                         if (score[t] > top) top = score[t];
                     }
                     float total = 0.0f;
@@ -372,13 +398,15 @@ void lowbit_decode_step(const lb_model *m, float *x, int64_t B, const int64_t *s
                     for (int64_t i = 0; i < D; i++) head_out[i] *= inv;
                 }
 
-            if (layer->attn_out_norm) {                                   /* x += norm(attention output) */
+            if (m->parallel) {                 /* out = attention output; x stays the block's input for the MLP */
+                lb_matmul(&layer->o, attn, B, out, H, 0, xsum, activations, 1);
+            } else if (layer->attn_out_norm) {                            /* x += norm(attention output) */
                 lb_matmul(&layer->o, attn, B, out, H, 0, xsum, activations, 1);
                 add_normed(x, out, layer->attn_out_norm, B, H, m->norm_eps, h);
             } else {
                 lb_matmul(&layer->o, attn, B, x, H, 1, xsum, activations, 1);  /* x += attention output */
             }
-            for (int64_t b = 0; b < B; b++) rms_norm(x + b * H, layer->mlp_norm, H, m->norm_eps, h + b * H);
+            for (int64_t b = 0; b < B; b++) hidden_norm(m, x + b * H, layer->mlp_norm, layer->mlp_norm_bias, h + b * H);
             if (layer->moe) {                                             /* x += experts' output */
                 moe_mlp(m, layer->moe, h, B, moe_base, out, xsum, activations);
                 if (layer->mlp_out_norm) {
@@ -391,7 +419,7 @@ void lowbit_decode_step(const lb_model *m, float *x, int64_t B, const int64_t *s
             }
             const lb_linear *gate = &layer->gate_up[0], *up = &layer->gate_up[1];
             const int64_t per_item = lb_matmul_rows_per_item(gate);
-            if (gate->n == I && up->n == I && lb_matmul_rows_per_item(up) == per_item) {
+            if (m->gated && gate->n == I && up->n == I && lb_matmul_rows_per_item(up) == per_item) {
                 /* separate gate and up: each thread applies the activation to the rows it computed of both (the
                  * same static partition, see lb_matmul_rows_per_item), so no barrier between the matmuls and it */
                 lb_matmul(gate, h, B, gu, 2 * I, 0, xsum, activations, 0);
@@ -406,10 +434,14 @@ void lowbit_decode_step(const lb_model *m, float *x, int64_t B, const int64_t *s
                 #pragma omp for schedule(static)
                 for (int64_t i = 0; i < B * I; i++) {
                     const int64_t b = i / I, j = i - b * I;
-                    act[i] = activation(gu[b * 2 * I + j], m->activation) * gu[b * 2 * I + I + j];
+                    act[i] = activation(gu[b * 2 * I + j], m->activation) * (m->gated ? gu[b * 2 * I + I + j] : 1.0f);
                 }
             }
-            if (layer->mlp_out_norm) {                                    /* x += norm(MLP output) */
+            if (m->parallel) {                 /* x = (attention + MLP output) + x, transformers' order */
+                lb_matmul(&layer->down, act, B, out, H, 1, xsum, activations, 1);
+                #pragma omp for schedule(static)
+                for (int64_t i = 0; i < B * H; i++) x[i] = out[i] + x[i];
+            } else if (layer->mlp_out_norm) {                                    /* x += norm(MLP output) */
                 lb_matmul(&layer->down, act, B, out, H, 0, xsum, activations, 1);
                 add_normed(x, out, layer->mlp_out_norm, B, H, m->norm_eps, h);
             } else {
@@ -417,7 +449,7 @@ void lowbit_decode_step(const lb_model *m, float *x, int64_t B, const int64_t *s
             }
         }
         const int64_t first = last_only ? B - 1 : 0;
-        for (int64_t b = first; b < B; b++) rms_norm(x + b * H, m->final_norm, H, m->norm_eps, h + b * H);
+        for (int64_t b = first; b < B; b++) hidden_norm(m, x + b * H, m->final_norm, m->final_norm_bias, h + b * H);
         lb_matmul(&m->lm_head, h + first * H, B - first, logits, m->lm_head.n, 0, xsum, activations, 1);
         if (m->final_softcap > 0.0f) {
             const int64_t count = (B - first) * m->lm_head.n;
