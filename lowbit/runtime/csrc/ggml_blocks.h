@@ -670,6 +670,10 @@ static inline void lb_ggml_row_f32(int64_t kind, const uint8_t *row, int64_t K, 
     }
 }
 
+/* Bytes of blocks ahead of the row being computed that lb_ggml_matmul asks the cache for (whole rows, at least
+ * one). Measured on one thread of a shared machine, decode CPU time per token: SmolLM2 Q4_1 26.7 -> 19.7 ms,
+ * Qwen2.5-0.5B Q4_K_M 84.8 -> 68.8 ms with 2 KB; 4 KB and 8 KB were slower than 2 KB. */
+#define LB_GGML_PREFETCH_BYTES 2048
 /* Floats of per-thread scratch lb_ggml_matmul needs for M rows of K activations. */
 static inline int64_t lb_ggml_scratch_floats(int64_t K, int64_t M) { return M * lb_ggml_act8_floats(K); }
 
@@ -692,9 +696,12 @@ static inline void lb_ggml_matmul(const lb_linear *L, const float *x, int64_t M,
             xsum16[s] = total;
         }
 #endif
+    const int64_t ahead_rows = (LB_GGML_PREFETCH_BYTES + row_bytes - 1) / row_bytes, ahead = ahead_rows * row_bytes;
     #pragma omp for schedule(static) nowait
     for (int64_t n = 0; n < N; n++) {
         const uint8_t *row = (const uint8_t *)L->w + n * row_bytes;
+        if (n + ahead_rows < N)
+            for (int64_t off = 0; off < row_bytes; off += 64) __builtin_prefetch(row + ahead + off, 0, 0);
         for (int64_t m0 = 0; m0 < M; m0 += 16) {
             const int64_t R = lb_min(16, M - m0);
             float out[16];
