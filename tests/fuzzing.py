@@ -16,8 +16,8 @@ does (load_model with keep_quantized, then the engine with its compiled step) an
   hang        no answer within the time limit
 
 Only the first two are acceptable. Mutants run in one long-lived worker subprocess, so a crash cannot take the test
-run down with it; the worker imports torch and lowbit once (the largest fixed cost: ~20 s on a busy machine, against
-5-20 ms per rejected mutant and 50-90 ms per loaded one) and is restarted only after a crash or a hang.
+run down with it; the worker imports torch and lowbit once (seconds on a busy machine, against 5-20 ms per rejected
+mutant and 50-90 ms per loaded one on an idle one) and is restarted only after a crash or a hang.
 """
 from __future__ import annotations
 
