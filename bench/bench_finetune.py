@@ -39,7 +39,7 @@ MODELS = {
     # bounded so that the whole SmolLM2 part runs in < 30 min on a busy 2-core machine
     "smollm2": {"path": "smollm2", "text": SHARED / "corpora" / "tinyshakespeare.txt", "group": 64,
                 "lora": dict(steps=8, seq_len=128, batch=4, lr=3e-3, warmup=2),
-                "qat_calib": (16, 256), "eval_tokens": 4096},
+                "qat_calib": (8, 256), "eval_tokens": 4096, "qat_eval_tokens": 2048},
 }
 MERGE_MODELS = ("stories260K",)
 # (label, method, merge options): fresh grids as plain re-quantization does, the base's grid kept, and that
@@ -182,7 +182,7 @@ def qat_figures(name: str, runs: list[tuple[int, str]], with_float: bool = True)
     spec = MODELS[name]
     float_model, tok = base_model(name, "float")
     text = training_text(tok, spec["text"])
-    held = text.held_out[: spec["eval_tokens"]]
+    held = text.held_out[: spec.get("qat_eval_tokens", spec["eval_tokens"])]
     n, length = spec["qat_calib"]
     calib = text.windows(length, n, 0)
     rows = []
@@ -220,6 +220,8 @@ def main() -> None:
     parser.add_argument("--models", default="stories260K,smollm2")
     parser.add_argument("--steps", type=int, default=None, help="LoRA steps (default per model)")
     parser.add_argument("--skip-qat-smollm2", action="store_true", help="QAT/GPTQ at 4/3/2 bits on SmolLM2 is slow")
+    parser.add_argument("--bases", default=None, help="LoRA bases to run (default all: float, rtn4, gptq4, nf4 and, "
+                                                      "for smollm2, qlora)")
     parser.add_argument("--parts", default="lora,merge,qat", help="which measurements: lora, merge, qat")
     parser.add_argument("--qat-runs", default="all", help="BITS:METHOD,... of the qat comparison (default: 4, 3, 2 "
                                                           "bits x rtn, gptq, qat)")
@@ -234,7 +236,9 @@ def main() -> None:
             print(json.dumps(qat_figures(name, qat_runs(runs), with_float == "1")))
             return
         name, base, out, steps = args.child
-        print(json.dumps(child_lora(name, base, out, int(steps) or None)))
+        row = json.dumps(child_lora(name, base, out, int(steps) or None))
+        print(row, file=sys.stderr)     # also in the child's log
+        print(row)
         return
     parts = set(args.parts.split(","))
     cache = ROOT / ".cache" / "bench_finetune"
@@ -245,6 +249,7 @@ def main() -> None:
         skip_qat = "qat" not in parts or (name == "smollm2" and args.skip_qat_smollm2)
         qat = [] if skip_qat else start_qat(name, qat_runs(args.qat_runs), args.qat_jobs)
         bases = ("float", "rtn4", "gptq4", "nf4") + (("qlora",) if name == "smollm2" else ())
+        bases = tuple(b for b in bases if b in args.bases.split(",")) if args.bases else bases
         for base in bases if "lora" in parts else ():
             row = run_child(name, base, str(cache / f"{name}-{base}"), str(args.steps or 0), log_name=f"{name}-{base}")
             results["lora"].append(row)
