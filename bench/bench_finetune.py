@@ -200,10 +200,11 @@ def qat_figures(name: str, runs: list[tuple[int, str]], with_float: bool = True)
     return rows
 
 
-def start_qat(name: str, runs: list[tuple[int, str]], jobs: int) -> list[Child]:
-    """The qat/rtn/gptq quantizations in `jobs` child processes (round robin; the first also measures float)."""
+def start_qat(name: str, runs: list[tuple[int, str]], jobs: int, windows: int) -> list[Child]:
+    """The qat/rtn/gptq quantizations in `jobs` child processes (round robin; the first also measures float);
+    `windows` > 0 overrides the model's number of calibration windows."""
     shares = [runs[i::jobs] for i in range(min(jobs, len(runs)))]
-    return [start_child("qat", name, ",".join(f"{b}:{m}" for b, m in share), str(int(i == 0)),
+    return [start_child("qat", name, ",".join(f"{b}:{m}" for b, m in share), str(int(i == 0)), str(windows),
                         log_name=f"{name}-qat{i}") for i, share in enumerate(shares)]
 
 
@@ -225,6 +226,8 @@ def main() -> None:
     parser.add_argument("--parts", default="lora,merge,qat", help="which measurements: lora, merge, qat")
     parser.add_argument("--qat-runs", default="all", help="BITS:METHOD,... of the qat comparison (default: 4, 3, 2 "
                                                           "bits x rtn, gptq, qat)")
+    parser.add_argument("--qat-calib", type=int, default=0, help="calibration windows of the qat comparison "
+                                                                 "(default per model, MODELS)")
     parser.add_argument("--qat-jobs", type=int, default=1, help="child processes the qat comparison is spread over")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "finetune.json"))
     parser.add_argument("--child", nargs="*", default=None, help=argparse.SUPPRESS)
@@ -232,7 +235,9 @@ def main() -> None:
     torch.set_num_threads(1)
     if args.child is not None:
         if args.child[0] == "qat":
-            _, name, runs, with_float = args.child
+            _, name, runs, with_float, windows = args.child
+            if int(windows):
+                MODELS[name]["qat_calib"] = (int(windows), MODELS[name]["qat_calib"][1])
             print(json.dumps(qat_figures(name, qat_runs(runs), with_float == "1")))
             return
         name, base, out, steps = args.child
@@ -247,7 +252,7 @@ def main() -> None:
     for name in args.models.split(","):
         # qat vs rtn/gptq in its own process while the LoRA runs go one after the other (peak RSS per process)
         skip_qat = "qat" not in parts or (name == "smollm2" and args.skip_qat_smollm2)
-        qat = [] if skip_qat else start_qat(name, qat_runs(args.qat_runs), args.qat_jobs)
+        qat = [] if skip_qat else start_qat(name, qat_runs(args.qat_runs), args.qat_jobs, args.qat_calib)
         bases = ("float", "rtn4", "gptq4", "nf4") + (("qlora",) if name == "smollm2" else ())
         bases = tuple(b for b in bases if b in args.bases.split(",")) if args.bases else bases
         for base in bases if "lora" in parts else ():
