@@ -39,7 +39,7 @@ MODELS = {
     # bounded so that the whole SmolLM2 part runs in < 30 min on a busy 2-core machine
     "smollm2": {"path": "smollm2", "text": SHARED / "corpora" / "tinyshakespeare.txt", "group": 64,
                 "lora": dict(steps=8, seq_len=128, batch=4, lr=3e-3, warmup=2),
-                "qat_calib": (16, 256), "eval_tokens": 4096},
+                "qat_calib": (8, 256), "eval_tokens": 4096, "qat_eval_tokens": 2048},
 }
 MERGE_MODELS = ("stories260K",)
 # (label, method, merge options): fresh grids as plain re-quantization does, the base's grid kept, and that
@@ -182,7 +182,7 @@ def qat_figures(name: str, runs: list[tuple[int, str]], with_float: bool = True)
     spec = MODELS[name]
     float_model, tok = base_model(name, "float")
     text = training_text(tok, spec["text"])
-    held = text.held_out[: spec["eval_tokens"]]
+    held = text.held_out[: spec.get("qat_eval_tokens", spec["eval_tokens"])]
     n, length = spec["qat_calib"]
     calib = text.windows(length, n, 0)
     rows = []
@@ -200,10 +200,11 @@ def qat_figures(name: str, runs: list[tuple[int, str]], with_float: bool = True)
     return rows
 
 
-def start_qat(name: str, runs: list[tuple[int, str]], jobs: int) -> list[Child]:
-    """The qat/rtn/gptq quantizations in `jobs` child processes (round robin; the first also measures float)."""
+def start_qat(name: str, runs: list[tuple[int, str]], jobs: int, windows: int) -> list[Child]:
+    """The qat/rtn/gptq quantizations in `jobs` child processes (round robin; the first also measures float);
+    `windows` > 0 overrides the model's number of calibration windows."""
     shares = [runs[i::jobs] for i in range(min(jobs, len(runs)))]
-    return [start_child("qat", name, ",".join(f"{b}:{m}" for b, m in share), str(int(i == 0)),
+    return [start_child("qat", name, ",".join(f"{b}:{m}" for b, m in share), str(int(i == 0)), str(windows),
                         log_name=f"{name}-qat{i}") for i, share in enumerate(shares)]
 
 
@@ -220,9 +221,13 @@ def main() -> None:
     parser.add_argument("--models", default="stories260K,smollm2")
     parser.add_argument("--steps", type=int, default=None, help="LoRA steps (default per model)")
     parser.add_argument("--skip-qat-smollm2", action="store_true", help="QAT/GPTQ at 4/3/2 bits on SmolLM2 is slow")
+    parser.add_argument("--bases", default=None, help="LoRA bases to run (default all: float, rtn4, gptq4, nf4 and, "
+                                                      "for smollm2, qlora)")
     parser.add_argument("--parts", default="lora,merge,qat", help="which measurements: lora, merge, qat")
     parser.add_argument("--qat-runs", default="all", help="BITS:METHOD,... of the qat comparison (default: 4, 3, 2 "
                                                           "bits x rtn, gptq, qat)")
+    parser.add_argument("--qat-calib", type=int, default=0, help="calibration windows of the qat comparison "
+                                                                 "(default per model, MODELS)")
     parser.add_argument("--qat-jobs", type=int, default=1, help="child processes the qat comparison is spread over")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "finetune.json"))
     parser.add_argument("--child", nargs="*", default=None, help=argparse.SUPPRESS)
@@ -230,11 +235,15 @@ def main() -> None:
     torch.set_num_threads(1)
     if args.child is not None:
         if args.child[0] == "qat":
-            _, name, runs, with_float = args.child
+            _, name, runs, with_float, windows = args.child
+            if int(windows):
+                MODELS[name]["qat_calib"] = (int(windows), MODELS[name]["qat_calib"][1])
             print(json.dumps(qat_figures(name, qat_runs(runs), with_float == "1")))
             return
         name, base, out, steps = args.child
-        print(json.dumps(child_lora(name, base, out, int(steps) or None)))
+        row = json.dumps(child_lora(name, base, out, int(steps) or None))
+        print(row, file=sys.stderr)     # also in the child's log
+        print(row)
         return
     parts = set(args.parts.split(","))
     cache = ROOT / ".cache" / "bench_finetune"
@@ -243,8 +252,9 @@ def main() -> None:
     for name in args.models.split(","):
         # qat vs rtn/gptq in its own process while the LoRA runs go one after the other (peak RSS per process)
         skip_qat = "qat" not in parts or (name == "smollm2" and args.skip_qat_smollm2)
-        qat = [] if skip_qat else start_qat(name, qat_runs(args.qat_runs), args.qat_jobs)
+        qat = [] if skip_qat else start_qat(name, qat_runs(args.qat_runs), args.qat_jobs, args.qat_calib)
         bases = ("float", "rtn4", "gptq4", "nf4") + (("qlora",) if name == "smollm2" else ())
+        bases = tuple(b for b in bases if b in args.bases.split(",")) if args.bases else bases
         for base in bases if "lora" in parts else ():
             row = run_child(name, base, str(cache / f"{name}-{base}"), str(args.steps or 0), log_name=f"{name}-{base}")
             results["lora"].append(row)

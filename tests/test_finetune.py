@@ -323,7 +323,8 @@ def test_cli_finetune_generate_with_adapter_and_merge(stories_dir, tinystories_t
     assert run_cli(capsys, "generate", merged, *prompt)[1] == with_adapter
     requantized = tmp_path / "merged-gptq"
     code, _, err = run_cli(capsys, "merge", base, adapter, "-o", requantized, "--method", "gptq", "--group-size", "32",
-                           "--calib", tinystories_text, "--calib-samples", "8", "--calib-len", "64")
+                           "--calib", tinystories_text, "--calib-samples", "8", "--calib-len", "64",
+                           "--distill-steps", "2")
     assert code == 0, err
     model, _ = load_model(requantized)
     names = {n for n, _ in quantized_modules(model)}

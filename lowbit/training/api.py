@@ -236,6 +236,8 @@ def merge(base: nn.Module | str | Path, adapter: str | Path, output: str | Path 
             calibration = CalibrationRequest(tokenizer, None if calibration is None else str(calibration),
                                              quantize_options.get("calib_samples", 128),
                                              quantize_options.get("calib_len", 512))
+        if scale_steps or distill_steps:    # the same windows for re-quantizing and training (tokenized once)
+            calibration = _token_windows(model, calibration)
         kept = kept_grids(get_method(config), base_weights) if keep_grid else {}
         if kept:
             log.info("merge: %d of %d adapted layers re-quantized on the base's own grid (codes chosen anew)",
@@ -245,13 +247,13 @@ def merge(base: nn.Module | str | Path, adapter: str | Path, output: str | Path 
         if distill_steps:
             from lowbit.training.qat import distill_merged
 
-            distill_merged(model, teacher, _token_windows(model, calibration), loaded.modules, distill_steps,
+            distill_merged(model, teacher, calibration, loaded.modules, distill_steps,
                            lr=distill_lr, scale_lr=distill_scale_lr)
             del teacher
         if scale_steps:
             from lowbit.training.qat import train_scales
 
-            train_scales(model, _token_windows(model, calibration), scale_steps, lr=scale_lr)
+            train_scales(model, calibration, scale_steps, lr=scale_lr)
     model.tokenizer = tokenizer
     if output is not None:
         save(model, output, format=format, tokenizer=tokenizer)
