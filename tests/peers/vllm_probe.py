@@ -18,6 +18,12 @@ def last_line(exc: BaseException) -> str:
     return text.splitlines()[-1][:400] if text else type(exc).__name__
 
 
+# KV cache reserved by vLLM: SmolLM2's 256-token context needs about 6 MB. vLLM's default on CPU (or the legacy
+# VLLM_CPU_KVCACHE_SPACE, in GiB, which overrides this) is refused at start-up when the machine's free memory is
+# below it ("Available memory on node 0 ... is less than requested memory for kv"), as on a shared machine.
+KV_CACHE_BYTES = 64 << 20
+
+
 def probe(model: str, dtype: str, prompt: str, max_tokens: int) -> dict:
     result = {"model": model, "dtype": dtype, "stage": "import", "ok": False, "error": None, "text": None}
     try:
@@ -27,7 +33,7 @@ def probe(model: str, dtype: str, prompt: str, max_tokens: int) -> dict:
 
         result["vllm"] = vllm.__version__
         common = dict(model=model, dtype=dtype, max_model_len=256, enforce_eager=True, trust_remote_code=False,
-                      tokenizer=model)
+                      tokenizer=model, kv_cache_memory_bytes=KV_CACHE_BYTES)
         result["stage"] = "config"
         config = EngineArgs(**common).create_engine_config()
         result["quantization"] = config.model_config.quantization
@@ -52,7 +58,6 @@ def main() -> int:
     parser.add_argument("--prompt", default="The capital of France is")
     parser.add_argument("--max-tokens", type=int, default=16)
     args = parser.parse_args()
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     result = probe(args.model, args.dtype, args.prompt, args.max_tokens)
     sys.stdout.flush()
