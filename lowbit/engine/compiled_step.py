@@ -1,5 +1,6 @@
 """The engine's compiled decode step (runtime/csrc/decode.c): a whole token step of a pre-norm rotary decoder
-(Llama, Mistral, Qwen2/3, Gemma 1/2/3, Phi-3; Mixtral, Qwen2-MoE, Qwen3-MoE with their routed experts) in one C call.
+(Llama, Mistral, Qwen2/3, Gemma 1/2/3, Phi-3; Mixtral, Qwen2-MoE, Qwen3-MoE with their routed experts; GPT-NeoX,
+GPT-2, OPT, BLOOM, Falcon with LayerNorms) in one C call.
 
 `NativeDecodeStep.build(decoder)` describes the decoder (a RotaryDecoder, which read the family's facts from its
 Architecture: norms and their (1 + w), sandwich norms, activation, q/k norms, partial rotary, per-layer rotary
