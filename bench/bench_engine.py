@@ -4,8 +4,9 @@ Prints a table and writes bench/results/engine.json. Runs (each pp512 and tg128,
 - transformers fp32: the float model, one forward over 512 tokens and `generate` for 128 tokens;
 - lowbit engine on: the float model; RTN 4-bit g128 (sym, and asym = the layout GPTQ writes) and RTN 8-bit per
   channel, lm_head quantized too; GGUF files (Q4_0 and Q4_K_M made by llama.cpp's quantizer when it is installed,
-  else by lowbit's, and the packaged Q4_1) loaded kept quantized. Decode runs the compiled step (float32
-  arithmetic); each quantized model is run again with --int8-activations (llama.cpp's arithmetic);
+  else by lowbit's, and the packaged Q4_1) loaded kept quantized. Decode runs the compiled step with float32
+  activations; each quantized model is run again with --activations int8 (llama.cpp's arithmetic, the default
+  for GGUF files);
 - llama.cpp (llama-cpp-python, when importable) on the same GGUF files and threads;
 - achieved weight bytes/s per decoded token next to the measured memory read bandwidth;
 - server: 32 concurrent streaming clients on loopback vs one client, p50/p99 latency, requests lost.
@@ -90,8 +91,9 @@ def greedy_agreement(model, reference, tokenizer, n: int = 64) -> dict:
     prompt = tokenizer("The capital of France is", return_tensors="pt").input_ids
     theirs = transformers_greedy(reference, prompt, n)
     result = {}
-    for setting, options in (("default", {}), ("float32_prompt", {"prefill_attention_dtype": torch.float32}),
-                             ("int8_activations", {"int8_activations": True})):
+    for setting, options in (("default", {"activations": "float32"}),
+                             ("float32_prompt", {"prefill_attention_dtype": torch.float32, "activations": "float32"}),
+                             ("int8_activations", {"activations": "int8"})):
         engine = Engine(model, max_batch=1, context=256, **options)
         ours = list(engine.generate(prompt[0].tolist(), SamplingParams(max_new_tokens=n, temperature=0.0),
                                     stop_on_eos=False))
@@ -214,7 +216,7 @@ def main() -> None:
     parser.add_argument("--server-tokens", type=int, default=64)
     parser.add_argument("--no-server", action="store_true")
     parser.add_argument("--no-transformers", action="store_true")
-    parser.add_argument("--no-act8", action="store_true", help="skip the --int8-activations runs")
+    parser.add_argument("--no-act8", action="store_true", help="skip the --activations int8 runs")
     parser.add_argument("--only", default=None,
                         help="comma list of runs: fp32,rtn4,gptq-layout,rtn8,Q4_0,Q4_K_M,Q4_1")
     parser.add_argument("--lowbit-gguf", action="store_true",
@@ -264,12 +266,12 @@ def main() -> None:
             continue
         model = copy.deepcopy(base)
         quantize_model(model, config, progress=False)
-        row = run_engine(model, f"lowbit {name}", args, context)
+        row = run_engine(model, f"lowbit {name}", args, context, activations="float32")
         row["greedy_tokens_equal_to_transformers_of_64"] = greedy_agreement(
             model, dequantized_copy(model), tokenizer)
         record(row)
         if not args.no_act8:
-            record(run_engine(model, f"lowbit {name} int8-act", args, context, int8_activations=True))
+            record(run_engine(model, f"lowbit {name} int8-act", args, context, activations="int8"))
         del model
 
     tmp = Path(tempfile.mkdtemp(prefix="lowbit-bench-"))
@@ -287,11 +289,11 @@ def main() -> None:
         ggufs["Q4_1"] = resolve_model_path("smollm2")
     for gtype, path in ggufs.items():
         model, _ = load_model(path, keep_quantized=True)
-        row = run_engine(model, f"lowbit GGUF {gtype}", args, context)
+        row = run_engine(model, f"lowbit GGUF {gtype}", args, context, activations="float32")
         row["gguf_mb"] = round(path.stat().st_size / 1e6, 2)
         record(row)
         if not args.no_act8:
-            record(run_engine(model, f"lowbit GGUF {gtype} int8-act", args, context, int8_activations=True)
+            record(run_engine(model, f"lowbit GGUF {gtype} int8-act", args, context, activations="int8")
                    | {"gguf_mb": row["gguf_mb"]})
         del model
         if llama_cpp_available():

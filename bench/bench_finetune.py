@@ -6,12 +6,15 @@ SmolLM2-135M (tinyshakespeare, same split):
   (the same loop and options), with time per step and peak RSS;
 - qlora vs peft + transformers on the float model (SmolLM2): peak RSS and time per step, each in its own
   process (VmHWM: the process's peak resident memory; also the peak while training, reset after loading);
-- merge: the LoRA trained on RTN-4 merged into the float weights and re-quantized (GPTQ, QAT + scales trained
-  end to end), share of the LoRA's gain kept;
-- qat vs RTN and GPTQ at 4, 3 and 2 bits on the same grid (held-out perplexity).
-Prints a table and writes bench/results/finetune.json.
+- merge (stories260K): the LoRAs trained on RTN-4 and GPTQ-4 merged into the float weights and re-quantized at 4
+  bits (RTN and GPTQ on a fresh grid; GPTQ on the base's kept grid; that + end-to-end distillation towards the
+  float merged model), share of the LoRA's gain kept;
+- qat vs RTN and GPTQ at 4, 3 and 2 bits on the same grid (held-out perplexity), in its own process alongside
+  the LoRA runs (SmolLM2: bounded calibration, see MODELS).
+Prints a table and writes bench/results/finetune.json (--out); children's logs go to .cache/bench_finetune/.
 
-    python bench/bench_finetune.py [--models stories260K,smollm2] [--steps N] [--skip-qat-smollm2]
+    nice -n 10 python bench/bench_finetune.py [--models stories260K,smollm2] [--steps N] [--skip-qat-smollm2]
+        [--parts lora,merge,qat] [--qat-runs 4:qat,3:gptq,...] [--qat-jobs N]
 """
 from __future__ import annotations
 
@@ -27,15 +30,24 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))     # this tree's lowbit, not an installed one (children get it through PYTHONPATH)
 SHARED = Path(os.environ.get("LOWBIT_SHARED", ROOT.parent / "shared"))
 MODELS = {
     "stories260K": {"path": str(SHARED / "models" / "stories260K"), "text": SHARED / "corpora" / "tinystories-valid.txt",
                     "group": 32, "lora": dict(steps=60, seq_len=128, batch=8, lr=4e-3, warmup=5),
                     "qat_calib": (64, 256), "eval_tokens": 16384},
+    # bounded so that the whole SmolLM2 part runs in < 30 min on a busy 2-core machine
     "smollm2": {"path": "smollm2", "text": SHARED / "corpora" / "tinyshakespeare.txt", "group": 64,
-                "lora": dict(steps=20, seq_len=128, batch=4, lr=2e-3, warmup=3),
-                "qat_calib": (32, 256), "eval_tokens": 8192},
+                "lora": dict(steps=8, seq_len=128, batch=4, lr=3e-3, warmup=2),
+                "qat_calib": (16, 256), "eval_tokens": 4096},
 }
+MERGE_MODELS = ("stories260K",)
+# (label, method, merge options): fresh grids as plain re-quantization does, the base's grid kept, and that
+# distilled end to end towards the float merged model
+MERGES = (("rtn, fresh grid", "rtn", {"keep_grid": False}),
+          ("gptq, fresh grid", "gptq", {"keep_grid": False}),
+          ("gptq, base grid kept", "gptq", {}),
+          ("gptq, base grid kept + 128 distill steps", "gptq", {"distill_steps": 128}))
 
 
 def peak_rss_mb() -> float:
@@ -95,12 +107,30 @@ def child_lora(name: str, base: str, out: str, steps: int | None) -> dict:
     return figures
 
 
-def run_child(*args: str) -> dict:
-    cmd = [sys.executable, __file__, "--child", *args]
-    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    if done.returncode:
-        raise SystemExit(f"child {args} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+def run_child(*args: str, log_name: str) -> dict:
+    return json.loads(start_child(*args, log_name=log_name).wait_json())
+
+
+class Child:
+    """A child process of this script; its stderr goes to a log file, its last stdout line is its JSON."""
+
+    def __init__(self, args: tuple[str, ...], log_path: Path):
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.args, self.log_path = args, log_path
+        self.stderr = open(log_path, "w")
+        self.process = subprocess.Popen([sys.executable, __file__, "--child", *args], stdout=subprocess.PIPE,
+                                        stderr=self.stderr, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+    def wait_json(self) -> str:
+        out, _ = self.process.communicate()
+        self.stderr.close()
+        if self.process.returncode:
+            raise SystemExit(f"child {self.args} failed:\n{self.log_path.read_text()[-3000:]}")
+        return out.strip().splitlines()[-1]
+
+
+def start_child(*args: str, log_name: str) -> Child:
+    return Child(args, ROOT / ".cache" / "bench_finetune" / f"{log_name}.log")
 
 
 def merge_figures(name: str, lora: dict) -> list[dict]:
@@ -108,25 +138,42 @@ def merge_figures(name: str, lora: dict) -> list[dict]:
     from lowbit.training.data import training_text
 
     spec = MODELS[name]
-    base, tok = base_model(name, "rtn4")
+    base, tok = base_model(name, lora["base"])
     text = training_text(tok, spec["text"])
     held = text.held_out[: spec["eval_tokens"]]
     ctx = spec["lora"]["seq_len"]
     before, after = lora["perplexity_before"], lora["perplexity_after"]
+    calib = text.windows(ctx, 128, 0)
     rows = []
-    for label, method, options in (("rtn", "rtn", {}), ("gptq", "gptq", {}),
-                                   ("qat+scales", "qat", {"epochs": 2, "scale_steps": 64, "scale_lr": 5e-3})):
+    for label, method, options in MERGES:
         began = time.perf_counter()
-        calib = text.windows(ctx, 128, 0)
         model = merge(copy.deepcopy(base), lora["output"], method=method, calibration=calib, tokenizer=tok, bits=4,
                       group_size=spec["group"], **options)
         ppl = held_out_perplexity(model, held, ctx)
-        rows.append({"model": name, "merge": f"rtn4 base + lora -> {label}-4", "perplexity": ppl,
+        rows.append({"model": name, "base": lora["base"], "merge": f"{lora['base']} + lora -> {label}",
+                     "lora_before": before, "lora_after": after, "perplexity": ppl,
                      "kept": (before - ppl) / (before - after), "seconds": time.perf_counter() - began})
+        print(rows[-1], flush=True)
     return rows
 
 
-def qat_figures(name: str, bits_list: tuple[int, ...]) -> list[dict]:
+QAT_OPTIONS = {"rtn": {}, "gptq": {}, "qat": {"epochs": 2}}
+
+
+def qat_runs(spec: str) -> list[tuple[int, str]]:
+    """"4:rtn,3:qat,..." (or "all": 4, 3 and 2 bits x rtn, gptq, qat) -> [(bits, method)], float first."""
+    if spec == "all":
+        return [(bits, method) for bits in (4, 3, 2) for method in QAT_OPTIONS]
+    runs = []
+    for item in spec.split(","):
+        bits, _, method = item.partition(":")
+        if method not in QAT_OPTIONS or not bits.isdigit():
+            raise SystemExit(f"--qat-runs: {item!r} is not BITS:METHOD with METHOD one of {', '.join(QAT_OPTIONS)}")
+        runs.append((int(bits), method))
+    return runs
+
+
+def qat_figures(name: str, runs: list[tuple[int, str]], with_float: bool = True) -> list[dict]:
     from lowbit.methods.base import QuantizeConfig
     from lowbit.methods.pipeline import quantize_model
     from lowbit.training.api import held_out_perplexity
@@ -138,18 +185,26 @@ def qat_figures(name: str, bits_list: tuple[int, ...]) -> list[dict]:
     held = text.held_out[: spec["eval_tokens"]]
     n, length = spec["qat_calib"]
     calib = text.windows(length, n, 0)
-    rows = [{"model": name, "bits": 32, "method": "float", "perplexity": held_out_perplexity(float_model, held, 256)}]
-    for bits in bits_list:
-        for method, options in (("rtn", {}), ("gptq", {}), ("qat", {"epochs": 2})):
-            model = copy.deepcopy(float_model)
-            began = time.perf_counter()
-            quantize_model(model, QuantizeConfig(method=method, bits=bits, group_size=spec["group"], options=options),
-                           calibration=calib, progress=False)
-            rows.append({"model": name, "bits": bits, "method": method, "group_size": spec["group"],
-                         "perplexity": held_out_perplexity(model, held, 256),
-                         "seconds": time.perf_counter() - began})
-            print(rows[-1], flush=True)
+    rows = []
+    if with_float:
+        rows.append({"model": name, "bits": 32, "method": "float",
+                     "perplexity": held_out_perplexity(float_model, held, 256)})
+    for bits, method in runs:
+        model = copy.deepcopy(float_model)
+        began = time.perf_counter()
+        quantize_model(model, QuantizeConfig(method=method, bits=bits, group_size=spec["group"],
+                                             options=QAT_OPTIONS[method]), calibration=calib, progress=False)
+        rows.append({"model": name, "bits": bits, "method": method, "group_size": spec["group"],
+                     "perplexity": held_out_perplexity(model, held, 256), "seconds": time.perf_counter() - began})
+        print(rows[-1], file=sys.stderr, flush=True)
     return rows
+
+
+def start_qat(name: str, runs: list[tuple[int, str]], jobs: int) -> list[Child]:
+    """The qat/rtn/gptq quantizations in `jobs` child processes (round robin; the first also measures float)."""
+    shares = [runs[i::jobs] for i in range(min(jobs, len(runs)))]
+    return [start_child("qat", name, ",".join(f"{b}:{m}" for b, m in share), str(int(i == 0)),
+                        log_name=f"{name}-qat{i}") for i, share in enumerate(shares)]
 
 
 def table(rows: list[dict], columns: list[str]) -> str:
@@ -165,26 +220,43 @@ def main() -> None:
     parser.add_argument("--models", default="stories260K,smollm2")
     parser.add_argument("--steps", type=int, default=None, help="LoRA steps (default per model)")
     parser.add_argument("--skip-qat-smollm2", action="store_true", help="QAT/GPTQ at 4/3/2 bits on SmolLM2 is slow")
+    parser.add_argument("--parts", default="lora,merge,qat", help="which measurements: lora, merge, qat")
+    parser.add_argument("--qat-runs", default="all", help="BITS:METHOD,... of the qat comparison (default: 4, 3, 2 "
+                                                          "bits x rtn, gptq, qat)")
+    parser.add_argument("--qat-jobs", type=int, default=1, help="child processes the qat comparison is spread over")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "finetune.json"))
     parser.add_argument("--child", nargs="*", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.child is not None:
+        if args.child[0] == "qat":
+            _, name, runs, with_float = args.child
+            print(json.dumps(qat_figures(name, qat_runs(runs), with_float == "1")))
+            return
         name, base, out, steps = args.child
         print(json.dumps(child_lora(name, base, out, int(steps) or None)))
         return
+    parts = set(args.parts.split(","))
     cache = ROOT / ".cache" / "bench_finetune"
     results: dict = {"lora": [], "merge": [], "qat": []}
+    began = time.perf_counter()
     for name in args.models.split(","):
+        # qat vs rtn/gptq in its own process while the LoRA runs go one after the other (peak RSS per process)
+        skip_qat = "qat" not in parts or (name == "smollm2" and args.skip_qat_smollm2)
+        qat = [] if skip_qat else start_qat(name, qat_runs(args.qat_runs), args.qat_jobs)
         bases = ("float", "rtn4", "gptq4", "nf4") + (("qlora",) if name == "smollm2" else ())
-        for base in bases:
-            row = run_child(name, base, str(cache / f"{name}-{base}"), str(args.steps or 0))
+        for base in bases if "lora" in parts else ():
+            row = run_child(name, base, str(cache / f"{name}-{base}"), str(args.steps or 0), log_name=f"{name}-{base}")
             results["lora"].append(row)
             print(row, flush=True)
-        lora_rtn = next(r for r in results["lora"] if r["model"] == name and r["base"] == "rtn4")
-        results["merge"] += merge_figures(name, lora_rtn)
-        if name != "smollm2" or not args.skip_qat_smollm2:
-            results["qat"] += qat_figures(name, (4, 3, 2))
+        if name in MERGE_MODELS and {"merge", "lora"} <= parts:
+            for base in ("rtn4", "gptq4"):
+                lora = next(r for r in results["lora"] if r["model"] == name and r["base"] == base)
+                results["merge"] += merge_figures(name, lora)
+        for child in qat:
+            results["qat"] += json.loads(child.wait_json())
+        print(f"{name}: {time.perf_counter() - began:.0f} s so far", flush=True)
+    results["seconds"] = time.perf_counter() - began
     for row in results["lora"]:
         row["base"] = {"float": "float (peft + transformers)", "qlora": "qlora: nf4 on load + 8-bit AdamW"}.get(
             row["base"], row["base"])
@@ -193,7 +265,7 @@ def main() -> None:
     print(table(results["lora"], ["model", "base", "perplexity_before", "perplexity_after", "seconds_per_step",
                                   "peak_rss_mb", "peak_rss_after_load_mb"]))
     print()
-    print(table(results["merge"], ["model", "merge", "perplexity", "kept", "seconds"]))
+    print(table(results["merge"], ["model", "merge", "lora_before", "lora_after", "perplexity", "kept", "seconds"]))
     print()
     print(table(results["qat"], ["model", "bits", "method", "perplexity", "seconds"]))
 

@@ -44,8 +44,7 @@ def _rss_mb() -> tuple[float, float]:
 def worker(args: argparse.Namespace) -> None:
     """One runner on one file in this process; prints a JSON line."""
     began = time.perf_counter()
-    result: dict = {"runner": args.worker, "threads": args.threads, "file": args.file,
-                    "act8": bool(args.act8)}
+    result: dict = {"runner": args.worker, "threads": args.threads, "file": args.file}
     if args.worker == "lowbit":
         import torch
 
@@ -58,8 +57,9 @@ def worker(args: argparse.Namespace) -> None:
         model, tokenizer = load_model(args.file, keep_quantized=True)
         # threads 0 ("auto"): the engine's default, all cores for prompts and a timed choice per decode step
         engine = Engine(model, tokenizer, context=max(args.pp) + args.tg + 16, threads=args.threads or None,
-                        int8_activations=bool(args.act8))
+                        activations=args.activations)
         result["load_s"] = time.perf_counter() - began
+        result["arithmetic"] = engine.arithmetic
         result["compiled_step"] = engine.fast_path and getattr(engine.decoder, "native", None) is not None
         rates = {}
         for pp in args.pp:
@@ -154,11 +154,12 @@ def model_files(args: argparse.Namespace) -> list[tuple[str, str, Path]]:
     return files
 
 
-def run_worker(runner: str, path: Path, threads: int, args: argparse.Namespace, act8: bool) -> dict | None:
+def run_worker(runner: str, path: Path, threads: int, args: argparse.Namespace, activations: str | None
+               ) -> dict | None:
     cmd = [sys.executable, __file__, "--worker", runner, "--file", str(path), "--threads", str(threads),
            "--pp", ",".join(map(str, args.pp)), "--tg", str(args.tg), "--reps", str(args.reps)]
-    if act8:
-        cmd.append("--act8")
+    if activations:
+        cmd += ["--activations", activations]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads or os.cpu_count()))
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
@@ -181,7 +182,9 @@ def main() -> None:
                         help="comma-separated thread counts; 'auto' (0) leaves lowbit its default (all cores for "
                              "prompts, decode threads chosen by timing) and gives llama.cpp every core")
     parser.add_argument("--runners", default="lowbit,llama.cpp")
-    parser.add_argument("--act8", action="store_true", help="also run lowbit with --int8-activations")
+    parser.add_argument("--activations", default="auto",
+                        help="comma-separated arithmetics lowbit runs with (auto, float32, int8: `lowbit "
+                             "--activations`), one lowbit row each")
     parser.add_argument("--pp", default="128,512")
     parser.add_argument("--tg", type=int, default=128)
     parser.add_argument("--reps", type=int, default=2)
@@ -194,7 +197,11 @@ def main() -> None:
     parser.add_argument("--file", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.pp = [int(p) for p in str(args.pp).split(",") if p]
+    from lowbit.runtime.activations import Activations
+
+    activations = [Activations.parse(a).value for a in args.activations.split(",") if a]
     if args.worker:
+        args.activations = activations[0]
         args.threads = int(args.threads)
         return worker(args)
     args.threads = args.threads.replace("auto", "0")
@@ -213,16 +220,17 @@ def main() -> None:
     for label, mix, path in model_files(args):
         read, total, tied = weight_bytes_per_token(path)
         for threads in thread_counts:
-            measured = {}
-            variants = [(r, False, 0) for r in runners]
-            variants += [("lowbit", True, 0)] if args.act8 and "lowbit" in runners else []
-            variants += [(r, False, args.busy) for r in runners] if args.busy else []
-            for runner, act8, busy in variants:
+            measured, first_row = {}, len(rows)
+            # (runner, its row name, lowbit's activations, busy processes): runners alternate within a model
+            variants = [(r, f"lowbit {a}", a, 0) for r in runners if r == "lowbit" for a in activations]
+            variants += [(r, r, None, 0) for r in runners if r != "lowbit"]
+            if args.busy:
+                variants += [(r, f"{name} busy x{args.busy}", a, args.busy) for r, name, a, _ in variants]
+            for runner, name, arithmetic, busy in variants:
                 with BusyMachine(busy):
-                    result = run_worker(runner, path, threads, args, act8)
+                    result = run_worker(runner, path, threads, args, arithmetic)
                 if result is None:
                     continue
-                name = runner + (" act8" if act8 else "") + (f" busy x{busy}" if busy else "")
                 measured[name] = result
                 tg = result.get(f"tg{args.tg}")
                 row = {"model": label, "mix": mix, "file_mb": total / 1e6, "runner": name,
@@ -237,20 +245,21 @@ def main() -> None:
                 row["tg"] = tg
                 rows.append(row)
                 raw.append({**row, "raw": result, "weight_bytes_per_token": read, "tied": tied})
-            for runner in runners:
+            for runner in [name for _, name, _, busy in variants if not busy]:
                 quiet, loaded = measured.get(runner), measured.get(f"{runner} busy x{args.busy}")
                 if quiet and loaded:
                     rows.append({"model": label, "mix": mix, "runner": f"{runner} busy / quiet",
                                  "threads": threads or "auto",
                                  **{("tg" if k.startswith("tg") else k): (loaded.get(k) or 0) / quiet[k]
                                     for k in quiet if k.startswith(("pp", "tg")) and quiet[k]}})
-            if "lowbit" in measured and "llama.cpp" in measured:
-                ours, theirs = measured["lowbit"], measured["llama.cpp"]
+            theirs = measured.get("llama.cpp")
+            for name in [f"lowbit {a}" for a in activations if f"lowbit {a}" in measured and theirs]:
+                ours = measured[name]
                 ratio = {k: (ours.get(k) or 0) / theirs[k] for k in theirs if k.startswith(("pp", "tg")) and theirs[k]}
-                rows.append({"model": label, "mix": mix, "runner": "lowbit / llama.cpp",
+                rows.append({"model": label, "mix": mix, "runner": f"{name} / llama.cpp",
                              "threads": threads or "auto",
                              **{("tg" if k.startswith("tg") else k): v for k, v in ratio.items()}})
-            print(format_table(rows[-3:], _columns(args)), flush=True)
+            print(format_table(rows[first_row:], _columns(args)), flush=True)
     print()
     print(format_table(rows, _columns(args)))
     write_json(args.out, {"bandwidth_gb_s": bandwidth, "argv": sys.argv[1:], "rows": raw})

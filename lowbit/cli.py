@@ -255,7 +255,7 @@ def _runtime_model(args: argparse.Namespace):
     from lowbit.engine.commands import with_adapter
 
     with_adapter(model, args)
-    model.lowbit_engine_options = {"int8_activations": args.int8_activations}
+    model.lowbit_engine_options = {"activations": args.activations}
     return model, tokenizer
 
 

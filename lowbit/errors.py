@@ -13,6 +13,19 @@ class CorruptFile(LowbitError):
     """A model or checkpoint file is truncated, malformed, or not what its name says."""
 
 
+def check_option_type(what: str, value: object, expected: type) -> None:
+    """One line naming the option when `value` is not of type `expected`: int options take ints (not bools, not
+    truncated floats), float ones ints or floats, bool ones bools (not 0/1 or "false"), str ones strings."""
+    if expected is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif expected is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, expected)
+    if not ok:
+        raise LowbitError(f"{what} must be {expected.__name__}, got {value!r}")
+
+
 WHOLE_MODEL_HINT = ("quantize big models layer by layer with `lowbit quantize ... --stream`, which holds one decoder "
                     "layer at a time")
 

@@ -6,15 +6,18 @@ edited config.json / lowbit.json / quantization config. A worker process loads e
 does (load_model with keep_quantized, then the engine with its compiled step) and reports one outcome:
 
   identical   loaded, and the logits (model forward and engine) are bit-identical to the original's
-  error       a LowbitError with a one-line message
+  error       a LowbitError with a one-line message, and `lowbit generate` on the same file (lowbit.cli.main, run
+              in the worker) exits 2 with exactly that one "lowbit: error:" line and no traceback
   different   loaded, with different logits: a silent corruption
   exception   any other exception (a traceback for the user)
   multiline   a LowbitError whose message spans lines
+  cli         a LowbitError, but `lowbit generate` on the file did not exit 2 with one "lowbit: error:" line
   crash       the worker died (segfault, abort, double free)
   hang        no answer within the time limit
 
-Only the first two are acceptable. Mutants run in a worker subprocess (restarted after a crash or hang) so one bad
-mutant cannot take the test run down with it.
+Only the first two are acceptable. Mutants run in one long-lived worker subprocess, so a crash cannot take the test
+run down with it; the worker imports torch and lowbit once (the largest fixed cost: ~20 s on a busy machine, against
+5-20 ms per rejected mutant and 50-90 ms per loaded one) and is restarted only after a crash or a hang.
 """
 from __future__ import annotations
 
@@ -34,6 +37,7 @@ from typing import Any, Callable
 
 PROMPT = [1, 400, 20, 13, 99, 7, 250, 31]
 ACCEPTED = ("identical", "error")
+OUTCOMES = ("identical", "error", "different", "exception", "multiline", "cli", "crash", "hang")
 MUTANT_TIMEOUT_S = 10.0
 
 
@@ -528,51 +532,102 @@ def logits_digest(path: Path) -> str:
     return hashlib.sha256(forward.numpy().tobytes() + step.numpy().tobytes()).hexdigest()
 
 
+CLI_ARGS = ("generate", "-p", "Once", "-n", "2", "--threads", "1")   # the digests' thread count
+
+
+def cli_verdict(path: Path) -> dict[str, Any]:
+    """`lowbit generate PATH` run through the CLI's own entry point (lowbit.cli.main, what `python -m lowbit.cli`
+    exits with) in this process: its exit code, its "lowbit: error:" lines and whether a traceback escaped."""
+    import contextlib
+    import io
+    import traceback
+
+    from lowbit.cli import main
+
+    err, out = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+        try:
+            code = main([CLI_ARGS[0], str(path), *CLI_ARGS[1:]])
+        except SystemExit as exc:       # argparse and friends
+            code = exc.code if isinstance(exc.code, int) else 1
+        except Exception:  # noqa: BLE001  (what `python -m lowbit.cli` would print as a traceback)
+            traceback.print_exc()
+            code = 1
+    text = err.getvalue()
+    return {"exit": code, "errors": [line for line in text.splitlines() if line.startswith("lowbit: error:")],
+            "traceback": "Traceback" in text}
+
+
 def worker() -> None:
-    """Read mutant paths (one per line), answer one JSON line each: {"digest"} or {"error"} or {"exception"}."""
+    """Read mutant paths (one per line), answer one JSON line each: {"digest"}, or {"error"} with the CLI's verdict
+    on the same file (`lowbit generate` must exit 2 with that one line), or {"exception"}."""
+    started = time.perf_counter()
     import logging
 
     import torch
 
+    import lowbit.cli  # noqa: F401  (every import a mutant's load makes, before time limits start)
+    import lowbit.engine.runner  # noqa: F401
+    import lowbit.models.loading  # noqa: F401
     from lowbit.errors import LowbitError
 
     logging.disable(logging.WARNING)
     torch.set_num_threads(1)
+    print(json.dumps({"ready": time.perf_counter() - started}), flush=True)
     for line in sys.stdin:
         path = Path(line.strip())
         try:
             answer = {"digest": logits_digest(path)}
         except LowbitError as exc:
-            answer = {"error": str(exc)}
+            answer = {"error": str(exc), "cli": cli_verdict(path)}
         except Exception as exc:  # noqa: BLE001  (the fuzz test reports these as failures)
             answer = {"exception": f"{type(exc).__name__}: {str(exc)[:300]}"}
         print(json.dumps(answer), flush=True)
 
 
 class Worker:
-    """A worker subprocess, restarted after it crashes or hangs."""
+    """A worker subprocess that imports torch and lowbit once and judges mutants one after another; restarted
+    (imports again) only after a crash or a hang. `start()` returns at once, so the imports overlap whatever the
+    caller does next (building the originals); the first `ask` waits for them without a mutant's time limit."""
 
-    def __init__(self, cwd: Path):
-        self.cwd, self.proc = cwd, None
+    def __init__(self, cwd: Path, import_timeout: float = 600.0):
+        self.cwd, self.proc, self.import_timeout, self.ready = cwd, None, import_timeout, False
+        self.starts, self.import_seconds = 0, 0.0
 
-    def start(self) -> None:
+    def start(self) -> "Worker":
         code = "import sys; sys.path.insert(0, 'tests'); import fuzzing; fuzzing.worker()"
         env = {**os.environ, "PYTHONFAULTHANDLER": "0", "OMP_NUM_THREADS": "1"}
         self.proc = subprocess.Popen([sys.executable, "-c", code], cwd=self.cwd, stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, text=True,
                                      bufsize=1)
+        self.ready = False
+        self.starts += 1
+        return self
 
-    def ask(self, path: Path, timeout: float) -> tuple[str, str]:
-        """(outcome, message) for one path: digest:<hex>, error, exception, crash or hang."""
+    def _line(self, timeout: float) -> str | None:
+        """The worker's next answer line; None if none came within `timeout`, "" if it died."""
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        return self.proc.stdout.readline() if ready else None
+
+    def _wait_ready(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
             self.start()
+        if not self.ready:
+            line = self._line(self.import_timeout)
+            if not line or "ready" not in json.loads(line):
+                self.stop()
+                raise RuntimeError(f"the fuzz worker did not start within {self.import_timeout:.0f} s")
+            self.ready, self.import_seconds = True, json.loads(line)["ready"]
+
+    def ask(self, path: Path, timeout: float) -> tuple[str, Any]:
+        """(outcome, detail) for one path: digest (hex), error (message, CLI verdict), exception, crash or hang."""
+        self._wait_ready()
         self.proc.stdin.write(f"{path}\n")
         self.proc.stdin.flush()
-        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
-        if not ready:
+        line = self._line(timeout)
+        if line is None:
             self.stop()
             return "hang", f"no answer in {timeout:.0f} s"
-        line = self.proc.stdout.readline()
         if not line:
             code = self.proc.wait()
             self.proc = None
@@ -581,8 +636,7 @@ class Worker:
         if "digest" in answer:
             return "digest", answer["digest"]
         if "error" in answer:
-            message = answer["error"]
-            return ("multiline" if "\n" in message.strip() else "error"), message
+            return "error", (answer["error"], answer["cli"])
         return "exception", answer["exception"]
 
     def stop(self) -> None:
@@ -592,42 +646,50 @@ class Worker:
             self.proc = None
 
 
+def judge_error(message: str, cli: dict[str, Any]) -> tuple[str, str]:
+    """A LowbitError is accepted when its message is one line and `lowbit generate` on the same file exits 2 with
+    exactly that one "lowbit: error:" line and no traceback."""
+    if "\n" in message.strip():
+        return "multiline", message
+    if cli["exit"] != 2 or len(cli["errors"]) != 1 or cli["traceback"]:
+        return "cli", f"lowbit generate exited {cli['exit']} with {len(cli['errors'])} error lines" + (
+            " and a traceback" if cli["traceback"] else "") + f" (load said: {message[:150]})"
+    return "error", message
+
+
 def run_mutants(mutants: list[Mutant], originals: dict[str, Path], cwd: Path, timeout: float = MUTANT_TIMEOUT_S,
-                warmup_timeout: float = 600.0) -> tuple[list[dict[str, Any]], dict[str, str]]:
-    """Every mutant's outcome (identical / different / error / multiline / exception / crash / hang) next to its
-    format, class and detail, and the originals' digests. A fresh worker first loads an original (imports take
-    seconds on a busy machine, and do not count against a mutant's time limit); a mutant that hangs is retried
-    once in a fresh, warmed-up worker before it counts as a hang."""
-    worker = Worker(cwd)
-    first = next(iter(originals.values()))
-
-    def ask(path: Path) -> tuple[str, str]:
-        if worker.proc is None or worker.proc.poll() is not None:
-            worker.ask(first, warmup_timeout)       # a fresh worker imports torch and transformers first
-        return worker.ask(path, timeout)
-
+                worker: Worker | None = None) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """Every mutant's outcome (identical / error / different / exception / multiline / cli / crash / hang) next
+    to its format, class and detail, and the originals' digests, judged by `worker` (a long-lived one shared by
+    several runs, or a fresh one stopped at the end). A mutant that hangs is retried once in a fresh worker
+    (whose imports do not count against the limit) before it counts as a hang."""
+    own = worker is None
+    worker = worker or Worker(cwd)
     try:
         reference = {}
         for fmt, path in originals.items():
-            outcome, value = worker.ask(path, warmup_timeout)
+            outcome, value = worker.ask(path, worker.import_timeout)
             if outcome != "digest":
                 raise RuntimeError(f"the original {fmt} model does not load: {outcome}: {value}")
             reference[fmt] = value
         results = []
         for mutant in mutants:
             started = time.perf_counter()
-            outcome, value = ask(mutant.path)
+            outcome, value = worker.ask(mutant.path, timeout)
             if outcome == "hang":
-                outcome, value = ask(mutant.path)
+                outcome, value = worker.ask(mutant.path, timeout)
             if outcome == "digest":
                 outcome = "identical" if value == reference[mutant.format] else "different"
                 value = ""
+            elif outcome == "error":
+                outcome, value = judge_error(*value)
             results.append({"format": mutant.format, "kind": mutant.kind, "detail": mutant.detail,
                             "outcome": outcome, "message": value, "seconds": round(time.perf_counter() - started, 3),
                             "path": str(mutant.path)})
         return results, reference
     finally:
-        worker.stop()
+        if own:
+            worker.stop()
 
 
 def summarize(results: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
@@ -641,7 +703,7 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
 
 
 def format_table(table: dict[str, dict[str, int]]) -> str:
-    outcomes = ["identical", "error", "different", "exception", "multiline", "crash", "hang"]
+    outcomes = list(OUTCOMES)
     lines = [f"{'class':<12}" + "".join(f"{o:>11}" for o in outcomes)]
     for row, counts in sorted(table.items(), key=lambda kv: (kv[0] == "total", kv[0])):
         lines.append(f"{row:<12}" + "".join(f"{counts.get(o, 0):>11}" for o in outcomes))

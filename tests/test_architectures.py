@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import time
 
 import pytest
@@ -170,12 +171,20 @@ def test_unknown_gguf_architecture_refused_from_header(tmp_path):
     from lowbit.formats.gguf import TensorToWrite, write_gguf
     from lowbit.models.loading import load_model
 
+    import struct
+
+    import fuzzing
+
     path = tmp_path / "foo.gguf"
     write_gguf(path, {"general.architecture": "foo", "foo.block_count": 1},
                [TensorToWrite("token_embd.weight", "F32", (4, 8), torch.zeros(4, 8).numpy())])
-    with open(path, "r+b") as fh:   # a large (sparse) data section after the last tensor
-        fh.seek(200 * 2 ** 20)
-        fh.write(b"\0")
+    # the tensor grown to 200 MB of rows in the header, the file extended (sparse) to hold them exactly
+    rows = 200 * 2 ** 20 // (8 * 4)
+    layout = fuzzing.gguf_layout(path.read_bytes())
+    with open(path, "r+b") as fh:
+        fh.seek(layout.tensors[0]["dims_at"][1])
+        fh.write(struct.pack("<Q", rows))
+    os.truncate(path, -(-layout.header_end // 32) * 32 + rows * 8 * 4)
     for keep in (False, True):
         start = time.perf_counter()
         with pytest.raises(UnsupportedArchitecture, match="'foo' is not supported.*gemma3.*llama"):

@@ -123,7 +123,7 @@ def decode_run(model, native: bool, forced: list[list[int]] | None = None, engin
     """Prefill both prompts into their own slots, then STEPS decode steps of both rows together: greedy, or
     teacher-forced with `forced` tokens. Returns (tokens per row, logits [steps, rows, vocab])."""
     engine = engine or Engine(model, max_batch=len(PROMPTS), context=64, native=native,
-                              prefill_attention_dtype=torch.float32)
+                              prefill_attention_dtype=torch.float32, activations="float32")
     assert (engine.decode_path == "compiled step") == native, engine.decode_path
     seqs = [engine.start(p, SamplingParams(max_new_tokens=STEPS + 2, temperature=0.0), stop_on_eos=False)
             for p in PROMPTS]
@@ -162,7 +162,7 @@ def test_compiled_step_greedy_equals_transformers(model_type):
     """The default engine (compiled step) generates, from a prompt past the sliding window, the same 32 greedy
     tokens as transformers' own model class running the dequantized weights (its masks, caches, soft-caps)."""
     model = family_model(model_type)
-    engine = Engine(model, context=64, prefill_attention_dtype=torch.float32)
+    engine = Engine(model, context=64, prefill_attention_dtype=torch.float32, activations="float32")
     assert engine.decode_path == "compiled step"
     ours = list(engine.generate(PROMPTS[0], SamplingParams(max_new_tokens=STEPS, temperature=0.0),
                                 stop_on_eos=False))
@@ -230,7 +230,7 @@ def assert_compiled_equals_torch_and_transformers(model) -> None:
     tokens_c, logits_c = decode_run(model, native=True, forced=tokens_t)
     assert tokens_c == tokens_t
     assert (logits_c - logits_t).abs().max() <= 1e-4 * logits_t.abs().max()
-    engine = Engine(model, context=64, prefill_attention_dtype=torch.float32)
+    engine = Engine(model, context=64, prefill_attention_dtype=torch.float32, activations="float32")
     assert engine.decode_path == "compiled step"
     ours = list(engine.generate(PROMPTS[0], SamplingParams(max_new_tokens=STEPS, temperature=0.0),
                                 stop_on_eos=False))
@@ -310,7 +310,9 @@ def test_bench_says_which_decode_path_ran(model_type, path, tmp_path, capsys):
     model = family_model(model_type) if model_type in FAMILIES else variant_model(model_type)
     saved = save(model, tmp_path / model_type, tokenizer=None)
     assert main(["-q", "bench", str(saved), "-p", "2", "-n", "2", "-r", "1"]) == 0
-    assert f"decode: {path}\n" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"decode: {path}\n" in out
+    assert "arithmetic: float32 activations" in out     # lowbit's own layouts: float32 unless asked otherwise
 
 
 @pytest.mark.parametrize("model_type,reason", [("falcon-40b", "ln_attn / ln_mlp blocks (new_decoder_architecture)"),
@@ -371,7 +373,7 @@ def test_moe_gguf_file_kept_quantized_runs_compiled(model_type, tmp_path):
     tokens_t, logits_t = decode_run(loaded, native=False)
     _, logits_c = decode_run(loaded, native=True, forced=tokens_t)
     assert (logits_c - logits_t).abs().max() <= 1e-4 * logits_t.abs().max()
-    engine = Engine(loaded, context=64, prefill_attention_dtype=torch.float32)
+    engine = Engine(loaded, context=64, prefill_attention_dtype=torch.float32, activations="float32")
     assert engine.decode_path == "compiled step"
     ours = list(engine.generate(PROMPTS[0], SamplingParams(max_new_tokens=STEPS, temperature=0.0),
                                 stop_on_eos=False))

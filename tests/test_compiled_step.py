@@ -238,7 +238,7 @@ def test_int8_activations_step_stays_close(stories):
                     "park with her friends. One day, she saw a big red ball.").input_ids
     choices = {}
     for act8 in (False, True):
-        engine = Engine(quantized, tokenizer, context=128, int8_activations=act8)
+        engine = Engine(quantized, tokenizer, context=128, activations="int8" if act8 else "float32")
         engine.start(ids[:1], SamplingParams(max_new_tokens=len(ids), temperature=0.0), stop_on_eos=False)
         picked = []
         for position, token in enumerate(ids[1:], start=1):

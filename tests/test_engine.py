@@ -10,6 +10,7 @@ from lowbit.runtime.surgery import dequantized_copy
 from lowbit.engine.generate import SamplingParams
 from lowbit.engine.runner import Engine, fuse_linears
 from lowbit.errors import LowbitError
+from lowbit.runtime import clib
 from lowbit.runtime.qlinear import QuantLinear
 
 from conftest import STORIES
@@ -156,6 +157,7 @@ def test_batched_decode_equals_single_sequences(stories):
 def test_large_batches_decode_through_one_gemm_per_weight_and_equal_single_sequences(stories, stories_rtn4):
     """From PREFILL_ROWS rows a decode step leaves the compiled step for the torch decoder's GEMMs (each weight
     dequantized once for all rows); the tokens stay those each sequence gives alone through the compiled step."""
+    from lowbit.runtime.cpu import float32_arithmetic
     from lowbit.runtime.fast_kernels import PREFILL_ROWS
 
     tokenizer = stories[1]
@@ -178,12 +180,16 @@ def test_large_batches_decode_through_one_gemm_per_weight_and_equal_single_seque
         def __getattr__(self, name):
             return getattr(self.step, name)
 
-    engine = Engine(stories_rtn4, tokenizer, max_batch=len(prompts), context=64)
+    # the batch's GEMMs in float32, as the compiled step computes: on a CPU with native bf16 they would round to
+    # bf16, a different arithmetic whose near-ties may pick other tokens (this test is about batching, not dtypes)
+    engine = Engine(stories_rtn4, tokenizer, max_batch=len(prompts), context=64,
+                    prefill_attention_dtype=torch.float32)
     engine.decoder.native = counted = CountedStep(engine.decoder.native)
     greedy = SamplingParams(max_new_tokens=12, temperature=0.0)
-    seqs = [engine.start(p, greedy, stop_on_eos=False) for p in prompts]
-    while not all(s.finished for s in seqs):
-        engine.step()
+    with float32_arithmetic():
+        seqs = [engine.start(p, greedy, stop_on_eos=False) for p in prompts]
+        while not all(s.finished for s in seqs):
+            engine.step()
     assert [s.generated for s in seqs] == alone
     assert all(rows < PREFILL_ROWS for rows in counted.rows)   # the full batch never ran the compiled step
 
@@ -271,10 +277,28 @@ def test_gguf_kept_quantized_runs_on_the_engine(stories, tmp_path):
     torch_only = Engine(quantized, tokenizer, context=128, prefill_attention_dtype=torch.float32, native=False)
     assert isinstance(torch_only.decoder.layers[0].qkv, QuantLinear)        # GGML weights of one type fuse
     assert engine_greedy(torch_only, prompt, 32) == reference
-    engine = Engine(quantized, tokenizer, context=128, prefill_attention_dtype=torch.float32)
+    engine = Engine(quantized, tokenizer, context=128, prefill_attention_dtype=torch.float32, activations="float32")
     if engine.decoder.native is not None:   # no fused copies of the codes next to the model's own
         assert engine.decoder.layers[0].qkv_parts[0] is quantized.model.layers[0].self_attn.q_proj
     assert engine_greedy(engine, prompt, 32) == reference
+    if engine.decoder.native is not None:
+        assert engine.arithmetic == "float32 activations (float32)"
+        # by default GGUF blocks get llama.cpp's arithmetic (int8 activations), float weights float32
+        blocks = sum(type(m) is QuantLinear and m.qweight.scheme.kind == "ggml" for m in quantized.modules())
+        assert Engine(quantized, tokenizer, context=32).arithmetic.startswith(f"int8 activations in {blocks} of ")
+
+
+@needs_stories
+def test_activations_choice(stories_rtn4):
+    """auto keeps lowbit's own layouts in float32; int8 is asked for by name; anything else is one clear error."""
+    tokenizer = None
+    auto = Engine(stories_rtn4, tokenizer, context=32)
+    if auto.decoder.native is not None:
+        assert auto.arithmetic == "float32 activations (auto)"
+        if clib.has_act8():
+            assert Engine(stories_rtn4, tokenizer, context=32, activations="int8").arithmetic.startswith("int8")
+    with pytest.raises(LowbitError, match="unknown activations 'int4'; choose one of: float32, int8, auto"):
+        Engine(stories_rtn4, tokenizer, context=32, activations="int4")
 
 
 def test_a_model_that_ran_in_the_engine_still_copies_and_saves(stories_rtn4, tmp_path):
@@ -294,5 +318,5 @@ def test_a_model_that_ran_in_the_engine_still_copies_and_saves(stories_rtn4, tmp
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, model(ids).logits)
     assert engine_for(model, context=64) is first
-    model.lowbit_engine_options = {"int8_activations": True}
+    model.lowbit_engine_options = {"activations": "int8"}
     assert engine_for(model, context=64) is not first

@@ -208,7 +208,7 @@ def test_gguf_generate_equals_torch_reference(wide_llama_gguf, stories, mix, kin
     model, _ = load_model(wide_llama_gguf[mix], keep_quantized=True)
     assert kinds <= _block_kinds(model)
     prompt = tokenizer("Once upon a time").input_ids
-    engine = Engine(model, tokenizer, context=96, prefill_attention_dtype=torch.float32)
+    engine = Engine(model, tokenizer, context=96, prefill_attention_dtype=torch.float32, activations="float32")
     assert engine.decoder.native is not None
     ours = list(engine.generate(prompt, SamplingParams(max_new_tokens=32, temperature=0.0), stop_on_eos=False))
     assert ours == _greedy_reference(model, prompt, 32)
@@ -228,7 +228,7 @@ def test_stories_gguf_generate_equals_torch_reference(tmp_path, stories, mix):
                           keep_quantized=True)
     assert _block_kinds(model)
     prompt = tokenizer("Once upon a time").input_ids
-    engine = Engine(model, tokenizer, context=96, prefill_attention_dtype=torch.float32)
+    engine = Engine(model, tokenizer, context=96, prefill_attention_dtype=torch.float32, activations="float32")
     assert engine.decoder.native is not None
     ours = list(engine.generate(prompt, SamplingParams(max_new_tokens=40, temperature=0.0), stop_on_eos=False))
     assert ours == _greedy_reference(model, prompt, 40)

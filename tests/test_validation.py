@@ -89,6 +89,44 @@ def test_gguf_type_changed_to_a_smaller_one_is_a_gap(made, tmp_path):
     rejects(tmp_path / "bad.gguf", "belong to no tensor")
 
 
+@pytest.mark.parametrize("edit,words", [("shift", "belong to no tensor"), ("overlap", "overlap|belong to no tensor"),
+                                        ("beyond", "needs bytes"), ("misalign", "not aligned")])
+def test_gguf_tensor_offsets_through_lowbit_load(made, tmp_path, edit, words):
+    """Offsets shifted by an alignment step, equal to another tensor's, past the end or unaligned: `lowbit.load`
+    of a GGUF used to go through a second parser that did not check them (the kept-quantized reader did)."""
+    import lowbit
+
+    data = bytearray(made["gguf-q8_0"].read_bytes())
+    tensors = fuzzing.gguf_layout(bytes(data)).tensors
+    target, other = tensors[3], tensors[4]
+    value = {"shift": target["offset"] + 32, "overlap": other["offset"], "beyond": len(data),
+             "misalign": target["offset"] + 1}[edit]
+    struct.pack_into("<Q", data, target["offset_at"], value)
+    (tmp_path / "bad.gguf").write_bytes(bytes(data))
+    for keep_quantized in (False, True):
+        with pytest.raises(LowbitError, match=words):
+            lowbit.load(tmp_path / "bad.gguf", keep_quantized=keep_quantized)
+
+
+@pytest.mark.parametrize("type_id", [1, 3, 30])
+def test_gguf_last_tensor_type_shrunk_is_refused(made, tmp_path, type_id):
+    """The last tensor (output_norm.weight, F32) retyped F16, Q4_1 or BF16 in the header: fewer bytes, the rest of
+    the file left over as trailing bytes. It loaded with other logits (slow fuzz run, seeds 1 and 4)."""
+    data = bytearray(made["gguf-q8_0"].read_bytes())
+    layout = fuzzing.gguf_layout(bytes(data))
+    last = max(layout.tensors, key=lambda t: t["offset"])
+    assert last["name"] == "output_norm.weight"
+    struct.pack_into("<I", data, last["type_at"], type_id)
+    (tmp_path / "bad.gguf").write_bytes(bytes(data))
+    rejects(tmp_path / "bad.gguf", "after the last tensor", "output_norm.weight")
+    rejects(tmp_path / "bad.gguf", "after the last tensor", keep_quantized=False)
+
+
+def test_gguf_data_appended_is_refused(made, tmp_path):
+    (tmp_path / "bad.gguf").write_bytes(made["gguf-q8_0"].read_bytes() + bytes(40))
+    rejects(tmp_path / "bad.gguf", "40 bytes after the last tensor")
+
+
 @pytest.mark.parametrize("field", ["n_tensors", "n_kv"])
 def test_gguf_counts(made, tmp_path, field):
     """n_tensors = 0 (no model) and counts larger than the file: one line, no allocation."""
@@ -162,6 +200,20 @@ def test_lowbit_json_shape_or_group_size_disagreeing_with_tensors(made, tmp_path
     bad = copy_folder(made["native-rtn4"], tmp_path / "group", "lowbit.json",
                       lambda m: m["layers"][name].update(group_size=16))
     rejects(bad, name)
+
+
+@pytest.mark.parametrize("field", ["layer", "scheme"])
+def test_lowbit_json_group_size_with_the_same_group_count(made, tmp_path, field):
+    """Group size 32 -> 33 on 64 columns: still 2 groups, so every shape fits, but columns 32 map to another
+    group's scale. The layer's edit loaded with other logits (slow fuzz run, seed 4)."""
+    name = "model.layers.2.mlp.up_proj"
+
+    def edit(manifest):
+        spec = manifest["layers"][name]
+        (spec if field == "layer" else spec["scheme"])["group_size"] = 33
+
+    bad = copy_folder(made["native-rtn4"], tmp_path / "bad", "lowbit.json", edit)
+    rejects(bad, name, "group size")
 
 
 def test_unknown_gptq_quant_method(made, tmp_path):
@@ -255,6 +307,25 @@ def test_c_size_check_codes(field, value, code):
     setattr(bent, field, value)
     with pytest.raises(LowbitError, match=checks._CHECK_MESSAGES[code]):
         checks.check_linear(lib, bent, sizes, "bent")
+
+
+def test_c_linear_refuses_inputs_of_another_width():
+    """A 128-input layer on the compiled u8 kernel given 96 columns read 32 floats past the input's buffer
+    (outputs near 1e30), and 160 columns were silently truncated."""
+    from lowbit.runtime import clib
+    from lowbit.runtime.qlinear import QuantLinear
+    from lowbit.schemes.intgrid import IntGrid
+
+    if clib.native_library() is None:
+        pytest.skip("no C compiler: compiled kernels unavailable")
+    qw = IntGrid(bits=4, group_size=32).quantize(torch.randn(64, 128, generator=torch.Generator().manual_seed(0)))
+    layer = QuantLinear(qw, None, kernel="u8")
+    assert layer.kernel_name == "u8"
+    for width in (96, 160):
+        with pytest.raises(LowbitError, match=rf"inputs of shape \[1, {width}\]; it needs \[rows, 128\]"):
+            layer(torch.randn(1, width))
+    x = torch.randn(3, 128, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(layer(x), x @ qw.dequantize().t(), rtol=1e-4, atol=1e-4)
 
 
 def test_step_inputs_outside_the_cache(made):

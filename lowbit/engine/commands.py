@@ -13,11 +13,17 @@ API_KEY_ENV = "LOWBIT_API_KEY"
 
 
 def add_runtime_args(p: argparse.ArgumentParser) -> None:
-    """The options every command that runs a model takes: threads, kernel, int8 activations."""
+    """The options every command that runs a model takes: threads, kernel, activations' arithmetic, adapter."""
+    from lowbit.runtime.activations import ACTIVATION_CHOICES
+
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--kernel", default="auto", help="matmul kernel for quantized layers (auto, reference, ...)")
-    p.add_argument("--int8-activations", action="store_true",
-                   help="decode with int8 activations (llama.cpp's arithmetic: faster, not float32-exact)")
+    p.add_argument("--activations", choices=ACTIVATION_CHOICES, default="auto",
+                   help="decode matmuls' activations: int8 (llama.cpp's arithmetic: it rounds them to int8 blocks "
+                        "for GGUF weights), float32 (float32-exact, as transformers), or auto (default: int8 for "
+                        "GGUF block weights, float32 for lowbit's own layouts)")
+    p.add_argument("--int8-activations", dest="activations", action="store_const", const="int8",
+                   help="same as --activations int8")
     p.add_argument("--adapter", default=None,
                    help="LoRA adapter folder (peft format) to run with the model: merged on the fly into float "
                         "copies of the adapted layers (W + scaling B A), so the compiled step still applies")
@@ -104,7 +110,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     name = args.model_name or (args.model if args.model in PACKAGED_MODELS else resolve_model_path(args.model).name)
     engine = Engine(model, tokenizer, max_batch=args.max_batch, context=args.ctx, threads=args.threads,
-                    int8_activations=args.int8_activations)
+                    activations=args.activations)
     server = Server(engine, tokenizer, name, args.host, args.port, args.max_queue, limits, api_key)
     print(f"lowbit: serving {name!r} at {server.url}/v1 ({engine.threads} threads, batch {args.max_batch}, "
           f"context {engine.context}{', API key required' if api_key else ''}); Ctrl-C stops",
@@ -136,9 +142,10 @@ def cmd_bench(args: argparse.Namespace) -> None:
         gguf = str(path)
     model, _ = _load(args)
     engine = Engine(model, max_batch=1, context=max(args.n_prompt, args.n_gen) + 8, threads=args.threads,
-                    int8_activations=args.int8_activations)
-    decode_path = engine.decode_path
+                    activations=args.activations)
+    decode_path, arithmetic = engine.decode_path, engine.arithmetic
     print(f"decode: {decode_path}")
+    print(f"arithmetic: {arithmetic}")
     results = [bench_engine(engine, args.n_prompt, args.n_gen, args.reps, name=f"lowbit ({Path(args.model).name})")]
     del engine
     if args.vs_transformers:
@@ -150,5 +157,5 @@ def cmd_bench(args: argparse.Namespace) -> None:
         from lowbit.formats.atomic import atomic_file
 
         with atomic_file(args.json) as tmp:
-            tmp.write_text(json.dumps({"model": args.model, "decode": decode_path,
+            tmp.write_text(json.dumps({"model": args.model, "decode": decode_path, "arithmetic": arithmetic,
                                        "results": [r.to_dict() for r in results]}, indent=1))

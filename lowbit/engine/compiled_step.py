@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from lowbit.runtime.checks import check_decode_model, check_step_inputs
-from lowbit.runtime.clib import LinearSpec, linear_spec, native_library
+from lowbit.runtime.activations import Activations
+from lowbit.runtime.clib import LinearSpec, linear_spec, native_library, uses_act8
 
 log = logging.getLogger("lowbit")
 
@@ -50,7 +51,7 @@ class ModelSpec(ctypes.Structure):
     _fields_ = [("n_layers", _i64), ("hidden", _i64), ("heads", _i64), ("kv_heads", _i64), ("head_dim", _i64),
                 ("rope_dim", _i64), ("intermediate", _i64), ("context", _i64), ("slots", _i64),
                 ("norm_eps", _f32), ("q_norm_eps", _f32), ("k_norm_eps", _f32), ("attn_scale", _f32),
-                ("attn_softcap", _f32), ("final_softcap", _f32), ("activation", _i64), ("act8", _i64),
+                ("attn_softcap", _f32), ("final_softcap", _f32), ("activation", _i64), ("activations", _i64),
                 ("layers", ctypes.POINTER(LayerSpec)), ("final_norm", _ptr), ("lm_head", LinearSpec),
                 ("k_cache", _ptr), ("v_cache", _ptr), ("layer_norm", _i64), ("gated", _i64), ("parallel", _i64),
                 ("final_norm_bias", _ptr), ("alibi", _ptr)]
@@ -115,13 +116,14 @@ class NativeDecodeStep:
     """Callable (tokens [B], slots [B], positions [B]) -> logits [B, vocab] for a RotaryDecoder."""
 
     def __init__(self, lib: ctypes.CDLL, spec: ModelSpec, layers: Any, keep: list[torch.Tensor],
-                 embed: nn.Module, vocab: int, structures: list[Any] = (), position_embed: Any = None,
-                 embed_norm: Any = None):
+                 embed: nn.Module, vocab: int, arithmetic: str, structures: list[Any] = (),
+                 position_embed: Any = None, embed_norm: Any = None):
         self.lib, self.spec, self.layers, self.keep = lib, spec, layers, keep
         self.structures = list(structures)     # ctypes structures the layers point to (expert layers)
         self.embed, self.vocab = embed, vocab
-        self.position_embed = position_embed
-        self.embed_norm = embed_norm
+        self.arithmetic = arithmetic       # what the matmuls compute in, for people reading a benchmark
+        self.position_embed = position_embed   # learned positions (GPT-2, OPT), added to the embedding
+        self.embed_norm = embed_norm           # BLOOM's norm of the embeddings
         # token ids index the embedding, whose rows may differ from the head's outputs (padded vocabularies)
         rows = getattr(embed, "num_embeddings", None) or getattr(getattr(embed, "qweight", None), "shape", (vocab,))[0]
         self.embedding_rows = int(rows)
@@ -132,9 +134,10 @@ class NativeDecodeStep:
         self.max_threads = 1 if weight_bytes < SMALL_MODEL_BYTES else None
 
     @classmethod
-    def build(cls, decoder: Any, act8: bool = False) -> tuple[NativeDecodeStep | None, str]:
+    def build(cls, decoder: Any, activations: Activations = Activations.FLOAT32
+              ) -> tuple[NativeDecodeStep | None, str]:
         """(the compiled step for `decoder` (a RotaryDecoder), "") or (None, why it cannot run it).
-        `act8`: int8 activations in the integer-code matmuls (llama.cpp's arithmetic; faster, no longer float32-exact)."""
+        `activations`: the matmuls' activation arithmetic (runtime/activations.py)."""
         def unsupported(reason: str) -> tuple[None, str]:
             log.debug("compiled decode step not used: %s", reason)
             return None, reason
@@ -197,12 +200,17 @@ class NativeDecodeStep:
             first.input_norm.eps, first.q_norm.eps if first.q_norm is not None else 0.0,
             first.k_norm.eps if first.k_norm is not None else 0.0, decoder.attn_scale,
             decoder.attn_softcap or 0.0, decoder.final_softcap or 0.0, ACTIVATION_CODES[decoder.activation],
-            int(act8), layers, _norm_weight(decoder.final_norm, keep), head[0],
+            activations.code, layers, _norm_weight(decoder.final_norm, keep), head[0],
             decoder.k_cache.data_ptr(), decoder.v_cache.data_ptr(), int(decoder.layer_norm), int(decoder.gated),
             int(decoder.parallel), _norm_weight(decoder.final_norm, keep, "bias"), alibi)
         check_decode_model(lib, spec, decoder, keep)    # every pointer's bytes, before C ever reads them
-        return cls(lib, spec, layers, keep, decoder.embed, head[0].n, structures, decoder.position_embed,
-                   decoder.embed_norm), ""
+        weights = [part for layer in layer_specs for part in (*layer.qkv, layer.o, *layer.gate_up, layer.down)
+                   if part.n] + [head[0]]
+        rounded = sum(uses_act8(w, activations, lib) for w in weights)
+        arithmetic = ("float32 activations" if rounded == 0 else "int8 activations" if rounded == len(weights)
+                      else f"int8 activations in {rounded} of {len(weights)} matmuls, float32 in the others")
+        return cls(lib, spec, layers, keep, decoder.embed, head[0].n, f"{arithmetic} ({activations.value})",
+                   structures, decoder.position_embed, decoder.embed_norm), ""
 
     def prefill(self, tokens: torch.Tensor, slot: int, start: int) -> torch.Tensor:
         """Logits [1, vocab] of the last of `tokens` [S], a prompt chunk for cache slot `slot` from `start`

@@ -29,6 +29,7 @@ from lowbit.engine.compiled_step import NativeDecodeStep
 from lowbit.engine.threads import ThreadTuner
 from lowbit.errors import LowbitError
 from lowbit.quantized import QuantizedWeight
+from lowbit.runtime.activations import Activations
 from lowbit.runtime.cpu import gemm_dtype
 from lowbit.runtime.fast_kernels import PREFILL_ROWS
 from lowbit.runtime.qlinear import QuantLinear
@@ -383,10 +384,9 @@ class RotaryDecoder:
 
     def __init__(self, model: nn.Module, slots: int, context: int, kv_dtype: torch.dtype, fuse: bool = True,
                  prefill_attention_dtype: torch.dtype = torch.float32, native: bool = True,
-                 int8_activations: bool = False):
+                 activations: Activations = Activations.AUTO):
         """`native`: decode single tokens with the compiled step (engine/compiled_step.py) when it can run the model;
-        `int8_activations`: let it round activations to int8 for integer-code weights (faster, llama.cpp's
-        arithmetic)."""
+        `activations`: its matmuls' activation arithmetic (runtime/activations.py)."""
         from lowbit.models.arch import architecture_for
         from lowbit.models.arch.base import NormKind
 
@@ -453,9 +453,10 @@ class RotaryDecoder:
         shape = (len(self.layers), slots, self.kv_heads, context, self.head_dim)
         self.k_cache = torch.zeros(shape, dtype=kv_dtype)
         self.v_cache = torch.zeros(shape, dtype=kv_dtype)
-        self.native, reason = (NativeDecodeStep.build(self, int8_activations) if native
+        self.native, reason = (NativeDecodeStep.build(self, activations) if native
                                else (None, "compiled step switched off"))
         self.path = "compiled step" if self.native is not None else f"torch decoder ({reason})"
+        self.arithmetic = self.native.arithmetic if self.native is not None else "float32 activations (torch)"
         if self.native is None and native and fuse:
             self.layers = self._layers(model, fuse=True)
 
@@ -704,15 +705,18 @@ class Engine:
     def __init__(self, model: nn.Module, tokenizer: Any = None, max_batch: int = 1, context: int | None = None,
                  threads: int | None = None, prefill_chunk: int = 512, kv_dtype: torch.dtype = torch.float32,
                  fuse: bool = True, prefill_attention_dtype: torch.dtype | None = None, native: bool = True,
-                 int8_activations: bool = False):
+                 activations: Activations | str = Activations.AUTO):
         """`prefill_attention_dtype`: dtype of prompt attention; None picks bf16 (2.5-3x faster here) when the
         model has quantized layers, which already compute in bf16, and float32 for a float model.
         `native`: decode with the compiled whole-step kernel where it applies (False: torch ops only);
-        `int8_activations`: in it, int8 activations for integer-code weights (faster; not float32-exact)."""
+        `activations` ("auto", "float32", "int8"): its matmuls' activation arithmetic (runtime/activations.py):
+        auto rounds them to int8 for GGUF block weights (llama.cpp's arithmetic on the same file) and keeps float32
+        for lowbit's own layouts; "float32" is float32-exact everywhere (equal to transformers up to rounding)."""
         if max_batch < 1:
             raise LowbitError(f"max batch must be >= 1 (got {max_batch})")
         if prefill_chunk < 1:
             raise LowbitError(f"prefill chunk must be >= 1 (got {prefill_chunk})")
+        activations = Activations.parse(activations)
         self.threads = set_threads(threads)
         # threads left to lowbit (None): decode steps pick their thread count by timing, for busy machines
         # (one tuner per decode path: per-row compiled step below PREFILL_ROWS rows, GEMMs from there; their best
@@ -735,7 +739,7 @@ class Engine:
         blocker = decoder_blocker(model)
         if blocker is None:
             self.decoder: Any = RotaryDecoder(model, max_batch, self.context, kv_dtype, fuse,
-                                              prefill_attention_dtype, native, int8_activations)
+                                              prefill_attention_dtype, native, activations)
         else:
             self.decoder = HFDecoder(model, max_batch, self.context, blocker)
         source = getattr(model, "lowbit_source_file", None)
@@ -765,6 +769,11 @@ class Engine:
         """What runs a decode step, and why not the faster one: "compiled step", "torch decoder (reason)" or
         "transformers forward (reason)"."""
         return self.decoder.path
+
+    @property
+    def arithmetic(self) -> str:
+        """What a decode step computes in: "int8 activations (auto)", "float32 activations (float32)", ..."""
+        return getattr(self.decoder, "arithmetic", "float32 activations (transformers)")
 
     # -- request lifecycle ----------------------------------------------------------------------------------
     def check_prompt(self, prompt_ids: SequenceType[int]) -> None:
@@ -917,7 +926,7 @@ def engine_for(model: nn.Module, tokenizer: Any = None, context: int | None = No
     engine = getattr(model, "_lowbit_engine", None)
     wanted = context or DEFAULT_CONTEXT
     limit = getattr(model.config, "max_position_embeddings", None) or wanted
-    # `lowbit_engine_options` on the model: Engine keywords its owner chose (e.g. the CLI's --int8-activations)
+    # `lowbit_engine_options` on the model: Engine keywords its owner chose (e.g. the CLI's --activations)
     options = dict(getattr(model, "lowbit_engine_options", {}))
     if (engine is None or engine.context < min(wanted, limit) or engine.max_batch < max_batch or engine.active
             or engine.fingerprint != weights_fingerprint(model) or engine.build_options != options):

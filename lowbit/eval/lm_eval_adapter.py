@@ -55,6 +55,8 @@ class LowbitLM(LM):
             raise LowbitError(f"{pretrained} has no tokenizer; lm-eval tasks need one")
         self.compute = compute
         self.max_length = int(max_length)
+        if compute == "float32":     # generate_until decodes through the engine: float32 activations there too
+            self.model.lowbit_engine_options = {"activations": "float32"}
 
     def _arithmetic(self):
         from lowbit.runtime.cpu import float32_arithmetic

@@ -261,13 +261,14 @@ def read_gguf(path: str | os.PathLike) -> GGUFFile:
                               f"but it holds only {data_size}; the file is truncated or corrupt")
         data = np.frombuffer(mapped, dtype=np.uint8, count=nbytes, offset=data_start + offset)
         tensors[name] = GGUFTensor(name, type_name, tuple(int(d) for d in reversed(ne)), data, offset)
-    check_tiling(path, sorted((t.offset, t.offset + t.data.size, t.name) for t in tensors.values()), alignment)
+    check_tiling(path, sorted((t.offset, t.offset + t.data.size, t.name) for t in tensors.values()), alignment,
+                 data_size)
     return GGUFFile(path, version, metadata, types, tensors, alignment, mapped)
 
 
-def check_tiling(path: Path, spans: list[tuple[int, int, str]], alignment: int) -> None:
+def check_tiling(path: Path, spans: list[tuple[int, int, str]], alignment: int, data_size: int) -> None:
     """Tensors tile the data section as GGUF writers lay them out: in some order, each starting at the aligned end
-    of the one before, the first at 0. An overlap, or a gap (a
+    of the one before, the first at 0, and the file ends at the last one's (aligned) end. An overlap, or a gap (a
     tensor whose type or shape in the header was changed to one of fewer bytes: the bytes would be read as
     something they are not), is a corrupt file."""
     expected, expected_end, previous = 0, 0, None
@@ -282,5 +283,9 @@ def check_tiling(path: Path, spans: list[tuple[int, int, str]], alignment: int) 
         expected_end = end
         expected = -(-end // alignment) * alignment
         previous = name
-    # bytes after the last tensor are not checked: some files carry trailing data, and a reader meets them only
-    # when the last tensor's type or shape was shrunk (a gap this check cannot tell from trailing data)
+    # llama.cpp's and gguf-py's writers pad the last tensor like the others, so a file that goes on past that
+    # padding has a last tensor whose type or shape was shrunk (the same gap as above), or foreign data appended
+    if previous is not None and data_size > expected:
+        raise CorruptFile(f"{path}: {data_size - expected} bytes after the last tensor ({previous}, ending at "
+                          f"{expected_end}) belong to no tensor; a tensor's type or shape in the header is wrong, or "
+                          "data was appended to the file")

@@ -24,7 +24,7 @@ from torch import nn
 
 from lowbit.calibration.capture import block_output, collect_inputs, first_input, flat_tokens
 from lowbit.errors import LowbitError
-from lowbit.methods.base import BlockResult, register_method
+from lowbit.methods.base import CALIBRATION_OPTION_TYPES, BlockResult, register_method
 from lowbit.methods.gptq import CalibratedMethod, set_linear_weight
 from lowbit.models.arch.base import Architecture
 from lowbit.models.arch.base import EXPERT, Fold, NormKind, ScaleGroup, expand_experts, is_expert_linear, is_linear, linear_weight
@@ -230,6 +230,9 @@ class AWQ(CalibratedMethod):
     """Activation-aware weight quantization on CPU (see the module docstring)."""
 
     name = "awq"
+    uses_layer_schemes = False
+    option_types = {"zero_point": bool, "alpha_grid": int, "alpha_search": str, "clip": bool, "clip_grid": int,
+                    "clip_tokens": int, "search_tokens": int, **CALIBRATION_OPTION_TYPES}
 
     def option_names(self) -> tuple[str, ...]:
         return ("zero_point", "alpha_grid", "alpha_search", "clip", "clip_grid", "clip_tokens", "search_tokens",
@@ -239,7 +242,7 @@ class AWQ(CalibratedMethod):
     def scheme(self) -> IntGrid:
         """AWQ's grid: asymmetric (zero point) unless zero_point=False; no MSE clip (AWQ searches its own)."""
         c = self.config
-        return IntGrid(bits=c.bits, group_size=c.group_size, symmetric=not bool(self.option("zero_point", True)))
+        return IntGrid(bits=c.bits, group_size=c.group_size, symmetric=not self.option("zero_point", True))
 
     @torch.no_grad()
     def quantize_block(self, block: nn.Module, linears: dict[str, nn.Module], inputs: Any = None,
@@ -269,7 +272,7 @@ class AWQ(CalibratedMethod):
             if not can_fold(prev, members, group.fold, parts):
                 log.debug("AWQ %s: %s output width differs from %s inputs; not scaled", prefix, group.prev, names)
                 continue
-            inputs_seen = InspectedInputs(int(self.option("search_tokens", DEFAULT_SEARCH_TOKENS)))
+            inputs_seen = InspectedInputs(self.option("search_tokens", DEFAULT_SEARCH_TOKENS))
             watched = {"inspect": inspect}
             input_of = _submodule(block, group.input_of) if group.input_of else None
             magnitudes = InspectedInputs(0)
@@ -286,8 +289,8 @@ class AWQ(CalibratedMethod):
             search_calls = inputs_seen.search_calls
             reference = [block_output(inspect(*a, **kw)) for a, kw in search_calls]
             originals = [linear_weight(m).detach().clone() for m in members]
-            n_grid = int(self.option("alpha_grid", DEFAULT_ALPHA_GRID))
-            search = str(self.option("alpha_search", "refine"))
+            n_grid = self.option("alpha_grid", DEFAULT_ALPHA_GRID)
+            search = self.option("alpha_search", "refine")
 
             def scaled_loss(s: torch.Tensor) -> float:
                 for module, w in zip(members, originals):
@@ -313,8 +316,8 @@ class AWQ(CalibratedMethod):
         # Clip search and rounding on the scaled weights, with the inputs they now receive. Only every
         # stride-th token is kept: the clip search reads 512 of them and the error report a few thousand, and
         # keeping all would cost tokens x width floats per Linear (gigabytes for a 7B model's down_proj).
-        clip = bool(self.option("clip", True)) and scheme.group_size != 0
-        n_clip_tokens = int(self.option("clip_tokens", DEFAULT_CLIP_TOKENS))
+        clip = self.option("clip", True) and scheme.group_size != 0
+        n_clip_tokens = self.option("clip_tokens", DEFAULT_CLIP_TOKENS)
         n_tokens = sum(call.hidden.shape[:-1].numel() for call in inputs)
         stride = max(1, n_tokens // max(n_clip_tokens, REPORT_TOKENS))
         samples: dict[str, list[torch.Tensor]] = {n: [] for n in linears}
@@ -338,7 +341,7 @@ class AWQ(CalibratedMethod):
             x = torch.cat(samples.pop(name))
             if clip and name not in no_clip:
                 step = max(1, x.shape[0] // n_clip_tokens)
-                bound = clip_ranges(w, x[::step], scheme, int(self.option("clip_grid", DEFAULT_CLIP_GRID)))
+                bound = clip_ranges(w, x[::step], scheme, self.option("clip_grid", DEFAULT_CLIP_GRID))
                 qw = scheme.quantize(apply_clip(w, bound, scheme.group_size))
             else:
                 qw = scheme.quantize(w)

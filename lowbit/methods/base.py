@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from lowbit.errors import LowbitError
+from lowbit.errors import LowbitError, check_option_type
 from lowbit.quantized import QuantizedWeight
 from lowbit.schemes.base import Scheme
 
@@ -87,6 +87,10 @@ class BlockResult:
         return max((r.relative_error for r in self.reports.values()), default=None)
 
 
+# the calibration options every calibrated method takes (CalibrationRequest's fields and the capture's batch)
+CALIBRATION_OPTION_TYPES: dict[str, type] = {"calib_samples": int, "calib_len": int, "seed": int, "chunk": int}
+
+
 def join_name(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
@@ -111,6 +115,11 @@ class Method:
     name: ClassVar[str]
     aliases: ClassVar[tuple[str, ...]] = ()
     needs_calibration: ClassVar[bool] = False
+    # option -> its type, checked when the method is made (a string or a truncated float is a one-line error,
+    # not a silent bool()/int() cast); options not listed (schemes, per-layer maps) are checked where used
+    option_types: ClassVar[dict[str, type]] = {}
+    # whether quantize_block picks each layer's codes on `scheme_for(name)` (AWQ searches on its one grid)
+    uses_layer_schemes: ClassVar[bool] = True
 
     def __init__(self, config: QuantizeConfig):
         self.config = config
@@ -121,6 +130,9 @@ class Method:
         if unknown:
             raise LowbitError(f"method {self.name}: unknown options {sorted(unknown)}; "
                               f"it accepts {sorted(self.option_names()) or 'none'}")
+        for key, value in config.options.items():
+            if value is not None and key in self.option_types:
+                check_option_type(f"method {self.name}: option {key}", value, self.option_types[key])
 
     def option_names(self) -> tuple[str, ...]:
         return ()

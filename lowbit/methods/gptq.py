@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from lowbit.errors import LowbitError
-from lowbit.methods.base import BlockResult, Method, join_name, register_method
+from lowbit.methods.base import CALIBRATION_OPTION_TYPES, BlockResult, Method, join_name, register_method
 from lowbit.models.arch.base import Architecture
 from lowbit.models.arch.base import expand_experts, is_expert_linear, linear_weight
 from lowbit.quantized import QuantizedWeight
@@ -261,6 +261,8 @@ class GPTQ(CalibratedMethod):
     name = "gptq"
     defaults = {"damp": DEFAULT_DAMP, "desc_act": DEFAULT_DESC_ACT, "static_groups": DEFAULT_STATIC_GROUPS,
                 "true_sequential": True, "block_size": DEFAULT_BLOCK}
+    option_types = {"damp": float, "desc_act": bool, "static_groups": bool, "true_sequential": bool,
+                    "block_size": int, **CALIBRATION_OPTION_TYPES}
 
     def option_names(self) -> tuple[str, ...]:
         return ("damp", "desc_act", "static_groups", "true_sequential", "block_size", "calib_samples",
@@ -277,9 +279,9 @@ class GPTQ(CalibratedMethod):
         damp = float(self.option("damp"))
         if not 0 <= damp < 1:
             raise LowbitError(f"--damp {damp} is out of range: use a fraction such as 0.01 (0 <= damp < 1)")
-        return gptq_quantize(weight, hessian, self.scheme_for(name), damp=damp, desc_act=bool(self.option("desc_act")),
-                             static_groups=bool(self.option("static_groups")),
-                             block_size=int(self.option("block_size")), name=name, consume_hessian=True)
+        return gptq_quantize(weight, hessian, self.scheme_for(name), damp=damp, desc_act=self.option("desc_act"),
+                             static_groups=self.option("static_groups"),
+                             block_size=self.option("block_size"), name=name, consume_hessian=True)
 
     def quantize_block(self, block: nn.Module, linears: dict[str, nn.Module], inputs: Any = None,
                        arch: Architecture | None = None, prefix: str = "") -> BlockResult:

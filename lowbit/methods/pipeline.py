@@ -21,6 +21,7 @@ from lowbit.methods.base import BlockResult, Method, QuantizeConfig, get_method
 from lowbit.models.arch import architecture_for
 from lowbit.models.arch.base import linear_weight
 from lowbit.quantized import QuantizedWeight
+from lowbit.schemes.base import Scheme
 from lowbit.runtime.surgery import install_quantized, iter_linears, matches_any, set_kernel
 
 log = logging.getLogger("lowbit")
@@ -149,11 +150,14 @@ def walk(method: Method, source: BlockSource, sink: BlockSink, calibration: Any 
 
 
 def quantize_model(model: nn.Module, config: QuantizeConfig, calibration: Any = None, progress: bool = True,
-                   kernel: str = "auto") -> nn.Module:
-    """Quantize `model` in place with `config` (calibration token batches for methods that need them).
+                   kernel: str = "auto", layer_schemes: dict[str, Scheme] | None = None) -> nn.Module:
+    """Quantize `model` in place with `config` (calibration token batches for methods that need them);
+    `layer_schemes` (full Linear name -> Scheme) overrides the method's scheme for those layers (merge's kept
+    grids).
 
     The per-Linear reports of calibrated methods are left on `model.lowbit_reports`."""
     method = get_method(config)
+    method.layer_schemes.update(layer_schemes or {})
     architecture_for(model).prepare(model)   # e.g. experts as one Linear per projection
     memory = InMemory(model, kernel)
     model.lowbit_reports = walk(method, memory, memory, calibration, progress)

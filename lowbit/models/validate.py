@@ -217,6 +217,11 @@ def check_quantized_weight(name: str, qw: Any, shape: tuple[int, int] | None, so
     from lowbit.schemes.intgrid import IntGrid
 
     per_row_groups = isinstance(qw.scheme, IntGrid)   # other schemes lay statistics out their own way (bnb blocks)
+    if per_row_groups and _grid_group(qw.scheme.group_size, k) != _grid_group(qw.group_size, k):
+        # sizes giving the same number of groups (32 and 33 on 64 columns) fit the same statistics but map the
+        # columns to groups differently: the layer's size must be its scheme's, the one its codes were made with
+        raise CorruptFile(f"{where}: group size {qw.group_size} is not its scheme's ({qw.scheme.group_size}); the "
+                          "checkpoint's settings do not match each other")
     for what, stats in (("scales", scales), ("zeros", zeros)):
         if stats is None or not isinstance(stats, torch.Tensor):
             continue
@@ -233,6 +238,12 @@ def check_quantized_weight(name: str, qw: Any, shape: tuple[int, int] | None, so
         if not bool((zeros == middle).all()):
             raise CorruptFile(f"{where}: the grid is symmetric but its zero points are not all {middle:g}; the "
                               "checkpoint's settings (sym, checkpoint_format) do not match its tensors")
+
+
+def _grid_group(group_size: Any, k: int) -> Any:
+    """The columns per group an integer grid's group size means on `k` inputs (0 whole tensor, -1 per channel:
+    one group of all k; a size of k or more: one group too)."""
+    return k if group_size in (-1, 0, None) else min(group_size, k) if isinstance(group_size, int) else group_size
 
 
 def module_weight_shape(module: Any) -> tuple[int, int] | None:

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lowbit.runtime.activations import Activations
 from lowbit.errors import LowbitError
 from lowbit.quantized import QuantizedWeight
 
@@ -122,6 +123,8 @@ def load_library(path: Path) -> ctypes.CDLL:
     lib.lowbit_linear_scratch.argtypes = [_ptr, _i64, i32]
     lib.lowbit_linear_scratch.restype = _i64
     lib.lowbit_has_act8.restype = i32
+    lib.lowbit_uses_act8.argtypes = [_ptr, i32]
+    lib.lowbit_uses_act8.restype = i32
     lib.lowbit_kernel_has_avx512.restype = i32
     lib.lowbit_affine_dequant_u8_bf16.argtypes = [_ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _ptr, i32]
     lib.lowbit_affine_dequant_u8_bf16.restype = None
@@ -331,15 +334,26 @@ def linear_spec(module: Any) -> tuple[LinearSpec, list[torch.Tensor]] | None:
 
 def linear(spec: LinearSpec, x: torch.Tensor, act8: bool = False, lib: ctypes.CDLL | None = None) -> torch.Tensor:
     """y [M, N] = x [M, K] W^T (+ bias) with the compiled kernel on torch's thread count: float32 arithmetic, or
-    with `act8` int8 activations per 32 columns (llama.cpp's Q8_0 arithmetic) where the layout allows."""
+    with `act8` int8 activations (llama.cpp's Q8_0 / Q8_K arithmetic) where the layout allows."""
     lib = lib or native_library()
+    if x.dim() != 2 or x.shape[1] != spec.k:
+        # C reads M x K floats from x's pointer, however many it holds: a narrower input is read past its end
+        raise LowbitError(f"a {spec.n} x {spec.k} quantized layer was given inputs of shape {list(x.shape)}; it "
+                          f"needs [rows, {spec.k}]")
     x = x.float().contiguous()
     threads = torch.get_num_threads()
     spec_ref = ctypes.byref(spec)
     y = torch.empty(x.shape[0], spec.n, dtype=torch.float32)
     scratch = torch.empty(max(1, lib.lowbit_linear_scratch(spec_ref, x.shape[0], threads)), dtype=torch.float32)
-    lib.lowbit_linear(spec_ref, x.data_ptr(), x.shape[0], y.data_ptr(), scratch.data_ptr(), int(act8), threads)
+    activations = Activations.INT8 if act8 else Activations.FLOAT32
+    lib.lowbit_linear(spec_ref, x.data_ptr(), x.shape[0], y.data_ptr(), scratch.data_ptr(), activations.code, threads)
     return y
+
+
+def uses_act8(spec: LinearSpec, activations: Activations, lib: ctypes.CDLL | None = None) -> bool:
+    """True when the kernels round this weight's activations to int8 under `activations`."""
+    lib = lib or native_library()
+    return bool(lib is not None and lib.lowbit_uses_act8(ctypes.byref(spec), activations.code))
 
 
 def has_act8() -> bool:

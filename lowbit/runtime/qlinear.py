@@ -1,6 +1,8 @@
 """QuantLinear: a drop-in replacement for nn.Linear that computes with a QuantizedWeight."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -10,23 +12,39 @@ from lowbit.runtime.kernels import select_kernel
 
 
 class DequantizedMatmul(torch.autograd.Function):
-    """y = x W^T with W dequantized from its codes in the forward pass and again in the backward pass.
+    """y = x W^T with W = weight_of(*params) rebuilt from its codes in the forward pass and again in the backward
+    pass: no float copy of W outlives one call.
 
-    The differentiable path QuantLinear takes when its input needs a gradient (training adapters on a quantized
-    base): the codes stay frozen and packed, no float copy of W outlives one call, and grad_x = grad_y W is
-    computed on a freshly dequantized W. The arithmetic is float32, the same numbers as the float model
-    holding the dequantized weight."""
+    The one differentiable path of every layer held as codes. QuantLinear (adapters trained on a quantized base)
+    passes no params: the codes stay frozen and grad_x = grad_y W on a freshly dequantized W. Layers whose
+    statistics train (qat.ScaleTrainableLinear: learned scales, codes fixed) pass them as params: their gradient
+    is that of W(params) against grad_W = grad_y^T x, by autograd through `weight_of`. The arithmetic is float32,
+    the same numbers as the float model holding the dequantized weight."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, qweight: QuantizedWeight) -> torch.Tensor:   # type: ignore[override]
-        ctx.qweight = qweight
-        ctx.input_dtype = x.dtype
-        return (x.float() @ qweight.dequantize().t()).to(x.dtype)
+    def forward(ctx, x: torch.Tensor, weight_of: Callable[..., torch.Tensor],   # type: ignore[override]
+                *params: torch.Tensor) -> torch.Tensor:
+        ctx.weight_of, ctx.input_dtype = weight_of, x.dtype
+        trains_weight = any(p.requires_grad for p in params)
+        ctx.save_for_backward(x if trains_weight else None, *params)
+        with torch.no_grad():
+            return (x.float() @ weight_of(*params).t()).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):   # type: ignore[override]
-        grad_x = grad_y.float() @ ctx.qweight.dequantize()
-        return grad_x.to(ctx.input_dtype), None
+        x, *params = ctx.saved_tensors
+        with torch.enable_grad():
+            leaves = [p.detach().requires_grad_(p.requires_grad) for p in params]
+            weight = ctx.weight_of(*leaves)
+        grad_y = grad_y.float()
+        grad_x = (grad_y @ weight.detach()).to(ctx.input_dtype) if ctx.needs_input_grad[0] else None
+        grad_params: list[torch.Tensor | None] = [None] * len(leaves)
+        if x is not None:
+            grad_weight = grad_y.reshape(-1, grad_y.shape[-1]).t() @ x.reshape(-1, x.shape[-1]).float()   # [N, K]
+            trained = [i for i, leaf in enumerate(leaves) if leaf.requires_grad]
+            for i, grad in zip(trained, torch.autograd.grad(weight, [leaves[i] for i in trained], grad_weight)):
+                grad_params[i] = grad
+        return grad_x, None, *grad_params
 
 
 class QuantLinear(nn.Module):
@@ -53,7 +71,7 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and x.requires_grad:
-            y = DequantizedMatmul.apply(x, self.qweight)
+            y = DequantizedMatmul.apply(x, self.qweight.dequantize)
             return y if self.bias is None else y + self.bias.to(y.dtype)
         if self._kernel is None:
             self._kernel = select_kernel(self.qweight, self.kernel_preference)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 from typing import Any, ClassVar
 
 import torch
@@ -57,10 +57,26 @@ class Scheme(ABC):
     def storage_bits(self, qw: QuantizedWeight) -> int:
         """Bits needed to store `qw` (packed codes plus every statistic)."""
 
-    # Column-wise access used by error-compensating methods (GPTQ): statistics are fixed, codes chosen per column.
+    # Column-wise access used by error-compensating methods (GPTQ) and quantization-aware training: statistics are
+    # fixed (or learned), codes chosen per column. Affine grids (integer grids, GGUF types) define `grid_position`
+    # and `maxq`; rounding and clamping are the same for all of them, with or without gradients.
+    maxq: int
+
+    def grid_position(self, w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None) -> torch.Tensor:
+        """`w` in code units before rounding and clamping, under statistics broadcastable to w."""
+        raise LowbitError(f"scheme {self.kind} does not support column-wise encoding (needed by GPTQ and QAT)")
+
     def encode(self, w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None) -> torch.Tensor:
         """Codes for `w` [N, c] under per-row statistics `scales`/`zeros` broadcastable to [N, c]."""
-        raise LowbitError(f"scheme {self.kind} does not support column-wise encoding (needed by GPTQ)")
+        with torch.no_grad():
+            # a zero scale (an all-zero group of a GGUF block): any code decodes the same
+            position = torch.nan_to_num(self.grid_position(w, scales, zeros), nan=0.0, posinf=0.0, neginf=0.0)
+            return torch.clamp(torch.round(position), 0, self.maxq).to(torch.uint8)
+
+    def fake_quantize_ste(self, w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None) -> torch.Tensor:
+        """decode(encode(w)) with straight-through rounding: differentiable in w (identity inside the grid, zero
+        where clamped) and in the statistics (LSQ's step-size gradient, d/ds = q - w/s inside the grid)."""
+        return self.decode(torch.clamp(round_ste(self.grid_position(w, scales, zeros)), 0, self.maxq), scales, zeros)
 
     def decode(self, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None) -> torch.Tensor:
         """Values of `codes` [N, c] under statistics broadcastable to [N, c]."""
@@ -135,6 +151,11 @@ class Scheme(ABC):
         return cls(**config)
 
 
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """round(x) in the forward pass, the identity in the backward pass (straight-through estimator)."""
+    return x + (torch.round(x) - x).detach()
+
+
 def _compact_float(t: torch.Tensor) -> torch.Tensor:
     """Store float32 statistics as uint8 or fp16 when that is exact (it usually is), else as they are."""
     t = t.float()
@@ -148,3 +169,59 @@ def _compact_float(t: torch.Tensor) -> torch.Tensor:
 def expand_groups(stat: torch.Tensor, group_index: torch.Tensor) -> torch.Tensor:
     """Per-group statistics [N, G] -> per-column [N, K] using each column's group."""
     return stat.index_select(1, group_index)
+
+
+class KeptGrid(Scheme):
+    """The statistics of an existing weight (`base`: its scales and zeros, or GGUF block statistics) kept, only
+    the codes chosen anew: what `merge` re-quantizes an adapted layer on when the method's grid is the base's.
+
+    Rounding W_base + delta on a fresh grid moves every weight by up to half a step (a whole re-quantization's
+    error, of the order of the base's own); on the base's grid, W_base sits on grid points, so each weight's
+    rounding error is at most its delta's size, and error-compensating rounding (GPTQ) turns the deltas into the
+    few code changes that carry them. Not registered: the weights it makes carry the base's own scheme."""
+
+    kind = "kept"
+
+    def __init__(self, base: QuantizedWeight):
+        self.base = base
+
+    @property
+    def name(self) -> str:
+        return f"{self.base.scheme.name} (kept statistics)"
+
+    def _columns(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        index = self.base.group_index()
+        zeros = self.base.zeros
+        return expand_groups(self.base.scales, index), None if zeros is None else expand_groups(zeros, index)
+
+    def quantize(self, weight: torch.Tensor, importance: torch.Tensor | None = None) -> QuantizedWeight:
+        if tuple(weight.shape) != tuple(self.base.shape):
+            raise LowbitError(f"a kept grid of shape {tuple(self.base.shape)} cannot quantize a "
+                              f"{tuple(weight.shape)} weight")
+        scales, zeros = self._columns()
+        return self.with_codes(self.base, self.encode(weight.float(), scales, zeros))
+
+    def with_codes(self, qw: QuantizedWeight, codes: torch.Tensor) -> QuantizedWeight:
+        """The base weight with `codes` (block bytes rebuilt for GGUF types), under its own scheme."""
+        rebuild = getattr(self.base.scheme, "with_codes", None)
+        return rebuild(self.base, codes) if rebuild is not None else replace(self.base, codes=codes)
+
+    def dequantize(self, qw: QuantizedWeight) -> torch.Tensor:
+        return self.base.scheme.dequantize(qw)
+
+    def storage_bits(self, qw: QuantizedWeight) -> int:
+        return self.base.scheme.storage_bits(qw)
+
+    @property
+    def maxq(self) -> int:          # type: ignore[override]
+        return self.base.scheme.maxq
+
+    def grid_position(self, w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None) -> torch.Tensor:
+        return self.base.scheme.grid_position(w, scales, zeros)
+
+    def decode(self, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None) -> torch.Tensor:
+        return self.base.scheme.decode(codes, scales, zeros)
+
+    @property
+    def affine_bits(self) -> int | None:
+        return self.base.scheme.affine_bits

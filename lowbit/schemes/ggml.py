@@ -360,12 +360,12 @@ class GGMLScheme(Scheme):
         n, k = qw.shape
         return n * (k // self.codec.block) * self.codec.type_size * 8
 
-    def encode(self, w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None) -> torch.Tensor:
-        c = self.codec
-        with torch.no_grad():
-            v = (w + zeros) / scales if c.has_min else w / scales + zeros
-            v = torch.nan_to_num(v, nan=0.0, posinf=0.0, neginf=0.0)  # zero scale: any code decodes the same
-            return torch.clamp(torch.round(v), 0, c.maxq).to(torch.uint8)
+    @property
+    def maxq(self) -> int:          # type: ignore[override]
+        return self.codec.maxq
+
+    def grid_position(self, w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None) -> torch.Tensor:
+        return (w + zeros) / scales if self.codec.has_min else w / scales + zeros
 
     def decode(self, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None) -> torch.Tensor:
         c = codes.float()

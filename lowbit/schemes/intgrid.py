@@ -139,8 +139,8 @@ class IntGrid(Scheme):
         return err.sum(dim=-1)
 
     # -- codes -------------------------------------------------------------------------------------------
-    def encode(self, w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None) -> torch.Tensor:
-        return torch.clamp(torch.round(w / scales) + zeros, 0, self.maxq).to(torch.uint8)
+    def grid_position(self, w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None) -> torch.Tensor:
+        return w / scales + zeros
 
     def decode(self, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None) -> torch.Tensor:
         return scales * (codes.float() - zeros)

@@ -5,6 +5,8 @@ import argparse
 import json
 import logging
 
+from lowbit.errors import LowbitError
+
 log = logging.getLogger("lowbit")
 
 
@@ -58,6 +60,14 @@ def add_commands(sub) -> None:
     m.add_argument("--calib", default=None, help="calibration text (the training text is the natural choice)")
     m.add_argument("--calib-samples", type=int, default=128)
     m.add_argument("--calib-len", type=int, default=512)
+    m.add_argument("--distill-steps", type=int, default=0,
+                   help="then train the re-quantized layers end to end towards the float merged model (KL on the "
+                        "calibration windows, straight-through codes, learned scales): keeps far more of the "
+                        "adapter's gain than layer-wise re-quantization (README, issue 14); costs a float copy of "
+                        "the model and the adapted layers' latent weights and Adam states")
+    m.add_argument("--fresh-grid", action="store_true",
+                   help="fit new statistics for the merged layers even when the target grid is the base's (default: "
+                        "keep the base's scales and zeros, re-choose only the codes)")
     m.set_defaults(func=cmd_merge)
 
 
@@ -91,6 +101,8 @@ def cmd_merge(args: argparse.Namespace) -> None:
         options = {"bits": args.bits, "group_size": args.group_size}
         if args.method in ("gptq", "awq", "qat"):
             options.update(calib_samples=args.calib_samples, calib_len=args.calib_len)
+    if args.distill_steps < 0:
+        raise LowbitError(f"--distill-steps must be >= 0 (got {args.distill_steps})")
     merge(args.base, args.adapter, args.output, method=args.method, format=args.format, calibration=args.calib,
-          **options)
+          keep_grid=not args.fresh_grid, distill_steps=args.distill_steps, **options)
     print(args.output)

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from lowbit.errors import LowbitError
+from lowbit.errors import LowbitError, check_option_type
 
 METHODS = ("lora", "qlora", "qat")
 OPTIMIZERS = ("adamw", "adamw8bit")
@@ -36,7 +36,7 @@ class FinetuneConfig:
     weight_decay: float = 0.0
     warmup: int = 10               # linear warm-up steps, then cosine decay to 10% of lr
     checkpoint_every: int = 50     # steps between checkpoints (0: only at the end)
-    # qat: the target grid and the block-wise reconstruction (see lowbit.training.qat)
+    # qat: the target grid and the block-wise reconstruction (see lowbit.methods.qat)
     scheme: str = "int"            # int | nf4 | Q4_0 | Q4_K | any GGUF type
     bits: int = 4
     group_size: int = 128
@@ -82,14 +82,7 @@ class FinetuneConfig:
             value, expected = getattr(self, f.name), nullable.get(f.name, type(f.default))
             if value is None and f.name in nullable:
                 continue
-            if expected is float:
-                ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-            elif expected is int:
-                ok = isinstance(value, int) and not isinstance(value, bool)
-            else:
-                ok = isinstance(value, expected)
-            if not ok:
-                raise LowbitError(f"finetune option {f.name} must be {expected.__name__}, got {value!r}")
+            check_option_type(f"finetune option {f.name}", value, expected)
 
     @property
     def learning_rate(self) -> float:

@@ -152,6 +152,12 @@ def base_weight(module: nn.Module) -> torch.Tensor:
     return linear_weight(module).detach().float()
 
 
+def adapted_base_weights(model: nn.Module, adapter: Adapter) -> dict[str, Any]:
+    """The QuantizedWeight of every layer `adapter` adapts whose base is quantized (full name -> weight)."""
+    modules = dict(model.named_modules())
+    return {name: modules[name].qweight for name in adapter.modules if isinstance(modules.get(name), QuantLinear)}
+
+
 def apply_adapter(model: nn.Module, adapter: Adapter | str | Path) -> list[str]:
     """Merge the adapter into `model` on the fly: each adapted layer becomes a float nn.Linear holding
     W + scaling * B A (W dequantized from the base's codes for a quantized layer), so every runtime path (the

@@ -1,304 +1,21 @@
-"""Quantization-aware training, block by block: fake quantization with straight-through gradients and learnable
-scales, as the method `qat` of the one block walk (`lowbit.methods.pipeline.walk`).
-
-For each decoder block (EfficientQAT's Block-AP, with LSQ's scale gradients): the float block's outputs on the
-block's calibration inputs are the target; every Linear of the block becomes a `FakeQuantLinear` holding a
-trainable float copy of its weight (one block's worth of memory) and its trainable statistics; the block's
-output error (MSE) is minimised with Adam over the calibration windows for `epochs` passes; the weight then
-gets its final codes on the learned statistics, a normal `QuantizedWeight` every format writes. The walk feeds
-each block the outputs of the already-quantized blocks before it, as it does for GPTQ.
-
-Fake quantization per scheme (`fake_quantizer`):
-- integer grids (IntGrid, any bits and groups): w_q = s * (clamp(round(w / s) + z, 0, maxq) - z) with s learned
-  per group in log space; round() passes gradients straight through, so d w_q / d s = q - w / s inside the
-  grid (LSQ) and d w_q / d w = 1 inside it, 0 where clamped.
-- NF4/FP4 (bitsandbytes' 4-bit codebooks): w_q = a * table[nearest(w / a)] with the block absmax a learned the
-  same way; double quantization compresses the learned absmax at the end and the codes are chosen under it.
-- GGUF block types (Q4_0, Q4_K, ... any type): the statistics llama.cpp's quantizer fits stay fixed (they are
-  stored quantized inside the blocks); the weights are learned under them and re-encoded into the same blocks.
-"""
+"""Quantization-aware training end to end (issue 14), on top of the block-wise method `lowbit.methods.qat`:
+the integer grids' scales trained on the language-model loss with codes fixed (`train_scales`, EfficientQAT's
+E2E-QP), and a merged model's re-quantized layers distilled towards the float merged model (`distill_merged`)."""
 from __future__ import annotations
 
-import dataclasses
-import logging
-import math
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowbit.errors import LowbitError
-from lowbit.methods.base import BlockResult, Method, join_name, register_method
-from lowbit.methods.gptq import resolve_scheme
-from lowbit.quantized import QuantizedWeight
-from lowbit.schemes.base import Scheme, expand_groups
-from lowbit.schemes.codebook import Codebook4, _bucketing
-from lowbit.schemes.ggml import GGMLScheme
+from lowbit.methods.qat import FakeQuantLinear, cosine, fake_quantizer, qat_optimizer
+from lowbit.runtime.qlinear import DequantizedMatmul, QuantLinear
+from lowbit.schemes.base import expand_groups
 from lowbit.schemes.intgrid import _SCALE_DTYPES, IntGrid
-
-log = logging.getLogger("lowbit")
-
-
-def round_ste(x: torch.Tensor) -> torch.Tensor:
-    """round(x) in the forward pass, the identity in the backward pass (straight-through estimator)."""
-    return x + (torch.round(x) - x).detach()
-
-
-class FakeQuantizer(nn.Module):
-    """The learnable statistics of one weight and its differentiable fake quantization."""
-
-    def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    def finish(self, weight: torch.Tensor) -> QuantizedWeight:
-        """The final codes of `weight` on the learned statistics."""
-        raise NotImplementedError
-
-
-class AffineFake(FakeQuantizer):
-    """w = s * (q - z) grids (IntGrid; GGUF types in their affine view, with fixed statistics)."""
-
-    def __init__(self, scheme: Scheme, weight: torch.Tensor, learn_scales: bool):
-        super().__init__()
-        self.scheme = scheme
-        if isinstance(scheme, IntGrid):
-            # start from the MSE-clipped grid (what RTN --clip-search picks): at 2-3 bits absmax wastes levels
-            self.initial = dataclasses.replace(scheme, clip_search=True).quantize(weight)
-            self.initial.scheme = scheme
-        else:
-            self.initial = scheme.quantize(weight)
-        self.group_index = self.initial.group_index()
-        self.has_min = isinstance(scheme, GGMLScheme) and scheme.codec.has_min
-        self.maxq = scheme.codec.maxq if isinstance(scheme, GGMLScheme) else scheme.maxq
-        scales = self.initial.scales.float().clamp(min=1e-12)
-        self.log_scale = nn.Parameter(scales.log(), requires_grad=learn_scales)
-        self.register_buffer("zeros", self.initial.zeros.float())
-
-    def scales(self) -> torch.Tensor:
-        return self.log_scale.exp()
-
-    def _columns(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return expand_groups(self.scales(), self.group_index), expand_groups(self.zeros, self.group_index)
-
-    def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        s, z = self._columns()
-        if self.has_min:        # w = s * q - m (GGUF types with a min)
-            q = torch.clamp(round_ste((weight + z) / s), 0, self.maxq)
-            return s * q - z
-        q = torch.clamp(round_ste(weight / s) + z, 0, self.maxq)
-        return s * (q - z)
-
-    @torch.no_grad()
-    def finish(self, weight: torch.Tensor) -> QuantizedWeight:
-        if isinstance(self.scheme, GGMLScheme):
-            s, z = self._columns()
-            return self.scheme.with_codes(self.initial, self.scheme.encode(weight, s, z))
-        scales = self.scales().to(_SCALE_DTYPES[self.scheme.scale_dtype]).float()
-        s, z = expand_groups(scales, self.group_index), expand_groups(self.zeros, self.group_index)
-        return dataclasses.replace(self.initial, codes=self.scheme.encode(weight, s, z), scales=scales)
-
-
-class CodebookFake(FakeQuantizer):
-    """NF4/FP4: w = a * table[code] per flat block of `blocksize`, a learned (log space)."""
-
-    def __init__(self, scheme: Codebook4, weight: torch.Tensor):
-        super().__init__()
-        self.scheme = scheme
-        self.shape = tuple(weight.shape)
-        initial = scheme.quantize(weight)
-        absmax = initial.scales.reshape(-1).float().clamp(min=1e-12)
-        self.log_absmax = nn.Parameter(absmax.log())
-        values, _ = torch.sort(scheme.table(), stable=True)
-        midpoints, order = _bucketing(scheme.quant_type)
-        self.register_buffer("sorted_values", values)
-        self.register_buffer("midpoints", midpoints)
-        self.register_buffer("order", order)
-
-    def _per_value(self, absmax: torch.Tensor) -> torch.Tensor:
-        return absmax.repeat_interleave(self.scheme.blocksize)[: math.prod(self.shape)]
-
-    def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        a = self._per_value(self.log_absmax.exp())
-        v = torch.clamp(weight.reshape(-1) / a, -1, 1)
-        nearest = self.sorted_values[torch.bucketize(v.detach(), self.midpoints)]
-        return (a * (v + (nearest - v).detach())).reshape(self.shape)
-
-    @torch.no_grad()
-    def finish(self, weight: torch.Tensor) -> QuantizedWeight:
-        absmax = self.log_absmax.exp()
-        extra: dict[str, torch.Tensor] = {}
-        if self.scheme.double_quant:
-            extra = self.scheme.compress_absmax(absmax)
-            absmax = self.scheme.nested_absmax_values(extra)
-        v = torch.clamp(weight.reshape(-1) / self._per_value(absmax), -1, 1)
-        codes = self.order[torch.bucketize(v, self.midpoints)].reshape(self.shape)
-        return QuantizedWeight(self.scheme, self.shape, codes=codes,
-                               scales=self.scheme._scales_layout(absmax, self.shape), zeros=None,
-                               group_size=self.scheme.blocksize, extra=extra)
-
-
-def fake_quantizer(scheme: Scheme, weight: torch.Tensor) -> FakeQuantizer:
-    if isinstance(scheme, IntGrid):
-        return AffineFake(scheme, weight, learn_scales=True)
-    if isinstance(scheme, Codebook4):
-        return CodebookFake(scheme, weight)
-    if isinstance(scheme, GGMLScheme):
-        return AffineFake(scheme, weight, learn_scales=False)
-    raise LowbitError(f"qat does not support scheme {scheme.name}; use an integer grid, nf4/fp4 or a GGUF type")
-
-
-class FakeQuantLinear(nn.Module):
-    """A Linear computing with the fake-quantized value of its trainable float weight."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, quantizer: FakeQuantizer):
-        super().__init__()
-        self.weight = nn.Parameter(weight.detach().float().clone())
-        self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
-        self.quantizer = quantizer
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.quantizer(self.weight).to(x.dtype), self.bias)
-
-
-@dataclass
-class QATReport:
-    """Block output error (MSE relative to the target's mean square) before and after training."""
-
-    relative_error: float
-    initial_error: float
-
-
-def scheme_from_name(name: str, bits: int, group_size: int, symmetric: bool = True) -> Scheme:
-    """int (IntGrid with bits/group_size), nf4 / fp4 (double quantized, blocksize 64), or a GGUF type name."""
-    key = name.lower()
-    if key == "int":
-        return IntGrid(bits=bits, group_size=group_size, symmetric=symmetric)
-    if key in ("nf4", "fp4"):
-        return Codebook4(quant_type=key, blocksize=64, double_quant=True, compute_dtype="float32")
-    return GGMLScheme(type=name.upper())
-
-
-@register_method
-class QAT(Method):
-    """Block-wise quantization-aware training (see the module docstring)."""
-
-    name = "qat"
-    needs_calibration = True
-    defaults = {"epochs": 4, "lr": 1e-2, "scale_lr": 1e-2, "chunk": 4}
-
-    def option_names(self) -> tuple[str, ...]:
-        return ("scheme", "epochs", "lr", "scale_lr", "calib_samples", "calib_len", "seed", "chunk")
-
-    def option(self, key: str) -> Any:
-        value = self.config.options.get(key)
-        return self.defaults.get(key) if value is None else value
-
-    def scheme(self) -> Scheme:
-        c = self.config
-        scheme = c.options.get("scheme")
-        if isinstance(scheme, str):
-            return scheme_from_name(scheme, c.bits, c.group_size, c.symmetric)
-        return resolve_scheme(scheme, IntGrid(bits=c.bits, group_size=c.group_size, symmetric=c.symmetric))
-
-    def check_layer(self, name: str, linear: nn.Module) -> None:
-        from lowbit.models.adapters import in_out_features
-
-        scheme = self.scheme_for(name)
-        k = in_out_features(linear)[0]
-        if isinstance(scheme, GGMLScheme) and k % scheme.codec.block:
-            raise LowbitError(f"{name}: {scheme.type} needs a width that is a multiple of {scheme.codec.block}, "
-                              f"got {k}; pick another type or skip the layer")
-        super().check_layer(name, linear)
-
-    def quantize_block(self, block: nn.Module, linears: dict[str, nn.Module], inputs: Any = None,
-                       arch: Any = None, prefix: str = "") -> BlockResult:
-        from lowbit.calibration.capture import block_output, run_block
-        from lowbit.models.arch.base import linear_weight
-        from lowbit.runtime.surgery import replace_module
-
-        if inputs is None:
-            raise LowbitError("qat needs calibration inputs for every block")
-        calls = list(inputs)
-        targets = [call.hidden for call in run_block(block, calls)]
-        frozen = {p: p.requires_grad for p in block.parameters()}
-        for p in frozen:
-            p.requires_grad_(False)
-        fakes: dict[str, FakeQuantLinear] = {}
-        for name, module in linears.items():
-            weight = linear_weight(module).detach().float()
-            fakes[name] = FakeQuantLinear(weight, getattr(module, "bias", None),
-                                          fake_quantizer(self.scheme_for(join_name(prefix, name)), weight))
-            replace_module(block, name, fakes[name])
-        try:
-            groups = []
-            lr, scale_lr = float(self.option("lr")), float(self.option("scale_lr"))
-            for fake in fakes.values():
-                # step sizes relative to the weight's own size: one lr fits layers and models of any scale
-                groups.append({"params": [fake.weight], "lr": lr * fake.weight.detach().pow(2).mean().sqrt().item()})
-                stats = [p for p in fake.quantizer.parameters() if p.requires_grad]
-                if stats:
-                    groups.append({"params": stats, "lr": scale_lr})
-            optimizer = torch.optim.Adam(groups)
-            generator = torch.Generator().manual_seed(int(self.option("seed") or 0))
-            epochs = int(self.option("epochs"))
-
-            def block_error() -> float:
-                with torch.no_grad():
-                    num = sum(F.mse_loss(block_output(block(*c.args, **c.kwargs)), t, reduction="sum").item()
-                              for c, t in zip(calls, targets))
-                    return num / sum(t.pow(2).sum().item() for t in targets)
-
-            initial = block_error()
-            total = epochs * len(calls)
-            base_lrs = [group["lr"] for group in optimizer.param_groups]
-            step = 0
-            for _ in range(epochs):
-                for i in torch.randperm(len(calls), generator=generator).tolist():
-                    for group, base in zip(optimizer.param_groups, base_lrs):
-                        group["lr"] = base * 0.5 * (1 + math.cos(math.pi * step / total))   # cosine to 0
-                    call = calls[i]
-                    out = block_output(block(*call.args, **call.kwargs))
-                    loss = F.mse_loss(out, targets[i])
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                    step += 1
-            final = block_error()
-            results = {name: fake.quantizer.finish(fake.weight.detach()) for name, fake in fakes.items()}
-        finally:
-            for name, module in linears.items():
-                replace_module(block, name, module)
-            for p, flag in frozen.items():
-                p.requires_grad_(flag)
-        report = QATReport(relative_error=final, initial_error=initial)
-        log.debug("qat %s: block error %.3e -> %.3e", prefix, initial, final)
-        return BlockResult(results, {name: report for name in results})
 
 
 # -- end to end: the integer grids' scales trained on the language-model loss, codes fixed (EfficientQAT's E2E-QP)
-class _ScaledCodesMatmul(torch.autograd.Function):
-    """y = x W^T with W = s[:, g(k)] * (codes - zeros) rebuilt from the codes in forward and backward (no float
-    copy of W is kept between them); the gradient goes to log s."""
-
-    @staticmethod
-    def forward(ctx, x, log_scale, layer):   # type: ignore[override]
-        ctx.layer = layer
-        ctx.save_for_backward(x, log_scale)
-        return x @ layer.weight_from(log_scale).t()
-
-    @staticmethod
-    def backward(ctx, grad_y):   # type: ignore[override]
-        x, log_scale = ctx.saved_tensors
-        layer = ctx.layer
-        grad_x = grad_y @ layer.weight_from(log_scale)
-        grad_w = grad_y.reshape(-1, grad_y.shape[-1]).t() @ x.reshape(-1, x.shape[-1])       # [N, K]
-        per_column = grad_w * layer.centered_codes()
-        grad_scale = torch.zeros_like(log_scale).index_add_(1, layer.group_index, per_column)
-        return grad_x, grad_scale * log_scale.exp(), None
-
-
 class ScaleTrainableLinear(nn.Module):
     """A QuantLinear on an integer grid whose per-group scales train (log space), codes and zeros fixed."""
 
@@ -317,7 +34,7 @@ class ScaleTrainableLinear(nn.Module):
         return expand_groups(log_scale.exp(), self.group_index) * self.centered_codes()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = _ScaledCodesMatmul.apply(x.float(), self.log_scale, self).to(x.dtype)
+        y = DequantizedMatmul.apply(x, self.weight_from, self.log_scale)
         bias = self.quantized.bias
         return y if bias is None else y + bias
 
@@ -337,7 +54,6 @@ def train_scales(model: nn.Module, batches: torch.Tensor, steps: int, lr: float 
     losses. Other layers (float, NF4, GGUF) stay as they are."""
     from tqdm.auto import tqdm
 
-    from lowbit.runtime.qlinear import QuantLinear
     from lowbit.runtime.surgery import replace_module
 
     wrapped = {name: ScaleTrainableLinear(m) for name, m in model.named_modules()
@@ -359,8 +75,7 @@ def train_scales(model: nn.Module, batches: torch.Tensor, steps: int, lr: float 
         for step in tqdm(range(steps), desc="qat scales", disable=not progress):
             rows = order[(step * per_step + torch.arange(per_step)) % batches.shape[0]]
             ids = batches[rows]
-            for group in optimizer.param_groups:
-                group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+            cosine(optimizer, [lr], step, steps)
             loss = model(input_ids=ids, labels=ids, use_cache=False).loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -370,6 +85,66 @@ def train_scales(model: nn.Module, batches: torch.Tensor, steps: int, lr: float 
         model.eval()
         for name, layer in wrapped.items():
             replace_module(model, name, layer.finish())
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+    return losses
+
+
+def distill_merged(model: nn.Module, teacher: nn.Module, batches: torch.Tensor, layers: Any, steps: int,
+                   lr: float = 1e-2, scale_lr: float = 1e-3, chunk: int = 8, seed: int = 0,
+                   progress: bool = False) -> list[float]:
+    """End-to-end quantization-aware training of the re-quantized `layers` of `model` towards `teacher` (the
+    float merged model): each such QuantLinear on an affine grid becomes a FakeQuantLinear (a latent float
+    weight starting at its dequantized codes, its statistics learnable for integer grids, straight-through
+    rounding), the loss is the KL divergence of the model's next-token distribution from the teacher's on
+    `chunk` windows of `batches` per step (cycling, seeded), and the codes are chosen anew on the learned
+    statistics at the end. Layer-wise re-quantization (GPTQ, block QAT) matches each layer or block on its own;
+    this matches what the adapter changed, the whole model's output, so the rounding errors of all layers
+    compensate one another. Memory: a float copy of the trained layers and Adam's two states for them."""
+    from tqdm.auto import tqdm
+
+    from lowbit.runtime.surgery import install_quantized, replace_module
+    from lowbit.schemes.base import KeptGrid
+
+    modules = dict(model.named_modules())
+    fakes: dict[str, FakeQuantLinear] = {}
+    for name in layers:
+        module = modules.get(name)
+        if not isinstance(module, QuantLinear) or module.qweight.zeros is None:
+            continue
+        qweight = module.qweight
+        fakes[name] = FakeQuantLinear(qweight.dequantize(), module.bias,
+                                      fake_quantizer(KeptGrid(qweight), qweight.dequantize()))
+    if not fakes:
+        return []
+    flags = {p: p.requires_grad for p in model.parameters()}
+    for p in flags:
+        p.requires_grad_(False)
+    for name, fake in fakes.items():
+        replace_module(model, name, fake)
+    losses: list[float] = []
+    try:
+        optimizer = qat_optimizer(fakes.values(), lr, scale_lr)
+        base_lrs = [group["lr"] for group in optimizer.param_groups]
+        order = torch.randperm(batches.shape[0], generator=torch.Generator().manual_seed(seed))
+        teacher.eval()
+        model.train()
+        for step in tqdm(range(steps), desc="merge distill", disable=not progress):
+            ids = batches[order[(step * chunk + torch.arange(chunk)) % batches.shape[0]]]
+            with torch.no_grad():
+                target = F.log_softmax(teacher(input_ids=ids, use_cache=False).logits.float(), dim=-1)
+            logits = model(input_ids=ids, use_cache=False).logits.float()
+            loss = F.kl_div(F.log_softmax(logits, dim=-1).flatten(0, -2), target.flatten(0, -2),
+                            log_target=True, reduction="batchmean")
+            cosine(optimizer, base_lrs, step, steps)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+    finally:
+        model.eval()
+        for name, fake in fakes.items():
+            install_quantized(model, name, fake.quantizer.finish(fake.weight.detach()))
         for p, flag in flags.items():
             p.requires_grad_(flag)
     return losses

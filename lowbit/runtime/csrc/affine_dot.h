@@ -31,6 +31,11 @@
 #endif
 
 enum { LB_F32 = 0, LB_U8 = 1, LB_NIB = 2 };
+
+/* The activations' arithmetic of a matmul, chosen by the caller (lowbit/engine/activations.py mirrors it):
+ * float32; int8 where the layout allows (llama.cpp's arithmetic); or auto: int8 for GGUF block weights (what
+ * llama.cpp computes on the same file, and its speed) and float32 for lowbit's own layouts (float32-exact). */
+enum { LB_ACTS_FLOAT32 = 0, LB_ACTS_INT8 = 1, LB_ACTS_AUTO = 2 };
 #define LB_PREFETCH 2    /* blocks of four weight rows to prefetch ahead */
 
 /* How the group statistics a, b [n, groups] are stored: float32 both; float16 both; or a alone (float16 or
@@ -79,7 +84,19 @@ static inline float lb_stat(const void *values, int64_t index, int64_t stats) {
 
 static inline int64_t lb_min(int64_t a, int64_t b) { return a < b ? a : b; }
 
+#if defined(__AVX2__)
+/* The sum of 8 floats (one helper for every AVX2 kernel here and in ggml_blocks.h). */
+static inline float lb_hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+#endif
+
 #include "ggml_blocks.h"   /* GGUF block kinds (LB_Q4_0 ... LB_Q6_K): lb_matmul hands them to lb_ggml_matmul */
+
+
 
 /* sum_g values[g] * xsum[g] for G statistics stored as `stats` says (the b * xsum term of one output). */
 static inline float lb_stat_dot(const void *values, int64_t stats, const float *xsum, int64_t G) {
@@ -101,9 +118,7 @@ static inline float lb_stat_dot(const void *values, int64_t stats, const float *
                                              : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)values + g)));
         acc = _mm256_fmadd_ps(v, _mm256_loadu_ps(xsum + g), acc);
     }
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    float total = _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+    float total = lb_hsum256(acc);
     for (; g < G; g++) total += lb_stat(values, g, stats) * xsum[g];
     return total;
 #else
@@ -248,13 +263,6 @@ LB_INLINE void tile_f32(LB_TILE_ARGS) {
  * two partial sums per (weight row, activation row) (one for each 8-column half of a 16-column step, so 8
  * independent FMA chains are in flight at the usual 4-row tile), scaled by the group's a at the group's end.
  * Columns past the last multiple of 8 in a group (ragged widths such as 172) are summed in scalar code. */
-static inline float lb_hsum256(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
 #define LB_ZERO(v) for (int64_t i = 0; i < NR; i++) for (int64_t r = 0; r < R; r++) v[i][r] = _mm256_setzero_ps()
 
 /* The low 8 bytes of `bytes` (codes < 16 with a table) as 8 floats: the integers, or table[code] (two 8-entry
@@ -668,13 +676,29 @@ LB_INLINE void lb_block(const lb_linear *L, const float *x, int64_t M, float *y,
     }
 }
 
+/* Whether lb_matmul rounds the activations of weight `L` to int8 under `activations` (LB_ACTS_*): GGUF blocks
+ * always can (ggml_blocks.h, every build); lowbit's integer codes where this build has the act8 tiles and the
+ * layout suits them (no codebook, groups and width multiples of 32). */
+static inline int lb_uses_act8(const lb_linear *L, int activations) {
+    if (activations == LB_ACTS_FLOAT32) return 0;
+    if (lb_is_ggml(L->kind)) return 1;
+    return activations == LB_ACTS_INT8 && LB_HAVE_ACT8 && L->kind != LB_F32 && !L->table && L->group % 32 == 0
+           && L->k % 32 == 0;
+}
+
+/* Output rows of L that one iteration of lb_matmul's shared loop computes: its `omp for schedule(static)` runs over
+ * ceil(n / rows) iterations, so a later loop with the same count and schedule gives every thread the rows it
+ * computed itself (OpenMP assigns static iterations alike in both), and it may read them without a barrier. */
+static inline int64_t lb_matmul_rows_per_item(const lb_linear *L) { return lb_is_ggml(L->kind) ? 1 : 4; }
+
 /* y[M, :n] (= or +=) x[M, K] W^T + bias, y's rows `ldy` floats apart, with `scratch` of lb_scratch_floats
- * floats for this thread; `act8`: int8 activations where the layout allows (see above).
+ * floats for this thread; `activations` (LB_ACTS_*): int8 activations where it and the layout allow (see above).
  * Call it from every thread of an OpenMP team: blocks of four output rows are shared out (orphaned `omp for`).
  * `wait`: end with a barrier; without one a thread goes straight on to other work that does not read y (e.g. the
  * next of several matmuls reading the same x). */
 static inline void lb_matmul(const lb_linear *L, const float *x, int64_t M, float *y, int64_t ldy, int accumulate,
-                             float *scratch, int act8, int wait) {
+                             float *scratch, int activations, int wait) {
+    const int act8 = lb_uses_act8(L, activations);
     if (lb_is_ggml(L->kind)) {           /* read as the file stores it (its own act8 arithmetic on every build) */
         lb_ggml_matmul(L, x, M, y, ldy, accumulate, scratch, act8, wait);
         return;
@@ -690,7 +714,7 @@ static inline void lb_matmul(const lb_linear *L, const float *x, int64_t M, floa
         scratch += M * L->k;
     }
     /* per thread, into its own scratch: no barrier */
-    if (LB_HAVE_ACT8 && act8 && L->kind != LB_F32 && !L->table && L->group % 32 == 0 && L->k % 32 == 0) {
+    if (act8) {
         sx = scratch + M * L->groups;   /* (after the gathered copy, if any) */
         x8 = (int8_t *)(sx + M * lb_act8_blocks(L->k) * 32);
         float *rounded = (float *)(x8 + M * lb_act8_blocks(L->k) * 128);

@@ -15,16 +15,19 @@ int64_t lowbit_linear_scratch(const lb_linear *weight, int64_t M, int threads) {
     return (int64_t)threads * lb_scratch_floats(weight->k, weight->groups, M);
 }
 
-/* y [M, N] = x [M, K] W^T + bias for one weight described by `weight` (see affine_dot.h); `act8`: int8
- * activations where the layout allows. */
-void lowbit_linear(const lb_linear *weight, const float *x, int64_t M, float *y, float *scratch, int act8,
+/* y [M, N] = x [M, K] W^T + bias for one weight described by `weight` (see affine_dot.h); `activations`:
+ * LB_ACTS_* (int8 activations where it and the layout allow). */
+void lowbit_linear(const lb_linear *weight, const float *x, int64_t M, float *y, float *scratch, int activations,
                    int threads) {
     const int64_t per_thread = lb_scratch_floats(weight->k, weight->groups, M);
     #pragma omp parallel num_threads(threads)
-    lb_matmul(weight, x, M, y, weight->n, 0, scratch + (int64_t)omp_get_thread_num() * per_thread, act8, 1);
+    lb_matmul(weight, x, M, y, weight->n, 0, scratch + (int64_t)omp_get_thread_num() * per_thread, activations, 1);
 }
 
 int lowbit_has_act8(void) { return LB_HAVE_ACT8; }
+
+/* 1 when lowbit_linear / the decode step round `weight`'s activations to int8 under `activations` (LB_ACTS_*). */
+int lowbit_uses_act8(const lb_linear *weight, int activations) { return lb_uses_act8(weight, activations); }
 
 int lowbit_kernel_has_avx512(void) {
 #if defined(__AVX512F__)

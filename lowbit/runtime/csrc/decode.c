@@ -51,7 +51,7 @@ typedef struct {
     float norm_eps, q_norm_eps, k_norm_eps, attn_scale;
     float attn_softcap, final_softcap;   /* cap * tanh(s / cap) of attention scores / final logits; 0: none */
     int64_t activation;                  /* LB_ACT_*: act(gate) * up, or act(up) */
-    int64_t act8;                        /* int8 activations in the matmuls where the layout allows */
+    int64_t activations;                 /* LB_ACTS_*: the matmuls' activation arithmetic (affine_dot.h) */
     const lb_layer *layers;
     const float *final_norm;
     lb_linear lm_head;
@@ -65,13 +65,13 @@ typedef struct {
 
 /* The concatenated outputs of several weights reading the same x, into y's columns in order; one barrier. */
 static void matmul_parts(const lb_linear *parts, int64_t count, const float *x, int64_t M, float *y, int64_t ldy,
-                         float *xsum, int act8) {
+                         float *xsum, int activations) {
     int64_t last = 0, column = 0;
     for (int64_t i = 0; i < count; i++)
         if (parts[i].n) last = i;
     for (int64_t i = 0; i <= last; i++)
         if (parts[i].n) {
-            lb_matmul(&parts[i], x, M, y + column, ldy, 0, xsum, act8, i == last);
+            lb_matmul(&parts[i], x, M, y + column, ldy, 0, xsum, activations, i == last);
             column += parts[i].n;
         }
 }
@@ -235,12 +235,12 @@ static void route_row(const lb_moe *moe, float *logits, int64_t *chosen, float *
 
 /* y [B, H] = the expert layer's output for the normalised rows h [B, H] (each thread's own copy). */
 static void moe_mlp(const lb_model *m, const lb_moe *moe, const float *h, int64_t B, float *base, float *y,
-                    float *xsum, int act8) {
+                    float *xsum, int activations) {
     const int64_t H = m->hidden, E = moe->n_experts, S = moe->shared, K = moe->top_k;
     const int64_t R = moe_routed(moe, B), I = moe_widest(moe), per_row = K + S;
     lb_moe_work w;
     moe_work(moe, B, H, base, &w);
-    matmul_parts(moe->router, 2, h, B, w.logits, E + S, xsum, act8);
+    matmul_parts(moe->router, 2, h, B, w.logits, E + S, xsum, activations);
 
     #pragma omp single
     {
@@ -286,8 +286,8 @@ static void moe_mlp(const lb_model *m, const lb_moe *moe, const float *h, int64_
         if (!rows) continue;
         const lb_linear *ex = moe->experts + 3 * e;
         float *out = w.gate_up + w.first[e] * 2 * I;
-        lb_matmul(&ex[0], w.x + w.first[e] * H, rows, out, 2 * I, 0, xsum, act8, 0);
-        lb_matmul(&ex[1], w.x + w.first[e] * H, rows, out + ex[0].n, 2 * I, 0, xsum, act8, e == last);
+        lb_matmul(&ex[0], w.x + w.first[e] * H, rows, out, 2 * I, 0, xsum, activations, 0);
+        lb_matmul(&ex[1], w.x + w.first[e] * H, rows, out + ex[0].n, 2 * I, 0, xsum, activations, e == last);
     }
     /* weight * act(gate) * up, each expert's rows packed [rows, its width] for its down matmul (down is linear
        without bias, so weighting its input weights its output) */
@@ -301,7 +301,7 @@ static void moe_mlp(const lb_model *m, const lb_moe *moe, const float *h, int64_
     for (int64_t e = 0; e <= last; e++) {
         const int64_t rows = w.first[e + 1] - w.first[e];
         if (!rows) continue;
-        lb_matmul(&moe->experts[3 * e + 2], w.act + w.first[e] * I, rows, w.y + w.first[e] * H, H, 0, xsum, act8,
+        lb_matmul(&moe->experts[3 * e + 2], w.act + w.first[e] * I, rows, w.y + w.first[e] * H, H, 0, xsum, activations,
                   e == last);
     }
     #pragma omp for schedule(static)
@@ -338,15 +338,16 @@ void lowbit_decode_step(const lb_model *m, float *x, int64_t B, const int64_t *s
     #pragma omp parallel num_threads(threads)
     {
         /* Each thread normalises the rows itself into its own h (a few hundred floats), which saves the barrier
-         * a shared copy would need before the next matmul: 2 of a layer's 9 barriers. */
+         * a shared copy would need before the next matmul: 2 of a layer's 8 barriers (one more is saved where
+         * each thread applies the MLP's activation to the gate and up rows it computed). */
         float *xsum = per_thread + (int64_t)omp_get_thread_num() * (scratch_floats + B * H);
         float *h = xsum + scratch_floats;
-        const int act8 = (int)m->act8;
+        const int activations = (int)m->activations;
         for (int64_t l = 0; l < m->n_layers; l++) {
             const lb_layer *layer = &m->layers[l];
             for (int64_t b = 0; b < B; b++)
                 hidden_norm(m, x + b * H, layer->input_norm, layer->input_norm_bias, h + b * H);
-            matmul_parts(layer->qkv, 3, h, B, qkv, QKV, xsum, act8);
+            matmul_parts(layer->qkv, 3, h, B, qkv, QKV, xsum, activations);
 
             /* per-head norms (Qwen3, Gemma 3), rotary embedding, and this token's keys and values into the cache */
             #pragma omp for schedule(static) collapse(2)
@@ -400,16 +401,16 @@ void lowbit_decode_step(const lb_model *m, float *x, int64_t B, const int64_t *s
                 }
 
             if (m->parallel) {                 /* out = attention output; x stays the block's input for the MLP */
-                lb_matmul(&layer->o, attn, B, out, H, 0, xsum, act8, 1);
+                lb_matmul(&layer->o, attn, B, out, H, 0, xsum, activations, 1);
             } else if (layer->attn_out_norm) {                            /* x += norm(attention output) */
-                lb_matmul(&layer->o, attn, B, out, H, 0, xsum, act8, 1);
+                lb_matmul(&layer->o, attn, B, out, H, 0, xsum, activations, 1);
                 add_normed(x, out, layer->attn_out_norm, B, H, m->norm_eps, h);
             } else {
-                lb_matmul(&layer->o, attn, B, x, H, 1, xsum, act8, 1);  /* x += attention output */
+                lb_matmul(&layer->o, attn, B, x, H, 1, xsum, activations, 1);  /* x += attention output */
             }
             for (int64_t b = 0; b < B; b++) hidden_norm(m, x + b * H, layer->mlp_norm, layer->mlp_norm_bias, h + b * H);
             if (layer->moe) {                                             /* x += experts' output */
-                moe_mlp(m, layer->moe, h, B, moe_base, out, xsum, act8);
+                moe_mlp(m, layer->moe, h, B, moe_base, out, xsum, activations);
                 if (layer->mlp_out_norm) {
                     add_normed(x, out, layer->mlp_out_norm, B, H, m->norm_eps, h);
                 } else {
@@ -418,26 +419,40 @@ void lowbit_decode_step(const lb_model *m, float *x, int64_t B, const int64_t *s
                 }
                 continue;
             }
-            matmul_parts(layer->gate_up, 2, h, B, gu, 2 * I, xsum, act8);
-            #pragma omp for schedule(static)
-            for (int64_t i = 0; i < B * I; i++) {
-                const int64_t b = i / I, j = i - b * I;
-                act[i] = activation(gu[b * 2 * I + j], m->activation) * (m->gated ? gu[b * 2 * I + I + j] : 1.0f);
+            const lb_linear *gate = &layer->gate_up[0], *up = &layer->gate_up[1];
+            const int64_t per_item = lb_matmul_rows_per_item(gate);
+            if (gate->n == I && up->n == I && lb_matmul_rows_per_item(up) == per_item) {
+                /* separate gate and up: each thread applies the activation to the rows it computed of both (the
+                 * same static partition, see lb_matmul_rows_per_item), so no barrier between the matmuls and it */
+                lb_matmul(gate, h, B, gu, 2 * I, 0, xsum, activations, 0);
+                lb_matmul(up, h, B, gu + I, 2 * I, 0, xsum, activations, 0);
+                #pragma omp for schedule(static)
+                for (int64_t item = 0; item < (I + per_item - 1) / per_item; item++)
+                    for (int64_t b = 0; b < B; b++)
+                        for (int64_t j = item * per_item; j < lb_min(I, (item + 1) * per_item); j++)
+                            act[b * I + j] = activation(gu[b * 2 * I + j], m->activation) * gu[b * 2 * I + I + j];
+            } else {
+                matmul_parts(layer->gate_up, 2, h, B, gu, 2 * I, xsum, activations);
+                #pragma omp for schedule(static)
+                for (int64_t i = 0; i < B * I; i++) {
+                    const int64_t b = i / I, j = i - b * I;
+                    act[i] = activation(gu[b * 2 * I + j], m->activation) * (m->gated ? gu[b * 2 * I + I + j] : 1.0f);
+                }
             }
             if (m->parallel) {                 /* x = (attention + MLP output) + x, transformers' order */
-                lb_matmul(&layer->down, act, B, out, H, 1, xsum, act8, 1);
+                lb_matmul(&layer->down, act, B, out, H, 1, xsum, activations, 1);
                 #pragma omp for schedule(static)
                 for (int64_t i = 0; i < B * H; i++) x[i] = out[i] + x[i];
-            } else if (layer->mlp_out_norm) {                                    /* x += norm(MLP output) */
-                lb_matmul(&layer->down, act, B, out, H, 0, xsum, act8, 1);
+            } else if (layer->mlp_out_norm) {                             /* x += norm(MLP output) */
+                lb_matmul(&layer->down, act, B, out, H, 0, xsum, activations, 1);
                 add_normed(x, out, layer->mlp_out_norm, B, H, m->norm_eps, h);
             } else {
-                lb_matmul(&layer->down, act, B, x, H, 1, xsum, act8, 1);  /* x += MLP output */
+                lb_matmul(&layer->down, act, B, x, H, 1, xsum, activations, 1);  /* x += MLP output */
             }
         }
         const int64_t first = last_only ? B - 1 : 0;
         for (int64_t b = first; b < B; b++) hidden_norm(m, x + b * H, m->final_norm, m->final_norm_bias, h + b * H);
-        lb_matmul(&m->lm_head, h + first * H, B - first, logits, m->lm_head.n, 0, xsum, act8, 1);
+        lb_matmul(&m->lm_head, h + first * H, B - first, logits, m->lm_head.n, 0, xsum, activations, 1);
         if (m->final_softcap > 0.0f) {
             const int64_t count = (B - first) * m->lm_head.n;
             #pragma omp for schedule(static)

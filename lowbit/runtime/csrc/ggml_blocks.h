@@ -290,14 +290,11 @@ static inline float lb_ggml_dot_unpacked(const lb_unpacked *u, int64_t block, co
     return a->dx[index] * (u->d * (float)total - u->dmin * (float)mins);
 }
 
-#if defined(__AVX2__) && defined(__FMA__)
-static inline float lb_ggml_hsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
+/* Row kernels are inlined into a dispatcher that calls them with constant kind and row count R, so that at R = 1
+ * (decoding) the per-row accumulators are registers, not arrays in memory. */
+#define LB_GGML_INLINE static inline __attribute__((always_inline))
 
+#if defined(__AVX2__) && defined(__FMA__)
 static inline int32_t lb_ggml_hsum_i32(__m256i v) {
     __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
     s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
@@ -339,7 +336,7 @@ static inline __m256i lb_codes32(int64_t kind, const uint8_t *b) {
 
 /* The 32-value types, one weight row against R activation rows (R <= 16). Per block,
  *   d * dx * dot(q, x8) + (m - offset * d) * sx   (sx = dx * sum(x8 of the block), m = Q4_1 / Q5_1's minimum). */
-static inline void lb_ggml_row32_act8(int64_t kind, const uint8_t *row, int64_t K, const lb_act8_row *act, int64_t R,
+LB_GGML_INLINE void lb_ggml_row32_act8(int64_t kind, const uint8_t *row, int64_t K, const lb_act8_row *act, int64_t R,
                                       float *out) {
     const int64_t bytes = lb_ggml_bytes(kind), nb = K / 32;
     __m256 acc[16];
@@ -368,14 +365,32 @@ static inline void lb_ggml_row32_act8(int64_t kind, const uint8_t *row, int64_t 
             extra[r] += corr * act[r].sx[i];
         }
     }
-    for (int64_t r = 0; r < R; r++) out[r] = lb_ggml_hsum(acc[r]) + extra[r];
+    for (int64_t r = 0; r < R; r++) out[r] = lb_hsum256(acc[r]) + extra[r];
+}
+
+/* A Q4_K / Q5_K block's 8 six-bit scales and minimums (12 packed bytes at b + 4, see lb_k4_scale_min) as the low
+ * 8 bytes of two vectors: bytes 0-3 keep scales 0-3 and, in bits 6-7, the high bits of scales 4-7; bytes 4-7 the
+ * same for the minimums; bytes 8-11 the low nibbles of scales 4-7 and, high nibbles, of minimums 4-7. */
+static inline void lb_k4_scales_mins(const uint8_t *b, __m128i *scales, __m128i *mins) {
+    uint32_t w[3];
+    memcpy(w, b + 4, 12);
+    const uint32_t scales_hi = (w[2] & 0x0F0F0F0Fu) | ((w[0] >> 6) & 0x03030303u) << 4;
+    const uint32_t mins_hi = ((w[2] >> 4) & 0x0F0F0F0Fu) | ((w[1] >> 6) & 0x03030303u) << 4;
+    *scales = _mm_setr_epi32((int)(w[0] & 0x3F3F3F3Fu), (int)scales_hi, 0, 0);
+    *mins = _mm_setr_epi32((int)(w[1] & 0x3F3F3F3Fu), (int)mins_hi, 0, 0);
 }
 
 /* A K-quant block's codes into q[256] with vector code (Q4_K, Q5_K, Q6_K), else the portable unpack. */
 static inline void lb_ggml_unpack_k(int64_t kind, const uint8_t *b, lb_unpacked *u) {
     const __m256i low = _mm256_set1_epi8(0x0F);
     if (kind == LB_Q4_K || kind == LB_Q5_K) {
-        lb_ggml_header(kind, b, u);
+        __m128i scales8, mins8;            /* the header: each sub-scale and minimum twice (per 16 columns) */
+        lb_k4_scales_mins(b, &scales8, &mins8);
+        _mm256_storeu_si256((__m256i *)u->scale, _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(scales8, scales8)));
+        _mm256_storeu_si256((__m256i *)u->min, _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(mins8, mins8)));
+        u->d = lb_ggml_half(b);
+        u->dmin = lb_ggml_half(b + 2);
+        u->offset = 0;
         const uint8_t *qs = b + (kind == LB_Q4_K ? 16 : 48);
         const __m256i qh = _mm256_loadu_si256((const __m256i *)(b + 16)), one = _mm256_set1_epi8(1);
         for (int j = 0; j < 4; j++) {
@@ -391,7 +406,11 @@ static inline void lb_ggml_unpack_k(int64_t kind, const uint8_t *b, lb_unpacked 
             _mm256_storeu_si256((__m256i *)(u->q + 64 * j + 32), hi);
         }
     } else if (kind == LB_Q6_K) {
-        lb_ggml_header(kind, b, u);
+        _mm256_storeu_si256((__m256i *)u->scale, _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(b + 192))));
+        _mm256_storeu_si256((__m256i *)u->min, _mm256_setzero_si256());
+        u->d = lb_ggml_half(b + 208);
+        u->dmin = 0.0f;
+        u->offset = 32;
         const __m256i three = _mm256_set1_epi8(3);
         for (int half = 0; half < 2; half++) {
             const __m256i ql0 = _mm256_loadu_si256((const __m256i *)(b + half * 64));
@@ -445,10 +464,117 @@ static inline void lb_ggml_row256_act8(int64_t kind, const uint8_t *row, int64_t
     for (int64_t r = 0; r < R; r++) out[r] = total[r];
 }
 
+/* 16 int16 lanes of `v`, each lane holding int16 element `low` (low 128 bits) or `high` (high 128 bits) of a
+ * vector whose two 128-bit halves are the same 8 int16 values: one sub-scale per lane group for vpmaddwd. */
+static inline __m256i lb_pick16(__m256i v, int low, int high) {
+    return _mm256_shuffle_epi8(v, _mm256_set_m128i(_mm_set1_epi16((short)((2 * high + 1) << 8 | 2 * high)),
+                                                   _mm_set1_epi16((short)((2 * low + 1) << 8 | 2 * low))));
+}
+
+/* v's 16-bit lanes shifted left by `count` bits (right by -count when negative); count is a constant here. */
+static inline __m256i lb_shift16(__m256i v, int count) {
+    return count >= 0 ? _mm256_sll_epi16(v, _mm_cvtsi32_si128(count)) : _mm256_srl_epi16(v, _mm_cvtsi32_si128(-count));
+}
+
+/* Q4_K / Q5_K, one weight row against R activation rows (Q8_K-style: one scale per 256, sums per 16).
+ * A block is d, dmin, 8 six-bit scales and minimums packed in 12 bytes (bytes 0-3: scales 0-3 and, in bits 6-7,
+ * the high bits of scales 4-7; bytes 4-7: minimums 0-3, high bits of minimums 4-7; bytes 8-11: low nibbles of
+ * scales 4-7 and, high nibbles, of minimums 4-7), then 32-column sub-blocks 2j and 2j + 1 in the low and high
+ * nibbles of 32 code bytes (Q5_K: their fifth bits in 32 more bytes, bits 2j and 2j + 1). Per block
+ *   d dx sum_j scale_j dot(q_j, x8_j) - dmin dx sum_j min_j sum(x8_j),
+ * both sums in integer vectors (vpmaddubsw, vpmaddwd with the sub-scale of each lane), scaled into float vector
+ * accumulators: no horizontal sum until the row's end. */
+LB_GGML_INLINE void lb_k4_row_act8(int64_t kind, const uint8_t *row, int64_t K, const lb_act8_row *act, int64_t R,
+                                   float *out) {
+    const int64_t bytes = lb_ggml_bytes(kind), nb = K / 256;
+    const int five = kind == LB_Q5_K;
+    const __m256i low = _mm256_set1_epi8(0x0F), bit4 = _mm256_set1_epi8(0x10);
+    __m256 acc[16], mins_acc[16];
+    for (int64_t r = 0; r < R; r++) acc[r] = _mm256_setzero_ps(), mins_acc[r] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < nb; i++) {
+        const uint8_t *b = row + i * bytes, *qs = b + (five ? 48 : 16);
+        const float d = lb_ggml_half(b), dmin = lb_ggml_half(b + 2);
+        __m128i scales8, mins8;
+        lb_k4_scales_mins(b, &scales8, &mins8);
+        const __m256i scales = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(scales8));
+        const __m256i mins = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(mins8, mins8));   /* per 16 columns */
+        const __m256i qh = five ? _mm256_loadu_si256((const __m256i *)(b + 16)) : _mm256_setzero_si256();
+        __m256i q[8];
+        for (int j = 0; j < 4; j++) {
+            const __m256i v = _mm256_loadu_si256((const __m256i *)(qs + 32 * j));
+            q[2 * j] = _mm256_and_si256(v, low);
+            q[2 * j + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+            if (five) {
+                /* bits 2j and 2j + 1 of each qh byte to bit 4 (a 16-bit shift: what crosses bytes is masked off) */
+                q[2 * j] = _mm256_or_si256(q[2 * j], _mm256_and_si256(lb_shift16(qh, 4 - 2 * j), bit4));
+                q[2 * j + 1] = _mm256_or_si256(q[2 * j + 1], _mm256_and_si256(lb_shift16(qh, 3 - 2 * j), bit4));
+            }
+        }
+        for (int64_t r = 0; r < R; r++) {
+            const int8_t *x8 = act[r].x8 + i * 256;
+            __m256i sum = _mm256_setzero_si256();
+            for (int c = 0; c < 8; c++) {
+                const __m256i p = _mm256_maddubs_epi16(q[c], _mm256_loadu_si256((const __m256i *)(x8 + 32 * c)));
+                sum = _mm256_add_epi32(sum, _mm256_madd_epi16(p, lb_pick16(scales, c, c)));
+            }
+            const __m256i bsum = _mm256_loadu_si256((const __m256i *)(act[r].bsum + i * 16));
+            const float dx = act[r].dx[i];
+            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * dx), _mm256_cvtepi32_ps(sum), acc[r]);
+            mins_acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(dmin * dx), _mm256_cvtepi32_ps(_mm256_madd_epi16(mins, bsum)),
+                                          mins_acc[r]);
+        }
+    }
+    for (int64_t r = 0; r < R; r++) out[r] = lb_hsum256(_mm256_sub_ps(acc[r], mins_acc[r]));
+}
+
+/* Q6_K, one weight row against R activation rows. A block is 128 bytes of low nibbles, 64 of high 2-bit pairs,
+ * 16 signed 8-bit scales (one per 16 columns) and d; per 128-column half h, codes 32t..32t+31 (t < 4) are
+ * nibble t / 2 (low or high) of low-nibble bytes 64h + 32 (t % 2) + l, with bits 2t, 2t + 1 of high byte 32h + l
+ * on top; w = d scale (q - 32). Per block: d dx (sum_s scale_s dot(q_s, x8_s) - 32 sum_s scale_s sum(x8_s)). */
+LB_GGML_INLINE void lb_q6k_row_act8(const uint8_t *row, int64_t K, const lb_act8_row *act, int64_t R, float *out) {
+    const int64_t nb = K / 256;
+    const __m256i low = _mm256_set1_epi8(0x0F), three = _mm256_set1_epi8(3);
+    __m256 acc[16];
+    for (int64_t r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < nb; i++) {
+        const uint8_t *b = row + i * 210;
+        const float d = lb_ggml_half(b + 208);
+        const __m128i scale_bytes = _mm_loadu_si128((const __m128i *)(b + 192));
+        const __m256i scales = _mm256_cvtepi8_epi16(scale_bytes);               /* per 16 columns */
+        const __m256i half_scales[2] = {_mm256_broadcastsi128_si256(_mm_cvtepi8_epi16(scale_bytes)),
+                                        _mm256_broadcastsi128_si256(_mm_cvtepi8_epi16(_mm_srli_si128(scale_bytes, 8)))};
+        __m256i q[8];
+        for (int h = 0; h < 2; h++) {
+            const __m256i ql0 = _mm256_loadu_si256((const __m256i *)(b + 64 * h));
+            const __m256i ql1 = _mm256_loadu_si256((const __m256i *)(b + 64 * h + 32));
+            const __m256i qh = _mm256_loadu_si256((const __m256i *)(b + 128 + 32 * h));
+#define LB_Q6_HIGH(s) _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, (s)), three), 4)
+            q[4 * h] = _mm256_or_si256(_mm256_and_si256(ql0, low), LB_Q6_HIGH(0));
+            q[4 * h + 1] = _mm256_or_si256(_mm256_and_si256(ql1, low), LB_Q6_HIGH(2));
+            q[4 * h + 2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), low), LB_Q6_HIGH(4));
+            q[4 * h + 3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), low), LB_Q6_HIGH(6));
+#undef LB_Q6_HIGH
+        }
+        for (int64_t r = 0; r < R; r++) {
+            const int8_t *x8 = act[r].x8 + i * 256;
+            __m256i sum = _mm256_setzero_si256();
+            for (int c = 0; c < 8; c++) {
+                const __m256i p = _mm256_maddubs_epi16(q[c], _mm256_loadu_si256((const __m256i *)(x8 + 32 * c)));
+                sum = _mm256_add_epi32(sum, _mm256_madd_epi16(p, lb_pick16(half_scales[c / 4], 2 * (c % 4),
+                                                                           2 * (c % 4) + 1)));
+            }
+            const __m256i offset = _mm256_madd_epi16(scales, _mm256_loadu_si256((const __m256i *)(act[r].bsum + i * 16)));
+            sum = _mm256_sub_epi32(sum, _mm256_slli_epi32(offset, 5));
+            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * act[r].dx[i]), _mm256_cvtepi32_ps(sum), acc[r]);
+        }
+    }
+    for (int64_t r = 0; r < R; r++) out[r] = lb_hsum256(acc[r]);
+}
+
 /* Float32 activations, one weight row against R rows of x (K apart), xsum16 [R, K / 16] their 16-column sums:
  * per 16 columns (d * scale) * dot(q - offset, x) (the offset taken off in integers, so codes stored with one,
  * as Q8_0's + 128, cancel nothing in floats), less (dmin * min) * xsum16. */
-static inline void lb_ggml_row_f32_avx2(int64_t kind, const uint8_t *row, int64_t K, const float *x, int64_t R,
+LB_GGML_INLINE void lb_ggml_row_f32_avx2(int64_t kind, const uint8_t *row, int64_t K, const float *x, int64_t R,
                                         const float *xsum16, float *out) {
     const int64_t block = lb_ggml_block(kind), bytes = lb_ggml_bytes(kind), subs = block / 16;
     lb_unpacked u __attribute__((aligned(32)));
@@ -480,7 +606,20 @@ static inline void lb_ggml_row_f32_avx2(int64_t kind, const uint8_t *row, int64_
             }
         }
     }
-    for (int64_t r = 0; r < R; r++) out[r] = lb_ggml_hsum(acc[r]) + extra[r];
+    for (int64_t r = 0; r < R; r++) out[r] = lb_hsum256(acc[r]) + extra[r];
+}
+
+/* lb_ggml_row_f32_avx2 with a constant kind, and R = 1 (decoding) apart. */
+static inline void lb_ggml_row_f32_dispatch(int64_t kind, const uint8_t *row, int64_t K, const float *x, int64_t R,
+                                            const float *xsum16, float *out) {
+#define LB_KIND(k) case k: if (R == 1) lb_ggml_row_f32_avx2(k, row, K, x, 1, xsum16, out); \
+                           else lb_ggml_row_f32_avx2(k, row, K, x, R, xsum16, out); break
+    switch (kind) {
+    LB_KIND(LB_Q4_0); LB_KIND(LB_Q4_1); LB_KIND(LB_Q5_0); LB_KIND(LB_Q5_1); LB_KIND(LB_Q8_0);
+    LB_KIND(LB_Q4_K); LB_KIND(LB_Q5_K); LB_KIND(LB_Q6_K);
+    default: lb_ggml_row_f32_avx2(kind, row, K, x, R, xsum16, out);
+    }
+#undef LB_KIND
 }
 #endif
 
@@ -488,8 +627,18 @@ static inline void lb_ggml_row_f32_avx2(int64_t kind, const uint8_t *row, int64_
 static inline void lb_ggml_row_act8(int64_t kind, const uint8_t *row, int64_t K, const lb_act8_row *act, int64_t R,
                                     float *out) {
 #if defined(__AVX2__) && defined(__FMA__)
-    if (lb_ggml_block(kind) == 32) lb_ggml_row32_act8(kind, row, K, act, R, out);
-    else lb_ggml_row256_act8(kind, row, K, act, R, out);
+    /* each kernel with a constant kind, and R = 1 (decoding) apart */
+#define LB_ROWS(call_r1, call_r) do { if (R == 1) call_r1; else call_r; } while (0)
+#define LB_KIND32(k) case k: LB_ROWS(lb_ggml_row32_act8(k, row, K, act, 1, out), lb_ggml_row32_act8(k, row, K, act, R, out)); break
+    switch (kind) {
+    LB_KIND32(LB_Q4_0); LB_KIND32(LB_Q4_1); LB_KIND32(LB_Q5_0); LB_KIND32(LB_Q5_1); LB_KIND32(LB_Q8_0);
+    case LB_Q4_K: LB_ROWS(lb_k4_row_act8(LB_Q4_K, row, K, act, 1, out), lb_k4_row_act8(LB_Q4_K, row, K, act, R, out)); break;
+    case LB_Q5_K: LB_ROWS(lb_k4_row_act8(LB_Q5_K, row, K, act, 1, out), lb_k4_row_act8(LB_Q5_K, row, K, act, R, out)); break;
+    case LB_Q6_K: LB_ROWS(lb_q6k_row_act8(row, K, act, 1, out), lb_q6k_row_act8(row, K, act, R, out)); break;
+    default: lb_ggml_row256_act8(kind, row, K, act, R, out);    /* Q2_K, Q3_K: unpacked, then integer dots */
+    }
+#undef LB_KIND32
+#undef LB_ROWS
 #else
     const int64_t block = lb_ggml_block(kind), bytes = lb_ggml_bytes(kind);
     lb_unpacked u;
@@ -521,6 +670,10 @@ static inline void lb_ggml_row_f32(int64_t kind, const uint8_t *row, int64_t K, 
     }
 }
 
+/* Bytes of blocks ahead of the row being computed that lb_ggml_matmul asks the cache for (whole rows, at least
+ * one). Measured on one thread of a shared machine, decode CPU time per token: SmolLM2 Q4_1 26.7 -> 19.7 ms,
+ * Qwen2.5-0.5B Q4_K_M 84.8 -> 68.8 ms with 2 KB; 4 KB and 8 KB were slower than 2 KB. */
+#define LB_GGML_PREFETCH_BYTES 2048
 /* Floats of per-thread scratch lb_ggml_matmul needs for M rows of K activations. */
 static inline int64_t lb_ggml_scratch_floats(int64_t K, int64_t M) { return M * lb_ggml_act8_floats(K); }
 
@@ -543,9 +696,12 @@ static inline void lb_ggml_matmul(const lb_linear *L, const float *x, int64_t M,
             xsum16[s] = total;
         }
 #endif
+    const int64_t ahead_rows = (LB_GGML_PREFETCH_BYTES + row_bytes - 1) / row_bytes, ahead = ahead_rows * row_bytes;
     #pragma omp for schedule(static) nowait
     for (int64_t n = 0; n < N; n++) {
         const uint8_t *row = (const uint8_t *)L->w + n * row_bytes;
+        if (n + ahead_rows < N)
+            for (int64_t off = 0; off < row_bytes; off += 64) __builtin_prefetch(row + ahead + off, 0, 0);
         for (int64_t m0 = 0; m0 < M; m0 += 16) {
             const int64_t R = lb_min(16, M - m0);
             float out[16];
@@ -554,7 +710,7 @@ static inline void lb_ggml_matmul(const lb_linear *L, const float *x, int64_t M,
                 lb_ggml_row_act8(L->kind, row, K, act, R, out);
             } else {
 #if defined(__AVX2__) && defined(__FMA__)
-                lb_ggml_row_f32_avx2(L->kind, row, K, x + m0 * K, R, xsum16 + m0 * (K / 16), out);
+                lb_ggml_row_f32_dispatch(L->kind, row, K, x + m0 * K, R, xsum16 + m0 * (K / 16), out);
 #else
                 lb_ggml_row_f32(L->kind, row, K, x + m0 * K, R, out);
 #endif

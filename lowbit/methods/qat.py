@@ -1,0 +1,288 @@
+"""Quantization-aware training, block by block (issue 14): fake quantization with straight-through gradients and learnable
+scales, as the method `qat` of the one block walk (`lowbit.methods.pipeline.walk`).
+
+For each decoder block (EfficientQAT's Block-AP, with LSQ's scale gradients): the float block's outputs on the
+block's calibration inputs are the target; every Linear of the block becomes a `FakeQuantLinear` holding a
+trainable float copy of its weight (one block's worth of memory) and its trainable statistics; the block's
+output error (MSE) is minimised with Adam over the calibration windows for `epochs` passes; the weight then
+gets its final codes on the learned statistics, a normal `QuantizedWeight` every format writes. The walk feeds
+each block the outputs of the already-quantized blocks before it, as it does for GPTQ.
+
+Fake quantization per scheme (`fake_quantizer`):
+- integer grids (IntGrid, any bits and groups): w_q = s * (clamp(round(w / s) + z, 0, maxq) - z) with s learned
+  per group in log space; round() passes gradients straight through, so d w_q / d s = q - w / s inside the
+  grid (LSQ) and d w_q / d w = 1 inside it, 0 where clamped.
+- NF4/FP4 (bitsandbytes' 4-bit codebooks): w_q = a * table[nearest(w / a)] with the block absmax a learned the
+  same way; double quantization compresses the learned absmax at the end and the codes are chosen under it.
+- GGUF block types (Q4_0, Q4_K, ... any type): the statistics llama.cpp's quantizer fits stay fixed (they are
+  stored quantized inside the blocks); the weights are learned under them and re-encoded into the same blocks.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lowbit.errors import LowbitError
+from lowbit.methods.base import CALIBRATION_OPTION_TYPES, BlockResult, Method, join_name, register_method
+from lowbit.methods.gptq import resolve_scheme
+from lowbit.quantized import QuantizedWeight
+from lowbit.schemes.base import KeptGrid, Scheme, expand_groups
+from lowbit.schemes.codebook import Codebook4, _bucketing
+from lowbit.schemes.ggml import GGMLScheme
+from lowbit.schemes.intgrid import _SCALE_DTYPES, IntGrid
+
+log = logging.getLogger("lowbit")
+
+
+class FakeQuantizer(nn.Module):
+    """The learnable statistics of one weight and its differentiable fake quantization."""
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def finish(self, weight: torch.Tensor) -> QuantizedWeight:
+        """The final codes of `weight` on the learned statistics."""
+        raise NotImplementedError
+
+
+class AffineFake(FakeQuantizer):
+    """w = s * (q - z) grids (IntGrid; GGUF types in their affine view, with fixed statistics), starting from the
+    codes and statistics of `initial`."""
+
+    def __init__(self, initial: QuantizedWeight, learn_scales: bool):
+        super().__init__()
+        scheme = initial.scheme
+        self.scheme = scheme
+        self.initial = initial
+        self.group_index = initial.group_index()
+        scales = initial.scales.float().clamp(min=1e-12)
+        self.log_scale = nn.Parameter(scales.log(), requires_grad=learn_scales)
+        self.register_buffer("zeros", initial.zeros.float())
+
+    def scales(self) -> torch.Tensor:
+        return self.log_scale.exp()
+
+    def _columns(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return expand_groups(self.scales(), self.group_index), expand_groups(self.zeros, self.group_index)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return self.scheme.fake_quantize_ste(weight, *self._columns())
+
+    @torch.no_grad()
+    def finish(self, weight: torch.Tensor) -> QuantizedWeight:
+        if isinstance(self.scheme, GGMLScheme):
+            s, z = self._columns()
+            return self.scheme.with_codes(self.initial, self.scheme.encode(weight, s, z))
+        scales = self.scales().to(_SCALE_DTYPES[self.scheme.scale_dtype]).float()
+        s, z = expand_groups(scales, self.group_index), expand_groups(self.zeros, self.group_index)
+        return dataclasses.replace(self.initial, codes=self.scheme.encode(weight, s, z), scales=scales)
+
+
+class CodebookFake(FakeQuantizer):
+    """NF4/FP4: w = a * table[code] per flat block of `blocksize`, a learned (log space)."""
+
+    def __init__(self, scheme: Codebook4, weight: torch.Tensor):
+        super().__init__()
+        self.scheme = scheme
+        self.shape = tuple(weight.shape)
+        initial = scheme.quantize(weight)
+        absmax = initial.scales.reshape(-1).float().clamp(min=1e-12)
+        self.log_absmax = nn.Parameter(absmax.log())
+        values, _ = torch.sort(scheme.table(), stable=True)
+        midpoints, order = _bucketing(scheme.quant_type)
+        self.register_buffer("sorted_values", values)
+        self.register_buffer("midpoints", midpoints)
+        self.register_buffer("order", order)
+
+    def _per_value(self, absmax: torch.Tensor) -> torch.Tensor:
+        return absmax.repeat_interleave(self.scheme.blocksize)[: math.prod(self.shape)]
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        a = self._per_value(self.log_absmax.exp())
+        v = torch.clamp(weight.reshape(-1) / a, -1, 1)
+        nearest = self.sorted_values[torch.bucketize(v.detach(), self.midpoints)]
+        return (a * (v + (nearest - v).detach())).reshape(self.shape)
+
+    @torch.no_grad()
+    def finish(self, weight: torch.Tensor) -> QuantizedWeight:
+        absmax = self.log_absmax.exp()
+        extra: dict[str, torch.Tensor] = {}
+        if self.scheme.double_quant:
+            extra = self.scheme.compress_absmax(absmax)
+            absmax = self.scheme.nested_absmax_values(extra)
+        v = torch.clamp(weight.reshape(-1) / self._per_value(absmax), -1, 1)
+        codes = self.order[torch.bucketize(v, self.midpoints)].reshape(self.shape)
+        return QuantizedWeight(self.scheme, self.shape, codes=codes,
+                               scales=self.scheme._scales_layout(absmax, self.shape), zeros=None,
+                               group_size=self.scheme.blocksize, extra=extra)
+
+
+def fake_quantizer(scheme: Scheme, weight: torch.Tensor) -> FakeQuantizer:
+    if isinstance(scheme, IntGrid):
+        # start from the MSE-clipped grid (what RTN --clip-search picks): at 2-3 bits absmax wastes levels
+        initial = dataclasses.replace(scheme, clip_search=True).quantize(weight)
+        initial.scheme = scheme
+        return AffineFake(initial, learn_scales=True)
+    if isinstance(scheme, Codebook4):
+        return CodebookFake(scheme, weight)
+    if isinstance(scheme, KeptGrid):      # merge: the base's statistics as the start (learned for integer grids)
+        return AffineFake(scheme.quantize(weight), learn_scales=isinstance(scheme.base.scheme, IntGrid))
+    if isinstance(scheme, GGMLScheme):
+        return AffineFake(scheme.quantize(weight), learn_scales=False)
+    raise LowbitError(f"qat does not support scheme {scheme.name}; use an integer grid, nf4/fp4 or a GGUF type")
+
+
+class FakeQuantLinear(nn.Module):
+    """A Linear computing with the fake-quantized value of its trainable float weight."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, quantizer: FakeQuantizer):
+        super().__init__()
+        self.weight = nn.Parameter(weight.detach().float().clone())
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
+        self.quantizer = quantizer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.quantizer(self.weight).to(x.dtype), self.bias)
+
+
+def qat_optimizer(fakes: Any, lr: float, scale_lr: float) -> torch.optim.Adam:
+    """Adam over the fake-quantized layers' latent weights and learnable statistics."""
+    groups = []
+    for fake in fakes:
+        # step sizes relative to the weight's own size: one lr fits layers and models of any scale
+        groups.append({"params": [fake.weight], "lr": lr * fake.weight.detach().pow(2).mean().sqrt().item()})
+        stats = [p for p in fake.quantizer.parameters() if p.requires_grad]
+        if stats:
+            groups.append({"params": stats, "lr": scale_lr})
+    return torch.optim.Adam(groups)
+
+
+def cosine(optimizer: torch.optim.Optimizer, base_lrs: list[float], step: int, total: int) -> None:
+    """Set each group's lr on a cosine from its base lr to 0 over `total` steps."""
+    for group, base in zip(optimizer.param_groups, base_lrs):
+        group["lr"] = base * 0.5 * (1 + math.cos(math.pi * step / total))
+
+
+@dataclass
+class QATReport:
+    """Block output error (MSE relative to the target's mean square) before and after training."""
+
+    relative_error: float
+    initial_error: float
+
+
+def scheme_from_name(name: str, bits: int, group_size: int, symmetric: bool = True) -> Scheme:
+    """int (IntGrid with bits/group_size), nf4 / fp4 (double quantized, blocksize 64), or a GGUF type name."""
+    key = name.lower()
+    if key == "int":
+        return IntGrid(bits=bits, group_size=group_size, symmetric=symmetric)
+    if key in ("nf4", "fp4"):
+        return Codebook4(quant_type=key, blocksize=64, double_quant=True, compute_dtype="float32")
+    return GGMLScheme(type=name.upper())
+
+
+@register_method
+class QAT(Method):
+    """Block-wise quantization-aware training (see the module docstring)."""
+
+    name = "qat"
+    needs_calibration = True
+    defaults = {"epochs": 4, "lr": 1e-2, "scale_lr": 1e-2, "chunk": 4}
+    option_types = {"epochs": int, "lr": float, "scale_lr": float, **CALIBRATION_OPTION_TYPES}
+
+    def __init__(self, config: Any):
+        super().__init__(config)
+        if self.option("epochs") < 1 or self.option("chunk") < 1:
+            raise LowbitError(f"method qat: epochs and chunk must be >= 1 (got {self.option('epochs')}, "
+                              f"{self.option('chunk')})")
+        if not self.option("lr") > 0 or self.option("scale_lr") < 0:
+            raise LowbitError(f"method qat: lr must be > 0 and scale_lr >= 0 (got {self.option('lr')}, "
+                              f"{self.option('scale_lr')})")
+
+    def option_names(self) -> tuple[str, ...]:
+        return ("scheme", "epochs", "lr", "scale_lr", "calib_samples", "calib_len", "seed", "chunk")
+
+    def option(self, key: str) -> Any:
+        value = self.config.options.get(key)
+        return self.defaults.get(key) if value is None else value
+
+    def scheme(self) -> Scheme:
+        c = self.config
+        scheme = c.options.get("scheme")
+        if isinstance(scheme, str):
+            return scheme_from_name(scheme, c.bits, c.group_size, c.symmetric)
+        return resolve_scheme(scheme, IntGrid(bits=c.bits, group_size=c.group_size, symmetric=c.symmetric))
+
+    def check_layer(self, name: str, linear: nn.Module) -> None:
+        from lowbit.models.adapters import in_out_features
+
+        scheme = self.scheme_for(name)
+        k = in_out_features(linear)[0]
+        if isinstance(scheme, GGMLScheme) and k % scheme.codec.block:
+            raise LowbitError(f"{name}: {scheme.type} needs a width that is a multiple of {scheme.codec.block}, "
+                              f"got {k}; pick another type or skip the layer")
+        super().check_layer(name, linear)
+
+    def quantize_block(self, block: nn.Module, linears: dict[str, nn.Module], inputs: Any = None,
+                       arch: Any = None, prefix: str = "") -> BlockResult:
+        from lowbit.calibration.capture import block_output, run_block
+        from lowbit.models.arch.base import linear_weight
+        from lowbit.runtime.surgery import replace_module
+
+        if inputs is None:
+            raise LowbitError("qat needs calibration inputs for every block")
+        calls = list(inputs)
+        targets = [call.hidden for call in run_block(block, calls)]
+        frozen = {p: p.requires_grad for p in block.parameters()}
+        for p in frozen:
+            p.requires_grad_(False)
+        fakes: dict[str, FakeQuantLinear] = {}
+        for name, module in linears.items():
+            weight = linear_weight(module).detach().float()
+            fakes[name] = FakeQuantLinear(weight, getattr(module, "bias", None),
+                                          fake_quantizer(self.scheme_for(join_name(prefix, name)), weight))
+            replace_module(block, name, fakes[name])
+        try:
+            optimizer = qat_optimizer(fakes.values(), self.option("lr"), self.option("scale_lr"))
+            generator = torch.Generator().manual_seed(self.option("seed") or 0)
+            epochs = self.option("epochs")
+
+            def block_error() -> float:
+                with torch.no_grad():
+                    num = sum(F.mse_loss(block_output(block(*c.args, **c.kwargs)), t, reduction="sum").item()
+                              for c, t in zip(calls, targets))
+                    return num / sum(t.pow(2).sum().item() for t in targets)
+
+            initial = block_error()
+            total = epochs * len(calls)
+            base_lrs = [group["lr"] for group in optimizer.param_groups]
+            step = 0
+            for _ in range(epochs):
+                for i in torch.randperm(len(calls), generator=generator).tolist():
+                    cosine(optimizer, base_lrs, step, total)
+                    call = calls[i]
+                    out = block_output(block(*call.args, **call.kwargs))
+                    loss = F.mse_loss(out, targets[i])
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    step += 1
+            final = block_error()
+            results = {name: fake.quantizer.finish(fake.weight.detach()) for name, fake in fakes.items()}
+        finally:
+            for name, module in linears.items():
+                replace_module(block, name, module)
+            for p, flag in frozen.items():
+                p.requires_grad_(flag)
+        report = QATReport(relative_error=final, initial_error=initial)
+        log.debug("qat %s: block error %.3e -> %.3e", prefix, initial, final)
+        return BlockResult(results, {name: report for name in results})
+
+
