@@ -64,6 +64,11 @@ FAMILIES = {
                                     num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=16,
                                     num_experts_per_tok=8, norm_topk_prob=True),
                   "Qwen3-30B-A3B, top-8 of 16 (of its 128) experts"),
+    # LayerNorm families
+    "gpt_neox": ("gpt_neox", dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=16), "Pythia-410M"),
+    "gpt2": ("gpt2", dict(n_embd=768, n_head=12), "GPT-2 (124M)"),
+    "opt": ("opt", dict(hidden_size=768, ffn_dim=3072, num_attention_heads=12, word_embed_proj_dim=768), "OPT-125M"),
+    "bloom": ("bloom", dict(hidden_size=1024, n_head=16), "BLOOM-560M"),
 }
 
 
@@ -174,8 +179,8 @@ def main() -> None:
                                                                                                    args.vocab)
         rows.append({"family": family, "shape_of": real, "layers": layers, "vocab": vocab, "real_file": is_real,
                      "layout": "as the file" if is_real else args.layout,
-                     **{k: shape[k] for k in ("hidden_size", "intermediate_size", "num_attention_heads",
-                                              "num_key_value_heads")},
+                     **{k: getattr(model.config, k, None) for k in ("hidden_size", "intermediate_size",
+                                                                    "num_attention_heads", "num_key_value_heads")},
                      **{k: shape[k] for k in ("num_local_experts", "num_experts", "num_experts_per_tok",
                                               "moe_intermediate_size", "shared_expert_intermediate_size")
                         if k in shape},

@@ -40,7 +40,8 @@ def test_kernels_and_decode_under_address_sanitizer(tmp_path):
     assert build.returncode == 0, build.stderr
     env = {**os.environ, "LD_PRELOAD": runtime, "OMP_NUM_THREADS": "2",
            "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=1:halt_on_error=1"}
-    tests = ["tests/test_compiled_step.py", "tests/test_fast_kernels.py", "tests/test_validation.py::"
+    tests = ["tests/test_compiled_step.py", "tests/test_compiled_families.py", "tests/test_fast_kernels.py",
+             "tests/test_validation.py::"
              "test_compiled_step_refuses_a_weight_whose_description_disagrees", "tests/test_validation.py::"
              "test_c_size_check_codes"]
     run = subprocess.run([sys.executable, "-c", RUN, str(library), *tests], cwd=ROOT, env=env, capture_output=True,

@@ -316,7 +316,8 @@ def test_bench_says_which_decode_path_ran(model_type, path, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("model_type,reason", [("falcon-40b", "ln_attn / ln_mlp blocks (new_decoder_architecture)"),
-                                               ("opt-350m", "norms after attention and MLP (do_layer_norm_before=False)")])
+                                               ("opt-350m",
+                                                "norms after attention and MLP (do_layer_norm_before=False)")])
 def test_families_outside_the_decoder_fall_back_with_their_reason(model_type, reason):
     """The engine asks the family's Architecture, not a list: what the decoder cannot compute is named, and
     those models run through transformers' forward with lowbit's quantized Linears."""

@@ -1,5 +1,6 @@
 """The engine's compiled decode step (runtime/csrc/decode.c): a whole token step of a pre-norm rotary decoder
-(Llama, Mistral, Qwen2/3, Gemma 1/2/3, Phi-3; Mixtral, Qwen2-MoE, Qwen3-MoE with their routed experts) in one C call.
+(Llama, Mistral, Qwen2/3, Gemma 1/2/3, Phi-3; Mixtral, Qwen2-MoE, Qwen3-MoE with their routed experts; GPT-NeoX,
+GPT-2, OPT, BLOOM, Falcon with LayerNorms) in one C call.
 
 `NativeDecodeStep.build(decoder)` describes the decoder (a RotaryDecoder, which read the family's facts from its
 Architecture: norms and their (1 + w), sandwich norms, activation, q/k norms, partial rotary, per-layer rotary
@@ -121,8 +122,8 @@ class NativeDecodeStep:
         self.structures = list(structures)     # ctypes structures the layers point to (expert layers)
         self.embed, self.vocab = embed, vocab
         self.arithmetic = arithmetic       # what the matmuls compute in, for people reading a benchmark
-        self.position_embed = position_embed
-        self.embed_norm = embed_norm
+        self.position_embed = position_embed   # learned positions (GPT-2, OPT), added to the embedding
+        self.embed_norm = embed_norm           # BLOOM's norm of the embeddings
         # token ids index the embedding, whose rows may differ from the head's outputs (padded vocabularies)
         rows = getattr(embed, "num_embeddings", None) or getattr(getattr(embed, "qweight", None), "shape", (vocab,))[0]
         self.embedding_rows = int(rows)

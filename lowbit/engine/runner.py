@@ -1,9 +1,9 @@
 """lowbit's inference engine: batched prefill, decode over a preallocated KV cache, sampling, stop tokens.
 
 The engine runs a loaded Hugging Face model whose Linear layers may be QuantLinear modules. For pre-norm rotary
-decoders (Llama, Mistral, Qwen2, Qwen3, SmolLM2, Gemma 1/2/3, Phi-3, and the mixtures of experts Mixtral, Qwen2-MoE,
-Qwen3-MoE: whatever `decoder_blocker` accepts from the family's Architecture) it runs its own decoder loop over the
-model's modules: q/k/v and gate/up projections
+decoders (Llama, Mistral, Qwen2, Qwen3, SmolLM2, Gemma 1/2/3, Phi-3, the mixtures of experts Mixtral, Qwen2-MoE,
+Qwen3-MoE, and the LayerNorm families GPT-NeoX, GPT-2, OPT, BLOOM, Falcon: whatever `decoder_blocker` accepts from
+the family's Architecture) it runs its own decoder loop over the model's modules: q/k/v and gate/up projections
 fused into one matmul each, rotary tables computed once, a static cache of shape
 [layers, slots, kv_heads, context, head_dim] written in place, and attention over only the filled prefix (or the
 layer's window). Single tokens decode through the compiled step (engine/compiled_step.py). One cache slot per
@@ -377,9 +377,10 @@ def _softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
 
 
 class RotaryDecoder:
-    """Runs a pre-norm rotary decoder (the families `decoder_blocker` accepts: Llama, Mistral, Qwen2/3, Gemma 1/2/3,
-    Phi-3, Mixtral, Qwen2-MoE, Qwen3-MoE) with lowbit's static cache, reading the block layout from the model's
-    Architecture (no HF forward on the hot path, but for the expert layers' routing in torch)."""
+    """Runs a pre-norm decoder (the families `decoder_blocker` accepts: Llama, Mistral, Qwen2/3, Gemma 1/2/3, Phi-3,
+    Mixtral, Qwen2-MoE, Qwen3-MoE, GPT-NeoX, GPT-2, OPT, BLOOM, Falcon) with lowbit's static cache, reading the
+    block layout from the model's Architecture (no HF forward on the hot path, but for the expert layers' routing
+    in torch)."""
 
     def __init__(self, model: nn.Module, slots: int, context: int, kv_dtype: torch.dtype, fuse: bool = True,
                  prefill_attention_dtype: torch.dtype = torch.float32, native: bool = True,

@@ -1,5 +1,6 @@
-/* One decode step of a pre-norm rotary decoder (Llama, Mistral, Qwen2/3, SmolLM2, Gemma 1/2/3, Phi-3, and the
- * mixture-of-experts ones: Mixtral, Qwen2-MoE, Qwen3-MoE) in one call.
+/* One decode step of a pre-norm decoder in one call: rotary ones (Llama, Mistral, Qwen2/3, SmolLM2, Gemma 1/2/3,
+ * Phi-3), the mixture-of-experts ones (Mixtral, Qwen2-MoE, Qwen3-MoE) and the LayerNorm ones (GPT-NeoX, Falcon with
+ * rotary; GPT-2, OPT with learned positions added before the call; BLOOM with ALiBi).
  *
  * Why: at batch 1 a small model's decode step is ~50 torch operations per layer, and their dispatch costs more
  * than the arithmetic (measured: 13.4 ms per SmolLM2-135M token, of which ~5 ms were matmuls). Here the whole
@@ -344,7 +345,8 @@ void lowbit_decode_step(const lb_model *m, float *x, int64_t B, const int64_t *s
         const int activations = (int)m->activations;
         for (int64_t l = 0; l < m->n_layers; l++) {
             const lb_layer *layer = &m->layers[l];
-            for (int64_t b = 0; b < B; b++) hidden_norm(m, x + b * H, layer->input_norm, layer->input_norm_bias, h + b * H);
+            for (int64_t b = 0; b < B; b++)
+                hidden_norm(m, x + b * H, layer->input_norm, layer->input_norm_bias, h + b * H);
             matmul_parts(layer->qkv, 3, h, B, qkv, QKV, xsum, activations);
 
             /* per-head norms (Qwen3, Gemma 3), rotary embedding, and this token's keys and values into the cache */
@@ -441,7 +443,7 @@ void lowbit_decode_step(const lb_model *m, float *x, int64_t B, const int64_t *s
                 lb_matmul(&layer->down, act, B, out, H, 1, xsum, activations, 1);
                 #pragma omp for schedule(static)
                 for (int64_t i = 0; i < B * H; i++) x[i] = out[i] + x[i];
-            } else if (layer->mlp_out_norm) {                                    /* x += norm(MLP output) */
+            } else if (layer->mlp_out_norm) {                             /* x += norm(MLP output) */
                 lb_matmul(&layer->down, act, B, out, H, 0, xsum, activations, 1);
                 add_normed(x, out, layer->mlp_out_norm, B, H, m->norm_eps, h);
             } else {
