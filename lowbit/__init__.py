@@ -5,10 +5,15 @@ import importlib as _importlib
 import os as _os
 
 # OpenMP threads that spin at barriers collapse on a busy machine: a spinning thread burns the time slice its
-# preempted sibling needs to reach the barrier. Measured with SmolLM2 decoding on 2 cores at load 12: 0.5 tok/s
-# spinning (libgomp's default), 11 tok/s sleeping (and 8.3 on one thread). libgomp reads this when torch loads it,
-# so it is set before torch is imported; OMP_WAIT_POLICY=ACTIVE in the environment restores spinning.
-_os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# preempted sibling needs to reach the barrier (SmolLM2 decoding on 2 cores at load 12: 0.5 tok/s with libgomp's
+# default spin, 11 tok/s sleeping). Sleeping at once costs a futex wake per barrier (~170 a token) on a quiet
+# machine, so threads spin briefly, then sleep: GOMP_SPINCOUNT=3000 (a few microseconds). Measured side by side,
+# Qwen2.5-0.5B Q4_K_M, 2 threads: quiet-ish (load 2-9) tg64 22.4 tok/s sleeping at once vs 25.2 with 3000 spins
+# (24.8 with 20000); with 10 spinning processes on the 2 cores tg16 3.08/2.86 vs 3.11/2.87 (20000 spins lost 30%
+# there: 2.3/2.1). libgomp reads these when it loads, so they are set before torch is imported; an
+# OMP_WAIT_POLICY or GOMP_SPINCOUNT in the environment wins.
+if "OMP_WAIT_POLICY" not in _os.environ:
+    _os.environ.setdefault("GOMP_SPINCOUNT", "3000")
 
 # The public API, imported on first use: `import lowbit` (and header-only commands such as `lowbit inspect`)
 # must not pay for importing torch and transformers.
