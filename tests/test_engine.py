@@ -155,7 +155,8 @@ def test_batched_decode_equals_single_sequences(stories):
 
 @needs_stories
 def test_large_batches_decode_through_one_gemm_per_weight_and_equal_single_sequences(stories, stories_rtn4):
-    """From PREFILL_ROWS rows a decode step leaves the compiled step for the torch decoder's GEMMs (each weight
+    """From `compiled_batch_rows` rows (set to PREFILL_ROWS here) a decode step leaves the compiled step for the
+    torch decoder's GEMMs (each weight
     dequantized once for all rows); the tokens stay those each sequence gives alone through the compiled step."""
     from lowbit.runtime.cpu import float32_arithmetic
     from lowbit.runtime.fast_kernels import PREFILL_ROWS
@@ -184,6 +185,7 @@ def test_large_batches_decode_through_one_gemm_per_weight_and_equal_single_seque
     # bf16, a different arithmetic whose near-ties may pick other tokens (this test is about batching, not dtypes)
     engine = Engine(stories_rtn4, tokenizer, max_batch=len(prompts), context=64,
                     prefill_attention_dtype=torch.float32)
+    engine.decoder.compiled_batch_rows = PREFILL_ROWS   # the GEMMs' path, which takes batches of 64 rows and more
     engine.decoder.native = counted = CountedStep(engine.decoder.native)
     greedy = SamplingParams(max_new_tokens=12, temperature=0.0)
     with float32_arithmetic():

@@ -232,3 +232,44 @@ def test_stories_gguf_generate_equals_torch_reference(tmp_path, stories, mix):
     assert engine.decoder.native is not None
     ours = list(engine.generate(prompt, SamplingParams(max_new_tokens=40, temperature=0.0), stop_on_eos=False))
     assert ours == _greedy_reference(model, prompt, 40)
+
+
+def test_int8_activation_batches_stay_on_the_compiled_step(wide_llama_gguf, stories):
+    """With int8 activations (the default on GGUF blocks) a decode batch above PREFILL_ROWS rows runs through
+    the compiled step (which reuses each unpacked block for 16 rows; see runner.COMPILED_BATCH_ROWS), and each
+    row's tokens equal that sequence decoded alone."""
+    from lowbit.engine.generate import SamplingParams
+    from lowbit.engine.runner import Engine
+    from lowbit.models.loading import load_model
+    from lowbit.runtime.fast_kernels import PREFILL_ROWS
+
+    _, tokenizer = stories
+    model, _ = load_model(wide_llama_gguf["Q4_K_M"], keep_quantized=True)
+    words = ("Once", "Tom", "The sun", "A cat", "Lily", "One day", "Ben", "The dog", "Sue", "A bird")
+    prompts = [tokenizer(f"{w} {v}").input_ids for w in words for v in ("was", "had")][:PREFILL_ROWS + 2]
+    greedy = SamplingParams(max_new_tokens=8, temperature=0.0)
+    single = Engine(model, tokenizer, context=64, activations="int8", threads=1)
+    alone = [list(single.generate(p, greedy, stop_on_eos=False)) for p in prompts]
+    engine = Engine(model, tokenizer, max_batch=len(prompts), context=64, activations="int8", threads=1)
+    assert engine.decoder.compiled_batch_rows > len(prompts)
+    rows = []
+
+    class CountedStep:
+        """The compiled step, recording how many rows each decode call gave it."""
+
+        def __init__(self, step):
+            self.step = step
+
+        def __call__(self, tokens, *args):
+            rows.append(len(tokens))
+            return self.step(tokens, *args)
+
+        def __getattr__(self, name):
+            return getattr(self.step, name)
+
+    engine.decoder.native = CountedStep(engine.decoder.native)
+    seqs = [engine.start(p, greedy, stop_on_eos=False) for p in prompts]
+    while not all(s.finished for s in seqs):
+        engine.step()
+    assert max(rows) == len(prompts)                  # the full batch ran the compiled step
+    assert [s.generated for s in seqs] == alone

@@ -32,6 +32,8 @@ from lowbit.quantized import QuantizedWeight
 from lowbit.runtime.activations import Activations
 from lowbit.runtime.cpu import gemm_dtype
 from lowbit.runtime.fast_kernels import PREFILL_ROWS
+
+COMPILED_BATCH_ROWS = 64    # decode batches below this many rows run through the compiled step (see RotaryDecoder)
 from lowbit.runtime.qlinear import QuantLinear
 
 # Prompt chunks up to this many tokens run through the compiled step (float32, as decoding is: measured as fast
@@ -457,6 +459,14 @@ class RotaryDecoder:
                                else (None, "compiled step switched off"))
         self.path = "compiled step" if self.native is not None else f"torch decoder ({reason})"
         self.arithmetic = self.native.arithmetic if self.native is not None else "float32 activations (torch)"
+        # Rows from which a decode step leaves the compiled step for the torch decoder's GEMMs. The compiled step
+        # reuses each weight row for 16 rows of the batch; the GEMMs dequantize every weight each step. Measured on
+        # SmolLM2, 2 threads, one step: RTN-4 g128 (float32 activations) 45 / 87 / 180 ms at 16 / 32 / 64 rows
+        # against 253 / 258 / 271 ms for the GEMMs; Q4_1 blocks (int8 activations) 105 ms at 32 rows against 94.
+        # And `lowbit serve` with 32 streaming clients got 200 tok/s through the compiled step against 88 through
+        # the GEMMs, whose ~1,500 torch calls a step contend for the GIL with the server's threads
+        # (bench/bench_engine.py). So the step keeps decode batches below COMPILED_BATCH_ROWS.
+        self.compiled_batch_rows = COMPILED_BATCH_ROWS
         if self.native is None and native and fuse:
             self.layers = self._layers(model, fuse=True)
 
@@ -504,10 +514,10 @@ class RotaryDecoder:
     def decode(self, tokens: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Logits [B, vocab] for one token per row: row b's token `tokens[b]` at `positions[b]` of slot `slots[b]`.
 
-        Fewer than PREFILL_ROWS rows run through the compiled step, which reads every weight once per step but
-        multiplies it per row (its cost grows with B once the weights come from cache); more run through the torch
-        decoder, whose kernels dequantize each weight once per step into one GEMM over all rows."""
-        if self.native is not None and len(tokens) < PREFILL_ROWS:
+        Fewer than `compiled_batch_rows` rows (COMPILED_BATCH_ROWS) run through the compiled step, which reads
+        every weight once per 16 rows but multiplies it per row; more run through the torch decoder, whose kernels
+        dequantize each weight once per step into one GEMM over all rows."""
+        if self.native is not None and len(tokens) < self.compiled_batch_rows:
             return self.native(tokens, slots, positions)
         low, high = int(slots.min()), int(slots.max()) + 1
         # Slots low..high-1 run as one batch; idle slots in between are free, so the throwaway token they
@@ -555,7 +565,7 @@ class RotaryDecoder:
         """
         batch, seq = tokens.shape
         if self.native is not None and not all_logits:
-            if seq == 1 and batch < PREFILL_ROWS:
+            if seq == 1 and batch < self.compiled_batch_rows:
                 return self.native(tokens[:, 0], torch.arange(rows.start or 0, rows.stop), positions)
             if batch == 1 and seq <= NATIVE_PREFILL_TOKENS:
                 return self.native.prefill(tokens[0], rows.start or 0, int(positions[0]))
@@ -719,8 +729,8 @@ class Engine:
         activations = Activations.parse(activations)
         self.threads = set_threads(threads)
         # threads left to lowbit (None): decode steps pick their thread count by timing, for busy machines
-        # (one tuner per decode path: per-row compiled step below PREFILL_ROWS rows, GEMMs from there; their best
-        # counts differ and a trial round must not time one against the other)
+        # (one tuner below PREFILL_ROWS rows and one from there: a few rows and a large batch, on the compiled step
+        # or the GEMMs, have different best counts, and a trial round must not time one against the other)
         self.thread_tuners = ({False: ThreadTuner(self.threads), True: ThreadTuner(self.threads)}
                               if threads is None and self.threads > 1 else None)
         self.model = model.eval()
