@@ -52,6 +52,19 @@ def tiny_model(model_type: str, seed: int = 0):
     return model, config
 
 
+def tiny_tokenizer(vocab: int = COMMON["vocab_size"]):
+    """A byte-level BPE tokenizer with `vocab` tokens (GGUF export stores the tokenizer)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab_map = {tok: i for i, tok in enumerate(sorted(alphabet)[: vocab - 3], start=3)}
+    vocab_map.update({"<pad>": 0, "<s>": 1, "</s>": 2})
+    tok = Tokenizer(models.BPE(vocab=vocab_map, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
 def reference_model(quantized):
     """transformers' own model class with the quantized model's dequantized weights (fused experts stacked
     back, Conv1D transposed back): what `generate` must agree with."""

@@ -17,7 +17,7 @@ from lowbit.methods.pipeline import quantize_model
 from lowbit.models.arch import all_architectures, architecture_for
 from lowbit.runtime.surgery import quantized_modules, set_kernel
 
-from arch_models import MODEL_TYPES, greedy_lowbit, greedy_reference, reference_model, tiny_model
+from arch_models import MODEL_TYPES, greedy_lowbit, greedy_reference, reference_model, tiny_model, tiny_tokenizer
 
 PROMPT = torch.tensor([1, 5, 17, 33, 8, 9, 40, 12])
 N_NEW = 12
@@ -119,19 +119,6 @@ def test_native_save_load_round_trip(model_type, tmp_path):
 GGUF_TYPES = [t for t in MODEL_TYPES if architecture_for(t).gguf is not None]
 
 
-def _tokenizer(tmp_path, vocab: int = 96):
-    """A byte-level BPE tokenizer with `vocab` tokens (GGUF export stores the tokenizer)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab_map = {tok: i for i, tok in enumerate(sorted(alphabet)[: vocab - 3], start=3)}
-    vocab_map.update({"<pad>": 0, "<s>": 1, "</s>": 2})
-    tok = Tokenizer(models.BPE(vocab=vocab_map, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-
-
 @pytest.mark.parametrize("model_type", GGUF_TYPES)
 def test_gguf_export_import_round_trip(model_type, tmp_path):
     """F32 export then import gives back exactly the model (names, q/k and q|k|v row orders, Gemma's 1 + w,
@@ -141,7 +128,7 @@ def test_gguf_export_import_round_trip(model_type, tmp_path):
 
     model, _ = tiny_model(model_type)
     architecture_for(model).prepare(model)
-    tok = _tokenizer(tmp_path)
+    tok = tiny_tokenizer()
     path = export_gguf(model, tok, tmp_path / "f32.gguf", type="F32", progress=False)
     gf = read_gguf(path)
     assert gf.get("general.architecture") == architecture_for(model).gguf.name
@@ -160,7 +147,7 @@ def test_opt_gguf_export_is_refused_clearly(tmp_path):
 
     model, _ = tiny_model("opt")
     with pytest.raises(UnsupportedArchitecture, match="llama.cpp has no opt"):
-        export_gguf(model, _tokenizer(tmp_path), tmp_path / "x.gguf", type="F32")
+        export_gguf(model, tiny_tokenizer(), tmp_path / "x.gguf", type="F32")
     assert not (tmp_path / "x.gguf").exists()
 
 

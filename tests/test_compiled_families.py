@@ -359,11 +359,11 @@ def test_moe_gguf_file_kept_quantized_runs_compiled(model_type, tmp_path):
     from lowbit.models.loading import load_model
     from lowbit.runtime.qlinear import QuantLinear
 
-    from test_architectures import _tokenizer
+    from arch_models import tiny_tokenizer
 
     model = family_model(model_type, "gguf")
     model.config.sliding_window = None     # llama.cpp's "llama" (Mixtral) stores no window
-    path = export_gguf(model, _tokenizer(tmp_path), tmp_path / "moe.gguf", type="Q4_K_M", progress=False)
+    path = export_gguf(model, tiny_tokenizer(), tmp_path / "moe.gguf", type="Q4_K_M", progress=False)
     loaded, _ = load_model(path, keep_quantized=True)
     written = dict(model.named_modules())
     experts = [(n, m) for n, m in loaded.named_modules() if isinstance(m, QuantLinear) and ".experts." in n]

@@ -87,3 +87,34 @@ def test_the_tolerance_holds_for_a_file_llama_cpp_users_made():
     with torch.no_grad():
         ours = model(torch.tensor([ids])).logits[0].float().numpy()
     _compare(ours, llama_cpp_logits(llama_cpp, path, ids), exact=False)
+
+
+def _gguf_families():
+    from arch_models import MODEL_TYPES
+
+    from lowbit.models.arch import architecture_for
+    return [t for t in MODEL_TYPES if architecture_for(t).gguf is not None]
+
+
+# token ids inside the tiny models' 96-token vocabulary, after BOS
+TINY_IDS = [1, 40, 71, 12, 88, 5, 63, 30, 47, 19, 94, 3]
+
+
+@pytest.mark.parametrize("model_type", _gguf_families())
+@pytest.mark.parametrize("mix", ["F32", "Q8_0"])
+def test_llama_cpp_runs_every_family_with_matching_logits(tmp_path, model_type, mix):
+    """Each registry family llama.cpp has an architecture for: the tiny random model's GGUF loads in llama.cpp
+    and its logits at every position match lowbit's on the same file, within the rule of the test above."""
+    llama_cpp = _llama_cpp()
+    from arch_models import tiny_model, tiny_tokenizer
+
+    from lowbit.formats.gguf import export_gguf, load_gguf_quantized
+    from lowbit.models.arch import architecture_for
+
+    model, _ = tiny_model(model_type)
+    architecture_for(model).prepare(model)
+    path = export_gguf(model, tiny_tokenizer(), tmp_path / f"{model_type}.{mix}.gguf", type=mix, progress=False)
+    ours_model, _ = load_gguf_quantized(path, kernel="reference")
+    with torch.no_grad():
+        ours = ours_model(torch.tensor([TINY_IDS])).logits[0].float().numpy()
+    _compare(ours, llama_cpp_logits(llama_cpp, path, TINY_IDS), exact=mix == "F32")

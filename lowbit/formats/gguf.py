@@ -97,12 +97,17 @@ def _pack_value(vtype: int, value: Any, sub: int | None) -> bytes:
     return struct.pack(_SCALAR_FORMATS[vtype], value)
 
 
+# keys whose type an empty value cannot tell: a tokenizer without merges (a byte-level vocabulary) still needs a
+# string array there, or llama.cpp refuses the file ("invalid gguf type for tokenizer.ggml.merges")
+STRING_ARRAY_KEYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges")
+
+
 def write_gguf(path: str | os.PathLike, metadata: dict[str, Any], tensors: Iterable[TensorToWrite],
                value_types: dict[str, tuple[int, int | None]] | None = None,
                alignment: int = DEFAULT_ALIGNMENT) -> Path:
     """Write a GGUF v3 file atomically: nothing is left at `path` if anything fails or is interrupted."""
     path = Path(path)
-    value_types = value_types or {}
+    value_types = {**{key: (ARRAY, STRING) for key in STRING_ARRAY_KEYS}, **(value_types or {})}
     tensors = list(tensors)
     seen = set()
     for t in tensors:
