@@ -27,7 +27,9 @@ TINY = {
     "mixtral": dict(LLAMA_LIKE, num_local_experts=4, num_experts_per_tok=2),
     "qwen2_moe": dict(LLAMA_LIKE, moe_intermediate_size=64, shared_expert_intermediate_size=96, num_experts=4,
                       num_experts_per_tok=2),
-    "qwen3_moe": dict(LLAMA_LIKE, head_dim=16, moe_intermediate_size=64, num_experts=4, num_experts_per_tok=2),
+    # renormalised top-k as in released Qwen3-MoE checkpoints (and llama.cpp's qwen3moe, which cannot do otherwise)
+    "qwen3_moe": dict(LLAMA_LIKE, head_dim=16, moe_intermediate_size=64, num_experts=4, num_experts_per_tok=2,
+                      norm_topk_prob=True),
 }
 MODEL_TYPES = tuple(TINY)
 

@@ -142,6 +142,18 @@ def test_gguf_export_import_round_trip(model_type, tmp_path):
     assert 0 < (a - b).abs().max() < 0.05 * b.abs().max()
 
 
+@pytest.mark.parametrize("model_type", ["qwen2_moe", "qwen3_moe"])
+def test_gguf_export_refuses_expert_weighting_llama_cpp_cannot_express(model_type, tmp_path):
+    """llama.cpp fixes whether the top-k expert weights are renormalised (qwen2moe: never, qwen3moe: always);
+    a model that says otherwise is refused instead of written as a file that computes something else."""
+    from lowbit.formats.gguf import export_gguf
+
+    model, _ = tiny_model(model_type)
+    model.config.norm_topk_prob = not architecture_for(model).experts.renormalizes(model.config)
+    with pytest.raises(LowbitError, match="norm_topk_prob"):
+        export_gguf(model, tiny_tokenizer(), tmp_path / "x.gguf", type="F32", progress=False)
+
+
 def test_opt_gguf_export_is_refused_clearly(tmp_path):
     from lowbit.formats.gguf import export_gguf
 
