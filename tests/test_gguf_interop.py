@@ -1,4 +1,5 @@
-"""llama.cpp runs lowbit's GGUF files: it loads a Q4_K_M export and its logits match lowbit's own runtime.
+"""llama.cpp runs lowbit's GGUF files: it loads a Q4_K_M export and its logits match lowbit's own runtime, and
+the tiny random model of every registry family llama.cpp has an architecture for loads with matching logits.
 
 Needs llama-cpp-python, built from source (about 10 minutes on 2 cores):
     CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON" pip install llama-cpp-python
