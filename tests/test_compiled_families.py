@@ -298,6 +298,22 @@ def test_each_routing_rule_changes_the_logits(model_type, rule):
     assert (logits_c - logits_t).abs().max() > 1e-2 * logits_t.abs().max()
 
 
+@pytest.mark.skipif(not clib.has_act8(), reason="this build has no int8-activation kernels")
+def test_moe_arithmetic_counts_routers_and_experts():
+    """The step's "arithmetic" counts every matmul it runs: per layer q, k, v, o, the router and shared-expert
+    gate (float weights: float32) and each expert's gate, up and down (RTN codes: int8 when asked for)."""
+    from lowbit.runtime.qlinear import QuantLinear
+
+    model = family_model("qwen2_moe")
+    config = model.config
+    engine = Engine(model, context=32, activations="int8")
+    assert engine.decode_path == "compiled step"
+    total = config.num_hidden_layers * (4 + 2 + 3 * (config.num_experts + 1)) + 1      # and lm_head
+    rounded = sum(isinstance(m, QuantLinear) for m in model.modules())
+    assert rounded < total
+    assert engine.arithmetic == f"int8 activations in {rounded} of {total} matmuls, float32 in the others (int8)"
+
+
 @pytest.mark.parametrize("model_type,path", [("gemma2", "compiled step"),
                                              ("falcon-40b", "transformers forward (ln_attn / ln_mlp blocks "
                                                             "(new_decoder_architecture))")])
