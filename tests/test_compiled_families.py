@@ -108,7 +108,8 @@ def family_model(model_type: str, layout: str = "rtn"):
 
 # Configs of supported families that lowbit's decoder refuses by name
 VARIANTS = {"opt-350m": ("opt", dict(do_layer_norm_before=False)),        # norms after attention and MLP
-            "falcon-40b": ("falcon", dict(new_decoder_architecture=True, num_kv_heads=2))}
+            "falcon-40b": ("falcon", dict(new_decoder_architecture=True, num_kv_heads=2)),
+            "gpt2-unscaled": ("gpt2", dict(scale_attn_weights=False))}                # scores not / sqrt(head_dim)
 
 
 def variant_model(name: str):
@@ -333,7 +334,9 @@ def test_bench_says_which_decode_path_ran(model_type, path, tmp_path, capsys):
 
 @pytest.mark.parametrize("model_type,reason", [("falcon-40b", "ln_attn / ln_mlp blocks (new_decoder_architecture)"),
                                                ("opt-350m",
-                                                "norms after attention and MLP (do_layer_norm_before=False)")])
+                                                "norms after attention and MLP (do_layer_norm_before=False)"),
+                                               ("gpt2-unscaled",
+                                                "unscaled attention scores (scale_attn_weights=False)")])
 def test_families_outside_the_decoder_fall_back_with_their_reason(model_type, reason):
     """The engine asks the family's Architecture, not a list: what the decoder cannot compute is named, and
     those models run through transformers' forward with lowbit's quantized Linears."""
