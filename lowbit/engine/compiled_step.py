@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lowbit.errors import LowbitError
 from lowbit.runtime.checks import check_decode_model, check_step_inputs
 from lowbit.runtime.activations import Activations
 from lowbit.runtime.clib import LinearSpec, linear_spec, native_library, uses_act8
@@ -244,6 +245,9 @@ class NativeDecodeStep:
             x = x + self.position_embed(positions).float()
         if self.embed_norm is not None:                 # BLOOM's norm of the embeddings
             x = self.embed_norm(x)
+        if tuple(x.shape) != (batch, self.spec.hidden):  # C reads batch x hidden floats from x
+            raise LowbitError(f"compiled step: the embedding gives rows of shape {list(x.shape[1:])}, and the model's "
+                              f"hidden size is {self.spec.hidden}; the model does not match its configuration")
         x = x.contiguous()
         slots = slots.to(torch.int64).contiguous()
         positions = positions.to(torch.int64).contiguous()
