@@ -291,7 +291,8 @@ def test_compiled_step_refuses_a_weight_whose_description_disagrees(made):
 
 
 def test_compiled_step_refuses_embeddings_of_another_width(made):
-    """C reads batch x hidden floats of embeddings: a narrower embedding table is an error, not a read past x."""
+    """C reads batch x hidden floats of embeddings: a narrower embedding table is an error, not a read past x; and
+    an empty prompt chunk has no last row for C to take the logits of."""
     from lowbit.engine.runner import Engine
 
     model, _ = load_model(made["native-rtn4"])
@@ -301,6 +302,8 @@ def test_compiled_step_refuses_embeddings_of_another_width(made):
     one = torch.tensor([1])
     hidden = step.spec.hidden
     assert step(one, torch.tensor([0]), torch.tensor([0])).shape == (1, step.vocab)
+    with pytest.raises(LowbitError, match="a prompt chunk of no tokens"):
+        step.prefill(torch.tensor([], dtype=torch.long), 0, 0)
     step.embed = torch.nn.Embedding(step.embedding_rows, hidden - 8)
     with pytest.raises(LowbitError, match=rf"rows of shape \[{hidden - 8}\].*hidden size is {hidden}"):
         step(one, torch.tensor([0]), torch.tensor([0]))

@@ -235,6 +235,8 @@ class NativeDecodeStep:
     def __call__(self, tokens: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor,
                  last_only: bool = False) -> torch.Tensor:
         batch = tokens.shape[0]
+        if last_only and batch == 0:      # C would normalise and multiply row -1, the last of none
+            raise LowbitError("compiled step: a prompt chunk of no tokens has no last token's logits")
         check_step_inputs(tokens, slots, positions, self.embedding_rows, self.spec.slots, self.spec.context)
         threads = min(torch.get_num_threads(), self.max_threads or torch.get_num_threads())
         size = self.lib.lowbit_decode_workspace(ctypes.byref(self.spec), batch, threads)
