@@ -108,7 +108,8 @@ def main() -> None:
         kinds = ",".join(sorted({kind_name(s) for s in specs}))
         rows.append((name, kinds, size / 1e6, seconds * 1e3, size / seconds / 1e9 if seconds else 0.0))
         matmul_total += seconds
-    print(f"decode step: {total * 1e3:.1f} ms ({1 / total:.2f} tok/s), steps {[round(t * 1e3, 1) for t in times[:5]]}...")
+    first_steps = [round(t * 1e3, 1) for t in times[:5]]
+    print(f"decode step: {total * 1e3:.1f} ms ({1 / total:.2f} tok/s), steps {first_steps}...")
     print(f"| op class | types | MB | ms alone | GB/s |")
     for name, kinds, mb, ms, gbs in rows:
         print(f"| {name} | {kinds} | {mb:.1f} | {ms:.1f} | {gbs:.1f} |")

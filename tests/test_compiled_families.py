@@ -108,7 +108,8 @@ def family_model(model_type: str, layout: str = "rtn"):
 
 # Configs of supported families that lowbit's decoder refuses by name
 VARIANTS = {"opt-350m": ("opt", dict(do_layer_norm_before=False)),        # norms after attention and MLP
-            "falcon-40b": ("falcon", dict(new_decoder_architecture=True, num_kv_heads=2))}
+            "falcon-40b": ("falcon", dict(new_decoder_architecture=True, num_kv_heads=2)),
+            "gpt2-unscaled": ("gpt2", dict(scale_attn_weights=False))}                # scores not / sqrt(head_dim)
 
 
 def variant_model(name: str):
@@ -298,6 +299,22 @@ def test_each_routing_rule_changes_the_logits(model_type, rule):
     assert (logits_c - logits_t).abs().max() > 1e-2 * logits_t.abs().max()
 
 
+@pytest.mark.skipif(not clib.has_act8(), reason="this build has no int8-activation kernels")
+def test_moe_arithmetic_counts_routers_and_experts():
+    """The step's "arithmetic" counts every matmul it runs: per layer q, k, v, o, the router and shared-expert
+    gate (float weights: float32) and each expert's gate, up and down (RTN codes: int8 when asked for)."""
+    from lowbit.runtime.qlinear import QuantLinear
+
+    model = family_model("qwen2_moe")
+    config = model.config
+    engine = Engine(model, context=32, activations="int8")
+    assert engine.decode_path == "compiled step"
+    total = config.num_hidden_layers * (4 + 2 + 3 * (config.num_experts + 1)) + 1      # and lm_head
+    rounded = sum(type(m) is QuantLinear for m in model.modules())      # not embeddings (QuantEmbedding)
+    assert rounded < total
+    assert engine.arithmetic == f"int8 activations in {rounded} of {total} matmuls, float32 in the others (int8)"
+
+
 @pytest.mark.parametrize("model_type,path", [("gemma2", "compiled step"),
                                              ("falcon-40b", "transformers forward (ln_attn / ln_mlp blocks "
                                                             "(new_decoder_architecture))")])
@@ -317,7 +334,9 @@ def test_bench_says_which_decode_path_ran(model_type, path, tmp_path, capsys):
 
 @pytest.mark.parametrize("model_type,reason", [("falcon-40b", "ln_attn / ln_mlp blocks (new_decoder_architecture)"),
                                                ("opt-350m",
-                                                "norms after attention and MLP (do_layer_norm_before=False)")])
+                                                "norms after attention and MLP (do_layer_norm_before=False)"),
+                                               ("gpt2-unscaled",
+                                                "unscaled attention scores (scale_attn_weights=False)")])
 def test_families_outside_the_decoder_fall_back_with_their_reason(model_type, reason):
     """The engine asks the family's Architecture, not a list: what the decoder cannot compute is named, and
     those models run through transformers' forward with lowbit's quantized Linears."""

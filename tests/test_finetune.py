@@ -390,6 +390,9 @@ def test_finetune_options_are_typed_and_bounded_and_qlora_keeps_an_explicit_opti
     ("awq", {"calib_samples": "128"}, "option calib_samples must be int"),
     ("gptq", {"desc_act": 1}, "option desc_act must be bool"),
     ("gptq", {"damp": "0.01"}, "option damp must be float"),
+    ("nf4", {"blocksize": 64.5}, "option blocksize must be int"),
+    ("nf4", {"double_quant": "false"}, "option double_quant must be bool"),
+    ("int8", {"threshold": "6"}, "option threshold must be float"),
 ])
 def test_method_options_are_typed(method, options, message):
     """A wrong type is a one-line error naming the option, not a silent bool()/int() cast ("false" -> True)."""
@@ -397,4 +400,21 @@ def test_method_options_are_typed(method, options, message):
 
     with pytest.raises(LowbitError, match=message):
         get_method(QuantizeConfig(method=method, options=options))
-    get_method(QuantizeConfig(method=method, options={"seed": 3, "chunk": 2}))       # the right types pass
+    right = {"nf4": {"blocksize": 64, "double_quant": False}, "int8": {"threshold": 6}}   # an int is a float
+    get_method(QuantizeConfig(method=method, options=right.get(method, {"seed": 3, "chunk": 2})))   # right types pass
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"scale_lr": "3e-3"}, "merge option scale_lr must be float, got '3e-3'"),
+    ({"distill_lr": None}, "merge option distill_lr must be float"),
+    ({"keep_grid": 0}, "merge option keep_grid must be bool"),
+    ({"distill_steps": 2.0}, "merge option distill_steps must be int"),
+    ({"scale_steps": -1}, "merge option scale_steps must be >= 0"),
+])
+def test_merge_options_are_typed(options, message, tmp_path):
+    """merge's own options are checked before any file is read: a string learning rate or 0 for keep_grid is a
+    one-line error naming the option, not a failure deep in the optimizer or a silent truth test."""
+    from lowbit.training.api import merge
+
+    with pytest.raises(LowbitError, match=message):
+        merge(tmp_path / "absent-base", tmp_path / "absent-adapter", method="rtn", **options)

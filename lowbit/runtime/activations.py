@@ -7,7 +7,8 @@ tests comparing with transformers need). `auto` is int8 for GGUF block weights, 
 arithmetic on the same file, and float32 for lowbit's own layouts (RTN/GPTQ/AWQ codes, NF4), whose float32
 kernels are exact and not slower enough to give that up by default.
 
-The codes are csrc/affine_dot.h's LB_ACTS_*.
+The codes are csrc/affine_dot.h's LB_ACTS_*; which weights a choice rounds is decided in C alone
+(lb_uses_act8, asked through clib.uses_act8), so Python holds no second copy of that rule.
 """
 from __future__ import annotations
 
@@ -36,10 +37,6 @@ class Activations(str, enum.Enum):
         except ValueError:
             choices = ", ".join(a.value for a in cls)
             raise LowbitError(f"unknown activations {value!r}; choose one of: {choices}") from None
-
-    def uses_int8(self, is_gguf_blocks: bool) -> bool:
-        """Whether a weight (GGUF blocks or not) gets int8 activations (csrc's lb_uses_act8)."""
-        return self is Activations.INT8 or (self is Activations.AUTO and is_gguf_blocks)
 
 
 ACTIVATION_CHOICES = tuple(a.value for a in Activations)

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lowbit.errors import LowbitError
+from lowbit.errors import LowbitError, check_option_type
 from lowbit.training.config import FinetuneConfig
 from lowbit.training.data import TrainingText, training_text
 from lowbit.training.trainer import TrainLog, train
@@ -197,8 +197,8 @@ def _qat(model: nn.Module, tokenizer: Any, text: TrainingText, output: Path, con
 
 def merge(base: nn.Module | str | Path, adapter: str | Path, output: str | Path | None = None,
           method: str | None = None, format: str = "lowbit", calibration: Any = None, tokenizer: Any = None,
-          scale_steps: int = 0, scale_lr: float = 3e-3, keep_grid: bool = True, distill_steps: int = 0, distill_lr: float = 1e-2,
-          distill_scale_lr: float = 1e-3, **quantize_options: Any) -> nn.Module:
+          scale_steps: int = 0, scale_lr: float = 3e-3, keep_grid: bool = True, distill_steps: int = 0,
+          distill_lr: float = 1e-2, distill_scale_lr: float = 1e-3, **quantize_options: Any) -> nn.Module:
     """Fold a LoRA adapter into the base's weights (dequantized from its codes when the base is quantized) and
     re-quantize the merged layers with `method` (rtn, gptq, awq, nf4, qat, ...; None keeps them float), calibrated
     on `calibration` (a text file, token windows or a CalibrationRequest: the training text is the natural
@@ -214,9 +214,12 @@ def merge(base: nn.Module | str | Path, adapter: str | Path, output: str | Path 
     float copy of the merged model as the teacher. `scale_steps` > 0 trains only the integer grids' scales on the
     language-model loss of the calibration windows (codes fixed; qat.train_scales).
     Writes `output` in `format` when given."""
-    for option, value in (("scale_steps", scale_steps), ("distill_steps", distill_steps)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise LowbitError(f"merge option {option} must be an int >= 0, got {value!r}")
+    for option, value, kind in (("scale_steps", scale_steps, int), ("distill_steps", distill_steps, int),
+                                ("scale_lr", scale_lr, float), ("distill_lr", distill_lr, float),
+                                ("distill_scale_lr", distill_scale_lr, float), ("keep_grid", keep_grid, bool)):
+        check_option_type(f"merge option {option}", value, kind)
+        if kind is not bool and value < 0:
+            raise LowbitError(f"merge option {option} must be >= 0, got {value!r}")
     if (scale_steps or distill_steps) and method is None:
         raise LowbitError("scale_steps / distill_steps train the re-quantized layers: pass a method to re-quantize "
                           "with (e.g. method='gptq')")
@@ -276,5 +279,6 @@ def kept_grids(method: Any, base_weights: dict[str, Any]) -> dict[str, Any]:
 
     if not method.uses_layer_schemes:
         return {}
+    column_wise = lambda scheme: type(scheme).grid_position is not Scheme.grid_position  # noqa: E731
     return {name: KeptGrid(qweight) for name, qweight in base_weights.items()
-            if qweight.scheme == method.scheme_for(name) and type(qweight.scheme).grid_position is not Scheme.grid_position}
+            if qweight.scheme == method.scheme_for(name) and column_wise(qweight.scheme)}

@@ -32,7 +32,7 @@
 
 enum { LB_F32 = 0, LB_U8 = 1, LB_NIB = 2 };
 
-/* The activations' arithmetic of a matmul, chosen by the caller (lowbit/engine/activations.py mirrors it):
+/* The activations' arithmetic of a matmul, chosen by the caller (lowbit/runtime/activations.py mirrors it):
  * float32; int8 where the layout allows (llama.cpp's arithmetic); or auto: int8 for GGUF block weights (what
  * llama.cpp computes on the same file, and its speed) and float32 for lowbit's own layouts (float32-exact). */
 enum { LB_ACTS_FLOAT32 = 0, LB_ACTS_INT8 = 1, LB_ACTS_AUTO = 2 };

@@ -28,8 +28,9 @@ typedef struct {
     const lb_linear *experts;     /* [n_experts + shared][3]: gate, up, down of each expert, the shared one last */
 } lb_moe;
 
-/* Every norm is an RMSNorm y = x / rms(x) * w; the caller passes w as the family computes it (Gemma's 1 + w
- * is added once when the step is built, as transformers adds it in float32 on every call). */
+/* Every norm is an RMSNorm y = x / rms(x) * w, but for the input, MLP and final norms of layer_norm models
+ * (LayerNorms with a bias); the caller passes w as the family computes it (Gemma's 1 + w is added once when the
+ * step is built, as transformers adds it in float32 on every call). */
 typedef struct {
     const float *input_norm, *mlp_norm;          /* before attention, before the MLP */
     const float *attn_out_norm, *mlp_out_norm;   /* sandwich norms (Gemma 2/3) of the attention and MLP outputs,

@@ -563,7 +563,8 @@ LB_GGML_INLINE void lb_q6k_row_act8(const uint8_t *row, int64_t K, const lb_act8
                 sum = _mm256_add_epi32(sum, _mm256_madd_epi16(p, lb_pick16(half_scales[c / 4], 2 * (c % 4),
                                                                            2 * (c % 4) + 1)));
             }
-            const __m256i offset = _mm256_madd_epi16(scales, _mm256_loadu_si256((const __m256i *)(act[r].bsum + i * 16)));
+            const __m256i bsum = _mm256_loadu_si256((const __m256i *)(act[r].bsum + i * 16));
+            const __m256i offset = _mm256_madd_epi16(scales, bsum);
             sum = _mm256_sub_epi32(sum, _mm256_slli_epi32(offset, 5));
             acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * act[r].dx[i]), _mm256_cvtepi32_ps(sum), acc[r]);
         }
@@ -627,14 +628,14 @@ static inline void lb_ggml_row_f32_dispatch(int64_t kind, const uint8_t *row, in
 static inline void lb_ggml_row_act8(int64_t kind, const uint8_t *row, int64_t K, const lb_act8_row *act, int64_t R,
                                     float *out) {
 #if defined(__AVX2__) && defined(__FMA__)
-    /* each kernel with a constant kind, and R = 1 (decoding) apart */
-#define LB_ROWS(call_r1, call_r) do { if (R == 1) call_r1; else call_r; } while (0)
-#define LB_KIND32(k) case k: LB_ROWS(lb_ggml_row32_act8(k, row, K, act, 1, out), lb_ggml_row32_act8(k, row, K, act, R, out)); break
+    /* each kernel with a constant kind, and R = 1 (decoding) apart: kernel(leading arguments..., R, out) */
+#define LB_ROWS(kernel, ...) do { if (R == 1) kernel(__VA_ARGS__, 1, out); else kernel(__VA_ARGS__, R, out); } while (0)
+#define LB_KIND32(k) case k: LB_ROWS(lb_ggml_row32_act8, k, row, K, act); break
     switch (kind) {
     LB_KIND32(LB_Q4_0); LB_KIND32(LB_Q4_1); LB_KIND32(LB_Q5_0); LB_KIND32(LB_Q5_1); LB_KIND32(LB_Q8_0);
-    case LB_Q4_K: LB_ROWS(lb_k4_row_act8(LB_Q4_K, row, K, act, 1, out), lb_k4_row_act8(LB_Q4_K, row, K, act, R, out)); break;
-    case LB_Q5_K: LB_ROWS(lb_k4_row_act8(LB_Q5_K, row, K, act, 1, out), lb_k4_row_act8(LB_Q5_K, row, K, act, R, out)); break;
-    case LB_Q6_K: LB_ROWS(lb_q6k_row_act8(row, K, act, 1, out), lb_q6k_row_act8(row, K, act, R, out)); break;
+    case LB_Q4_K: LB_ROWS(lb_k4_row_act8, LB_Q4_K, row, K, act); break;
+    case LB_Q5_K: LB_ROWS(lb_k4_row_act8, LB_Q5_K, row, K, act); break;
+    case LB_Q6_K: LB_ROWS(lb_q6k_row_act8, row, K, act); break;
     default: lb_ggml_row256_act8(kind, row, K, act, R, out);    /* Q2_K, Q3_K: unpacked, then integer dots */
     }
 #undef LB_KIND32
