@@ -209,6 +209,7 @@ class NativeDecodeStep:
             keep.append(decoder.alibi)
             alibi = decoder.alibi.data_ptr()
         keep.extend(decoder.cos + decoder.sin)
+        keep.extend([decoder.k_cache, decoder.v_cache])   # C writes them: alive as long as the step, not its decoder
         spec = ModelSpec(
             len(layer_specs), decoder.hidden, decoder.heads, decoder.kv_heads, decoder.head_dim, decoder.rope_dim,
             decoder.intermediate, decoder.context, decoder.k_cache.shape[1],
