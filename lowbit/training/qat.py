@@ -3,6 +3,8 @@ the integer grids' scales trained on the language-model loss with codes fixed (`
 E2E-QP), and a merged model's re-quantized layers distilled towards the float merged model (`distill_merged`)."""
 from __future__ import annotations
 
+import contextlib
+
 from typing import Any
 
 import torch
@@ -61,33 +63,49 @@ def train_scales(model: nn.Module, batches: torch.Tensor, steps: int, lr: float 
                and type(m).__name__ == "QuantLinear"}
     if not wrapped:
         return []
-    flags = {p: p.requires_grad for p in model.parameters()}
-    for p in flags:
-        p.requires_grad_(False)
-    for name, layer in wrapped.items():
-        replace_module(model, name, layer)
     losses: list[float] = []
-    try:
+    with _trained_in_place(model, wrapped, lambda name, layer: replace_module(model, name, layer.finish())):
         optimizer = torch.optim.Adam([layer.log_scale for layer in wrapped.values()], lr=lr)
         order = torch.randperm(batches.shape[0], generator=torch.Generator().manual_seed(seed))
         per_step = max(1, batches.shape[0] // max(steps, 1))
-        model.train()
         for step in tqdm(range(steps), desc="qat scales", disable=not progress):
-            rows = order[(step * per_step + torch.arange(per_step)) % batches.shape[0]]
-            ids = batches[rows]
-            cosine(optimizer, [lr], step, steps)
+            ids = batches[order[(step * per_step + torch.arange(per_step)) % batches.shape[0]]]
             loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
+            losses.append(_optimizer_step(optimizer, [lr], loss, step, steps))
+    return losses
+
+
+@contextlib.contextmanager
+def _trained_in_place(model: nn.Module, replacements: dict[str, nn.Module], finish: Any):
+    """The model frozen, `replacements` (modules whose own parameters train) installed under their names and the
+    model in training mode; on exit, even on error: eval mode, finish(name, module) for each replacement (putting
+    a quantized layer back) and every parameter's requires_grad as it was."""
+    from lowbit.runtime.surgery import replace_module
+
+    flags = {p: p.requires_grad for p in model.parameters()}
+    for p in flags:
+        p.requires_grad_(False)
+    for name, module in replacements.items():
+        replace_module(model, name, module)
+    model.train()
+    try:
+        yield
     finally:
         model.eval()
-        for name, layer in wrapped.items():
-            replace_module(model, name, layer.finish())
+        for name, module in replacements.items():
+            finish(name, module)
         for p, flag in flags.items():
             p.requires_grad_(flag)
-    return losses
+
+
+def _optimizer_step(optimizer: torch.optim.Optimizer, base_lrs: list[float], loss: torch.Tensor, step: int,
+                    steps: int) -> float:
+    """One cosine-scheduled optimizer step on `loss`; returns the loss's value."""
+    cosine(optimizer, base_lrs, step, steps)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.item()
 
 
 def distill_merged(model: nn.Module, teacher: nn.Module, batches: torch.Tensor, layers: Any, steps: int,
@@ -103,7 +121,7 @@ def distill_merged(model: nn.Module, teacher: nn.Module, batches: torch.Tensor, 
     compensate one another. Memory: a float copy of the trained layers and Adam's two states for them."""
     from tqdm.auto import tqdm
 
-    from lowbit.runtime.surgery import install_quantized, replace_module
+    from lowbit.runtime.surgery import install_quantized
     from lowbit.schemes.base import KeptGrid
 
     modules = dict(model.named_modules())
@@ -117,18 +135,13 @@ def distill_merged(model: nn.Module, teacher: nn.Module, batches: torch.Tensor, 
                                       fake_quantizer(KeptGrid(qweight), qweight.dequantize()))
     if not fakes:
         return []
-    flags = {p: p.requires_grad for p in model.parameters()}
-    for p in flags:
-        p.requires_grad_(False)
-    for name, fake in fakes.items():
-        replace_module(model, name, fake)
     losses: list[float] = []
-    try:
+    finish = lambda name, fake: install_quantized(model, name, fake.quantizer.finish(fake.weight.detach()))  # noqa: E731
+    with _trained_in_place(model, fakes, finish):
         optimizer = qat_optimizer(fakes.values(), lr, scale_lr)
         base_lrs = [group["lr"] for group in optimizer.param_groups]
         order = torch.randperm(batches.shape[0], generator=torch.Generator().manual_seed(seed))
         teacher.eval()
-        model.train()
         for step in tqdm(range(steps), desc="merge distill", disable=not progress):
             ids = batches[order[(step * chunk + torch.arange(chunk)) % batches.shape[0]]]
             with torch.no_grad():
@@ -136,15 +149,5 @@ def distill_merged(model: nn.Module, teacher: nn.Module, batches: torch.Tensor, 
             logits = model(input_ids=ids, use_cache=False).logits.float()
             loss = F.kl_div(F.log_softmax(logits, dim=-1).flatten(0, -2), target.flatten(0, -2),
                             log_target=True, reduction="batchmean")
-            cosine(optimizer, base_lrs, step, steps)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
-    finally:
-        model.eval()
-        for name, fake in fakes.items():
-            install_quantized(model, name, fake.quantizer.finish(fake.weight.detach()))
-        for p, flag in flags.items():
-            p.requires_grad_(flag)
+            losses.append(_optimizer_step(optimizer, base_lrs, loss, step, steps))
     return losses
