@@ -5,7 +5,6 @@ import argparse
 import json
 import logging
 
-from lowbit.errors import LowbitError
 
 log = logging.getLogger("lowbit")
 
@@ -101,8 +100,6 @@ def cmd_merge(args: argparse.Namespace) -> None:
         options = {"bits": args.bits, "group_size": args.group_size}
         if args.method in ("gptq", "awq", "qat"):
             options.update(calib_samples=args.calib_samples, calib_len=args.calib_len)
-    if args.distill_steps < 0:
-        raise LowbitError(f"--distill-steps must be >= 0 (got {args.distill_steps})")
     merge(args.base, args.adapter, args.output, method=args.method, format=args.format, calibration=args.calib,
           keep_grid=not args.fresh_grid, distill_steps=args.distill_steps, **options)
     print(args.output)
