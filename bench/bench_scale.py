@@ -8,7 +8,9 @@ columns are the figures to read.
 
 Models: `smollm2` (the packaged SmolLM2-135M Q4_1 GGUF), any real .gguf given with --gguf, and synthetic
 random-weight models of real shapes (bench/synthetic.py: Qwen2.5-0.5B/1.5B, Llama-3.2-1B/3B, Llama-3-8B) as
-Q4_0, Q4_K_M and Q8_0, generated into .cache/models/ on first use (never committed).
+Q4_0, Q4_K_M and Q8_0, and in lowbit's own layouts (`--mixes rtn4,gptq4`: 4-bit symmetric grid, groups of 128,
+saved by lowbit's native and GPTQ writers; lowbit rows only), generated into .cache/models/ on first use (never
+committed).
 
 % of bandwidth = (bytes of weights read per generated token x tg tok/s) / memory read bandwidth, both measured
 in this run (the weights read per token: every tensor but the token embedding, which a tied head reads instead).
@@ -85,7 +87,13 @@ def worker(args: argparse.Namespace) -> None:
 
 
 def kv_cache_bytes(path: Path, context: int) -> int:
-    """Bytes of the float32 K and V caches the engine allocates for `context` tokens (from the GGUF header)."""
+    """Bytes of the float32 K and V caches the engine allocates for `context` tokens (GGUF header or config.json)."""
+    if path.is_dir():
+        config = json.loads((path / "config.json").read_text())
+        layers, width, heads = config["num_hidden_layers"], config["hidden_size"], config["num_attention_heads"]
+        kv_heads = config.get("num_key_value_heads") or heads
+        head_dim = config.get("head_dim") or width // heads
+        return 2 * layers * kv_heads * head_dim * context * 4
     from lowbit.formats.gguf import read_gguf
 
     gf = read_gguf(path)
@@ -115,7 +123,22 @@ class BusyMachine:
 
 
 def weight_bytes_per_token(path: Path) -> tuple[int, int, bool]:
-    """(bytes of weights one decode step reads, KV-cache-free file tensor bytes, tied) from the GGUF header."""
+    """(bytes of weights one decode step reads, KV-cache-free file tensor bytes, tied) from the file headers."""
+    if path.is_dir():    # a safetensors checkpoint folder (lowbit's own layouts)
+        from safetensors import safe_open
+
+        sizes = {}
+        for file in path.glob("*.safetensors"):
+            with safe_open(str(file), "pt") as f:
+                for name in f.keys():
+                    part = f.get_slice(name)
+                    count = 1
+                    for d in part.get_shape():
+                        count *= d
+                    sizes[name] = count * {"F32": 4, "I32": 4, "F16": 2, "BF16": 2}.get(part.get_dtype(), 1)
+        tied = not any(name.startswith("lm_head.") for name in sizes)
+        read = sum(size for name, size in sizes.items() if "embed_tokens" not in name or tied)
+        return read, sum(sizes.values()), tied
     from lowbit.formats.gguf import read_gguf
 
     gf = read_gguf(path)
@@ -128,7 +151,7 @@ def weight_bytes_per_token(path: Path) -> tuple[int, int, bool]:
 def model_files(args: argparse.Namespace) -> list[tuple[str, str, Path]]:
     """(model label, mix, path) for the requested matrix, generating synthetic files that are missing."""
     from real_models import PACKAGED, real_model_path
-    from synthetic import SHAPES, write_synthetic_gguf
+    from synthetic import LOWBIT_LAYOUTS, SHAPES, write_synthetic_gguf, write_synthetic_lowbit
 
     from lowbit.models.loading import resolve_model_path
 
@@ -144,10 +167,10 @@ def model_files(args: argparse.Namespace) -> list[tuple[str, str, Path]]:
             raise SystemExit(f"unknown model {name!r}: use smollm2, one of {', '.join(PACKAGED)} (real models "
                              f"PyPI packages ship) or a synthetic shape: {', '.join(SHAPES)}")
         for mix in args.mixes.split(","):
-            path = CACHE / f"{name}-{mix}.gguf"
+            path = CACHE / (f"{name}-{mix}" if mix in LOWBIT_LAYOUTS else f"{name}-{mix}.gguf")
             if not path.exists():
                 print(f"generating {path} ...", file=sys.stderr)
-                write_synthetic_gguf(path, name, mix)
+                (write_synthetic_lowbit if mix in LOWBIT_LAYOUTS else write_synthetic_gguf)(path, name, mix)
             files.append((f"{name} (synthetic)", mix, path))
     for extra in args.gguf or []:
         files.append((f"{Path(extra).stem} (real)", "file", Path(extra)))
@@ -223,7 +246,8 @@ def main() -> None:
             measured, first_row = {}, len(rows)
             # (runner, its row name, lowbit's activations, busy processes): runners alternate within a model
             variants = [(r, f"lowbit {a}", a, 0) for r in runners if r == "lowbit" for a in activations]
-            variants += [(r, r, None, 0) for r in runners if r != "lowbit"]
+            # llama.cpp reads GGUF only: lowbit's own layouts (folders) are lowbit's rows alone
+            variants += [(r, r, None, 0) for r in runners if r != "lowbit" and not path.is_dir()]
             if args.busy:
                 variants += [(r, f"{name} busy x{args.busy}", a, args.busy) for r, name, a, _ in variants]
             for runner, name, arithmetic, busy in variants:

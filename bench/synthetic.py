@@ -168,6 +168,60 @@ def write_synthetic_gguf(path: str | Path, shape_name: str, mix: str = "Q4_K_M",
     return path
 
 
+# lowbit's own layouts of a synthetic shape: the integer grid lowbit's RTN/GPTQ/AWQ produce, written by lowbit's own
+# writers (the format decides the bytes); codes and scales are random, as for the GGUF files above.
+LOWBIT_LAYOUTS = {"rtn4": ("lowbit", 4, 128), "gptq4": ("gptq", 4, 128)}
+
+
+def hf_config(shape: Shape):
+    """The transformers config of a synthetic shape (Llama or Qwen2)."""
+    from transformers import LlamaConfig, Qwen2Config
+
+    common = dict(hidden_size=shape.hidden, num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
+                  num_key_value_heads=shape.kv_heads, intermediate_size=shape.ffn, vocab_size=shape.vocab,
+                  tie_word_embeddings=shape.tied, rope_theta=shape.rope_base, max_position_embeddings=shape.context,
+                  rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2)
+    return Qwen2Config(**common) if shape.arch == "qwen2" else LlamaConfig(**common)
+
+
+def write_synthetic_lowbit(path: str | Path, shape_name: str, layout: str = "rtn4", seed: int = 0,
+                           progress: bool = True) -> Path:
+    """A random-weight model of `shape_name` quantized to `layout` (LOWBIT_LAYOUTS: a symmetric integer grid
+    with groups) and saved by lowbit's writer for that format; returns the folder. Linear layers are installed
+    one at a time into an empty model, so memory holds the codes once (one byte each) plus the float tables."""
+    import torch
+
+    from lowbit.formats.registry import get_writer
+    from lowbit.models.loading import empty_model_from_config
+    from lowbit.quantized import QuantizedWeight
+    from lowbit.runtime.surgery import install_quantized
+    from lowbit.schemes.intgrid import IntGrid
+
+    shape = SHAPES[shape_name]
+    fmt, bits, group = LOWBIT_LAYOUTS[layout]
+    generator = torch.Generator().manual_seed(seed)
+    model = empty_model_from_config(hf_config(shape))
+    scheme = IntGrid(bits=bits, group_size=group, symmetric=True)
+    linears = [name for name, module in model.named_modules()
+               if isinstance(module, torch.nn.Linear) and name != "lm_head"]
+    for index, name in enumerate(linears):
+        n, k = model.get_submodule(name).weight.shape
+        codes = torch.randint(0, 2 ** bits, (n, k), dtype=torch.uint8, generator=generator)
+        scales = (torch.rand(n, -(-k // group), generator=generator) * 2e-3 + 1e-3).half().float()
+        zeros = torch.full_like(scales, float(2 ** (bits - 1)))
+        install_quantized(model, name, QuantizedWeight(scheme, (n, k), codes, scales, zeros, group_size=group))
+        if progress and (index % 20 == 0 or index == len(linears) - 1):
+            print(f"\r  quantizing {shape_name}: {index + 1}/{len(linears)} layers", end="", file=sys.stderr, flush=True)
+    if progress:
+        print(file=sys.stderr)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.copy_(torch.ones_like(param) if "norm" in name
+                        else torch.randn(param.shape, generator=generator) * 0.02)
+    model.tie_weights()      # a tied head shares the embedding (the skeleton's two tensors are separate)
+    return get_writer(fmt).save(model, None, Path(path))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("shape", choices=sorted(SHAPES))

@@ -6,7 +6,7 @@ The scheme object interprets the numbers; this container only holds them.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
@@ -81,20 +81,41 @@ class QuantizedWeight:
 
 
 def _derivable(name: str) -> property:
-    """`name` as stored, or, when nothing is stored and the scheme derives it, decoded from `extra` per access."""
+    """`name` as stored, or, when nothing is stored, unpacked from the kernels' packed codes (`keep_codes_packed`)
+    or, when the scheme derives it, decoded from `extra` per access."""
     slot = "_" + name
 
     def get(self: QuantizedWeight):
         value = self.__dict__.get(slot)
+        if value is None and name == "codes" and self.__dict__.get("_packed_codes") is not None:
+            packed, unpack = self.__dict__["_packed_codes"]
+            return unpack(packed)
         if value is None and getattr(self.scheme, "derives_codes", False) and self.extra:
             return self.scheme.derive(self, name)
         return value
 
     def set(self: QuantizedWeight, value) -> None:
         self.__dict__[slot] = value
+        if name == "codes":
+            self.__dict__.pop("_packed_codes", None)    # new codes: a packed copy of the old ones is stale
 
     return property(get, set, doc=f"{name} (stored, or derived from the scheme's own bytes on each access)")
 
 
 for _name in ("codes", "scales", "zeros"):
     setattr(QuantizedWeight, _name, _derivable(_name))
+
+
+def keep_codes_packed(qw: QuantizedWeight, packed: torch.Tensor, unpack: Callable[[torch.Tensor], torch.Tensor]
+                      ) -> None:
+    """Hold `qw`'s codes only as `packed` (the bytes a kernel reads, e.g. two 4-bit codes per byte) and drop the
+    one-byte codes: a loaded model then keeps its weights once, as small as its file. `unpack(packed)` gives the
+    codes back, exactly, to whatever asks for `qw.codes` (a method re-quantizing, a writer), one layer at a time."""
+    qw.__dict__["_codes"] = None
+    qw.__dict__["_packed_codes"] = (packed, unpack)
+
+
+def packed_codes(qw: QuantizedWeight) -> torch.Tensor | None:
+    """The packed bytes `keep_codes_packed` left as the codes' only copy, or None."""
+    held = qw.__dict__.get("_packed_codes")
+    return None if held is None else held[0]

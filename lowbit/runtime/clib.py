@@ -12,6 +12,7 @@ byte (LB_NIB), wider codes are read one per byte (LB_U8).
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import logging
 import os
@@ -28,7 +29,7 @@ from torch import nn
 
 from lowbit.runtime.activations import Activations
 from lowbit.errors import LowbitError
-from lowbit.quantized import QuantizedWeight
+from lowbit.quantized import QuantizedWeight, keep_codes_packed, packed_codes
 
 log = logging.getLogger("lowbit")
 
@@ -163,6 +164,48 @@ def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
     return (chunks[:, :, 0] | (chunks[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
 
 
+def unpack_nibbles(packed: torch.Tensor, columns: int) -> torch.Tensor:
+    """Inverse of pack_nibbles: [N, K/2] LB_NIB bytes -> uint8 codes [N, K]."""
+    chunks = packed.reshape(packed.shape[0], columns // 32, 1, 16)
+    return torch.cat([chunks & 0x0F, chunks >> 4], dim=2).reshape(packed.shape[0], columns)
+
+
+def _codes_from_nibbles(packed: torch.Tensor, columns: int, order: torch.Tensor | None) -> torch.Tensor:
+    """The logical codes of a weight whose nibbles hold its columns in `order` (act-order groups made contiguous)."""
+    stored = unpack_nibbles(packed, columns)
+    if order is None:
+        return stored
+    codes = torch.empty_like(stored)
+    codes[:, order] = stored
+    return codes
+
+
+def keep_kernel_layout(qw: QuantizedWeight) -> bool:
+    """Make the compiled kernels' LB_NIB bytes the only copy of a 4-bit weight's codes (the one-byte codes a
+    method or reader made are dropped; `qw.codes` unpacks them on access). True when done; False when the kernels
+    read this weight another way (GGUF blocks, wider codes, widths the nibble layout cannot split, no compiled
+    library), which then keeps its codes as they are."""
+    if native_library() is None or qw.__dict__.get("_codes") is None or qw.scheme.quantizes_activations:
+        return False
+    if _describe_blocks(qw) is not None:
+        return False
+    form = qw.scheme.affine_form(qw)
+    if form is None and qw.scheme.codebook_form(qw) is None:
+        return False
+    bits = form[2] if form is not None else 4
+    n, k = qw.shape
+    if not nibble_layout_fits(bits, k, qw.effective_group_size):
+        return False
+    try:
+        order = column_order(qw) if form is not None else None
+    except ValueError:
+        return False
+    codes = qw.codes if order is None else qw.codes[:, order]
+    # a partial of a module-level function, not a lambda: models are copied and pickled (deepcopy, torch.save)
+    keep_codes_packed(qw, pack_nibbles(codes), functools.partial(_codes_from_nibbles, columns=k, order=order))
+    return True
+
+
 def nibble_layout_fits(bits: int, in_features: int, group: int) -> bool:
     """True when 4-bit codes of this width and group size can use the LB_NIB layout."""
     return bits <= 4 and in_features % 32 == 0 and (group == 16 or group % 32 == 0)
@@ -196,6 +239,8 @@ def _stored_state(qw: QuantizedWeight) -> Any:
     """What identifies a weight's numbers: its stored codes, or (codes derived on access) the bytes they come
     from. A method replacing either invalidates the packed copy."""
     stored = qw.__dict__.get("_codes")
+    if stored is None:
+        stored = packed_codes(qw)
     return stored if stored is not None else qw.extra.get("blocks")
 
 
@@ -220,7 +265,8 @@ def _describe_codebook(qw: QuantizedWeight) -> tuple[LinearSpec, list[torch.Tens
     if form is None or not nibble_layout_fits(4, k, qw.effective_group_size):
         return None
     table, a = form
-    codes = pack_nibbles(qw.codes)
+    codes = packed_codes(qw)
+    codes = pack_nibbles(qw.codes) if codes is None else codes
     stats, a, b, offset = compact_statistics(a, torch.zeros_like(a))
     table = table.float().contiguous()
     spec = LinearSpec(LB_NIB, n, k, a.shape[1], qw.effective_group_size, codes.data_ptr(), a.data_ptr(),
@@ -283,11 +329,13 @@ def _describe_affine(qw: QuantizedWeight) -> tuple[LinearSpec, list[torch.Tensor
     a, b, bits = form
     n, k = qw.shape
     group = qw.effective_group_size
-    codes = qw.codes if order is None else qw.codes[:, order]
     if nibble_layout_fits(bits, k, group):
-        kind, codes = LB_NIB, pack_nibbles(codes)
+        # keep_kernel_layout may have made these bytes (in this order) the codes' only copy
+        packed = packed_codes(qw)
+        kind, codes = LB_NIB, packed if packed is not None else pack_nibbles(
+            qw.codes if order is None else qw.codes[:, order])
     else:
-        kind, codes = LB_U8, codes.to(torch.uint8).contiguous()
+        kind, codes = LB_U8, (qw.codes if order is None else qw.codes[:, order]).to(torch.uint8).contiguous()
     stats, a, b, offset = compact_statistics(a.float(), b.float())
     perm = None if order is None else order.to(torch.int32).contiguous()
     spec = LinearSpec(kind, n, k, a.shape[1], group, codes.data_ptr(), a.data_ptr(), b.data_ptr(), None, stats,

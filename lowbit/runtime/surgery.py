@@ -55,7 +55,10 @@ def install_quantized(root: nn.Module, name: str, qweight: QuantizedWeight, kern
         new: QuantLinear = QuantEmbedding(qweight, getattr(old, "embed_scale", getattr(old, "scale", None)),
                                           getattr(old, "padding_idx", None), kernel=kernel)
     else:
+        from lowbit.runtime.clib import keep_kernel_layout
+
         new = QuantLinear(qweight, getattr(old, "bias", None), kernel=kernel)
+        keep_kernel_layout(qweight)    # codes held once, in the bytes the kernels read (an embedding looks up rows)
     untie_if_shared(root, old)
     replace_module(root, name, new)
     return new
