@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -119,20 +119,40 @@ def weight_files(path: str | Path) -> list[Path]:
     return sorted(folder.glob("*.safetensors"))
 
 
-def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
-    """Every tensor of the folder's weight files (`weight_files`), with a clear error when one is damaged."""
+def read_tensors(path: str | Path, converted: Callable[[list[str]], set[str]] | None = None
+                 ) -> dict[str, torch.Tensor]:
+    """Every tensor of the folder's weight files (`weight_files`), with a clear error when one is damaged.
+
+    Tensors are memory-mapped views of the files (kept as they are, they cost the file's pages, shared), except
+    those `converted(keys)` names: a loader turns them into another layout (packed codes for the kernels), so
+    they are read into memory of their own, freed after the conversion, instead of leaving the file's pages they
+    touched resident for as long as any tensor of the file is alive."""
     files = weight_files(path)
     if not files:
         raise CorruptFile(f"{path} has no *.safetensors file; the checkpoint is incomplete")
     tensors: dict[str, torch.Tensor] = {}
     for file in files:
         try:
-            with safe_open(str(file), framework="pt") as f:
-                for key in f.keys():
-                    tensors[key] = f.get_tensor(key)
+            with safe_open(str(file), framework="pt") as mapped, \
+                    safe_open(str(file), framework="pt", backend="pread") as read:
+                keys = list(mapped.keys())
+                copies = converted(keys) if converted is not None else set()
+                for key in keys:
+                    tensors[key] = (read if key in copies else mapped).get_tensor(key)
         except (SafetensorError, OSError, MemoryError, RuntimeError) as exc:
             raise unreadable_weights(file, exc) from exc
     return tensors
+
+
+def layer_tensors(prefixes: Iterable[str]) -> Callable[[list[str]], set[str]]:
+    """For read_tensors: the keys of the layers named by `prefixes` (their parts, a bias included)."""
+    starts = tuple(f"{p}." for p in prefixes)
+    return lambda keys: {key for key in keys if key.startswith(starts)}
+
+
+def layers_owning(suffix: str) -> Callable[[list[str]], set[str]]:
+    """For read_tensors: the keys of every layer that has a tensor ending in `suffix` (e.g. '.qweight')."""
+    return lambda keys: layer_tensors(key[: -len(suffix)] for key in keys if key.endswith(suffix))(keys)
 
 
 def load_checkpoint(path: str | Path, fmt: str, marker: str,
@@ -148,12 +168,12 @@ def load_checkpoint(path: str | Path, fmt: str, marker: str,
     from lowbit.models.loading import empty_model_from_config, load_config, load_tokenizer
 
     path = Path(path)
-    tensors = read_tensors(path)
+    suffix = f".{marker}"
+    tensors = read_tensors(path, layers_owning(suffix))
     config = load_config(path)
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # the skeleton is plain; lowbit installs its own quantized layers
     model = empty_model_from_config(config, dtype=dtype)
-    suffix = f".{marker}"
     layers = [k[: -len(suffix)] for k in tensors if k.endswith(suffix)]
     if not layers:
         raise CorruptFile(f"{path} says it is a {fmt} checkpoint but holds no '*{suffix}' tensors")

@@ -11,14 +11,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
-from lowbit.errors import CorruptFile, unreadable_weights
+from lowbit.errors import CorruptFile
 from lowbit.models.validate import (SCHEME_TENSOR_NAMES, check_integer_tensor, check_not_bool, check_part_names,
                                     check_state, check_state_tensor, layer_errors)
 from lowbit.formats.atomic import atomic_dir
+from lowbit.formats.hf_quantized import layer_tensors, read_tensors
 from lowbit.formats.registry import Format, NoOptions, register_format
 from lowbit.runtime.surgery import install_quantized, quantized_modules
 from lowbit.schemes.base import scheme_from_config
@@ -127,10 +127,9 @@ def load_native(path: str | Path, kernel: str = "auto", **_: Any):
 
     path = Path(path)
     manifest = read_manifest(path)
-    try:
-        tensors = load_file(str(path / WEIGHTS))
-    except (SafetensorError, OSError, MemoryError, RuntimeError) as exc:
-        raise unreadable_weights(path / WEIGHTS, exc) from exc
+    if not (path / WEIGHTS).is_file():
+        raise CorruptFile(f"{path} has no {WEIGHTS}; the lowbit checkpoint is incomplete")
+    tensors = read_tensors(path, layer_tensors(manifest["layers"]))
     model = empty_model_from_config(path)
     unknown = [name for name in manifest["layers"] if not _is_linear_like(model, name)]
     if unknown:
