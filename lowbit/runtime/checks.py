@@ -60,7 +60,7 @@ def check_linear(lib: ctypes.CDLL, spec: Any, sizes: dict[int, int], what: str) 
     """csrc/checks.c's verdict on one lb_linear (`spec`, a clib.LinearSpec) given the buffers behind it."""
     code = lib.lowbit_check_linear(ctypes.byref(spec), *(_bytes_at(getattr(spec, f), sizes, what, f)
                                                          for f in ("w", "a", "b", "bias", "perm", "table")))
-    check_status(code, f"compiled step: weight {what} ({spec.n} x {spec.k}) has a corrupt description", lib)
+    check_status(code, f"compiled kernels: weight {what} ({spec.n} x {spec.k}) has a corrupt description", lib)
 
 
 def check_decode_model(lib: ctypes.CDLL, spec: Any, decoder: Any, keep: list[torch.Tensor]) -> None:

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from lowbit.runtime.activations import Activations
-from lowbit.runtime.checks import check_status
+from lowbit.runtime.checks import buffer_sizes, check_linear, check_status
 from lowbit.errors import LowbitError
 from lowbit.quantized import QuantizedWeight
 
@@ -185,7 +185,7 @@ def affine_spec(qw: QuantizedWeight, bias: torch.Tensor | None = None
     with it), so the per-layer kernel and the engine's compiled step share one copy."""
     cached = _DESCRIBED.get(id(qw))
     if cached is None or cached[0]() is not qw or cached[1] is not _stored_state(qw):
-        cached = (weakref.ref(qw), _stored_state(qw), _describe_affine(qw))
+        cached = (weakref.ref(qw), _stored_state(qw), _checked(_describe_affine(qw), qw))
         _DESCRIBED[id(qw)] = cached
         weakref.finalize(qw, _DESCRIBED.pop, id(qw), None)
     described = cached[2]
@@ -197,6 +197,16 @@ def affine_spec(qw: QuantizedWeight, bias: torch.Tensor | None = None
         spec.bias = bias.data_ptr()
         keep = keep + [bias]
     return spec, keep
+
+
+def _checked(described: tuple[LinearSpec, list[torch.Tensor]] | None, qw: QuantizedWeight
+             ) -> tuple[LinearSpec, list[torch.Tensor]] | None:
+    """`described`, once csrc/checks.c agrees its buffers hold what its layout makes the kernels read (once per
+    weight: every kernel call after it trusts the bytes and checks only its own arguments' sizes)."""
+    lib = native_library()
+    if described is not None and lib is not None:
+        check_linear(lib, described[0], buffer_sizes(described[1]), type(qw.scheme).__name__)
+    return described
 
 
 def _stored_state(qw: QuantizedWeight) -> Any:
