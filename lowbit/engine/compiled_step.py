@@ -131,8 +131,8 @@ class NativeDecodeStep:
     """Callable (tokens [B], slots [B], positions [B]) -> logits [B, vocab] for a RotaryDecoder."""
 
     def __init__(self, lib: ctypes.CDLL, spec: ModelSpec, layers: Any, keep: list[torch.Tensor],
-                 caches: tuple[torch.Tensor, torch.Tensor], embed: nn.Module, vocab: int, arithmetic: str, structures: list[Any] = (),
-                 position_embed: Any = None, embed_norm: Any = None):
+                 caches: tuple[torch.Tensor, torch.Tensor], embed: nn.Module, vocab: int, arithmetic: str,
+                 structures: list[Any] = (), position_embed: Any = None, embed_norm: Any = None):
         self.lib, self.spec, self.layers, self.keep = lib, spec, layers, keep
         self.structures = list(structures)     # ctypes structures the layers point to (expert layers)
         self.embed, self.vocab = embed, vocab
@@ -225,8 +225,8 @@ class NativeDecodeStep:
         rounded = sum(uses_act8(w, activations, lib) for w in weights)
         arithmetic = ("float32 activations" if rounded == 0 else "int8 activations" if rounded == len(weights)
                       else f"int8 activations in {rounded} of {len(weights)} matmuls, float32 in the others")
-        return cls(lib, spec, layers, keep, (decoder.k_cache, decoder.v_cache), decoder.embed, head[0].n, f"{arithmetic} ({activations.value})",
-                   structures, decoder.position_embed, decoder.embed_norm), ""
+        return cls(lib, spec, layers, keep, (decoder.k_cache, decoder.v_cache), decoder.embed, head[0].n,
+                   f"{arithmetic} ({activations.value})", structures, decoder.position_embed, decoder.embed_norm), ""
 
     def prefill(self, tokens: torch.Tensor, slot: int, start: int) -> torch.Tensor:
         """Logits [1, vocab] of the last of `tokens` [S], a prompt chunk for cache slot `slot` from `start`

@@ -17,7 +17,6 @@ import torch
 from lowbit.errors import LowbitError
 
 
-
 def check_status(code: int, what: str, lib: ctypes.CDLL | None = None) -> None:
     """Nothing for status 0 of a compiled entry point (csrc/checks.h); else a one-line LowbitError naming `what`
     and the problem in the library's words (lowbit_status_text)."""

@@ -371,8 +371,9 @@ static int check_parts(const lb_linear *parts, int64_t count, int64_t outputs, i
             return refuse(detail, bytes, layout, "%s %s part %lld (%lld x %lld)", where, what, (long long)i,
                           (long long)part->n, (long long)part->k);
         if (part->k != inputs)
-            return refuse(detail, bytes, LB_ERR_MODEL_SHAPE, "%s %s part %lld reads %lld inputs, and the model has %lld",
-                          where, what, (long long)i, (long long)part->k, (long long)inputs);
+            return refuse(detail, bytes, LB_ERR_MODEL_SHAPE,
+                          "%s %s part %lld reads %lld inputs, and the model has %lld", where, what, (long long)i,
+                          (long long)part->k, (long long)inputs);
         total = lb_size_add(total, part->n);
     }
     if (total != outputs)
@@ -456,8 +457,9 @@ int lowbit_check_model(const lb_model *m, char *detail, int64_t bytes) {
     if (m->activation < LB_ACT_SILU || m->activation > LB_ACT_RELU || m->activations < LB_ACTS_FLOAT32
         || m->activations > LB_ACTS_AUTO || (m->layer_norm != 0 && m->layer_norm != 1)
         || (m->gated != 0 && m->gated != 1) || (m->parallel != 0 && m->parallel != 1))
-        return refuse(detail, bytes, LB_ERR_MODEL_FLAGS, "activation %lld, arithmetic %lld, layer_norm %lld, gated %lld, "
-                      "parallel %lld", (long long)m->activation, (long long)m->activations, (long long)m->layer_norm,
+        return refuse(detail, bytes, LB_ERR_MODEL_FLAGS,
+                      "activation %lld, arithmetic %lld, layer_norm %lld, gated %lld, parallel %lld",
+                      (long long)m->activation, (long long)m->activations, (long long)m->layer_norm,
                       (long long)m->gated, (long long)m->parallel);
     if (m->n_layers < 1 || m->n_layers > LB_MAX_LAYERS || m->hidden < 1 || m->hidden > LB_MAX_HIDDEN
         || m->heads < 1 || m->heads > LB_MAX_HEADS || m->kv_heads < 1 || m->kv_heads > m->heads
