@@ -219,8 +219,8 @@ def test_decode_step_with_right_sizes_matches_transformers(step):
     assert _untouched(logits, native.vocab) and _untouched(workspace, sizes["work"])
 
 
-def _bend(spec, edits):
-    """Apply (object, field, value) edits; returns the old values to restore."""
+def _bend(edits):
+    """Apply (structure, field, value) edits; the old values, to restore."""
     old = [(target, field, getattr(target, field)) for target, field, _ in edits]
     for target, field, value in edits:
         setattr(target, field, value)
@@ -247,12 +247,50 @@ def _bend(spec, edits):
 ])
 def test_check_model_refuses_what_the_step_cannot_run(step, edit, expected, words):
     model, decoder, native = step
+    _assert_refused(decoder, native, edit, expected, words)
+
+
+@pytest.fixture(scope="module")
+def moe_step():
+    """Qwen2-MoE (routed experts and a shared one, RTN 4-bit) in the compiled step."""
+    from lowbit.engine.runner import Engine
+    from test_compiled_families import family_model
+
+    decoder = Engine(family_model("qwen2_moe"), context=16).decoder
+    assert decoder.native is not None and decoder.native.spec.layers[0].moe
+    return decoder, decoder.native
+
+
+def _moe(spec):
+    return spec.layers[0].moe.contents
+
+
+@pytest.mark.parametrize("edit,expected,words", [
+    (lambda s: [(_moe(s), "shared", 2)], MODEL_FLAGS, "shared 2"),
+    (lambda s: [(_moe(s), "top_k", _moe(s).n_experts + 1)], MODEL_DIMS, "top_k"),
+    (lambda s: [(_moe(s).router[0], "n", _moe(s).n_experts + 1)], MODEL_SHAPE, "layer 0 router gives"),
+    (lambda s: [(_moe(s).experts[2], "k", _moe(s).experts[0].n - 32)], MODEL_SHAPE,
+     "layer 0 expert 0 down part 0 reads"),
+    (lambda s: [(_moe(s).experts[4], "n", 7)], MODEL_SHAPE, "layer 0 expert 1 up gives 7 outputs"),
+    (lambda s: [(_moe(s).experts[3], "n", 0)], MODEL_DIMS, "layer 0 expert 1 gate has width 0"),
+    (lambda s: [(_moe(s).experts[0], "bias", _moe(s).experts[0].w)], MODEL_UNSUPPORTED, "expert 0 has biases"),
+    (lambda s: [(s.layers[0].down, "n", s.hidden)], MODEL_UNSUPPORTED, "experts beside a dense MLP"),
+    (lambda s: [(s, "parallel", 1)], MODEL_UNSUPPORTED, "in a parallel block"),
+])
+def test_check_model_refuses_expert_layers_the_step_cannot_run(moe_step, edit, expected, words):
+    decoder, native = moe_step
+    _assert_refused(decoder, native, edit, expected, words)
+
+
+def _assert_refused(decoder, native, edit, expected, words):
+    """lowbit_check_model accepts the step's model, refuses it with `expected` and `words` in its detail after
+    `edit` (checks.check_decode_model: a one-line LowbitError), and accepts it again once the edit is undone."""
     lib, spec = native.lib, native.spec
     detail = ctypes.create_string_buffer(256)
     assert lib.lowbit_check_model(ctypes.byref(spec), detail, len(detail)) == OK
-    old = _bend(spec, edit(spec))
+    old = _bend(edit(spec))
     try:
-        assert lib.lowbit_check_model(ctypes.byref(spec), detail, len(detail)) == expected
+        assert lib.lowbit_check_model(ctypes.byref(spec), detail, len(detail)) == expected, detail.value
         assert words in detail.value.decode()
         with pytest.raises(LowbitError, match=rf"compiled step: .*\(status {expected}\)$") as error:
             checks.check_decode_model(lib, spec, decoder, native.keep)

@@ -407,16 +407,18 @@ static int check_moe(const lb_model *m, const lb_layer *layer, const char *where
     for (int64_t e = 0; e < moe->n_experts + moe->shared; e++) {
         const lb_linear *expert = moe->experts + 3 * e;
         const int64_t width = expert[0].n;
-        char what[48];
-        snprintf(what, sizeof what, "expert %lld", (long long)e);
+        char gate[40], up[40], down[40];
+        snprintf(gate, sizeof gate, "expert %lld gate", (long long)e);
+        snprintf(up, sizeof up, "expert %lld up", (long long)e);
+        snprintf(down, sizeof down, "expert %lld down", (long long)e);
         if (width < 1 || width > LB_MAX_WIDTH)
-            return refuse(detail, bytes, LB_ERR_MODEL_DIMS, "%s %s has width %lld", where, what, (long long)width);
+            return refuse(detail, bytes, LB_ERR_MODEL_DIMS, "%s %s has width %lld", where, gate, (long long)width);
         if (expert[0].bias || expert[1].bias || expert[2].bias)
-            return refuse(detail, bytes, LB_ERR_MODEL_UNSUPPORTED, "%s %s has biases (the step reads experts "
-                          "without)", where, what);
-        if ((status = check_parts(&expert[0], 1, width, H, where, what, detail, bytes))
-            || (status = check_parts(&expert[1], 1, width, H, where, what, detail, bytes))
-            || (status = check_parts(&expert[2], 1, H, width, where, what, detail, bytes)))
+            return refuse(detail, bytes, LB_ERR_MODEL_UNSUPPORTED, "%s expert %lld has biases (the step reads "
+                          "experts without)", where, (long long)e);
+        if ((status = check_parts(&expert[0], 1, width, H, where, gate, detail, bytes))
+            || (status = check_parts(&expert[1], 1, width, H, where, up, detail, bytes))
+            || (status = check_parts(&expert[2], 1, H, width, where, down, detail, bytes)))
             return status;
     }
     return LB_OK;
