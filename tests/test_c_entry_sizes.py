@@ -11,7 +11,6 @@ from __future__ import annotations
 import ctypes
 import os
 
-import numpy as np
 import pytest
 import torch
 
@@ -46,8 +45,9 @@ def _untouched(buffer: torch.Tensor, start: int = 0) -> bool:
     return bool((buffer[start:] == CANARY).all())
 
 
-def _weight(layout: str) -> tuple[clib.LinearSpec, list[torch.Tensor], torch.Tensor]:
-    """(C description, tensors it points into, float weight it stands for) of a 48 x 256 weight of `layout`."""
+def _weight(layout: str) -> tuple[clib.LinearSpec, list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """(C description, tensors it points into, float weight and bias it stands for) of a 48 x 256 weight of
+    `layout` (a float one with a bias)."""
     from lowbit.schemes.ggml import GGMLScheme, quantize_rows
     from lowbit.schemes.intgrid import IntGrid
 
@@ -56,13 +56,13 @@ def _weight(layout: str) -> tuple[clib.LinearSpec, list[torch.Tensor], torch.Ten
         linear = torch.nn.Linear(256, 48, bias=True)
         linear.weight.data, linear.bias.data = w, torch.randn(48)
         spec, keep = clib.linear_spec(linear)
-        return spec, keep + [linear.weight, linear.bias], w
+        return spec, keep, w, linear.bias.detach()
     if layout == "q4_k":
         qw = GGMLScheme("Q4_K").from_blocks(quantize_rows(w.numpy(), "Q4_K"), (48, 256))
     else:
         qw = IntGrid(bits={"nib": 4, "u8": 8}[layout], group_size=32).quantize(w)
     spec, keep = clib.affine_spec(qw)
-    return spec, keep + [qw], qw.dequantize()
+    return spec, keep + [qw], qw.dequantize(), torch.zeros(48)
 
 
 LAYOUTS = ["f32", "nib", "u8", "q4_k"]
@@ -70,11 +70,9 @@ LAYOUTS = ["f32", "nib", "u8", "q4_k"]
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_linear_refuses_short_buffers_and_computes_with_right_ones(layout):
-    spec, keep, dense = _weight(layout)
+    spec, keep, dense, bias = _weight(layout)
     lib, rows = _lib(), 3
     x = torch.randn(rows, spec.k, generator=torch.Generator().manual_seed(1))
-    bias = torch.zeros(spec.n) if not spec.bias else torch.from_numpy(
-        np.ctypeslib.as_array((ctypes.c_float * spec.n).from_address(spec.bias)).copy())
     reference = x.double() @ dense.double().T + bias.double()
     bound = spec.k * 2 ** -23 * (x.abs() @ dense.abs().T).double() + 1e-5
     sizes = {"x": rows * spec.k, "y": rows * spec.n, "scratch": clib.scratch_floats(lib, spec, rows, THREADS)}
@@ -107,7 +105,7 @@ def test_linear_refuses_short_buffers_and_computes_with_right_ones(layout):
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("bf16", [0, 1])
 def test_dequantize_rows_refuses_ranges_and_short_outputs(layout, bf16):
-    spec, keep, dense = _weight(layout)
+    spec, keep, dense, _ = _weight(layout)
     lib, n, k = _lib(), spec.n, spec.k
     dtype = torch.bfloat16 if bf16 else torch.float32
     width = 2 if bf16 else 4
@@ -227,7 +225,8 @@ def _bend(edits):
     return old
 
 
-@pytest.mark.parametrize("edit,expected,words", [
+# (edits of a step's structures, the status lowbit_check_model gives them, words of its detail)
+MODEL_EDITS = [
     (lambda s: [(s, "activation", 9)], MODEL_FLAGS, "activation 9"),
     (lambda s: [(s, "gated", 2)], MODEL_FLAGS, "gated 2"),
     (lambda s: [(s, "kv_heads", 3)], MODEL_DIMS, "kv heads 3"),
@@ -244,7 +243,10 @@ def _bend(edits):
     (lambda s: [(s.layers[0], "input_norm_bias", s.layers[0].input_norm)], MODEL_UNSUPPORTED, "biases on RMSNorms"),
     (lambda s: [(s, "parallel", 1), (s.layers[0], "attn_out_norm", s.layers[0].input_norm)], MODEL_UNSUPPORTED,
      "sandwich norms in a parallel block"),
-])
+]
+
+
+@pytest.mark.parametrize("edit,expected,words", MODEL_EDITS, ids=[words for _, _, words in MODEL_EDITS])
 def test_check_model_refuses_what_the_step_cannot_run(step, edit, expected, words):
     model, decoder, native = step
     _assert_refused(decoder, native, edit, expected, words)
@@ -265,7 +267,7 @@ def _moe(spec):
     return spec.layers[0].moe.contents
 
 
-@pytest.mark.parametrize("edit,expected,words", [
+MOE_EDITS = [
     (lambda s: [(_moe(s), "shared", 2)], MODEL_FLAGS, "shared 2"),
     (lambda s: [(_moe(s), "top_k", _moe(s).n_experts + 1)], MODEL_DIMS, "top_k"),
     (lambda s: [(_moe(s).router[0], "n", _moe(s).n_experts + 1)], MODEL_SHAPE, "layer 0 router gives"),
@@ -276,7 +278,10 @@ def _moe(spec):
     (lambda s: [(_moe(s).experts[0], "bias", _moe(s).experts[0].w)], MODEL_UNSUPPORTED, "expert 0 has biases"),
     (lambda s: [(s.layers[0].down, "n", s.hidden)], MODEL_UNSUPPORTED, "experts beside a dense MLP"),
     (lambda s: [(s, "parallel", 1)], MODEL_UNSUPPORTED, "in a parallel block"),
-])
+]
+
+
+@pytest.mark.parametrize("edit,expected,words", MOE_EDITS, ids=[words for _, _, words in MOE_EDITS])
 def test_check_model_refuses_expert_layers_the_step_cannot_run(moe_step, edit, expected, words):
     decoder, native = moe_step
     _assert_refused(decoder, native, edit, expected, words)
