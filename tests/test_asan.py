@@ -1,6 +1,8 @@
 """The compiled kernels under AddressSanitizer: csrc/*.c built once with -fsanitize=address, then the compiled-step
-and kernel tests (their inputs: every layout, act-order, biases, head norms, batches) and a small decode run
-against that library in a subprocess. Any read or write outside a buffer aborts the run with ASan's report."""
+and kernel tests (their inputs: every layout and GGUF block type, act-order, biases, head norms, batches), the
+entry points' size checks (tests/test_c_entry_sizes.py, with buffers of exactly the sizes passed:
+LOWBIT_TEST_EXACT_BUFFERS) and a small decode run against that library in a subprocess. Any read or write outside
+a buffer aborts the run with ASan's report."""
 from __future__ import annotations
 
 import os
@@ -38,9 +40,10 @@ def test_kernels_and_decode_under_address_sanitizer(tmp_path):
                             "-fno-omit-frame-pointer", "-shared", "-fPIC", "-o", str(library), *map(str, SOURCES),
                             "-lm"], capture_output=True, text=True)
     assert build.returncode == 0, build.stderr
-    env = {**os.environ, "LD_PRELOAD": runtime, "OMP_NUM_THREADS": "2",
+    env = {**os.environ, "LD_PRELOAD": runtime, "OMP_NUM_THREADS": "2", "LOWBIT_TEST_EXACT_BUFFERS": "1",
            "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=1:halt_on_error=1"}
-    tests = ["tests/test_compiled_step.py", "tests/test_compiled_families.py", "tests/test_fast_kernels.py",
+    tests = ["tests/test_c_entry_sizes.py", "tests/test_compiled_step.py", "tests/test_compiled_families.py",
+             "tests/test_fast_kernels.py", "tests/test_ggml_block_kernels.py",
              "tests/test_validation.py::"
              "test_compiled_step_refuses_a_weight_whose_description_disagrees", "tests/test_validation.py::"
              "test_c_size_check_codes"]

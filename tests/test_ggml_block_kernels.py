@@ -66,7 +66,8 @@ def test_dequantized_rows_are_gguf_values_exactly(type_name, n, k):
     blocks, dense = _weight(type_name, n, k)
     spec, keep = _spec(type_name, blocks, n, k)
     out = torch.empty(n - 3, k)
-    clib.native_library().lowbit_dequantize_rows(ctypes.byref(spec), 3, n, out.data_ptr(), 0, 2)
+    assert clib.native_library().lowbit_dequantize_rows(ctypes.byref(spec), 3, n, out.data_ptr(), out.numel() * 4, 0,
+                                                        2) == 0
     assert np.array_equal(out.numpy(), dense[3:].astype(np.float32))
 
 

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from lowbit.errors import LowbitError
-from lowbit.runtime.checks import check_decode_model, check_step_inputs
+from lowbit.runtime.checks import check_decode_model, check_status, check_step_inputs
 from lowbit.runtime.activations import Activations
 from lowbit.runtime.clib import LinearSpec, linear_spec, native_library, uses_act8
 
@@ -131,8 +131,8 @@ class NativeDecodeStep:
     """Callable (tokens [B], slots [B], positions [B]) -> logits [B, vocab] for a RotaryDecoder."""
 
     def __init__(self, lib: ctypes.CDLL, spec: ModelSpec, layers: Any, keep: list[torch.Tensor],
-                 embed: nn.Module, vocab: int, arithmetic: str, structures: list[Any] = (),
-                 position_embed: Any = None, embed_norm: Any = None):
+                 caches: tuple[torch.Tensor, torch.Tensor], embed: nn.Module, vocab: int, arithmetic: str,
+                 structures: list[Any] = (), position_embed: Any = None, embed_norm: Any = None):
         self.lib, self.spec, self.layers, self.keep = lib, spec, layers, keep
         self.structures = list(structures)     # ctypes structures the layers point to (expert layers)
         self.embed, self.vocab = embed, vocab
@@ -143,6 +143,7 @@ class NativeDecodeStep:
         rows = getattr(embed, "num_embeddings", None) or getattr(getattr(embed, "qweight", None), "shape", (vocab,))[0]
         self.embedding_rows = int(rows)
         self.workspace: torch.Tensor | None = None
+        self.caches = caches                   # the KV caches spec points to (C checks their sizes every call)
         # A step has 7 barriers a layer; for a model this small they cost more than a second thread saves
         # (and on a busy machine a preempted thread stalls every one of them).
         weight_bytes = sum(t.numel() * t.element_size() for t in keep)
@@ -224,8 +225,8 @@ class NativeDecodeStep:
         rounded = sum(uses_act8(w, activations, lib) for w in weights)
         arithmetic = ("float32 activations" if rounded == 0 else "int8 activations" if rounded == len(weights)
                       else f"int8 activations in {rounded} of {len(weights)} matmuls, float32 in the others")
-        return cls(lib, spec, layers, keep, decoder.embed, head[0].n, f"{arithmetic} ({activations.value})",
-                   structures, decoder.position_embed, decoder.embed_norm), ""
+        return cls(lib, spec, layers, keep, (decoder.k_cache, decoder.v_cache), decoder.embed, head[0].n,
+                   f"{arithmetic} ({activations.value})", structures, decoder.position_embed, decoder.embed_norm), ""
 
     def prefill(self, tokens: torch.Tensor, slot: int, start: int) -> torch.Tensor:
         """Logits [1, vocab] of the last of `tokens` [S], a prompt chunk for cache slot `slot` from `start`
@@ -240,9 +241,11 @@ class NativeDecodeStep:
             raise LowbitError("compiled step: a prompt chunk of no tokens has no last token's logits")
         check_step_inputs(tokens, slots, positions, self.embedding_rows, self.spec.slots, self.spec.context)
         threads = min(torch.get_num_threads(), self.max_threads or torch.get_num_threads())
-        size = self.lib.lowbit_decode_workspace(ctypes.byref(self.spec), batch, threads)
-        if self.workspace is None or self.workspace.numel() < size:
-            self.workspace = torch.empty(size, dtype=torch.float32)
+        size = ctypes.c_int64()
+        check_status(self.lib.lowbit_decode_workspace(ctypes.byref(self.spec), batch, threads, ctypes.byref(size)),
+                     f"compiled step of {batch} rows", self.lib)
+        if self.workspace is None or self.workspace.numel() < size.value:
+            self.workspace = torch.empty(size.value, dtype=torch.float32)
         x = self.embed(tokens).float()
         if self.position_embed is not None:             # learned positions (GPT-2, OPT)
             x = x + self.position_embed(positions).float()
@@ -255,7 +258,9 @@ class NativeDecodeStep:
         slots = slots.to(torch.int64).contiguous()
         positions = positions.to(torch.int64).contiguous()
         logits = torch.empty(1 if last_only else batch, self.vocab, dtype=torch.float32)
-        self.lib.lowbit_decode_step(ctypes.byref(self.spec), x.data_ptr(), batch, slots.data_ptr(),
-                                    positions.data_ptr(), logits.data_ptr(), self.workspace.data_ptr(), threads,
-                                    int(last_only))
+        check_status(self.lib.lowbit_decode_step(
+            ctypes.byref(self.spec), x.data_ptr(), x.numel(), batch, slots.data_ptr(), slots.numel(),
+            positions.data_ptr(), positions.numel(), logits.data_ptr(), logits.numel(), self.workspace.data_ptr(),
+            self.workspace.numel(), self.caches[0].numel(), self.caches[1].numel(), threads, int(last_only)),
+            f"compiled step of {batch} rows", self.lib)
         return logits

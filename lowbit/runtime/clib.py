@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from lowbit.runtime.activations import Activations
+from lowbit.runtime.checks import buffer_sizes, check_linear, check_status
 from lowbit.errors import LowbitError
 from lowbit.quantized import QuantizedWeight, keep_codes_packed, packed_codes
 
@@ -35,7 +36,7 @@ log = logging.getLogger("lowbit")
 
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = (CSRC / "affine_gemv.c", CSRC / "decode.c",   # one library; decode.c is the engine's whole-step kernel
-           CSRC / "checks.c")                            # size checks of weight descriptions (runtime/checks.py)
+           CSRC / "checks.c")       # size checks of weight descriptions, status words (runtime/checks.py)
 LB_F32, LB_U8, LB_NIB = 0, 1, 2
 # csrc/ggml_blocks.h: a GGUF block type is read as the file stores it, kind LB_GGML + its ggml_type value
 LB_GGML = 16
@@ -119,22 +120,28 @@ def load_library(path: Path) -> ctypes.CDLL:
     """Load a compiled kernel library and declare its functions' argument types."""
     lib = ctypes.CDLL(str(path))   # torch is imported first, so its libgomp is the one shared
     i32 = ctypes.c_int
-    lib.lowbit_linear.argtypes = [_ptr, _ptr, _i64, _ptr, _ptr, i32, i32]
-    lib.lowbit_linear.restype = None
-    lib.lowbit_linear_scratch.argtypes = [_ptr, _i64, i32]
-    lib.lowbit_linear_scratch.restype = _i64
+    # Every entry point that writes through a pointer takes that buffer's size and returns a status (csrc/checks.h):
+    # 0, or a code checks.check_status turns into a LowbitError; sizes are counted in values (floats, int64) or bytes.
+    signatures = {
+        "lowbit_linear": [_ptr, _ptr, _i64, _i64, _ptr, _i64, _ptr, _i64, i32, i32],  # weight, x, M, y, scratch
+        "lowbit_linear_scratch": [_ptr, _i64, i32, ctypes.POINTER(_i64)],
+        "lowbit_dequantize_rows": [_ptr, _i64, _i64, _ptr, _i64, i32, i32],            # weight, n0, n1, out, bytes
+        "lowbit_decode_workspace": [_ptr, _i64, i32, ctypes.POINTER(_i64)],
+        # model, x, B, slots, positions, logits, workspace, k and v cache floats, threads, last_only
+        "lowbit_decode_step": [_ptr, _ptr, _i64, _i64, _ptr, _i64, _ptr, _i64, _ptr, _i64, _ptr, _i64, _i64, _i64,
+                               i32, i32],
+        "lowbit_check_model": [_ptr, ctypes.c_char_p, _i64],
+        "lowbit_check_linear": [_ptr] + [_i64] * 6,
+    }
+    for name, argtypes in signatures.items():
+        getattr(lib, name).argtypes = argtypes
+        getattr(lib, name).restype = i32 if name != "lowbit_check_linear" else _i64
+    lib.lowbit_status_text.argtypes = [_i64]
+    lib.lowbit_status_text.restype = ctypes.c_char_p
     lib.lowbit_has_act8.restype = i32
     lib.lowbit_uses_act8.argtypes = [_ptr, i32]
     lib.lowbit_uses_act8.restype = i32
     lib.lowbit_kernel_has_avx512.restype = i32
-    lib.lowbit_affine_dequant_u8_bf16.argtypes = [_ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _ptr, i32]
-    lib.lowbit_affine_dequant_u8_bf16.restype = None
-    lib.lowbit_dequantize_rows.argtypes = [_ptr, _i64, _i64, _ptr, i32, i32]
-    lib.lowbit_dequantize_rows.restype = None
-    lib.lowbit_decode_workspace.argtypes = [_ptr, _i64, i32]
-    lib.lowbit_decode_workspace.restype = _i64
-    lib.lowbit_decode_step.argtypes = [_ptr, _ptr, _i64, _ptr, _ptr, _ptr, _ptr, i32, i32]
-    lib.lowbit_decode_step.restype = None
     return lib
 
 
@@ -221,7 +228,7 @@ def affine_spec(qw: QuantizedWeight, bias: torch.Tensor | None = None
     with it), so the per-layer kernel and the engine's compiled step share one copy."""
     cached = _DESCRIBED.get(id(qw))
     if cached is None or cached[0]() is not qw or cached[1] is not _stored_state(qw):
-        cached = (weakref.ref(qw), _stored_state(qw), _describe_affine(qw))
+        cached = (weakref.ref(qw), _stored_state(qw), _checked(_describe_affine(qw), qw))
         _DESCRIBED[id(qw)] = cached
         weakref.finalize(qw, _DESCRIBED.pop, id(qw), None)
     described = cached[2]
@@ -233,6 +240,16 @@ def affine_spec(qw: QuantizedWeight, bias: torch.Tensor | None = None
         spec.bias = bias.data_ptr()
         keep = keep + [bias]
     return spec, keep
+
+
+def _checked(described: tuple[LinearSpec, list[torch.Tensor]] | None, qw: QuantizedWeight
+             ) -> tuple[LinearSpec, list[torch.Tensor]] | None:
+    """`described`, once csrc/checks.c agrees its buffers hold what its layout makes the kernels read (once per
+    weight: every kernel call after it trusts the bytes and checks only its own arguments' sizes)."""
+    lib = native_library()
+    if described is not None and lib is not None:
+        check_linear(lib, described[0], buffer_sizes(described[1]), type(qw.scheme).__name__)
+    return described
 
 
 def _stored_state(qw: QuantizedWeight) -> Any:
@@ -390,12 +407,21 @@ def linear(spec: LinearSpec, x: torch.Tensor, act8: bool = False, lib: ctypes.CD
                           f"needs [rows, {spec.k}]")
     x = x.float().contiguous()
     threads = torch.get_num_threads()
-    spec_ref = ctypes.byref(spec)
     y = torch.empty(x.shape[0], spec.n, dtype=torch.float32)
-    scratch = torch.empty(max(1, lib.lowbit_linear_scratch(spec_ref, x.shape[0], threads)), dtype=torch.float32)
+    scratch = torch.empty(max(1, scratch_floats(lib, spec, x.shape[0], threads)), dtype=torch.float32)
     activations = Activations.INT8 if act8 else Activations.FLOAT32
-    lib.lowbit_linear(spec_ref, x.data_ptr(), x.shape[0], y.data_ptr(), scratch.data_ptr(), activations.code, threads)
+    check_status(lib.lowbit_linear(ctypes.byref(spec), x.data_ptr(), x.numel(), x.shape[0], y.data_ptr(), y.numel(),
+                                   scratch.data_ptr(), scratch.numel(), activations.code, threads),
+                 f"a {spec.n} x {spec.k} compiled matmul", lib)
     return y
+
+
+def scratch_floats(lib: ctypes.CDLL, spec: LinearSpec, rows: int, threads: int) -> int:
+    """Floats of scratch lowbit_linear needs for `rows` rows on `threads` threads."""
+    floats = ctypes.c_int64()
+    check_status(lib.lowbit_linear_scratch(ctypes.byref(spec), rows, threads, ctypes.byref(floats)),
+                 f"a {spec.n} x {spec.k} compiled matmul", lib)
+    return floats.value
 
 
 def uses_act8(spec: LinearSpec, activations: Activations, lib: ctypes.CDLL | None = None) -> bool:

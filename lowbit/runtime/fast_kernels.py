@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from lowbit.quantized import QuantizedWeight
+from lowbit.runtime.checks import check_status
 from lowbit.runtime.clib import affine_spec, column_order, linear, native_library, reads_blocks
 from lowbit.runtime.cpu import gemm_dtype
 from lowbit.runtime.kernels import Kernel, contiguous_groups, register_kernel
@@ -61,8 +62,9 @@ def prefill_matmul(x2: torch.Tensor, qw: QuantizedWeight) -> torch.Tensor:
     for n0 in range(0, n, PREFILL_SLICE_ROWS):
         n1 = min(n, n0 + PREFILL_SLICE_ROWS)
         w = torch.empty(n1 - n0, k, dtype=dtype)
-        lib.lowbit_dequantize_rows(ctypes.byref(spec), n0, n1, w.data_ptr(), int(dtype == torch.bfloat16),
-                                   torch.get_num_threads())
+        check_status(lib.lowbit_dequantize_rows(ctypes.byref(spec), n0, n1, w.data_ptr(), w.numel() * w.element_size(),
+                                                int(dtype == torch.bfloat16), torch.get_num_threads()),
+                     f"dequantizing rows {n0}..{n1} of a {n} x {k} weight", lib)
         y[:, n0:n1] = F.linear(x2, w)
     return y
 

@@ -1,27 +1,43 @@
 /* One matmul per call for the torch-side kernels: y = x W^T for any weight layout of affine_dot.h (float,
- * one code per byte, two 4-bit codes per byte, codebooks, act-order), and the bf16 dequantization that prompt
- * processing feeds to a GEMM.
+ * one code per byte, two 4-bit codes per byte, codebooks, act-order), and the dequantized rows that prompt
+ * processing feeds to a GEMM. Every entry point checks the sizes of the buffers it is given (checks.h).
  *
  * Decoding is memory-bound, so the weight is read as its codes plus the group statistics and never
  * materialised. Output rows are split over OpenMP threads (the libgomp torch loads, so the pools do not
  * fight), as many as torch.get_num_threads() (passed in: OpenMP's own setting is per calling thread).
  */
-#include "affine_dot.h"
+#include "checks.h"
 
 #include <omp.h>
 
-/* Floats of scratch lowbit_linear needs for M rows on `threads` threads. */
-int64_t lowbit_linear_scratch(const lb_linear *weight, int64_t M, int threads) {
-    return (int64_t)threads * lb_scratch_floats(weight->k, weight->groups, M);
+/* LB_OK and *floats = the floats of scratch lowbit_linear needs for M rows on `threads` threads; or a status. */
+int lowbit_linear_scratch(const lb_linear *weight, int64_t M, int threads, int64_t *floats) {
+    const int layout = lb_check_layout(weight);
+    if (layout != LB_OK) return layout;
+    if (M < 0 || !lb_threads_fit(threads)) return LB_ERR_ARGUMENT;
+    /* lb_scratch_floats is at most M x (4k + 256) (groups <= k, see lb_check_layout): that product bounds it */
+    if (lb_size_mul(M, lb_size_add(lb_size_mul(weight->k, 4), 256)) < 0 || lb_size_mul(M, weight->n) < 0)
+        return LB_CHECK_OVERFLOW;
+    *floats = lb_size_mul(threads, lb_scratch_floats(weight->k, weight->groups, M));
+    return *floats < 0 ? LB_CHECK_OVERFLOW : LB_OK;
 }
 
 /* y [M, N] = x [M, K] W^T + bias for one weight described by `weight` (see affine_dot.h); `activations`:
- * LB_ACTS_* (int8 activations where it and the layout allow). */
-void lowbit_linear(const lb_linear *weight, const float *x, int64_t M, float *y, float *scratch, int activations,
-                   int threads) {
-    const int64_t per_thread = lb_scratch_floats(weight->k, weight->groups, M);
+ * LB_ACTS_* (int8 activations where it and the layout allow). *_floats: the floats behind x, y and scratch
+ * (lowbit_linear_scratch's count); LB_OK, or a status and nothing written. */
+int lowbit_linear(const lb_linear *weight, const float *x, int64_t x_floats, int64_t M, float *y, int64_t y_floats,
+                  float *scratch, int64_t scratch_floats, int activations, int threads) {
+    int64_t need;
+    const int status = lowbit_linear_scratch(weight, M, threads, &need);
+    if (status != LB_OK) return status;
+    if (activations < LB_ACTS_FLOAT32 || activations > LB_ACTS_AUTO) return LB_ERR_ARGUMENT;
+    if (!lb_covers(x_floats, M * weight->k)) return LB_ERR_INPUT_SIZE;
+    if (!lb_covers(y_floats, M * weight->n)) return LB_ERR_OUTPUT_SIZE;
+    if (!lb_covers(scratch_floats, need)) return LB_ERR_SCRATCH_SIZE;
+    const int64_t per_thread = need / threads;
     #pragma omp parallel num_threads(threads)
     lb_matmul(weight, x, M, y, weight->n, 0, scratch + (int64_t)omp_get_thread_num() * per_thread, activations, 1);
+    return LB_OK;
 }
 
 int lowbit_has_act8(void) { return LB_HAVE_ACT8; }
@@ -43,29 +59,17 @@ static inline uint16_t to_bf16(float value) {
     return (uint16_t)((bits.u + 0x7FFFu + ((bits.u >> 16) & 1u)) >> 16);
 }
 
-/* W[n,k] = a[n,g] * q[n,k] + b[n,g] into out [N,K] bfloat16: the weight for a prompt-sized GEMM (bf16 GEMMs
- * run on AMX/AVX512-BF16 several times faster than float32 here), built in one parallel pass instead of the
- * several passes and temporaries torch's broadcasting ops need. */
-void lowbit_affine_dequant_u8_bf16(const uint8_t *codes, const float *a, const float *b, int64_t N, int64_t K,
-                                   int64_t G, int64_t group, uint16_t *out, int threads) {
-    #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t n = 0; n < N; n++) {
-        const uint8_t *q = codes + n * K;
-        uint16_t *w = out + n * K;
-        for (int64_t g = 0; g < G; g++) {
-            const int64_t k0 = g * group;
-            const int64_t k1 = k0 + group < K ? k0 + group : K;
-            const float scale = a[n * G + g], offset = b[n * G + g];
-            for (int64_t k = k0; k < k1; k++) w[k] = to_bf16(scale * (float)q[k] + offset);
-        }
-    }
-}
-
 /* Rows [n0, n1) of a described weight (any lb_linear layout) as float32, or bfloat16 bits when `bf16`, into out
  * [n1 - n0, K], columns in the order its codes are stored (an act-order weight's sorted order: the caller gathers
  * x's columns by `perm`). Prompt-sized matmuls dequantize a slice of rows this way and hand it to a GEMM, reading
  * the same packed bytes the decode kernels read, so no unpacked copy of the codes is ever kept. */
-void lowbit_dequantize_rows(const lb_linear *L, int64_t n0, int64_t n1, void *out, int bf16, int threads) {
+int lowbit_dequantize_rows(const lb_linear *L, int64_t n0, int64_t n1, void *out, int64_t out_bytes, int bf16,
+                           int threads) {
+    const int layout = lb_check_layout(L);
+    if (layout != LB_OK) return layout;
+    if (!(0 <= n0 && n0 <= n1 && n1 <= L->n)) return LB_ERR_ROW_RANGE;
+    if ((bf16 != 0 && bf16 != 1) || !lb_threads_fit(threads)) return LB_ERR_ARGUMENT;
+    if (!lb_covers(out_bytes, (n1 - n0) * L->k * (bf16 ? 2 : 4))) return LB_ERR_OUTPUT_SIZE;  /* <= n x k x 4 */
     const int64_t K = L->k, G = L->groups;
     if (lb_is_ggml(L->kind)) {           /* GGUF blocks: 256 columns at a time through a float buffer */
         const int64_t block = lb_ggml_block(L->kind), row_bytes = (K / block) * lb_ggml_bytes(L->kind);
@@ -81,7 +85,7 @@ void lowbit_dequantize_rows(const lb_linear *L, int64_t n0, int64_t n1, void *ou
                     for (int64_t k = 0; k < width; k++) ((uint16_t *)out)[(n - n0) * K + k0 + k] = to_bf16(buffer[k]);
             }
         }
-        return;
+        return LB_OK;
     }
     #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t n = n0; n < n1; n++) {
@@ -109,4 +113,5 @@ void lowbit_dequantize_rows(const lb_linear *L, int64_t n0, int64_t n1, void *ou
             else row32[k] = value;
         }
     }
+    return LB_OK;
 }

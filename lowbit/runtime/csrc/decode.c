@@ -13,9 +13,24 @@
  */
 #include <math.h>
 #include <omp.h>
+#include <stdarg.h>
 #include <stddef.h>
+#include <stdio.h>
 
-#include "affine_dot.h"
+#include "checks.h"
+
+/* Bounds of lowbit_check_model: the loaders' limits (lowbit/models/validate.py HPARAM_LIMITS), which keep every
+ * size product of the step and its workspace far inside 63 bits. */
+#define LB_MAX_LAYERS 1024
+#define LB_MAX_HIDDEN (1 << 17)
+#define LB_MAX_HEADS 4096
+#define LB_MAX_HEAD_DIM (1 << 14)
+#define LB_MAX_WIDTH (1 << 20)         /* intermediate, an expert's width, heads x head_dim */
+#define LB_MAX_VOCAB (1 << 22)
+#define LB_MAX_CONTEXT (1 << 24)
+#define LB_MAX_EXPERTS 4096
+#define LB_MAX_SLOTS (1 << 20)
+#define LB_MAX_ROWS (1 << 20)          /* rows of one step call */
 
 /* A mixture-of-experts MLP (Mixtral, Qwen2-MoE, Qwen3-MoE) as transformers routes it: softmax over the router's
  * logits of all experts, the top_k most probable experts per token, weighted by their probabilities (divided by
@@ -314,19 +329,189 @@ static void moe_mlp(const lb_model *m, const lb_moe *moe, const float *h, int64_
         }
 }
 
-/* Floats of scratch memory lowbit_decode_step needs for B rows and `threads` threads. */
-int64_t lowbit_decode_workspace(const lb_model *m, int64_t B, int threads) {
+/* LB_OK and *floats = the floats of scratch memory lowbit_decode_step needs for B rows and `threads` threads (of a
+ * model lowbit_check_model accepted); or a status. */
+int lowbit_decode_workspace(const lb_model *m, int64_t B, int threads, int64_t *floats) {
+    if (B < 0 || B > LB_MAX_ROWS || !lb_threads_fit(threads)) return LB_ERR_ARGUMENT;
     const int64_t qkv = (m->heads + 2 * m->kv_heads) * m->head_dim;
-    return B * (qkv + m->heads * m->head_dim + 3 * m->intermediate + m->heads * m->context + m->hidden)
-           + (int64_t)threads * (thread_scratch_floats(m, B) + B * m->hidden) + moe_floats(m, B) + 2;
+    const int64_t per_row = qkv + m->heads * m->head_dim + 3 * m->intermediate + m->heads * m->context + m->hidden;
+    const int64_t per_thread = lb_size_add(thread_scratch_floats(m, B), lb_size_mul(B, m->hidden));
+    *floats = lb_size_add(lb_size_add(lb_size_mul(B, per_row), lb_size_mul(threads, per_thread)),
+                          lb_size_add(moe_floats(m, B), 2));
+    return *floats < 0 ? LB_CHECK_OVERFLOW : LB_OK;
+}
+
+/* Floats of one KV cache [layers, slots, kv_heads, context, head_dim], or -1 when the product overflows. */
+static int64_t cache_floats(const lb_model *m) {
+    return lb_size_mul(lb_size_mul(lb_size_mul(m->n_layers, m->slots), lb_size_mul(m->kv_heads, m->context)),
+                       m->head_dim);
+}
+
+/* A failed check of lowbit_check_model: `code`, with what failed written into detail[bytes] (for the error). */
+static int refuse(char *detail, int64_t bytes, int code, const char *format, ...) {
+    if (detail && bytes > 0) {
+        va_list args;
+        va_start(args, format);
+        vsnprintf(detail, (size_t)bytes, format, args);
+        va_end(args);
+    }
+    return code;
+}
+
+/* The weights of parts[0..count) that are present (n != 0) read `inputs` columns, give `outputs` rows together,
+ * and are laid out as the kernels read them. */
+static int check_parts(const lb_linear *parts, int64_t count, int64_t outputs, int64_t inputs, const char *where,
+                       const char *what, char *detail, int64_t bytes) {
+    int64_t total = 0;
+    for (int64_t i = 0; i < count; i++) {
+        const lb_linear *part = &parts[i];
+        if (part->n == 0) continue;
+        const int layout = lb_check_layout(part);
+        if (layout != LB_OK)
+            return refuse(detail, bytes, layout, "%s %s part %lld (%lld x %lld)", where, what, (long long)i,
+                          (long long)part->n, (long long)part->k);
+        if (part->k != inputs)
+            return refuse(detail, bytes, LB_ERR_MODEL_SHAPE,
+                          "%s %s part %lld reads %lld inputs, and the model has %lld", where, what, (long long)i,
+                          (long long)part->k, (long long)inputs);
+        total = lb_size_add(total, part->n);
+    }
+    if (total != outputs)
+        return refuse(detail, bytes, LB_ERR_MODEL_SHAPE, "%s %s gives %lld outputs, and the model needs %lld", where,
+                      what, (long long)total, (long long)outputs);
+    return LB_OK;
+}
+
+/* An expert layer: routing sizes, router and shared gate [experts + shared, hidden], every expert gate, up
+ * [width, hidden] and down [hidden, width] without biases, and no dense MLP beside it. */
+static int check_moe(const lb_model *m, const lb_layer *layer, const char *where, char *detail, int64_t bytes) {
+    const lb_moe *moe = layer->moe;
+    const int64_t H = m->hidden;
+    int status;
+    if (m->parallel || layer->gate_up[0].n || layer->gate_up[1].n || layer->down.n)
+        return refuse(detail, bytes, LB_ERR_MODEL_UNSUPPORTED, "%s has experts beside a dense MLP or in a parallel "
+                      "block", where);
+    if ((moe->renormalize != 0 && moe->renormalize != 1) || (moe->shared != 0 && moe->shared != 1))
+        return refuse(detail, bytes, LB_ERR_MODEL_FLAGS, "%s has renormalize %lld and shared %lld (0 or 1 each)", where,
+                      (long long)moe->renormalize, (long long)moe->shared);
+    if (moe->n_experts < 1 || moe->n_experts > LB_MAX_EXPERTS || moe->top_k < 1 || moe->top_k > moe->n_experts)
+        return refuse(detail, bytes, LB_ERR_MODEL_DIMS, "%s has %lld experts and top_k %lld", where,
+                      (long long)moe->n_experts, (long long)moe->top_k);
+    if (moe->experts == NULL) return refuse(detail, bytes, LB_ERR_MODEL_MISSING, "%s has no expert weights", where);
+    if (moe->router[0].n != moe->n_experts || moe->router[1].n != moe->shared)
+        return refuse(detail, bytes, LB_ERR_MODEL_SHAPE, "%s router gives %lld + %lld logits for %lld + %lld experts",
+                      where, (long long)moe->router[0].n, (long long)moe->router[1].n, (long long)moe->n_experts,
+                      (long long)moe->shared);
+    if ((status = check_parts(moe->router, 2, moe->n_experts + moe->shared, H, where, "router", detail, bytes)))
+        return status;
+    for (int64_t e = 0; e < moe->n_experts + moe->shared; e++) {
+        const lb_linear *expert = moe->experts + 3 * e;
+        const int64_t width = expert[0].n;
+        char gate[40], up[40], down[40];
+        snprintf(gate, sizeof gate, "expert %lld gate", (long long)e);
+        snprintf(up, sizeof up, "expert %lld up", (long long)e);
+        snprintf(down, sizeof down, "expert %lld down", (long long)e);
+        if (width < 1 || width > LB_MAX_WIDTH)
+            return refuse(detail, bytes, LB_ERR_MODEL_DIMS, "%s %s has width %lld", where, gate, (long long)width);
+        if (expert[0].bias || expert[1].bias || expert[2].bias)
+            return refuse(detail, bytes, LB_ERR_MODEL_UNSUPPORTED, "%s expert %lld has biases (the step reads "
+                          "experts without)", where, (long long)e);
+        if ((status = check_parts(&expert[0], 1, width, H, where, gate, detail, bytes))
+            || (status = check_parts(&expert[1], 1, width, H, where, up, detail, bytes))
+            || (status = check_parts(&expert[2], 1, H, width, where, down, detail, bytes)))
+            return status;
+    }
+    return LB_OK;
+}
+
+/* One decoder layer of a model whose dimensions are checked. */
+static int check_layer(const lb_model *m, const lb_layer *layer, int64_t index, char *detail, int64_t bytes) {
+    const int64_t H = m->hidden, D = m->head_dim, I = m->intermediate;
+    char where[32];
+    int status;
+    snprintf(where, sizeof where, "layer %lld", (long long)index);
+    if (!layer->input_norm || !layer->mlp_norm)
+        return refuse(detail, bytes, LB_ERR_MODEL_MISSING, "%s has no input or MLP norm", where);
+    if (m->rope_dim && (!layer->cos || !layer->sin))
+        return refuse(detail, bytes, LB_ERR_MODEL_MISSING, "%s has no rotary tables", where);
+    if (layer->window < 0)
+        return refuse(detail, bytes, LB_ERR_MODEL_DIMS, "%s has window %lld", where, (long long)layer->window);
+    if (!m->layer_norm && (layer->input_norm_bias || layer->mlp_norm_bias))
+        return refuse(detail, bytes, LB_ERR_MODEL_UNSUPPORTED, "%s has norm biases on RMSNorms", where);
+    if (m->parallel && (layer->attn_out_norm || layer->mlp_out_norm))
+        return refuse(detail, bytes, LB_ERR_MODEL_UNSUPPORTED, "%s has sandwich norms in a parallel block", where);
+    if ((status = check_parts(layer->qkv, 3, (m->heads + 2 * m->kv_heads) * D, H, where, "q|k|v", detail, bytes))
+        || (status = check_parts(&layer->o, 1, H, m->heads * D, where, "o", detail, bytes)))
+        return status;
+    if (layer->moe) return check_moe(m, layer, where, detail, bytes);
+    if ((status = check_parts(layer->gate_up, 2, (m->gated ? 2 : 1) * I, H, where, "gate|up", detail, bytes))
+        || (status = check_parts(&layer->down, 1, H, I, where, "down", detail, bytes)))
+        return status;
+    return LB_OK;
+}
+
+/* LB_OK when lowbit_decode_step can run `m`: known flags, dimensions within bounds, every weight the shape the
+ * dimensions give it and laid out as the kernels read it, every norm, rotary table and cache present, and no
+ * combination the step would compute wrongly. Else a status, and what failed in detail[bytes]. Called once when
+ * a step is built (it reads the structures, never the tensors: microseconds); the buffers' bytes are checked by
+ * lowbit/runtime/checks.py, which knows them. */
+int lowbit_check_model(const lb_model *m, char *detail, int64_t bytes) {
+    if (m->activation < LB_ACT_SILU || m->activation > LB_ACT_RELU || m->activations < LB_ACTS_FLOAT32
+        || m->activations > LB_ACTS_AUTO || (m->layer_norm != 0 && m->layer_norm != 1)
+        || (m->gated != 0 && m->gated != 1) || (m->parallel != 0 && m->parallel != 1))
+        return refuse(detail, bytes, LB_ERR_MODEL_FLAGS,
+                      "activation %lld, arithmetic %lld, layer_norm %lld, gated %lld, parallel %lld",
+                      (long long)m->activation, (long long)m->activations, (long long)m->layer_norm,
+                      (long long)m->gated, (long long)m->parallel);
+    if (m->n_layers < 1 || m->n_layers > LB_MAX_LAYERS || m->hidden < 1 || m->hidden > LB_MAX_HIDDEN
+        || m->heads < 1 || m->heads > LB_MAX_HEADS || m->kv_heads < 1 || m->kv_heads > m->heads
+        || m->heads % m->kv_heads || m->head_dim < 1 || m->head_dim > LB_MAX_HEAD_DIM
+        || m->heads * m->head_dim > LB_MAX_WIDTH || m->rope_dim < 0 || m->rope_dim > m->head_dim || m->rope_dim % 2
+        || m->intermediate < 1 || m->intermediate > LB_MAX_WIDTH || m->context < 1 || m->context > LB_MAX_CONTEXT
+        || m->slots < 1 || m->slots > LB_MAX_SLOTS || m->lm_head.n < 1 || m->lm_head.n > LB_MAX_VOCAB
+        || cache_floats(m) < 0)
+        return refuse(detail, bytes, LB_ERR_MODEL_DIMS, "layers %lld, hidden %lld, heads %lld, kv heads %lld, head_dim "
+                      "%lld, rotary %lld, intermediate %lld, context %lld, slots %lld, vocab %lld",
+                      (long long)m->n_layers, (long long)m->hidden, (long long)m->heads, (long long)m->kv_heads,
+                      (long long)m->head_dim, (long long)m->rope_dim, (long long)m->intermediate,
+                      (long long)m->context, (long long)m->slots, (long long)m->lm_head.n);
+    if (!m->layers || !m->final_norm || !m->k_cache || !m->v_cache)
+        return refuse(detail, bytes, LB_ERR_MODEL_MISSING, "the model has no layers, final norm or KV caches");
+    if (!m->layer_norm && m->final_norm_bias)
+        return refuse(detail, bytes, LB_ERR_MODEL_UNSUPPORTED, "the final norm has a bias on an RMSNorm");
+    for (int64_t l = 0; l < m->n_layers; l++) {
+        const int status = check_layer(m, &m->layers[l], l, detail, bytes);
+        if (status != LB_OK) return status;
+    }
+    return check_parts(&m->lm_head, 1, m->lm_head.n, m->hidden, "the", "lm_head", detail, bytes);
 }
 
 /* x [B, hidden]: the rows' embeddings, overwritten with the final hidden states; logits [B, vocab] out (or
  * [1, vocab] for the last row only, with `last_only`). Row b decodes into cache slot slots[b] at position
  * positions[b] (< context), attending to positions 0..pos. Every row's keys and values are cached before any
- * row attends, so rows of one slot at consecutive positions are a causal prompt chunk (prefill). */
-void lowbit_decode_step(const lb_model *m, float *x, int64_t B, const int64_t *slots, const int64_t *positions,
-                        float *logits, float *work, int threads, int last_only) {
+ * row attends, so rows of one slot at consecutive positions are a causal prompt chunk (prefill).
+ * *_floats / *_count: the values behind each pointer (work: lowbit_decode_workspace's count; the caches: the
+ * model's k_cache and v_cache). `m` must be a model lowbit_check_model accepted. LB_OK, or a status and nothing
+ * written (the checks: a few comparisons and one pass over the slots and positions). */
+int lowbit_decode_step(const lb_model *m, float *x, int64_t x_floats, int64_t B, const int64_t *slots,
+                       int64_t slot_count, const int64_t *positions, int64_t position_count, float *logits,
+                       int64_t logits_floats, float *work, int64_t work_floats, int64_t k_cache_floats,
+                       int64_t v_cache_floats, int threads, int last_only) {
+    int64_t need;
+    const int status = lowbit_decode_workspace(m, B, threads, &need);
+    if (status != LB_OK) return status;
+    if ((last_only != 0 && last_only != 1) || (last_only && B == 0)) return LB_ERR_ARGUMENT;
+    if (!lb_covers(work_floats, need)) return LB_ERR_SCRATCH_SIZE;
+    if (!lb_covers(x_floats, B * m->hidden)) return LB_ERR_INPUT_SIZE;
+    if (!lb_covers(logits_floats, (last_only ? 1 : B) * m->lm_head.n)) return LB_ERR_OUTPUT_SIZE;
+    if (!lb_covers(k_cache_floats, cache_floats(m)) || !lb_covers(v_cache_floats, cache_floats(m)))
+        return LB_ERR_CACHE_SIZE;
+    if (slot_count < B) return LB_ERR_SLOT;
+    if (position_count < B) return LB_ERR_POSITION;
+    for (int64_t b = 0; b < B; b++) {
+        if (slots[b] < 0 || slots[b] >= m->slots) return LB_ERR_SLOT;
+        if (positions[b] < 0 || positions[b] >= m->context) return LB_ERR_POSITION;
+    }
     const int64_t H = m->hidden, D = m->head_dim, heads = m->heads, kv_heads = m->kv_heads;
     const int64_t I = m->intermediate, T = m->context, QKV = (heads + 2 * kv_heads) * D;
     const int64_t group_ratio = heads / kv_heads;
@@ -460,4 +645,5 @@ void lowbit_decode_step(const lb_model *m, float *x, int64_t B, const int64_t *s
             for (int64_t i = 0; i < count; i++) logits[i] = softcap(logits[i], m->final_softcap);
         }
     }
+    return LB_OK;
 }
