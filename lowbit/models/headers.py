@@ -44,7 +44,10 @@ def describe(path: Path) -> dict[str, Any]:
 def describe_gguf(path: Path) -> dict[str, Any]:
     from lowbit.formats.gguf_file import FLOAT_TENSOR_TYPES, read_gguf
 
+    from lowbit.models.validate import check_gguf_header
+
     gf = read_gguf(path)          # a memory map: tensor data are never touched here
+    check_gguf_header(gf)         # hyper-parameters bounded, every tensor shaped as they say
     arch = gf.get("general.architecture")
     elements = {name: _count(t.shape) for name, t in gf.tensors.items()}
     quantized = {name: t for name, t in gf.tensors.items() if t.type_name not in FLOAT_TENSOR_TYPES}
