@@ -427,3 +427,78 @@ def check_gguf_header(gf: Any) -> None:
         more = f" ({len(wrong) - 1} more tensors differ)" if len(wrong) > 1 else ""
         raise CorruptFile(f"{gf.path}: tensor {name} has shape {list(have)}, but the metadata's hyper-parameters "
                           f"(heads, head size, width, feed-forward, vocab, experts) need {list(need)}{more}")
+
+
+# A folder's tensors against its config.json, headers only: Hugging Face module names of the llama-like families
+# (Llama, Mistral, Qwen, Gemma, Phi-3, Mixtral, Qwen-MoE) -> the llama.cpp role whose shape gguf_expected_shapes
+# gives; other families' names are checked for their layer count only.
+HF_ROLES = {"embed_tokens": "token_embd", "lm_head": "output", "q_proj": "attn_q", "k_proj": "attn_k",
+            "v_proj": "attn_v", "o_proj": "attn_output", "qkv_proj": "attn_qkv", "gate_proj": "ffn_gate",
+            "up_proj": "ffn_up", "down_proj": "ffn_down", "gate_up_proj": "ffn_up", "w1": "ffn_gate", "w3": "ffn_up",
+            "w2": "ffn_down"}
+# config.json keys -> the GGUF metadata keys gguf_expected_shapes reads (first present spelling wins)
+CONFIG_TO_GGUF = {"embedding_length": ("hidden_size",), "attention.head_count": ("num_attention_heads",),
+                  "attention.head_count_kv": ("num_key_value_heads",), "attention.key_length": ("head_dim",),
+                  "feed_forward_length": ("intermediate_size",), "vocab_size": ("vocab_size",),
+                  "expert_count": ("num_local_experts", "num_experts"),
+                  "expert_feed_forward_length": ("moe_intermediate_size",),
+                  "expert_shared_feed_forward_length": ("shared_expert_intermediate_size",)}
+LAYER_CONTAINERS = ("layers", "h", "blocks", "block")
+
+
+def check_folder_header(config: Mapping[str, Any], shapes: Mapping[str, tuple[Any, ...]], source: Any) -> None:
+    """config.json's hyper-parameters are bounded (check_hparams) and agree with the tensors a folder's headers
+    describe: `shapes` maps each layer's weight name to its logical shape [out, in] (None where the stored form does
+    not say); layers 0..num_hidden_layers-1 all present and no other; the llama-like families' projections,
+    embedding and head shaped as heads, head_dim, hidden, intermediate, vocab and experts say."""
+    check_hparams(config, source)
+    text = config.get("text_config") if isinstance(config.get("text_config"), Mapping) else config
+    layers = _first(text, "num_hidden_layers", "n_layer", "num_layers", "n_layers")
+    indices = set()
+    for name in shapes:
+        parts = name.split(".")
+        for i, part in enumerate(parts[:-1]):
+            if part in LAYER_CONTAINERS and parts[i + 1].isdigit():
+                indices.add(int(parts[i + 1]))
+                break
+    if _ints(layers) and indices:
+        outside = sorted(i for i in indices if i >= layers)
+        empty = sorted(set(range(layers)) - indices)
+        if outside or empty:
+            what = f"tensors of layer {outside[0]}" if outside else f"no tensors for layer {empty[0]}"
+            raise CorruptFile(f"{source}: config.json says {layers} layers, and the weights have {what}; the "
+                              "checkpoint does not match its configuration (layer count changed?)")
+    arch = str(text.get("model_type") or config.get("model_type") or "hf")
+    meta = {"general.architecture": arch}
+    for gguf_key, keys in CONFIG_TO_GGUF.items():
+        value = _first(text, *keys)
+        if value is not None:
+            meta[f"{arch}.{gguf_key}"] = value
+    roles = {name: role for name in shapes if (role := hf_role(name)) is not None}
+    expected = gguf_expected_shapes(meta, set(roles.values()), source)
+    for name, role in sorted(roles.items()):
+        need = expected.get(role)
+        if need is None:
+            continue
+        need = need[1:] if "_exps." in role else need      # one expert of the stack
+        have = tuple(shapes[name])
+        if len(have) != len(need) or any(h is not None and h != n for h, n in zip(have, need)):
+            raise CorruptFile(f"{source}: tensor {name} has shape {[h if h is not None else '?' for h in have]}, "
+                              "but config.json's hyper-parameters (heads, head_dim, hidden, intermediate, vocab, "
+                              f"experts) need {list(need)}; the checkpoint does not match its configuration")
+
+
+def hf_role(name: str) -> str | None:
+    """The llama.cpp role (as a GGUF tensor name) of a llama-like family's weight `name`, or None."""
+    module, _, leaf = name.rpartition(".")
+    owner = module.rpartition(".")[2]
+    if leaf != "weight" or owner not in HF_ROLES:
+        return None
+    role = HF_ROLES[owner]
+    if owner in ("embed_tokens", "lm_head"):
+        return f"{role}.weight"
+    if ".shared_expert." in name:
+        role += "_shexp"
+    elif ".experts." in name:
+        role += "_exps"
+    return f"blk.0.{role}.weight"
