@@ -122,8 +122,8 @@ def test_inspect_refuses_gguf_tensors_the_hyper_parameters_do_not_give(quantized
 
 
 @pytest.mark.parametrize("key,value,words", [
-    ("llama.block_count", 4, "tensors of block 4 and block_count 4"),
-    ("llama.block_count", 6, "block 5 has no tensors"),
+    ("llama.block_count", 4, "tensors blk.4.* are beyond block_count 4"),
+    ("llama.block_count", 6, "no tensors blk.5.*"),
     ("llama.embedding_length", 128, "attn_k.weight has shape [32, 64]"),
     ("llama.feed_forward_length", 171, "ffn_down.weight has shape [64, 172]"),
     ("llama.attention.head_count_kv", 8, "attn_k.weight has shape [32, 64]"),

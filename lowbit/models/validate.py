@@ -407,11 +407,11 @@ def check_gguf_header(gf: Any) -> None:
     if _ints(blocks):
         outside = sorted(i for i in indices if i >= blocks)
         if outside:
-            raise CorruptFile(f"{gf.path}: tensors of block {outside[0]} and block_count {blocks}; the file does not "
-                              "match its metadata (layer count changed?)")
+            raise CorruptFile(f"{gf.path}: tensors blk.{outside[0]}.* are beyond block_count {blocks}; the file "
+                              "does not match its metadata (layer count changed?)")
         empty = sorted(set(range(blocks)) - indices)
         if empty:
-            raise CorruptFile(f"{gf.path}: block_count is {blocks}, but block {empty[0]} has no tensors"
+            raise CorruptFile(f"{gf.path}: block_count is {blocks}, but there are no tensors blk.{empty[0]}.*"
                               f"{f' ({len(empty) - 1} more empty)' if len(empty) > 1 else ''}; the file does not "
                               "match its metadata (layer count changed?)")
     embedding = gf.tensors.get("token_embd.weight")
