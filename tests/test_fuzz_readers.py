@@ -13,13 +13,14 @@ import pytest
 import fuzzing
 from conftest import ROOT, STORIES
 
-pytestmark = pytest.mark.skipif(not STORIES.is_dir(), reason=f"{STORIES} (shared test model) is absent")
 
 
 @pytest.fixture(scope="module")
 def fuzz(tmp_path_factory):
     """(originals, worker): the worker starts first, so its imports overlap building the originals; both are shared
     by every test of the module, and the worker is stopped at the end."""
+    if not STORIES.is_dir():
+        pytest.skip(f"{STORIES} (shared test model) is absent")
     worker = fuzzing.Worker(ROOT).start()
     try:
         yield fuzzing.build_originals(STORIES, tmp_path_factory.mktemp("originals")), worker
