@@ -350,8 +350,9 @@ def _ints(*values: Any) -> bool:
 
 def gguf_expected_shapes(metadata: Mapping[str, Any], names: Iterable[str], source: Any
                          ) -> dict[str, tuple[int, ...]]:
-    """{tensor name: the shape (PyTorch order) its llama.cpp role and the metadata's hyper-parameters give} for
-    each of `names` whose role is known; after check_gguf_hparams, so every count is bounded."""
+    """{tensor name: the shape (PyTorch order) its llama.cpp role and the metadata's hyper-parameters give, None
+    for a size the metadata does not say} for each of `names` whose role is known; after check_gguf_hparams, so
+    every count is bounded."""
     arch = metadata["general.architecture"]
     meta = {key[len(arch) + 1:]: value for key, value in metadata.items() if key.startswith(f"{arch}.")}
     embd, heads = meta.get("embedding_length"), meta.get("attention.head_count")
@@ -362,7 +363,8 @@ def gguf_expected_shapes(metadata: Mapping[str, Any], names: Iterable[str], sour
     experts = meta.get("expert_count")
     ff_exp = meta.get("expert_feed_forward_length", ff)
     ff_shexp = meta.get("expert_shared_feed_forward_length", ff)
-    vocab = meta.get("vocab_size")
+    tokens = metadata.get("tokenizer.ggml.tokens")
+    vocab = meta.get("vocab_size", len(tokens) if isinstance(tokens, (list, tuple)) else None)
     q_rows = heads * k_len if _ints(heads, k_len) else None
     k_rows = kv * k_len if _ints(kv, k_len) else None
     v_rows = kv * v_len if _ints(kv, v_len) else None
@@ -391,9 +393,19 @@ def gguf_expected_shapes(metadata: Mapping[str, Any], names: Iterable[str], sour
             continue
         if kind == "bias" and len(shape) > 1:      # a bias has its weight's rows (a norm's bias its width)
             shape = shape[:-1]
-        if all(_ints(d) for d in shape):
-            out[name] = tuple(shape)
+        if any(_ints(d) for d in shape):
+            out[name] = tuple(d if _ints(d) else None for d in shape)
     return out
+
+
+def shape_agrees(have: Iterable[Any], need: Iterable[Any]) -> bool:
+    """Two shapes agree where both say a size (None: not known)."""
+    have, need = tuple(have), tuple(need)
+    return len(have) == len(need) and all(h is None or n is None or h == n for h, n in zip(have, need))
+
+
+def _shown(shape: Iterable[Any]) -> list[Any]:
+    return [d if d is not None else "?" for d in shape]
 
 
 def check_gguf_header(gf: Any) -> None:
@@ -421,12 +433,12 @@ def check_gguf_header(gf: Any) -> None:
                           f"{embedding.shape[0]} rows; the file is corrupt")
     expected = gguf_expected_shapes(gf.metadata, gf.tensors, gf.path)
     wrong = {name: (tuple(gf.tensors[name].shape), shape) for name, shape in expected.items()
-             if tuple(gf.tensors[name].shape) != shape}
+             if not shape_agrees(gf.tensors[name].shape, shape)}
     if wrong:
         name, (have, need) = sorted(wrong.items())[0]
         more = f" ({len(wrong) - 1} more tensors differ)" if len(wrong) > 1 else ""
         raise CorruptFile(f"{gf.path}: tensor {name} has shape {list(have)}, but the metadata's hyper-parameters "
-                          f"(heads, head size, width, feed-forward, vocab, experts) need {list(need)}{more}")
+                          f"(heads, head size, width, feed-forward, vocab, experts) need {_shown(need)}{more}")
 
 
 # A folder's tensors against its config.json, headers only: Hugging Face module names of the llama-like families
@@ -481,11 +493,10 @@ def check_folder_header(config: Mapping[str, Any], shapes: Mapping[str, tuple[An
         if need is None:
             continue
         need = need[1:] if "_exps." in role else need      # one expert of the stack
-        have = tuple(shapes[name])
-        if len(have) != len(need) or any(h is not None and h != n for h, n in zip(have, need)):
-            raise CorruptFile(f"{source}: tensor {name} has shape {[h if h is not None else '?' for h in have]}, "
-                              "but config.json's hyper-parameters (heads, head_dim, hidden, intermediate, vocab, "
-                              f"experts) need {list(need)}; the checkpoint does not match its configuration")
+        if not shape_agrees(shapes[name], need):
+            raise CorruptFile(f"{source}: tensor {name} has shape {_shown(shapes[name])}, but config.json's "
+                              "hyper-parameters (heads, head_dim, hidden, intermediate, vocab, experts) need "
+                              f"{_shown(need)}; the checkpoint does not match its configuration")
 
 
 def hf_role(name: str) -> str | None:
