@@ -143,6 +143,8 @@ def test_inspect_refuses_gguf_metadata_the_tensors_disagree_with(quantized_outpu
 def test_absurd_hyper_parameters_are_refused_at_once_in_little_memory(quantized_outputs, tmp_path):
     """Every bounded GGUF key set to 0, 2**31 and 2**32 - 1, and config.json keys set to 10**12: each `lowbit
     inspect` exits 2 at once, in a process that stays small (nothing is counted to or allocated by the value)."""
+    import shutil
+
     import fuzzing
     from lowbit.formats.gguf import read_gguf
     from lowbit.models.validate import GGUF_HPARAM_KEYS
@@ -155,8 +157,6 @@ def test_absurd_hyper_parameters_are_refused_at_once_in_little_memory(quantized_
     config = json.loads((quantized_outputs["native"] / "config.json").read_text())
     for key in ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size", "vocab_size",
                 "max_position_embeddings"):
-        import shutil
-
         folder = tmp_path / f"native-{key}"
         shutil.copytree(quantized_outputs["native"], folder)
         (folder / "config.json").write_text(json.dumps({**config, key: 10 ** 12}))
@@ -165,7 +165,8 @@ def test_absurd_hyper_parameters_are_refused_at_once_in_little_memory(quantized_
     script = ("import json, re, sys, time; from lowbit.cli import main\n"
               "out = []\n"
               "for p in sys.argv[1:]:\n"
-              "    t = time.perf_counter(); code = main(['-q', 'inspect', p]); out.append((code, time.perf_counter() - t))\n"
+              "    t = time.perf_counter(); code = main(['-q', 'inspect', p])\n"
+              "    out.append((code, time.perf_counter() - t))\n"
               "peak = int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1))\n"
               "print(json.dumps({'runs': out, 'rss_mb': peak / 1024}))")
     done = subprocess.run([sys.executable, "-c", script, *map(str, paths)], capture_output=True, text=True,
