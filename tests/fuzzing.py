@@ -558,31 +558,69 @@ def cli_verdict(path: Path) -> dict[str, Any]:
             "traceback": "Traceback" in text}
 
 
-def worker() -> None:
+def worker(judge: str = "real") -> None:
     """Read mutant paths (one per line), answer one JSON line each: {"digest"}, or {"error"} with the CLI's verdict
-    on the same file (`lowbit generate` must exit 2 with that one line), or {"exception"}."""
+    on the same file (`lowbit generate` must exit 2 with that one line), or {"exception"}. `judge="misbehaving"`
+    loads nothing and misbehaves as each file's name says (misbehaving_digest), for the harness's self-test."""
     started = time.perf_counter()
-    import logging
+    digest, verdict = logits_digest, cli_verdict
+    if judge == "misbehaving":
+        digest, verdict = misbehaving_digest, misbehaving_cli_verdict
+    else:
+        import logging
 
-    import torch
+        import torch
 
-    import lowbit.cli  # noqa: F401  (every import a mutant's load makes, before time limits start)
-    import lowbit.engine.runner  # noqa: F401
-    import lowbit.models.loading  # noqa: F401
+        import lowbit.cli  # noqa: F401  (every import a mutant's load makes, before time limits start)
+        import lowbit.engine.runner  # noqa: F401
+        import lowbit.models.loading  # noqa: F401
+
+        logging.disable(logging.WARNING)
+        torch.set_num_threads(1)
     from lowbit.errors import LowbitError
 
-    logging.disable(logging.WARNING)
-    torch.set_num_threads(1)
     print(json.dumps({"ready": time.perf_counter() - started}), flush=True)
     for line in sys.stdin:
         path = Path(line.strip())
         try:
-            answer = {"digest": logits_digest(path)}
+            answer = {"digest": digest(path)}
         except LowbitError as exc:
-            answer = {"error": str(exc), "cli": cli_verdict(path)}
+            answer = {"error": str(exc), "cli": verdict(path)}
         except Exception as exc:  # noqa: BLE001  (the fuzz test reports these as failures)
             answer = {"exception": f"{type(exc).__name__}: {str(exc)[:300]}"}
         print(json.dumps(answer), flush=True)
+
+
+def misbehaving_digest(path: Path) -> str:
+    """A judge that does what a broken reader would, as the file's name says (the harness must see each): the
+    original's digest, another digest, a one-line or two-line LowbitError, another exception (a traceback for the
+    user), an abort (a crash in C) or no answer (a hang)."""
+    from lowbit.errors import LowbitError
+
+    behaviour = path.name
+    if behaviour in ("original", "identical"):
+        return "the original's logits"
+    if behaviour == "different":
+        return "other logits"
+    if behaviour in ("error", "cli"):
+        raise LowbitError(f"{path}: a one-line error")
+    if behaviour == "multiline":
+        raise LowbitError(f"{path}: an error\nover two lines")
+    if behaviour == "traceback":
+        raise KeyError("a reader's unchecked lookup")
+    if behaviour == "crash":
+        os.abort()
+    if behaviour == "hang":
+        time.sleep(3600)
+    raise AssertionError(f"no behaviour named {behaviour!r}")
+
+
+def misbehaving_cli_verdict(path: Path) -> dict[str, Any]:
+    """`lowbit generate`'s verdict as a broken CLI would give it for a file named "cli" (exit 1, a traceback), as
+    the real one does for the others."""
+    if path.name == "cli":
+        return {"exit": 1, "errors": [], "traceback": True}
+    return {"exit": 2, "errors": [f"lowbit: error: {path}: a one-line error"], "traceback": False}
 
 
 class Worker:
@@ -590,12 +628,12 @@ class Worker:
     (imports again) only after a crash or a hang. `start()` returns at once, so the imports overlap whatever the
     caller does next (building the originals); the first `ask` waits for them without a mutant's time limit."""
 
-    def __init__(self, cwd: Path, import_timeout: float = 600.0):
+    def __init__(self, cwd: Path, import_timeout: float = 600.0, judge: str = "real"):
         self.cwd, self.proc, self.import_timeout, self.ready = cwd, None, import_timeout, False
-        self.starts, self.import_seconds = 0, 0.0
+        self.starts, self.import_seconds, self.judge = 0, 0.0, judge
 
     def start(self) -> "Worker":
-        code = "import sys; sys.path.insert(0, 'tests'); import fuzzing; fuzzing.worker()"
+        code = f"import sys; sys.path.insert(0, 'tests'); import fuzzing; fuzzing.worker({self.judge!r})"
         env = {**os.environ, "PYTHONFAULTHANDLER": "0", "OMP_NUM_THREADS": "1"}
         self.proc = subprocess.Popen([sys.executable, "-c", code], cwd=self.cwd, stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, text=True,

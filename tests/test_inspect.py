@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from arch_models import MODEL_TYPES
 from lowbit.cli import main
 
 
@@ -89,3 +90,152 @@ def test_corrupt_safetensors_header_is_one_line(stories_dir, tmp_path, capsys):
     assert main(["-q", "inspect", str(broken)]) == 2
     err = capsys.readouterr()[1]
     assert "header length" in err and "Traceback" not in err
+
+
+# -- hyper-parameters against tensors, headers only (issue 13) ----------------------------------------------------
+def _inspect_error(capsys, path) -> str:
+    """`lowbit inspect PATH` exits 2 with one `lowbit: error:` line and no traceback; that line."""
+    assert main(["-q", "inspect", str(path)]) == 2
+    err = capsys.readouterr()[1]
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("lowbit: error:") and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.mark.parametrize("name,shape,type_name", [
+    ("blk.0.attn_output.weight", (65536, 64), "Q8_0"),     # the probe's crash: 65,536 outputs, data appended
+    ("blk.0.attn_q.weight", (64, 262144), "Q8_0"),         # and 262,144 inputs
+    ("blk.1.ffn_down.weight", (64, 344), "F32"),
+    ("blk.2.attn_k.weight", (64, 64), "Q8_0"),             # kv heads x head size is 32
+    ("token_embd.weight", (512, 128), "Q8_0"),
+    ("blk.4.ffn_norm.weight", (128,), "F32"),
+])
+def test_inspect_refuses_gguf_tensors_the_hyper_parameters_do_not_give(quantized_outputs, tmp_path, capsys, name,
+                                                                        shape, type_name):
+    import fuzzing
+
+    src = quantized_outputs["q8.gguf"]
+    bad = fuzzing.rewrite_gguf(src, tmp_path / "bad.gguf", replace={name: fuzzing.float_tensor(name, shape, 0,
+                                                                                                  type_name)})
+    line = _inspect_error(capsys, bad)
+    assert f"tensor {name} has shape {list(shape)}" in line and "hyper-parameters" in line
+
+
+@pytest.mark.parametrize("key,value,words", [
+    ("llama.block_count", 4, "tensors blk.4.* are beyond block_count 4"),
+    ("llama.block_count", 6, "no tensors blk.5.*"),
+    ("llama.embedding_length", 128, "attn_k.weight has shape [32, 64]"),
+    ("llama.feed_forward_length", 171, "ffn_down.weight has shape [64, 172]"),
+    ("llama.attention.head_count_kv", 8, "attn_k.weight has shape [32, 64]"),
+    ("llama.attention.head_count", 4, "attn_k.weight has shape [32, 64]"),   # head size 16: k rows 64
+    ("llama.attention.head_count", 3, "not a multiple of 4 key-value heads"),
+    ("llama.attention.head_count", 0, "outside 1.."),
+    ("llama.block_count", 0, "outside 1.."),
+])
+def test_inspect_refuses_gguf_metadata_the_tensors_disagree_with(quantized_outputs, tmp_path, capsys, key, value,
+                                                                 words):
+    import fuzzing
+
+    bad = fuzzing.rewrite_gguf(quantized_outputs["q8.gguf"], tmp_path / "bad.gguf", meta={key: value})
+    assert words in _inspect_error(capsys, bad)
+
+
+def test_absurd_hyper_parameters_are_refused_at_once_in_little_memory(quantized_outputs, tmp_path):
+    """Every bounded GGUF key set to 0, 2**31 and 2**32 - 1, and config.json keys set to 10**12: each `lowbit
+    inspect` exits 2 at once, in a process that stays small (nothing is counted to or allocated by the value)."""
+    import shutil
+
+    import fuzzing
+    from lowbit.formats.gguf import read_gguf
+    from lowbit.models.validate import GGUF_HPARAM_KEYS
+
+    src = quantized_outputs["q8.gguf"]
+    keys = [k for k in read_gguf(src).metadata if k.startswith("llama.") and k[6:] in GGUF_HPARAM_KEYS]
+    assert "llama.block_count" in keys and len(keys) >= 6
+    paths = [fuzzing.rewrite_gguf(src, tmp_path / f"{k}-{v}.gguf", meta={k: v})
+             for k in keys for v in (0, 2 ** 31, 2 ** 32 - 1)]
+    config = json.loads((quantized_outputs["native"] / "config.json").read_text())
+    for key in ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size", "vocab_size",
+                "max_position_embeddings"):
+        folder = tmp_path / f"native-{key}"
+        shutil.copytree(quantized_outputs["native"], folder)
+        (folder / "config.json").write_text(json.dumps({**config, key: 10 ** 12}))
+        paths.append(folder)
+    # VmHWM: the child's own peak (ru_maxrss would carry the forking pytest process's over exec)
+    script = ("import json, re, sys, time; from lowbit.cli import main\n"
+              "out = []\n"
+              "for p in sys.argv[1:]:\n"
+              "    t = time.perf_counter(); code = main(['-q', 'inspect', p])\n"
+              "    out.append((code, time.perf_counter() - t))\n"
+              "peak = int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1))\n"
+              "print(json.dumps({'runs': out, 'rss_mb': peak / 1024}))")
+    done = subprocess.run([sys.executable, "-c", script, *map(str, paths)], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    errors = [line for line in done.stderr.splitlines() if line.startswith("lowbit: error:")]
+    assert [code for code, _ in report["runs"]] == [2] * len(paths) and len(errors) == len(paths)
+    assert "Traceback" not in done.stderr
+    assert max(seconds for _, seconds in report["runs"]) < 2.0 and report["rss_mb"] < 200, report
+
+
+@pytest.mark.parametrize("kind", ["native", "gptq"])
+@pytest.mark.parametrize("key,value,words", [
+    ("num_hidden_layers", 4, "tensors of layer 4"),
+    ("num_hidden_layers", 6, "no tensors for layer 5"),
+    ("num_key_value_heads", 8, "k_proj.weight has shape [32, 64]"),
+    ("num_attention_heads", 4, "o_proj.weight has shape [64, 64]"),      # 4 heads of head_dim 8: 32 inputs
+    ("head_dim", 16, "k_proj.weight has shape [32, 64]"),
+    ("intermediate_size", 128, "down_proj.weight has shape [64, 172]"),
+    ("vocab_size", 1024, "embed_tokens.weight has shape [512, 64]"),
+    ("hidden_size", 32, "has shape"),
+    ("num_attention_heads", "8", "not an integer"),
+])
+def test_inspect_refuses_folders_whose_config_disagrees_with_the_weights(quantized_outputs, tmp_path, capsys, kind,
+                                                                        key, value, words):
+    import shutil
+
+    folder = tmp_path / kind
+    shutil.copytree(quantized_outputs[kind], folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, key: value}))
+    assert words in _inspect_error(capsys, folder)
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_role_shapes_are_the_skeletons_for_every_family(model_type):
+    """The headers-only shapes (llama.cpp roles from the metadata, Hugging Face names from config.json) equal those
+    of the transformers skeleton the loaders check files against, for every family: no valid file is refused, and
+    a misshapen one is."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from arch_models import COMMON, TINY
+    from lowbit.errors import CorruptFile
+    from lowbit.models.arch import architecture_for
+    from lowbit.models.gguf_import import expected_gguf_tensors
+    from lowbit.models.validate import check_folder_header, gguf_expected_shapes, hf_role
+
+    config = AutoConfig.for_model(model_type, **COMMON, **TINY[model_type])
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    arch = architecture_for(model)
+    arch.prepare(model)
+    hf_shapes = {n: tuple(p.shape) for n, p in model.state_dict().items()}
+    check_folder_header(config.to_dict(), hf_shapes, "skeleton")
+    checked = [n for n in hf_shapes if hf_role(n)]
+    if model_type in ("llama", "qwen2", "qwen3", "gemma", "phi3", "mixtral", "qwen2_moe"):
+        assert len(checked) >= 2 + 4 * config.num_hidden_layers
+        victim = next(n for n in checked if "o_proj" in n)
+        with pytest.raises(CorruptFile, match="o_proj"):
+            check_folder_header(config.to_dict(), {**hf_shapes, victim: (hf_shapes[victim][0] * 2,
+                                                                         hf_shapes[victim][1])}, "skeleton")
+    if arch.gguf is None:
+        return
+    try:
+        hparams = arch.gguf.hparams(config)
+    except Exception as exc:  # noqa: BLE001 (families llama.cpp cannot hold with this config)
+        pytest.skip(f"no GGUF for this config: {exc}")
+    meta = {"general.architecture": arch.gguf.name, **{f"{arch.gguf.name}.{k}": v for k, v in hparams.items()}}
+    skeleton = expected_gguf_tensors(model, arch)
+    assert gguf_expected_shapes(meta, skeleton, "skeleton") == skeleton

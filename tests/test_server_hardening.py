@@ -101,6 +101,84 @@ def test_prompt_over_the_context_is_400_with_the_numbers_and_fast(server):
     assert tokens >= CONTEXT
 
 
+def _resident_mb() -> float:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:")) / 1024
+
+
+def test_megabyte_prompts_are_refused_and_leave_no_memory_behind(server):
+    """0.5-4 MB prompts used to add 100-700 MB that stayed resident: now each is a 400 (longer than the context,
+    decided on a prefix) or a 413 (a body over --max-body-mb), and rounds of them leave the process's resident
+    memory where the first round left it (the server runs in this process, so its memory is this process's)."""
+    def one_round() -> list[int]:
+        statuses = []
+        for megabytes in (0.5, 1, 2, 3.5):
+            text = "once upon a time " * int(megabytes * (1 << 20) / 17)
+            statuses.append(_request(server, "POST", "/v1/completions", {"model": MODEL, "prompt": text})[0])
+            statuses.append(_request(server, "POST", "/v1/chat/completions",
+                                     {"messages": [{"role": "user", "content": text}]})[0])
+        big = "a cat " * ((4 << 20) // 6 + 1)          # a 4 MB prompt: its body is over the 4 MB limit
+        statuses.append(_request(server, "POST", "/v1/completions", {"prompt": big})[0])
+        return statuses
+
+    assert one_round() == [400] * 8 + [413]          # warm-up: allocator arenas, tokenizer caches
+    before = _resident_mb()
+    for _ in range(3):
+        assert one_round() == [400] * 8 + [413]
+    grown = _resident_mb() - before
+    assert grown < 40, f"resident memory grew {grown:.1f} MB over 3 rounds of 27 megabyte prompts"
+    status, _, payload = _request(server, "POST", "/v1/completions", {"prompt": "Once", "max_tokens": 2})
+    assert status == 200 and payload["usage"]["completion_tokens"] == 2
+
+
+def test_a_slow_tokenization_delays_only_its_own_request(stories, monkeypatch):
+    """Tokenizing one prompt used to block every other client for up to 11 s. Here a tokenizer takes 3 s over a
+    marked prompt: the other clients' requests, streaming and not, finish meanwhile, and the slow one then
+    completes normally."""
+    tokenizer_class = type(stories[1])
+    tokenize = tokenizer_class.__call__
+
+    def slow_on_marker(self, text, *args, **kwargs):
+        if isinstance(text, str) and "SLOWMARKER" in text:
+            time.sleep(3.0)
+        return tokenize(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(tokenizer_class, "__call__", slow_on_marker)
+    srv = _start(stories, max_batch=4, max_queue=8)
+    try:
+        finished: dict[str, float] = {}
+        statuses: dict[str, int] = {}
+        began = time.monotonic()
+
+        def client(name: str, body: dict, path: str = "/v1/completions") -> None:
+            conn = http.client.HTTPConnection(srv.host, srv.port, timeout=60)
+            conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
+            response = conn.getresponse()
+            response.read()
+            statuses[name] = response.status
+            finished[name] = time.monotonic() - began
+            conn.close()
+
+        slow = threading.Thread(target=client, args=("slow", {"prompt": "SLOWMARKER once", "max_tokens": 4}))
+        slow.start()
+        time.sleep(0.3)       # the slow request is being tokenized
+        others = [threading.Thread(target=client, args=(f"fast{i}", {"prompt": "Once upon", "max_tokens": 8,
+                                                                     "stream": i % 2 == 1}))
+                  for i in range(3)]
+        others.append(threading.Thread(target=client, args=("chat", {"messages": [{"role": "user",
+                                                                                      "content": "Hi"}],
+                                                                        "max_tokens": 8}, "/v1/chat/completions")))
+        for thread in others:
+            thread.start()
+        for thread in [slow, *others]:
+            thread.join(60)
+    finally:
+        srv.close()
+    assert set(statuses.values()) == {200} and len(statuses) == 5, statuses
+    fast = [t for name, t in finished.items() if name != "slow"]
+    assert max(fast) < 2.5 and finished["slow"] >= 3.0, finished     # all others done while it tokenized
+
+
 @pytest.mark.parametrize("body, words", [
     (b'{"prompt": "tell me \\ud800 a story"}', ("lone surrogate",)),
     (b'{"messages": [{"role": "user", "content": "hi \\udfff"}]}', ("lone surrogate",)),

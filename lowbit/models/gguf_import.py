@@ -38,6 +38,9 @@ def hf_config_from_gguf(gf, arch: Architecture | None = None) -> Any:
     """A transformers config built from the GGUF's hyper-parameters by the family's map."""
     from transformers import AutoConfig
 
+    from lowbit.models.validate import check_gguf_header
+
+    check_gguf_header(gf)               # what `lowbit inspect` checks: bounded values, blocks and shapes agree
     arch = arch or gguf_architecture(gf)
     prefix = f"{gf.get('general.architecture')}."
     meta = {k[len(prefix):]: v for k, v in gf.metadata.items() if k.startswith(prefix)}

@@ -44,7 +44,10 @@ def describe(path: Path) -> dict[str, Any]:
 def describe_gguf(path: Path) -> dict[str, Any]:
     from lowbit.formats.gguf_file import FLOAT_TENSOR_TYPES, read_gguf
 
+    from lowbit.models.validate import check_gguf_header
+
     gf = read_gguf(path)          # a memory map: tensor data are never touched here
+    check_gguf_header(gf)         # hyper-parameters bounded, every tensor shaped as they say
     arch = gf.get("general.architecture")
     elements = {name: _count(t.shape) for name, t in gf.tensors.items()}
     quantized = {name: t for name, t in gf.tensors.items() if t.type_name not in FLOAT_TENSOR_TYPES}
@@ -121,6 +124,8 @@ def _count(shape) -> int:
 
 
 def describe_folder(path: Path) -> dict[str, Any]:
+    from lowbit.models.validate import check_folder_header
+
     config = _json(path / "config.json")
     if not config:
         raise CorruptFile(f"{path} has no config.json; pass a model folder (config.json + *.safetensors) or a .gguf")
@@ -130,6 +135,7 @@ def describe_folder(path: Path) -> dict[str, Any]:
     for shard in sorted(path.glob("*.safetensors")):
         tensors.update(safetensors_header(shard))
     text_config = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    check_folder_header(config, weight_shapes(tensors, lowbit_meta, quant_config), path)
     info: dict[str, Any] = {
         "format": "folder (safetensors)",
         "architecture": (config.get("architectures") or ["?"])[0],
@@ -193,6 +199,35 @@ def describe_folder(path: Path) -> dict[str, Any]:
                 if key in source and key not in info["quantization"]:
                     info["quantization"][key] = source[key]
     return info
+
+
+def weight_shapes(tensors: dict[str, dict[str, Any]], lowbit_meta: dict[str, Any], quant_config: Any
+                  ) -> dict[str, tuple[Any, ...]]:
+    """{layer.weight: logical shape [out, in]} of every weight a folder's headers describe, quantized ones included
+    (None for a size the stored form does not give): lowbit.json's shape for lowbit's layers, the scales' width and
+    g_idx's length for GPTQ, scales and rows for AWQ, rows of compressed-tensors' packed codes; bitsandbytes' 4-bit
+    bytes say nothing of the shape and are left out."""
+    layers = lowbit_meta.get("layers") if isinstance(lowbit_meta.get("layers"), dict) else {}
+    awq = isinstance(quant_config, dict) and str(quant_config.get("quant_method", "")).lower() == "awq"
+    out: dict[str, tuple[Any, ...]] = {}
+    for name, entry in tensors.items():
+        layer, _, leaf = name.rpartition(".")
+        shape = tuple(entry["shape"])
+        if layer in layers:
+            stored = layers[layer].get("shape") if isinstance(layers[layer], dict) else None
+            if isinstance(stored, list) and all(isinstance(d, int) for d in stored):
+                out[f"{layer}.weight"] = tuple(stored)
+        elif leaf == "weight" and f"{layer}.weight.quant_state.bitsandbytes__nf4" not in tensors \
+                and f"{layer}.weight.quant_state.bitsandbytes__fp4" not in tensors:
+            out[name] = shape
+        elif leaf == "qweight" and f"{layer}.scales" in tensors and len(shape) == 2:
+            outputs = tensors[f"{layer}.scales"]["shape"][-1]
+            g_idx = tensors.get(f"{layer}.g_idx")
+            inputs = shape[0] if awq else (g_idx["shape"][0] if g_idx else None)
+            out[f"{layer}.weight"] = (outputs, inputs)
+        elif leaf == "weight_packed" and len(shape) == 2:
+            out[f"{layer}.weight"] = (shape[0], None)
+    return out
 
 
 def compressed_tensors_weights(quant_config: Any) -> dict[str, Any]:

@@ -304,3 +304,212 @@ def check_part_names(name: str, parts: Iterable[str], allowed: Iterable[str], so
     if unknown:
         raise CorruptFile(f"{source}: quantized layer {name} has tensors its format does not store: "
                           f"{name_list(f'{name}.{p}' for p in unknown)}; the checkpoint is corrupt")
+
+
+# -- headers only: a GGUF's tensors against its metadata, without torch ------------------------------------------
+# `lowbit inspect` must describe a file in constant time and memory, so it cannot build the transformers skeleton
+# the loaders compare a file with (expected_tensors / gguf_import.check_gguf_tensors). llama.cpp's own tensor
+# roles say the same from the metadata alone: every family lowbit exports names its tensors by them, and
+# tests/test_inspect.py checks, for every family, that these shapes are exactly the skeleton's.
+
+# GGUF metadata key (after the architecture prefix) -> the config.json key check_hparams bounds it as
+GGUF_HPARAM_KEYS = {
+    "block_count": "num_hidden_layers", "embedding_length": "hidden_size", "feed_forward_length": "intermediate_size",
+    "attention.head_count": "num_attention_heads", "attention.head_count_kv": "num_key_value_heads",
+    "attention.key_length": "head_dim", "attention.value_length": "head_dim", "context_length":
+    "max_position_embeddings", "vocab_size": "vocab_size", "expert_count": "num_experts", "expert_used_count":
+    "num_experts_per_tok", "expert_feed_forward_length": "moe_intermediate_size",
+    "expert_shared_feed_forward_length": "shared_expert_intermediate_size", "attention.sliding_window":
+    "sliding_window",
+}
+# llama.cpp families whose ffn_up holds gate and up stacked (twice the feed-forward width)
+FUSED_GATE_UP = {"phi3"}
+
+
+def check_gguf_hparams(metadata: Mapping[str, Any], source: Any) -> dict[str, Any]:
+    """The architecture's hyper-parameters in a GGUF's metadata, bounded as check_hparams bounds config.json (a
+    block_count of 2**32 - 1 is refused before anything counts to it); returns them without the prefix."""
+    arch = metadata.get("general.architecture")
+    if not isinstance(arch, str) or not arch:
+        raise CorruptFile(f"{source}: general.architecture is {arch!r}, not a name; the file is corrupt")
+    prefix = f"{arch}."
+    meta = {key[len(prefix):]: value for key, value in metadata.items() if key.startswith(prefix)}
+    for key, config_key in GGUF_HPARAM_KEYS.items():
+        if key in meta:
+            # per-layer arrays (some families vary heads by layer) are bounded item by item
+            for item in (meta[key] if isinstance(meta[key], (list, tuple)) else [meta[key]]):
+                check_hparams({config_key: item}, f"{source}: {prefix}{key}")
+    heads, kv = meta.get("attention.head_count"), meta.get("attention.head_count_kv")
+    check_hparams({"num_attention_heads": heads, "num_key_value_heads": kv} if _ints(heads, kv) else {}, source)
+    return meta
+
+
+def _ints(*values: Any) -> bool:
+    return all(isinstance(v, int) and not isinstance(v, bool) for v in values)
+
+
+def gguf_expected_shapes(metadata: Mapping[str, Any], names: Iterable[str], source: Any
+                         ) -> dict[str, tuple[int, ...]]:
+    """{tensor name: the shape (PyTorch order) its llama.cpp role and the metadata's hyper-parameters give, None
+    for a size the metadata does not say} for each of `names` whose role is known; after check_gguf_hparams, so
+    every count is bounded."""
+    arch = metadata["general.architecture"]
+    meta = {key[len(arch) + 1:]: value for key, value in metadata.items() if key.startswith(f"{arch}.")}
+    embd, heads = meta.get("embedding_length"), meta.get("attention.head_count")
+    kv = meta.get("attention.head_count_kv", heads)
+    k_len = meta.get("attention.key_length", embd // heads if _ints(embd, heads) else None)
+    v_len = meta.get("attention.value_length", k_len)
+    ff = meta.get("feed_forward_length")
+    experts = meta.get("expert_count")
+    ff_exp = meta.get("expert_feed_forward_length", ff)
+    ff_shexp = meta.get("expert_shared_feed_forward_length", ff)
+    tokens = metadata.get("tokenizer.ggml.tokens")
+    vocab = meta.get("vocab_size", len(tokens) if isinstance(tokens, (list, tuple)) else None)
+    q_rows = heads * k_len if _ints(heads, k_len) else None
+    k_rows = kv * k_len if _ints(kv, k_len) else None
+    v_rows = kv * v_len if _ints(kv, v_len) else None
+    up_rows = 2 * ff if arch in FUSED_GATE_UP and _ints(ff) else ff
+    roles: dict[str, tuple[Any, ...]] = {     # role -> weight shape [out, in] (experts: [experts, out, in])
+        "token_embd": (vocab, embd), "output": (vocab, embd), "position_embd": (meta.get("context_length"), embd),
+        "attn_q": (q_rows, embd), "attn_k": (k_rows, embd), "attn_v": (v_rows, embd),
+        "attn_qkv": ((q_rows + k_rows + v_rows) if _ints(q_rows, k_rows, v_rows) else None, embd),
+        "attn_output": (embd, heads * v_len if _ints(heads, v_len) else None),
+        "attn_q_norm": (k_len,), "attn_k_norm": (k_len,),
+        "ffn_gate": (ff, embd), "ffn_up": (up_rows, embd), "ffn_down": (embd, ff),
+        "ffn_gate_inp": (experts, embd), "ffn_gate_exps": (experts, ff_exp, embd),
+        "ffn_up_exps": (experts, ff_exp, embd), "ffn_down_exps": (experts, embd, ff_exp),
+        "ffn_gate_shexp": (ff_shexp, embd), "ffn_up_shexp": (ff_shexp, embd), "ffn_down_shexp": (embd, ff_shexp),
+        "ffn_gate_inp_shexp": (1, embd),
+    }
+    for norm in ("token_embd_norm", "output_norm", "attn_norm", "attn_norm_2", "ffn_norm", "post_attention_norm",
+                 "post_ffw_norm", "attn_post_norm", "ffn_post_norm"):
+        roles[norm] = (embd,)
+    out = {}
+    for name in names:
+        stem, _, kind = name.rpartition(".")
+        role = stem.split(".", 2)[2] if stem.startswith("blk.") and stem.count(".") >= 2 else stem
+        shape = roles.get(role)
+        if shape is None or kind not in ("weight", "bias"):
+            continue
+        if kind == "bias" and len(shape) > 1:      # a bias has its weight's rows (a norm's bias its width)
+            shape = shape[:-1]
+        if any(_ints(d) for d in shape):
+            out[name] = tuple(d if _ints(d) else None for d in shape)
+    return out
+
+
+def shape_agrees(have: Iterable[Any], need: Iterable[Any]) -> bool:
+    """Two shapes agree where both say a size (None: not known)."""
+    have, need = tuple(have), tuple(need)
+    return len(have) == len(need) and all(h is None or n is None or h == n for h, n in zip(have, need))
+
+
+def _shown(shape: Iterable[Any]) -> list[Any]:
+    return [d if d is not None else "?" for d in shape]
+
+
+def check_gguf_header(gf: Any) -> None:
+    """A parsed GGUF's hyper-parameters are bounded and agree with its tensors: blocks 0..block_count-1 all present
+    and no other, the vocabulary and width of token_embd, and every tensor of a known llama.cpp role shaped as the
+    heads, head sizes, widths and expert counts say (what the loaders check on the skeleton, from headers alone)."""
+    meta = check_gguf_hparams(gf.metadata, gf.path)
+    blocks = meta.get("block_count")
+    indices = {int(name.split(".")[1]) for name in gf.tensors
+               if name.startswith("blk.") and name.split(".")[1].isdigit()}
+    if _ints(blocks):
+        outside = sorted(i for i in indices if i >= blocks)
+        if outside:
+            raise CorruptFile(f"{gf.path}: tensors blk.{outside[0]}.* are beyond block_count {blocks}; the file "
+                              "does not match its metadata (layer count changed?)")
+        empty = sorted(set(range(blocks)) - indices)
+        if empty:
+            raise CorruptFile(f"{gf.path}: block_count is {blocks}, but there are no tensors blk.{empty[0]}.*"
+                              f"{f' ({len(empty) - 1} more empty)' if len(empty) > 1 else ''}; the file does not "
+                              "match its metadata (layer count changed?)")
+    embedding = gf.tensors.get("token_embd.weight")
+    tokens = gf.metadata.get("tokenizer.ggml.tokens")
+    if embedding is not None and isinstance(tokens, (list, tuple)) and len(tokens) != embedding.shape[0]:
+        raise CorruptFile(f"{gf.path}: the tokenizer has {len(tokens)} tokens, and token_embd.weight "
+                          f"{embedding.shape[0]} rows; the file is corrupt")
+    expected = gguf_expected_shapes(gf.metadata, gf.tensors, gf.path)
+    wrong = {name: (tuple(gf.tensors[name].shape), shape) for name, shape in expected.items()
+             if not shape_agrees(gf.tensors[name].shape, shape)}
+    if wrong:
+        name, (have, need) = sorted(wrong.items())[0]
+        more = f" ({len(wrong) - 1} more tensors differ)" if len(wrong) > 1 else ""
+        raise CorruptFile(f"{gf.path}: tensor {name} has shape {list(have)}, but the metadata's hyper-parameters "
+                          f"(heads, head size, width, feed-forward, vocab, experts) need {_shown(need)}{more}")
+
+
+# A folder's tensors against its config.json, headers only: Hugging Face module names of the llama-like families
+# (Llama, Mistral, Qwen, Gemma, Phi-3, Mixtral, Qwen-MoE) -> the llama.cpp role whose shape gguf_expected_shapes
+# gives; other families' names are checked for their layer count only.
+HF_ROLES = {"embed_tokens": "token_embd", "lm_head": "output", "q_proj": "attn_q", "k_proj": "attn_k",
+            "v_proj": "attn_v", "o_proj": "attn_output", "qkv_proj": "attn_qkv", "gate_proj": "ffn_gate",
+            "up_proj": "ffn_up", "down_proj": "ffn_down", "gate_up_proj": "ffn_up", "w1": "ffn_gate", "w3": "ffn_up",
+            "w2": "ffn_down"}
+# config.json keys -> the GGUF metadata keys gguf_expected_shapes reads (first present spelling wins)
+CONFIG_TO_GGUF = {"embedding_length": ("hidden_size",), "attention.head_count": ("num_attention_heads",),
+                  "attention.head_count_kv": ("num_key_value_heads",), "attention.key_length": ("head_dim",),
+                  "feed_forward_length": ("intermediate_size",), "vocab_size": ("vocab_size",),
+                  "expert_count": ("num_local_experts", "num_experts"),
+                  "expert_feed_forward_length": ("moe_intermediate_size",),
+                  "expert_shared_feed_forward_length": ("shared_expert_intermediate_size",)}
+LAYER_CONTAINERS = ("layers", "h", "blocks", "block")
+
+
+def check_folder_header(config: Mapping[str, Any], shapes: Mapping[str, tuple[Any, ...]], source: Any) -> None:
+    """config.json's hyper-parameters are bounded (check_hparams) and agree with the tensors a folder's headers
+    describe: `shapes` maps each layer's weight name to its logical shape [out, in] (None where the stored form does
+    not say); layers 0..num_hidden_layers-1 all present and no other; the llama-like families' projections,
+    embedding and head shaped as heads, head_dim, hidden, intermediate, vocab and experts say."""
+    check_hparams(config, source)
+    text = config.get("text_config") if isinstance(config.get("text_config"), Mapping) else config
+    layers = _first(text, "num_hidden_layers", "n_layer", "num_layers", "n_layers")
+    indices = set()
+    for name in shapes:
+        parts = name.split(".")
+        for i, part in enumerate(parts[:-1]):
+            if part in LAYER_CONTAINERS and parts[i + 1].isdigit():
+                indices.add(int(parts[i + 1]))
+                break
+    if _ints(layers) and indices:
+        outside = sorted(i for i in indices if i >= layers)
+        empty = sorted(set(range(layers)) - indices)
+        if outside or empty:
+            what = f"tensors of layer {outside[0]}" if outside else f"no tensors for layer {empty[0]}"
+            raise CorruptFile(f"{source}: config.json says {layers} layers, and the weights have {what}; the "
+                              "checkpoint does not match its configuration (layer count changed?)")
+    arch = str(text.get("model_type") or config.get("model_type") or "hf")
+    meta = {"general.architecture": arch}
+    for gguf_key, keys in CONFIG_TO_GGUF.items():
+        value = _first(text, *keys)
+        if value is not None:
+            meta[f"{arch}.{gguf_key}"] = value
+    roles = {name: role for name in shapes if (role := hf_role(name)) is not None}
+    expected = gguf_expected_shapes(meta, set(roles.values()), source)
+    for name, role in sorted(roles.items()):
+        need = expected.get(role)
+        if need is None:
+            continue
+        need = need[1:] if "_exps." in role else need      # one expert of the stack
+        if not shape_agrees(shapes[name], need):
+            raise CorruptFile(f"{source}: tensor {name} has shape {_shown(shapes[name])}, but config.json's "
+                              "hyper-parameters (heads, head_dim, hidden, intermediate, vocab, experts) need "
+                              f"{_shown(need)}; the checkpoint does not match its configuration")
+
+
+def hf_role(name: str) -> str | None:
+    """The llama.cpp role (as a GGUF tensor name) of a llama-like family's weight `name`, or None."""
+    module, _, leaf = name.rpartition(".")
+    owner = module.rpartition(".")[2]
+    if leaf != "weight" or owner not in HF_ROLES:
+        return None
+    role = HF_ROLES[owner]
+    if owner in ("embed_tokens", "lm_head"):
+        return f"{role}.weight"
+    if ".shared_expert." in name:
+        role += "_shexp"
+    elif ".experts." in name:
+        role += "_exps"
+    return f"blk.0.{role}.weight"
