@@ -71,3 +71,13 @@ def test_a_packed_model_saves_the_same_file_and_copies(tmp_path):
     assert all(packed_codes(m.qweight) is not None for n, m in loaded.named_modules() if hasattr(m, "qweight"))
     save_native(copy.deepcopy(loaded), None, tmp_path / "b")
     assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_whole_byte_widths_pack_the_bit_streams_bytes(bits):
+    from lowbit.schemes.packing import _pack_chunk, pack_codes, unpack_codes
+
+    codes = torch.randint(0, 2 ** bits, (48, 80), dtype=torch.uint8, generator=torch.Generator().manual_seed(bits))
+    packed = pack_codes(codes, bits)
+    assert torch.equal(packed, _pack_chunk(codes.reshape(-1), bits))
+    assert torch.equal(unpack_codes(packed, bits, (48, 80)), codes)
