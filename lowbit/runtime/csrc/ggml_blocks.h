@@ -692,50 +692,66 @@ static inline void lb_ggml_row_f32(int64_t kind, const uint8_t *row, int64_t K, 
 /* Floats of per-thread scratch lb_ggml_matmul needs for M rows of K activations. */
 static inline int64_t lb_ggml_scratch_floats(int64_t K, int64_t M) { return M * lb_ggml_act8_floats(K); }
 
-/* lb_matmul for a GGUF block weight: y[M, :n] (= or +=) x W^T + bias; called by every thread of a team, rows
- * shared out by an orphaned `omp for`; each thread rounds the activations into its own scratch (no barrier). */
+/* Output row n of lb_ggml_matmul: y[:M, n] (= or +=) x W[n]^T + bias[n], the activations already in `scratch`. */
+static inline void lb_ggml_matmul_row(const lb_linear *L, int64_t n, int64_t row_bytes, const float *x, int64_t M,
+                                      float *y, int64_t ldy, int accumulate, float *scratch, int act8) {
+    const int64_t K = L->k, per_row = lb_ggml_act8_floats(K);
+    const uint8_t *row = (const uint8_t *)L->w + n * row_bytes;
+    lb_act8_row act[16];
+    for (int64_t m0 = 0; m0 < M; m0 += 16) {
+        const int64_t R = lb_min(16, M - m0);
+        float out[16];
+        if (act8) {
+            for (int64_t r = 0; r < R; r++) act[r] = lb_ggml_act8_at(scratch + (m0 + r) * per_row, K);
+            lb_ggml_row_act8(L->kind, row, K, act, R, out);
+        } else {
+#if defined(__AVX2__) && defined(__FMA__)
+            lb_ggml_row_f32_dispatch(L->kind, row, K, x + m0 * K, R, scratch + m0 * (K / 16), out);
+#else
+            lb_ggml_row_f32(L->kind, row, K, x + m0 * K, R, out);
+#endif
+        }
+        for (int64_t r = 0; r < R; r++) {
+            float *target = y + (m0 + r) * ldy + n;
+            const float value = out[r] + (L->bias ? L->bias[n] : 0.0f);
+            *target = accumulate ? *target + value : value;
+        }
+    }
+}
+
+/* Bytes of weight rows a thread takes at a time when the matmul ends at a barrier (see lb_ggml_matmul). */
+#define LB_GGML_CHUNK_BYTES 65536
+
+/* lb_matmul for a GGUF block weight: y[M, :n] (= or +=) x W^T + bias; called by every thread of a team; each
+ * thread rounds the activations into its own scratch (no barrier). Rows are shared out by an orphaned `omp for`:
+ * with `wait` (the matmul ends at a barrier, so no one reads y before every row is done) dynamically, in chunks
+ * of about 64 KB of weights (at least 16 chunks), so that a thread the OS preempts on a busy machine leaves its
+ * rows to the others instead of making them wait at the barrier (llama.cpp shares its matmuls' chunks the same
+ * way); without `wait` statically, as lb_matmul_rows_per_item promises (the gate/up matmuls' rows are read back
+ * by the thread that computed them). */
 static inline void lb_ggml_matmul(const lb_linear *L, const float *x, int64_t M, float *y, int64_t ldy,
                                   int accumulate, float *scratch, int act8, int wait) {
     const int64_t K = L->k, N = L->n, row_bytes = (K / lb_ggml_block(L->kind)) * lb_ggml_bytes(L->kind);
     const int64_t per_row = lb_ggml_act8_floats(K);
-    lb_act8_row act[16];
     if (act8)
         for (int64_t r = 0; r < M; r++)
             lb_ggml_quantize_act8(x + r * K, K, lb_ggml_block(L->kind), scratch + r * per_row);
 #if defined(__AVX2__) && defined(__FMA__)
-    float *xsum16 = scratch;             /* float path: [M, K / 16] sums of x */
-    if (!act8)
+    if (!act8)                           /* float path: scratch is [M, K / 16] sums of x */
         for (int64_t s = 0; s < M * (K / 16); s++) {
             float total = 0.0f;
             for (int l = 0; l < 16; l++) total += x[s * 16 + l];
-            xsum16[s] = total;
+            scratch[s] = total;
         }
 #endif
-    #pragma omp for schedule(static) nowait
-    for (int64_t n = 0; n < N; n++) {
-        const uint8_t *row = (const uint8_t *)L->w + n * row_bytes;
-        for (int64_t m0 = 0; m0 < M; m0 += 16) {
-            const int64_t R = lb_min(16, M - m0);
-            float out[16];
-            if (act8) {
-                for (int64_t r = 0; r < R; r++) act[r] = lb_ggml_act8_at(scratch + (m0 + r) * per_row, K);
-                lb_ggml_row_act8(L->kind, row, K, act, R, out);
-            } else {
-#if defined(__AVX2__) && defined(__FMA__)
-                lb_ggml_row_f32_dispatch(L->kind, row, K, x + m0 * K, R, xsum16 + m0 * (K / 16), out);
-#else
-                lb_ggml_row_f32(L->kind, row, K, x + m0 * K, R, out);
-#endif
-            }
-            for (int64_t r = 0; r < R; r++) {
-                float *target = y + (m0 + r) * ldy + n;
-                const float value = out[r] + (L->bias ? L->bias[n] : 0.0f);
-                *target = accumulate ? *target + value : value;
-            }
-        }
-    }
     if (wait) {
-        #pragma omp barrier
+        int64_t chunk = lb_min(LB_GGML_CHUNK_BYTES / row_bytes, N / 16);
+        if (chunk < 1) chunk = 1;
+        #pragma omp for schedule(dynamic, chunk)
+        for (int64_t n = 0; n < N; n++) lb_ggml_matmul_row(L, n, row_bytes, x, M, y, ldy, accumulate, scratch, act8);
+    } else {
+        #pragma omp for schedule(static) nowait
+        for (int64_t n = 0; n < N; n++) lb_ggml_matmul_row(L, n, row_bytes, x, M, y, ldy, accumulate, scratch, act8);
     }
 }
 
