@@ -62,12 +62,14 @@ class AffineFake(FakeQuantizer):
         self.scheme = scheme
         self.initial = initial
         self.group_index = initial.group_index()
-        scales = initial.scales.float().clamp(min=1e-12)
-        self.log_scale = nn.Parameter(scales.log(), requires_grad=learn_scales)
+        scales = initial.scales.float()
+        # llama.cpp's symmetric types (Q4_0, Q8_0, ...) store d = max / -8: negative scales are part of the grid
+        self.register_buffer("sign", torch.where(scales < 0, -1.0, 1.0))
+        self.log_scale = nn.Parameter(scales.abs().clamp(min=1e-12).log(), requires_grad=learn_scales)
         self.register_buffer("zeros", initial.zeros.float())
 
     def scales(self) -> torch.Tensor:
-        return self.log_scale.exp()
+        return self.sign * self.log_scale.exp()
 
     def _columns(self) -> tuple[torch.Tensor, torch.Tensor]:
         return expand_groups(self.scales(), self.group_index), expand_groups(self.zeros, self.group_index)
