@@ -8,6 +8,14 @@ output error (MSE) is minimised with Adam over the calibration windows for `epoc
 gets its final codes on the learned statistics, a normal `QuantizedWeight` every format writes. The walk feeds
 each block the outputs of the already-quantized blocks before it, as it does for GPTQ.
 
+Where training starts (`init`): "gptq" runs GPTQ on the block's calibration inputs first and starts from its
+codes (the latent weight is the float weight moved into GPTQ's rounding bins, `within_codes`, so step 0 is
+GPTQ's block exactly); "rtn" starts from rounding on the MSE-clipped grid. With `keep_best` (default) the last
+eighth of the calibration windows is held out from training, and each block keeps whichever codes have the lower
+block output error on them: the trained ones, the start's, or GPTQ's (computed for init="rtn" too), so a block
+never ends worse than GPTQ on those windows. nf4/fp4 layers have no GPTQ (no column-wise codebook encode) and
+start from their absmax either way.
+
 Fake quantization per scheme (`fake_quantizer`):
 - integer grids (IntGrid, any bits and groups): w_q = s * (clamp(round(w / s) + z, 0, maxq) - z) with s learned
   per group in log space; round() passes gradients straight through, so d w_q / d s = q - w / s inside the
@@ -199,7 +207,7 @@ class QATReport:
 
 # where the fake quantization starts: GPTQ's codes (run on the same calibration inputs first) or rounding to
 # nearest on the MSE-clipped grid; nf4/fp4 layers start from their absmax in both (GPTQ has no codebook encode)
-QAT_INITS = ("gptq", "rtn")
+QAT_INITS = ("gptq", "rtn")      # also lowbit.training.config.QAT_INITS
 
 
 def selection_split(n_calls: int) -> tuple[list[int], list[int]]:
