@@ -159,13 +159,13 @@ def merge_figures(name: str, lora: dict) -> list[dict]:
 
 # label -> (method, options): qat with its default start (GPTQ's codes) and from rounding to nearest
 QAT_OPTIONS = {"rtn": ("rtn", {}), "gptq": ("gptq", {}), "qat": ("qat", {"epochs": 2}),
-               "qat-rtn": ("qat", {"epochs": 2, "init": "rtn"})}
+               "qat-rtn": ("qat", {"epochs": 2, "init": "rtn"}), "qat-lr3e-3": ("qat", {"epochs": 2, "lr": 3e-3})}
 
 
 def qat_runs(spec: str) -> list[tuple[int, str]]:
     """"4:rtn,3:qat,..." (or "all": 4, 3 and 2 bits x every QAT_OPTIONS label) -> [(bits, label)]."""
     if spec == "all":
-        return [(bits, label) for bits in (4, 3, 2) for label in QAT_OPTIONS]
+        return [(bits, label) for bits in (4, 3, 2) for label in ("rtn", "gptq", "qat", "qat-rtn")]
     runs = []
     for item in spec.split(","):
         bits, _, method = item.partition(":")
