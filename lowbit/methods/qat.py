@@ -236,8 +236,11 @@ class QAT(Method):
     name = "qat"
     needs_calibration = True
     # chunk 1: one calibration window per Adam step (the walk's default batches 8, a step per 8 windows)
-    defaults = {"epochs": 4, "lr": 1e-2, "scale_lr": 1e-2, "chunk": 1, "init": "gptq", "keep_best": True}
-    option_types = {"epochs": int, "lr": float, "scale_lr": float, "init": str, "keep_best": bool,
+    # min_gain: the relative held-out improvement the trained codes need to replace the start's or GPTQ's
+    # (a few held-out windows are a noisy judge: a block whose error drops by 1% there can still cost perplexity)
+    defaults = {"epochs": 4, "lr": 1e-2, "scale_lr": 1e-2, "chunk": 1, "init": "gptq", "keep_best": True,
+                "min_gain": 0.0}
+    option_types = {"epochs": int, "lr": float, "scale_lr": float, "init": str, "keep_best": bool, "min_gain": float,
                     **CALIBRATION_OPTION_TYPES}
 
     def __init__(self, config: Any):
@@ -248,12 +251,14 @@ class QAT(Method):
         if not self.option("lr") > 0 or self.option("scale_lr") < 0:
             raise LowbitError(f"method qat: lr must be > 0 and scale_lr >= 0 (got {self.option('lr')}, "
                               f"{self.option('scale_lr')})")
+        if not 0 <= self.option("min_gain") < 1:
+            raise LowbitError(f"method qat: min_gain must be in [0, 1) (got {self.option('min_gain')})")
         if self.option("init") not in QAT_INITS:
             raise LowbitError(f"method qat: init must be one of {', '.join(QAT_INITS)} (got {self.option('init')!r})")
 
     def option_names(self) -> tuple[str, ...]:
-        return ("scheme", "epochs", "lr", "scale_lr", "init", "keep_best", "calib_samples", "calib_len", "seed",
-                "chunk")
+        return ("scheme", "epochs", "lr", "scale_lr", "init", "keep_best", "min_gain", "calib_samples", "calib_len",
+                "seed", "chunk")
 
     def option(self, key: str) -> Any:
         value = self.config.options.get(key)
@@ -364,7 +369,8 @@ class QAT(Method):
                 replace_module(block, name, module)
             for p, flag in frozen.items():
                 p.requires_grad_(flag)
-        kept = min(candidates, key=lambda k: (candidates[k][1], k != "trained"))
+        handicap = {"trained": 1 / (1 - self.option("min_gain"))}
+        kept = min(candidates, key=lambda k: (candidates[k][1] * handicap.get(k, 1), k != "trained"))
         report = QATReport(relative_error=candidates[kept][1], initial_error=initial, trained_error=trained,
                            kept=kept)
         log.debug("qat %s: block error %.3e -> %.3e, kept the %s codes", prefix, initial, trained, kept)
