@@ -197,7 +197,7 @@ def cosine(optimizer: torch.optim.Optimizer, base_lrs: list[float], step: int, t
 class QATReport:
     """Block output error (MSE relative to the target's mean square) of the codes kept, of the start, and of the
     trained codes, on the windows the choice was made on (held out from training when there are >= 2 calls);
-    `kept` says which codes the block got: "trained" or "start" (keep_best, when training did not help)."""
+    `kept` says which codes the block got: "trained", "start" or "gptq" (keep_best, when training did not help)."""
 
     relative_error: float
     initial_error: float
