@@ -426,7 +426,7 @@ def test_finetune_options_are_typed_and_bounded_and_qlora_keeps_an_explicit_opti
     ("qat", {"epochs": 0}, "epochs and chunk must be >= 1"),
     ("qat", {"lr": 0}, "lr must be > 0"),
     ("qat", {"init": "best"}, "init must be one of gptq, rtn"),
-    ("qat", {"min_gain": 1.0}, "min_gain must be in [0, 1)"),
+    ("qat", {"min_gain": 1.0}, "min_gain must be in"),
     ("qat", {"keep_best": 1}, "option keep_best must be bool"),
     ("awq", {"zero_point": "false"}, "option zero_point must be bool"),
     ("awq", {"clip": 0}, "option clip must be bool"),
