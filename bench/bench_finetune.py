@@ -39,7 +39,7 @@ MODELS = {
     # bounded so that the whole SmolLM2 part runs in < 30 min on a busy 2-core machine
     "smollm2": {"path": "smollm2", "text": SHARED / "corpora" / "tinyshakespeare.txt", "group": 64,
                 "lora": dict(steps=8, seq_len=128, batch=4, lr=3e-3, warmup=2),
-                "qat_calib": (8, 256), "eval_tokens": 4096, "qat_eval_tokens": 2048},
+                "qat_calib": (16, 256), "eval_tokens": 4096, "qat_eval_tokens": 4096},
 }
 MERGE_MODELS = ("stories260K",)
 # (label, method, merge options): fresh grids as plain re-quantization does, the base's grid kept, and that
@@ -157,13 +157,16 @@ def merge_figures(name: str, lora: dict) -> list[dict]:
     return rows
 
 
-QAT_OPTIONS = {"rtn": {}, "gptq": {}, "qat": {"epochs": 2}}
+# label -> (method, options): qat with its default start (GPTQ's codes) and from rounding to nearest
+QAT_OPTIONS = {"rtn": ("rtn", {}), "gptq": ("gptq", {}), "qat": ("qat", {"epochs": 2}),
+               "qat-rtn": ("qat", {"epochs": 2, "init": "rtn"}), "qat-lr3e-3": ("qat", {"epochs": 2, "lr": 3e-3}),
+               "qat-gain5": ("qat", {"epochs": 2, "min_gain": 0.05})}
 
 
 def qat_runs(spec: str) -> list[tuple[int, str]]:
-    """"4:rtn,3:qat,..." (or "all": 4, 3 and 2 bits x rtn, gptq, qat) -> [(bits, method)], float first."""
+    """"4:rtn,3:qat,..." (or "all": 4, 3 and 2 bits x every QAT_OPTIONS label) -> [(bits, label)]."""
     if spec == "all":
-        return [(bits, method) for bits in (4, 3, 2) for method in QAT_OPTIONS]
+        return [(bits, label) for bits in (4, 3, 2) for label in ("rtn", "gptq", "qat", "qat-rtn")]
     runs = []
     for item in spec.split(","):
         bits, _, method = item.partition(":")
@@ -189,13 +192,21 @@ def qat_figures(name: str, runs: list[tuple[int, str]], with_float: bool = True)
     if with_float:
         rows.append({"model": name, "bits": 32, "method": "float",
                      "perplexity": held_out_perplexity(float_model, held, 256)})
-    for bits, method in runs:
+    for bits, label in runs:
         model = copy.deepcopy(float_model)
         began = time.perf_counter()
-        quantize_model(model, QuantizeConfig(method=method, bits=bits, group_size=spec["group"],
-                                             options=QAT_OPTIONS[method]), calibration=calib, progress=False)
-        rows.append({"model": name, "bits": bits, "method": method, "group_size": spec["group"],
-                     "perplexity": held_out_perplexity(model, held, 256), "seconds": time.perf_counter() - began})
+        method, options = QAT_OPTIONS[label]
+        quantize_model(model, QuantizeConfig(method=method, bits=bits, group_size=spec["group"], options=options),
+                       calibration=calib, progress=False)
+        row = {"model": name, "bits": bits, "method": label, "group_size": spec["group"],
+               "perplexity": held_out_perplexity(model, held, 256), "seconds": time.perf_counter() - began,
+               "settings": f"calibration {n} x {length}, held-out {held.numel()} tokens, ctx 256"}
+        if method == "qat":     # which codes each block kept (keep_best): trained, start or gptq
+            kept = {}
+            for layer, report in model.lowbit_reports.items():
+                kept.setdefault(layer.rsplit(".", 2)[0], report.kept)
+            row["blocks_kept"] = {k: list(kept.values()).count(k) for k in ("trained", "start", "gptq")}
+        rows.append(row)
         print(rows[-1], file=sys.stderr, flush=True)
     return rows
 

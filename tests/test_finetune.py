@@ -294,6 +294,46 @@ def test_qat_beats_gptq_on_the_same_grid(stories_float, text, bits):
     assert results["qat"] < results["gptq"], results
 
 
+@pytest.mark.parametrize("scheme", ["int3", "Q4_0"])
+def test_qat_from_gptq_starts_exactly_at_gptqs_codes(scheme):
+    """init=gptq: the latent weight moved into GPTQ's bins fake-quantizes to GPTQ's weight and its codes are
+    GPTQ's, while it stays on the float weight's side of each bin (not all at the centres)."""
+    from lowbit.methods.gptq import gptq_quantize
+    from lowbit.methods.qat import fake_quantizer, within_codes
+    from lowbit.schemes.ggml import GGMLScheme
+    from lowbit.schemes.intgrid import IntGrid
+
+    torch.manual_seed(0)
+    grid = IntGrid(bits=3, group_size=32) if scheme == "int3" else GGMLScheme(type=scheme)
+    weight, x = torch.randn(16, 64), torch.randn(256, 64)
+    start = gptq_quantize(weight, (2 * x.t() @ x / 256).double(), grid)[0]
+    latent = within_codes(weight, start)
+    quantizer = fake_quantizer(grid, weight, start)
+    torch.testing.assert_close(quantizer(latent), start.dequantize(), rtol=1e-6, atol=1e-6)
+    assert torch.equal(quantizer.finish(latent).codes, start.codes)
+    off_centre = latent - start.dequantize()
+    assert off_centre.abs().max() > 0 and torch.equal(off_centre.sign() * (weight - start.dequantize()).sign() >= 0,
+                                                      torch.ones_like(weight, dtype=torch.bool))
+
+
+def test_qat_from_gptq_is_no_worse_than_gptq_at_4_bits(stories_float, text):
+    """QAT starting from GPTQ's codes with keep_best: every block keeps codes whose held-out block error is at
+    most its start's, and the model's held-out perplexity is at most GPTQ's on the same grid and calibration."""
+    from lowbit.methods.base import QuantizeConfig
+    from lowbit.methods.pipeline import quantize_model
+
+    calib = text.windows(256, 64, 0)
+    results, reports = {}, {}
+    for method, options in (("gptq", {}), ("qat", {"epochs": 2, "init": "gptq"})):
+        model = copy.deepcopy(stories_float[0])
+        quantize_model(model, QuantizeConfig(method=method, bits=4, group_size=32, options=options),
+                       calibration=calib, progress=False)
+        results[method], reports[method] = ppl(model, text), model.lowbit_reports
+    assert all(r.relative_error <= r.initial_error for r in reports["qat"].values())
+    assert {r.kept for r in reports["qat"].values()} <= {"trained", "start"}
+    assert results["qat"] <= results["gptq"], results
+
+
 def run_cli(capsys, *argv):
     from lowbit.cli import main
 
@@ -373,7 +413,8 @@ def test_finetune_options_are_typed_and_bounded_and_qlora_keeps_an_explicit_opti
     assert FinetuneConfig(method="qlora", optimizer="adamw").optimizer == "adamw"
     assert FinetuneConfig(method="lora").optimizer == "adamw"
     for bad in ({"steps": "ten"}, {"steps": 2.5}, {"rank": True}, {"lr": "fast"}, {"dropout": 1.0},
-                {"alpha": 0}, {"warmup": -1}, {"checkpoint_every": -5}, {"weight_decay": -0.1}, {"symmetric": 1}):
+                {"alpha": 0}, {"warmup": -1}, {"checkpoint_every": -5}, {"weight_decay": -0.1}, {"symmetric": 1},
+                {"qat_init": "best"}, {"qat_keep_best": "no"}):
         with pytest.raises(LowbitError):
             FinetuneConfig(**bad)
 
@@ -384,6 +425,9 @@ def test_finetune_options_are_typed_and_bounded_and_qlora_keeps_an_explicit_opti
     ("qat", {"lr": "fast"}, "option lr must be float"),
     ("qat", {"epochs": 0}, "epochs and chunk must be >= 1"),
     ("qat", {"lr": 0}, "lr must be > 0"),
+    ("qat", {"init": "best"}, "init must be one of gptq, rtn"),
+    ("qat", {"min_gain": 1.0}, "min_gain must be in"),
+    ("qat", {"keep_best": 1}, "option keep_best must be bool"),
     ("awq", {"zero_point": "false"}, "option zero_point must be bool"),
     ("awq", {"clip": 0}, "option clip must be bool"),
     ("awq", {"alpha_grid": 20.0}, "option alpha_grid must be int"),

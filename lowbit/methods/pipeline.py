@@ -114,7 +114,9 @@ def walk(method: Method, source: BlockSource, sink: BlockSink, calibration: Any 
         model.eval()
         # timed and reported on its own, before the per-layer bar starts, so the bar's rate and ETA are the layers'
         began = time.perf_counter()
-        calls = capture_first_block_inputs(model, arch, batch, int(options.get("chunk") or 8))
+        # windows per recorded call: the user's, else the method's default (qat trains a step per call), else 8
+        chunk = options.get("chunk") or getattr(method, "defaults", {}).get("chunk") or 8
+        calls = capture_first_block_inputs(model, arch, batch, int(chunk))
         log.info("%s: calibration: %d x %d tokens prepared and the first block's inputs captured in %.1f s",
                  method.name, batch.shape[0], batch.shape[1], time.perf_counter() - began)
     n_blocks = len(arch.blocks(model))

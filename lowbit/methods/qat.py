@@ -8,6 +8,14 @@ output error (MSE) is minimised with Adam over the calibration windows for `epoc
 gets its final codes on the learned statistics, a normal `QuantizedWeight` every format writes. The walk feeds
 each block the outputs of the already-quantized blocks before it, as it does for GPTQ.
 
+Where training starts (`init`): "gptq" runs GPTQ on the block's calibration inputs first and starts from its
+codes (the latent weight is the float weight moved into GPTQ's rounding bins, `within_codes`, so step 0 is
+GPTQ's block exactly); "rtn" starts from rounding on the MSE-clipped grid. With `keep_best` (default) the last
+eighth of the calibration windows is held out from training, and each block keeps whichever codes have the lower
+block output error on them: the trained ones, the start's, or GPTQ's (computed for init="rtn" too), so a block
+never ends worse than GPTQ on those windows. nf4/fp4 layers have no GPTQ (no column-wise codebook encode) and
+start from their absmax either way.
+
 Fake quantization per scheme (`fake_quantizer`):
 - integer grids (IntGrid, any bits and groups): w_q = s * (clamp(round(w / s) + z, 0, maxq) - z) with s learned
   per group in log space; round() passes gradients straight through, so d w_q / d s = q - w / s inside the
@@ -62,12 +70,14 @@ class AffineFake(FakeQuantizer):
         self.scheme = scheme
         self.initial = initial
         self.group_index = initial.group_index()
-        scales = initial.scales.float().clamp(min=1e-12)
-        self.log_scale = nn.Parameter(scales.log(), requires_grad=learn_scales)
+        scales = initial.scales.float()
+        # llama.cpp's symmetric types (Q4_0, Q8_0, ...) store d = max / -8: negative scales are part of the grid
+        self.register_buffer("sign", torch.where(scales < 0, -1.0, 1.0))
+        self.log_scale = nn.Parameter(scales.abs().clamp(min=1e-12).log(), requires_grad=learn_scales)
         self.register_buffer("zeros", initial.zeros.float())
 
     def scales(self) -> torch.Tensor:
-        return self.log_scale.exp()
+        return self.sign * self.log_scale.exp()
 
     def _columns(self) -> tuple[torch.Tensor, torch.Tensor]:
         return expand_groups(self.scales(), self.group_index), expand_groups(self.zeros, self.group_index)
@@ -124,19 +134,32 @@ class CodebookFake(FakeQuantizer):
                                group_size=self.scheme.blocksize, extra=extra)
 
 
-def fake_quantizer(scheme: Scheme, weight: torch.Tensor) -> FakeQuantizer:
+def fake_quantizer(scheme: Scheme, weight: torch.Tensor, start: QuantizedWeight | None = None) -> FakeQuantizer:
+    """The fake quantizer of `weight` on `scheme`, its statistics starting from `start` (codes some other method
+    chose on this grid, e.g. GPTQ's) when given, else from the scheme's own rounding."""
     if isinstance(scheme, IntGrid):
-        # start from the MSE-clipped grid (what RTN --clip-search picks): at 2-3 bits absmax wastes levels
-        initial = dataclasses.replace(scheme, clip_search=True).quantize(weight)
-        initial.scheme = scheme
-        return AffineFake(initial, learn_scales=True)
+        if start is None:
+            # start from the MSE-clipped grid (what RTN --clip-search picks): at 2-3 bits absmax wastes levels
+            start = dataclasses.replace(scheme, clip_search=True).quantize(weight)
+            start.scheme = scheme
+        return AffineFake(start, learn_scales=True)
     if isinstance(scheme, Codebook4):
         return CodebookFake(scheme, weight)
     if isinstance(scheme, KeptGrid):      # merge: the base's statistics as the start (learned for integer grids)
-        return AffineFake(scheme.quantize(weight), learn_scales=isinstance(scheme.base.scheme, IntGrid))
+        return AffineFake(start or scheme.quantize(weight), learn_scales=isinstance(scheme.base.scheme, IntGrid))
     if isinstance(scheme, GGMLScheme):
-        return AffineFake(scheme.quantize(weight), learn_scales=False)
+        return AffineFake(start or scheme.quantize(weight), learn_scales=False)
     raise LowbitError(f"qat does not support scheme {scheme.name}; use an integer grid, nf4/fp4 or a GGUF type")
+
+
+def within_codes(weight: torch.Tensor, start: QuantizedWeight) -> torch.Tensor:
+    """`weight` moved into the rounding bins of `start`'s codes: their value plus the weight's offset from it,
+    clipped to just inside half a step. The fake quantization then gives exactly `start`'s block, and the latent
+    weights sit where the float weights pull them rather than at the bin centres, where no code could move in
+    the first steps of training (the float weight's side of the bin is what GPTQ's compensation traded)."""
+    value = start.dequantize().float()
+    half_step = 0.499 * expand_groups(start.scales.float(), start.group_index()).abs()
+    return value + torch.maximum(torch.minimum(weight - value, half_step), -half_step)
 
 
 class FakeQuantLinear(nn.Module):
@@ -172,10 +195,28 @@ def cosine(optimizer: torch.optim.Optimizer, base_lrs: list[float], step: int, t
 
 @dataclass
 class QATReport:
-    """Block output error (MSE relative to the target's mean square) before and after training."""
+    """Block output error (MSE relative to the target's mean square) of the codes kept, of the start, and of the
+    trained codes, on the windows the choice was made on (held out from training when there are >= 2 calls);
+    `kept` says which codes the block got: "trained", "start" or "gptq" (keep_best, when training did not help)."""
 
     relative_error: float
     initial_error: float
+    trained_error: float = float("nan")
+    kept: str = "trained"
+
+
+# where the fake quantization starts: GPTQ's codes (run on the same calibration inputs first) or rounding to
+# nearest on the MSE-clipped grid; nf4/fp4 layers start from their absmax in both (GPTQ has no codebook encode)
+QAT_INITS = ("gptq", "rtn")      # also lowbit.training.config.QAT_INITS
+
+
+def selection_split(n_calls: int) -> tuple[list[int], list[int]]:
+    """(training, selection) call indices: the last eighth of the calibration calls (at least one) is held out
+    to choose among the trained, the starting and GPTQ's codes; a single call is used for both."""
+    if n_calls < 2:
+        return list(range(n_calls)), list(range(n_calls))
+    held = max(1, n_calls // 8)
+    return list(range(n_calls - held)), list(range(n_calls - held, n_calls))
 
 
 def scheme_from_name(name: str, bits: int, group_size: int, symmetric: bool = True) -> Scheme:
@@ -194,8 +235,13 @@ class QAT(Method):
 
     name = "qat"
     needs_calibration = True
-    defaults = {"epochs": 4, "lr": 1e-2, "scale_lr": 1e-2, "chunk": 4}
-    option_types = {"epochs": int, "lr": float, "scale_lr": float, **CALIBRATION_OPTION_TYPES}
+    # chunk 1: one calibration window per Adam step (the walk's default batches 8, a step per 8 windows)
+    # min_gain: the relative held-out improvement the trained codes need to replace the start's or GPTQ's
+    # (a few held-out windows are a noisy judge: a block whose error drops by 1% there can still cost perplexity)
+    defaults = {"epochs": 4, "lr": 1e-2, "scale_lr": 1e-2, "chunk": 1, "init": "gptq", "keep_best": True,
+                "min_gain": 0.0}
+    option_types = {"epochs": int, "lr": float, "scale_lr": float, "init": str, "keep_best": bool, "min_gain": float,
+                    **CALIBRATION_OPTION_TYPES}
 
     def __init__(self, config: Any):
         super().__init__(config)
@@ -205,9 +251,14 @@ class QAT(Method):
         if not self.option("lr") > 0 or self.option("scale_lr") < 0:
             raise LowbitError(f"method qat: lr must be > 0 and scale_lr >= 0 (got {self.option('lr')}, "
                               f"{self.option('scale_lr')})")
+        if not 0 <= self.option("min_gain") < 1:
+            raise LowbitError(f"method qat: min_gain must be in [0, 1) (got {self.option('min_gain')})")
+        if self.option("init") not in QAT_INITS:
+            raise LowbitError(f"method qat: init must be one of {', '.join(QAT_INITS)} (got {self.option('init')!r})")
 
     def option_names(self) -> tuple[str, ...]:
-        return ("scheme", "epochs", "lr", "scale_lr", "calib_samples", "calib_len", "seed", "chunk")
+        return ("scheme", "epochs", "lr", "scale_lr", "init", "keep_best", "min_gain", "calib_samples", "calib_len",
+                "seed", "chunk")
 
     def option(self, key: str) -> Any:
         value = self.config.options.get(key)
@@ -230,6 +281,22 @@ class QAT(Method):
                               f"got {k}; pick another type or skip the layer")
         super().check_layer(name, linear)
 
+    def gptq_start(self, block: nn.Module, linears: dict[str, nn.Module], calls: list, arch: Any,
+                   prefix: str) -> dict[str, QuantizedWeight]:
+        """GPTQ's codes for the block's Linears on its grid (not nf4/fp4 ones), on the same calibration calls.
+        GPTQ overwrites the block's float weights with its dequantized codes as it goes (true sequential)."""
+        from lowbit.methods.base import QuantizeConfig
+        from lowbit.methods.gptq import GPTQ
+
+        c = self.config
+        gptq = GPTQ(QuantizeConfig(method="gptq", bits=c.bits, group_size=c.group_size, symmetric=c.symmetric,
+                                   clip_search=c.clip_search, skip=c.skip))
+        gptq.scheme = self.scheme          # the same grid, per-layer plans included
+        gptq.layer_schemes = self.layer_schemes
+        supported = {name: m for name, m in linears.items()
+                     if not isinstance(self.scheme_for(join_name(prefix, name)), Codebook4)}
+        return gptq.quantize_block(block, supported, calls, arch, prefix).weights if supported else {}
+
     def quantize_block(self, block: nn.Module, linears: dict[str, nn.Module], inputs: Any = None,
                        arch: Any = None, prefix: str = "") -> BlockResult:
         from lowbit.calibration.capture import block_output, run_block
@@ -240,49 +307,71 @@ class QAT(Method):
             raise LowbitError("qat needs calibration inputs for every block")
         calls = list(inputs)
         targets = [call.hidden for call in run_block(block, calls)]
+        keep_best = self.option("keep_best")
+        training, selection = selection_split(len(calls)) if keep_best else (list(range(len(calls))), [])
+        weights = {name: linear_weight(module).detach().float().clone() for name, module in linears.items()}
+        init = self.option("init")
+        gptq = self.gptq_start(block, linears, calls, arch, prefix) if init == "gptq" or keep_best else {}
+        starts = gptq if init == "gptq" else {}
         frozen = {p: p.requires_grad for p in block.parameters()}
         for p in frozen:
             p.requires_grad_(False)
         fakes: dict[str, FakeQuantLinear] = {}
         for name, module in linears.items():
-            weight = linear_weight(module).detach().float()
-            fakes[name] = FakeQuantLinear(weight, getattr(module, "bias", None),
-                                          fake_quantizer(self.scheme_for(join_name(prefix, name)), weight))
+            start = starts.get(name)
+            latent = weights[name] if start is None else within_codes(weights[name], start)
+            fakes[name] = FakeQuantLinear(latent, getattr(module, "bias", None),
+                                          fake_quantizer(self.scheme_for(join_name(prefix, name)), weights[name],
+                                                         start))
             replace_module(block, name, fakes[name])
         try:
             optimizer = qat_optimizer(fakes.values(), self.option("lr"), self.option("scale_lr"))
             generator = torch.Generator().manual_seed(self.option("seed") or 0)
             epochs = self.option("epochs")
 
-            def block_error() -> float:
+            def block_error(indices: list[int]) -> float:
                 with torch.no_grad():
-                    num = sum(F.mse_loss(block_output(block(*c.args, **c.kwargs)), t, reduction="sum").item()
-                              for c, t in zip(calls, targets))
-                    return num / sum(t.pow(2).sum().item() for t in targets)
+                    num = sum(F.mse_loss(block_output(block(*calls[i].args, **calls[i].kwargs)), targets[i],
+                                         reduction="sum").item() for i in indices)
+                    return num / sum(targets[i].pow(2).sum().item() for i in indices)
 
-            initial = block_error()
-            total = epochs * len(calls)
+            judged = selection or training
+            initial = block_error(judged)
+            start_codes = {name: starts.get(name) or fake.quantizer.finish(fake.weight.detach())
+                           for name, fake in fakes.items()}
+            total = epochs * len(training)
             base_lrs = [group["lr"] for group in optimizer.param_groups]
             step = 0
             for _ in range(epochs):
-                for i in torch.randperm(len(calls), generator=generator).tolist():
+                for j in torch.randperm(len(training), generator=generator).tolist():
                     cosine(optimizer, base_lrs, step, total)
-                    call = calls[i]
+                    call = calls[training[j]]
                     out = block_output(block(*call.args, **call.kwargs))
-                    loss = F.mse_loss(out, targets[i])
+                    loss = F.mse_loss(out, targets[training[j]])
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()
                     step += 1
-            final = block_error()
-            results = {name: fake.quantizer.finish(fake.weight.detach()) for name, fake in fakes.items()}
+            trained = block_error(judged)
+            candidates = {"trained": ({name: fake.quantizer.finish(fake.weight.detach())
+                                       for name, fake in fakes.items()}, trained)}
+            if keep_best:
+                candidates["start"] = (start_codes, initial)
+                if init != "gptq" and gptq:     # GPTQ's codes (nf4/fp4 layers: the start's) judged too
+                    for name, fake in fakes.items():
+                        fake.quantizer = fake_quantizer(self.scheme_for(join_name(prefix, name)), weights[name],
+                                                        gptq.get(name))
+                        fake.weight.data = (weights[name] if name not in gptq else gptq[name].dequantize()).float()
+                    candidates["gptq"] = ({name: gptq.get(name) or start_codes[name] for name in fakes},
+                                          block_error(judged))
         finally:
             for name, module in linears.items():
                 replace_module(block, name, module)
             for p, flag in frozen.items():
                 p.requires_grad_(flag)
-        report = QATReport(relative_error=final, initial_error=initial)
-        log.debug("qat %s: block error %.3e -> %.3e", prefix, initial, final)
-        return BlockResult(results, {name: report for name in results})
-
-
+        handicap = {"trained": 1 / (1 - self.option("min_gain"))}
+        kept = min(candidates, key=lambda k: (candidates[k][1] * handicap.get(k, 1), k != "trained"))
+        report = QATReport(relative_error=candidates[kept][1], initial_error=initial, trained_error=trained,
+                           kept=kept)
+        log.debug("qat %s: block error %.3e -> %.3e, kept the %s codes", prefix, initial, trained, kept)
+        return BlockResult(candidates[kept][0], {name: report for name in fakes})

@@ -43,6 +43,10 @@ def add_commands(sub) -> None:
     q.add_argument("--group-size", type=int, default=defaults.group_size)
     q.add_argument("--asym", action="store_true")
     q.add_argument("--qat-epochs", type=int, default=defaults.qat_epochs)
+    q.add_argument("--qat-init", default=defaults.qat_init, help="start each block from gptq's codes (default) or "
+                                                                 "rtn (rounding on the MSE-clipped grid)")
+    q.add_argument("--no-keep-best", dest="qat_keep_best", action="store_false",
+                   help="keep the trained codes even where the start's or GPTQ's are better on held-out windows")
     q.add_argument("--format", default="lowbit", help="qat output format: lowbit, gptq, awq, bnb, gguf")
     f.add_argument("--json", default=None, help="write the figures to this JSON file")
     f.set_defaults(func=cmd_finetune)
@@ -79,6 +83,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
                "batch": args.batch, "grad_accum": args.grad_accum, "seed": args.seed, "held_out": args.held_out,
                "checkpoint_every": args.checkpoint_every, "scheme": args.scheme, "bits": args.bits,
                "group_size": args.group_size, "symmetric": not args.asym, "qat_epochs": args.qat_epochs,
+               "qat_init": args.qat_init, "qat_keep_best": args.qat_keep_best,
                "base_quantize": args.base_quantize}
     if args.optimizer:
         options["optimizer"] = args.optimizer
