@@ -391,7 +391,7 @@ def linear_spec(module: Any) -> tuple[LinearSpec, list[torch.Tensor]] | None:
         return affine_spec(module.qweight, bias)
     weight = getattr(module, "weight", None)
     if (not isinstance(module, nn.Module) or not isinstance(weight, torch.Tensor) or weight.dim() != 2
-            or not weight.is_floating_point() or type(module).__name__ not in ("Linear", "_DenseLinear")):
+            or not weight.is_floating_point() or type(module).__name__ not in ("Linear", "_DenseLinear", "HalfWeightLinear")):
         return None
     weight = weight.detach()
     if weight.dtype not in FLOAT_KINDS:
