@@ -77,6 +77,27 @@ def test_roundtrip_keeps_bfloat16_and_greedy_matches_transformers(tmp_path, tied
     assert _stored_dtypes(tmp_path / "again")["model.embed_tokens.weight"] == "BF16"
 
 
+@pytest.mark.parametrize("fmt", ["gptq", "awq"])
+def test_gptq_and_awq_keep_bfloat16_embedding_and_head(tmp_path, fmt):
+    from lowbit.formats.registry import get_writer
+    from lowbit.models.loading import load_model
+
+    model = _bf16_source_model(tied=False)
+    get_writer(fmt).save(model, None, tmp_path / fmt)
+    stored = _stored_dtypes(tmp_path / fmt)
+    assert stored["model.embed_tokens.weight"] == stored["lm_head.weight"] == "BF16"
+    loaded, _ = load_model(tmp_path / fmt)
+    assert loaded.model.embed_tokens.weight.dtype == loaded.lm_head.weight.dtype == torch.bfloat16
+    prompt = [5, 17, 250, 3]
+    got = list(Engine(loaded, context=64).generate(prompt, SamplingParams(max_new_tokens=16, temperature=0.0),
+                                                   stop_on_eos=False))
+    reference = dequantized_copy(loaded)     # plain transformers modules on float32 copies of the same values
+    reference.model.embed_tokens = torch.nn.Embedding.from_pretrained(loaded.model.embed_tokens.weight.float())
+    reference.lm_head = torch.nn.Linear(64, 300, bias=False)
+    reference.lm_head.weight.data = loaded.lm_head.weight.detach().float()
+    assert got == transformers_greedy(reference, prompt, 16)
+
+
 def test_float_dtype_option(tmp_path):
     model = _bf16_source_model(tied=False)
     save_native(model, None, tmp_path / "f32", NativeOptions(float_dtype="float32"))

@@ -54,6 +54,18 @@ def embedding_and_head_weights(model: nn.Module) -> dict[int, nn.Module]:
     return found
 
 
+def embedding_and_head_keys(model: nn.Module) -> set[str]:
+    """State-dict keys of the weights `embedding_and_head_weights` finds (for loaders, before weights exist)."""
+    return {f"{name}.weight" for name, module in model.named_modules()
+            if isinstance(module, (nn.Embedding, nn.Linear)) and isinstance(getattr(module, "weight", None),
+                                                                              torch.Tensor)}
+
+
+def kept_half_dtype(model: nn.Module) -> torch.dtype | None:
+    """The float16 / bfloat16 dtype a loaded checkpoint kept its embedding or head in (re-saving keeps it)."""
+    return next((p.dtype for p in model.parameters() if p.dtype in HALF_DTYPES), None)
+
+
 def stored_float_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], float_dtype: str
                          ) -> dict[str, torch.Tensor]:
     """`tensors` (state-dict tensors outside quantized layers) with embedding and head weights in the dtype to
