@@ -118,3 +118,18 @@ def test_hf_folder_records_its_source_dtype(tmp_path):
     model.save_pretrained(tmp_path / "hf")
     loaded, _ = load_hf_folder(tmp_path / "hf")
     assert loaded.model.embed_tokens.weight.dtype == torch.float32 and loaded.lowbit_source_dtype == torch.bfloat16
+
+
+def test_cli_quantize_keeps_a_bfloat16_source_and_takes_float_dtype(tmp_path, capsys):
+    from lowbit.cli import main
+
+    tiny_llama(vocab=300).to(torch.bfloat16).save_pretrained(tmp_path / "hf")
+    for extra, expected in (([], "BF16"), (["--float-dtype", "float32"], "F32")):
+        out = tmp_path / f"q{len(extra)}"
+        assert main(["-q", "quantize", str(tmp_path / "hf"), "-o", str(out), "--bits", "4", "--group-size", "32",
+                     *extra]) == 0
+        assert _stored_dtypes(out)["model.embed_tokens.weight"] == expected
+    code = main(["-q", "quantize", str(tmp_path / "hf"), "-o", str(tmp_path / "g"), "--format", "gptq",
+                 "--float-dtype", "bfloat16"])
+    assert code != 0 and "has no option 'float_dtype'" in capsys.readouterr().err
+    assert not (tmp_path / "g").exists()
