@@ -126,6 +126,32 @@ def test_half_float_weights_need_two_bytes_per_value(dtype):
         check_status(lib.lowbit_check_linear(ctypes.byref(spec), 100, 0, 0, 0, 0, 0), "a short head", lib)
 
 
+@pytest.mark.parametrize("flags", [["-mavx2", "-mfma", "-mf16c"],
+                                   pytest.param(["-mavx2", "-mfma"], marks=pytest.mark.slow)])
+def test_half_float_weights_on_an_avx2_build(tmp_path, flags):
+    """The AVX2 tiles (machines without AVX-512; with F16C, and without it: halves converted one by one) read
+    float16 / bfloat16 weights to the same float32 rounding bound."""
+    import shutil
+    import subprocess
+
+    if shutil.which("gcc") is None:
+        pytest.skip("gcc is not installed")
+    target = tmp_path / "avx2.so"
+    build = subprocess.run(["gcc", "-O3", *flags, "-fopenmp", "-shared", "-fPIC", "-o", str(target),
+                            *map(str, clib.SOURCES), "-lm"], capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr[-2000:]
+    avx2 = clib.load_library(target)
+    assert avx2.lowbit_kernel_has_avx512() == 0
+    for torch_dtype, _ in HALF_DTYPES.values():
+        for n, k in [(37, 72), (1503, 300), (6, 7)]:
+            layer = torch.nn.Linear(k, n, dtype=torch_dtype)
+            spec, keep = clib.linear_spec(layer)
+            x, w = torch.randn(3, k), layer.weight.detach().float()
+            reference = x.double() @ w.double().T + layer.bias.detach().double()
+            y = clib.linear(spec, x, lib=avx2)
+            assert ((y.double() - reference).abs() <= _float_bound(x, w).double() + 1e-5).all(), (torch_dtype, k)
+
+
 @pytest.mark.skipif(not clib.has_act8(), reason="this CPU has neither AVX2 nor AVX-512 VNNI: int8 activations unavailable")
 @pytest.mark.parametrize("kind,n,k,group,bits", [c for c in CASES if c[3] % 32 == 0 and c[2] % 32 == 0])
 @pytest.mark.parametrize("rows", [1, 4])
