@@ -167,10 +167,15 @@ def model_files(args: argparse.Namespace) -> list[tuple[str, str, Path]]:
             raise SystemExit(f"unknown model {name!r}: use smollm2, one of {', '.join(PACKAGED)} (real models "
                              f"PyPI packages ship) or a synthetic shape: {', '.join(SHAPES)}")
         for mix in args.mixes.split(","):
-            path = CACHE / (f"{name}-{mix}" if mix in LOWBIT_LAYOUTS else f"{name}-{mix}.gguf")
+            # lowbit layouts: float tensors from a float32 source (the original files) or a half one
+            suffix = "" if args.float_dtype == "float32" else f"-{args.float_dtype}"
+            path = CACHE / (f"{name}-{mix}{suffix}" if mix in LOWBIT_LAYOUTS else f"{name}-{mix}.gguf")
             if not path.exists():
                 print(f"generating {path} ...", file=sys.stderr)
-                (write_synthetic_lowbit if mix in LOWBIT_LAYOUTS else write_synthetic_gguf)(path, name, mix)
+                if mix in LOWBIT_LAYOUTS:
+                    write_synthetic_lowbit(path, name, mix, float_dtype=args.float_dtype)
+                else:
+                    write_synthetic_gguf(path, name, mix)
             files.append((f"{name} (synthetic)", mix, path))
     for extra in args.gguf or []:
         files.append((f"{Path(extra).stem} (real)", "file", Path(extra)))
@@ -208,6 +213,9 @@ def main() -> None:
     parser.add_argument("--activations", default="auto",
                         help="comma-separated arithmetics lowbit runs with (auto, float32, int8: `lowbit "
                              "--activations`), one lowbit row each")
+    parser.add_argument("--float-dtype", default="bfloat16", choices=("float32", "float16", "bfloat16"),
+                        help="synthetic lowbit files: the dtype their float tensors come from (real checkpoints "
+                             "are bfloat16; float32 reads the files made before half heads)")
     parser.add_argument("--pp", default="128,512")
     parser.add_argument("--tg", type=int, default=128)
     parser.add_argument("--reps", type=int, default=2)

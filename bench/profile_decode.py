@@ -26,14 +26,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def weight_bytes(spec) -> int:
-    from lowbit.runtime.clib import GGML_KINDS, LB_F32
+    from lowbit.runtime.clib import GGML_KINDS, LB_BF16, LB_F16, LB_F32
     from lowbit.schemes.ggml import codec
 
     names = {v: k for k, v in GGML_KINDS.items()}
     if spec.kind in names:
         c = codec(names[spec.kind])
         return spec.n * (spec.k // c.block) * c.type_size
-    return spec.n * spec.k * (4 if spec.kind == LB_F32 else 1)
+    return spec.n * spec.k * {LB_F32: 4, LB_F16: 2, LB_BF16: 2}.get(spec.kind, 1)
 
 
 def kind_name(spec) -> str:

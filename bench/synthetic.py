@@ -185,10 +185,13 @@ def hf_config(shape: Shape):
 
 
 def write_synthetic_lowbit(path: str | Path, shape_name: str, layout: str = "rtn4", seed: int = 0,
-                           progress: bool = True) -> Path:
+                           progress: bool = True, float_dtype: str = "bfloat16") -> Path:
     """A random-weight model of `shape_name` quantized to `layout` (LOWBIT_LAYOUTS: a symmetric integer grid
     with groups) and saved by lowbit's writer for that format; returns the folder. Linear layers are installed
-    one at a time into an empty model, so memory holds the codes once (one byte each) plus the float tables."""
+    one at a time into an empty model, so memory holds the codes once (one byte each) plus the float tables.
+    `float_dtype`: the dtype the random float tensors come from, as a real checkpoint's (Qwen2.5 and Llama 3.2
+    are published in bfloat16): their values are that dtype's, and lowbit's writer stores embedding and head in
+    it (models/float_dtype.py)."""
     import torch
 
     from lowbit.formats.registry import get_writer
@@ -214,10 +217,16 @@ def write_synthetic_lowbit(path: str | Path, shape_name: str, layout: str = "rtn
             print(f"\r  quantizing {shape_name}: {index + 1}/{len(linears)} layers", end="", file=sys.stderr, flush=True)
     if progress:
         print(file=sys.stderr)
+    from lowbit.models.float_dtype import FLOAT_DTYPES
+
+    if float_dtype not in FLOAT_DTYPES:
+        raise SystemExit(f"float dtype {float_dtype!r} unknown: use one of {', '.join(FLOAT_DTYPES)}")
+    source = FLOAT_DTYPES[float_dtype]
     with torch.no_grad():
         for name, param in model.named_parameters():
             param.copy_(torch.ones_like(param) if "norm" in name
-                        else torch.randn(param.shape, generator=generator) * 0.02)
+                        else (torch.randn(param.shape, generator=generator) * 0.02).to(source).float())
+    model.lowbit_source_dtype = source
     model.tie_weights()      # a tied head shares the embedding (the skeleton's two tensors are separate)
     return get_writer(fmt).save(model, None, Path(path))
 

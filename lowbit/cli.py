@@ -46,6 +46,9 @@ def add_quantize(sub) -> None:
     p.add_argument("--skip", default=None, help="comma-separated module patterns to keep unquantized "
                    "(default lm_head; with --format gguf the mix decides)")
     p.add_argument("--format", default="lowbit", help="lowbit (default), gptq, awq, bnb, gguf")
+    p.add_argument("--float-dtype", default=None, choices=("source", "float32", "float16", "bfloat16"),
+                   help="lowbit format: dtype of the embedding and head kept unquantized (default source: the "
+                        "checkpoint's own where exact)")
     p.add_argument("--kernel", default="auto", help=argparse.SUPPRESS)
     cal = p.add_argument_group("calibration (gptq, awq, imatrix)")
     cal.add_argument("--calib", default=None, help="calibration text file (default: self-generated text)")
@@ -117,10 +120,10 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         return print(stream_from_cli(args, config))
     model, tokenizer = _load_model(args.model, args)
     t0 = time.perf_counter()
-    writer_options = {}
+    writer_options = {} if args.float_dtype is None else {"float_dtype": args.float_dtype}
     if args.format == "gguf":
-        writer_options = {"type": args.type or "Q4_K_M", "tensor_types": args.tensor_type or None,
-                          "pure": args.pure}
+        writer_options.update({"type": args.type or "Q4_K_M", "tensor_types": args.tensor_type or None,
+                               "pure": args.pure})
         if args.imatrix_data is not None:
             from lowbit.calibration.imatrix import imatrix_from_file
 

@@ -45,18 +45,21 @@ def _untouched(buffer: torch.Tensor, start: int = 0) -> bool:
     return bool((buffer[start:] == CANARY).all())
 
 
+FLOAT_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+
+
 def _weight(layout: str) -> tuple[clib.LinearSpec, list[torch.Tensor], torch.Tensor, torch.Tensor]:
     """(C description, tensors it points into, float weight and bias it stands for) of a 48 x 256 weight of
-    `layout` (a float one with a bias)."""
+    `layout` (a float one, float32 / float16 / bfloat16, with a bias)."""
     from lowbit.schemes.ggml import GGMLScheme, quantize_rows
     from lowbit.schemes.intgrid import IntGrid
 
     w = torch.randn(48, 256, generator=torch.Generator().manual_seed(0))
-    if layout == "f32":
+    if layout in FLOAT_DTYPES:            # read in its own dtype: the reference is the same values in float32
         linear = torch.nn.Linear(256, 48, bias=True)
-        linear.weight.data, linear.bias.data = w, torch.randn(48)
+        linear.weight.data, linear.bias.data = w.to(FLOAT_DTYPES[layout]), torch.randn(48)
         spec, keep = clib.linear_spec(linear)
-        return spec, keep, w, linear.bias.detach()
+        return spec, keep, linear.weight.detach().float(), linear.bias.detach()
     if layout == "q4_k":
         qw = GGMLScheme("Q4_K").from_blocks(quantize_rows(w.numpy(), "Q4_K"), (48, 256))
     else:
@@ -65,7 +68,7 @@ def _weight(layout: str) -> tuple[clib.LinearSpec, list[torch.Tensor], torch.Ten
     return spec, keep + [qw], qw.dequantize(), torch.zeros(48)
 
 
-LAYOUTS = ["f32", "nib", "u8", "q4_k"]
+LAYOUTS = ["f32", "f16", "bf16", "nib", "u8", "q4_k"]
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

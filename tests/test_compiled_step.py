@@ -4,12 +4,14 @@ portable (no AVX-512) build, and whole decode steps against the torch decoder an
 from __future__ import annotations
 
 import copy
+import ctypes
 
 import pytest
 import torch
 
 from lowbit.engine.generate import SamplingParams
 from lowbit.engine.runner import Engine
+from lowbit.errors import LowbitError
 from lowbit.runtime import clib
 from lowbit.runtime.clib import LB_F32, LB_NIB, LB_U8, LinearSpec, compact_statistics, pack_nibbles
 from lowbit.runtime.surgery import dequantized_copy
@@ -82,6 +84,74 @@ def test_float_weights_and_thread_counts_agree():
     assert ((one - x @ w.T).abs() <= _float_bound(x, w)).all()
 
 
+HALF_DTYPES = {"f16": (torch.float16, clib.LB_F16), "bf16": (torch.bfloat16, clib.LB_BF16)}
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("n,k", [(37, 72), (150, 200), (1503, 300), (6, 7)])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5])
+def test_half_float_weights_are_read_in_their_dtype(dtype, n, k, rows):
+    """A float16 / bfloat16 Linear is described as LB_F16 / LB_BF16 pointing at its own storage (no float32
+    copy), and the kernel computes x W^T of the same values to float32 rounding (widths not multiples of 16 or 8
+    take the masked / scalar tails; 1503 rows is a vocabulary-like count not a multiple of 4)."""
+    torch_dtype, kind = HALF_DTYPES[dtype]
+    generator = torch.Generator().manual_seed(n + k + rows)
+    layer = torch.nn.Linear(k, n, bias=True, dtype=torch_dtype)
+    layer.weight.data = torch.randn(n, k, generator=generator).to(torch_dtype)
+    layer.bias.data = torch.randn(n, generator=generator).to(torch_dtype)
+    spec, keep = clib.linear_spec(layer)
+    assert spec.kind == kind and spec.w == layer.weight.data_ptr()
+    w = layer.weight.detach().float()
+    x = torch.randn(rows, k, generator=generator)
+    reference = x.double() @ w.double().T + layer.bias.detach().double()
+    y = clib.linear(spec, x)
+    assert ((y.double() - reference).abs() <= _float_bound(x, w).double() + 1e-5).all()
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_half_float_weights_need_two_bytes_per_value(dtype):
+    """csrc/checks.c counts 2 bytes a value for LB_F16 / LB_BF16 (4 for LB_F32): a buffer one byte short is
+    refused, and so is a 16-bit buffer described as float32."""
+    from lowbit.runtime.checks import check_status
+
+    torch_dtype, kind = HALF_DTYPES[dtype]
+    lib = clib.native_library()
+    w = torch.randn(24, 40).to(torch_dtype)
+    spec = LinearSpec(kind, 24, 40, 0, 0, w.data_ptr(), None, None, None, 0, 0.0)
+    assert lib.lowbit_check_linear(ctypes.byref(spec), 24 * 40 * 2, 0, 0, 0, 0, 0) == 0
+    assert lib.lowbit_check_linear(ctypes.byref(spec), 24 * 40 * 2 - 1, 0, 0, 0, 0, 0) == 4
+    wide = LinearSpec(LB_F32, 24, 40, 0, 0, w.data_ptr(), None, None, None, 0, 0.0)
+    assert lib.lowbit_check_linear(ctypes.byref(wide), 24 * 40 * 2, 0, 0, 0, 0, 0) == 4
+    with pytest.raises(LowbitError, match="fewer weight bytes"):
+        check_status(lib.lowbit_check_linear(ctypes.byref(spec), 100, 0, 0, 0, 0, 0), "a short head", lib)
+
+
+@pytest.mark.parametrize("flags", [["-mavx2", "-mfma", "-mf16c"],
+                                   pytest.param(["-mavx2", "-mfma"], marks=pytest.mark.slow)])
+def test_half_float_weights_on_an_avx2_build(tmp_path, flags):
+    """The AVX2 tiles (machines without AVX-512; with F16C, and without it: halves converted one by one) read
+    float16 / bfloat16 weights to the same float32 rounding bound."""
+    import shutil
+    import subprocess
+
+    if shutil.which("gcc") is None:
+        pytest.skip("gcc is not installed")
+    target = tmp_path / "avx2.so"
+    build = subprocess.run(["gcc", "-O3", *flags, "-fopenmp", "-shared", "-fPIC", "-o", str(target),
+                            *map(str, clib.SOURCES), "-lm"], capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr[-2000:]
+    avx2 = clib.load_library(target)
+    assert avx2.lowbit_kernel_has_avx512() == 0
+    for torch_dtype, _ in HALF_DTYPES.values():
+        for n, k in [(37, 72), (1503, 300), (6, 7)]:
+            layer = torch.nn.Linear(k, n, dtype=torch_dtype)
+            spec, keep = clib.linear_spec(layer)
+            x, w = torch.randn(3, k), layer.weight.detach().float()
+            reference = x.double() @ w.double().T + layer.bias.detach().double()
+            y = clib.linear(spec, x, lib=avx2)
+            assert ((y.double() - reference).abs() <= _float_bound(x, w).double() + 1e-5).all(), (torch_dtype, k)
+
+
 @pytest.mark.skipif(not clib.has_act8(), reason="this CPU has neither AVX2 nor AVX-512 VNNI: int8 activations unavailable")
 @pytest.mark.parametrize("kind,n,k,group,bits", [c for c in CASES if c[3] % 32 == 0 and c[2] % 32 == 0])
 @pytest.mark.parametrize("rows", [1, 4])
@@ -112,6 +182,12 @@ def test_portable_build_matches_the_native_one(tmp_path):
         x = torch.randn(3, k)
         y = clib.linear(spec, x, act8=True, lib=portable)      # act8 is ignored where it is not built
         assert ((y - x @ w.T).abs() <= _float_bound(x, w) + 1e-5).all(), (kind, k, group)
+    for torch_dtype, kind in HALF_DTYPES.values():
+        layer = torch.nn.Linear(200, 37, bias=False, dtype=torch_dtype)
+        spec, keep = clib.linear_spec(layer)
+        x, w = torch.randn(3, 200), layer.weight.detach().float()
+        y = clib.linear(spec, x, lib=portable)
+        assert ((y - x @ w.T).abs() <= _float_bound(x, w) + 1e-5).all(), torch_dtype
 
 
 # -- the whole decode step ------------------------------------------------------------------------------------

@@ -18,6 +18,8 @@ from torch import nn
 
 from lowbit.errors import CorruptFile, LowbitError, unreadable_weights
 from lowbit.formats.atomic import atomic_dir
+from lowbit.models.float_dtype import (HALF_DTYPES, compute_in_float32, embedding_and_head_keys, kept_half_dtype,
+                                       stored_float_tensors)
 from lowbit.models.validate import check_state, check_state_tensor, layer_errors
 from lowbit.quantized import QuantizedWeight
 from lowbit.runtime.surgery import install_quantized, iter_linears, quantized_modules
@@ -77,7 +79,9 @@ def write_checkpoint(model: nn.Module, tokenizer: Any, out: str | Path, fmt: str
         if module.bias is not None:
             tensors[f"{name}.bias"] = module.bias.detach().contiguous()
     floats = unquantized_tensors(model, quantized)[0]
-    if float_dtype is not None:
+    if float_dtype is None:      # embedding and head in the source checkpoint's dtype where exact
+        floats = stored_float_tensors(model, floats, "source")
+    else:
         floats = {k: v.to(float_dtype) if v.is_floating_point() else v for k, v in floats.items()}
         tensors = {k: v.to(float_dtype) if k.endswith(".bias") else v for k, v in tensors.items()}
     tensors.update(floats)
@@ -163,7 +167,8 @@ def load_checkpoint(path: str | Path, fmt: str, marker: str,
     `build_layer(prefix, parts, (out, in))` turns one layer's tensors (keys without the prefix) into a
     QuantizedWeight of the model's Linear shape (packed tensors may be padded, so they cannot tell it alone).
     Floating tensors of other layers are cast to `dtype` (checkpoints often hold fp16 while the skeleton is
-    fp32).
+    fp32), except a float16 / bfloat16 embedding or head: kept at its width and computed in float32
+    (models/float_dtype.py), as the values the cast would give.
     """
     from lowbit.models.loading import empty_model_from_config, load_config, load_tokenizer
 
@@ -195,10 +200,15 @@ def load_checkpoint(path: str | Path, fmt: str, marker: str,
             check_state_tensor(module, "bias", bias, path, name)
             module.bias = nn.Parameter(bias.to(dtype), requires_grad=False)
     check_state(model, tensors, path, skip_prefixes=layers)
-    tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+    # a float16 / bfloat16 embedding or head stays so (read at its width, computed in float32: float_dtype.py)
+    halves = embedding_and_head_keys(model)
+    tensors = {k: v.to(dtype) if v.is_floating_point() and not (k in halves and v.dtype in HALF_DTYPES) else v
+               for k, v in tensors.items()}
     model.load_state_dict(tensors, strict=False, assign=True)
     if getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()
+    compute_in_float32(model)
+    model.lowbit_source_dtype = kept_half_dtype(model)
     model.eval()
     return model, load_tokenizer(path)
 

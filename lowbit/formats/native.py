@@ -7,6 +7,7 @@ exactly and the loaded model computes bit-identically to the saved one.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,8 @@ from lowbit.models.validate import (SCHEME_TENSOR_NAMES, check_integer_tensor, c
                                     check_state, check_state_tensor, layer_errors)
 from lowbit.formats.atomic import atomic_dir
 from lowbit.formats.hf_quantized import layer_tensors, read_tensors
-from lowbit.formats.registry import Format, NoOptions, register_format
+from lowbit.formats.registry import Format, register_format
+from lowbit.models.float_dtype import check_float_dtype, compute_in_float32, kept_half_dtype, stored_float_tensors
 from lowbit.runtime.surgery import install_quantized, quantized_modules
 from lowbit.schemes.base import scheme_from_config
 
@@ -60,9 +62,22 @@ def unquantized_tensors(model: nn.Module, quantized_names) -> tuple[dict[str, to
     return tensors, tied
 
 
-def save_native(model: nn.Module, tokenizer: Any, out: str | Path, options: NoOptions | None = None) -> Path:
+@dataclass(frozen=True)
+class NativeOptions:
+    """float_dtype: the dtype of the embedding and head weights outside quantized layers (models/float_dtype.py):
+    "source" (the dtype of the checkpoint the model was loaded from, where the values survive it unchanged),
+    "float32", "float16" or "bfloat16" (converted, rounding if narrower)."""
+
+    float_dtype: str = "source"
+
+    def __post_init__(self):
+        check_float_dtype(self.float_dtype)
+
+
+def save_native(model: nn.Module, tokenizer: Any, out: str | Path, options: NativeOptions | None = None) -> Path:
     """Write `model` (quantized or not) to folder `out` in lowbit's format, atomically."""
     out = Path(out)
+    options = options or NativeOptions()
     tensors: dict[str, torch.Tensor] = {}
     layers: dict[str, Any] = {}
     quantized = dict(quantized_modules(model))
@@ -74,7 +89,7 @@ def save_native(model: nn.Module, tokenizer: Any, out: str | Path, options: NoOp
             tensors[f"{name}.bias"] = module.bias.detach().contiguous()
         layers[name] = {"scheme": qw.scheme.to_config(), "shape": list(qw.shape), "group_size": qw.group_size}
     floats, tied = unquantized_tensors(model, quantized)
-    tensors.update(floats)
+    tensors.update(stored_float_tensors(model, floats, options.float_dtype))
     config = getattr(model, "lowbit_config", None)
     manifest = {"format": "lowbit", "version": FORMAT_VERSION,
                 "quantization": config.to_dict() if config is not None else None,
@@ -161,9 +176,11 @@ def load_native(path: str | Path, kernel: str = "auto", **_: Any):
             raise CorruptFile(f"{path / MANIFEST}: tied tensor {key} names {source}, which the weights do not hold")
         tensors[key] = tensors[source]
     check_state(model, tensors, path / WEIGHTS, skip_prefixes=manifest["layers"])
-    model.load_state_dict(tensors, strict=False, assign=True)
+    model.load_state_dict(tensors, strict=False, assign=True)   # (assign: a bfloat16 embedding stays one)
     if not manifest.get("tied"):
         model.tie_weights()  # tied pairs were stored once and assigned above; otherwise follow the config
+    compute_in_float32(model)
+    model.lowbit_source_dtype = kept_half_dtype(model)
     model.eval()
     if manifest.get("quantization"):
         model.lowbit_config = QuantizeConfig.from_dict(manifest["quantization"])
@@ -180,4 +197,4 @@ def _is_linear_like(model: nn.Module, name: str) -> bool:
 
 
 register_format(Format("lowbit", write=save_native, can_read=is_native, read=load_native,
-                       description="lowbit native: safetensors + lowbit.json, any scheme"))
+                       description="lowbit native: safetensors + lowbit.json, any scheme", options=NativeOptions))

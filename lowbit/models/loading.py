@@ -112,6 +112,9 @@ def load_hf_folder(path: Path, dtype: torch.dtype = torch.float32):
     except (MemoryError, OSError, ValueError, RuntimeError, SafetensorError) as exc:
         raise unreadable_weights(path, exc) from exc
     check_loading_info(path, info)
+    from lowbit.models.float_dtype import source_float_dtype
+
+    model.lowbit_source_dtype = source_float_dtype(path)     # lowbit's writer stores embedding and head in it
     return arch.prepare(model).eval(), load_tokenizer(path)
 
 

@@ -37,7 +37,9 @@ log = logging.getLogger("lowbit")
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = (CSRC / "affine_gemv.c", CSRC / "decode.c",   # one library; decode.c is the engine's whole-step kernel
            CSRC / "checks.c")       # size checks of weight descriptions, status words (runtime/checks.py)
-LB_F32, LB_U8, LB_NIB = 0, 1, 2
+LB_F32, LB_U8, LB_NIB, LB_F16, LB_BF16 = 0, 1, 2, 3, 4
+# a float Linear's weight dtype -> the kind the kernels read it as, where it lies (no float32 copy)
+FLOAT_KINDS = {torch.float32: LB_F32, torch.float16: LB_F16, torch.bfloat16: LB_BF16}
 # csrc/ggml_blocks.h: a GGUF block type is read as the file stores it, kind LB_GGML + its ggml_type value
 LB_GGML = 16
 GGML_KINDS = {"Q4_0": LB_GGML + 2, "Q4_1": LB_GGML + 3, "Q5_0": LB_GGML + 6, "Q5_1": LB_GGML + 7, "Q8_0": LB_GGML + 8,
@@ -378,8 +380,9 @@ def compact_statistics(a: torch.Tensor, b: torch.Tensor) -> tuple[int, torch.Ten
 
 
 def linear_spec(module: Any) -> tuple[LinearSpec, list[torch.Tensor]] | None:
-    """`affine_spec` for a QuantLinear (with its bias), or an LB_F32 description of a float Linear; None if the
-    module is neither (or its weight is not affine)."""
+    """`affine_spec` for a QuantLinear (with its bias), or a description of a float Linear's weight in its own
+    dtype (float32, float16 or bfloat16: LB_F32 / LB_F16 / LB_BF16, read where it lies; other dtypes as a float32
+    copy); None if the module is neither (or its weight is not affine)."""
     from lowbit.runtime.qlinear import QuantLinear
 
     bias = getattr(module, "bias", None)
@@ -388,12 +391,15 @@ def linear_spec(module: Any) -> tuple[LinearSpec, list[torch.Tensor]] | None:
         return affine_spec(module.qweight, bias)
     weight = getattr(module, "weight", None)
     if (not isinstance(module, nn.Module) or not isinstance(weight, torch.Tensor) or weight.dim() != 2
-            or not weight.is_floating_point() or type(module).__name__ not in ("Linear", "_DenseLinear")):
+            or not weight.is_floating_point() or type(module).__name__ not in ("Linear", "_DenseLinear", "HalfWeightLinear")):
         return None
-    weight = weight.detach().float().contiguous()
+    weight = weight.detach()
+    if weight.dtype not in FLOAT_KINDS:
+        weight = weight.float()
+    weight = weight.contiguous()
     n, k = weight.shape
     keep = [weight] + ([bias] if bias is not None else [])
-    return LinearSpec(LB_F32, n, k, 0, 0, weight.data_ptr(), None, None,
+    return LinearSpec(FLOAT_KINDS[weight.dtype], n, k, 0, 0, weight.data_ptr(), None, None,
                       bias.data_ptr() if bias is not None else None), keep
 
 

@@ -10,6 +10,9 @@
  *
  * Layouts:
  *   LB_F32  float32 weight [N, K].
+ *   LB_F16, LB_BF16  float16 / bfloat16 weight [N, K] (heads and embeddings kept in their checkpoint's dtype): read
+ *           as stored and widened to float32 in registers (F16C, or a 16-bit shift for bfloat16), so a half head
+ *           costs half the bytes of a float32 one and gives the same products of the same values.
  *   LB_U8   one code per byte [N, K] (any code width up to 8 bits, any group size).
  *   LB_NIB  two 4-bit codes per byte [N, K/2], in chunks of 32 columns: byte j of chunk c holds column 32c+j in
  *           its low nibble and column 32c+16+j in its high one, so one 16-byte load widens to two vectors of 16
@@ -30,7 +33,11 @@
 #include <immintrin.h>
 #endif
 
-enum { LB_F32 = 0, LB_U8 = 1, LB_NIB = 2 };
+enum { LB_F32 = 0, LB_U8 = 1, LB_NIB = 2, LB_F16 = 3, LB_BF16 = 4 };
+
+/* The float layouts: plain weights, no group statistics. */
+static inline int lb_is_float(int64_t kind) { return kind == LB_F32 || kind == LB_F16 || kind == LB_BF16; }
+static inline int64_t lb_float_bytes(int64_t kind) { return kind == LB_F32 ? 4 : 2; }
 
 /* The activations' arithmetic of a matmul, chosen by the caller (lowbit/runtime/activations.py mirrors it):
  * float32; int8 where the layout allows (llama.cpp's arithmetic); or auto: int8 for GGUF block weights (what
@@ -46,10 +53,10 @@ static inline int lb_stats_f32(int64_t stats) { return stats == LB_STATS_F32 || 
 static inline int lb_stats_offset(int64_t stats) { return stats == LB_STATS_F16_OFFSET || stats == LB_STATS_F32_OFFSET; }
 
 typedef struct {
-    int64_t kind, n, k, groups, group;   /* LB_F32 / LB_U8 / LB_NIB / a GGUF block kind (ggml_blocks.h);
+    int64_t kind, n, k, groups, group;   /* LB_F32 / LB_F16 / LB_BF16 / LB_U8 / LB_NIB / a GGUF block kind (ggml_blocks.h);
                                             weight [n, k]; groups of `group` columns */
     const void *w;                       /* weight, codes, or GGUF blocks [n, k / block * block bytes] */
-    const void *a, *b;                   /* [n, groups]: W = a * q + b (unused for LB_F32) */
+    const void *a, *b;                   /* [n, groups]: W = a * q + b (unused for the float kinds) */
     const float *bias;                   /* [n] or NULL */
     int64_t stats;                       /* LB_STATS_* */
     float offset;                        /* b = offset * a for LB_STATS_*_OFFSET */
@@ -75,6 +82,17 @@ static inline float lb_half(uint16_t h) {
     }
     return bits.f;
 #endif
+}
+
+/* Element `at` of a float weight stored as `kind` (lb_is_float), as float32 (exact: every half and bfloat16 is one). */
+static inline float lb_float_at(const void *w, int64_t at, int64_t kind) {
+    if (kind == LB_F16) return lb_half(((const uint16_t *)w)[at]);
+    if (kind == LB_BF16) {
+        union { uint32_t u; float f; } bits;
+        bits.u = (uint32_t)((const uint16_t *)w)[at] << 16;
+        return bits.f;
+    }
+    return ((const float *)w)[at];
 }
 
 /* Statistic `index` of an a or b array stored as `stats` says. */
@@ -236,20 +254,40 @@ LB_INLINE void tile_u8(LB_TILE_ARGS) {
     LB_STORE(acc);
 }
 
-LB_INLINE void tile_f32(LB_TILE_ARGS) {
-    const float *w = (const float *)q;      /* stride counts floats here */
-    __m512 acc[4][4];
+/* 16 weights of a float row from element `at` (lanes past `lanes` read as 0), widened to float32. */
+LB_INLINE __m512 lb_floats16(const void *w, int64_t at, int64_t kind, __mmask16 lanes) {
+    if (kind == LB_F16) return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(lanes, (const uint16_t *)w + at));
+    if (kind == LB_BF16)     /* a bfloat16 is the top 16 bits of its float32 */
+        return _mm512_castsi512_ps(_mm512_slli_epi32(
+            _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(lanes, (const uint16_t *)w + at)), 16));
+    return _mm512_maskz_loadu_ps(lanes, (const float *)w + at);
+}
+
+/* A tile of a float weight stored as `kind` (q points at its elements, `stride` counts elements). */
+LB_INLINE void tile_float(LB_TILE_ARGS, int64_t kind) {
+    __m512 acc[4][4], odd[4][4];
     LB_ZERO(acc);
+    LB_ZERO(odd);
     int64_t k = 0;
+    for (; k + 32 <= K; k += 32)      /* two sums per dot product: 8 FMA chains in flight at a 4-row tile */
+        for (int64_t i = 0; i < NR; i++) {
+            const __m512 v0 = lb_floats16(q, i * stride + k, kind, (__mmask16)0xFFFF);
+            const __m512 v1 = lb_floats16(q, i * stride + k + 16, kind, (__mmask16)0xFFFF);
+            for (int64_t r = 0; r < R; r++) {
+                acc[i][r] = _mm512_fmadd_ps(v0, _mm512_loadu_ps(x + r * K + k), acc[i][r]);
+                odd[i][r] = _mm512_fmadd_ps(v1, _mm512_loadu_ps(x + r * K + k + 16), odd[i][r]);
+            }
+        }
+    for (int64_t i = 0; i < NR; i++) for (int64_t r = 0; r < R; r++) acc[i][r] = _mm512_add_ps(acc[i][r], odd[i][r]);
     for (; k + 16 <= K; k += 16)
         for (int64_t i = 0; i < NR; i++) {
-            const __m512 v = _mm512_loadu_ps(w + i * stride + k);
+            const __m512 v = lb_floats16(q, i * stride + k, kind, (__mmask16)0xFFFF);
             for (int64_t r = 0; r < R; r++) acc[i][r] = _mm512_fmadd_ps(v, _mm512_loadu_ps(x + r * K + k), acc[i][r]);
         }
     if (k < K) {
         const __mmask16 lanes = (__mmask16)((1u << (K - k)) - 1u);
         for (int64_t i = 0; i < NR; i++) {
-            const __m512 v = _mm512_maskz_loadu_ps(lanes, w + i * stride + k);
+            const __m512 v = lb_floats16(q, i * stride + k, kind, lanes);
             for (int64_t r = 0; r < R; r++)
                 acc[i][r] = _mm512_fmadd_ps(v, _mm512_maskz_loadu_ps(lanes, x + r * K + k), acc[i][r]);
         }
@@ -349,15 +387,29 @@ LB_INLINE void tile_u8(LB_TILE_ARGS) {
     for (int64_t i = 0; i < NR; i++) for (int64_t r = 0; r < R; r++) out[i][r] = lb_hsum256(acc[i][r]) + tail[i][r];
 }
 
-LB_INLINE void tile_f32(LB_TILE_ARGS) {
-    const float *w = (const float *)q;      /* stride counts floats here */
+/* 8 weights of a float row from element `at`, widened to float32. */
+LB_INLINE __m256 lb_floats8(const void *w, int64_t at, int64_t kind) {
+    if (kind == LB_F32) return _mm256_loadu_ps((const float *)w + at);
+    const __m128i halves = _mm_loadu_si128((const __m128i *)((const uint16_t *)w + at));
+    if (kind == LB_BF16) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(halves), 16));
+#if defined(__F16C__)
+    return _mm256_cvtph_ps(halves);
+#else
+    float values[8];
+    for (int j = 0; j < 8; j++) values[j] = lb_half(((const uint16_t *)w)[at + j]);
+    return _mm256_loadu_ps(values);
+#endif
+}
+
+/* A tile of a float weight stored as `kind` (q points at its elements, `stride` counts elements). */
+LB_INLINE void tile_float(LB_TILE_ARGS, int64_t kind) {
     __m256 acc[4][4], odd[4][4];
     LB_ZERO(acc);
     LB_ZERO(odd);
     int64_t k = 0;
     for (; k + 16 <= K; k += 16)
         for (int64_t i = 0; i < NR; i++) {
-            const __m256 v0 = _mm256_loadu_ps(w + i * stride + k), v1 = _mm256_loadu_ps(w + i * stride + k + 8);
+            const __m256 v0 = lb_floats8(q, i * stride + k, kind), v1 = lb_floats8(q, i * stride + k + 8, kind);
             for (int64_t r = 0; r < R; r++) {
                 acc[i][r] = _mm256_fmadd_ps(v0, _mm256_loadu_ps(x + r * K + k), acc[i][r]);
                 odd[i][r] = _mm256_fmadd_ps(v1, _mm256_loadu_ps(x + r * K + k + 8), odd[i][r]);
@@ -366,7 +418,7 @@ LB_INLINE void tile_f32(LB_TILE_ARGS) {
     for (int64_t i = 0; i < NR; i++)
         for (int64_t r = 0; r < R; r++) {
             float s = lb_hsum256(_mm256_add_ps(acc[i][r], odd[i][r]));
-            for (int64_t kk = k; kk < K; kk++) s += w[i * stride + kk] * x[r * K + kk];
+            for (int64_t kk = k; kk < K; kk++) s += lb_float_at(q, i * stride + kk, kind) * x[r * K + kk];
             out[i][r] = s;
         }
     (void)a; (void)stats; (void)table; (void)G; (void)group;
@@ -400,12 +452,11 @@ LB_INLINE void tile_codes(LB_TILE_ARGS, int nibbles) {
 }
 LB_INLINE void tile_nib(LB_TILE_ARGS) { tile_codes(x, R, q, stride, a, stats, table, NR, K, G, group, out, 1); }
 LB_INLINE void tile_u8(LB_TILE_ARGS) { tile_codes(x, R, q, stride, a, stats, NULL, NR, K, G, group, out, 0); (void)table; }
-LB_INLINE void tile_f32(LB_TILE_ARGS) {
-    const float *w = (const float *)q;
+LB_INLINE void tile_float(LB_TILE_ARGS, int64_t kind) {
     for (int64_t i = 0; i < NR; i++)
         for (int64_t r = 0; r < R; r++) {
             float s = 0.0f;
-            for (int64_t k = 0; k < K; k++) s += w[i * stride + k] * x[r * K + k];
+            for (int64_t k = 0; k < K; k++) s += lb_float_at(q, i * stride + k, kind) * x[r * K + k];
             out[i][r] = s;
         }
     (void)a; (void)stats; (void)table; (void)G; (void)group;
@@ -626,13 +677,17 @@ LB_INLINE void lb_tile(const lb_linear *L, const float *x, const float *xsum, co
                  out);
     else if (L->kind == LB_U8)
         tile_u8(x + m0 * K, R, (const uint8_t *)L->w + n0 * K, K, a, stats, NULL, NR, K, G, L->group, out);
+    else if (L->kind == LB_F32)   /* one call per kind: each inlines its own loads */
+        tile_float(x + m0 * K, R, (const uint8_t *)L->w + n0 * K * 4, K, NULL, 0, NULL, NR, K, 0, 0, out, LB_F32);
+    else if (L->kind == LB_F16)
+        tile_float(x + m0 * K, R, (const uint8_t *)L->w + n0 * K * 2, K, NULL, 0, NULL, NR, K, 0, 0, out, LB_F16);
     else
-        tile_f32(x + m0 * K, R, (const uint8_t *)((const float *)L->w + n0 * K), K, NULL, 0, NULL, NR, K, 0, 0, out);
+        tile_float(x + m0 * K, R, (const uint8_t *)L->w + n0 * K * 2, K, NULL, 0, NULL, NR, K, 0, 0, out, LB_BF16);
     for (int64_t i = 0; i < NR; i++) {
         const int64_t n = n0 + i;
         for (int64_t r = 0; r < R; r++) {
             float value = out[i][r] + (L->bias ? L->bias[n] : 0.0f);
-            if (L->kind != LB_F32) {
+            if (!lb_is_float(L->kind)) {
                 const size_t at = (size_t)(n * G) * stat_bytes;
                 if (lb_stats_offset(stats))
                     value += L->offset * lb_stat_dot((const char *)L->a + at, stats, xsum + (m0 + r) * G, G);
@@ -652,9 +707,11 @@ LB_INLINE void lb_block(const lb_linear *L, const float *x, int64_t M, float *y,
     /* Ask for the codes and statistics two blocks ahead: measured 20% faster decoding than leaving it to the
      * hardware prefetcher (which sees several interleaved streams); further ahead was slower. */
     if (n0 + 4 * LB_PREFETCH < L->n && L->kind != LB_F32) {
-        const int64_t row_bytes = L->kind == LB_NIB ? L->k / 2 : L->k;
+        const int64_t row_bytes = L->kind == LB_NIB ? L->k / 2 : L->kind == LB_U8 ? L->k : L->k * 2;
         const char *next = (const char *)L->w + (n0 + 4 * LB_PREFETCH) * row_bytes;
         for (int64_t off = 0; off < 4 * row_bytes; off += 64) __builtin_prefetch(next + off, 0, 3);
+    }
+    if (n0 + 4 * LB_PREFETCH < L->n && !lb_is_float(L->kind)) {
         const int64_t stat_bytes = lb_stats_f32(L->stats) ? 4 : 2;
         const char *stats = (const char *)L->a + (n0 + 4 * LB_PREFETCH) * L->groups * stat_bytes;
         for (int64_t off = 0; off < 4 * L->groups * stat_bytes; off += 64) __builtin_prefetch(stats + off, 0, 3);
@@ -682,7 +739,7 @@ LB_INLINE void lb_block(const lb_linear *L, const float *x, int64_t M, float *y,
 static inline int lb_uses_act8(const lb_linear *L, int activations) {
     if (activations == LB_ACTS_FLOAT32) return 0;
     if (lb_is_ggml(L->kind)) return 1;
-    return activations == LB_ACTS_INT8 && LB_HAVE_ACT8 && L->kind != LB_F32 && !L->table && L->group % 32 == 0
+    return activations == LB_ACTS_INT8 && LB_HAVE_ACT8 && !lb_is_float(L->kind) && !L->table && L->group % 32 == 0
            && L->k % 32 == 0;
 }
 
@@ -720,7 +777,7 @@ static inline void lb_matmul(const lb_linear *L, const float *x, int64_t M, floa
         float *rounded = (float *)(x8 + M * lb_act8_blocks(L->k) * 128);
         quantize_act8(x, M, L->k, x8, sx, rounded, L->kind == LB_NIB && LB_ACT8_NIBBLE_ORDER);
         group_sums(rounded, M, L->k, L->groups, L->group, xsum);
-    } else if (L->kind != LB_F32)
+    } else if (!lb_is_float(L->kind))
         group_sums(x, M, L->k, L->groups, L->group, xsum);
     if (wait) {
         #pragma omp for schedule(static)

@@ -93,8 +93,8 @@ int lowbit_dequantize_rows(const lb_linear *L, int64_t n0, int64_t n1, void *out
         uint16_t *row16 = bf16 ? (uint16_t *)out + (n - n0) * K : NULL;
         for (int64_t k = 0; k < K; k++) {
             float value;
-            if (L->kind == LB_F32) {
-                value = ((const float *)L->w)[n * K + k];
+            if (lb_is_float(L->kind)) {
+                value = lb_float_at(L->w, n * K + k, L->kind);
             } else {
                 uint8_t code;
                 if (L->kind == LB_NIB) {

@@ -52,13 +52,13 @@ int64_t lowbit_check_linear(const lb_linear *L, int64_t w_bytes, int64_t a_bytes
     int64_t weight_bytes;
     if (lb_is_ggml(L->kind))
         weight_bytes = lb_size_mul(lb_size_mul(L->n, L->k / lb_ggml_block(L->kind)), lb_ggml_bytes(L->kind));
-    else if (L->kind == LB_F32)
-        weight_bytes = lb_size_mul(lb_size_mul(L->n, L->k), 4);
+    else if (lb_is_float(L->kind))
+        weight_bytes = lb_size_mul(lb_size_mul(L->n, L->k), lb_float_bytes(L->kind));
     else
         weight_bytes = L->kind == LB_NIB ? L->n * L->k / 2 : L->n * L->k;   /* < n x k x 4: no overflow */
     if (weight_bytes < 0) return LB_CHECK_OVERFLOW;
     if (w_bytes < weight_bytes) return LB_CHECK_WEIGHT_BYTES;
-    if (lb_is_ggml(L->kind) || L->kind == LB_F32) return LB_OK;
+    if (lb_is_ggml(L->kind) || lb_is_float(L->kind)) return LB_OK;
     const int64_t stat_bytes = lb_size_mul(lb_size_mul(L->n, L->groups), lb_stats_f32(L->stats) ? 4 : 2);
     if (stat_bytes < 0) return LB_CHECK_OVERFLOW;
     if (a_bytes < stat_bytes) return LB_CHECK_STATS_BYTES;

@@ -22,7 +22,7 @@ enum {
     LB_CHECK_DIMS = 2,          /* n, k, groups or group not positive, groups x group does not cover k, or more
                                    groups than columns */
     LB_CHECK_NIBBLE_LAYOUT = 3, /* LB_NIB with k % 32 != 0 or a group size the nibble tiles cannot split */
-    LB_CHECK_WEIGHT_BYTES = 4,  /* w missing or holding fewer bytes than n x k codes (or floats) need */
+    LB_CHECK_WEIGHT_BYTES = 4,  /* w missing or holding fewer bytes than n x k codes (or float32 / 16-bit floats) need */
     LB_CHECK_STATS_BYTES = 5,   /* a or b missing or holding fewer than n x groups statistics */
     LB_CHECK_BIAS_BYTES = 6,    /* bias holds fewer than n floats */
     LB_CHECK_PERM = 7,          /* perm holds fewer than k indices, or one outside 0..k-1 */
@@ -69,7 +69,7 @@ static inline int lb_covers(int64_t have, int64_t need) { return need >= 0 && ha
 /* The fields of a weight description the kernels index with, checked without reading through its pointers (a
  * few comparisons: every entry point runs it on every call). LB_OK or an LB_CHECK_* code. */
 static inline int lb_check_layout(const lb_linear *L) {
-    if (L->kind != LB_F32 && L->kind != LB_U8 && L->kind != LB_NIB && !lb_is_ggml(L->kind)) return LB_CHECK_KIND;
+    if (!lb_is_float(L->kind) && L->kind != LB_U8 && L->kind != LB_NIB && !lb_is_ggml(L->kind)) return LB_CHECK_KIND;
     if (L->n <= 0 || L->k <= 0) return LB_CHECK_DIMS;
     if (lb_size_mul(lb_size_mul(L->n, L->k), 4) < 0) return LB_CHECK_OVERFLOW;
     if (L->w == NULL) return LB_CHECK_WEIGHT_BYTES;
@@ -77,7 +77,7 @@ static inline int lb_check_layout(const lb_linear *L) {
         if (L->k % lb_ggml_block(L->kind)) return LB_CHECK_DIMS;
         return L->table || L->perm ? LB_CHECK_TABLE : LB_OK;
     }
-    if (L->kind == LB_F32) return L->table || L->perm ? LB_CHECK_TABLE : LB_OK;
+    if (lb_is_float(L->kind)) return L->table || L->perm ? LB_CHECK_TABLE : LB_OK;
     if (L->stats < LB_STATS_F32 || L->stats > LB_STATS_F32_OFFSET) return LB_CHECK_KIND;
     if (L->groups <= 0 || L->group <= 0 || L->groups > L->k) return LB_CHECK_DIMS;
     const int64_t covered = lb_size_mul(L->groups, L->group);
