@@ -133,3 +133,16 @@ def test_cli_quantize_keeps_a_bfloat16_source_and_takes_float_dtype(tmp_path, ca
                  "--float-dtype", "bfloat16"])
     assert code != 0 and "has no option 'float_dtype'" in capsys.readouterr().err
     assert not (tmp_path / "g").exists()
+
+
+@pytest.mark.parametrize("rows", [1, 40])
+def test_half_linear_is_float32_arithmetic_of_its_values_for_few_and_many_rows(rows, monkeypatch):
+    import lowbit.runtime.fast_kernels as fast_kernels
+
+    monkeypatch.setattr(fast_kernels, "PREFILL_SLICE_ROWS", 7)     # several slices, the last one short
+    layer = torch.nn.Linear(96, 30)
+    layer.weight.data = layer.weight.data.bfloat16()
+    layer.__class__ = HalfWeightLinear
+    x = torch.randn(rows, 96, generator=torch.Generator().manual_seed(rows))
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), x @ layer.weight.float().t() + layer.bias, rtol=1e-5, atol=1e-5)

@@ -98,13 +98,20 @@ class HalfWeightLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from lowbit.runtime.clib import linear, linear_spec, native_library
 
+        from lowbit.runtime.fast_kernels import PREFILL_ROWS, PREFILL_SLICE_ROWS
+
         rows = x.reshape(-1, x.shape[-1]).float()
-        if native_library() is not None:
+        if native_library() is not None and rows.shape[0] < PREFILL_ROWS:
             spec, keep = linear_spec(self)
             out = linear(spec, rows)
         else:
-            bias = None if self.bias is None else self.bias.float()
-            out = nn.functional.linear(rows, self.weight.float(), bias)
+            # many rows (eval's logits at every position): float32 GEMMs over slices of the weight widened to
+            # float32, so the transient copy stays one slice (a 150k-row head is never widened whole)
+            out = torch.empty(rows.shape[0], self.out_features, dtype=torch.float32)
+            for n0 in range(0, self.out_features, PREFILL_SLICE_ROWS):
+                n1 = min(self.out_features, n0 + PREFILL_SLICE_ROWS)
+                bias = None if self.bias is None else self.bias[n0:n1].float()
+                out[:, n0:n1] = nn.functional.linear(rows, self.weight[n0:n1].float(), bias)
         return out.reshape(*x.shape[:-1], self.out_features)
 
 
