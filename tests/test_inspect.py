@@ -239,3 +239,23 @@ def test_role_shapes_are_the_skeletons_for_every_family(model_type):
     meta = {"general.architecture": arch.gguf.name, **{f"{arch.gguf.name}.{k}": v for k, v in hparams.items()}}
     skeleton = expected_gguf_tensors(model, arch)
     assert gguf_expected_shapes(meta, skeleton, "skeleton") == skeleton
+
+
+def test_projected_embeddings_are_not_refused():
+    """OPT-350m's embedding and head are word_embed_proj_dim (512) wide, not hidden_size (1024): the headers check
+    takes their width from word_embed_proj_dim, and still refuses a head of another width."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from arch_models import COMMON, TINY
+    from lowbit.errors import CorruptFile
+    from lowbit.models.validate import check_folder_header
+
+    config = AutoConfig.for_model("opt", **COMMON, **{**TINY["opt"], "word_embed_proj_dim": 32})
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    shapes = {n: tuple(p.shape) for n, p in model.state_dict().items()}
+    assert shapes["lm_head.weight"] == (96, 32) and config.hidden_size == 64
+    check_folder_header(config.to_dict(), shapes, "skeleton")
+    with pytest.raises(CorruptFile, match=r"lm_head.weight has shape \[96, 64\].*need \[96, 32\]"):
+        check_folder_header(config.to_dict(), {**shapes, "lm_head.weight": (96, 64)}, "skeleton")

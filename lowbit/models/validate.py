@@ -486,6 +486,8 @@ def check_folder_header(config: Mapping[str, Any], shapes: Mapping[str, tuple[An
         value = _first(text, *keys)
         if value is not None:
             meta[f"{arch}.{gguf_key}"] = value
+    # OPT's embedding and head are word_embed_proj_dim wide (project_in/out map them to and from hidden_size)
+    embed_width = _first(text, "word_embed_proj_dim")
     roles = {name: role for name in shapes if (role := hf_role(name)) is not None}
     expected = gguf_expected_shapes(meta, set(roles.values()), source)
     for name, role in sorted(roles.items()):
@@ -493,6 +495,8 @@ def check_folder_header(config: Mapping[str, Any], shapes: Mapping[str, tuple[An
         if need is None:
             continue
         need = need[1:] if "_exps." in role else need      # one expert of the stack
+        if role in ("token_embd.weight", "output.weight") and _ints(embed_width):
+            need = (need[0], embed_width)
         if not shape_agrees(shapes[name], need):
             raise CorruptFile(f"{source}: tensor {name} has shape {_shown(shapes[name])}, but config.json's "
                               "hyper-parameters (heads, head_dim, hidden, intermediate, vocab, experts) need "
