@@ -259,3 +259,29 @@ def test_projected_embeddings_are_not_refused():
     check_folder_header(config.to_dict(), shapes, "skeleton")
     with pytest.raises(CorruptFile, match=r"lm_head.weight has shape \[96, 64\].*need \[96, 32\]"):
         check_folder_header(config.to_dict(), {**shapes, "lm_head.weight": (96, 64)}, "skeleton")
+
+
+@pytest.mark.parametrize("vision_layers", [1, 3])
+def test_multimodal_towers_are_not_checked_against_the_text_config(vision_layers):
+    """A Gemma 3 checkpoint's vision tower has its own widths (SigLIP q_proj [1152, 1152] beside a text attn_q of
+    [2048, 2560]) and layer count: the headers check reads the language model's tensors only, and still refuses a
+    misshapen one of those."""
+    import torch
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    from lowbit.errors import CorruptFile
+    from lowbit.models.validate import check_folder_header
+
+    config = Gemma3Config(
+        text_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=16, vocab_size=300),
+        vision_config=dict(hidden_size=48, intermediate_size=96, num_hidden_layers=vision_layers,
+                           num_attention_heads=4, image_size=32, patch_size=16), mm_tokens_per_image=4)
+    with torch.device("meta"):
+        model = Gemma3ForConditionalGeneration(config)
+    shapes = {n: tuple(p.shape) for n, p in model.state_dict().items()}
+    assert any("vision" in n and n.endswith("q_proj.weight") and shapes[n] == (48, 48) for n in shapes)
+    check_folder_header(config.to_dict(), shapes, "gemma3")
+    victim = next(n for n in shapes if "language_model" in n and n.endswith("o_proj.weight"))
+    with pytest.raises(CorruptFile, match="o_proj"):
+        check_folder_header(config.to_dict(), {**shapes, victim: (128, 64)}, "gemma3")

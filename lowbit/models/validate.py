@@ -456,6 +456,10 @@ CONFIG_TO_GGUF = {"embedding_length": ("hidden_size",), "attention.head_count": 
                   "expert_feed_forward_length": ("moe_intermediate_size",),
                   "expert_shared_feed_forward_length": ("shared_expert_intermediate_size",)}
 LAYER_CONTAINERS = ("layers", "h", "blocks", "block")
+# Modules of a multimodal checkpoint that are not its language model (Gemma 3's and LLaVA's vision towers, Qwen2-VL's
+# `visual`, their projectors): their layers and q_proj/k_proj/... have the tower's own sizes, not config.json's
+# text hyper-parameters, so the headers check leaves them out.
+NON_TEXT_MODULES = {"vision_tower", "vision_model", "visual", "audio_tower", "multi_modal_projector"}
 
 
 def check_folder_header(config: Mapping[str, Any], shapes: Mapping[str, tuple[Any, ...]], source: Any) -> None:
@@ -466,6 +470,7 @@ def check_folder_header(config: Mapping[str, Any], shapes: Mapping[str, tuple[An
     check_hparams(config, source)
     text = config.get("text_config") if isinstance(config.get("text_config"), Mapping) else config
     layers = _first(text, "num_hidden_layers", "n_layer", "num_layers", "n_layers")
+    shapes = {name: shape for name, shape in shapes.items() if NON_TEXT_MODULES.isdisjoint(name.split("."))}
     indices = set()
     for name in shapes:
         parts = name.split(".")
