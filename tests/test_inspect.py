@@ -285,3 +285,21 @@ def test_multimodal_towers_are_not_checked_against_the_text_config(vision_layers
     victim = next(n for n in shapes if "language_model" in n and n.endswith("o_proj.weight"))
     with pytest.raises(CorruptFile, match="o_proj"):
         check_folder_header(config.to_dict(), {**shapes, victim: (128, 64)}, "gemma3")
+
+
+def test_counted_shared_experts_are_not_given_the_dense_width():
+    """DeepSeek-V2-Lite's GGUF says expert_shared_count 2 and no shared width: its ffn_*_shexp are 2 x 1408 = 2816
+    wide, not feed_forward_length (10944), so the headers check leaves that width open instead of refusing the file;
+    Qwen2-MoE's shared expert without the key is still feed_forward_length wide."""
+    from lowbit.models.validate import gguf_expected_shapes, shape_agrees
+
+    meta = {"general.architecture": "deepseek2", "deepseek2.embedding_length": 2048,
+            "deepseek2.attention.head_count": 16, "deepseek2.feed_forward_length": 10944,
+            "deepseek2.expert_count": 64, "deepseek2.expert_feed_forward_length": 1408,
+            "deepseek2.expert_shared_count": 2}
+    names = ["blk.1.ffn_gate_shexp.weight", "blk.1.ffn_down_shexp.weight"]
+    expected = gguf_expected_shapes(meta, names, "deepseek")
+    assert shape_agrees((2816, 2048), expected[names[0]]) and shape_agrees((2048, 2816), expected[names[1]])
+    qwen = {k.replace("deepseek2", "qwen2moe"): v for k, v in meta.items() if "shared_count" not in k}
+    qwen["general.architecture"] = "qwen2moe"
+    assert gguf_expected_shapes(qwen, names, "qwen")[names[0]] == (10944, 2048)

@@ -362,7 +362,9 @@ def gguf_expected_shapes(metadata: Mapping[str, Any], names: Iterable[str], sour
     ff = meta.get("feed_forward_length")
     experts = meta.get("expert_count")
     ff_exp = meta.get("expert_feed_forward_length", ff)
-    ff_shexp = meta.get("expert_shared_feed_forward_length", ff)
+    # without its own key the shared expert is feed_forward_length wide (Qwen2-MoE), except in families that count
+    # their shared experts (DeepSeek: expert_shared_count x expert width): unknown there, not a wrong guess
+    ff_shexp = meta.get("expert_shared_feed_forward_length", None if "expert_shared_count" in meta else ff)
     tokens = metadata.get("tokenizer.ggml.tokens")
     vocab = meta.get("vocab_size", len(tokens) if isinstance(tokens, (list, tuple)) else None)
     q_rows = heads * k_len if _ints(heads, k_len) else None
