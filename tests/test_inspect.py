@@ -303,3 +303,26 @@ def test_counted_shared_experts_are_not_given_the_dense_width():
     qwen = {k.replace("deepseek2", "qwen2moe"): v for k, v in meta.items() if "shared_count" not in k}
     qwen["general.architecture"] = "qwen2moe"
     assert gguf_expected_shapes(qwen, names, "qwen")[names[0]] == (10944, 2048)
+
+
+@pytest.mark.parametrize("model_type", ["glm", "glm4"])
+def test_fused_gate_up_is_twice_the_intermediate_width_in_every_family(model_type):
+    """gate_up_proj stacks gate and up whatever the family (GLM-4's [2 x intermediate, hidden] as Phi-3's): the
+    headers check does not refuse it, and still refuses one of the intermediate width alone."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lowbit.errors import CorruptFile
+    from lowbit.models.validate import check_folder_header
+
+    config = AutoConfig.for_model(model_type, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=96,
+                                  pad_token_id=0, eos_token_id=1)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    shapes = {n: tuple(p.shape) for n, p in model.state_dict().items()}
+    fused = "model.layers.0.mlp.gate_up_proj.weight"
+    assert shapes[fused] == (256, 64)
+    check_folder_header(config.to_dict(), shapes, model_type)
+    with pytest.raises(CorruptFile, match=r"gate_up_proj.weight has shape \[128, 64\].*need \[256, 64\]"):
+        check_folder_header(config.to_dict(), {**shapes, fused: (128, 64)}, model_type)

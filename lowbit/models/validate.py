@@ -504,6 +504,8 @@ def check_folder_header(config: Mapping[str, Any], shapes: Mapping[str, tuple[An
         need = need[1:] if "_exps." in role else need      # one expert of the stack
         if role in ("token_embd.weight", "output.weight") and _ints(embed_width):
             need = (need[0], embed_width)
+        if name.endswith(".gate_up_proj.weight") and arch not in FUSED_GATE_UP and _ints(need[0]):
+            need = (2 * need[0], *need[1:])     # gate and up stacked in every family that names it so (GLM-4)
         if not shape_agrees(shapes[name], need):
             raise CorruptFile(f"{source}: tensor {name} has shape {_shown(shapes[name])}, but config.json's "
                               "hyper-parameters (heads, head_dim, hidden, intermediate, vocab, experts) need "
