@@ -445,7 +445,8 @@ def check_gguf_header(gf: Any) -> None:
 
 # A folder's tensors against its config.json, headers only: Hugging Face module names of the llama-like families
 # (Llama, Mistral, Qwen, Gemma, Phi-3, Mixtral, Qwen-MoE) -> the llama.cpp role whose shape gguf_expected_shapes
-# gives; other families' names are checked for their layer count only.
+# gives. The names are matched in every family (OPT's q_proj and embed_tokens, GLM's gate_up_proj are checked too);
+# names no family here uses are checked for their layer count only.
 HF_ROLES = {"embed_tokens": "token_embd", "lm_head": "output", "q_proj": "attn_q", "k_proj": "attn_k",
             "v_proj": "attn_v", "o_proj": "attn_output", "qkv_proj": "attn_qkv", "gate_proj": "ffn_gate",
             "up_proj": "ffn_up", "down_proj": "ffn_down", "gate_up_proj": "ffn_up", "w1": "ffn_gate", "w3": "ffn_up",
