@@ -106,6 +106,20 @@ def test_linear_refuses_short_buffers_and_computes_with_right_ones(layout):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("groups", [-1, 257, 1 << 62])
+def test_scratch_refuses_group_counts_outside_the_columns(layout, groups):
+    """Every layout's `groups` is bounded by its columns, float and GGUF blocks too (which do not read it):
+    lowbit_linear_scratch sizes scratch with it, so a count past k would overflow that product instead."""
+    spec, keep, _, _ = _weight(layout)
+    bent = clib.LinearSpec.from_buffer_copy(spec)
+    bent.groups = groups
+    floats = ctypes.c_int64(-7)
+    assert _lib().lowbit_linear_scratch(ctypes.byref(bent), 3, THREADS, ctypes.byref(floats)) == DIMS
+    assert floats.value == -7
+    assert _lib().lowbit_linear_scratch(ctypes.byref(spec), 3, THREADS, ctypes.byref(floats)) == OK
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("bf16", [0, 1])
 def test_dequantize_rows_refuses_ranges_and_short_outputs(layout, bf16):
     spec, keep, dense, _ = _weight(layout)

@@ -74,6 +74,8 @@ def test_the_harness_sees_every_kind_of_failure(tmp_path):
     assert outcomes == {"identical": "identical", "error": "error", "different": "different",
                         "multiline": "multiline", "traceback": "exception", "cli": "cli", "crash": "crash",
                         "hang": "hang"}
+    # and run_and_check's verdict: only the clean outcomes pass, every misbehaviour is a failure
+    assert {kind for kind, outcome in outcomes.items() if outcome in fuzzing.ACCEPTED} == {"identical", "error"}
     assert "KeyError" in next(r["message"] for r in results if r["kind"] == "traceback")
     assert "traceback" in next(r["message"] for r in results if r["kind"] == "cli")
     # the first start, a fresh worker after the crash, and one for the hang's retry

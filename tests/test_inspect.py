@@ -239,3 +239,90 @@ def test_role_shapes_are_the_skeletons_for_every_family(model_type):
     meta = {"general.architecture": arch.gguf.name, **{f"{arch.gguf.name}.{k}": v for k, v in hparams.items()}}
     skeleton = expected_gguf_tensors(model, arch)
     assert gguf_expected_shapes(meta, skeleton, "skeleton") == skeleton
+
+
+def test_projected_embeddings_are_not_refused():
+    """OPT-350m's embedding and head are word_embed_proj_dim (512) wide, not hidden_size (1024): the headers check
+    takes their width from word_embed_proj_dim, and still refuses a head of another width."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from arch_models import COMMON, TINY
+    from lowbit.errors import CorruptFile
+    from lowbit.models.validate import check_folder_header
+
+    config = AutoConfig.for_model("opt", **COMMON, **{**TINY["opt"], "word_embed_proj_dim": 32})
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    shapes = {n: tuple(p.shape) for n, p in model.state_dict().items()}
+    assert shapes["lm_head.weight"] == (96, 32) and config.hidden_size == 64
+    check_folder_header(config.to_dict(), shapes, "skeleton")
+    with pytest.raises(CorruptFile, match=r"lm_head.weight has shape \[96, 64\].*need \[96, 32\]"):
+        check_folder_header(config.to_dict(), {**shapes, "lm_head.weight": (96, 64)}, "skeleton")
+
+
+@pytest.mark.parametrize("vision_layers", [1, 3])
+def test_multimodal_towers_are_not_checked_against_the_text_config(vision_layers):
+    """A Gemma 3 checkpoint's vision tower has its own widths (SigLIP q_proj [1152, 1152] beside a text attn_q of
+    [2048, 2560]) and layer count: the headers check reads the language model's tensors only, and still refuses a
+    misshapen one of those."""
+    import torch
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    from lowbit.errors import CorruptFile
+    from lowbit.models.validate import check_folder_header
+
+    config = Gemma3Config(
+        text_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=16, vocab_size=300),
+        vision_config=dict(hidden_size=48, intermediate_size=96, num_hidden_layers=vision_layers,
+                           num_attention_heads=4, image_size=32, patch_size=16), mm_tokens_per_image=4)
+    with torch.device("meta"):
+        model = Gemma3ForConditionalGeneration(config)
+    shapes = {n: tuple(p.shape) for n, p in model.state_dict().items()}
+    assert any("vision" in n and n.endswith("q_proj.weight") and shapes[n] == (48, 48) for n in shapes)
+    check_folder_header(config.to_dict(), shapes, "gemma3")
+    victim = next(n for n in shapes if "language_model" in n and n.endswith("o_proj.weight"))
+    with pytest.raises(CorruptFile, match="o_proj"):
+        check_folder_header(config.to_dict(), {**shapes, victim: (128, 64)}, "gemma3")
+
+
+def test_counted_shared_experts_are_not_given_the_dense_width():
+    """DeepSeek-V2-Lite's GGUF says expert_shared_count 2 and no shared width: its ffn_*_shexp are 2 x 1408 = 2816
+    wide, not feed_forward_length (10944), so the headers check leaves that width open instead of refusing the file;
+    Qwen2-MoE's shared expert without the key is still feed_forward_length wide."""
+    from lowbit.models.validate import gguf_expected_shapes, shape_agrees
+
+    meta = {"general.architecture": "deepseek2", "deepseek2.embedding_length": 2048,
+            "deepseek2.attention.head_count": 16, "deepseek2.feed_forward_length": 10944,
+            "deepseek2.expert_count": 64, "deepseek2.expert_feed_forward_length": 1408,
+            "deepseek2.expert_shared_count": 2}
+    names = ["blk.1.ffn_gate_shexp.weight", "blk.1.ffn_down_shexp.weight"]
+    expected = gguf_expected_shapes(meta, names, "deepseek")
+    assert shape_agrees((2816, 2048), expected[names[0]]) and shape_agrees((2048, 2816), expected[names[1]])
+    qwen = {k.replace("deepseek2", "qwen2moe"): v for k, v in meta.items() if "shared_count" not in k}
+    qwen["general.architecture"] = "qwen2moe"
+    assert gguf_expected_shapes(qwen, names, "qwen")[names[0]] == (10944, 2048)
+
+
+@pytest.mark.parametrize("model_type", ["glm", "glm4"])
+def test_fused_gate_up_is_twice_the_intermediate_width_in_every_family(model_type):
+    """gate_up_proj stacks gate and up whatever the family (GLM-4's [2 x intermediate, hidden] as Phi-3's): the
+    headers check does not refuse it, and still refuses one of the intermediate width alone."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lowbit.errors import CorruptFile
+    from lowbit.models.validate import check_folder_header
+
+    config = AutoConfig.for_model(model_type, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=96,
+                                  pad_token_id=0, eos_token_id=1)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    shapes = {n: tuple(p.shape) for n, p in model.state_dict().items()}
+    fused = "model.layers.0.mlp.gate_up_proj.weight"
+    assert shapes[fused] == (256, 64)
+    check_folder_header(config.to_dict(), shapes, model_type)
+    with pytest.raises(CorruptFile, match=r"gate_up_proj.weight has shape \[128, 64\].*need \[256, 64\]"):
+        check_folder_header(config.to_dict(), {**shapes, fused: (128, 64)}, model_type)

@@ -97,7 +97,7 @@ def test_pack_unpack_exact(bits):
     assert torch.equal(unpack_codes(packed, bits, (13, 37)), codes)
 
 
-@pytest.mark.parametrize("bits", [3, 4, 5])
+@pytest.mark.parametrize("bits", [3, 5, 6])   # widths the whole-byte shift path does not take
 def test_pack_unpack_exact_across_chunks(bits, monkeypatch):
     import lowbit.schemes.packing as packing
 
@@ -140,3 +140,23 @@ def test_fake_quantize_is_bit_identical_to_quantize_then_dequantize(group_size, 
     w = torch.randn(24, 80, generator=g) * torch.rand(1, 80, generator=g) * 3
     grid = IntGrid(bits=3, group_size=group_size, symmetric=symmetric, clip_search=True)
     assert torch.equal(grid.fake_quantize(w), grid.quantize(w).dequantize())
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+def test_whole_byte_path_reads_and_writes_what_the_bit_stream_does(bits, monkeypatch):
+    """The shift path of widths 1, 2, 4 and 8 gives the bit stream's results for inputs outside the documented
+    ones too: codes >= 2**bits keep only their low bits (none spill into a neighbour), and packed bytes stored as
+    int8 or int32 in a file unpack to the same uint8 codes (int8 0xF1 is code 241 at 8 bits, not -15)."""
+    import lowbit.schemes.packing as packing
+
+    g = torch.Generator().manual_seed(bits)
+    wide = torch.randint(0, 256, (8, 16), dtype=torch.uint8, generator=g)
+    stored = torch.randint(-128, 128, (16 * bits,), dtype=torch.int8, generator=g)
+    fast = (pack_codes(wide, bits), [unpack_codes(stored.to(d), bits, (8, 16)) for d in (torch.int8, torch.int32)])
+    monkeypatch.setattr(packing, "_WHOLE_BYTE_WIDTHS", ())
+    stream = (pack_codes(wide, bits), [unpack_codes(stored.to(d), bits, (8, 16)) for d in (torch.int8, torch.int32)])
+    assert torch.equal(fast[0], stream[0])
+    assert torch.equal(fast[0], pack_codes(wide & (2 ** bits - 1), bits))
+    for codes, reference in zip(fast[1], stream[1]):
+        assert codes.dtype == reference.dtype == torch.uint8
+        assert torch.equal(codes, reference)

@@ -51,6 +51,24 @@ def test_new_codes_replace_the_packed_copy():
         torch.testing.assert_close(model(x), x @ qw.dequantize().t(), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("kernel", ["u8", "auto"])
+@pytest.mark.parametrize("part", ["scales", "zeros"])
+def test_new_statistics_replace_the_kernels_description(kernel, part):
+    """QAT's finish replaces a weight's scales (training.qat): the compiled kernels' cached description holds copies
+    of the statistics, so replacing scales or zeros must describe the weight again, not compute with the old ones."""
+    qw = _weight(4, 32, 64, 32, act_order=True)
+    model = nn.Sequential(nn.Linear(64, 32, bias=False))
+    layer = install_quantized(model, "0", qw, kernel=kernel)
+    x = torch.randn(2, 64)
+    with torch.no_grad(), float32_arithmetic():
+        before = model(x)
+        setattr(qw, part, getattr(qw, part) * 1.5)
+        layer.set_kernel(layer.kernel_preference)
+        after = model(x)
+    torch.testing.assert_close(after, x @ qw.dequantize().t(), rtol=1e-5, atol=1e-5)
+    assert (after - before).abs().max() > 0.1
+
+
 @pytest.mark.parametrize("bits,k,group", [(8, 128, 32), (4, 48, 16 * 3)])
 def test_weights_the_nibble_layout_cannot_hold_keep_their_codes(bits, k, group):
     qw = _weight(bits, 16, k, group, act_order=False)

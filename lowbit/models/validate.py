@@ -362,7 +362,9 @@ def gguf_expected_shapes(metadata: Mapping[str, Any], names: Iterable[str], sour
     ff = meta.get("feed_forward_length")
     experts = meta.get("expert_count")
     ff_exp = meta.get("expert_feed_forward_length", ff)
-    ff_shexp = meta.get("expert_shared_feed_forward_length", ff)
+    # without its own key the shared expert is feed_forward_length wide (Qwen2-MoE), except in families that count
+    # their shared experts (DeepSeek: expert_shared_count x expert width): unknown there, not a wrong guess
+    ff_shexp = meta.get("expert_shared_feed_forward_length", None if "expert_shared_count" in meta else ff)
     tokens = metadata.get("tokenizer.ggml.tokens")
     vocab = meta.get("vocab_size", len(tokens) if isinstance(tokens, (list, tuple)) else None)
     q_rows = heads * k_len if _ints(heads, k_len) else None
@@ -443,7 +445,8 @@ def check_gguf_header(gf: Any) -> None:
 
 # A folder's tensors against its config.json, headers only: Hugging Face module names of the llama-like families
 # (Llama, Mistral, Qwen, Gemma, Phi-3, Mixtral, Qwen-MoE) -> the llama.cpp role whose shape gguf_expected_shapes
-# gives; other families' names are checked for their layer count only.
+# gives. The names are matched in every family (OPT's q_proj and embed_tokens, GLM's gate_up_proj are checked too);
+# names no family here uses are checked for their layer count only.
 HF_ROLES = {"embed_tokens": "token_embd", "lm_head": "output", "q_proj": "attn_q", "k_proj": "attn_k",
             "v_proj": "attn_v", "o_proj": "attn_output", "qkv_proj": "attn_qkv", "gate_proj": "ffn_gate",
             "up_proj": "ffn_up", "down_proj": "ffn_down", "gate_up_proj": "ffn_up", "w1": "ffn_gate", "w3": "ffn_up",
@@ -456,6 +459,10 @@ CONFIG_TO_GGUF = {"embedding_length": ("hidden_size",), "attention.head_count": 
                   "expert_feed_forward_length": ("moe_intermediate_size",),
                   "expert_shared_feed_forward_length": ("shared_expert_intermediate_size",)}
 LAYER_CONTAINERS = ("layers", "h", "blocks", "block")
+# Modules of a multimodal checkpoint that are not its language model (Gemma 3's and LLaVA's vision towers, Qwen2-VL's
+# `visual`, their projectors): their layers and q_proj/k_proj/... have the tower's own sizes, not config.json's
+# text hyper-parameters, so the headers check leaves them out.
+NON_TEXT_MODULES = {"vision_tower", "vision_model", "visual", "audio_tower", "multi_modal_projector"}
 
 
 def check_folder_header(config: Mapping[str, Any], shapes: Mapping[str, tuple[Any, ...]], source: Any) -> None:
@@ -466,6 +473,7 @@ def check_folder_header(config: Mapping[str, Any], shapes: Mapping[str, tuple[An
     check_hparams(config, source)
     text = config.get("text_config") if isinstance(config.get("text_config"), Mapping) else config
     layers = _first(text, "num_hidden_layers", "n_layer", "num_layers", "n_layers")
+    shapes = {name: shape for name, shape in shapes.items() if NON_TEXT_MODULES.isdisjoint(name.split("."))}
     indices = set()
     for name in shapes:
         parts = name.split(".")
@@ -486,6 +494,8 @@ def check_folder_header(config: Mapping[str, Any], shapes: Mapping[str, tuple[An
         value = _first(text, *keys)
         if value is not None:
             meta[f"{arch}.{gguf_key}"] = value
+    # OPT's embedding and head are word_embed_proj_dim wide (project_in/out map them to and from hidden_size)
+    embed_width = _first(text, "word_embed_proj_dim")
     roles = {name: role for name in shapes if (role := hf_role(name)) is not None}
     expected = gguf_expected_shapes(meta, set(roles.values()), source)
     for name, role in sorted(roles.items()):
@@ -493,6 +503,10 @@ def check_folder_header(config: Mapping[str, Any], shapes: Mapping[str, tuple[An
         if need is None:
             continue
         need = need[1:] if "_exps." in role else need      # one expert of the stack
+        if role in ("token_embd.weight", "output.weight") and _ints(embed_width):
+            need = (need[0], embed_width)
+        if name.endswith(".gate_up_proj.weight") and arch not in FUSED_GATE_UP and _ints(need[0]):
+            need = (2 * need[0], *need[1:])     # gate and up stacked in every family that names it so (GLM-4)
         if not shape_agrees(shapes[name], need):
             raise CorruptFile(f"{source}: tensor {name} has shape {_shown(shapes[name])}, but config.json's "
                               "hyper-parameters (heads, head_dim, hidden, intermediate, vocab, experts) need "

@@ -49,8 +49,9 @@ LB_STATS_F32, LB_STATS_F16, LB_STATS_F16_OFFSET, LB_STATS_F32_OFFSET = 0, 1, 2, 
 _LIBRARY: ctypes.CDLL | None = None
 _LIBRARY_TRIED = False
 _i64, _ptr = ctypes.c_int64, ctypes.c_void_p
-# id(weight) -> (weakref to it, its codes tensor, its C description): one packed copy per weight, dropped with it
-_DESCRIBED: dict[int, tuple[Any, torch.Tensor, Any]] = {}
+# id(weight) -> (weakref to it, the tensors its numbers come from (_stored_state), its C description): one packed
+# copy per weight, dropped with it
+_DESCRIBED: dict[int, tuple[Any, tuple[Any, ...], Any]] = {}
 
 
 class LinearSpec(ctypes.Structure):
@@ -228,9 +229,9 @@ def affine_spec(qw: QuantizedWeight, bias: torch.Tensor | None = None
 
     The packed codes are made once per weight and cached in `_DESCRIBED` (by the weight's identity, dropped
     with it), so the per-layer kernel and the engine's compiled step share one copy."""
-    cached = _DESCRIBED.get(id(qw))
-    if cached is None or cached[0]() is not qw or cached[1] is not _stored_state(qw):
-        cached = (weakref.ref(qw), _stored_state(qw), _checked(_describe_affine(qw), qw))
+    cached, state = _DESCRIBED.get(id(qw)), _stored_state(qw)
+    if cached is None or cached[0]() is not qw or any(old is not new for old, new in zip(cached[1], state)):
+        cached = (weakref.ref(qw), state, _checked(_describe_affine(qw), qw))
         _DESCRIBED[id(qw)] = cached
         weakref.finalize(qw, _DESCRIBED.pop, id(qw), None)
     described = cached[2]
@@ -254,13 +255,15 @@ def _checked(described: tuple[LinearSpec, list[torch.Tensor]] | None, qw: Quanti
     return described
 
 
-def _stored_state(qw: QuantizedWeight) -> Any:
-    """What identifies a weight's numbers: its stored codes, or (codes derived on access) the bytes they come
-    from. A method replacing either invalidates the packed copy."""
+def _stored_state(qw: QuantizedWeight) -> tuple[Any, ...]:
+    """What identifies a weight's numbers: its stored codes (or the packed copy keep_kernel_layout left, or, codes
+    derived on access, the bytes they come from), scales, zeros and column groups. A method replacing any of them
+    (QAT's trained scales: training.qat) invalidates the C description, which holds copies of the statistics."""
     stored = qw.__dict__.get("_codes")
     if stored is None:
         stored = packed_codes(qw)
-    return stored if stored is not None else qw.extra.get("blocks")
+    codes = stored if stored is not None else qw.extra.get("blocks")
+    return codes, qw.__dict__.get("_scales"), qw.__dict__.get("_zeros"), qw.g_idx
 
 
 def column_order(qw: QuantizedWeight) -> torch.Tensor | None:

@@ -57,14 +57,17 @@ _WHOLE_BYTE_WIDTHS = (1, 2, 4, 8)
 
 
 def _pack_whole_bytes(flat: torch.Tensor, bits: int) -> torch.Tensor:
-    per = 8 // bits
+    # a code's bits above `bits` are dropped, as the bit stream drops them, instead of spilling into its neighbour
+    per, mask = 8 // bits, (1 << bits) - 1
     lanes = flat.reshape(-1, per)
-    out = lanes[:, 0].clone()
+    out = lanes[:, 0] & mask
     for j in range(1, per):
-        out |= lanes[:, j] << (bits * j)
+        out |= (lanes[:, j] & mask) << (bits * j)
     return out
 
 
 def _unpack_whole_bytes(packed: torch.Tensor, bits: int) -> torch.Tensor:
-    per, mask = 8 // bits, (1 << bits) - 1
+    # the bytes as uint8, as the bit stream reads them: a file's int8 or int32 tensor gives uint8 codes, never
+    # negative ones (int8 bytes shifted right keep their sign)
+    per, mask, packed = 8 // bits, (1 << bits) - 1, packed.to(torch.uint8)
     return torch.stack([(packed >> (bits * j)) & mask for j in range(per)], dim=1).reshape(-1)

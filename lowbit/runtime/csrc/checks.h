@@ -73,6 +73,8 @@ static inline int lb_check_layout(const lb_linear *L) {
     if (L->n <= 0 || L->k <= 0) return LB_CHECK_DIMS;
     if (lb_size_mul(lb_size_mul(L->n, L->k), 4) < 0) return LB_CHECK_OVERFLOW;
     if (L->w == NULL) return LB_CHECK_WEIGHT_BYTES;
+    /* every layout: lb_scratch_floats sizes scratch with `groups` (lowbit_linear_scratch bounds it by k) */
+    if (L->groups < 0 || L->groups > L->k) return LB_CHECK_DIMS;
     if (lb_is_ggml(L->kind)) {          /* GGUF blocks as stored: whole blocks per row, no separate statistics */
         if (L->k % lb_ggml_block(L->kind)) return LB_CHECK_DIMS;
         return L->table || L->perm ? LB_CHECK_TABLE : LB_OK;
