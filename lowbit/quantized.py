@@ -51,6 +51,8 @@ class QuantizedWeight:
         """Where the codes live (code written for GPTQ layers, such as peft's, reads `qweight.device`)."""
         stored = self.__dict__.get("_codes")
         if stored is None:
+            stored = packed_codes(self)
+        if stored is None:
             stored = next((v for v in self.extra.values() if isinstance(v, torch.Tensor)), None)
         return stored.device if stored is not None else torch.device("cpu")
 

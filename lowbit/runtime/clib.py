@@ -194,25 +194,19 @@ def keep_kernel_layout(qw: QuantizedWeight) -> bool:
     """Make the compiled kernels' LB_NIB bytes the only copy of a 4-bit weight's codes (the one-byte codes a
     method or reader made are dropped; `qw.codes` unpacks them on access). True when done; False when the kernels
     read this weight another way (GGUF blocks, wider codes, widths the nibble layout cannot split, no compiled
-    library), which then keeps its codes as they are."""
-    if native_library() is None or qw.__dict__.get("_codes") is None or qw.scheme.quantizes_activations:
+    library), which then keeps its codes as they are.
+
+    The bytes are the ones `affine_spec` describes to the kernels (its choice of layout and column order), so
+    the packed copy and the description cannot disagree."""
+    if native_library() is None or qw.__dict__.get("_codes") is None:
         return False
-    if _describe_blocks(qw) is not None:
+    described = affine_spec(qw)
+    if described is None or described[0].kind != LB_NIB:
         return False
-    form = qw.scheme.affine_form(qw)
-    if form is None and qw.scheme.codebook_form(qw) is None:
-        return False
-    bits = form[2] if form is not None else 4
-    n, k = qw.shape
-    if not nibble_layout_fits(bits, k, qw.effective_group_size):
-        return False
-    try:
-        order = column_order(qw) if form is not None else None
-    except ValueError:
-        return False
-    codes = qw.codes if order is None else qw.codes[:, order]
+    nibbles = described[1][0]
+    order = column_order(qw) if qw.scheme.affine_form(qw) is not None else None   # as _describe_affine ordered them
     # a partial of a module-level function, not a lambda: models are copied and pickled (deepcopy, torch.save)
-    keep_codes_packed(qw, pack_nibbles(codes), functools.partial(_codes_from_nibbles, columns=k, order=order))
+    keep_codes_packed(qw, nibbles, functools.partial(_codes_from_nibbles, columns=qw.in_features, order=order))
     return True
 
 
