@@ -106,7 +106,7 @@ def walk(method: Method, source: BlockSource, sink: BlockSink, calibration: Any 
     floats = method.plan_layers(model)
     skip = effective_skip(model, method.config) + tuple(floats)
     check_model(model, method, skip)
-    calls = None
+    calls = batch = None
     if method.needs_calibration:
         options = method.config.options
         batch = calibration_batch(model, calibration, options.get("calib_samples"), options.get("calib_len"),
@@ -147,6 +147,8 @@ def walk(method: Method, source: BlockSource, sink: BlockSink, calibration: Any 
         else:
             log.info("quantizing %s", name)
         sink.put_outside(name, module, method.quantize_weight(name, linear_weight(module).detach()))
+    # only a model in memory still has its blocks to swap codes in (a streamed walk has written them out)
+    method.after_walk(model if isinstance(sink, InMemory) else None, batch, reports)
     sink.finish()
     return reports
 

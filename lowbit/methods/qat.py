@@ -208,6 +208,8 @@ class QATReport:
 # where the fake quantization starts: GPTQ's codes (run on the same calibration inputs first) or rounding to
 # nearest on the MSE-clipped grid; nf4/fp4 layers start from their absmax in both (GPTQ has no codebook encode)
 QAT_INITS = ("gptq", "rtn")      # also lowbit.training.config.QAT_INITS
+# how keep_best chooses: on the held-out block error only, or then also on the whole model's held-out loss
+QAT_SELECTS = ("model", "block")
 
 
 def selection_split(n_calls: int) -> tuple[list[int], list[int]]:
@@ -238,10 +240,12 @@ class QAT(Method):
     # chunk 1: one calibration window per Adam step (the walk's default batches 8, a step per 8 windows)
     # min_gain: the relative held-out improvement the trained codes need to replace the start's or GPTQ's
     # (a few held-out windows are a noisy judge: a block whose error drops by 1% there can still cost perplexity)
+    # select (keep_best): "block" keeps whichever codes have the lower held-out block error; "model" then checks
+    # each block that kept its trained codes over GPTQ's on the whole model's held-out loss (see after_walk)
     defaults = {"epochs": 4, "lr": 1e-2, "scale_lr": 1e-2, "chunk": 1, "init": "gptq", "keep_best": True,
-                "min_gain": 0.0}
+                "min_gain": 0.0, "select": "model"}
     option_types = {"epochs": int, "lr": float, "scale_lr": float, "init": str, "keep_best": bool, "min_gain": float,
-                    **CALIBRATION_OPTION_TYPES}
+                    "select": str, **CALIBRATION_OPTION_TYPES}
 
     def __init__(self, config: Any):
         super().__init__(config)
@@ -255,10 +259,16 @@ class QAT(Method):
             raise LowbitError(f"method qat: min_gain must be in [0, 1) (got {self.option('min_gain')})")
         if self.option("init") not in QAT_INITS:
             raise LowbitError(f"method qat: init must be one of {', '.join(QAT_INITS)} (got {self.option('init')!r})")
+        if self.option("select") not in QAT_SELECTS:
+            raise LowbitError(f"method qat: select must be one of {', '.join(QAT_SELECTS)} "
+                              f"(got {self.option('select')!r})")
+        # block prefix -> GPTQ's codes of the blocks that kept their trained codes over them (select="model"),
+        # held from the block's quantization until after_walk has judged it on the whole model
+        self.gptq_alternatives: dict[str, tuple[dict[str, QuantizedWeight], float]] = {}
 
     def option_names(self) -> tuple[str, ...]:
-        return ("scheme", "epochs", "lr", "scale_lr", "init", "keep_best", "min_gain", "calib_samples", "calib_len",
-                "seed", "chunk")
+        return ("scheme", "epochs", "lr", "scale_lr", "init", "keep_best", "min_gain", "select", "calib_samples",
+                "calib_len", "seed", "chunk")
 
     def option(self, key: str) -> Any:
         value = self.config.options.get(key)
@@ -374,4 +384,53 @@ class QAT(Method):
         report = QATReport(relative_error=candidates[kept][1], initial_error=initial, trained_error=trained,
                            kept=kept)
         log.debug("qat %s: block error %.3e -> %.3e, kept the %s codes", prefix, initial, trained, kept)
+        gptq_name = "gptq" if "gptq" in candidates else "start" if init == "gptq" else None
+        if kept == "trained" and gptq_name in candidates and self.option("select") == "model":
+            self.gptq_alternatives[prefix] = candidates[gptq_name]
         return BlockResult(candidates[kept][0], {name: report for name in fakes})
+
+    def after_walk(self, model: nn.Module | None, batch: Any, reports: dict[str, Any]) -> None:
+        """select="model": the held-out block error is a local judge (a block whose error drops there can still
+        cost the model perplexity), so each block that kept its trained codes over GPTQ's gets GPTQ's back, in
+        walk order (greedy), unless the whole model's loss on the held-out calibration windows is lower with the
+        trained ones."""
+        alternatives, self.gptq_alternatives = self.gptq_alternatives, {}
+        if not alternatives:
+            return
+        if model is None:
+            log.info("qat: select=model needs the model in memory; a streamed walk keeps the per-block choice")
+            return
+        from lowbit.runtime.surgery import install_quantized, replace_module
+
+        chunk = self.option("chunk")
+        held_out = [batch[i * chunk:(i + 1) * chunk] for i in selection_split(-(-batch.shape[0] // chunk))[1]]
+        loss = heldout_loss(model, held_out)
+        for prefix, (codes, block_error) in alternatives.items():
+            block = model.get_submodule(prefix)
+            trained = {name: block.get_submodule(name) for name in codes}
+            for name, qw in codes.items():
+                install_quantized(block, name, qw, "reference")
+            with_gptq = heldout_loss(model, held_out)
+            log.info("qat %s: held-out model loss %.4f with the trained codes, %.4f with GPTQ's: kept %s", prefix,
+                     loss, with_gptq, "GPTQ's" if with_gptq <= loss else "the trained")
+            if with_gptq <= loss:
+                loss = with_gptq
+                for name in codes:
+                    report = reports[join_name(prefix, name)]
+                    reports[join_name(prefix, name)] = dataclasses.replace(report, relative_error=block_error,
+                                                                           kept="gptq")
+            else:
+                for name, module in trained.items():
+                    replace_module(block, name, module)
+
+
+@torch.no_grad()
+def heldout_loss(model: nn.Module, windows: list[torch.Tensor]) -> float:
+    """The model's mean next-token cross-entropy over the token windows (one forward each)."""
+    total, count = 0.0, 0
+    for ids in windows:
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits
+        total += F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(),
+                                 reduction="sum").item()
+        count += ids[:, 1:].numel()
+    return total / count
