@@ -425,7 +425,7 @@ def test_finetune_options_are_typed_and_bounded_and_qlora_keeps_an_explicit_opti
     assert FinetuneConfig(method="lora").optimizer == "adamw"
     for bad in ({"steps": "ten"}, {"steps": 2.5}, {"rank": True}, {"lr": "fast"}, {"dropout": 1.0},
                 {"alpha": 0}, {"warmup": -1}, {"checkpoint_every": -5}, {"weight_decay": -0.1}, {"symmetric": 1},
-                {"qat_init": "best"}, {"qat_keep_best": "no"}):
+                {"qat_init": "best"}, {"qat_keep_best": "no"}, {"qat_select": "layer"}):
         with pytest.raises(LowbitError):
             FinetuneConfig(**bad)
 

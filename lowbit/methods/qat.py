@@ -13,7 +13,10 @@ codes (the latent weight is the float weight moved into GPTQ's rounding bins, `w
 GPTQ's block exactly); "rtn" starts from rounding on the MSE-clipped grid. With `keep_best` (default) the last
 eighth of the calibration windows is held out from training, and each block keeps whichever codes have the lower
 block output error on them: the trained ones, the start's, or GPTQ's (computed for init="rtn" too), so a block
-never ends worse than GPTQ on those windows. nf4/fp4 layers have no GPTQ (no column-wise codebook encode) and
+never ends worse than GPTQ on those windows. The block error is a local judge (a block whose error drops there
+can still cost the model perplexity): with select="model" (default), after the walk each block that kept its
+trained codes over GPTQ's gets GPTQ's back unless the whole model's loss on the held-out windows is lower with
+the trained ones (`QAT.after_walk`, greedy in block order; in-memory walks only). nf4/fp4 layers have no GPTQ (no column-wise codebook encode) and
 start from their absmax either way.
 
 Fake quantization per scheme (`fake_quantizer`):
