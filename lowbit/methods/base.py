@@ -164,11 +164,13 @@ class Method:
         """Codes for one [N, K] weight of the layer `name` (full module name)."""
         return self.scheme_for(name).quantize(weight, importance)
 
-    def after_walk(self, model: nn.Module | None, batch: Any, reports: dict[str, Any]) -> None:
-        """Called once after every block is quantized and installed, before the sink finishes: `model` is the
-        whole quantized model in memory (None for a streamed walk, whose blocks are gone), `batch` the
-        calibration token ids (None for uncalibrated methods), `reports` the walk's per-Linear reports to
-        amend. Methods that choose among codes per block can revisit the choice on the whole model here."""
+    def after_block(self, model: nn.Module | None, block: nn.Module, prefix: str, batch: Any,
+                    result: BlockResult) -> BlockResult:
+        """Called after the walk installed `result` into `block` and before the block's outputs feed the next
+        block: `model` is the whole model in memory (blocks before quantized, blocks after still float; None for
+        a streamed walk), `batch` the calibration token ids. Methods that choose among codes per block can
+        revisit the choice on the model's loss here, installing other codes and returning what they installed."""
+        return result
 
     def quantize_block(self, block: nn.Module, linears: dict[str, nn.Module], inputs: Any = None,
                        arch: Any = None, prefix: str = "") -> BlockResult:

@@ -129,6 +129,8 @@ def walk(method: Method, source: BlockSource, sink: BlockSink, calibration: Any 
         prefix = arch.block_prefix(i)
         result: BlockResult = method.quantize_block(block, block_linears(block, prefix, skip), calls, arch, prefix)
         result.install(block)
+        # only a model in memory has every block to run the whole model with (streamed blocks are on meta)
+        result = method.after_block(model if isinstance(source, InMemory) else None, block, prefix, batch, result)
         reports.update({f"{prefix}.{name}": report for name, report in result.reports.items()})
         error = result.worst_error()
         if error is not None:
@@ -147,8 +149,6 @@ def walk(method: Method, source: BlockSource, sink: BlockSink, calibration: Any 
         else:
             log.info("quantizing %s", name)
         sink.put_outside(name, module, method.quantize_weight(name, linear_weight(module).detach()))
-    # only a model in memory still has its blocks to swap codes in (a streamed walk has written them out)
-    method.after_walk(model if isinstance(sink, InMemory) else None, batch, reports)
     sink.finish()
     return reports
 

@@ -15,8 +15,8 @@ eighth of the calibration windows is held out from training, and each block keep
 block output error on them: the trained ones, the start's, or GPTQ's (computed for init="rtn" too), so a block
 never ends worse than GPTQ on those windows. The block error is a local judge (a block whose error drops there
 can still cost the model perplexity): with select="model" (default), after the walk each block that kept its
-trained codes over GPTQ's gets GPTQ's back unless the whole model's loss on the held-out windows is lower with
-the trained ones (`QAT.after_walk`, greedy in block order; in-memory walks only). nf4/fp4 layers have no GPTQ (no column-wise codebook encode) and
+trained codes over GPTQ's gets GPTQ's back unless the model's loss on the held-out windows is lower with
+the trained ones (`QAT.after_block`, before the block calibrates the next ones; in-memory walks only). nf4/fp4 layers have no GPTQ (no column-wise codebook encode) and
 start from their absmax either way.
 
 Fake quantization per scheme (`fake_quantizer`):
@@ -244,7 +244,7 @@ class QAT(Method):
     # min_gain: the relative held-out improvement the trained codes need to replace the start's or GPTQ's
     # (a few held-out windows are a noisy judge: a block whose error drops by 1% there can still cost perplexity)
     # select (keep_best): "block" keeps whichever codes have the lower held-out block error; "model" then checks
-    # each block that kept its trained codes over GPTQ's on the whole model's held-out loss (see after_walk)
+    # each block that kept its trained codes over GPTQ's on the whole model's held-out loss (see after_block)
     defaults = {"epochs": 4, "lr": 1e-2, "scale_lr": 1e-2, "chunk": 1, "init": "gptq", "keep_best": True,
                 "min_gain": 0.0, "select": "model"}
     option_types = {"epochs": int, "lr": float, "scale_lr": float, "init": str, "keep_best": bool, "min_gain": float,
@@ -265,8 +265,8 @@ class QAT(Method):
         if self.option("select") not in QAT_SELECTS:
             raise LowbitError(f"method qat: select must be one of {', '.join(QAT_SELECTS)} "
                               f"(got {self.option('select')!r})")
-        # block prefix -> GPTQ's codes of the blocks that kept their trained codes over them (select="model"),
-        # held from the block's quantization until after_walk has judged it on the whole model
+        # block prefix -> GPTQ's codes (and block error) of a block that kept its trained codes over them
+        # (select="model"), held from the block's quantization until after_block has judged it on the model
         self.gptq_alternatives: dict[str, tuple[dict[str, QuantizedWeight], float]] = {}
 
     def option_names(self) -> tuple[str, ...]:
@@ -392,39 +392,37 @@ class QAT(Method):
             self.gptq_alternatives[prefix] = candidates[gptq_name]
         return BlockResult(candidates[kept][0], {name: report for name in fakes})
 
-    def after_walk(self, model: nn.Module | None, batch: Any, reports: dict[str, Any]) -> None:
+    def after_block(self, model: nn.Module | None, block: nn.Module, prefix: str, batch: Any,
+                    result: BlockResult) -> BlockResult:
         """select="model": the held-out block error is a local judge (a block whose error drops there can still
-        cost the model perplexity), so each block that kept its trained codes over GPTQ's gets GPTQ's back, in
-        walk order (greedy), unless the whole model's loss on the held-out calibration windows is lower with the
-        trained ones."""
-        alternatives, self.gptq_alternatives = self.gptq_alternatives, {}
-        if not alternatives:
-            return
+        cost the model perplexity), so a block that kept its trained codes over GPTQ's gets GPTQ's back unless
+        the model's loss on the held-out calibration windows (blocks before quantized, blocks after float) is
+        lower with the trained ones. Judged here, before the block's outputs calibrate the next blocks, so these
+        are calibrated on the codes the block ends with."""
+        alternative = self.gptq_alternatives.pop(prefix, None)
+        if alternative is None:
+            return result
         if model is None:
-            log.info("qat: select=model needs the model in memory; a streamed walk keeps the per-block choice")
-            return
+            log.info("qat: select=model needs the model in memory; a streamed walk keeps the block-wise choice")
+            return result
         from lowbit.runtime.surgery import install_quantized, replace_module
 
+        codes, block_error = alternative
         chunk = self.option("chunk")
         held_out = [batch[i * chunk:(i + 1) * chunk] for i in selection_split(-(-batch.shape[0] // chunk))[1]]
-        loss = heldout_loss(model, held_out)
-        for prefix, (codes, block_error) in alternatives.items():
-            block = model.get_submodule(prefix)
-            trained = {name: block.get_submodule(name) for name in codes}
-            for name, qw in codes.items():
-                install_quantized(block, name, qw, "reference")
-            with_gptq = heldout_loss(model, held_out)
-            log.info("qat %s: held-out model loss %.4f with the trained codes, %.4f with GPTQ's: kept %s", prefix,
-                     loss, with_gptq, "GPTQ's" if with_gptq <= loss else "the trained")
-            if with_gptq <= loss:
-                loss = with_gptq
-                for name in codes:
-                    report = reports[join_name(prefix, name)]
-                    reports[join_name(prefix, name)] = dataclasses.replace(report, relative_error=block_error,
-                                                                           kept="gptq")
-            else:
-                for name, module in trained.items():
-                    replace_module(block, name, module)
+        with_trained = heldout_loss(model, held_out)
+        trained = {name: block.get_submodule(name) for name in codes}
+        for name, qw in codes.items():
+            install_quantized(block, name, qw, "reference")
+        with_gptq = heldout_loss(model, held_out)
+        log.info("qat %s: held-out model loss %.4f with the trained codes, %.4f with GPTQ's: kept %s", prefix,
+                 with_trained, with_gptq, "GPTQ's" if with_gptq <= with_trained else "the trained")
+        if with_gptq > with_trained:
+            for name, module in trained.items():
+                replace_module(block, name, module)
+            return result
+        return BlockResult(codes, {name: dataclasses.replace(report, relative_error=block_error, kept="gptq")
+                                   for name, report in result.reports.items()})
 
 
 @torch.no_grad()
