@@ -320,7 +320,7 @@ def test_qat_from_gptq_is_no_worse_than_gptq_at_4_bits(stories_float, text):
     """QAT starting from GPTQ's codes with keep_best: every block keeps codes whose held-out block error is at
     most its start's, and the model's held-out perplexity is at most GPTQ's on the same grid and calibration.
     select="model" (default) then gives GPTQ's codes back to blocks whose trained codes do not lower the whole
-    model's loss on the held-out calibration windows: that loss ends at most select="block"'s (greedy)."""
+    model's loss on the held-out calibration windows, judged right after each block."""
     from lowbit.methods.base import QuantizeConfig
     from lowbit.methods.pipeline import quantize_model
     from lowbit.methods.qat import heldout_loss, selection_split
@@ -337,11 +337,10 @@ def test_qat_from_gptq_is_no_worse_than_gptq_at_4_bits(stories_float, text):
         calib_loss[label] = heldout_loss(model, held_out_windows)
     assert all(r.relative_error <= r.initial_error for r in reports["qat-block"].values())
     assert {r.kept for r in reports["qat-block"].values()} <= {"trained", "start"}
-    # measured: GPTQ 1.6606, block-wise choice 1.6419 (all 5 blocks trained), model-wise 1.6414 (block 0 -> GPTQ's)
+    # measured: GPTQ 1.6606, QAT 1.6419; the model check keeps every block's trained codes (the model's held-out
+    # loss right after each block is lower with them: e.g. block 2 1.6157 vs 1.6316 with GPTQ's), so the two agree
     assert calib_loss["qat"] <= calib_loss["qat-block"] < calib_loss["gptq"], calib_loss
-    assert {r.kept for r in reports["qat"].values()} == {"trained", "gptq"}
-    assert {k for k, r in reports["qat"].items() if r.kept == "gptq"} == {
-        k for k in reports["qat"] if k.startswith("model.layers.0.")}
+    assert [r.kept for r in reports["qat"].values()] == [r.kept for r in reports["qat-block"].values()]
     assert results["qat"] <= results["gptq"], results
 
 
