@@ -344,6 +344,41 @@ def test_qat_from_gptq_is_no_worse_than_gptq_at_4_bits(stories_float, text):
     assert results["qat"] <= results["gptq"], results
 
 
+def test_qat_model_check_gives_gptq_codes_back_only_where_the_model_loss_is_not_lower(stories_float, text):
+    """QAT.after_block on block 0 with 4-bit codes as GPTQ's and 2-bit ones as the trained: the model's held-out
+    calibration loss is far lower with the 4-bit codes, so they are installed and reported as kept="gptq"; the
+    other way round the 2-bit alternative is refused and the block's modules are the ones it had."""
+    from lowbit.methods.base import BlockResult, QuantizeConfig, get_method
+    from lowbit.methods.pipeline import block_linears
+    from lowbit.methods.qat import QATReport, heldout_loss, selection_split
+    from lowbit.schemes.intgrid import IntGrid
+
+    calib = text.windows(64, 16, 0)
+    held_out_windows = [calib[i:i + 1] for i in selection_split(len(calib))[1]]
+    prefix = "model.layers.0"
+    for installed_bits, alternative_bits, kept in ((2, 4, "gptq"), (4, 2, "trained")):
+        model = copy.deepcopy(stories_float[0])
+        block = model.get_submodule(prefix)
+        codes = {bits: {name: IntGrid(bits=bits, group_size=32).quantize(lin.weight.detach())
+                        for name, lin in block_linears(block, prefix, ()).items()} for bits in (2, 4)}
+        method = get_method(QuantizeConfig(method="qat", bits=4, group_size=32, options={"chunk": 1}))
+        installed = BlockResult(codes[installed_bits], {name: QATReport(0.5, 0.6) for name in codes[2]})
+        installed.install(block)
+        modules = {name: block.get_submodule(name) for name in codes[2]}
+        before = heldout_loss(model, held_out_windows)
+        method.gptq_alternatives[prefix] = (codes[alternative_bits], 0.1)
+        result = method.after_block(model, block, prefix, calib, installed)
+        assert {r.kept for r in result.reports.values()} == {kept} and prefix not in method.gptq_alternatives
+        after = heldout_loss(model, held_out_windows)
+        if kept == "gptq":
+            assert result.weights == codes[4] and after < before
+            assert all(block.get_submodule(name).qweight is codes[4][name] for name in codes[4])
+            assert {r.relative_error for r in result.reports.values()} == {0.1}
+        else:
+            assert result is installed and after == before
+            assert all(block.get_submodule(name) is module for name, module in modules.items())
+
+
 def run_cli(capsys, *argv):
     from lowbit.cli import main
 
