@@ -160,7 +160,9 @@ def merge_figures(name: str, lora: dict) -> list[dict]:
 # label -> (method, options): qat with its default start (GPTQ's codes) and from rounding to nearest
 QAT_OPTIONS = {"rtn": ("rtn", {}), "gptq": ("gptq", {}), "qat": ("qat", {"epochs": 2}),
                "qat-rtn": ("qat", {"epochs": 2, "init": "rtn"}), "qat-lr3e-3": ("qat", {"epochs": 2, "lr": 3e-3}),
-               "qat-gain5": ("qat", {"epochs": 2, "min_gain": 0.05})}
+               "qat-gain5": ("qat", {"epochs": 2, "min_gain": 0.05}),
+               # GPTQ recording one calibration window per call, as qat does (the gptq label batches 8)
+               "gptq-chunk1": ("gptq", {"chunk": 1})}
 
 
 def qat_runs(spec: str) -> list[tuple[int, str]]:

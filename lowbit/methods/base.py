@@ -164,6 +164,14 @@ class Method:
         """Codes for one [N, K] weight of the layer `name` (full module name)."""
         return self.scheme_for(name).quantize(weight, importance)
 
+    def after_block(self, model: nn.Module | None, block: nn.Module, prefix: str, batch: Any,
+                    result: BlockResult) -> BlockResult:
+        """Called after the walk installed `result` into `block` and before the block's outputs feed the next
+        block: `model` is the whole model in memory (blocks before quantized, blocks after still float; None for
+        a streamed walk), `batch` the calibration token ids. Methods that choose among codes per block can
+        revisit the choice on the model's loss here, installing other codes and returning what they installed."""
+        return result
+
     def quantize_block(self, block: nn.Module, linears: dict[str, nn.Module], inputs: Any = None,
                        arch: Any = None, prefix: str = "") -> BlockResult:
         """Codes for the Linears of one decoder block (`linears`: name inside the block -> Linear-like module;

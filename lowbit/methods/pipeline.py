@@ -106,7 +106,7 @@ def walk(method: Method, source: BlockSource, sink: BlockSink, calibration: Any 
     floats = method.plan_layers(model)
     skip = effective_skip(model, method.config) + tuple(floats)
     check_model(model, method, skip)
-    calls = None
+    calls = batch = None
     if method.needs_calibration:
         options = method.config.options
         batch = calibration_batch(model, calibration, options.get("calib_samples"), options.get("calib_len"),
@@ -129,6 +129,8 @@ def walk(method: Method, source: BlockSource, sink: BlockSink, calibration: Any 
         prefix = arch.block_prefix(i)
         result: BlockResult = method.quantize_block(block, block_linears(block, prefix, skip), calls, arch, prefix)
         result.install(block)
+        # only a model in memory has every block to run the whole model with (streamed blocks are on meta)
+        result = method.after_block(model if isinstance(source, InMemory) else None, block, prefix, batch, result)
         reports.update({f"{prefix}.{name}": report for name, report in result.reports.items()})
         error = result.worst_error()
         if error is not None:

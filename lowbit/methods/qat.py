@@ -13,7 +13,10 @@ codes (the latent weight is the float weight moved into GPTQ's rounding bins, `w
 GPTQ's block exactly); "rtn" starts from rounding on the MSE-clipped grid. With `keep_best` (default) the last
 eighth of the calibration windows is held out from training, and each block keeps whichever codes have the lower
 block output error on them: the trained ones, the start's, or GPTQ's (computed for init="rtn" too), so a block
-never ends worse than GPTQ on those windows. nf4/fp4 layers have no GPTQ (no column-wise codebook encode) and
+never ends worse than GPTQ on those windows. The block error is a local judge (a block whose error drops there
+can still cost the model perplexity): with select="model" (default), after the walk each block that kept its
+trained codes over GPTQ's gets GPTQ's back unless the model's loss on the held-out windows is lower with
+the trained ones (`QAT.after_block`, before the block calibrates the next ones; in-memory walks only). nf4/fp4 layers have no GPTQ (no column-wise codebook encode) and
 start from their absmax either way.
 
 Fake quantization per scheme (`fake_quantizer`):
@@ -208,6 +211,8 @@ class QATReport:
 # where the fake quantization starts: GPTQ's codes (run on the same calibration inputs first) or rounding to
 # nearest on the MSE-clipped grid; nf4/fp4 layers start from their absmax in both (GPTQ has no codebook encode)
 QAT_INITS = ("gptq", "rtn")      # also lowbit.training.config.QAT_INITS
+# how keep_best chooses: on the held-out block error only, or then also on the whole model's held-out loss
+QAT_SELECTS = ("model", "block")
 
 
 def selection_split(n_calls: int) -> tuple[list[int], list[int]]:
@@ -238,10 +243,12 @@ class QAT(Method):
     # chunk 1: one calibration window per Adam step (the walk's default batches 8, a step per 8 windows)
     # min_gain: the relative held-out improvement the trained codes need to replace the start's or GPTQ's
     # (a few held-out windows are a noisy judge: a block whose error drops by 1% there can still cost perplexity)
+    # select (keep_best): "block" keeps whichever codes have the lower held-out block error; "model" then checks
+    # each block that kept its trained codes over GPTQ's on the whole model's held-out loss (see after_block)
     defaults = {"epochs": 4, "lr": 1e-2, "scale_lr": 1e-2, "chunk": 1, "init": "gptq", "keep_best": True,
-                "min_gain": 0.0}
+                "min_gain": 0.0, "select": "model"}
     option_types = {"epochs": int, "lr": float, "scale_lr": float, "init": str, "keep_best": bool, "min_gain": float,
-                    **CALIBRATION_OPTION_TYPES}
+                    "select": str, **CALIBRATION_OPTION_TYPES}
 
     def __init__(self, config: Any):
         super().__init__(config)
@@ -255,10 +262,16 @@ class QAT(Method):
             raise LowbitError(f"method qat: min_gain must be in [0, 1) (got {self.option('min_gain')})")
         if self.option("init") not in QAT_INITS:
             raise LowbitError(f"method qat: init must be one of {', '.join(QAT_INITS)} (got {self.option('init')!r})")
+        if self.option("select") not in QAT_SELECTS:
+            raise LowbitError(f"method qat: select must be one of {', '.join(QAT_SELECTS)} "
+                              f"(got {self.option('select')!r})")
+        # block prefix -> GPTQ's codes (and block error) of a block that kept its trained codes over them
+        # (select="model"), held from the block's quantization until after_block has judged it on the model
+        self.gptq_alternatives: dict[str, tuple[dict[str, QuantizedWeight], float]] = {}
 
     def option_names(self) -> tuple[str, ...]:
-        return ("scheme", "epochs", "lr", "scale_lr", "init", "keep_best", "min_gain", "calib_samples", "calib_len",
-                "seed", "chunk")
+        return ("scheme", "epochs", "lr", "scale_lr", "init", "keep_best", "min_gain", "select", "calib_samples",
+                "calib_len", "seed", "chunk")
 
     def option(self, key: str) -> Any:
         value = self.config.options.get(key)
@@ -374,4 +387,51 @@ class QAT(Method):
         report = QATReport(relative_error=candidates[kept][1], initial_error=initial, trained_error=trained,
                            kept=kept)
         log.debug("qat %s: block error %.3e -> %.3e, kept the %s codes", prefix, initial, trained, kept)
+        gptq_name = "gptq" if "gptq" in candidates else "start" if init == "gptq" else None
+        if kept == "trained" and gptq_name in candidates and self.option("select") == "model":
+            self.gptq_alternatives[prefix] = candidates[gptq_name]
         return BlockResult(candidates[kept][0], {name: report for name in fakes})
+
+    def after_block(self, model: nn.Module | None, block: nn.Module, prefix: str, batch: Any,
+                    result: BlockResult) -> BlockResult:
+        """select="model": the held-out block error is a local judge (a block whose error drops there can still
+        cost the model perplexity), so a block that kept its trained codes over GPTQ's gets GPTQ's back unless
+        the model's loss on the held-out calibration windows (blocks before quantized, blocks after float) is
+        lower with the trained ones. Judged here, before the block's outputs calibrate the next blocks, so these
+        are calibrated on the codes the block ends with."""
+        alternative = self.gptq_alternatives.pop(prefix, None)
+        if alternative is None:
+            return result
+        if model is None:
+            log.info("qat: select=model needs the model in memory; a streamed walk keeps the block-wise choice")
+            return result
+        from lowbit.runtime.surgery import install_quantized, replace_module
+
+        codes, block_error = alternative
+        chunk = self.option("chunk")
+        held_out = [batch[i * chunk:(i + 1) * chunk] for i in selection_split(-(-batch.shape[0] // chunk))[1]]
+        with_trained = heldout_loss(model, held_out)
+        trained = {name: block.get_submodule(name) for name in codes}
+        for name, qw in codes.items():
+            install_quantized(block, name, qw, "reference")
+        with_gptq = heldout_loss(model, held_out)
+        log.info("qat %s: held-out model loss %.4f with the trained codes, %.4f with GPTQ's: kept %s", prefix,
+                 with_trained, with_gptq, "GPTQ's" if with_gptq <= with_trained else "the trained")
+        if with_gptq > with_trained:
+            for name, module in trained.items():
+                replace_module(block, name, module)
+            return result
+        return BlockResult(codes, {name: dataclasses.replace(report, relative_error=block_error, kept="gptq")
+                                   for name, report in result.reports.items()})
+
+
+@torch.no_grad()
+def heldout_loss(model: nn.Module, windows: list[torch.Tensor]) -> float:
+    """The model's mean next-token cross-entropy over the token windows (one forward each)."""
+    total, count = 0.0, 0
+    for ids in windows:
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits
+        total += F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(),
+                                 reduction="sum").item()
+        count += ids[:, 1:].numel()
+    return total / count

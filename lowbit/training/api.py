@@ -184,6 +184,7 @@ def _qat(model: nn.Module, tokenizer: Any, text: TrainingText, output: Path, con
                              symmetric=config.symmetric,
                              options={"scheme": config.scheme, "epochs": config.qat_epochs, "chunk": config.batch,
                                       "init": config.qat_init, "keep_best": config.qat_keep_best,
+                                      "select": config.qat_select,
                                       "seed": config.seed, **({"lr": config.lr} if config.lr else {})})
     began = time.perf_counter()
     quantize_model(model, qconfig, calibration=windows, progress=progress)

@@ -47,6 +47,9 @@ def add_commands(sub) -> None:
                                                                  "rtn (rounding on the MSE-clipped grid)")
     q.add_argument("--no-keep-best", dest="qat_keep_best", action="store_false",
                    help="keep the trained codes even where the start's or GPTQ's are better on held-out windows")
+    q.add_argument("--qat-select", default=defaults.qat_select,
+                   help="keep_best's judge: model (default: the held-out block error, then the whole model's held-out "
+                        "loss for blocks that kept trained codes over GPTQ's) or block (the block error only)")
     q.add_argument("--format", default="lowbit", help="qat output format: lowbit, gptq, awq, bnb, gguf")
     f.add_argument("--json", default=None, help="write the figures to this JSON file")
     f.set_defaults(func=cmd_finetune)
@@ -84,6 +87,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
                "checkpoint_every": args.checkpoint_every, "scheme": args.scheme, "bits": args.bits,
                "group_size": args.group_size, "symmetric": not args.asym, "qat_epochs": args.qat_epochs,
                "qat_init": args.qat_init, "qat_keep_best": args.qat_keep_best,
+               "qat_select": args.qat_select,
                "base_quantize": args.base_quantize}
     if args.optimizer:
         options["optimizer"] = args.optimizer

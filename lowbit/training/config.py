@@ -9,6 +9,7 @@ from lowbit.errors import LowbitError, check_option_type
 METHODS = ("lora", "qlora", "qat")
 OPTIMIZERS = ("adamw", "adamw8bit")
 QAT_INITS = ("gptq", "rtn")      # lowbit.methods.qat.QAT_INITS (not imported: this module stays torch-free)
+QAT_SELECTS = ("model", "block")  # lowbit.methods.qat.QAT_SELECTS
 # Every projection of a Llama-family block: the QLoRA paper's finding is that adapting all of them matters more
 # than the rank.
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -45,6 +46,7 @@ class FinetuneConfig:
     qat_epochs: int = 4            # passes over the calibration windows per block
     qat_init: str = "gptq"         # where each block's training starts: gptq (GPTQ's codes first) | rtn
     qat_keep_best: bool = True     # each block keeps the best of trained / start / GPTQ codes on held-out windows
+    qat_select: str = "model"      # keep_best judged on the block error only (block) or then on the model loss too
     base_quantize: str | None = None   # lora: quantize the float MODEL on load with this method first (rtn, gptq)
     extra: dict[str, Any] = field(default_factory=dict)   # not options: reserved for callers' notes
 
@@ -56,6 +58,8 @@ class FinetuneConfig:
             self.optimizer = "adamw8bit" if self.method == "qlora" else "adamw"
         if self.qat_init not in QAT_INITS:
             raise LowbitError(f"--qat-init must be one of {', '.join(QAT_INITS)} (got {self.qat_init!r})")
+        if self.qat_select not in QAT_SELECTS:
+            raise LowbitError(f"--qat-select must be one of {', '.join(QAT_SELECTS)} (got {self.qat_select!r})")
         if self.optimizer not in OPTIMIZERS:
             raise LowbitError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
         for name, low, high in (("dropout", 0.0, 1.0), ("alpha", 0.0, None), ("warmup", 0, None),
