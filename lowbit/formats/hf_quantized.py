@@ -18,8 +18,7 @@ from torch import nn
 
 from lowbit.errors import CorruptFile, LowbitError, unreadable_weights
 from lowbit.formats.atomic import atomic_dir
-from lowbit.models.float_dtype import (HALF_DTYPES, compute_in_float32, embedding_and_head_keys, kept_half_dtype,
-                                       stored_float_tensors)
+from lowbit.models.float_dtype import HALF_DTYPES, embedding_and_head_keys, keep_half_weights, stored_float_tensors
 from lowbit.models.validate import check_state, check_state_tensor, layer_errors
 from lowbit.quantized import QuantizedWeight
 from lowbit.runtime.surgery import install_quantized, iter_linears, quantized_modules
@@ -207,8 +206,7 @@ def load_checkpoint(path: str | Path, fmt: str, marker: str,
     model.load_state_dict(tensors, strict=False, assign=True)
     if getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()
-    compute_in_float32(model)
-    model.lowbit_source_dtype = kept_half_dtype(model)
+    keep_half_weights(model)
     model.eval()
     return model, load_tokenizer(path)
 

@@ -21,7 +21,7 @@ from lowbit.models.validate import (SCHEME_TENSOR_NAMES, check_integer_tensor, c
 from lowbit.formats.atomic import atomic_dir
 from lowbit.formats.hf_quantized import layer_tensors, read_tensors
 from lowbit.formats.registry import Format, register_format
-from lowbit.models.float_dtype import check_float_dtype, compute_in_float32, kept_half_dtype, stored_float_tensors
+from lowbit.models.float_dtype import check_float_dtype, keep_half_weights, stored_float_tensors
 from lowbit.runtime.surgery import install_quantized, quantized_modules
 from lowbit.schemes.base import scheme_from_config
 
@@ -179,8 +179,7 @@ def load_native(path: str | Path, kernel: str = "auto", **_: Any):
     model.load_state_dict(tensors, strict=False, assign=True)   # (assign: a bfloat16 embedding stays one)
     if not manifest.get("tied"):
         model.tie_weights()  # tied pairs were stored once and assigned above; otherwise follow the config
-    compute_in_float32(model)
-    model.lowbit_source_dtype = kept_half_dtype(model)
+    keep_half_weights(model)
     model.eval()
     if manifest.get("quantization"):
         model.lowbit_config = QuantizeConfig.from_dict(manifest["quantization"])

@@ -127,3 +127,10 @@ def compute_in_float32(model: nn.Module) -> None:
             module.lowbit_float32_rows = True
         elif type(module) is nn.Linear:
             module.__class__ = HalfWeightLinear
+
+
+def keep_half_weights(model: nn.Module) -> None:
+    """What every reader does once a checkpoint's tensors are in `model`: half embeddings and heads compute in
+    float32 from their stored width, and the model remembers that width so re-saving keeps it."""
+    compute_in_float32(model)
+    model.lowbit_source_dtype = kept_half_dtype(model)
