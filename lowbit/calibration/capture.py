@@ -44,6 +44,26 @@ class BlockCall:
         return BlockCall((hidden, *self.args[1:]), self.kwargs)
 
 
+def split_windows(call: BlockCall) -> list[BlockCall]:
+    """One call per calibration window of `call`: every tensor argument whose leading dimension is the batch's
+    (hidden states, masks, per-window position ids and rotary tables) is sliced; shared ones (a [1, ...] rotary
+    table, 1-D cache positions) are passed on whole. Lets a method step per window on calls recorded in chunks."""
+    n = call.hidden.shape[0]
+    if n == 1:
+        return [call]
+
+    def window(value: Any, i: int) -> Any:
+        if isinstance(value, torch.Tensor):
+            return value[i:i + 1] if value.dim() >= 2 and value.shape[0] == n else value
+        if isinstance(value, (tuple, list)):
+            return type(value)(window(v, i) for v in value)
+        if isinstance(value, dict):
+            return {k: window(v, i) for k, v in value.items()}
+        return value
+
+    return [BlockCall(window(call.args, i), window(call.kwargs, i)) for i in range(n)]
+
+
 class _FirstBlockCatcher(nn.Module):
     """Stands in for block 0: records how the model calls it, then stops the forward pass."""
 

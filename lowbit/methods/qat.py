@@ -240,12 +240,14 @@ class QAT(Method):
 
     name = "qat"
     needs_calibration = True
-    # chunk 1: one calibration window per Adam step (the walk's default batches 8, a step per 8 windows)
+    # chunk: calibration windows per recorded call, 8 as GPTQ's, so the GPTQ codes computed here are exactly
+    # GPTQ's own (its Hessians and the next blocks' inputs depend on the grouping through float rounding, and
+    # at 4 bits that rounding alone moves perplexity by ~1%); Adam still steps once per window (split_windows)
     # min_gain: the relative held-out improvement the trained codes need to replace the start's or GPTQ's
     # (a few held-out windows are a noisy judge: a block whose error drops by 1% there can still cost perplexity)
     # select (keep_best): "block" keeps whichever codes have the lower held-out block error; "model" then checks
     # each block that kept its trained codes over GPTQ's on the whole model's held-out loss (see after_block)
-    defaults = {"epochs": 4, "lr": 1e-2, "scale_lr": 1e-2, "chunk": 1, "init": "gptq", "keep_best": True,
+    defaults = {"epochs": 4, "lr": 1e-2, "scale_lr": 1e-2, "chunk": 8, "init": "gptq", "keep_best": True,
                 "min_gain": 0.0, "select": "model"}
     option_types = {"epochs": int, "lr": float, "scale_lr": float, "init": str, "keep_best": bool, "min_gain": float,
                     "select": str, **CALIBRATION_OPTION_TYPES}
@@ -312,19 +314,20 @@ class QAT(Method):
 
     def quantize_block(self, block: nn.Module, linears: dict[str, nn.Module], inputs: Any = None,
                        arch: Any = None, prefix: str = "") -> BlockResult:
-        from lowbit.calibration.capture import block_output, run_block
+        from lowbit.calibration.capture import block_output, run_block, split_windows
         from lowbit.models.arch.base import linear_weight
         from lowbit.runtime.surgery import replace_module
 
         if inputs is None:
             raise LowbitError("qat needs calibration inputs for every block")
-        calls = list(inputs)
+        recorded = list(inputs)
+        calls = [window for call in recorded for window in split_windows(call)]
         targets = [call.hidden for call in run_block(block, calls)]
         keep_best = self.option("keep_best")
         training, selection = selection_split(len(calls)) if keep_best else (list(range(len(calls))), [])
         weights = {name: linear_weight(module).detach().float().clone() for name, module in linears.items()}
         init = self.option("init")
-        gptq = self.gptq_start(block, linears, calls, arch, prefix) if init == "gptq" or keep_best else {}
+        gptq = self.gptq_start(block, linears, recorded, arch, prefix) if init == "gptq" or keep_best else {}
         starts = gptq if init == "gptq" else {}
         frozen = {p: p.requires_grad for p in block.parameters()}
         for p in frozen:
@@ -408,8 +411,7 @@ class QAT(Method):
         from lowbit.runtime.surgery import install_quantized, replace_module
 
         codes, block_error = alternative
-        chunk = self.option("chunk")
-        held_out = [batch[i * chunk:(i + 1) * chunk] for i in selection_split(-(-batch.shape[0] // chunk))[1]]
+        held_out = [batch[i:i + 1] for i in selection_split(batch.shape[0])[1]]   # quantize_block's windows
         with_trained = heldout_loss(model, held_out)
         trained = {name: block.get_submodule(name) for name in codes}
         for name, qw in codes.items():
