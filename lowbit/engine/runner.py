@@ -849,7 +849,8 @@ class Engine:
             seq.position = begin + chunk.shape[1]
         if len(ids) > NATIVE_PREFILL_TOKENS:
             # the prompt ran through GEMMs whose buffers (activations for every prompt token, dequantized weight
-            # slices) glibc would keep resident between requests: a few ms against the prompt's hundreds
+            # slices) glibc would keep resident between requests (Qwen2.5-0.5B, 512 tokens: 130 MB); trimming
+            # took 7 ms of CPU against the prompt's 1.35 s, and 1.8 ms against 0.65 s at 128 tokens
             release_freed_heap()
         return logits[0]
 
