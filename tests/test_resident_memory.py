@@ -75,11 +75,14 @@ def test_gguf_model_holds_its_quantized_tensors_in_the_file_pages_only(smollm2_k
     reordered = {name for name in outside if ".q_proj.qweight." in name or ".k_proj.qweight." in name}
     small = {name for name in outside if name.endswith(("norm.weight", "inv_freq", "original_inv_freq"))}
     assert set(outside) == reordered | small, sorted(set(outside) - reordered - small)[:5]
-    layers = model.config.num_hidden_layers
-    hidden, kv_width = model.config.hidden_size, model.config.num_key_value_heads * 64
+    config = model.config
+    layers, hidden = config.num_hidden_layers, config.hidden_size
+    head_dim = hidden // config.num_attention_heads
     q4_1_row_bytes = hidden // 32 * 20          # Q4_1: 32 weights in 20 bytes
-    assert sum(outside[n] for n in reordered) == layers * (hidden + kv_width) * q4_1_row_bytes
-    assert sum(outside[n] for n in small) == (2 * layers + 1) * hidden * 4 + 2 * 32 * 4
+    q_and_k_rows = hidden + config.num_key_value_heads * head_dim
+    assert sum(outside[n] for n in reordered) == layers * q_and_k_rows * q4_1_row_bytes
+    # two RMSNorm weights a layer and the final one; the rotary inverse frequencies (and their original copy)
+    assert sum(outside[n] for n in small) == (2 * layers + 1) * hidden * 4 + 2 * (head_dim // 2) * 4
 
 
 def test_loaded_gguf_model_keeps_no_tokenizer_arrays(smollm2_kept):
