@@ -112,7 +112,8 @@ def test_a_prompt_returns_the_heap_its_gemms_freed(smollm2_kept):
         pytest.skip("not glibc: its heap is what this test is about")
     from lowbit.engine.bench import bench_tokens
     from lowbit.engine.generate import SamplingParams
-    from lowbit.engine.runner import Engine, release_freed_heap
+    from lowbit.engine.runner import Engine
+    from lowbit.runtime.memory import release_freed_heap
 
     model, tokenizer = smollm2_kept
     engine = Engine(model, tokenizer, context=512)
@@ -126,3 +127,19 @@ def test_a_prompt_returns_the_heap_its_gemms_freed(smollm2_kept):
     print(f"anonymous memory resident: {before_kb / 1024:.1f} MB before the prompt, {after_kb / 1024:.1f} MB after")
     # the prompt's buffers were tens of MB (its 400 x 1536 float32 MLP activations alone are 2.4 MB a matmul)
     assert after_kb - before_kb < 8 * 1024
+
+
+def test_load_model_leaves_no_freed_heap_resident(smollm2_kept):
+    """Building the tokenizer and the skeleton frees tens of MB inside glibc's heap (69 MB for SmolLM2's GGUF);
+    load_model hands it back, so trimming again right after it releases next to nothing."""
+    if not hasattr(ctypes.CDLL(None), "malloc_trim"):
+        pytest.skip("not glibc: its heap is what this test is about")
+    from lowbit.models.loading import load_model
+    from lowbit.runtime.memory import release_freed_heap
+
+    loaded = load_model(smollm2_kept[0].lowbit_source_file.path, keep_quantized=True)
+    before_kb = _resident_anonymous_kb()
+    release_freed_heap()
+    released_kb = before_kb - _resident_anonymous_kb()
+    assert released_kb < 4 * 1024, f"{released_kb / 1024:.1f} MB freed by the loader was still resident"
+    assert len(loaded[1]) == 49152

@@ -12,7 +12,6 @@ architectures run through transformers' own forward, one sequence at a time.
 """
 from __future__ import annotations
 
-import functools
 import inspect
 import os
 import time
@@ -33,6 +32,7 @@ from lowbit.quantized import QuantizedWeight
 from lowbit.runtime.activations import Activations
 from lowbit.runtime.cpu import gemm_dtype
 from lowbit.runtime.fast_kernels import PREFILL_ROWS
+from lowbit.runtime.memory import release_freed_heap
 
 COMPILED_BATCH_ROWS = 64    # decode batches below this many rows run through the compiled step (see RotaryDecoder)
 from lowbit.runtime.qlinear import QuantLinear
@@ -41,29 +41,6 @@ from lowbit.runtime.qlinear import QuantLinear
 # as bf16 GEMMs up to 16 tokens, 2x slower at 32), longer ones through bf16 GEMMs.
 NATIVE_PREFILL_TOKENS = 16
 DEFAULT_CONTEXT = 2048
-
-
-@functools.cache
-def _malloc_trim() -> Callable[[int], int] | None:
-    """glibc's malloc_trim, or None (another C library)."""
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    try:
-        return getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
-    except OSError:
-        return None
-
-
-def release_freed_heap() -> None:
-    """Hand freed heap memory back to the OS; a no-op without glibc. glibc keeps what a process frees inside its
-    heap, resident (only a free top of the heap is returned): after load, the tokenizer's construction garbage
-    (measured 112 MB on Qwen2.5-0.5B's GGUF, 300 MB on Gemma-3's 262k vocabulary); after a prompt, its
-    activations and dequantized weight slices (80 MB on Gemma-3-270M at 512 tokens, more on larger models)."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
 
 
 def set_threads(threads: int | None) -> int:
