@@ -513,8 +513,9 @@ def load_gguf_quantized(path: str | os.PathLike, kernel: str = "auto", **_: Any)
     if missing:
         raise CorruptFile(f"{path}: tensors missing for {missing[:3]}; the file does not match its architecture")
     model.eval()
-    model.lowbit_source_file = gf          # keeps the mapping open for as long as the model uses its pages
-    return model, tokenizer_from_gguf(path, gf)
+    tokenizer = tokenizer_from_gguf(path, gf)
+    model.lowbit_source_file = gf.without_arrays()   # keeps the mapping open for as long as the model uses its pages
+    return model, tokenizer
 
 
 def is_gguf(path: Path) -> bool:

@@ -8,7 +8,7 @@ import math
 import mmap
 import os
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +95,13 @@ class GGUFFile:
 
     def __reduce__(self):
         return read_gguf, (self.path,)     # a pickled model maps the file again where it is unpickled
+
+    def without_arrays(self) -> GGUFFile:
+        """This file (its mapping, tensors and scalar metadata) without its metadata arrays: what a loaded model
+        keeps. The arrays are the tokenizer's vocabulary, merges and scores, which the tokenizer holds once built,
+        and as Python lists they are tens of MB (37 MB for Gemma-3's 262k tokens and scores)."""
+        kept = {key: value for key, value in self.metadata.items() if not isinstance(value, list)}
+        return replace(self, metadata=kept, value_types={key: self.value_types[key] for key in kept})
 
     def release_pages(self) -> None:
         """Let the OS drop this process's resident pages of the file (they are re-read on the next access)."""
