@@ -1,0 +1,131 @@
+"""Many-row matmuls (continuous batching's step multiplies every weight by all running rows at once): the kernels'
+results for M rows are bit for bit the results of M one-row calls, on every layout whose many-row path differs
+(csrc/affine_dot.h: lowbit's integer codes and codebooks with float32 activations widen a block's codes once from
+LB_GEMM_ROWS rows; csrc/ggml_blocks.h: GGUF blocks with int8 activations), for ragged row counts and widths that
+are not multiples of 256, on this machine's build and the portable one; and a whole decode step of many rows
+equals its rows decoded one at a time."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lowbit.runtime import clib
+from lowbit.runtime.clib import LB_NIB, LB_U8, LinearSpec, compact_statistics, pack_nibbles
+
+pytestmark = pytest.mark.skipif(clib.native_library() is None, reason="no C compiler: compiled kernels unavailable")
+
+ROW_COUNTS = [1, 15, 16, 17, 33]
+NF4 = torch.tensor([-1.0, -0.6962, -0.5251, -0.3949, -0.2844, -0.1848, -0.0911, 0.0,
+                    0.0796, 0.1609, 0.2461, 0.3379, 0.4407, 0.5626, 0.7230, 1.0])
+
+
+def _affine_spec(kind: int, n: int, k: int, group: int, bits: int, seed: int, table: bool = False,
+                 act_order: bool = False):
+    """(spec, tensors to keep alive, dense float weight) of random codes affine per group (or a codebook)."""
+    gen = torch.Generator().manual_seed(seed)
+    groups = -(-k // group)
+    codes = torch.randint(0, 2 ** bits, (n, k), generator=gen, dtype=torch.uint8)
+    a = (torch.rand(n, groups, generator=gen) * 0.1 + 0.01).half().float()
+    b = torch.zeros_like(a) if table else (torch.randn(n, groups, generator=gen) * 0.3).half().float()
+    storage, a2, b2, offset = compact_statistics(a, b)
+    w = pack_nibbles(codes) if kind == LB_NIB else codes.contiguous()
+    values = NF4[codes.long()] if table else codes.float()
+    expand = lambda t: t.repeat_interleave(group, 1)[:, :k]  # noqa: E731
+    dense = values * expand(a) + expand(b)
+    perm = torch.randperm(k, generator=gen).to(torch.int32) if act_order else None
+    if perm is not None:       # column j of the stored weight multiplies x[:, perm[j]]
+        logical = torch.empty_like(dense)
+        logical[:, perm.long()] = dense
+        dense = logical
+    keep = [w, a2, b2, NF4] + ([perm] if perm is not None else [])
+    spec = LinearSpec(kind, n, k, groups, group, w.data_ptr(), a2.data_ptr(), b2.data_ptr(), None, storage, offset,
+                      None if perm is None else perm.data_ptr(), NF4.data_ptr() if table else None)
+    return spec, keep, dense
+
+
+def _float_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return x.shape[1] * 2 ** -23 * (x.abs() @ w.abs().T) + 1e-5
+
+
+def _rows_one_by_one(spec, x, lib=None, act8=False) -> torch.Tensor:
+    return torch.cat([clib.linear(spec, x[r:r + 1], act8=act8, lib=lib) for r in range(x.shape[0])])
+
+
+AFFINE_CASES = [  # (kind, n, k, group, bits, table, act_order)
+    (LB_NIB, 37, 576, 128, 4, False, False),     # SmolLM2's width, 37 rows: a block of fewer than 4 at the end
+    (LB_NIB, 40, 96, 64, 4, False, False),       # ragged last group
+    (LB_NIB, 20, 192, 32, 4, True, False),       # NF4 codebook
+    (LB_NIB, 24, 160, 32, 4, False, True),       # act-order columns
+    (LB_NIB, 24, 256, 16, 3, False, False),      # groups of 16: the per-row tiles at any M
+    (LB_U8, 33, 200, 200, 8, False, False),      # one code per byte, width with a 8-column tail
+    (LB_U8, 12, 96, 48, 6, False, False),        # groups that end mid-32-column step
+]
+
+
+@pytest.mark.parametrize("kind,n,k,group,bits,table,act_order", AFFINE_CASES)
+@pytest.mark.parametrize("rows", ROW_COUNTS)
+def test_many_rows_equal_rows_one_by_one(kind, n, k, group, bits, table, act_order, rows):
+    spec, keep, dense = _affine_spec(kind, n, k, group, bits, seed=rows, table=table, act_order=act_order)
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))
+    many = clib.linear(spec, x)
+    assert torch.equal(many, _rows_one_by_one(spec, x))
+    assert ((many.double() - x.double() @ dense.double().T).abs() <= _float_bound(x, dense).double()).all()
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_many_rows_are_the_same_on_any_thread_count(threads):
+    spec, keep, dense = _affine_spec(LB_NIB, 61, 320, 64, 4, seed=3)
+    x = torch.randn(17, 320)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        many = clib.linear(spec, x)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(many, _rows_one_by_one(spec, x))
+
+
+def test_portable_build_many_rows_equal_rows_one_by_one(tmp_path):
+    """The build without -march=native (no many-row path: the plain loops at any M) gives each row the same
+    numbers whether it comes alone or with 16 others, within float32 rounding of the dense matmul."""
+    result = clib.compile_library(tmp_path / "portable.so", march_native=False)
+    assert result.returncode == 0, result.stderr
+    portable = clib.load_library(tmp_path / "portable.so")
+    for kind, n, k, group, bits, table, act_order in AFFINE_CASES:
+        spec, keep, dense = _affine_spec(kind, n, k, group, bits, seed=1, table=table, act_order=act_order)
+        x = torch.randn(17, k)
+        many = clib.linear(spec, x, lib=portable)
+        assert torch.equal(many, _rows_one_by_one(spec, x, lib=portable)), (kind, k, group)
+        assert ((many - x @ dense.T).abs() <= _float_bound(x, dense)).all(), (kind, k, group)
+
+
+def test_batched_sampling_gives_each_row_its_own_tokens():
+    """Engine.step samples all rows in one call (sample_rows); each row gets the token sample_token gives it alone
+    with the same generator state, whatever its neighbours ask for (greedy, temperature, top-k, top-p)."""
+    from lowbit.engine.generate import SamplingParams
+    from lowbit.engine.runner import sample_rows, sample_token
+
+    logits = torch.randn(7, 300, generator=torch.Generator().manual_seed(0)) * 3
+    params = [SamplingParams(temperature=0.7), SamplingParams(), SamplingParams(temperature=1.3),
+              SamplingParams(temperature=0.9, top_k=5), SamplingParams(temperature=0.7, top_p=0.8),
+              SamplingParams(temperature=0.7), SamplingParams(temperature=2.0)]
+    for step in range(20):
+        seeds = [100 * step + b for b in range(7)]
+        batched = sample_rows(logits, params, [torch.Generator().manual_seed(s) for s in seeds])
+        alone = [sample_token(logits[b], params[b], torch.Generator().manual_seed(seeds[b])) for b in range(7)]
+        assert batched == alone
+
+
+def test_inverse_cdf_draws_follow_the_probabilities():
+    """draw() picks token i for uniforms in [cdf[i - 1], cdf[i]): never a token of probability 0, the last nonzero
+    one for a uniform that rounds to the total, and frequencies close to the probabilities."""
+    from lowbit.engine.generate import draw
+
+    probs = torch.tensor([[0.0, 0.25, 0.0, 0.75, 0.0]])
+    assert draw(probs, torch.tensor([0.0])).tolist() == [1]
+    assert draw(probs, torch.tensor([0.2499])).tolist() == [1]
+    assert draw(probs, torch.tensor([0.25])).tolist() == [3]
+    assert draw(probs, torch.tensor([1.0])).tolist() == [3]      # at the total: the last nonzero token
+    uniforms = torch.rand(20000, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    counts = torch.bincount(draw(probs.expand(20000, 5), uniforms), minlength=5)
+    assert counts[0] == counts[2] == counts[4] == 0 and abs(counts[3].item() / 20000 - 0.75) < 0.02
