@@ -51,6 +51,8 @@ def _rows_one_by_one(spec, x, lib=None, act8=False) -> torch.Tensor:
     return torch.cat([clib.linear(spec, x[r:r + 1], act8=act8, lib=lib) for r in range(x.shape[0])])
 
 
+GGML_CASES = [("Q4_0", 37, 576), ("Q4_1", 20, 96), ("Q5_0", 9, 160), ("Q5_1", 16, 64), ("Q8_0", 33, 576),
+              ("Q4_K", 12, 512), ("Q6_K", 8, 256)]
 AFFINE_CASES = [  # (kind, n, k, group, bits, table, act_order)
     (LB_NIB, 37, 576, 128, 4, False, False),     # SmolLM2's width, 37 rows: a block of fewer than 4 at the end
     (LB_NIB, 40, 96, 64, 4, False, False),       # ragged last group
@@ -85,18 +87,40 @@ def test_many_rows_are_the_same_on_any_thread_count(threads):
     assert torch.equal(many, _rows_one_by_one(spec, x))
 
 
-def test_portable_build_many_rows_equal_rows_one_by_one(tmp_path):
-    """The build without -march=native (no many-row path: the plain loops at any M) gives each row the same
-    numbers whether it comes alone or with 16 others, within float32 rounding of the dense matmul."""
-    result = clib.compile_library(tmp_path / "portable.so", march_native=False)
-    assert result.returncode == 0, result.stderr
-    portable = clib.load_library(tmp_path / "portable.so")
+@pytest.mark.parametrize("flags", [None, ["-mavx2", "-mfma", "-mf16c"]], ids=["portable", "avx2"])
+def test_fallback_builds_many_rows_equal_rows_one_by_one(tmp_path, flags):
+    """The builds without AVX-512 (plain loops; AVX2 tiles) have no many-row paths: each row gets the same numbers
+    whether it comes alone or with 16 others, within float32 rounding of the dense matmul, for lowbit's layouts
+    (float32 activations) and GGUF blocks (int8 activations)."""
+    import shutil
+    import subprocess
+
+    import numpy as np
+
+    from lowbit.schemes.ggml import quantize_rows
+
+    target = tmp_path / "fallback.so"
+    if flags is None:
+        result = clib.compile_library(target, march_native=False)
+    else:
+        if shutil.which("gcc") is None:
+            pytest.skip("gcc is not installed")
+        result = subprocess.run(["gcc", "-O3", *flags, "-fopenmp", "-shared", "-fPIC", "-o", str(target),
+                                 *map(str, clib.SOURCES), "-lm"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lib = clib.load_library(target)
+    assert lib.lowbit_kernel_has_avx512() == 0
     for kind, n, k, group, bits, table, act_order in AFFINE_CASES:
         spec, keep, dense = _affine_spec(kind, n, k, group, bits, seed=1, table=table, act_order=act_order)
         x = torch.randn(17, k)
-        many = clib.linear(spec, x, lib=portable)
-        assert torch.equal(many, _rows_one_by_one(spec, x, lib=portable)), (kind, k, group)
+        many = clib.linear(spec, x, lib=lib)
+        assert torch.equal(many, _rows_one_by_one(spec, x, lib=lib)), (kind, k, group)
         assert ((many - x @ dense.T).abs() <= _float_bound(x, dense)).all(), (kind, k, group)
+    for type_name, n, k in GGML_CASES:
+        w = np.random.default_rng(0).standard_normal((n, k)).astype(np.float32)
+        spec, keep = clib.ggml_block_spec(torch.from_numpy(quantize_rows(w, type_name)), type_name, (n, k))
+        x = torch.randn(17, k)
+        assert torch.equal(clib.linear(spec, x, act8=True, lib=lib), _rows_one_by_one(spec, x, lib=lib, act8=True))
 
 
 def test_batched_sampling_gives_each_row_its_own_tokens():
@@ -129,3 +153,51 @@ def test_inverse_cdf_draws_follow_the_probabilities():
     uniforms = torch.rand(20000, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     counts = torch.bincount(draw(probs.expand(20000, 5), uniforms), minlength=5)
     assert counts[0] == counts[2] == counts[4] == 0 and abs(counts[3].item() / 20000 - 0.75) < 0.02
+
+
+@pytest.mark.parametrize("type_name,n,k", GGML_CASES)
+@pytest.mark.parametrize("rows", ROW_COUNTS)
+@pytest.mark.parametrize("act8", [True, False])
+def test_gguf_many_rows_equal_rows_one_by_one(type_name, n, k, rows, act8):
+    """GGUF blocks (int8 activations: the packed many-row kernel from 8 rows of the 32-value types; float32: the
+    per-row kernels) give each row of a batch the numbers it gets alone."""
+    import numpy as np
+
+    from lowbit.schemes.ggml import quantize_rows
+
+    rng = np.random.default_rng(rows)
+    w = (rng.standard_normal((n, k)) * rng.uniform(0.01, 2.0, (n, 1))).astype(np.float32)
+    spec, keep = clib.ggml_block_spec(torch.from_numpy(quantize_rows(w, type_name)), type_name, (n, k))
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows + 1)) * torch.linspace(0.1, 3.0, k)
+    many = clib.linear(spec, x, act8=act8)
+    assert torch.equal(many, _rows_one_by_one(spec, x, act8=act8))
+
+
+@pytest.mark.parametrize("config", [dict(method="rtn", bits=4, group_size=32), dict(method="nf4")],
+                         ids=["rtn4-g32", "nf4"])
+def test_decode_step_of_many_rows_equals_rows_one_at_a_time(config):
+    """The compiled step over 17 sequences (cache slots at different positions) gives every row the logits it gets
+    decoded alone: the many-row matmuls change nothing, and attention is per row."""
+    import copy
+
+    from conftest import tiny_llama
+
+    from lowbit.engine.generate import SamplingParams
+    from lowbit.engine.runner import Engine
+    from lowbit.methods.base import QuantizeConfig
+    from lowbit.methods.pipeline import quantize_model
+
+    model = copy.deepcopy(tiny_llama(hidden=128, intermediate=192, layers=2, vocab=96))
+    quantize_model(model, QuantizeConfig(skip=(), **config), progress=False)
+    engine = Engine(model, max_batch=17, context=48, activations="float32")
+    step = engine.decoder.native
+    seqs = [engine.start([1 + b % 90, 2 + b, 3][: 1 + b % 3], SamplingParams(max_new_tokens=30), stop_on_eos=False)
+            for b in range(17)]
+    for _ in range(3):
+        engine.step()
+    tokens = torch.tensor([s.generated[-1] for s in seqs])
+    slots = torch.tensor([s.slot for s in seqs])
+    positions = torch.tensor([s.position for s in seqs])
+    alone = torch.cat([step(tokens[b:b + 1], slots[b:b + 1], positions[b:b + 1]) for b in range(17)])
+    together = step(tokens, slots, positions)     # rewrites the same cache entries with the same values
+    assert torch.equal(together, alone)

@@ -890,12 +890,13 @@ static inline int64_t lb_matmul_rows_per_item(const lb_linear *L) { return lb_is
  * floats for this thread; `activations` (LB_ACTS_*): int8 activations where it and the layout allow (see above).
  * Call it from every thread of an OpenMP team: blocks of four output rows are shared out (orphaned `omp for`).
  * `wait`: end with a barrier; without one a thread goes straight on to other work that does not read y (e.g. the
- * next of several matmuls reading the same x). */
-static inline void lb_matmul(const lb_linear *L, const float *x, int64_t M, float *y, int64_t ldy, int accumulate,
-                             float *scratch, int activations, int wait) {
+ * next of several matmuls reading the same x). `prepared`: x's prepared form is in this thread's scratch already,
+ * left by the previous lb_matmul of this thread on the same x and M, of a weight `lb_prepared_alike` to L. */
+static inline void lb_matmul_prepared(const lb_linear *L, const float *x, int64_t M, float *y, int64_t ldy,
+                                      int accumulate, float *scratch, int activations, int wait, int prepared) {
     const int act8 = lb_uses_act8(L, activations);
     if (lb_is_ggml(L->kind)) {           /* read as the file stores it (its own act8 arithmetic on every build) */
-        lb_ggml_matmul(L, x, M, y, ldy, accumulate, scratch, act8, wait);
+        lb_ggml_matmul(L, x, M, y, ldy, accumulate, scratch, act8, wait, prepared);
         return;
     }
     const int64_t blocks = (L->n + 3) / 4;
@@ -929,6 +930,23 @@ static inline void lb_matmul(const lb_linear *L, const float *x, int64_t M, floa
         for (int64_t block = 0; block < blocks; block++)
             lb_block(L, x, M, y, ldy, accumulate, xsum, x8, sx, block, decoded);
     }
+}
+
+/* lb_matmul_prepared for an x not prepared yet. */
+static inline void lb_matmul(const lb_linear *L, const float *x, int64_t M, float *y, int64_t ldy, int accumulate,
+                             float *scratch, int activations, int wait) {
+    lb_matmul_prepared(L, x, M, y, ldy, accumulate, scratch, activations, wait, 0);
+}
+
+/* Whether the form of M rows of x that lb_matmul of `previous` leaves in a thread's scratch is what `next` reads:
+ * both GGUF blocks of the same width and block size, with the same arithmetic and the same many-row packing (the
+ * parts of q|k|v and gate|up; the rows are rounded to int8 once instead of once per part). */
+static inline int lb_prepared_alike(const lb_linear *previous, const lb_linear *next, int64_t M, int activations) {
+    const int act8 = lb_uses_act8(next, activations);
+    return lb_is_ggml(previous->kind) && lb_is_ggml(next->kind) && previous->k == next->k
+           && lb_ggml_block(previous->kind) == lb_ggml_block(next->kind)
+           && lb_uses_act8(previous, activations) == act8
+           && lb_ggml_gemm_fits(previous->kind, M, act8) == lb_ggml_gemm_fits(next->kind, M, act8);
 }
 
 #endif
