@@ -134,7 +134,7 @@ def main() -> None:
     print(f"| rest (attention, norms, barriers, embedding, Python) | | | {rest * 1e3:.1f} | |")
     print(f"(per-call overhead of clib.linear subtracted: {call_overhead * 1e6:.0f} us)")
     from lowbit.engine.generate import SamplingParams
-    from lowbit.engine.runner import sample_rows, sample_token
+    from lowbit.engine.runner import sample_token
 
     logits = torch.randn(rows_of, step.vocab)
     params = SamplingParams(temperature=0.7)
@@ -144,10 +144,7 @@ def main() -> None:
         for row in range(rows_of):
             sample_token(logits[row], params, generators[row])
     print(f"sampling {rows_of} rows (temperature 0.7, one call each): {(time.perf_counter() - began) / 5 * 1e3:.1f} ms")
-    began = time.perf_counter()
-    for _ in range(5):
-        sample_rows(logits, [params] * rows_of, generators)
-    print(f"sampling {rows_of} rows (temperature 0.7, sample_rows): {(time.perf_counter() - began) / 5 * 1e3:.1f} ms")
+
 
 
 if __name__ == "__main__":

@@ -123,23 +123,6 @@ def test_fallback_builds_many_rows_equal_rows_one_by_one(tmp_path, flags):
         assert torch.equal(clib.linear(spec, x, act8=True, lib=lib), _rows_one_by_one(spec, x, lib=lib, act8=True))
 
 
-def test_batched_sampling_gives_each_row_its_own_tokens():
-    """Engine.step samples all rows in one call (sample_rows); each row gets the token sample_token gives it alone
-    with the same generator state, whatever its neighbours ask for (greedy, temperature, top-k, top-p)."""
-    from lowbit.engine.generate import SamplingParams
-    from lowbit.engine.runner import sample_rows, sample_token
-
-    logits = torch.randn(7, 300, generator=torch.Generator().manual_seed(0)) * 3
-    params = [SamplingParams(temperature=0.7), SamplingParams(), SamplingParams(temperature=1.3),
-              SamplingParams(temperature=0.9, top_k=5), SamplingParams(temperature=0.7, top_p=0.8),
-              SamplingParams(temperature=0.7), SamplingParams(temperature=2.0)]
-    for step in range(20):
-        seeds = [100 * step + b for b in range(7)]
-        batched = sample_rows(logits, params, [torch.Generator().manual_seed(s) for s in seeds])
-        alone = [sample_token(logits[b], params[b], torch.Generator().manual_seed(seeds[b])) for b in range(7)]
-        assert batched == alone
-
-
 def test_inverse_cdf_draws_follow_the_probabilities():
     """draw() picks token i for uniforms in [cdf[i - 1], cdf[i]): never a token of probability 0, the last nonzero
     one for a uniform that rounds to the total, and frequencies close to the probabilities."""
