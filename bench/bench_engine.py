@@ -12,6 +12,7 @@ Prints a table and writes bench/results/engine.json. Runs (each pp512 and tg128,
 - server: 32 concurrent streaming clients on loopback vs one client, p50/p99 latency, requests lost.
 
 Usage: python bench/bench_engine.py [--threads 2] [--reps 3] [--no-server] [--no-act8] [--only rtn4,Q4_0]
+       [--server-model .cache/models/llama-3.2-1b-Q4_K_M.gguf]
 """
 from __future__ import annotations
 
@@ -115,7 +116,8 @@ def llama_cpp_quantize(source: Path, target: Path, gtype: str) -> None:
 
 
 def bench_server(model, tokenizer, args) -> dict:
-    """32 concurrent streaming clients vs one, on loopback: throughput, latency, requests completed."""
+    """32 concurrent streaming clients vs one, on loopback: throughput, latency, requests completed. `model`
+    (with its tokenizer) is saved and served; or, None, the file --server-model names is served as it is."""
     import openai
 
     import signal
@@ -129,12 +131,14 @@ def bench_server(model, tokenizer, args) -> dict:
     # The server runs as users run it, `lowbit serve` in its own process (generation in its main thread), so
     # the clients' HTTP parsing here does not share its interpreter.
     work = Path(tempfile.mkdtemp(prefix="lowbit-serve-"))
-    save(model, work / "model", tokenizer=tokenizer)
+    if model is not None:
+        save(model, work / "model", tokenizer=tokenizer)
+    served = str(work / "model") if model is not None else args.server_model
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     command = [sys.executable, "-c", "import sys; from lowbit.cli import main; sys.exit(main(sys.argv[1:]))",
-               "serve", str(work / "model"), "--port", str(port), "--threads", str(args.threads),
+               "serve", served, "--port", str(port), "--threads", str(args.threads),
                "--max-batch", str(clients), "--max-queue", str(clients), "--ctx", "256", "--model-name", "smollm2"]
     process = subprocess.Popen(command, env=dict(os.environ, PYTHONPATH=str(ROOT)),
                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
@@ -221,6 +225,8 @@ def main() -> None:
                         help="comma list of runs: fp32,rtn4,gptq-layout,rtn8,Q4_0,Q4_K_M,Q4_1")
     parser.add_argument("--lowbit-gguf", action="store_true",
                         help="write the Q4_0/Q4_K_M files with lowbit's exporter even when llama.cpp is present")
+    parser.add_argument("--server-model", default=None,
+                        help="serve this model (a .gguf file or a saved model; default: SmolLM2 RTN 4-bit g128)")
     parser.add_argument("--output", default=str(RESULTS / "engine.json"))
     args = parser.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -303,9 +309,11 @@ def main() -> None:
     report["runs"] = rows
 
     if not args.no_server:
-        model = copy.deepcopy(base)
-        quantize_model(model, QuantizeConfig(method="rtn", bits=4, group_size=128, skip=()), progress=False)
-        report["server"] = bench_server(model, tokenizer, args)
+        model = None
+        if args.server_model is None:
+            model = copy.deepcopy(base)
+            quantize_model(model, QuantizeConfig(method="rtn", bits=4, group_size=128, skip=()), progress=False)
+        report["server"] = bench_server(model, tokenizer, args) | {"model": args.server_model or "smollm2 rtn4 g128"}
         print(json.dumps(report["server"], indent=1), flush=True)
     report["load_average_at_end"] = os.getloadavg()
 

@@ -9,7 +9,12 @@ norms, rotary, the embedding lookup, the threads' barriers and Python.
 Weights timed alone are warm in the caches (each is run 4 times), so the matmul rows are a lower bound and the
 rest an upper one for a model larger than the last-level cache. With one thread times are CPU times.
 
+With --rows B, every step decodes B rows (B cache slots, one token each: continuous batching's step) and each
+weight is timed on B activation rows; the sampling of B rows (temperature 0.7, as the server bench asks) is
+timed too.
+
 Usage: python bench/profile_decode.py MODEL [--threads 2] [--activations int8] [--position 64] [--steps 20]
+       [--rows 1] [--rtn4]
 """
 from __future__ import annotations
 
@@ -50,6 +55,9 @@ def main() -> None:
     parser.add_argument("--activations", default="int8")
     parser.add_argument("--position", type=int, default=64)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--rtn4", action="store_true",
+                        help="quantize the (float) model with RTN 4-bit g128, lm_head too (the server bench's model)")
+    parser.add_argument("--rows", type=int, default=1, help="rows (cache slots) each step decodes")
     args = parser.parse_args()
 
     from lowbit.engine.runner import Engine
@@ -58,22 +66,29 @@ def main() -> None:
     from lowbit.runtime.activations import Activations
 
     torch.set_num_threads(args.threads)
-    model, tokenizer = load_model(args.model, keep_quantized=True)
-    engine = Engine(model, tokenizer, context=args.position + args.steps + 8, threads=args.threads,
-                    activations=args.activations)
+    model, tokenizer = load_model(args.model, keep_quantized=not args.rtn4)
+    if args.rtn4:
+        from lowbit.methods.base import QuantizeConfig
+        from lowbit.methods.pipeline import quantize_model
+
+        quantize_model(model, QuantizeConfig(method="rtn", bits=4, group_size=128, skip=()), progress=False)
+    engine = Engine(model, tokenizer, max_batch=args.rows, context=args.position + args.steps + 8,
+                    threads=args.threads, activations=args.activations)
     step = engine.decoder.native
     if step is None:
         raise SystemExit(f"no compiled step: {engine.decode_path}")
-    print(f"{args.model}: {engine.arithmetic}, {args.threads} threads")
-    slot, positions = torch.tensor([0]), range(args.position, args.position + args.steps)
-    step(torch.arange(1, args.position + 1) % 1000, torch.zeros(args.position, dtype=torch.long),
-         torch.arange(args.position), last_only=True)                       # a prompt to attend to
+    print(f"{args.model}: {engine.arithmetic}, {args.threads} threads, {args.rows} rows a step")
+    rows_of = args.rows
+    slots, positions = torch.arange(rows_of), range(args.position, args.position + args.steps)
+    for slot in range(rows_of):                                              # a prompt to attend to
+        step(torch.arange(1, args.position + 1) % 1000, torch.full((args.position,), slot, dtype=torch.long),
+             torch.arange(args.position), last_only=True)
     # one thread: CPU time, which a busy machine disturbs far less than wall time
     clock = time.process_time if args.threads == 1 else time.perf_counter
     times = []
     for pos in positions:
         began = clock()
-        step(torch.tensor([17]), slot, torch.tensor([pos]))
+        step(torch.full((rows_of,), 17), slots, torch.full((rows_of,), pos))
         times.append(clock() - began)
     total = statistics.median(times)
 
@@ -87,7 +102,7 @@ def main() -> None:
     groups["lm head"].append(step.spec.lm_head)
 
     def timed(spec) -> float:
-        x = torch.randn(1, spec.k)
+        x = torch.randn(rows_of, spec.k)
         use = clib.uses_act8(spec, act8)
         clib.linear(spec, x, act8=use)
         runs = []
@@ -109,7 +124,7 @@ def main() -> None:
         rows.append((name, kinds, size / 1e6, seconds * 1e3, size / seconds / 1e9 if seconds else 0.0))
         matmul_total += seconds
     first_steps = [round(t * 1e3, 1) for t in times[:5]]
-    print(f"decode step: {total * 1e3:.1f} ms ({1 / total:.2f} tok/s), steps {first_steps}...")
+    print(f"decode step: {total * 1e3:.1f} ms ({rows_of / total:.2f} tok/s), steps {first_steps}...")
     print(f"| op class | types | MB | ms alone | GB/s |")
     for name, kinds, mb, ms, gbs in rows:
         print(f"| {name} | {kinds} | {mb:.1f} | {ms:.1f} | {gbs:.1f} |")
@@ -118,6 +133,18 @@ def main() -> None:
           f"{sum(r[2] for r in rows) / 1e3 / matmul_total:.1f} |")
     print(f"| rest (attention, norms, barriers, embedding, Python) | | | {rest * 1e3:.1f} | |")
     print(f"(per-call overhead of clib.linear subtracted: {call_overhead * 1e6:.0f} us)")
+    from lowbit.engine.generate import SamplingParams
+    from lowbit.engine.runner import sample_token
+
+    logits = torch.randn(rows_of, step.vocab)
+    params = SamplingParams(temperature=0.7)
+    generators = [torch.Generator().manual_seed(i) for i in range(rows_of)]
+    began = time.perf_counter()
+    for _ in range(5):
+        for row in range(rows_of):
+            sample_token(logits[row], params, generators[row])
+    print(f"sampling {rows_of} rows (temperature 0.7, one call each): {(time.perf_counter() - began) / 5 * 1e3:.1f} ms")
+
 
 
 if __name__ == "__main__":

@@ -652,6 +652,29 @@ LB_INLINE void tile_u8_act8(const int8_t *x8, const float *sx, int64_t R, const 
 }
 #endif
 
+/* The dot products out[i][r] of weight rows n0..n0+NR-1 and activation rows m0..m0+R-1, written (or added) into
+ * y [M, N] with the b * xsum term and the bias. */
+LB_INLINE void lb_tile_store(const lb_linear *L, float out[4][4], const float *xsum, int64_t m0, int64_t R, int64_t n0,
+                             int64_t NR, float *y, int64_t ldy, int accumulate) {
+    const int64_t G = L->groups, stats = L->stats;
+    const size_t stat_bytes = lb_stats_f32(stats) ? 4 : 2;
+    for (int64_t i = 0; i < NR; i++) {
+        const int64_t n = n0 + i;
+        for (int64_t r = 0; r < R; r++) {
+            float value = out[i][r] + (L->bias ? L->bias[n] : 0.0f);
+            if (!lb_is_float(L->kind)) {
+                const size_t at = (size_t)(n * G) * stat_bytes;
+                if (lb_stats_offset(stats))
+                    value += L->offset * lb_stat_dot((const char *)L->a + at, stats, xsum + (m0 + r) * G, G);
+                else
+                    value += lb_stat_dot((const char *)L->b + at, stats, xsum + (m0 + r) * G, G);
+            }
+            float *target = y + (m0 + r) * ldy + n;
+            *target = accumulate ? *target + value : value;
+        }
+    }
+}
+
 /* Weight rows n0..n0+NR-1 against activation rows m0..m0+R-1, written (or added) into y [M, N] with the
  * b * xsum term and the bias. */
 LB_INLINE void lb_tile(const lb_linear *L, const float *x, const float *xsum, const int8_t *x8, const float *sx,
@@ -683,26 +706,137 @@ LB_INLINE void lb_tile(const lb_linear *L, const float *x, const float *xsum, co
         tile_float(x + m0 * K, R, (const uint8_t *)L->w + n0 * K * 2, K, NULL, 0, NULL, NR, K, 0, 0, out, LB_F16);
     else
         tile_float(x + m0 * K, R, (const uint8_t *)L->w + n0 * K * 2, K, NULL, 0, NULL, NR, K, 0, 0, out, LB_BF16);
-    for (int64_t i = 0; i < NR; i++) {
-        const int64_t n = n0 + i;
-        for (int64_t r = 0; r < R; r++) {
-            float value = out[i][r] + (L->bias ? L->bias[n] : 0.0f);
-            if (!lb_is_float(L->kind)) {
-                const size_t at = (size_t)(n * G) * stat_bytes;
-                if (lb_stats_offset(stats))
-                    value += L->offset * lb_stat_dot((const char *)L->a + at, stats, xsum + (m0 + r) * G, G);
-                else
-                    value += lb_stat_dot((const char *)L->b + at, stats, xsum + (m0 + r) * G, G);
+    lb_tile_store(L, out, xsum, m0, R, n0, NR, y, ldy, accumulate);
+}
+
+/* -- many activation rows, float32 -------------------------------------------------------------------------------
+ * Continuous batching's step multiplies every weight by M rows at once. The tiles above widen the codes of a block
+ * of four weight rows again for every 4 activation rows, and those conversions share the FMA ports with the dot
+ * products. From LB_GEMM_ROWS rows (AVX-512 builds) a block's codes are widened once into floats (the integers, or
+ * their codebook values: the very vectors tile_nib and tile_u8 multiply) in the thread's scratch, and register tiles
+ * of 4 weight rows x 2 activation rows read them. Each dot product is the same sequence of float operations as in
+ * tile_nib / tile_u8 (per group: two partial sums over 32-column steps, 16-column tail steps into the first, then
+ * acc += (even + odd) * a, one reduction at the end), so y is bit for bit what the per-row tiles give, for any M. */
+#if defined(__AVX512F__)
+#define LB_GEMM_ROWS 8
+#define LB_HAVE_GEMM 1
+
+/* Floats of scratch the decoded block takes (four weight rows of K columns). */
+static inline int64_t lb_gemm_floats(int64_t K) { return 4 * K; }
+
+/* Whether lb_matmul takes the decoded-block path for M rows of `L` (float32 activations, integer or codebook codes
+ * whose tiles sum per group as tile_decoded does: LB_U8, and LB_NIB with groups of 32 columns or more). */
+static inline int lb_gemm_fits(const lb_linear *L, int64_t M, int act8) {
+    return M >= LB_GEMM_ROWS && !act8 && ((L->kind == LB_NIB && L->group % 32 == 0) || L->kind == LB_U8);
+}
+
+/* The codes of weight rows n0..n0+nr-1 as floats into w [nr, K], column k at w[i * K + k]. */
+static inline void lb_decode_codes(const lb_linear *L, int64_t n0, int64_t nr, float *w) {
+    const int64_t K = L->k;
+    if (L->kind == LB_NIB) {
+        const __m512i low = _mm512_set1_epi32(0xF);
+        const __m512 values = L->table ? _mm512_loadu_ps(L->table) : _mm512_setzero_ps();
+        for (int64_t i = 0; i < nr; i++) {
+            const uint8_t *q = (const uint8_t *)L->w + (n0 + i) * (K / 2);
+            for (int64_t k = 0; k < K; k += 32) {        /* byte j of a chunk: column j low, column 16 + j high */
+                const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q + k / 2)));
+                const __m512i lo = _mm512_and_si512(v, low), hi = _mm512_srli_epi32(v, 4);
+                _mm512_storeu_ps(w + i * K + k, L->table ? _mm512_permutexvar_ps(lo, values) : _mm512_cvtepi32_ps(lo));
+                _mm512_storeu_ps(w + i * K + k + 16,
+                                 L->table ? _mm512_permutexvar_ps(hi, values) : _mm512_cvtepi32_ps(hi));
             }
-            float *target = y + (m0 + r) * ldy + n;
-            *target = accumulate ? *target + value : value;
+        }
+        return;
+    }
+    for (int64_t i = 0; i < nr; i++) {
+        const uint8_t *q = (const uint8_t *)L->w + (n0 + i) * K;
+        for (int64_t k = 0; k < K; k += 16) {
+            const __mmask16 lanes = (__mmask16)(K - k >= 16 ? 0xFFFFu : (1u << (K - k)) - 1u);
+            _mm512_mask_storeu_ps(w + i * K + k, lanes,
+                                  _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(lanes, q + k))));
         }
     }
 }
 
+/* out[i][r] = sum_g a[i,g] * dot(w[i, g], x[r, g]) for decoded weight rows w [NR, K] (tile_nib / tile_u8's sums). */
+LB_INLINE void tile_decoded(const float *w, const float *x, int64_t R, const void *a, int64_t stats, int64_t NR,
+                            int64_t K, int64_t G, int64_t group, float out[4][4]) {
+    __m512 acc[4][2];
+    for (int64_t i = 0; i < NR; i++) for (int64_t r = 0; r < R; r++) acc[i][r] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < G; g++) {
+        const int64_t k0 = g * group, k1 = lb_min(k0 + group, K);
+        __m512 even[4][2], odd[4][2];
+        for (int64_t i = 0; i < NR; i++)
+            for (int64_t r = 0; r < R; r++) even[i][r] = _mm512_setzero_ps(), odd[i][r] = _mm512_setzero_ps();
+        int64_t k = k0;
+        for (; k + 32 <= k1; k += 32) {
+            __m512 x0[2], x1[2];
+            for (int64_t r = 0; r < R; r++) x0[r] = _mm512_loadu_ps(x + r * K + k), x1[r] = _mm512_loadu_ps(x + r * K + k + 16);
+            for (int64_t i = 0; i < NR; i++) {
+                const __m512 w0 = _mm512_loadu_ps(w + i * K + k), w1 = _mm512_loadu_ps(w + i * K + k + 16);
+                for (int64_t r = 0; r < R; r++) {
+                    even[i][r] = _mm512_fmadd_ps(w0, x0[r], even[i][r]);
+                    odd[i][r] = _mm512_fmadd_ps(w1, x1[r], odd[i][r]);
+                }
+            }
+        }
+        for (; k < k1; k += 16) {
+            const __mmask16 lanes = (__mmask16)(k1 - k >= 16 ? 0xFFFFu : (1u << (k1 - k)) - 1u);
+            for (int64_t i = 0; i < NR; i++) {
+                const __m512 v = _mm512_maskz_loadu_ps(lanes, w + i * K + k);
+                for (int64_t r = 0; r < R; r++)
+                    even[i][r] = _mm512_fmadd_ps(v, _mm512_maskz_loadu_ps(lanes, x + r * K + k), even[i][r]);
+            }
+        }
+        for (int64_t i = 0; i < NR; i++) {
+            const __m512 scale = _mm512_set1_ps(lb_stat(a, i * G + g, stats));
+            for (int64_t r = 0; r < R; r++)
+                acc[i][r] = _mm512_fmadd_ps(_mm512_add_ps(even[i][r], odd[i][r]), scale, acc[i][r]);
+        }
+    }
+    for (int64_t i = 0; i < NR; i++) for (int64_t r = 0; r < R; r++) out[i][r] = _mm512_reduce_add_ps(acc[i][r]);
+}
+
+/* Output rows n0..n0+nr-1 (nr <= 4) for all M activation rows through one decoded copy of their codes in w. */
+static inline void lb_block_decoded(const lb_linear *L, const float *x, int64_t M, float *y, int64_t ldy,
+                                    int accumulate, const float *xsum, int64_t n0, int64_t nr, float *w) {
+    const int64_t K = L->k, G = L->groups, group = L->group, stats = L->stats;
+    const void *a = (const char *)L->a + n0 * G * (lb_stats_f32(stats) ? 4 : 2);
+    float out[4][4];
+    lb_decode_codes(L, n0, nr, w);
+    if (nr == 4) {              /* constant tile shapes: every sum in a register */
+        int64_t m = 0;
+        for (; m + 2 <= M; m += 2) {
+            tile_decoded(w, x + m * K, 2, a, stats, 4, K, G, group, out);
+            lb_tile_store(L, out, xsum, m, 2, n0, 4, y, ldy, accumulate);
+        }
+        if (m < M) {
+            tile_decoded(w, x + m * K, 1, a, stats, 4, K, G, group, out);
+            lb_tile_store(L, out, xsum, m, 1, n0, 4, y, ldy, accumulate);
+        }
+        return;
+    }
+    for (int64_t i = 0; i < nr; i++) {
+        const void *ai = (const char *)a + i * G * (lb_stats_f32(stats) ? 4 : 2);
+        for (int64_t m = 0; m < M; m++) {
+            tile_decoded(w + i * K, x + m * K, 1, ai, stats, 1, K, G, group, out);
+            lb_tile_store(L, out, xsum, m, 1, n0 + i, 1, y, ldy, accumulate);
+        }
+    }
+}
+#else
+#define LB_HAVE_GEMM 0
+static inline int64_t lb_gemm_floats(int64_t K) { (void)K; return 0; }
+static inline int lb_gemm_fits(const lb_linear *L, int64_t M, int act8) { (void)L; (void)M; (void)act8; return 0; }
+static inline void lb_block_decoded(const lb_linear *L, const float *x, int64_t M, float *y, int64_t ldy,
+                                    int accumulate, const float *xsum, int64_t n0, int64_t nr, float *w) {
+    (void)L; (void)x; (void)M; (void)y; (void)ldy; (void)accumulate; (void)xsum; (void)n0; (void)nr; (void)w;
+}
+#endif
+
 /* The tiles of block `block` (output rows 4*block .. 4*block+3) for all M activation rows. */
 LB_INLINE void lb_block(const lb_linear *L, const float *x, int64_t M, float *y, int64_t ldy, int accumulate,
-                        const float *xsum, const int8_t *x8, const float *sx, int64_t block) {
+                        const float *xsum, const int8_t *x8, const float *sx, int64_t block, float *decoded) {
     const int64_t n0 = block * 4, nr = lb_min(4, L->n - n0);
     /* Ask for the codes and statistics two blocks ahead: measured 20% faster decoding than leaving it to the
      * hardware prefetcher (which sees several interleaved streams); further ahead was slower. */
@@ -715,6 +849,10 @@ LB_INLINE void lb_block(const lb_linear *L, const float *x, int64_t M, float *y,
         const int64_t stat_bytes = lb_stats_f32(L->stats) ? 4 : 2;
         const char *stats = (const char *)L->a + (n0 + 4 * LB_PREFETCH) * L->groups * stat_bytes;
         for (int64_t off = 0; off < 4 * L->groups * stat_bytes; off += 64) __builtin_prefetch(stats + off, 0, 3);
+    }
+    if (decoded) {                       /* many rows: the block's codes widened once (see lb_block_decoded) */
+        lb_block_decoded(L, x, M, y, ldy, accumulate, xsum, n0, nr, decoded);
+        return;
     }
     for (int64_t m = 0; m < M; m += 4) {
         const int64_t rows = lb_min(4, M - m);
@@ -752,12 +890,13 @@ static inline int64_t lb_matmul_rows_per_item(const lb_linear *L) { return lb_is
  * floats for this thread; `activations` (LB_ACTS_*): int8 activations where it and the layout allow (see above).
  * Call it from every thread of an OpenMP team: blocks of four output rows are shared out (orphaned `omp for`).
  * `wait`: end with a barrier; without one a thread goes straight on to other work that does not read y (e.g. the
- * next of several matmuls reading the same x). */
-static inline void lb_matmul(const lb_linear *L, const float *x, int64_t M, float *y, int64_t ldy, int accumulate,
-                             float *scratch, int activations, int wait) {
+ * next of several matmuls reading the same x). `prepared`: x's prepared form is in this thread's scratch already,
+ * left by the previous lb_matmul of this thread on the same x and M, of a weight `lb_prepared_alike` to L. */
+static inline void lb_matmul_prepared(const lb_linear *L, const float *x, int64_t M, float *y, int64_t ldy,
+                                      int accumulate, float *scratch, int activations, int wait, int prepared) {
     const int act8 = lb_uses_act8(L, activations);
     if (lb_is_ggml(L->kind)) {           /* read as the file stores it (its own act8 arithmetic on every build) */
-        lb_ggml_matmul(L, x, M, y, ldy, accumulate, scratch, act8, wait);
+        lb_ggml_matmul(L, x, M, y, ldy, accumulate, scratch, act8, wait, prepared);
         return;
     }
     const int64_t blocks = (L->n + 3) / 4;
@@ -779,13 +918,35 @@ static inline void lb_matmul(const lb_linear *L, const float *x, int64_t M, floa
         group_sums(rounded, M, L->k, L->groups, L->group, xsum);
     } else if (!lb_is_float(L->kind))
         group_sums(x, M, L->k, L->groups, L->group, xsum);
+    /* many rows: a block's widened codes after the group sums (and the gathered copy); lb_scratch_floats covers
+       them from LB_GEMM_ROWS rows (lb_gemm_floats(K) <= M * 192 * blocks) */
+    float *decoded = lb_gemm_fits(L, M, act8) ? scratch + M * L->groups : NULL;
     if (wait) {
         #pragma omp for schedule(static)
-        for (int64_t block = 0; block < blocks; block++) lb_block(L, x, M, y, ldy, accumulate, xsum, x8, sx, block);
+        for (int64_t block = 0; block < blocks; block++)
+            lb_block(L, x, M, y, ldy, accumulate, xsum, x8, sx, block, decoded);
     } else {
         #pragma omp for schedule(static) nowait
-        for (int64_t block = 0; block < blocks; block++) lb_block(L, x, M, y, ldy, accumulate, xsum, x8, sx, block);
+        for (int64_t block = 0; block < blocks; block++)
+            lb_block(L, x, M, y, ldy, accumulate, xsum, x8, sx, block, decoded);
     }
+}
+
+/* lb_matmul_prepared for an x not prepared yet. */
+static inline void lb_matmul(const lb_linear *L, const float *x, int64_t M, float *y, int64_t ldy, int accumulate,
+                             float *scratch, int activations, int wait) {
+    lb_matmul_prepared(L, x, M, y, ldy, accumulate, scratch, activations, wait, 0);
+}
+
+/* Whether the form of M rows of x that lb_matmul of `previous` leaves in a thread's scratch is what `next` reads:
+ * both GGUF blocks of the same width and block size, with the same arithmetic and the same many-row packing (the
+ * parts of q|k|v and gate|up; the rows are rounded to int8 once instead of once per part). */
+static inline int lb_prepared_alike(const lb_linear *previous, const lb_linear *next, int64_t M, int activations) {
+    const int act8 = lb_uses_act8(next, activations);
+    return lb_is_ggml(previous->kind) && lb_is_ggml(next->kind) && previous->k == next->k
+           && lb_ggml_block(previous->kind) == lb_ggml_block(next->kind)
+           && lb_uses_act8(previous, activations) == act8
+           && lb_ggml_gemm_fits(previous->kind, M, act8) == lb_ggml_gemm_fits(next->kind, M, act8);
 }
 
 #endif

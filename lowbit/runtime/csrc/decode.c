@@ -83,12 +83,15 @@ typedef struct {
 static void matmul_parts(const lb_linear *parts, int64_t count, const float *x, int64_t M, float *y, int64_t ldy,
                          float *xsum, int activations) {
     int64_t last = 0, column = 0;
+    const lb_linear *previous = NULL;
     for (int64_t i = 0; i < count; i++)
         if (parts[i].n) last = i;
     for (int64_t i = 0; i <= last; i++)
         if (parts[i].n) {
-            lb_matmul(&parts[i], x, M, y + column, ldy, 0, xsum, activations, i == last);
+            const int prepared = previous && lb_prepared_alike(previous, &parts[i], M, activations);
+            lb_matmul_prepared(&parts[i], x, M, y + column, ldy, 0, xsum, activations, i == last, prepared);
             column += parts[i].n;
+            previous = &parts[i];
         }
 }
 
@@ -611,7 +614,8 @@ int lowbit_decode_step(const lb_model *m, float *x, int64_t x_floats, int64_t B,
                 /* separate gate and up: each thread applies the activation to the rows it computed of both (the
                  * same static partition, see lb_matmul_rows_per_item), so no barrier between the matmuls and it */
                 lb_matmul(gate, h, B, gu, 2 * I, 0, xsum, activations, 0);
-                lb_matmul(up, h, B, gu + I, 2 * I, 0, xsum, activations, 0);
+                lb_matmul_prepared(up, h, B, gu + I, 2 * I, 0, xsum, activations, 0,
+                                   lb_prepared_alike(gate, up, B, activations));
                 #pragma omp for schedule(static)
                 for (int64_t item = 0; item < (I + per_item - 1) / per_item; item++)
                     for (int64_t b = 0; b < B; b++)

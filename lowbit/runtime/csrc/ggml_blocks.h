@@ -498,33 +498,40 @@ static inline __m256i lb_shift16(__m256i v, int count) {
  *   d dx sum_j scale_j dot(q_j, x8_j) - dmin dx sum_j min_j sum(x8_j),
  * both sums in integer vectors (vpmaddubsw, vpmaddwd with the sub-scale of each lane), scaled into float vector
  * accumulators: no horizontal sum until the row's end. */
+/* A Q4_K / Q5_K block (layout above) unpacked: its codes q[c] for 32-column sub-block c, its 8 scales (int16, in both
+ * 128-bit halves, for lb_pick16) and its minimums per 16 columns. */
+LB_GGML_INLINE void lb_k4_block(int64_t kind, const uint8_t *b, __m256i q[8], __m256i *scales, __m256i *mins) {
+    const int five = kind == LB_Q5_K;
+    const __m256i low = _mm256_set1_epi8(0x0F), bit4 = _mm256_set1_epi8(0x10);
+    const uint8_t *qs = b + (five ? 48 : 16);
+    __m128i scales8, mins8;
+    lb_k4_scales_mins(b, &scales8, &mins8);
+    *scales = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(scales8));
+    *mins = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(mins8, mins8));   /* per 16 columns */
+    const __m256i qh = five ? _mm256_loadu_si256((const __m256i *)(b + 16)) : _mm256_setzero_si256();
+    for (int j = 0; j < 4; j++) {
+        const __m256i v = _mm256_loadu_si256((const __m256i *)(qs + 32 * j));
+        q[2 * j] = _mm256_and_si256(v, low);
+        q[2 * j + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+        if (five) {
+            /* bits 2j and 2j + 1 of each qh byte to bit 4 (a 16-bit shift: what crosses bytes is masked off) */
+            q[2 * j] = _mm256_or_si256(q[2 * j], _mm256_and_si256(lb_shift16(qh, 4 - 2 * j), bit4));
+            q[2 * j + 1] = _mm256_or_si256(q[2 * j + 1], _mm256_and_si256(lb_shift16(qh, 3 - 2 * j), bit4));
+        }
+    }
+}
+
 LB_GGML_INLINE void lb_k4_row_act8(int64_t kind, const uint8_t *row, int64_t K, const lb_act8_row *act, int64_t R,
                                    float *out) {
     const int64_t bytes = lb_ggml_bytes(kind), nb = K / 256;
-    const int five = kind == LB_Q5_K;
-    const __m256i low = _mm256_set1_epi8(0x0F), bit4 = _mm256_set1_epi8(0x10);
     __m256 acc[16], mins_acc[16];
     for (int64_t r = 0; r < R; r++) acc[r] = _mm256_setzero_ps(), mins_acc[r] = _mm256_setzero_ps();
     for (int64_t i = 0; i < nb; i++) {
-        const uint8_t *b = row + i * bytes, *qs = b + (five ? 48 : 16);
+        const uint8_t *b = row + i * bytes;
         lb_ggml_prefetch(b, bytes);
         const float d = lb_ggml_half(b), dmin = lb_ggml_half(b + 2);
-        __m128i scales8, mins8;
-        lb_k4_scales_mins(b, &scales8, &mins8);
-        const __m256i scales = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(scales8));
-        const __m256i mins = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(mins8, mins8));   /* per 16 columns */
-        const __m256i qh = five ? _mm256_loadu_si256((const __m256i *)(b + 16)) : _mm256_setzero_si256();
-        __m256i q[8];
-        for (int j = 0; j < 4; j++) {
-            const __m256i v = _mm256_loadu_si256((const __m256i *)(qs + 32 * j));
-            q[2 * j] = _mm256_and_si256(v, low);
-            q[2 * j + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
-            if (five) {
-                /* bits 2j and 2j + 1 of each qh byte to bit 4 (a 16-bit shift: what crosses bytes is masked off) */
-                q[2 * j] = _mm256_or_si256(q[2 * j], _mm256_and_si256(lb_shift16(qh, 4 - 2 * j), bit4));
-                q[2 * j + 1] = _mm256_or_si256(q[2 * j + 1], _mm256_and_si256(lb_shift16(qh, 3 - 2 * j), bit4));
-            }
-        }
+        __m256i q[8], scales, mins;
+        lb_k4_block(kind, b, q, &scales, &mins);
         for (int64_t r = 0; r < R; r++) {
             const int8_t *x8 = act[r].x8 + i * 256;
             __m256i sum = _mm256_setzero_si256();
@@ -546,38 +553,48 @@ LB_GGML_INLINE void lb_k4_row_act8(int64_t kind, const uint8_t *row, int64_t K, 
  * 16 signed 8-bit scales (one per 16 columns) and d; per 128-column half h, codes 32t..32t+31 (t < 4) are
  * nibble t / 2 (low or high) of low-nibble bytes 64h + 32 (t % 2) + l, with bits 2t, 2t + 1 of high byte 32h + l
  * on top; w = d scale (q - 32). Per block: d dx (sum_s scale_s dot(q_s, x8_s) - 32 sum_s scale_s sum(x8_s)). */
+/* A Q6_K block (layout above) unpacked: its codes q[c] for 32-column sub-block c, its scales per 16 columns, and
+ * those of each 128-column half in both 128-bit halves of a vector (for lb_pick16). */
+LB_GGML_INLINE void lb_q6k_block(const uint8_t *b, __m256i q[8], __m256i *scales, __m256i half_scales[2]) {
+    const __m256i low = _mm256_set1_epi8(0x0F), three = _mm256_set1_epi8(3);
+    const __m128i scale_bytes = _mm_loadu_si128((const __m128i *)(b + 192));
+    *scales = _mm256_cvtepi8_epi16(scale_bytes);               /* per 16 columns */
+    half_scales[0] = _mm256_broadcastsi128_si256(_mm_cvtepi8_epi16(scale_bytes));
+    half_scales[1] = _mm256_broadcastsi128_si256(_mm_cvtepi8_epi16(_mm_srli_si128(scale_bytes, 8)));
+    for (int h = 0; h < 2; h++) {
+        const __m256i ql0 = _mm256_loadu_si256((const __m256i *)(b + 64 * h));
+        const __m256i ql1 = _mm256_loadu_si256((const __m256i *)(b + 64 * h + 32));
+        const __m256i qh = _mm256_loadu_si256((const __m256i *)(b + 128 + 32 * h));
+#define LB_Q6_HIGH(s) _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, (s)), three), 4)
+        q[4 * h] = _mm256_or_si256(_mm256_and_si256(ql0, low), LB_Q6_HIGH(0));
+        q[4 * h + 1] = _mm256_or_si256(_mm256_and_si256(ql1, low), LB_Q6_HIGH(2));
+        q[4 * h + 2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), low), LB_Q6_HIGH(4));
+        q[4 * h + 3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), low), LB_Q6_HIGH(6));
+#undef LB_Q6_HIGH
+    }
+}
+
+/* The int16 scale of each lane of 32-column sub-block c of a Q6_K block (two 16-column scales), for vpmaddwd. */
+static inline __m256i lb_q6k_pick(const __m256i half_scales[2], int c) {
+    return lb_pick16(half_scales[c / 4], 2 * (c % 4), 2 * (c % 4) + 1);
+}
+
 LB_GGML_INLINE void lb_q6k_row_act8(const uint8_t *row, int64_t K, const lb_act8_row *act, int64_t R, float *out) {
     const int64_t nb = K / 256;
-    const __m256i low = _mm256_set1_epi8(0x0F), three = _mm256_set1_epi8(3);
     __m256 acc[16];
     for (int64_t r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
     for (int64_t i = 0; i < nb; i++) {
         const uint8_t *b = row + i * 210;
         lb_ggml_prefetch(b, 210);
         const float d = lb_ggml_half(b + 208);
-        const __m128i scale_bytes = _mm_loadu_si128((const __m128i *)(b + 192));
-        const __m256i scales = _mm256_cvtepi8_epi16(scale_bytes);               /* per 16 columns */
-        const __m256i half_scales[2] = {_mm256_broadcastsi128_si256(_mm_cvtepi8_epi16(scale_bytes)),
-                                        _mm256_broadcastsi128_si256(_mm_cvtepi8_epi16(_mm_srli_si128(scale_bytes, 8)))};
-        __m256i q[8];
-        for (int h = 0; h < 2; h++) {
-            const __m256i ql0 = _mm256_loadu_si256((const __m256i *)(b + 64 * h));
-            const __m256i ql1 = _mm256_loadu_si256((const __m256i *)(b + 64 * h + 32));
-            const __m256i qh = _mm256_loadu_si256((const __m256i *)(b + 128 + 32 * h));
-#define LB_Q6_HIGH(s) _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, (s)), three), 4)
-            q[4 * h] = _mm256_or_si256(_mm256_and_si256(ql0, low), LB_Q6_HIGH(0));
-            q[4 * h + 1] = _mm256_or_si256(_mm256_and_si256(ql1, low), LB_Q6_HIGH(2));
-            q[4 * h + 2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), low), LB_Q6_HIGH(4));
-            q[4 * h + 3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), low), LB_Q6_HIGH(6));
-#undef LB_Q6_HIGH
-        }
+        __m256i q[8], scales, half_scales[2];
+        lb_q6k_block(b, q, &scales, half_scales);
         for (int64_t r = 0; r < R; r++) {
             const int8_t *x8 = act[r].x8 + i * 256;
             __m256i sum = _mm256_setzero_si256();
             for (int c = 0; c < 8; c++) {
                 const __m256i p = _mm256_maddubs_epi16(q[c], _mm256_loadu_si256((const __m256i *)(x8 + 32 * c)));
-                sum = _mm256_add_epi32(sum, _mm256_madd_epi16(p, lb_pick16(half_scales[c / 4], 2 * (c % 4),
-                                                                           2 * (c % 4) + 1)));
+                sum = _mm256_add_epi32(sum, _mm256_madd_epi16(p, lb_q6k_pick(half_scales, c)));
             }
             const __m256i bsum = _mm256_loadu_si256((const __m256i *)(act[r].bsum + i * 16));
             const __m256i offset = _mm256_madd_epi16(scales, bsum);
@@ -641,6 +658,190 @@ static inline void lb_ggml_row_f32_dispatch(int64_t kind, const uint8_t *row, in
 }
 #endif
 
+/* -- many activation rows, int8 (AVX-512 VNNI) ------------------------------------------------------------------
+ * Continuous batching's step multiplies each weight row by 16 activation rows at a time. lb_ggml_row32_act8 spends
+ * ~9 instructions per block and row (two for the integer dot, the scale's product and broadcast, the conversion, the
+ * fused multiply-add, the minimum's term); from LB_GGML_GEMM_ROWS rows the rows' int8 values, scales and sums are
+ * first packed per 16 rows (lb_ggml_pack16: each block's 32 bytes of two rows side by side in 64, the 16 rows'
+ * scales dx and sums sx of each block in one vector), so that one vpdpbusd computes a block's dot products for two
+ * rows (the same eight 4-byte partial sums per row as vpmaddubsw + vpmaddwd: integer sums, exact), one multiply
+ * gives all 16 rows' d * dx, one fused multiply-add their minimum terms, and a permute spreads two rows' scales over
+ * the halves of a float accumulator. Every float operation per row is the one lb_ggml_row32_act8 does, in its order
+ * (d * dx, the lane-wise fused multiply-add into eight lanes, their sum at the row's end, plus corr * sx summed
+ * with fused multiply-adds), so the results are bit for bit the per-row kernel's. */
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX2__) && defined(__FMA__)
+#define LB_GGML_GEMM 1
+#else
+#define LB_GGML_GEMM 0
+#endif
+#define LB_GGML_GEMM_ROWS 8
+
+/* Floats one packed group of 16 activation rows of K columns takes (see lb_ggml_pack16): 16 K bytes of int8 values,
+ * then K / 2 floats of scales and sums for the 32-value types (K / 2 + K / 16 for the K-quants). */
+static inline int64_t lb_ggml_pack_floats(int64_t K) { return 4 * K + K / 2 + K / 2; }
+
+/* Whether lb_ggml_matmul packs the activations for the many-row kernels: int8 activations, and a block type they
+ * read (the 32-value types, Q4_K, Q5_K, Q6_K; Q2_K / Q3_K keep the per-row kernel). */
+static inline int lb_ggml_gemm_fits(int64_t kind, int64_t M, int act8) {
+#if LB_GGML_GEMM
+    return act8 && M >= LB_GGML_GEMM_ROWS && kind != LB_Q2_K && kind != LB_Q3_K;
+#else
+    (void)kind; (void)M; (void)act8;
+    return 0;
+#endif
+}
+
+/* Rows m0..m0+15 of the act8 rows at `scratch` (`per_row` floats apart; rows from M on are zeros) into `pack`, per
+ * 16-row group: for 32-value blocks x8 [blocks][8 pairs][64 bytes: row 2p's block, then row 2p + 1's], dx
+ * [blocks][16], sx [blocks][16]; for 256-value blocks x8 [blocks][8 pairs][8 sub-blocks of 32][64 bytes, the same],
+ * bsum [blocks][8 pairs][32 int16: row 2p's 16 sums, then row 2p + 1's], dx [blocks][16]. */
+static inline void lb_ggml_pack16(const float *scratch, int64_t per_row, int64_t K, int64_t block, int64_t m0,
+                                  int64_t M, float *pack) {
+    const int64_t nb = K / block;
+    int8_t *x8 = (int8_t *)pack;
+    float *dx = pack + 4 * K + (block == 32 ? 0 : K / 2), *sx = dx + nb * 16;    /* x8: 16 K bytes */
+    int16_t *bsum = (int16_t *)(pack + 4 * K);
+    for (int64_t r = 0; r < 16; r++) {
+        const int present = m0 + r < M;
+        lb_act8_row row;
+        if (present) row = lb_ggml_act8_at((float *)scratch + (m0 + r) * per_row, K);
+        for (int64_t i = 0; i < nb; i++) {
+            for (int64_t c = 0; c < block / 32; c++) {
+                int8_t *target = x8 + ((i * 8 + r / 2) * (block / 32) + c) * 64 + (r % 2) * 32;
+                if (present) memcpy(target, row.x8 + i * block + c * 32, 32);
+                else memset(target, 0, 32);
+            }
+            dx[i * 16 + r] = present ? row.dx[i] : 0.0f;
+            if (block == 32) {
+                sx[i * 16 + r] = present ? row.sx[i] : 0.0f;
+            } else {
+                int16_t *sums = bsum + (i * 8 + r / 2) * 32 + (r % 2) * 16;
+                if (present) memcpy(sums, row.bsum + i * 16, 32);
+                else memset(sums, 0, 32);
+            }
+        }
+    }
+}
+
+#if LB_GGML_GEMM
+/* A 32-value block type's weight row against the 16 packed activation rows: out[r] for r < 16. */
+LB_GGML_INLINE void lb_ggml_row32_gemm(int64_t kind, const uint8_t *row, int64_t K, const float *pack, float *out) {
+    const int64_t bytes = lb_ggml_bytes(kind), nb = K / 32;
+    const int8_t *x8 = (const int8_t *)pack;
+    const float *dx = pack + 4 * K, *sx = dx + nb * 16;
+    const __m512i flip = _mm512_set1_epi8((char)0x80), zero = _mm512_setzero_si512();
+    __m512i pick[8];           /* lanes 0-7 take row 2p's value, lanes 8-15 row 2p + 1's */
+    for (int p = 0; p < 8; p++)
+        pick[p] = _mm512_add_epi32(_mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0),
+                                   _mm512_set1_epi32(2 * p));
+    __m512 acc[8], extra = _mm512_setzero_ps();
+    for (int p = 0; p < 8; p++) acc[p] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < nb; i++) {
+        const uint8_t *b = row + i * bytes;
+        lb_ggml_prefetch(b, bytes);
+        const float d = lb_ggml_half(b);
+        const __m512 scale = _mm512_mul_ps(_mm512_set1_ps(d), _mm512_loadu_ps(dx + i * 16));
+        __m512i q;
+        if (kind == LB_Q8_0) {      /* int8 + 128 as unsigned; sum(128 x) taken off below */
+            q = _mm512_broadcast_i64x4(_mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(b + 2)),
+                                                        _mm256_set1_epi8((char)0x80)));
+        } else {
+            q = _mm512_broadcast_i64x4(lb_codes32(kind, b));
+            const float m = kind == LB_Q4_1 || kind == LB_Q5_1 ? lb_ggml_half(b + 2) : 0.0f;
+            const float offset = kind == LB_Q4_0 ? 8.0f : kind == LB_Q5_0 ? 16.0f : 0.0f;
+            extra = _mm512_fmadd_ps(_mm512_set1_ps(m - offset * d), _mm512_loadu_ps(sx + i * 16), extra);
+        }
+        for (int p = 0; p < 8; p++) {
+            const __m512i x = _mm512_loadu_si512((const void *)(x8 + (i * 8 + p) * 64));
+            __m512i dot = _mm512_dpbusd_epi32(zero, q, x);
+            if (kind == LB_Q8_0) dot = _mm512_sub_epi32(dot, _mm512_dpbusd_epi32(zero, flip, x));
+            acc[p] = _mm512_fmadd_ps(_mm512_permutexvar_ps(pick[p], scale), _mm512_cvtepi32_ps(dot), acc[p]);
+        }
+    }
+    float extras[16];
+    _mm512_storeu_ps(extras, extra);
+    for (int p = 0; p < 8; p++) {
+        out[2 * p] = lb_hsum256(_mm512_castps512_ps256(acc[p])) + extras[2 * p];
+        out[2 * p + 1] = lb_hsum256(_mm512_extractf32x8_ps(acc[p], 1)) + extras[2 * p + 1];
+    }
+}
+
+/* Q4_K / Q5_K / Q6_K, a weight row against the 16 packed activation rows: lb_k4_row_act8 / lb_q6k_row_act8's sums
+ * for two rows per vector (vpmaddubsw as there, then vpdpwssd: their vpmaddwd by the sub-scales and the add in one
+ * instruction, the same integers), and their float operations lane for lane. */
+LB_GGML_INLINE void lb_k_row_gemm(int64_t kind, const uint8_t *row, int64_t K, const float *pack, float *out) {
+    const int64_t bytes = lb_ggml_bytes(kind), nb = K / 256;
+    const int8_t *x8 = (const int8_t *)pack;
+    const int16_t *bsum = (const int16_t *)(pack + 4 * K);
+    const float *dx = pack + 4 * K + K / 2;
+    __m512i pick[8];
+    for (int p = 0; p < 8; p++)
+        pick[p] = _mm512_add_epi32(_mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0),
+                                   _mm512_set1_epi32(2 * p));
+    __m512 acc[8], mins_acc[8];
+    for (int p = 0; p < 8; p++) acc[p] = _mm512_setzero_ps(), mins_acc[p] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < nb; i++) {
+        const uint8_t *b = row + i * bytes;
+        lb_ggml_prefetch(b, bytes);
+        __m256i q[8], scales, mins, half_scales[2];
+        float d, dmin = 0.0f;
+        if (kind == LB_Q6_K) {
+            d = lb_ggml_half(b + 208);
+            lb_q6k_block(b, q, &scales, half_scales);
+        } else {
+            d = lb_ggml_half(b), dmin = lb_ggml_half(b + 2);
+            lb_k4_block(kind, b, q, &scales, &mins);
+        }
+        const __m512 dx16 = _mm512_loadu_ps(dx + i * 16);
+        const __m512 scale = _mm512_mul_ps(_mm512_set1_ps(d), dx16), min_scale = _mm512_mul_ps(_mm512_set1_ps(dmin), dx16);
+        __m512i sum[8];
+        for (int p = 0; p < 8; p++) sum[p] = _mm512_setzero_si512();
+        for (int c = 0; c < 8; c++) {
+            const __m512i qc = _mm512_broadcast_i64x4(q[c]);
+            const __m512i sc = _mm512_broadcast_i64x4(kind == LB_Q6_K ? lb_q6k_pick(half_scales, c)
+                                                                      : lb_pick16(scales, c, c));
+            for (int p = 0; p < 8; p++) {
+                const __m512i x = _mm512_loadu_si512((const void *)(x8 + ((i * 8 + p) * 8 + c) * 64));
+                sum[p] = _mm512_dpwssd_epi32(sum[p], _mm512_maddubs_epi16(qc, x), sc);
+            }
+        }
+        const __m512i per16 = _mm512_broadcast_i64x4(kind == LB_Q6_K ? scales : mins);
+        for (int p = 0; p < 8; p++) {
+            const __m512i sums16 = _mm512_loadu_si512((const void *)(bsum + (i * 8 + p) * 32));
+            const __m512 row_scale = _mm512_permutexvar_ps(pick[p], scale);
+            if (kind == LB_Q6_K) {
+                const __m512i offset = _mm512_madd_epi16(per16, sums16);
+                const __m512i total = _mm512_sub_epi32(sum[p], _mm512_slli_epi32(offset, 5));
+                acc[p] = _mm512_fmadd_ps(row_scale, _mm512_cvtepi32_ps(total), acc[p]);
+            } else {
+                acc[p] = _mm512_fmadd_ps(row_scale, _mm512_cvtepi32_ps(sum[p]), acc[p]);
+                mins_acc[p] = _mm512_fmadd_ps(_mm512_permutexvar_ps(pick[p], min_scale),
+                                              _mm512_cvtepi32_ps(_mm512_madd_epi16(per16, sums16)), mins_acc[p]);
+            }
+        }
+    }
+    for (int p = 0; p < 8; p++) {
+        const __m512 v = kind == LB_Q6_K ? acc[p] : _mm512_sub_ps(acc[p], mins_acc[p]);
+        out[2 * p] = lb_hsum256(_mm512_castps512_ps256(v));
+        out[2 * p + 1] = lb_hsum256(_mm512_extractf32x8_ps(v, 1));
+    }
+}
+
+/* The many-row kernels with a constant kind. */
+static inline void lb_ggml_row_gemm(int64_t kind, const uint8_t *row, int64_t K, const float *pack, float *out) {
+    switch (kind) {
+    case LB_Q4_0: lb_ggml_row32_gemm(LB_Q4_0, row, K, pack, out); break;
+    case LB_Q4_1: lb_ggml_row32_gemm(LB_Q4_1, row, K, pack, out); break;
+    case LB_Q5_0: lb_ggml_row32_gemm(LB_Q5_0, row, K, pack, out); break;
+    case LB_Q5_1: lb_ggml_row32_gemm(LB_Q5_1, row, K, pack, out); break;
+    case LB_Q8_0: lb_ggml_row32_gemm(LB_Q8_0, row, K, pack, out); break;
+    case LB_Q4_K: lb_k_row_gemm(LB_Q4_K, row, K, pack, out); break;
+    case LB_Q5_K: lb_k_row_gemm(LB_Q5_K, row, K, pack, out); break;
+    default: lb_k_row_gemm(LB_Q6_K, row, K, pack, out); break;
+    }
+}
+#endif
+
 /* out[r] = dot(weight row, activation row r) for R <= 16 rows, int8 activations. */
 static inline void lb_ggml_row_act8(int64_t kind, const uint8_t *row, int64_t K, const lb_act8_row *act, int64_t R,
                                     float *out) {
@@ -689,18 +890,29 @@ static inline void lb_ggml_row_f32(int64_t kind, const uint8_t *row, int64_t K, 
     }
 }
 
-/* Floats of per-thread scratch lb_ggml_matmul needs for M rows of K activations. */
-static inline int64_t lb_ggml_scratch_floats(int64_t K, int64_t M) { return M * lb_ggml_act8_floats(K); }
+/* Floats of per-thread scratch lb_ggml_matmul needs for M rows of K activations (their act8 form, and the packed
+ * copy of every 16 of them for the many-row kernel). */
+static inline int64_t lb_ggml_scratch_floats(int64_t K, int64_t M) {
+    return M * lb_ggml_act8_floats(K) + (M >= LB_GGML_GEMM_ROWS ? (M + 15) / 16 * lb_ggml_pack_floats(K) : 0);
+}
 
 /* Output row n of lb_ggml_matmul: y[:M, n] (= or +=) x W[n]^T + bias[n], the activations already in `scratch`. */
 static inline void lb_ggml_matmul_row(const lb_linear *L, int64_t n, int64_t row_bytes, const float *x, int64_t M,
-                                      float *y, int64_t ldy, int accumulate, float *scratch, int act8) {
+                                      float *y, int64_t ldy, int accumulate, float *scratch, int act8,
+                                      const float *pack) {
     const int64_t K = L->k, per_row = lb_ggml_act8_floats(K);
     const uint8_t *row = (const uint8_t *)L->w + n * row_bytes;
     lb_act8_row act[16];
     for (int64_t m0 = 0; m0 < M; m0 += 16) {
         const int64_t R = lb_min(16, M - m0);
         float out[16];
+#if LB_GGML_GEMM
+        if (pack && R >= LB_GGML_GEMM_ROWS) {      /* packed by lb_ggml_matmul (16 rows, padded with zeros) */
+            lb_ggml_row_gemm(L->kind, row, K, pack + (m0 / 16) * lb_ggml_pack_floats(K), out);
+        } else
+#else
+        (void)pack;
+#endif
         if (act8) {
             for (int64_t r = 0; r < R; r++) act[r] = lb_ggml_act8_at(scratch + (m0 + r) * per_row, K);
             lb_ggml_row_act8(L->kind, row, K, act, R, out);
@@ -730,14 +942,20 @@ static inline void lb_ggml_matmul_row(const lb_linear *L, int64_t n, int64_t row
  * way); without `wait` statically, as lb_matmul_rows_per_item promises (the gate/up matmuls' rows are read back
  * by the thread that computed them). */
 static inline void lb_ggml_matmul(const lb_linear *L, const float *x, int64_t M, float *y, int64_t ldy,
-                                  int accumulate, float *scratch, int act8, int wait) {
+                                  int accumulate, float *scratch, int act8, int wait, int prepared) {
     const int64_t K = L->k, N = L->n, row_bytes = (K / lb_ggml_block(L->kind)) * lb_ggml_bytes(L->kind);
     const int64_t per_row = lb_ggml_act8_floats(K);
-    if (act8)
+    if (act8 && !prepared)
         for (int64_t r = 0; r < M; r++)
             lb_ggml_quantize_act8(x + r * K, K, lb_ggml_block(L->kind), scratch + r * per_row);
+    float *pack = NULL;                  /* many rows: every 16 of them packed (lb_ggml_pack16), after the act8 rows */
+    if (lb_ggml_gemm_fits(L->kind, M, act8)) {
+        pack = scratch + M * per_row;
+        for (int64_t m0 = 0; m0 < M && !prepared; m0 += 16)
+            lb_ggml_pack16(scratch, per_row, K, lb_ggml_block(L->kind), m0, M, pack + (m0 / 16) * lb_ggml_pack_floats(K));
+    }
 #if defined(__AVX2__) && defined(__FMA__)
-    if (!act8)                           /* float path: scratch is [M, K / 16] sums of x */
+    if (!act8 && !prepared)              /* float path: scratch is [M, K / 16] sums of x */
         for (int64_t s = 0; s < M * (K / 16); s++) {
             float total = 0.0f;
             for (int l = 0; l < 16; l++) total += x[s * 16 + l];
@@ -748,10 +966,10 @@ static inline void lb_ggml_matmul(const lb_linear *L, const float *x, int64_t M,
         int64_t chunk = lb_min(LB_GGML_CHUNK_BYTES / row_bytes, N / 16);
         if (chunk < 1) chunk = 1;
         #pragma omp for schedule(dynamic, chunk)
-        for (int64_t n = 0; n < N; n++) lb_ggml_matmul_row(L, n, row_bytes, x, M, y, ldy, accumulate, scratch, act8);
+        for (int64_t n = 0; n < N; n++) lb_ggml_matmul_row(L, n, row_bytes, x, M, y, ldy, accumulate, scratch, act8, pack);
     } else {
         #pragma omp for schedule(static) nowait
-        for (int64_t n = 0; n < N; n++) lb_ggml_matmul_row(L, n, row_bytes, x, M, y, ldy, accumulate, scratch, act8);
+        for (int64_t n = 0; n < N; n++) lb_ggml_matmul_row(L, n, row_bytes, x, M, y, ldy, accumulate, scratch, act8, pack);
     }
 }
 
