@@ -41,6 +41,27 @@ DEFAULT_BLOCK = 128
 MAX_DAMP_RETRIES = 6
 
 
+class InputProducts:
+    """X^T X (fp32 product, as fp64) of the latest input tensor, so Linears that read the very same tensor (q/k/v
+    after one norm, gate/up) share one product instead of each computing it: the same GEMM on the same tensor,
+    so every Hessian is bit-identical to accumulating it alone. A tensor changed in place since is recomputed."""
+
+    def __init__(self):
+        self._input: torch.Tensor | None = None
+        self._version = -1
+        self._product: torch.Tensor | None = None
+
+    def product(self, x: torch.Tensor) -> torch.Tensor:
+        if x is not self._input or x._version != self._version:
+            flat = x.reshape(-1, x.shape[-1]).float()
+            self._product = (flat.t() @ flat).double()
+            self._input, self._version = x, x._version
+        return self._product
+
+    def clear(self) -> None:
+        self._input = self._product = None
+
+
 class HessianAccumulator:
     """Running H = 2 X^T X / n over calibration inputs of one Linear (products in fp32, sum in fp64)."""
 
@@ -48,11 +69,11 @@ class HessianAccumulator:
         self.sum = torch.zeros(in_features, in_features, dtype=torch.float64)
         self.count = 0
 
-    def add(self, x: torch.Tensor) -> None:
-        """Add activations [..., K] (every leading position is one token)."""
-        x = x.reshape(-1, x.shape[-1]).float()
-        self.sum += (x.t() @ x).double()
-        self.count += x.shape[0]
+    def add(self, x: torch.Tensor, products: InputProducts | None = None) -> None:
+        """Add activations [..., K] (every leading position is one token); `products` shares X^T X with the
+        other Linears reading the same tensor."""
+        self.sum += (products if products is not None else InputProducts()).product(x)
+        self.count += x.reshape(-1, x.shape[-1]).shape[0]
 
     def hessian(self) -> torch.Tensor:
         """H = 2 X^T X / n, computed in place: the accumulator is spent afterwards."""
@@ -164,8 +185,9 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: Scheme, d
             col = i1 + i
             if dynamic:
                 if col % group == 0:
-                    # Fit this group on the columns as GPTQ has updated them so far.
-                    span = torch.cat([w1[:, i:], w[:, i2:]], dim=1)[:, :group]
+                    # Fit this group on the columns as GPTQ has updated them so far (the block's, then the
+                    # following ones not yet updated for this block).
+                    span = torch.cat([w1[:, i:i + group], w[:, i2:i2 + max(0, group - (i2 - col))]], dim=1)
                     s, z = scheme.fit(span)
                     group_scales.append(s)
                     group_zeros.append(z)
@@ -200,15 +222,22 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: Scheme, d
 
     # The relative error in H's (possibly permuted) column order, with the dead inputs' zeros restored.
     h[dead, dead] = 0
-    diff = (w_orig - qw.dequantize()).double()
-    w64 = w_orig.double()
-    if perm is not None:
-        diff, w64 = diff[:, perm], w64[:, perm]
-    num = ((diff @ h) * diff).sum().item()
-    den = ((w64 @ h) * w64).sum().item()
-    report = GPTQReport(loss=float(losses.sum()), relative_error=num / den if den > 0 else 0.0,
+    report = GPTQReport(loss=float(losses.sum()), relative_error=hessian_relative_error(w_orig, qw, h, perm),
                         damp=damp_used, retries=retries)
     return qw, report
+
+
+def hessian_relative_error(weight: torch.Tensor, qw: QuantizedWeight, hessian: torch.Tensor,
+                           perm: torch.Tensor | None = None) -> float:
+    """tr(D H D^T) / tr(W H W^T) with D = W - Q in float64: ||(W-Q)X||^2 / ||WX||^2 on the calibration set.
+    `hessian` may be in the column order `perm` (act-order)."""
+    diff = (weight - qw.dequantize()).double()
+    w64 = weight.double()
+    if perm is not None:
+        diff, w64 = diff[:, perm], w64[:, perm]
+    num = ((diff @ hessian) * diff).sum().item()
+    den = ((w64 @ hessian) * w64).sum().item()
+    return num / den if den > 0 else 0.0
 
 
 def output_relative_error(weight: torch.Tensor, qw: QuantizedWeight, x: torch.Tensor) -> float:
@@ -306,9 +335,11 @@ class GPTQ(CalibratedMethod):
             accumulators = {name: HessianAccumulator(linear_weight(linears[name]).shape[1]) for name in group}
             # an expert sees only the tokens routed to it, possibly none
             optional = {n for n in group if arch is not None and is_expert_linear(arch, n)}
+            products = InputProducts()
             collect_inputs(block, {name: linears[name] for name in group}, inputs,
-                           lambda name, args, kwargs: accumulators[name].add(first_input(args, kwargs)),
+                           lambda name, args, kwargs: accumulators[name].add(first_input(args, kwargs), products),
                            optional=optional)
+            products.clear()
             for name in group:
                 module = linears[name]
                 full = join_name(prefix, name)
