@@ -239,3 +239,26 @@ def test_gptq_perplexity_better_than_rtn_on_stories(stories_dir, stories_eval, b
     rtn = perplexity_after("rtn", stories_dir, calib, eval_tokens, bits, 32, symmetric)
     gptq = perplexity_after("gptq", stories_dir, calib, eval_tokens, bits, 32, symmetric)
     assert gptq < rtn, (gptq, rtn)
+
+
+def test_linears_reading_one_tensor_share_its_product_bit_for_bit():
+    """q/k/v (and gate/up) read the very same tensor: one X^T X serves them all, each Hessian exactly as if
+    accumulated alone; a tensor changed in place is not mistaken for the one already multiplied."""
+    from lowbit.methods.gptq import InputProducts
+
+    torch.manual_seed(10)
+    calls = [correlated_inputs(300, 40, seed=s).reshape(3, 100, 40) for s in range(3)]
+    alone = HessianAccumulator(40)
+    shared = [HessianAccumulator(40) for _ in range(3)]
+    products = InputProducts()
+    for x in calls:
+        alone.add(x)
+        for acc in shared:
+            acc.add(x, products)
+    for acc in shared:
+        assert acc.count == alone.count == 900
+        assert torch.equal(acc.sum, alone.sum)
+    x = calls[0]
+    before = products.product(x).clone()
+    x.mul_(2)                                           # same object, new values
+    assert torch.equal(products.product(x), 4 * before)

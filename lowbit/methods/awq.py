@@ -201,6 +201,12 @@ def apply_clip(weight: torch.Tensor, bound: torch.Tensor, group_size: int) -> to
     return torch.maximum(torch.minimum(padded_groups(weight.float(), group_size), b), -b).reshape(n, -1)[:, :k]
 
 
+def output_error(x: torch.Tensor, weight: torch.Tensor, qw: QuantizedWeight) -> float:
+    """||x Q^T - x W^T||^2 / ||x W^T||^2 for tokens x [T, K]: a Linear's relative output error, as reported."""
+    ref = x @ weight.t()
+    return ((x @ qw.dequantize().t() - ref).norm() / ref.norm().clamp(min=1e-12)).item() ** 2
+
+
 class InspectedInputs:
     """What the inspected module receives: mean |x| per channel over every calibration token, and the leading
     calls holding about `budget` tokens (at least one), which the alpha search replays. Other calls are not
@@ -345,8 +351,7 @@ class AWQ(CalibratedMethod):
                 qw = scheme.quantize(apply_clip(w, bound, scheme.group_size))
             else:
                 qw = scheme.quantize(w)
-            ref = x @ w.t()
-            error = ((x @ qw.dequantize().t() - ref).norm() / ref.norm().clamp(min=1e-12)).item() ** 2
             results[name] = qw
+            error = output_error(x, w, qw)
             reports[name] = AWQReport(alphas.get(name), error)
         return BlockResult(results, reports)
