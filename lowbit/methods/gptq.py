@@ -171,15 +171,23 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: Scheme, d
             col_zeros = col_zeros[:, perm] if col_zeros is not None else None
 
     hinv, damp_used, retries = damped_inverse_factor(h, damp, name)
-    codes = torch.zeros(n, k, dtype=torch.uint8)
+    # The sweep works on columns, so it keeps them as contiguous rows: the block of weights, its errors, codes and
+    # per-column statistics transposed. Every element sees the same float operations as in the [N, K] layout
+    # (elementwise only), and the lazy block update gets the same contiguous [N, B] operand, so codes are the same.
+    codes_t = torch.zeros(k, n, dtype=torch.uint8)
     losses = torch.zeros(n)
     group_scales: list[torch.Tensor] = []
     group_zeros: list[torch.Tensor] = []
+    if not dynamic:
+        scales_t = col_scales.t().contiguous()
+        zeros_t = col_zeros.t().contiguous() if col_zeros is not None else None
+        del col_scales, col_zeros
     scale = zero = None
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
-        w1 = w[:, i1:i2].clone()
+        w1 = w[:, i1:i2].t().contiguous()          # [B, N]: row i is column i1 + i
         err1 = torch.zeros_like(w1)
+        delta1 = torch.zeros_like(w1)               # w - dequantized, per column, for the loss
         hinv1 = hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = i1 + i
@@ -187,25 +195,29 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: Scheme, d
                 if col % group == 0:
                     # Fit this group on the columns as GPTQ has updated them so far (the block's, then the
                     # following ones not yet updated for this block).
-                    span = torch.cat([w1[:, i:i + group], w[:, i2:i2 + max(0, group - (i2 - col))]], dim=1)
+                    span = torch.cat([w1[i:i + group].t(), w[:, i2:i2 + max(0, group - (i2 - col))]], dim=1)
                     s, z = scheme.fit(span)
                     group_scales.append(s)
                     group_zeros.append(z)
                     scale, zero = s, z
             else:
-                scale = col_scales[:, col:col + 1]
-                zero = col_zeros[:, col:col + 1] if col_zeros is not None else None
-            column = w1[:, i:i + 1]
-            q = scheme.encode(column, scale, zero)
-            dq = scheme.decode(q, scale, zero)
-            codes[:, col] = q[:, 0]
-            d = hinv1[i, i]
-            err = (column[:, 0] - dq[:, 0]) / d
-            losses += (column[:, 0] - dq[:, 0]) ** 2 / d ** 2 / 2
-            w1[:, i:] -= err.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
-            err1[:, i] = err
-        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+                scale = scales_t[col].unsqueeze(1)
+                zero = zeros_t[col].unsqueeze(1) if zeros_t is not None else None
+            column = w1[i]
+            q = scheme.encode(column.unsqueeze(1), scale, zero)
+            codes_t[col] = q[:, 0]
+            delta = delta1[i]
+            torch.sub(column, scheme.decode(q, scale, zero)[:, 0], out=delta)
+            err = torch.div(delta, hinv1[i, i], out=err1[i])
+            w1[i:] -= hinv1[i, i:].unsqueeze(1) * err.unsqueeze(0)
+        # the loss terms (w - q)^2 / d^2 / 2 of the block's columns, added to the rows' sums column by column
+        terms = delta1.pow_(2).div_(hinv1.diagonal().pow(2).unsqueeze(1)).div_(2)
+        for term in terms:
+            losses += term
+        w[:, i2:] -= err1.t().contiguous() @ hinv[i1:i2, i2:]
 
+    codes = codes_t.t().contiguous()
+    del codes_t
     g_idx = None
     if perm is not None:
         inverse = torch.argsort(perm)
@@ -214,7 +226,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: Scheme, d
             g_idx = torch.empty(k, dtype=torch.int32)
             g_idx[perm] = (torch.arange(k) // group).to(torch.int32)
     if dynamic:
-        qw = QuantizedWeight(scheme, (n, k), codes=codes.contiguous(), scales=torch.cat(group_scales, dim=1),
+        qw = QuantizedWeight(scheme, (n, k), codes=codes, scales=torch.cat(group_scales, dim=1),
                              zeros=torch.cat(group_zeros, dim=1), group_size=group, g_idx=g_idx)
     else:
         with_codes = getattr(scheme, "with_codes", None)
