@@ -262,6 +262,12 @@ def test_linears_reading_one_tensor_share_its_product_bit_for_bit():
     before = products.product(x).clone()
     x.mul_(2)                                           # same object, new values
     assert torch.equal(products.product(x), 4 * before)
+    # the input is not kept alive by the cache (activations are freed after their forward pass)
+    import weakref
+
+    alive = weakref.ref(x)
+    del x, calls
+    assert alive() is None
 
 
 # SHA-256 of codes, scales, zeros (and g_idx) of the layer below, computed with the sweep before it kept its

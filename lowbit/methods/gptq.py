@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,18 +45,23 @@ MAX_DAMP_RETRIES = 6
 class InputProducts:
     """X^T X (fp32 product, as fp64) of the latest input tensor, so Linears that read the very same tensor (q/k/v
     after one norm, gate/up) share one product instead of each computing it: the same GEMM on the same tensor,
-    so every Hessian is bit-identical to accumulating it alone. A tensor changed in place since is recomputed."""
+    so every Hessian is bit-identical to accumulating it alone. A tensor changed in place since is recomputed.
+
+    Only a weak reference to the input is kept (activations are freed when the forward pass is done with them),
+    and the previous product is dropped before the next is computed, so at most one K x K product is alive, as
+    when each Linear computed its own."""
 
     def __init__(self):
-        self._input: torch.Tensor | None = None
+        self._input: weakref.ref | None = None
         self._version = -1
         self._product: torch.Tensor | None = None
 
     def product(self, x: torch.Tensor) -> torch.Tensor:
-        if x is not self._input or x._version != self._version:
+        if self._input is None or self._input() is not x or x._version != self._version:
+            self.clear()
             flat = x.reshape(-1, x.shape[-1]).float()
             self._product = (flat.t() @ flat).double()
-            self._input, self._version = x, x._version
+            self._input, self._version = weakref.ref(x), x._version
         return self._product
 
     def clear(self) -> None:
