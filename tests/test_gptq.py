@@ -239,3 +239,60 @@ def test_gptq_perplexity_better_than_rtn_on_stories(stories_dir, stories_eval, b
     rtn = perplexity_after("rtn", stories_dir, calib, eval_tokens, bits, 32, symmetric)
     gptq = perplexity_after("gptq", stories_dir, calib, eval_tokens, bits, 32, symmetric)
     assert gptq < rtn, (gptq, rtn)
+
+
+def test_linears_reading_one_tensor_share_its_product_bit_for_bit():
+    """q/k/v (and gate/up) read the very same tensor: one X^T X serves them all, each Hessian exactly as if
+    accumulated alone; a tensor changed in place is not mistaken for the one already multiplied."""
+    from lowbit.methods.gptq import InputProducts
+
+    torch.manual_seed(10)
+    calls = [correlated_inputs(300, 40, seed=s).reshape(3, 100, 40) for s in range(3)]
+    alone = HessianAccumulator(40)
+    shared = [HessianAccumulator(40) for _ in range(3)]
+    products = InputProducts()
+    for x in calls:
+        alone.add(x)
+        for acc in shared:
+            acc.add(x, products)
+    for acc in shared:
+        assert acc.count == alone.count == 900
+        assert torch.equal(acc.sum, alone.sum)
+    x = calls[0]
+    before = products.product(x).clone()
+    x.mul_(2)                                           # same object, new values
+    assert torch.equal(products.product(x), 4 * before)
+    # the input is not kept alive by the cache (activations are freed after their forward pass)
+    import weakref
+
+    alive = weakref.ref(x)
+    del x, calls
+    assert alive() is None
+
+
+# SHA-256 of codes, scales, zeros (and g_idx) of the layer below, computed with the sweep before it kept its
+# columns as contiguous rows (commit a41d99b; torch 2.13 CPU, one thread). Groups of 48 straddle blocks of 32, so
+# a group's statistics are fitted on columns from the current block and the next one.
+PINNED_DYNAMIC_GROUPS = {
+    False: "73e666bcb31a7b4003cc66b94c08c8a3d803f796a753748645f286b2587811c9",
+    True: "f66fa9b87ca17f5d84fa4acc93bb660b8ec1c91d38c6c494c57d0840c0f9b751",
+}
+
+
+@pytest.mark.parametrize("desc_act", [False, True])
+def test_sweep_codes_equal_those_of_the_previous_layout(desc_act):
+    import hashlib
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        x = correlated_inputs(2048, 200, seed=11)
+        w = torch.randn(40, 200, generator=torch.Generator().manual_seed(12))
+        qw, _ = gptq_quantize(w, hessian_of(x), IntGrid(4, 48, False), desc_act=desc_act, static_groups=False,
+                              block_size=32)
+    finally:
+        torch.set_num_threads(threads)
+    digest = hashlib.sha256()
+    for t in (qw.codes, qw.scales, qw.zeros) + ((qw.g_idx,) if qw.g_idx is not None else ()):
+        digest.update(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    assert digest.hexdigest() == PINNED_DYNAMIC_GROUPS[desc_act]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +42,32 @@ DEFAULT_BLOCK = 128
 MAX_DAMP_RETRIES = 6
 
 
+class InputProducts:
+    """X^T X (fp32 product, as fp64) of the latest input tensor, so Linears that read the very same tensor (q/k/v
+    after one norm, gate/up) share one product instead of each computing it: the same GEMM on the same tensor,
+    so every Hessian is bit-identical to accumulating it alone. A tensor changed in place since is recomputed.
+
+    Only a weak reference to the input is kept (activations are freed when the forward pass is done with them),
+    and the previous product is dropped before the next is computed, so at most one K x K product is alive, as
+    when each Linear computed its own."""
+
+    def __init__(self):
+        self._input: weakref.ref | None = None
+        self._version = -1
+        self._product: torch.Tensor | None = None
+
+    def product(self, x: torch.Tensor) -> torch.Tensor:
+        if self._input is None or self._input() is not x or x._version != self._version:
+            self.clear()
+            flat = x.reshape(-1, x.shape[-1]).float()
+            self._product = (flat.t() @ flat).double()
+            self._input, self._version = weakref.ref(x), x._version
+        return self._product
+
+    def clear(self) -> None:
+        self._input = self._product = None
+
+
 class HessianAccumulator:
     """Running H = 2 X^T X / n over calibration inputs of one Linear (products in fp32, sum in fp64)."""
 
@@ -48,11 +75,11 @@ class HessianAccumulator:
         self.sum = torch.zeros(in_features, in_features, dtype=torch.float64)
         self.count = 0
 
-    def add(self, x: torch.Tensor) -> None:
-        """Add activations [..., K] (every leading position is one token)."""
-        x = x.reshape(-1, x.shape[-1]).float()
-        self.sum += (x.t() @ x).double()
-        self.count += x.shape[0]
+    def add(self, x: torch.Tensor, products: InputProducts | None = None) -> None:
+        """Add activations [..., K] (every leading position is one token); `products` shares X^T X with the
+        other Linears reading the same tensor."""
+        self.sum += (products if products is not None else InputProducts()).product(x)
+        self.count += x.reshape(-1, x.shape[-1]).shape[0]
 
     def hessian(self) -> torch.Tensor:
         """H = 2 X^T X / n, computed in place: the accumulator is spent afterwards."""
@@ -150,40 +177,53 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: Scheme, d
             col_zeros = col_zeros[:, perm] if col_zeros is not None else None
 
     hinv, damp_used, retries = damped_inverse_factor(h, damp, name)
-    codes = torch.zeros(n, k, dtype=torch.uint8)
+    # The sweep works on columns, so it keeps them as contiguous rows: the block of weights, its errors, codes and
+    # per-column statistics transposed. Every element sees the same float operations as in the [N, K] layout
+    # (elementwise only), and the lazy block update gets the same contiguous [N, B] operand, so codes are the same.
+    codes_t = torch.zeros(k, n, dtype=torch.uint8)
     losses = torch.zeros(n)
     group_scales: list[torch.Tensor] = []
     group_zeros: list[torch.Tensor] = []
+    if not dynamic:
+        scales_t = col_scales.t().contiguous()
+        zeros_t = col_zeros.t().contiguous() if col_zeros is not None else None
+        del col_scales, col_zeros
     scale = zero = None
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
-        w1 = w[:, i1:i2].clone()
+        w1 = w[:, i1:i2].t().contiguous()          # [B, N]: row i is column i1 + i
         err1 = torch.zeros_like(w1)
+        delta1 = torch.zeros_like(w1)               # w - dequantized, per column, for the loss
         hinv1 = hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = i1 + i
             if dynamic:
                 if col % group == 0:
-                    # Fit this group on the columns as GPTQ has updated them so far.
-                    span = torch.cat([w1[:, i:], w[:, i2:]], dim=1)[:, :group]
+                    # Fit this group on the columns as GPTQ has updated them so far (the block's, then the
+                    # following ones not yet updated for this block).
+                    span = torch.cat([w1[i:i + group].t(), w[:, i2:i2 + max(0, group - (i2 - col))]], dim=1)
                     s, z = scheme.fit(span)
                     group_scales.append(s)
                     group_zeros.append(z)
                     scale, zero = s, z
             else:
-                scale = col_scales[:, col:col + 1]
-                zero = col_zeros[:, col:col + 1] if col_zeros is not None else None
-            column = w1[:, i:i + 1]
-            q = scheme.encode(column, scale, zero)
-            dq = scheme.decode(q, scale, zero)
-            codes[:, col] = q[:, 0]
-            d = hinv1[i, i]
-            err = (column[:, 0] - dq[:, 0]) / d
-            losses += (column[:, 0] - dq[:, 0]) ** 2 / d ** 2 / 2
-            w1[:, i:] -= err.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
-            err1[:, i] = err
-        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+                scale = scales_t[col].unsqueeze(1)
+                zero = zeros_t[col].unsqueeze(1) if zeros_t is not None else None
+            column = w1[i]
+            q = scheme.encode(column.unsqueeze(1), scale, zero)
+            codes_t[col] = q[:, 0]
+            delta = delta1[i]
+            torch.sub(column, scheme.decode(q, scale, zero)[:, 0], out=delta)
+            err = torch.div(delta, hinv1[i, i], out=err1[i])
+            w1[i:] -= hinv1[i, i:].unsqueeze(1) * err.unsqueeze(0)
+        # the loss terms (w - q)^2 / d^2 / 2 of the block's columns, added to the rows' sums column by column
+        terms = delta1.pow_(2).div_(hinv1.diagonal().pow(2).unsqueeze(1)).div_(2)
+        for term in terms:
+            losses += term
+        w[:, i2:] -= err1.t().contiguous() @ hinv[i1:i2, i2:]
 
+    codes = codes_t.t().contiguous()
+    del codes_t
     g_idx = None
     if perm is not None:
         inverse = torch.argsort(perm)
@@ -192,7 +232,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: Scheme, d
             g_idx = torch.empty(k, dtype=torch.int32)
             g_idx[perm] = (torch.arange(k) // group).to(torch.int32)
     if dynamic:
-        qw = QuantizedWeight(scheme, (n, k), codes=codes.contiguous(), scales=torch.cat(group_scales, dim=1),
+        qw = QuantizedWeight(scheme, (n, k), codes=codes, scales=torch.cat(group_scales, dim=1),
                              zeros=torch.cat(group_zeros, dim=1), group_size=group, g_idx=g_idx)
     else:
         with_codes = getattr(scheme, "with_codes", None)
@@ -200,15 +240,22 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: Scheme, d
 
     # The relative error in H's (possibly permuted) column order, with the dead inputs' zeros restored.
     h[dead, dead] = 0
-    diff = (w_orig - qw.dequantize()).double()
-    w64 = w_orig.double()
-    if perm is not None:
-        diff, w64 = diff[:, perm], w64[:, perm]
-    num = ((diff @ h) * diff).sum().item()
-    den = ((w64 @ h) * w64).sum().item()
-    report = GPTQReport(loss=float(losses.sum()), relative_error=num / den if den > 0 else 0.0,
+    report = GPTQReport(loss=float(losses.sum()), relative_error=hessian_relative_error(w_orig, qw, h, perm),
                         damp=damp_used, retries=retries)
     return qw, report
+
+
+def hessian_relative_error(weight: torch.Tensor, qw: QuantizedWeight, hessian: torch.Tensor,
+                           perm: torch.Tensor | None = None) -> float:
+    """tr(D H D^T) / tr(W H W^T) with D = W - Q in float64: ||(W-Q)X||^2 / ||WX||^2 on the calibration set.
+    `hessian` may be in the column order `perm` (act-order)."""
+    diff = (weight - qw.dequantize()).double()
+    w64 = weight.double()
+    if perm is not None:
+        diff, w64 = diff[:, perm], w64[:, perm]
+    num = ((diff @ hessian) * diff).sum().item()
+    den = ((w64 @ hessian) * w64).sum().item()
+    return num / den if den > 0 else 0.0
 
 
 def output_relative_error(weight: torch.Tensor, qw: QuantizedWeight, x: torch.Tensor) -> float:
@@ -306,9 +353,11 @@ class GPTQ(CalibratedMethod):
             accumulators = {name: HessianAccumulator(linear_weight(linears[name]).shape[1]) for name in group}
             # an expert sees only the tokens routed to it, possibly none
             optional = {n for n in group if arch is not None and is_expert_linear(arch, n)}
+            products = InputProducts()
             collect_inputs(block, {name: linears[name] for name in group}, inputs,
-                           lambda name, args, kwargs: accumulators[name].add(first_input(args, kwargs)),
+                           lambda name, args, kwargs: accumulators[name].add(first_input(args, kwargs), products),
                            optional=optional)
+            products.clear()
             for name in group:
                 module = linears[name]
                 full = join_name(prefix, name)
