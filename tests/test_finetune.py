@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from arch_models import MODEL_TYPES, tiny_model
 
 peft = pytest.importorskip("peft", reason="peft is an optional dependency (pip install 'lowbit[train]')")
 
@@ -549,3 +550,24 @@ def test_qat_keeping_no_trained_codes_is_gptq_bit_for_bit(stories_float, text):
     for name in quantized:
         ours, theirs = models["qat"].get_submodule(name).qweight, models["gptq"].get_submodule(name).qweight
         assert torch.equal(ours.codes, theirs.codes) and torch.equal(ours.scales, theirs.scales), name
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_split_windows_matches_one_window_calls_on_every_family(model_type):
+    """Each family's block 0, on a 5-window chunk split per window, gives what it gives on the windows' own calls,
+    bit for bit: masks, per-window position ids and Bloom's [windows * heads, 1, L] alibi are sliced, shared
+    rotary tables passed whole."""
+    from lowbit.calibration.capture import block_output, capture_first_block_inputs, split_windows
+    from lowbit.models.arch import architecture_for
+
+    model, config = tiny_model(model_type)
+    arch = architecture_for(model)
+    batch = torch.randint(3, config.vocab_size, (5, 12), generator=torch.Generator().manual_seed(0))
+    (chunk,) = capture_first_block_inputs(model, arch, batch, 5)
+    grouped = split_windows(chunk)
+    single = capture_first_block_inputs(model, arch, batch, 1)
+    assert len(grouped) == len(single) == 5
+    block = arch.blocks(model)[0]
+    with torch.no_grad():
+        for a, b in zip(grouped, single):
+            assert torch.equal(block_output(block(*a.args, **a.kwargs)), block_output(block(*b.args, **b.kwargs)))

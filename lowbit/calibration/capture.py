@@ -46,8 +46,9 @@ class BlockCall:
 
 def split_windows(call: BlockCall) -> list[BlockCall]:
     """One call per calibration window of `call`: every tensor argument whose leading dimension is the batch's
-    (hidden states, masks, per-window position ids and rotary tables) is sliced; shared ones (a [1, ...] rotary
-    table, 1-D cache positions) are passed on whole. Lets a method step per window on calls recorded in chunks."""
+    (hidden states, masks, per-window position ids and rotary tables) is sliced, and so is Bloom's `alibi`, whose
+    leading dimension is windows x heads, window-major; shared ones (a [1, ...] rotary table, 1-D cache positions)
+    are passed on whole. Lets a method step per window on calls recorded in chunks."""
     n = call.hidden.shape[0]
     if n == 1:
         return [call]
@@ -58,8 +59,14 @@ def split_windows(call: BlockCall) -> list[BlockCall]:
         if isinstance(value, (tuple, list)):
             return type(value)(window(v, i) for v in value)
         if isinstance(value, dict):
-            return {k: window(v, i) for k, v in value.items()}
+            return {k: window_of_kwarg(k, v, i) for k, v in value.items()}
         return value
+
+    def window_of_kwarg(key: str, value: Any, i: int) -> Any:
+        if key == "alibi" and isinstance(value, torch.Tensor) and value.shape[0] % n == 0:
+            heads = value.shape[0] // n
+            return value[i * heads:(i + 1) * heads]
+        return window(value, i)
 
     return [BlockCall(window(call.args, i), window(call.kwargs, i)) for i in range(n)]
 

@@ -514,7 +514,7 @@ def load_gguf_quantized(path: str | os.PathLike, kernel: str = "auto", **_: Any)
         raise CorruptFile(f"{path}: tensors missing for {missing[:3]}; the file does not match its architecture")
     model.eval()
     tokenizer = tokenizer_from_gguf(path, gf)
-    model.lowbit_source_file = gf.without_arrays()   # keeps the mapping open for as long as the model uses its pages
+    model.lowbit_source_file = gf.without_tokenizer_arrays()   # keeps the mapping open while the model uses its pages
     return model, tokenizer
 
 

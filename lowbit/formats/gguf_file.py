@@ -96,11 +96,13 @@ class GGUFFile:
     def __reduce__(self):
         return read_gguf, (self.path,)     # a pickled model maps the file again where it is unpickled
 
-    def without_arrays(self) -> GGUFFile:
-        """This file (its mapping, tensors and scalar metadata) without its metadata arrays: what a loaded model
-        keeps. The arrays are the tokenizer's vocabulary, merges and scores, which the tokenizer holds once built,
-        and as Python lists they are tens of MB (37 MB for Gemma-3's 262k tokens and scores)."""
-        kept = {key: value for key, value in self.metadata.items() if not isinstance(value, list)}
+    def without_tokenizer_arrays(self) -> GGUFFile:
+        """This file (its mapping, tensors and metadata) without the tokenizer's arrays (vocabulary, merges, scores,
+        token types): what a loaded model keeps. The tokenizer holds them once built, and as Python lists they are
+        tens of MB (37 MB for Gemma-3's 262k tokens and scores); the architecture's arrays (per-layer head counts,
+        rope sections) stay."""
+        kept = {key: value for key, value in self.metadata.items()
+                if not (isinstance(value, list) and key.startswith("tokenizer."))}
         return replace(self, metadata=kept, value_types={key: self.value_types[key] for key in kept})
 
     def release_pages(self) -> None:

@@ -114,7 +114,7 @@ def walk(method: Method, source: BlockSource, sink: BlockSink, calibration: Any 
         model.eval()
         # timed and reported on its own, before the per-layer bar starts, so the bar's rate and ETA are the layers'
         began = time.perf_counter()
-        # windows per recorded call: the user's, else the method's default (qat trains a step per call), else 8
+        # windows per recorded call: the user's, else the method's default, else 8 (qat steps per window: split_windows)
         chunk = options.get("chunk") or getattr(method, "defaults", {}).get("chunk") or 8
         calls = capture_first_block_inputs(model, arch, batch, int(chunk))
         log.info("%s: calibration: %d x %d tokens prepared and the first block's inputs captured in %.1f s",
