@@ -82,7 +82,7 @@ def main() -> None:
     slots, positions = torch.arange(rows_of), range(args.position, args.position + args.steps)
     for slot in range(rows_of):                                              # a prompt to attend to
         step(torch.arange(1, args.position + 1) % 1000, torch.full((args.position,), slot, dtype=torch.long),
-             torch.arange(args.position), last_only=True)
+             torch.arange(args.position), logit_rows=torch.tensor([args.position - 1]))
     # one thread: CPU time, which a busy machine disturbs far less than wall time
     clock = time.process_time if args.threads == 1 else time.perf_counter
     times = []

@@ -156,16 +156,18 @@ def step():
     return model, decoder, decoder.native
 
 
-def _decode(native, tokens, slots, positions, last_only=0, short=None, threads=1, rows=None):
-    """lowbit_decode_step through ctypes with canaried buffers; `short` names the size reported one too small.
-    (status, x buffer before, x buffer after, logits buffer, workspace buffer)."""
+def _decode(native, tokens, slots, positions, logit_rows=None, short=None, threads=1, rows=None, logit_count=None):
+    """lowbit_decode_step through ctypes with canaried buffers; `short` names the size reported one too small;
+    `logit_rows`: the rows whose logits are asked for (None: all), `logit_count` the count C is told (default:
+    their number). (status, x buffer before, x buffer after, logits buffer, workspace buffer)."""
     lib, spec = native.lib, native.spec
     batch = len(tokens) if rows is None else rows
     work = ctypes.c_int64()
     status = lib.lowbit_decode_workspace(ctypes.byref(spec), max(batch, 0), max(threads, 1), ctypes.byref(work))
     assert status == OK
     embedded = native.embed(torch.tensor(tokens, dtype=torch.long)).float()
-    out_rows = 1 if last_only else max(batch, 0)
+    out_rows = len(logit_rows) if logit_rows is not None else max(batch, 0)
+    wanted = torch.tensor(logit_rows if logit_rows is not None else [], dtype=torch.int64)
     sizes = {"x": embedded.numel(), "slots": len(slots), "positions": len(positions),
              "logits": out_rows * native.vocab, "work": work.value, "k_cache": native.caches[0].numel(),
              "v_cache": native.caches[1].numel()}
@@ -177,7 +179,9 @@ def _decode(native, tokens, slots, positions, last_only=0, short=None, threads=1
     status = lib.lowbit_decode_step(
         ctypes.byref(spec), x.data_ptr(), given["x"], batch, slot_values.data_ptr(), given["slots"],
         position_values.data_ptr(), given["positions"], logits.data_ptr(), given["logits"], workspace.data_ptr(),
-        given["work"], given["k_cache"], given["v_cache"], threads, last_only)
+        given["work"], given["k_cache"], given["v_cache"], threads,
+        wanted.data_ptr() if logit_rows is not None else None,
+        (len(logit_rows) if logit_count is None else logit_count) if logit_rows is not None else 0)
     return status, before, x, logits, workspace, sizes
 
 
@@ -205,8 +209,9 @@ def test_decode_step_refuses_slots_and_positions_outside_the_cache(step, slots, 
 
 def test_decode_step_refuses_invalid_arguments(step):
     model, decoder, native = step
-    for tokens, kwargs in (([5], {"threads": 0}), ([], {"last_only": 1}), ([5], {"last_only": 2}),
-                           ([5], {"rows": -1})):
+    for tokens, kwargs in (([5], {"threads": 0}), ([], {"logit_rows": [0]}), ([5], {"logit_rows": [1]}),
+                           ([5], {"logit_rows": [-1]}), ([5, 7], {"logit_rows": [0], "logit_count": 0}),
+                           ([5, 7], {"logit_rows": [0, 1, 1], "logit_count": 3}), ([5], {"rows": -1})):
         status, before, x, logits, workspace, _ = _decode(native, tokens, [0] * len(tokens), [0] * len(tokens),
                                                           **kwargs)
         assert status == ARGUMENT, kwargs
@@ -225,13 +230,24 @@ def test_decode_step_with_right_sizes_matches_transformers(step):
     assert (got - reference).abs().max() <= 1e-4 * (reference.max() - reference.min())
     assert _untouched(logits, sizes["logits"]) and _untouched(workspace, sizes["work"])
     assert _untouched(x, sizes["x"])
-    status, _, x, logits, workspace, sizes = _decode(native, [3, 9, 4], [1, 1, 1], [0, 1, 2], last_only=1)
+    status, _, x, logits, workspace, sizes = _decode(native, [3, 9, 4], [1, 1, 1], [0, 1, 2], logit_rows=[2])
     assert status == OK
     with torch.no_grad():
         reference = model(torch.tensor([[3, 9, 4]])).logits[0, -1]
     got = logits[:native.vocab]
     assert (got - reference).abs().max() <= 1e-4 * (reference.max() - reference.min())
     assert _untouched(logits, native.vocab) and _untouched(workspace, sizes["work"])
+    # two prompts in one step (slot 0: 3 tokens, slot 1: 2 tokens), the logits of each one's last row, in the
+    # order asked: each equals transformers' forward of that prompt alone
+    status, _, x, logits, workspace, sizes = _decode(native, [3, 9, 4, 8, 2], [0, 0, 0, 1, 1], [0, 1, 2, 0, 1],
+                                                     logit_rows=[4, 2])
+    assert status == OK
+    for row, prompt in enumerate(([8, 2], [3, 9, 4])):
+        with torch.no_grad():
+            reference = model(torch.tensor([prompt])).logits[0, -1]
+        got = logits[row * native.vocab:(row + 1) * native.vocab]
+        assert (got - reference).abs().max() <= 1e-4 * (reference.max() - reference.min()), prompt
+    assert _untouched(logits, 2 * native.vocab)
 
 
 def _bend(edits):

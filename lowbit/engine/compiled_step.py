@@ -232,13 +232,19 @@ class NativeDecodeStep:
         """Logits [1, vocab] of the last of `tokens` [S], a prompt chunk for cache slot `slot` from `start`
         (float32 throughout, like decoding; worth it for short chunks, where a GEMM gains little)."""
         count = tokens.shape[0]
-        return self(tokens, torch.full((count,), slot), torch.arange(start, start + count), last_only=True)
+        return self(tokens, torch.full((count,), slot), torch.arange(start, start + count),
+                    logit_rows=torch.tensor([count - 1]))
 
     def __call__(self, tokens: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor,
-                 last_only: bool = False) -> torch.Tensor:
+                 logit_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, vocab] of every row, or [R, vocab] of the rows `logit_rows` names (the last token of each
+        prompt when several prompts are prefilled together: rows of one slot at consecutive positions)."""
         batch = tokens.shape[0]
-        if last_only and batch == 0:      # C would normalise and multiply row -1, the last of none
-            raise LowbitError("compiled step: a prompt chunk of no tokens has no last token's logits")
+        if logit_rows is not None:
+            logit_rows = logit_rows.to(torch.int64).contiguous()
+            if not 1 <= logit_rows.numel() <= batch or int(logit_rows.min()) < 0 or int(logit_rows.max()) >= batch:
+                raise LowbitError(f"compiled step: logit rows {logit_rows.tolist()[:8]} are not rows of a "
+                                  f"{batch}-row step")
         check_step_inputs(tokens, slots, positions, self.embedding_rows, self.spec.slots, self.spec.context)
         threads = min(torch.get_num_threads(), self.max_threads or torch.get_num_threads())
         size = ctypes.c_int64()
@@ -257,10 +263,12 @@ class NativeDecodeStep:
         x = x.contiguous()
         slots = slots.to(torch.int64).contiguous()
         positions = positions.to(torch.int64).contiguous()
-        logits = torch.empty(1 if last_only else batch, self.vocab, dtype=torch.float32)
+        logits = torch.empty(batch if logit_rows is None else logit_rows.numel(), self.vocab, dtype=torch.float32)
         check_status(self.lib.lowbit_decode_step(
             ctypes.byref(self.spec), x.data_ptr(), x.numel(), batch, slots.data_ptr(), slots.numel(),
             positions.data_ptr(), positions.numel(), logits.data_ptr(), logits.numel(), self.workspace.data_ptr(),
-            self.workspace.numel(), self.caches[0].numel(), self.caches[1].numel(), threads, int(last_only)),
+            self.workspace.numel(), self.caches[0].numel(), self.caches[1].numel(), threads,
+            logit_rows.data_ptr() if logit_rows is not None else None,
+            logit_rows.numel() if logit_rows is not None else 0),
             f"compiled step of {batch} rows", self.lib)
         return logits

@@ -130,9 +130,9 @@ def load_library(path: Path) -> ctypes.CDLL:
         "lowbit_linear_scratch": [_ptr, _i64, i32, ctypes.POINTER(_i64)],
         "lowbit_dequantize_rows": [_ptr, _i64, _i64, _ptr, _i64, i32, i32],            # weight, n0, n1, out, bytes
         "lowbit_decode_workspace": [_ptr, _i64, i32, ctypes.POINTER(_i64)],
-        # model, x, B, slots, positions, logits, workspace, k and v cache floats, threads, last_only
+        # model, x, B, slots, positions, logits, workspace, k and v cache floats, threads, logit rows (or NULL)
         "lowbit_decode_step": [_ptr, _ptr, _i64, _i64, _ptr, _i64, _ptr, _i64, _ptr, _i64, _ptr, _i64, _i64, _i64,
-                               i32, i32],
+                               i32, _ptr, _i64],
         "lowbit_check_model": [_ptr, ctypes.c_char_p, _i64],
         "lowbit_check_linear": [_ptr] + [_i64] * 6,
     }

@@ -490,7 +490,8 @@ int lowbit_check_model(const lb_model *m, char *detail, int64_t bytes) {
 }
 
 /* x [B, hidden]: the rows' embeddings, overwritten with the final hidden states; logits [B, vocab] out (or
- * [1, vocab] for the last row only, with `last_only`). Row b decodes into cache slot slots[b] at position
+ * [R, vocab] for the R rows `logit_rows` names, in its order, when it is not NULL: the last row of each prompt in a
+ * batch of prompts, which saves the head's product for every other row). Row b decodes into cache slot slots[b] at position
  * positions[b] (< context), attending to positions 0..pos. Every row's keys and values are cached before any
  * row attends, so rows of one slot at consecutive positions are a causal prompt chunk (prefill).
  * *_floats / *_count: the values behind each pointer (work: lowbit_decode_workspace's count; the caches: the
@@ -499,18 +500,21 @@ int lowbit_check_model(const lb_model *m, char *detail, int64_t bytes) {
 int lowbit_decode_step(const lb_model *m, float *x, int64_t x_floats, int64_t B, const int64_t *slots,
                        int64_t slot_count, const int64_t *positions, int64_t position_count, float *logits,
                        int64_t logits_floats, float *work, int64_t work_floats, int64_t k_cache_floats,
-                       int64_t v_cache_floats, int threads, int last_only) {
+                       int64_t v_cache_floats, int threads, const int64_t *logit_rows, int64_t logit_row_count) {
     int64_t need;
     const int status = lowbit_decode_workspace(m, B, threads, &need);
     if (status != LB_OK) return status;
-    if ((last_only != 0 && last_only != 1) || (last_only && B == 0)) return LB_ERR_ARGUMENT;
+    if (logit_rows != NULL && (logit_row_count < 1 || logit_row_count > B)) return LB_ERR_ARGUMENT;
+    const int64_t R = logit_rows != NULL ? logit_row_count : B;     /* rows whose logits are computed */
     if (!lb_covers(work_floats, need)) return LB_ERR_SCRATCH_SIZE;
     if (!lb_covers(x_floats, B * m->hidden)) return LB_ERR_INPUT_SIZE;
-    if (!lb_covers(logits_floats, (last_only ? 1 : B) * m->lm_head.n)) return LB_ERR_OUTPUT_SIZE;
+    if (!lb_covers(logits_floats, R * m->lm_head.n)) return LB_ERR_OUTPUT_SIZE;
     if (!lb_covers(k_cache_floats, cache_floats(m)) || !lb_covers(v_cache_floats, cache_floats(m)))
         return LB_ERR_CACHE_SIZE;
     if (slot_count < B) return LB_ERR_SLOT;
     if (position_count < B) return LB_ERR_POSITION;
+    for (int64_t r = 0; logit_rows != NULL && r < R; r++)
+        if (logit_rows[r] < 0 || logit_rows[r] >= B) return LB_ERR_ARGUMENT;
     for (int64_t b = 0; b < B; b++) {
         if (slots[b] < 0 || slots[b] >= m->slots) return LB_ERR_SLOT;
         if (positions[b] < 0 || positions[b] >= m->context) return LB_ERR_POSITION;
@@ -640,11 +644,14 @@ int lowbit_decode_step(const lb_model *m, float *x, int64_t x_floats, int64_t B,
                 lb_matmul(&layer->down, act, B, x, H, 1, xsum, activations, 1);  /* x += MLP output */
             }
         }
-        const int64_t first = last_only ? B - 1 : 0;
-        for (int64_t b = first; b < B; b++) hidden_norm(m, x + b * H, m->final_norm, m->final_norm_bias, h + b * H);
-        lb_matmul(&m->lm_head, h + first * H, B - first, logits, m->lm_head.n, 0, xsum, activations, 1);
+        /* the final norm of the wanted rows, packed into h's first R rows (each thread's own h) */
+        for (int64_t r = 0; r < R; r++) {
+            const int64_t b = logit_rows != NULL ? logit_rows[r] : r;
+            hidden_norm(m, x + b * H, m->final_norm, m->final_norm_bias, h + r * H);
+        }
+        lb_matmul(&m->lm_head, h, R, logits, m->lm_head.n, 0, xsum, activations, 1);
         if (m->final_softcap > 0.0f) {
-            const int64_t count = (B - first) * m->lm_head.n;
+            const int64_t count = R * m->lm_head.n;
             #pragma omp for schedule(static)
             for (int64_t i = 0; i < count; i++) logits[i] = softcap(logits[i], m->final_softcap);
         }
