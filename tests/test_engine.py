@@ -322,3 +322,89 @@ def test_a_model_that_ran_in_the_engine_still_copies_and_saves(stories_rtn4, tmp
     assert engine_for(model, context=64) is first
     model.lowbit_engine_options = {"activations": "int8"}
     assert engine_for(model, context=64) is not first
+
+
+PROMPTS_TOGETHER = ("Once upon a time", "Tom had a red ball and a big", "The sun", "Lily and her mom went to the park")
+
+
+@needs_stories
+@pytest.mark.parametrize("path", ["compiled step", "gemm"])
+def test_prompts_prefilled_together_equal_each_alone(stories, stories_rtn4, path):
+    """Prompts started together (Engine.start_many -> RotaryDecoder.prefill_prompts) get the first-token logits,
+    KV cache rows and greedy continuation each gets prefilled alone: through the compiled step (every prompt's
+    tokens in one step, the logits of each one's last row) bit for bit, since each row's arithmetic there does
+    not depend on the others; through GEMMs (one per weight over all prompts' tokens, attention per prompt) within
+    bf16 rounding: each GEMM rounds its output to bf16 (2^-9 relative), and another summation order (more rows,
+    other blocking) can move it by one bf16 step (2^-8) per block, so after L blocks and the head by at most
+    (L + 1) 2^-8 of the largest magnitude. The greedy tokens agree through the compiled step; after a GEMM prefill
+    they need not (a bf16 step can flip a near tie a few tokens later, as between any two bf16 GEMM shapes)."""
+    model, tokenizer = stories_rtn4, stories[1]
+    prompts = [tokenizer(t).input_ids for t in PROMPTS_TOGETHER]
+    greedy = SamplingParams(max_new_tokens=12, temperature=0.0)
+
+    def engine() -> Engine:
+        built = Engine(model, tokenizer, max_batch=len(prompts), context=96)
+        built.decoder.native_prefill_tokens = 1000 if path == "compiled step" else 0
+        return built
+
+    alone = []
+    for prompt in prompts:
+        single = engine()
+        logits = single.decoder.prefill_prompts([torch.tensor(prompt)], [2])
+        caches = (single.decoder.k_cache[:, 2, :, :len(prompt)].clone(),
+                  single.decoder.v_cache[:, 2, :, :len(prompt)].clone())
+        alone.append((logits[0], caches, engine_greedy(engine(), prompt, 12)))
+
+    together = engine()
+    slots = [3, 0, 2, 1]
+    logits = together.decoder.prefill_prompts([torch.tensor(p) for p in prompts], slots)
+    assert logits.shape == (len(prompts), model.config.vocab_size)
+    for prompt, slot, row, (reference, (keys, values), _) in zip(prompts, slots, logits, alone):
+        got_keys = together.decoder.k_cache[:, slot, :, :len(prompt)]
+        got_values = together.decoder.v_cache[:, slot, :, :len(prompt)]
+        if path == "compiled step":
+            assert torch.equal(row, reference) and torch.equal(got_keys, keys) and torch.equal(got_values, values)
+        else:
+            steps = (model.config.num_hidden_layers + 1) * 2.0 ** -8
+            assert (row - reference).abs().max() <= steps * reference.abs().max()
+            assert (got_keys - keys).abs().max() <= steps * keys.abs().max()
+            assert (got_values - values).abs().max() <= steps * values.abs().max()
+
+    if path != "compiled step":
+        return
+    started = engine()
+    seqs = started.start_many([started.new_sequence(p, greedy, stop_on_eos=False) for p in prompts])
+    while not all(s.finished for s in seqs):
+        started.step()
+    assert [s.generated for s in seqs] == [tokens for _, _, tokens in alone]
+
+
+@needs_stories
+def test_start_many_groups_prompts_by_the_prefill_chunk_and_gives_slots_back_on_failure(stories):
+    """Consecutive prompts share a prefill while their tokens fit in `prefill_chunk`; a longer prompt goes alone.
+    A prefill that raises leaves every slot free and no sequence active."""
+    model, tokenizer = stories
+    engine = Engine(model, tokenizer, max_batch=5, context=96, prefill_chunk=16)
+    greedy = SamplingParams(max_new_tokens=4, temperature=0.0)
+    seqs = [engine.new_sequence(list(range(1, 1 + n)), greedy) for n in (5, 7, 9, 20, 3)]
+    assert [[len(s.prompt_ids) for s in g] for g in engine._prefill_groups(seqs)] == [[5, 7], [9], [20], [3]]
+    calls = []
+    prefill_prompts = engine.decoder.prefill_prompts
+    engine.decoder.prefill_prompts = lambda prompts, slots: calls.append(len(prompts)) or prefill_prompts(prompts,
+                                                                                                        slots)
+    engine.start_many(seqs)
+    assert calls == [2] and [s.position for s in seqs] == [5, 7, 9, 20, 3] and engine.free_slots == []
+    for s in seqs:
+        engine.release(s)
+
+    def fail(prompts, slots):
+        raise RuntimeError("out of memory")
+
+    engine.decoder.prefill_prompts = fail
+    again = [engine.new_sequence([1, 2, 3], greedy), engine.new_sequence([4, 5], greedy)]
+    with pytest.raises(RuntimeError, match="out of memory"):
+        engine.start_many(again)
+    assert engine.free_slots == [0, 1, 2, 3, 4] and not engine.active
+    assert all(s.slot == -1 and not s.generated for s in again)
+    with pytest.raises(LowbitError, match="only 5 of the 5"):
+        engine.start_many([engine.new_sequence([1], greedy) for _ in range(6)])

@@ -37,8 +37,9 @@ from lowbit.runtime.memory import release_freed_heap
 COMPILED_BATCH_ROWS = 64    # decode batches below this many rows run through the compiled step (see RotaryDecoder)
 from lowbit.runtime.qlinear import QuantLinear
 
-# Prompt chunks up to this many tokens run through the compiled step (float32, as decoding is: measured as fast
-# as bf16 GEMMs up to 16 tokens, 2x slower at 32), longer ones through bf16 GEMMs.
+# Prompt tokens (one prompt, or several prefilled together) up to which the compiled step runs them, reading each
+# weight once per 16 rows; longer ones run through GEMMs, which first dequantize every weight (a fixed cost). See
+# RotaryDecoder.native_prefill_tokens for the measured crossovers.
 NATIVE_PREFILL_TOKENS = 16
 DEFAULT_CONTEXT = 2048
 
@@ -455,6 +456,7 @@ class RotaryDecoder:
         # the GEMMs, whose ~1,500 torch calls a step contend for the GIL with the server's threads
         # (bench/bench_engine.py). So the step keeps decode batches below COMPILED_BATCH_ROWS.
         self.compiled_batch_rows = COMPILED_BATCH_ROWS
+        self.native_prefill_tokens = NATIVE_PREFILL_TOKENS
         if self.native is None and native and fuse:
             self.layers = self._layers(model, fuse=True)
 
@@ -555,9 +557,8 @@ class RotaryDecoder:
         if self.native is not None and not all_logits:
             if seq == 1 and batch < self.compiled_batch_rows:
                 return self.native(tokens[:, 0], torch.arange(rows.start or 0, rows.stop), positions)
-            if batch == 1 and seq <= NATIVE_PREFILL_TOKENS:
+            if batch == 1 and seq <= self.native_prefill_tokens:
                 return self.native.prefill(tokens[0], rows.start or 0, int(positions[0]))
-        heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
         same_start = batch == 1 or bool((positions == positions[0]).all())
         start = int(positions[0])
         if same_start:
@@ -568,12 +569,82 @@ class RotaryDecoder:
             assert seq == 1, "sequences at different positions decode one token at a time"
             query_positions = positions[:, None]                               # [B, 1]
             attend = int(positions.max()) + 1
-        tables = [(cos[query_positions][:, :, None], sin[query_positions][:, :, None])
-                  for cos, sin in zip(self.cos, self.sin)]
         masks = {window: self._mask(query_positions, attend, window, same_start and start == 0)
                  for window in set(self.windows)}
         batch_index = torch.arange(batch)
 
+        def attention(index: int, layer: _Layer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            k_cache = self.k_cache[index, rows]
+            v_cache = self.v_cache[index, rows]
+            if same_start:
+                k_cache[:, :, start:end] = k
+                v_cache[:, :, start:end] = v
+            else:
+                k_cache[batch_index, :, positions] = k[:, :, 0]
+                v_cache[batch_index, :, positions] = v[:, :, 0]
+            return self._attend(q, k_cache[:, :, :attend], v_cache[:, :, :attend], masks[layer.window], seq > 1)
+
+        x = self._blocks(tokens, query_positions, attention)
+        if not all_logits:
+            x = x[:, -1]
+        return _softcap(self.lm_head(self.final_norm(x)), self.final_softcap)
+
+    @torch.inference_mode()
+    def prefill_prompts(self, prompts: SequenceType[torch.Tensor], slots: SequenceType[int]) -> torch.Tensor:
+        """Logits [n, vocab] of the last token of each of n whole prompts (token ids [S_i], from position 0),
+        prompt i into cache slot slots[i], computed together: through the compiled step when their tokens number
+        at most `native_prefill_tokens`, otherwise through one GEMM per weight over all their tokens (the
+        dequantization of each weight, the GEMM path's fixed cost, is paid once for all of them) with attention
+        per prompt. Each prompt's logits are those of it prefilled alone, up to the GEMMs' rounding."""
+        lengths = [int(p.shape[0]) for p in prompts]
+        if not lengths or min(lengths) < 1 or len(slots) != len(lengths) or len(set(slots)) != len(slots):
+            raise LowbitError(f"prefill of {len(lengths)} prompts into slots {list(slots)}: every prompt needs a "
+                              f"token and its own slot")
+        ends = torch.tensor(lengths).cumsum(0)
+        tokens = torch.cat(list(prompts)).to(torch.long)
+        positions = torch.cat([torch.arange(n) for n in lengths])
+        if self.native is not None and len(tokens) <= self.native_prefill_tokens:
+            return self.native(tokens, torch.repeat_interleave(torch.tensor(list(slots)), torch.tensor(lengths)),
+                               positions, logit_rows=ends - 1)
+        if len(lengths) == 1:
+            return self.forward(tokens[None], slice(slots[0], slots[0] + 1), torch.tensor([0]))
+        bounds = list(zip((ends - torch.tensor(lengths)).tolist(), ends.tolist()))
+        # each prompt's mask for each window size (None and causal unless a window is shorter than the prompt)
+        masks = {(n, window): self._mask(torch.arange(n)[None], n, window, True)
+                 for n in set(lengths) for window in set(self.windows)}
+
+        def attention(index: int, layer: _Layer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            outputs = []
+            for (first, last), slot in zip(bounds, slots):
+                k_cache, v_cache = self.k_cache[index, slot:slot + 1], self.v_cache[index, slot:slot + 1]
+                k_cache[:, :, :last - first] = k[:, :, first:last]
+                v_cache[:, :, :last - first] = v[:, :, first:last]
+                outputs.append(self._attend(q[:, :, first:last], k_cache[:, :, :last - first],
+                                            v_cache[:, :, :last - first], masks[(last - first, layer.window)], True))
+            return torch.cat(outputs, dim=2)
+
+        x = self._blocks(tokens[None], positions[None], attention)[0, ends - 1]
+        return _softcap(self.lm_head(self.final_norm(x)), self.final_softcap)
+
+    def _attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                mask: tuple[torch.Tensor | None, bool], prompt: bool) -> torch.Tensor:
+        """Attention of q [B, heads, S, D] over cached keys and values [B, kv heads, T, D], in the prompt
+        attention dtype for prompts and the cache's for decoding; float32 out."""
+        dtype = self.prefill_attention_dtype if prompt else q.dtype
+        if keys.dtype != dtype or q.dtype != dtype:
+            q, keys, values = q.to(dtype), keys.to(dtype), values.to(dtype)
+        return self._attention(q, keys, values, *mask)
+
+    def _blocks(self, tokens: torch.Tensor, query_positions: torch.Tensor,
+                attention: Callable[[int, _Layer, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+                ) -> torch.Tensor:
+        """Hidden states [B, S, hidden] after every block for `tokens` [B, S] at `query_positions` [B or 1, S];
+        `attention(layer index, layer, q, k, v)` ([B, heads or kv heads, S, D], rotated) caches k and v and
+        returns the attention output [B, heads, S, D]."""
+        batch, seq = tokens.shape
+        heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
+        tables = [(cos[query_positions][:, :, None], sin[query_positions][:, :, None])
+                  for cos, sin in zip(self.cos, self.sin)]
         x = self.embed(tokens)
         if self.position_embed is not None:
             x = x + self.position_embed(query_positions)
@@ -589,21 +660,7 @@ class RotaryDecoder:
             else:
                 qk = qkv[:, :, :heads + kv_heads]
             qk = self._rope(qk, *tables[layer.rope]).transpose(1, 2)
-            q, k = qk[:, :heads], qk[:, heads:]
-            v = v.transpose(1, 2)
-            k_cache = self.k_cache[index, rows]
-            v_cache = self.v_cache[index, rows]
-            if same_start:
-                k_cache[:, :, start:end] = k
-                v_cache[:, :, start:end] = v
-            else:
-                k_cache[batch_index, :, positions] = k[:, :, 0]
-                v_cache[batch_index, :, positions] = v[:, :, 0]
-            keys, values = k_cache[:, :, :attend], v_cache[:, :, :attend]
-            dtype = self.prefill_attention_dtype if seq > 1 else q.dtype
-            if keys.dtype != dtype or q.dtype != dtype:
-                q, keys, values = q.to(dtype), keys.to(dtype), values.to(dtype)
-            attn = self._attention(q, keys, values, *masks[layer.window]).to(x.dtype)
+            attn = attention(index, layer, qk[:, :heads], qk[:, heads:], v.transpose(1, 2)).to(x.dtype)
             attn = layer.o_proj(attn.transpose(1, 2).reshape(batch, seq, heads * head_dim))
             if self.parallel:                                   # the MLP reads the block's input too
                 h = layer.mlp_norm(x)
@@ -621,9 +678,7 @@ class RotaryDecoder:
                 x = (mlp + attn) + x                            # transformers' order of the sums
             else:
                 x = x + (layer.mlp_out_norm(mlp) if layer.mlp_out_norm is not None else mlp)
-        if not all_logits:
-            x = x[:, -1]
-        return _softcap(self.lm_head(self.final_norm(x)), self.final_softcap)
+        return x
 
     @staticmethod
     def _mask(query_positions: torch.Tensor, attend: int, window: int, from_zero: bool
@@ -792,44 +847,92 @@ class Engine:
         Generation stops at `params.stop_token_ids`, at the model's EOS ids when `stop_on_eos`, at
         `params.max_new_tokens`, or when the context is full (finish_reason "length").
         """
+        return self.start_many([self.new_sequence(prompt_ids, params, stop_on_eos)])[0]
+
+    def new_sequence(self, prompt_ids: SequenceType[int], params: SamplingParams, stop_on_eos: bool = True
+                     ) -> Sequence:
+        """A checked request, not yet started (LowbitError naming the problem for a bad prompt or parameters)."""
         params.validate()
         self.check_prompt(prompt_ids)
-        if not self.free_slots:
-            raise LowbitError(f"all {self.max_batch} batch slots are busy")
         seq = Sequence([int(t) for t in prompt_ids], params, stop_on_eos=stop_on_eos)
         seq.generator = torch.Generator().manual_seed(params.seed if params.seed is not None
                                                       else int.from_bytes(os.urandom(8), "little") >> 1)
-        seq.slot = self.free_slots.pop(0)
-        began = time.perf_counter()
+        return seq
+
+    def start_many(self, sequences: SequenceType[Sequence]) -> list[Sequence]:
+        """Start sequences from `new_sequence` together: each gets a free slot, its prompt is prefilled and its
+        first token sampled. Prompts up to `prefill_chunk` tokens are prefilled in groups of up to that many
+        tokens at once (RotaryDecoder.prefill_prompts: a server's burst of requests pays the GEMMs' weight
+        dequantization once per group, not once per request); longer ones alone, chunk by chunk. If a prefill
+        fails, every slot is given back and the error raised."""
+        if not self.free_slots:
+            raise LowbitError(f"all {self.max_batch} batch slots are busy")
+        if len(sequences) > len(self.free_slots):
+            raise LowbitError(f"{len(sequences)} new sequences but only {len(self.free_slots)} of the "
+                              f"{self.max_batch} batch slots are free")
+        for seq in sequences:
+            seq.slot = self.free_slots.pop(0)
         try:
-            logits = self._prefill(seq)
+            self._use_threads(self.threads)  # prompt GEMMs keep every core: they do not sync per matmul row block
+            for group in self._prefill_groups(sequences):
+                began = time.perf_counter()
+                if len(group) == 1:
+                    logits = self._prefill(group[0])[None]
+                else:
+                    logits = self.decoder.prefill_prompts([torch.tensor(s.prompt_ids) for s in group],
+                                                          [s.slot for s in group])
+                    for seq in group:
+                        seq.position = len(seq.prompt_ids)
+                    self._release_prompt_heap(sum(len(s.prompt_ids) for s in group))
+                for seq, row in zip(group, logits):
+                    seq.prefill_seconds = time.perf_counter() - began
+                    self._accept(seq, sample_token(row, seq.params, seq.generator))
         except BaseException:
-            self.free_slots.insert(0, seq.slot)
+            for seq in sequences:
+                self.free_slots.append(seq.slot)
+                seq.slot, seq.position = -1, 0
+                seq.generated.clear()
+                seq.finish_reason = None
             self.free_slots.sort()
             raise
-        seq.prefill_seconds = time.perf_counter() - began
-        self.active.append(seq)
-        self._accept(seq, sample_token(logits, params, seq.generator))
-        return seq
+        self.active.extend(sequences)
+        return list(sequences)
+
+    def _prefill_groups(self, sequences: SequenceType[Sequence]) -> list[list[Sequence]]:
+        """Prompts to prefill together: consecutive ones while their tokens fit in `prefill_chunk` (lowbit's own
+        decoder only: transformers' forward takes one sequence at a time); a longer prompt alone."""
+        groups: list[list[Sequence]] = []
+        tokens = 0
+        for seq in sequences:
+            size = len(seq.prompt_ids)
+            if groups and self.fast_path and tokens + size <= self.prefill_chunk:
+                groups[-1].append(seq)
+                tokens += size
+            else:
+                groups.append([seq])
+                tokens = size
+        return groups
 
     def _use_threads(self, count: int) -> None:
         if torch.get_num_threads() != count:
             torch.set_num_threads(count)
 
     def _prefill(self, seq: Sequence) -> torch.Tensor:
-        self._use_threads(self.threads)     # prompt GEMMs keep every core: they do not sync per matmul row block
         ids = seq.prompt_ids
         logits = None
         for begin in range(0, len(ids), self.prefill_chunk):
             chunk = torch.tensor([ids[begin:begin + self.prefill_chunk]], dtype=torch.long)
             logits = self.decoder.forward(chunk, slice(seq.slot, seq.slot + 1), torch.tensor([begin]))
             seq.position = begin + chunk.shape[1]
-        if len(ids) > NATIVE_PREFILL_TOKENS:
+        self._release_prompt_heap(len(ids))
+        return logits[0]
+
+    def _release_prompt_heap(self, tokens: int) -> None:
+        if tokens > getattr(self.decoder, "native_prefill_tokens", NATIVE_PREFILL_TOKENS):
             # the prompt ran through GEMMs whose buffers (activations for every prompt token, dequantized weight
             # slices) glibc would keep resident between requests (Qwen2.5-0.5B, 512 tokens: 130 MB); trimming
             # took 7 ms of CPU against the prompt's 1.35 s, and 1.8 ms against 0.65 s at 128 tokens
             release_freed_heap()
-        return logits[0]
 
     def _accept(self, seq: Sequence, token: int) -> None:
         seq.generated.append(token)

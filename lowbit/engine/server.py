@@ -92,8 +92,9 @@ class GenerationRequest:
 class LogitsTap:
     """Keeps, per cache slot, the logits row its latest token was sampled from, for requests asking for logprobs.
 
-    The Engine API returns sampled token ids only; the logits exist for a moment inside `Engine.start` (prefill)
-    and `Engine.step` (decode), which get them from the decoder's `forward` and `decode`. Wrapping those two on
+    The Engine API returns sampled token ids only; the logits exist for a moment inside `Engine.start_many`
+    (prefill) and `Engine.step` (decode), which get them from the decoder's `forward`, `prefill_prompts` and
+    `decode`. Wrapping those on
     the decoder instance records each slot's row without changing the engine; every call returns a fresh tensor,
     so keeping a reference to a row costs no copy."""
 
@@ -102,6 +103,7 @@ class LogitsTap:
         decoder = engine.decoder
         forward = decoder.forward
         decode = getattr(decoder, "decode", None)
+        prefill_prompts = getattr(decoder, "prefill_prompts", None)
 
         def tapped_forward(tokens, rows, positions, all_logits=False):
             logits = forward(tokens, rows, positions, all_logits)
@@ -116,9 +118,17 @@ class LogitsTap:
                 self.rows[slot] = logits[row]
             return logits
 
+        def tapped_prefill_prompts(prompts, slots):
+            logits = prefill_prompts(prompts, slots)
+            for row, slot in enumerate(slots):
+                self.rows[slot] = logits[row]
+            return logits
+
         decoder.forward = tapped_forward
         if decode is not None:
             decoder.decode = tapped_decode
+        if prefill_prompts is not None:
+            decoder.prefill_prompts = tapped_prefill_prompts
 
 
 class Scheduler:
@@ -176,23 +186,37 @@ class Scheduler:
         request.events.put(("token", (seq.generated[-1], row)))
 
     def _admit(self) -> None:
-        while self.engine.free_slots:
+        """Start every waiting request that a free slot can take, their prompts prefilled together (a burst of
+        requests shares the prompt GEMMs' weight dequantization): a bad request gets its 400 alone; a prefill
+        that fails fails the requests prefilled with it."""
+        admitted: list[tuple[GenerationRequest, Sequence]] = []
+        while len(admitted) < len(self.engine.free_slots):
             with self.wakeup:
                 if not self.pending:
-                    return
+                    break
                 request = self.pending.popleft()
             if request.cancelled.is_set():
                 request.events.put(("done", "cancelled"))
                 continue
             try:
-                seq = self.engine.start(request.prompt_ids, request.params, request.stop_on_eos)
+                admitted.append((request, self.engine.new_sequence(request.prompt_ids, request.params,
+                                                                   request.stop_on_eos)))
             except LowbitError as exc:
                 request.events.put(("error", RequestError(400, str(exc))))
-                continue
-            except Exception as exc:  # e.g. out of memory in the prefill: fail this request, keep serving
-                log.exception("prefill failed")
+        if not admitted:
+            return
+        try:
+            self.engine.start_many([seq for _, seq in admitted])
+        except LowbitError as exc:
+            for request, _ in admitted:
+                request.events.put(("error", RequestError(400, str(exc))))
+            return
+        except Exception as exc:  # e.g. out of memory in the prefill: fail these requests, keep serving
+            log.exception("prefill failed")
+            for request, _ in admitted:
                 request.events.put(("error", RequestError(500, f"prefill failed: {exc}", "server_error")))
-                continue
+            return
+        for request, seq in admitted:
             request.sequence = seq
             self.running[seq.slot] = request
             self._token_event(request, seq)
