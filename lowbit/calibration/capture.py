@@ -1,12 +1,15 @@
-"""Layer-by-layer calibration: capture what enters decoder block 0, and run a block on recorded calls.
+"""Layer-by-layer calibration: capture how the model calls its decoder blocks, and run a block on recorded calls.
 
-The embeddings run once on the calibration batch; a stand-in for block 0 records the hidden states and every
-keyword argument the model passes its decoder layers (attention mask, position ids, rotary position
-embeddings in transformers 5), then stops the forward pass. From there each block is calibrated on its
-recorded inputs, quantized, and re-run (now quantized) to produce the next block's inputs, so each block
-is calibrated on the activations it will really see (true-sequential across blocks); the walk itself is
-`lowbit.methods.pipeline.walk`. Only one block needs real weights at a time, which is what `streaming.py`
-builds on.
+The embeddings run once on the calibration batch; stand-ins for the first blocks record the hidden states and
+every keyword argument the model passes its decoder layers (attention mask, position ids, rotary position
+embeddings in transformers 5), then stop the forward pass. Families whose layers differ by type
+(`Architecture.layer_types`: sliding-window and global layers) get a mask, and in Gemma 3 a rotary table, per
+type, so the first block of each type records its call and the blocks between pass the hidden states on
+without running. From there each block is calibrated on its recorded inputs (its own type's arguments with the
+hidden states the block before produced), quantized, and re-run (now quantized) to produce the next block's
+inputs, so each block is calibrated on the activations it will really see (true-sequential across blocks);
+the walk itself is `lowbit.methods.pipeline.walk`. Only one block needs real weights at a time, which is what
+`streaming.py` builds on.
 """
 from __future__ import annotations
 
