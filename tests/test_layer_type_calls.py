@@ -98,6 +98,27 @@ def test_streamed_walk_captures_every_layer_type_without_running_a_block(tmp_pat
         assert torch.equal(streamed(ids).logits, in_memory(ids).logits)
 
 
+@pytest.mark.parametrize("model_type", ["gemma2", "gemma3_text", "qwen2"])
+def test_every_layer_types_call_splits_into_windows(model_type):
+    """QAT steps per window (split_windows): each layer type's call, recorded for 5 windows at once and split,
+    runs the first block of that type as the calls recorded one window at a time do, bit for bit (sliding masks
+    sliced per window, Gemma 3's local rotary table passed whole)."""
+    from lowbit.calibration.capture import capture_block_calls, split_windows
+
+    model, config = tiny_model(model_type, **LAYER_TYPED[model_type])
+    arch = architecture_for(model)
+    batch = torch.randint(3, config.vocab_size, (5, 16), generator=torch.Generator().manual_seed(0))
+    grouped, single = capture_block_calls(model, arch, batch, 5), capture_block_calls(model, arch, batch, 1)
+    assert set(grouped.by_type) == set(config.layer_types) and len(grouped.by_type) == 2
+    for layer_type, (chunk,) in grouped.by_type.items():
+        block = arch.blocks(model)[config.layer_types.index(layer_type)]
+        windows = split_windows(chunk)
+        assert len(windows) == len(single.by_type[layer_type]) == 5
+        with torch.no_grad():
+            for a, b in zip(windows, single.by_type[layer_type]):
+                assert torch.equal(block_output(block(*a.args, **a.kwargs)), block_output(block(*b.args, **b.kwargs)))
+
+
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
 def test_families_with_layer_types_declare_them(model_type):
     """A family whose transformers config lists layer types names that attribute in its architecture file, so
