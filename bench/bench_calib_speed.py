@@ -119,7 +119,7 @@ def profile_layer(method_name: str, args) -> dict:
     import torch
 
     from lowbit.calibration import capture
-    from lowbit.calibration.capture import capture_first_block_inputs
+    from lowbit.calibration.capture import capture_block_calls
     from lowbit.methods.base import QuantizeConfig, get_method
     from lowbit.methods.pipeline import block_linears, effective_skip
     from lowbit.models.arch import architecture_for
@@ -138,11 +138,13 @@ def profile_layer(method_name: str, args) -> dict:
     batch = calibration_batch(tokenizer, args.calib_samples, args.calib_len)
     with torch.no_grad():
         t_cpu, t_wall = time.process_time(), time.perf_counter()
-        calls = capture_first_block_inputs(model, arch, batch, 8)
+        recorded = capture_block_calls(model, arch, batch, 8)
         captured = (time.process_time() - t_cpu, time.perf_counter() - t_wall)
         blocks = arch.blocks(model)
+        calls = None
         for i in range(args.layer):
-            calls = capture.run_block(blocks[i], calls)
+            calls = capture.run_block(blocks[i], recorded.calls_for(i, calls))
+        calls = recorded.calls_for(args.layer, calls)
         block = blocks[args.layer]
         prefix = arch.block_prefix(args.layer)
         profiler = PhaseProfiler()

@@ -34,13 +34,14 @@ TINY = {
 MODEL_TYPES = tuple(TINY)
 
 
-def tiny_model(model_type: str, seed: int = 0):
-    """(model, config) with random weights scaled so that greedy decoding is not dominated by ties."""
+def tiny_model(model_type: str, seed: int = 0, **overrides):
+    """(model, config) with random weights scaled so that greedy decoding is not dominated by ties; `overrides`
+    change TINY's config fields."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from lowbit.models.arch import architecture_for
 
-    config = AutoConfig.for_model(model_type, **COMMON, **TINY[model_type])
+    config = AutoConfig.for_model(model_type, **COMMON, **{**TINY[model_type], **overrides})
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     with torch.no_grad():

@@ -1,12 +1,15 @@
-"""Layer-by-layer calibration: capture what enters decoder block 0, and run a block on recorded calls.
+"""Layer-by-layer calibration: capture how the model calls its decoder blocks, and run a block on recorded calls.
 
-The embeddings run once on the calibration batch; a stand-in for block 0 records the hidden states and every
-keyword argument the model passes its decoder layers (attention mask, position ids, rotary position
-embeddings in transformers 5), then stops the forward pass. From there each block is calibrated on its
-recorded inputs, quantized, and re-run (now quantized) to produce the next block's inputs, so each block
-is calibrated on the activations it will really see (true-sequential across blocks); the walk itself is
-`lowbit.methods.pipeline.walk`. Only one block needs real weights at a time, which is what `streaming.py`
-builds on.
+The embeddings run once on the calibration batch; stand-ins for the first blocks record the hidden states and
+every keyword argument the model passes its decoder layers (attention mask, position ids, rotary position
+embeddings in transformers 5), then stop the forward pass. Families whose layers differ by type
+(`Architecture.layer_types`: sliding-window and global layers) get a mask, and in Gemma 3 a rotary table, per
+type, so the first block of each type records its call and the blocks between pass the hidden states on
+without running. From there each block is calibrated on its recorded inputs (its own type's arguments with the
+hidden states the block before produced), quantized, and re-run (now quantized) to produce the next block's
+inputs, so each block is calibrated on the activations it will really see (true-sequential across blocks);
+the walk itself is `lowbit.methods.pipeline.walk`. Only one block needs real weights at a time, which is what
+`streaming.py` builds on.
 """
 from __future__ import annotations
 
@@ -71,12 +74,15 @@ def split_windows(call: BlockCall) -> list[BlockCall]:
     return [BlockCall(window(call.args, i), window(call.kwargs, i)) for i in range(n)]
 
 
-class _FirstBlockCatcher(nn.Module):
-    """Stands in for block 0: records how the model calls it, then stops the forward pass."""
+class _BlockStandIn(nn.Module):
+    """Stands in for a decoder block while the model's forward pass runs for its block calls: records how the
+    model calls the block (`calls` not None), passes the hidden states on unchanged (nothing of the real block
+    runs, so a streamed block may stay on the meta device), or stops the forward pass (`last`)."""
 
-    def __init__(self, original: nn.Module, calls: list[BlockCall]):
+    def __init__(self, original: nn.Module, calls: list[BlockCall] | None, last: bool):
         super().__init__()
         self.calls = calls
+        self.last = last
         # Some models pick the mask per layer from attributes of the layer (sliding vs full attention).
         for attr in ("attention_type", "layer_idx", "is_sliding"):
             if hasattr(original, attr):
@@ -85,22 +91,66 @@ class _FirstBlockCatcher(nn.Module):
     def forward(self, *args: Any, **kwargs: Any):
         if not args:
             args = (kwargs.pop("hidden_states"),)
-        kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value", "layer_past")}
-        kwargs["use_cache"] = False
-        self.calls.append(BlockCall(tuple(args), kwargs))
-        raise _StopForward
+        if self.calls is not None:
+            kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value", "layer_past")}
+            kwargs["use_cache"] = False
+            self.calls.append(BlockCall(tuple(args), kwargs))
+        if self.last:
+            raise _StopForward
+        return args[0]
+
+
+@dataclass
+class RecordedCalls:
+    """How the model calls its decoder blocks on each calibration chunk: `by_type[t][c]` is the call of a block
+    of layer type `t` on chunk `c`, and `types[i]` block i's type. Families whose layers differ by type give each
+    type its own attention mask (sliding window or not) and, in Gemma 3, its own rotary table; the others have
+    one type, ""."""
+
+    types: list[str]
+    by_type: dict[str, list[BlockCall]]
+
+    @property
+    def first(self) -> list[BlockCall]:
+        """Block 0's calls, with the hidden states that enter it."""
+        return self.by_type[self.types[0]]
+
+    def calls_for(self, index: int, previous: list[BlockCall] | None) -> list[BlockCall]:
+        """Block `index`'s calls: the hidden states of `previous` (what the block before produced; None for
+        block 0) with the arguments of the block's own layer type."""
+        own = self.by_type[self.types[index]]
+        if previous is None:
+            return own
+        return [call.with_hidden(prior.hidden) for call, prior in zip(own, previous)]
+
+
+def layer_types(model: nn.Module, adapter: ArchAdapter, n_blocks: int) -> list[str]:
+    """Each decoder block's layer type (the config attribute the architecture names), "" for every block when
+    the family's layers do not differ by type."""
+    types = getattr(model.config, adapter.layer_types, None) if adapter.layer_types else None
+    if not types:
+        return [""] * n_blocks
+    if len(types) != n_blocks:
+        raise LowbitError(f"config.{adapter.layer_types} names {len(types)} layer types for {n_blocks} decoder "
+                          "layers; the config does not match the model")
+    return list(types)
 
 
 @torch.no_grad()
-def capture_first_block_inputs(model: nn.Module, adapter: ArchAdapter, batch: torch.Tensor,
-                               chunk: int = DEFAULT_CHUNK) -> list[BlockCall]:
-    """Run the model's embeddings on `batch` [n, L] in chunks and record block 0's inputs for each chunk."""
+def capture_block_calls(model: nn.Module, adapter: ArchAdapter, batch: torch.Tensor,
+                        chunk: int = DEFAULT_CHUNK) -> RecordedCalls:
+    """Run the model's embeddings on `batch` [n, L] in chunks and record, for each chunk, the call of the first
+    block of every layer type (blocks before the last of those are passed through, not run)."""
     blocks = adapter.blocks(model)
     if len(blocks) == 0:
         raise LowbitError(f"the model has no decoder layers at {adapter.blocks_path}; nothing to calibrate")
-    original = blocks[0]
-    calls: list[BlockCall] = []
-    blocks[0] = _FirstBlockCatcher(original, calls)
+    types = layer_types(model, adapter, len(blocks))
+    first_of_type = {t: types.index(t) for t in dict.fromkeys(types)}
+    last = max(first_of_type.values())
+    by_type: dict[str, list[BlockCall]] = {t: [] for t in first_of_type}
+    originals = [blocks[i] for i in range(last + 1)]
+    for i, original in enumerate(originals):
+        blocks[i] = _BlockStandIn(original, by_type[types[i]] if first_of_type[types[i]] == i else None, i == last)
     try:
         for start in range(0, batch.shape[0], chunk):
             ids = batch[start:start + chunk]
@@ -109,11 +159,20 @@ def capture_first_block_inputs(model: nn.Module, adapter: ArchAdapter, batch: to
             except _StopForward:
                 pass
     finally:
-        blocks[0] = original
-    if len(calls) != (batch.shape[0] + chunk - 1) // chunk:
-        raise LowbitError(f"could not capture the inputs of {adapter.blocks_path}.0: the model's forward pass "
-                          "did not call its first decoder layer")
-    return calls
+        for i, original in enumerate(originals):
+            blocks[i] = original
+    expected = (batch.shape[0] + chunk - 1) // chunk
+    for t, index in first_of_type.items():
+        if len(by_type[t]) != expected:
+            raise LowbitError(f"could not capture the inputs of {adapter.blocks_path}.{index}: the model's forward "
+                              "pass did not call that decoder layer")
+    return RecordedCalls(types, by_type)
+
+
+def capture_first_block_inputs(model: nn.Module, adapter: ArchAdapter, batch: torch.Tensor,
+                               chunk: int = DEFAULT_CHUNK) -> list[BlockCall]:
+    """Block 0's calls on `batch` [n, L] in chunks (`capture_block_calls` has every layer type's)."""
+    return capture_block_calls(model, adapter, batch, chunk).first
 
 
 def block_output(out: Any) -> torch.Tensor:

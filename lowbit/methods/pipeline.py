@@ -98,7 +98,7 @@ def walk(method: Method, source: BlockSource, sink: BlockSink, calibration: Any 
 
     `calibration` (calibrated methods): token ids, a CalibrationRequest, a text file, or None (self-generated
     text; needs the whole model)."""
-    from lowbit.calibration.capture import capture_first_block_inputs, run_block
+    from lowbit.calibration.capture import capture_block_calls, run_block
     from lowbit.calibration.text import calibration_batch
 
     model = source.model
@@ -106,7 +106,7 @@ def walk(method: Method, source: BlockSource, sink: BlockSink, calibration: Any 
     floats = method.plan_layers(model)
     skip = effective_skip(model, method.config) + tuple(floats)
     check_model(model, method, skip)
-    calls = batch = None
+    recorded = calls = batch = None
     if method.needs_calibration:
         options = method.config.options
         batch = calibration_batch(model, calibration, options.get("calib_samples"), options.get("calib_len"),
@@ -116,8 +116,8 @@ def walk(method: Method, source: BlockSource, sink: BlockSink, calibration: Any 
         began = time.perf_counter()
         # windows per recorded call: the user's, else the method's default, else 8 (qat steps per window: split_windows)
         chunk = options.get("chunk") or getattr(method, "defaults", {}).get("chunk") or 8
-        calls = capture_first_block_inputs(model, arch, batch, int(chunk))
-        log.info("%s: calibration: %d x %d tokens prepared and the first block's inputs captured in %.1f s",
+        recorded = capture_block_calls(model, arch, batch, int(chunk))
+        log.info("%s: calibration: %d x %d tokens prepared and the blocks' calls captured in %.1f s",
                  method.name, batch.shape[0], batch.shape[1], time.perf_counter() - began)
     n_blocks = len(arch.blocks(model))
     began = time.perf_counter()
@@ -127,6 +127,8 @@ def walk(method: Method, source: BlockSource, sink: BlockSink, calibration: Any 
     for i in bar:
         block = source.block(i)
         prefix = arch.block_prefix(i)
+        if recorded is not None:   # the previous block's outputs, with this block's layer type's mask and rope
+            calls = recorded.calls_for(i, calls)
         result: BlockResult = method.quantize_block(block, block_linears(block, prefix, skip), calls, arch, prefix)
         result.install(block)
         # only a model in memory has every block to run the whole model with (streamed blocks are on meta)

@@ -148,6 +148,10 @@ class Architecture:
     mlp_bias: bool = False
     logit_softcap: bool = False            # Gemma 2: tanh soft-capping of attention and final logits
     sliding_window: bool = False           # some or all layers attend within a window
+    # the config attribute listing each decoder layer's type ("sliding_attention", "full_attention"), by which
+    # transformers gives a layer its attention mask and, in Gemma 3, its rotary table: calibration records one
+    # block call per type (lowbit.calibration.capture.RecordedCalls); "" when every layer is called alike
+    layer_types: str = ""
     sandwich_norm: bool = False            # Gemma 2/3: extra norms after attention and after the MLP
     parallel_attn_mlp: bool = False        # x + attn(ln(x)) + mlp(ln(x)) (Falcon, NeoX, GPT-J style)
     parallel_switch: str = ""              # config attribute that can turn parallel_attn_mlp off (NeoX's)

@@ -40,6 +40,6 @@ ARCHITECTURE = Architecture(
     sequential=LLAMA_SEQUENTIAL, scale_groups=GEMMA2_SCALE_GROUPS, no_clip=LLAMA_NO_CLIP,
     norm=NormKind.RMS_PLUS_ONE, activation="gelu_tanh", embed_scale=True, sandwich_norm=True,
     layout=SANDWICH_LAYOUT,
-    sliding_window=True, logit_softcap=True,
+    sliding_window=True, logit_softcap=True, layer_types="layer_types",
     gguf=GGUFSpec("GEMMA2", norm_shift=1.0, hparams=_hparams, config_from=_config),
 )

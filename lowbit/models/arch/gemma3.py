@@ -64,6 +64,6 @@ ARCHITECTURE = Architecture(
     no_clip=LLAMA_NO_CLIP,
     norm=NormKind.RMS_PLUS_ONE, activation="gelu_tanh", embed_scale=True, sandwich_norm=True,
     layout=SANDWICH_LAYOUT,
-    qk_norm=True, sliding_window=True,
+    qk_norm=True, sliding_window=True, layer_types="layer_types",
     gguf=GGUFSpec("GEMMA3", norm_shift=1.0, hparams=_hparams, config_from=_config),
 )

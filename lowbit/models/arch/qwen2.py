@@ -12,6 +12,6 @@ ARCHITECTURE = Architecture(
     blocks_path="model.layers", embed_path="model.embed_tokens", final_norm_path="model.norm",
     lm_head_path="lm_head",
     sequential=LLAMA_SEQUENTIAL, scale_groups=LLAMA_SCALE_GROUPS, no_clip=LLAMA_NO_CLIP,
-    qkv_bias=True,
+    qkv_bias=True, layer_types="layer_types",   # sliding-window layers with use_sliding_window
     gguf=GGUFSpec("QWEN2", hparams=llama_like_hparams, config_from=_config),
 )

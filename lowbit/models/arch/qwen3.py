@@ -7,6 +7,6 @@ ARCHITECTURE = Architecture(
     blocks_path="model.layers", embed_path="model.embed_tokens", final_norm_path="model.norm",
     lm_head_path="lm_head",
     sequential=LLAMA_SEQUENTIAL, scale_groups=LLAMA_SCALE_GROUPS, no_clip=LLAMA_NO_CLIP,
-    qk_norm=True,
+    qk_norm=True, layer_types="layer_types",    # sliding-window layers with use_sliding_window
     gguf=GGUFSpec("QWEN3", hparams=llama_like_hparams, config_from=llama_like_config),
 )

@@ -37,9 +37,9 @@ def _config(meta, renormalizes: bool):
 
 
 def _moe(family, model_type, cls, arch, shared: bool, qkv_bias: bool, qk_norm: bool,
-         renormalizes: bool) -> Architecture:
+         renormalizes: bool, layer_types: str = "") -> Architecture:
     """`renormalizes`: whether llama.cpp's `arch` divides the top-k expert weights by their sum (fixed in its
-    graph, no GGUF key; transformers' norm_topk_prob)."""
+    graph, no GGUF key; transformers' norm_topk_prob); `layer_types`: Architecture.layer_types."""
     expert_in = EXPERT_IN + (SHARED_IN if shared else ())
     groups = (
         ScaleGroup("input_layernorm", ATTN, "self_attn"),
@@ -56,7 +56,7 @@ def _moe(family, model_type, cls, arch, shared: bool, qkv_bias: bool, qk_norm: b
         blocks_path="model.layers", embed_path="model.embed_tokens", final_norm_path="model.norm",
         lm_head_path="lm_head",
         sequential=(ATTN, ("self_attn.o_proj",), expert_in, downs), scale_groups=groups, no_clip=LLAMA_NO_CLIP,
-        qkv_bias=qkv_bias, qk_norm=qk_norm,
+        qkv_bias=qkv_bias, qk_norm=qk_norm, layer_types=layer_types,
         experts=Experts(renormalize="norm_topk_prob",
                         shared_expert="mlp.shared_expert" if shared else "",
                         shared_gate="mlp.shared_expert_gate" if shared else ""),
@@ -68,7 +68,7 @@ def _moe(family, model_type, cls, arch, shared: bool, qkv_bias: bool, qk_norm: b
 
 ARCHITECTURES = (
     _moe("qwen2_moe", "qwen2_moe", "Qwen2MoeForCausalLM", "QWEN2MOE", shared=True, qkv_bias=True, qk_norm=False,
-         renormalizes=False),
+         renormalizes=False, layer_types="layer_types"),   # sliding-window layers with use_sliding_window
     _moe("qwen3_moe", "qwen3_moe", "Qwen3MoeForCausalLM", "QWEN3MOE", shared=False, qkv_bias=False, qk_norm=True,
          renormalizes=True),
 )
