@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lowbit.engine.generate import SamplingParams
-from lowbit.engine.runner import Engine, NATIVE_PREFILL_TOKENS, decoder_blocker
+from lowbit.engine.runner import Engine, decoder_blocker
 from lowbit.methods.base import QuantizeConfig
 from lowbit.methods.pipeline import quantize_model
 from lowbit.runtime import clib
@@ -75,9 +75,10 @@ LAYOUTS = {
                            options={"calib_samples": 4, "desc_act": True, "static_groups": False}),
     "gguf": QuantizeConfig(method="gguf", skip=(), options={"gguf_type": "Q4_K_M"}),
 }
-PROMPTS = ([1, 5, 17, 33, 8, 9, 40, 12, 3, 22, 7, 61, 14, 30, 2, 19, 44, 6, 27, 11],   # > NATIVE_PREFILL_TOKENS
+PROMPTS = ([1, 5, 17, 33, 8, 9, 40, 12, 3, 22, 7, 61, 14, 30, 2, 19, 44, 6, 27, 11],   # > PREFILLED_NATIVELY
            [4, 9, 23])
 STEPS = 32
+PREFILLED_NATIVELY = 16      # prompt tokens the compiled step prefills in these tests (the other prompt: GEMMs)
 
 
 def family_model(model_type: str, layout: str = "rtn"):
@@ -126,6 +127,7 @@ def decode_run(model, native: bool, forced: list[list[int]] | None = None, engin
     engine = engine or Engine(model, max_batch=len(PROMPTS), context=64, native=native,
                               prefill_attention_dtype=torch.float32, activations="float32")
     assert (engine.decode_path == "compiled step") == native, engine.decode_path
+    engine.decoder.native_prefill_tokens = PREFILLED_NATIVELY   # the first prompt through GEMMs, the second not
     seqs = [engine.start(p, SamplingParams(max_new_tokens=STEPS + 2, temperature=0.0), stop_on_eos=False)
             for p in PROMPTS]
     tokens = [[s.generated[0]] for s in seqs]
@@ -149,7 +151,7 @@ def test_compiled_step_equals_torch_decoder(model_type):
     it is the margin. The greedy tokens agree."""
     model = family_model(model_type)
     assert decoder_blocker(model) is None
-    assert len(PROMPTS[0]) > NATIVE_PREFILL_TOKENS >= len(PROMPTS[1])
+    assert len(PROMPTS[0]) > PREFILLED_NATIVELY >= len(PROMPTS[1])
     tokens_t, logits_t = decode_run(model, native=False)
     tokens_c, logits_c = decode_run(model, native=True, forced=tokens_t)
     assert tokens_c == tokens_t

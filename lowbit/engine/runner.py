@@ -38,9 +38,12 @@ COMPILED_BATCH_ROWS = 64    # decode batches below this many rows run through th
 from lowbit.runtime.qlinear import QuantLinear
 
 # Prompt tokens (one prompt, or several prefilled together) up to which the compiled step runs them, reading each
-# weight once per 16 rows; longer ones run through GEMMs, which first dequantize every weight (a fixed cost). See
-# RotaryDecoder.native_prefill_tokens for the measured crossovers.
-NATIVE_PREFILL_TOKENS = 16
+# weight once per 16 rows; longer ones run through bf16 GEMMs, which first dequantize every weight: a fixed cost
+# that depends on the layout, so the crossover does too. Measured at 1 thread (CPU time, prompts of 16-128 tokens,
+# bench/prefill_crossover.py): GGUF blocks with int8 activations cross at ~56 tokens (SmolLM2 Q4_1, Qwen2.5-0.5B
+# Q4_K_M; ~90 on a Llama-3.2-1B Q4_K_M shape), lowbit's own codes with float32 activations at ~120 (Qwen2.5-0.5B
+# RTN-4), float weights, which a GEMM reads as they are, at ~16-24 (SmolLM2 float32).
+NATIVE_PREFILL_TOKENS = {"int8 blocks": 64, "codes": 112, "float": 16}
 DEFAULT_CONTEXT = 2048
 
 
@@ -456,7 +459,9 @@ class RotaryDecoder:
         # the GEMMs, whose ~1,500 torch calls a step contend for the GIL with the server's threads
         # (bench/bench_engine.py). So the step keeps decode batches below COMPILED_BATCH_ROWS.
         self.compiled_batch_rows = COMPILED_BATCH_ROWS
-        self.native_prefill_tokens = NATIVE_PREFILL_TOKENS
+        self.native_prefill_tokens = NATIVE_PREFILL_TOKENS[
+            "int8 blocks" if self.native is not None and self.native.arithmetic.startswith("int8")
+            else "codes" if any(isinstance(m, QuantLinear) for m in model.modules()) else "float"]
         if self.native is None and native and fuse:
             self.layers = self._layers(model, fuse=True)
 
@@ -928,7 +933,7 @@ class Engine:
         return logits[0]
 
     def _release_prompt_heap(self, tokens: int) -> None:
-        if tokens > getattr(self.decoder, "native_prefill_tokens", NATIVE_PREFILL_TOKENS):
+        if tokens > getattr(self.decoder, "native_prefill_tokens", 0):
             # the prompt ran through GEMMs whose buffers (activations for every prompt token, dequantized weight
             # slices) glibc would keep resident between requests (Qwen2.5-0.5B, 512 tokens: 130 MB); trimming
             # took 7 ms of CPU against the prompt's 1.35 s, and 1.8 ms against 0.65 s at 128 tokens
