@@ -142,6 +142,8 @@ def load_library(path: Path) -> ctypes.CDLL:
     lib.lowbit_status_text.argtypes = [_i64]
     lib.lowbit_status_text.restype = ctypes.c_char_p
     lib.lowbit_has_act8.restype = i32
+    lib.lowbit_amx.argtypes = [i32]     # 0 off, 1 on (if this process may use the tile unit), -1 ask; 1 if on
+    lib.lowbit_amx.restype = i32
     lib.lowbit_uses_act8.argtypes = [_ptr, i32]
     lib.lowbit_uses_act8.restype = i32
     lib.lowbit_kernel_has_avx512.restype = i32

@@ -884,7 +884,7 @@ static inline int lb_uses_act8(const lb_linear *L, int activations) {
 /* Output rows of L that one iteration of lb_matmul's shared loop computes: its `omp for schedule(static)` runs over
  * ceil(n / rows) iterations, so a later loop with the same count and schedule gives every thread the rows it
  * computed itself (OpenMP assigns static iterations alike in both), and it may read them without a barrier. */
-static inline int64_t lb_matmul_rows_per_item(const lb_linear *L) { return lb_is_ggml(L->kind) ? 1 : 4; }
+static inline int64_t lb_matmul_rows_per_item(const lb_linear *L) { return lb_is_ggml(L->kind) ? 16 : 4; }
 
 /* y[M, :n] (= or +=) x[M, K] W^T + bias, y's rows `ldy` floats apart, with `scratch` of lb_scratch_floats
  * floats for this thread; `activations` (LB_ACTS_*): int8 activations where it and the layout allow (see above).
@@ -946,7 +946,8 @@ static inline int lb_prepared_alike(const lb_linear *previous, const lb_linear *
     return lb_is_ggml(previous->kind) && lb_is_ggml(next->kind) && previous->k == next->k
            && lb_ggml_block(previous->kind) == lb_ggml_block(next->kind)
            && lb_uses_act8(previous, activations) == act8
-           && lb_ggml_gemm_fits(previous->kind, M, act8) == lb_ggml_gemm_fits(next->kind, M, act8);
+           && lb_ggml_gemm_fits(previous->kind, M, act8) == lb_ggml_gemm_fits(next->kind, M, act8)
+           && lb_ggml_amx_fits(previous->kind, M, act8) == lb_ggml_amx_fits(next->kind, M, act8);
 }
 
 #endif

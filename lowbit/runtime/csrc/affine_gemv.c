@@ -45,6 +45,27 @@ int lowbit_has_act8(void) { return LB_HAVE_ACT8; }
 /* 1 when lowbit_linear / the decode step round `weight`'s activations to int8 under `activations` (LB_ACTS_*). */
 int lowbit_uses_act8(const lb_linear *weight, int activations) { return lb_uses_act8(weight, activations); }
 
+int lb_amx_state = 0;
+
+#if LB_GGML_AMX
+__attribute__((constructor)) static void lb_amx_init(void) {
+    const char *setting = getenv("LOWBIT_AMX");
+    if (setting && setting[0] == '0') return;
+    /* ARCH_REQ_XCOMP_PERM (0x1023) for XFEATURE_XTILEDATA (18): without it the first tile instruction faults */
+    lb_amx_state = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+}
+#endif
+
+int lowbit_amx(int mode) {
+#if LB_GGML_AMX
+    if (mode == 0) lb_amx_state = 0;
+    if (mode == 1) lb_amx_state = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+#else
+    (void)mode;
+#endif
+    return lb_amx_state == 1;
+}
+
 int lowbit_kernel_has_avx512(void) {
 #if defined(__AVX512F__)
     return 1;

@@ -842,6 +842,187 @@ static inline void lb_ggml_row_gemm(int64_t kind, const uint8_t *row, int64_t K,
 }
 #endif
 
+
+/* -- many activation rows, int8, AMX tiles (Q4_K, Q5_K, Q6_K) -----------------------------------------------------
+ * From LB_GGML_AMX_ROWS rows, a K-quant weight is multiplied 16 weight rows x 16 activation rows at a time by the
+ * CPU's tile unit: one tdpbusd per sub-block of one sub-scale (32 columns for Q4_K / Q5_K, 16 for Q6_K) gives the
+ * 256 integer dot products of the codes (unsigned) with the int8 activations, exact. Each is converted and scaled
+ * by its weight row's sub-scale (both integers, the product below 2^24: exact in float), summed over the block, and
+ * the offset term (Q4_K / Q5_K: sum_j min_j sum(x8_j), Q6_K: 32 sum_s scale_s sum(x8_s)) is an exact integer
+ * (vpdpwssd over pairs of activation sums), so a row's result differs from the per-row kernel's only in float
+ * rounding: the same block integers, summed in another order (tests/test_batch_gemm.py bounds the difference).
+ * A tile op does 16 x 16 x 32 multiply-adds, 32 times what one vpdpwssd does. */
+#if LB_GGML_GEMM && defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__linux__)
+#define LB_GGML_AMX 1
+#include <stdlib.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#else
+#define LB_GGML_AMX 0
+#endif
+#define LB_GGML_AMX_ROWS 16
+#define LB_GGML_AMX_GROUPS 8        /* 16-row activation groups one pass over a weight tile carries (128 rows) */
+
+/* Whether the tile path runs (1): compiled in, Linux granted this process the tile state (arch_prctl
+ * ARCH_REQ_XCOMP_PERM, asked once when the library loads) and not switched off (LOWBIT_AMX=0, or lowbit_amx(0)).
+ * One variable for the whole library: defined in affine_gemv.c. */
+extern int lb_amx_state;
+
+/* 1 if the tile path runs (after `mode` 0: switch it off, 1: on if the process may use it, -1: leave it). */
+int lowbit_amx(int mode);
+
+static inline int lb_ggml_amx_fits(int64_t kind, int64_t M, int act8) {
+    return LB_GGML_AMX && lb_amx_state == 1 && act8 && M >= LB_GGML_AMX_ROWS
+           && (kind == LB_Q4_K || kind == LB_Q5_K || kind == LB_Q6_K);
+}
+
+#if LB_GGML_AMX
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} lb_tile_config;
+
+/* Columns one sub-scale covers: the K of one tile product. */
+static inline int lb_amx_sub_columns(int64_t kind) { return kind == LB_Q6_K ? 16 : 32; }
+
+static inline void lb_amx_configure(int64_t kind) {
+    const int columns = lb_amx_sub_columns(kind);
+    lb_tile_config config;
+    memset(&config, 0, sizeof config);
+    config.palette = 1;
+    for (int t = 0; t < 4; t++)                   /* tmm0-3: 16 weight rows x 16 activation rows, int32 */
+        config.rows[t] = 16, config.colsb[t] = 64;
+    for (int t = 4; t < 8; t += 2) {
+        config.rows[t] = 16, config.colsb[t] = (uint16_t)columns;    /* tmm4, 6: 16 weight rows' sub-block codes */
+        config.rows[t + 1] = (uint8_t)(columns / 4), config.colsb[t + 1] = 64;  /* tmm5, 7: 4-column steps x 16 x 4 */
+    }
+    _tile_loadconfig(&config);
+}
+
+/* Rows m0..m0+15 of the act8 rows at `scratch` (rows from M on are zeros) in the tile layout, for 256-value blocks:
+ * tiles [blocks][8 sub-blocks of 32][8 four-column steps][16 rows][4 int8] (a 16-column sub-block is 4 of those
+ * steps), dx [blocks][16], and each row's sums per 16 columns as int16 pairs [blocks][8][16 rows][2] (|sum| <= 16 x
+ * 127): 4 K + K / 16 + K / 2 floats, within the lb_ggml_pack_floats(K) apart that groups are kept. The same for
+ * every K-quant kind, so matmuls of different kinds on one input share it (lb_prepared_alike). */
+static inline void lb_ggml_pack16_amx(const float *scratch, int64_t per_row, int64_t K, int64_t m0, int64_t M,
+                                      float *pack) {
+    const int64_t nb = K / 256;
+    uint8_t *tiles = (uint8_t *)pack;
+    float *dx = pack + 4 * K;
+    int16_t *sums = (int16_t *)(dx + nb * 16);
+    for (int64_t r = 0; r < 16; r++) {
+        const int present = m0 + r < M;
+        lb_act8_row row;
+        if (present) row = lb_ggml_act8_at((float *)scratch + (m0 + r) * per_row, K);
+        for (int64_t i = 0; i < nb; i++) {
+            dx[i * 16 + r] = present ? row.dx[i] : 0.0f;
+            for (int c = 0; c < 8; c++) {
+                uint8_t *tile = tiles + (i * 8 + c) * 512 + r * 4;
+                for (int step = 0; step < 8; step++) {
+                    if (present) memcpy(tile + step * 64, row.x8 + i * 256 + c * 32 + step * 4, 4);
+                    else memset(tile + step * 64, 0, 4);
+                }
+                int16_t *pair = sums + ((i * 8 + c) * 16 + r) * 2;
+                pair[0] = present ? row.bsum[i * 16 + 2 * c] : 0;
+                pair[1] = present ? row.bsum[i * 16 + 2 * c + 1] : 0;
+            }
+        }
+    }
+}
+
+/* Weight rows n0..n0+15 (`rows`, row_bytes apart) of a Q4_K / Q5_K / Q6_K weight against G <= LB_GGML_AMX_GROUPS
+ * packed 16-row activation groups (`pack`, group_floats apart): out[g][w][a] = dot(weight row n0 + w, activation
+ * row 16 g + a). The tile configuration for `kind` must be loaded (lb_amx_configure). */
+static void lb_k_tiles_amx(int64_t kind, const uint8_t *rows, int64_t row_bytes, int64_t K, const float *pack,
+                           int64_t group_floats, int64_t G, float *out) {
+    const int64_t nb = K / 256, bytes = lb_ggml_bytes(kind);
+    const int six = kind == LB_Q6_K, columns = lb_amx_sub_columns(kind);
+    uint8_t codes[8][16][32] __attribute__((aligned(64)));
+    int32_t product[4][16][16] __attribute__((aligned(64)));
+    float scale_f[16][16];                /* [weight row][sub-block of `columns`] */
+    int32_t offset_pairs[16][8];          /* [weight row][16-column pair]: the offset term's int16 pairs */
+    float d[16], offset_coef[16];
+    float offset_out[LB_GGML_AMX_GROUPS][16][16];
+    for (int64_t g = 0; g < G; g++)
+        for (int w = 0; w < 16; w++)
+            for (int a = 0; a < 16; a++) out[(g * 16 + w) * 16 + a] = 0.0f, offset_out[g][w][a] = 0.0f;
+    for (int64_t i = 0; i < nb; i++) {
+        for (int w = 0; w < 16; w++) {           /* the 16 rows' block i: codes per sub-block, scales, offsets */
+            const uint8_t *b = rows + w * row_bytes + i * bytes;
+            lb_ggml_prefetch(b, bytes);
+            __m256i q[8];
+            if (six) {
+                __m256i scales16, half_scales[2];
+                lb_q6k_block(b, q, &scales16, half_scales);
+                const __m128i scale_bytes = _mm_loadu_si128((const __m128i *)(b + 192));
+                _mm512_storeu_ps(scale_f[w], _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(scale_bytes)));
+                _mm256_storeu_si256((__m256i *)offset_pairs[w], _mm256_cvtepi8_epi16(scale_bytes));
+                d[w] = lb_ggml_half(b + 208), offset_coef[w] = 32.0f * d[w];
+            } else {
+                __m256i scales16, mins16;
+                __m128i scales8, mins8;
+                lb_k4_block(kind, b, q, &scales16, &mins16);
+                lb_k4_scales_mins(b, &scales8, &mins8);
+                _mm256_storeu_ps(scale_f[w], _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(scales8)));
+                const __m256i mins32 = _mm256_cvtepu8_epi32(mins8);   /* each for both 16-column sums */
+                _mm256_storeu_si256((__m256i *)offset_pairs[w], _mm256_or_si256(mins32, _mm256_slli_epi32(mins32, 16)));
+                d[w] = lb_ggml_half(b), offset_coef[w] = lb_ggml_half(b + 2);
+            }
+            for (int c = 0; c < 8; c++) _mm256_store_si256((__m256i *)codes[c][w], q[c]);
+        }
+        for (int64_t g = 0; g < G; g++) {
+            const float *group = pack + g * group_floats;
+            const uint8_t *tiles = (const uint8_t *)group + i * 8 * 512;
+            const __m512 dx = _mm512_loadu_ps(group + 4 * K + i * 16);
+            const int16_t *sums = (const int16_t *)(group + 4 * K + nb * 16) + i * 8 * 32;
+            __m512 total[16];
+            for (int w = 0; w < 16; w++) total[w] = _mm512_setzero_ps();
+            /* four sub-blocks in flight in tmm0-3 (tile registers are not renamed: one would serialise them), their
+             * codes and activations loaded alternately into tmm4 / tmm5 and tmm6 / tmm7; sub-block s covers
+             * columns s * columns of the block: its codes in codes[s * columns / 32] from byte s * columns % 32 */
+#define LB_AMX_SUB(t, s, ta, tb) do { _tile_zero(t); \
+        _tile_loadd(ta, &codes[(s) * columns / 32][0][(s) * columns % 32], 32); \
+        _tile_loadd(tb, tiles + (s) * columns * 16, 64); _tile_dpbusd(t, ta, tb); } while (0)
+            for (int s0 = 0; s0 < 256 / columns; s0 += 4) {
+                LB_AMX_SUB(0, s0, 4, 5);
+                LB_AMX_SUB(1, s0 + 1, 6, 7);
+                LB_AMX_SUB(2, s0 + 2, 4, 5);
+                LB_AMX_SUB(3, s0 + 3, 6, 7);
+                _tile_stored(0, product[0], 64);
+                _tile_stored(1, product[1], 64);
+                _tile_stored(2, product[2], 64);
+                _tile_stored(3, product[3], 64);
+                for (int j = 0; j < 4; j++)
+                    for (int w = 0; w < 16; w++)
+                        total[w] = _mm512_fmadd_ps(_mm512_set1_ps(scale_f[w][s0 + j]),
+                                                   _mm512_cvtepi32_ps(_mm512_load_si512((const void *)product[j][w])),
+                                                   total[w]);
+            }
+#undef LB_AMX_SUB
+            __m512i pairs[8];
+            for (int j = 0; j < 8; j++) pairs[j] = _mm512_loadu_si512((const void *)(sums + j * 32));
+            for (int w = 0; w < 16; w++) {
+                __m512i offset = _mm512_setzero_si512();
+                for (int j = 0; j < 8; j++)
+                    offset = _mm512_dpwssd_epi32(offset, pairs[j], _mm512_set1_epi32(offset_pairs[w][j]));
+                float *o = out + (g * 16 + w) * 16;
+                _mm512_storeu_ps(o, _mm512_fmadd_ps(_mm512_mul_ps(_mm512_set1_ps(d[w]), dx), total[w],
+                                                    _mm512_loadu_ps(o)));
+                _mm512_storeu_ps(offset_out[g][w], _mm512_fmadd_ps(_mm512_mul_ps(_mm512_set1_ps(offset_coef[w]), dx),
+                                                                   _mm512_cvtepi32_ps(offset),
+                                                                   _mm512_loadu_ps(offset_out[g][w])));
+            }
+        }
+    }
+    for (int64_t g = 0; g < G; g++)
+        for (int w = 0; w < 16; w++) {
+            float *o = out + (g * 16 + w) * 16;
+            _mm512_storeu_ps(o, _mm512_sub_ps(_mm512_loadu_ps(o), _mm512_loadu_ps(offset_out[g][w])));
+        }
+}
+#endif
+
 /* out[r] = dot(weight row, activation row r) for R <= 16 rows, int8 activations. */
 static inline void lb_ggml_row_act8(int64_t kind, const uint8_t *row, int64_t K, const lb_act8_row *act, int64_t R,
                                     float *out) {
@@ -931,6 +1112,38 @@ static inline void lb_ggml_matmul_row(const lb_linear *L, int64_t n, int64_t row
     }
 }
 
+/* Output rows 16 item .. 16 item + 15 of lb_ggml_matmul (fewer at the end): 16 full rows through the tile path
+ * when `tiles`, else row by row. */
+static inline void lb_ggml_matmul_item(const lb_linear *L, int64_t item, int64_t row_bytes, const float *x, int64_t M,
+                                       float *y, int64_t ldy, int accumulate, float *scratch, int act8,
+                                       const float *pack, int tiles) {
+    const int64_t n0 = item * 16, n1 = lb_min(L->n, n0 + 16);
+#if LB_GGML_AMX
+    if (tiles && n1 - n0 == 16) {
+        float out[LB_GGML_AMX_GROUPS * 16 * 16];
+        const int64_t group_floats = lb_ggml_pack_floats(L->k), groups = (M + 15) / 16;
+        for (int64_t g0 = 0; g0 < groups; g0 += LB_GGML_AMX_GROUPS) {
+            const int64_t G = lb_min(LB_GGML_AMX_GROUPS, groups - g0);
+            lb_k_tiles_amx(L->kind, (const uint8_t *)L->w + n0 * row_bytes, row_bytes, L->k,
+                            pack + g0 * group_floats, group_floats, G, out);
+            for (int64_t g = 0; g < G; g++)
+                for (int64_t w = 0; w < 16; w++)
+                    for (int64_t a = 0; a < 16 && (g0 + g) * 16 + a < M; a++) {
+                        float *target = y + ((g0 + g) * 16 + a) * ldy + n0 + w;
+                        const float value = out[(g * 16 + w) * 16 + a] + (L->bias ? L->bias[n0 + w] : 0.0f);
+                        *target = accumulate ? *target + value : value;
+                    }
+        }
+        return;
+    }
+#else
+    (void)tiles;
+#endif
+    /* rows past the last 16 of a tile-path matmul: the per-row kernels on the act8 rows (its pack is in tiles) */
+    for (int64_t n = n0; n < n1; n++)
+        lb_ggml_matmul_row(L, n, row_bytes, x, M, y, ldy, accumulate, scratch, act8, tiles ? NULL : pack);
+}
+
 /* Bytes of weight rows a thread takes at a time when the matmul ends at a barrier (see lb_ggml_matmul). */
 #define LB_GGML_CHUNK_BYTES 65536
 
@@ -949,10 +1162,19 @@ static inline void lb_ggml_matmul(const lb_linear *L, const float *x, int64_t M,
         for (int64_t r = 0; r < M; r++)
             lb_ggml_quantize_act8(x + r * K, K, lb_ggml_block(L->kind), scratch + r * per_row);
     float *pack = NULL;                  /* many rows: every 16 of them packed (lb_ggml_pack16), after the act8 rows */
+    const int tiles = lb_ggml_amx_fits(L->kind, M, act8);
     if (lb_ggml_gemm_fits(L->kind, M, act8)) {
         pack = scratch + M * per_row;
-        for (int64_t m0 = 0; m0 < M && !prepared; m0 += 16)
-            lb_ggml_pack16(scratch, per_row, K, lb_ggml_block(L->kind), m0, M, pack + (m0 / 16) * lb_ggml_pack_floats(K));
+        for (int64_t m0 = 0; m0 < M && !prepared; m0 += 16) {
+            float *group = pack + (m0 / 16) * lb_ggml_pack_floats(K);
+#if LB_GGML_AMX
+            if (tiles) {
+                lb_ggml_pack16_amx(scratch, per_row, K, m0, M, group);
+                continue;
+            }
+#endif
+            lb_ggml_pack16(scratch, per_row, K, lb_ggml_block(L->kind), m0, M, group);
+        }
     }
 #if defined(__AVX2__) && defined(__FMA__)
     if (!act8 && !prepared)              /* float path: scratch is [M, K / 16] sums of x */
@@ -962,15 +1184,25 @@ static inline void lb_ggml_matmul(const lb_linear *L, const float *x, int64_t M,
             scratch[s] = total;
         }
 #endif
+    /* Work is shared out in items of 16 output rows (lb_matmul_rows_per_item): the tile path's unit. */
+    const int64_t items = (N + 15) / 16;
+#if LB_GGML_AMX
+    if (tiles) lb_amx_configure(L->kind);
+#endif
     if (wait) {
-        int64_t chunk = lb_min(LB_GGML_CHUNK_BYTES / row_bytes, N / 16);
+        int64_t chunk = lb_min(LB_GGML_CHUNK_BYTES / (16 * row_bytes), items / 16);
         if (chunk < 1) chunk = 1;
         #pragma omp for schedule(dynamic, chunk)
-        for (int64_t n = 0; n < N; n++) lb_ggml_matmul_row(L, n, row_bytes, x, M, y, ldy, accumulate, scratch, act8, pack);
+        for (int64_t item = 0; item < items; item++)
+            lb_ggml_matmul_item(L, item, row_bytes, x, M, y, ldy, accumulate, scratch, act8, pack, tiles);
     } else {
         #pragma omp for schedule(static) nowait
-        for (int64_t n = 0; n < N; n++) lb_ggml_matmul_row(L, n, row_bytes, x, M, y, ldy, accumulate, scratch, act8, pack);
+        for (int64_t item = 0; item < items; item++)
+            lb_ggml_matmul_item(L, item, row_bytes, x, M, y, ldy, accumulate, scratch, act8, pack, tiles);
     }
+#if LB_GGML_AMX
+    if (tiles) _tile_release();
+#endif
 }
 
 #endif
