@@ -138,12 +138,23 @@ def test_inverse_cdf_draws_follow_the_probabilities():
     assert counts[0] == counts[2] == counts[4] == 0 and abs(counts[3].item() / 20000 - 0.75) < 0.02
 
 
+@pytest.fixture
+def without_tiles():
+    """The AMX tile path switched off for the test (the vector kernels' bit-for-bit promises), then restored."""
+    lib = clib.native_library()
+    was = lib.lowbit_amx(-1)
+    lib.lowbit_amx(0)
+    yield
+    lib.lowbit_amx(1 if was else 0)
+
+
 @pytest.mark.parametrize("type_name,n,k", GGML_CASES)
 @pytest.mark.parametrize("rows", ROW_COUNTS)
 @pytest.mark.parametrize("act8", [True, False])
-def test_gguf_many_rows_equal_rows_one_by_one(type_name, n, k, rows, act8):
+def test_gguf_many_rows_equal_rows_one_by_one(type_name, n, k, rows, act8, without_tiles):
     """GGUF blocks (int8 activations: the packed many-row kernel from 8 rows of the 32-value types; float32: the
-    per-row kernels) give each row of a batch the numbers it gets alone."""
+    per-row kernels) give each row of a batch the numbers it gets alone (the vector kernels; the tile path below
+    is bounded instead)."""
     import numpy as np
 
     from lowbit.schemes.ggml import quantize_rows
@@ -184,3 +195,41 @@ def test_decode_step_of_many_rows_equals_rows_one_at_a_time(config):
     alone = torch.cat([step(tokens[b:b + 1], slots[b:b + 1], positions[b:b + 1]) for b in range(17)])
     together = step(tokens, slots, positions)     # rewrites the same cache entries with the same values
     assert torch.equal(together, alone)
+
+
+AMX_CASES = [("Q4_K", 35, 768), ("Q5_K", 16, 512), ("Q6_K", 37, 256), ("Q4_K", 48, 2048), ("Q6_K", 32, 1024)]
+
+
+@pytest.mark.skipif(clib.native_library() is None or not clib.native_library().lowbit_amx(-1),
+                    reason="no AMX tile unit (or not granted): the tile path is not compiled in or not used")
+@pytest.mark.parametrize("type_name,n,k", AMX_CASES)
+@pytest.mark.parametrize("rows", [16, 17, 40, 150])
+def test_amx_tiles_equal_rows_one_by_one_within_float_rounding(type_name, n, k, rows):
+    """From 16 rows, K-quant weights with int8 activations run through AMX tiles (16 weight rows x 16 activation
+    rows per tile; rows past the last 16 of the weight, the per-row kernel). Both paths compute the same exact
+    integers per 256-column block (scaled dot products and the offset term), and differ only in float rounding:
+    each result is a sum of at most 8 (tiles: 16) products per block and one scaled term per block, with relative
+    rounding 2^-24 per operation, so |tiles - vector| <= 2 (blocks + 24) 2^-24 T, where T bounds the sum of the
+    terms' magnitudes: 256 max|x8 dx| max(|d scale q| + |offset|) per block <= 3 x 256 max|x| max|w| (the codes'
+    term spans the sub-block's range of w, the offset its minimum or half range). Rows 150 cover a second pass of
+    8 activation groups."""
+    import numpy as np
+
+    from lowbit.schemes.ggml import dequantize_rows, quantize_rows
+
+    rng = np.random.default_rng(rows + k)
+    w = (rng.standard_normal((n, k)) * rng.uniform(0.01, 2.0, (n, 1))).astype(np.float32)
+    blocks = quantize_rows(w, type_name)
+    spec, keep = clib.ggml_block_spec(torch.from_numpy(blocks), type_name, (n, k))
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows + 1)) * torch.linspace(0.1, 3.0, k)
+    tiles = clib.linear(spec, x, act8=True)
+    vector = _rows_one_by_one(spec, x, act8=True)
+    dequantized = torch.from_numpy(dequantize_rows(blocks, type_name).reshape(n, k)).double()
+    x_max = x.double().abs().view(rows, k // 256, 256).amax(-1)
+    w_max = dequantized.abs().view(n, k // 256, 256).amax(-1)
+    bound = 2 * (k // 256 + 24) * 2.0 ** -24 * 3 * 256 * (x_max @ w_max.T)
+    difference = (tiles.double() - vector.double()).abs()
+    assert (difference <= bound).all(), float((difference / bound).max())
+    # and the tiles' result is the weight's: within the int8 rounding of the activations (1/254 of each block's max)
+    exact = x.double() @ dequantized.T
+    assert ((tiles.double() - exact).abs() <= 256 * (x_max / 254) @ w_max.T + 1e-4).all()
