@@ -127,6 +127,24 @@ def test_streamed_skeleton_computes_the_buffers_no_checkpoint_holds(tmp_path, mo
         assert value.dtype == expected[name].dtype and torch.equal(value, expected[name]), name
 
 
+def test_a_buffer_no_init_computes_stops_streaming_in_one_line(tmp_path):
+    """A non-persistent buffer that neither the checkpoint nor the model's _init_weights gives a value is an
+    error naming it, not a model silently run on uninitialised memory."""
+    from lowbit.calibration.streaming import meta_skeleton, rebuild_computed_buffers
+
+    class Table(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("table", torch.arange(4.0), persistent=False)
+
+    _, config = tiny_model("llama")
+    skeleton = meta_skeleton(config)
+    with torch.device("meta"):
+        skeleton.model.table = Table()
+    with pytest.raises(LowbitError, match=r"cannot compute model\.table\.table \(Table\)"):
+        rebuild_computed_buffers(skeleton, ["model.table"])
+
+
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
 def test_streamed_gptq_of_every_family_equals_in_memory(tmp_path, model_type):
     """--stream quantizes every family's checkpoint to the codes GPTQ gives in memory (so the same logits):
