@@ -127,15 +127,16 @@ def test_streamed_skeleton_computes_the_buffers_no_checkpoint_holds(tmp_path, mo
         assert value.dtype == expected[name].dtype and torch.equal(value, expected[name]), name
 
 
-def test_a_buffer_no_init_computes_stops_streaming_in_one_line(tmp_path):
-    """A non-persistent buffer that neither the checkpoint nor the model's _init_weights gives a value is an
-    error naming it, not a model silently run on uninitialised memory."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.int64])
+def test_a_buffer_no_init_computes_stops_streaming_in_one_line(dtype):
+    """A non-persistent buffer (a float table, integer positions) that neither the checkpoint nor the model's
+    _init_weights gives a value is an error naming it, not a model silently run on uninitialised memory."""
     from lowbit.calibration.streaming import meta_skeleton, rebuild_computed_buffers
 
     class Table(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.register_buffer("table", torch.arange(4.0), persistent=False)
+            self.register_buffer("table", torch.arange(4, dtype=dtype), persistent=False)
 
     _, config = tiny_model("llama")
     skeleton = meta_skeleton(config)

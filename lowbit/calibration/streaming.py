@@ -115,10 +115,8 @@ def rebuild_computed_buffers(model: nn.Module, names: list[str]) -> None:
         if not computed:
             continue
         owner = max((n for n in initialisers if not n or name == n or name.startswith(n + ".")), key=len)
-        for b in computed:   # NaN marks a floating value the init did not write
-            meta = module._buffers[b]
-            module._buffers[b] = (torch.full_like(meta, float("nan"), device="cpu") if meta.is_floating_point()
-                                  else torch.zeros_like(meta, device="cpu"))
+        for b in computed:
+            module._buffers[b] = torch.full_like(module._buffers[b], _unwritten(module._buffers[b].dtype), device="cpu")
         kept = {k: t for k, t in module._parameters.items() if t is not None}
         kept_buffers = {k: t for k, t in module._buffers.items() if t is not None and k not in computed}
         try:
@@ -131,10 +129,24 @@ def rebuild_computed_buffers(model: nn.Module, names: list[str]) -> None:
         finally:
             module._parameters.update(kept)
             module._buffers.update(kept_buffers)
-        unset = [b for b in computed if module._buffers[b].is_floating_point() and module._buffers[b].isnan().any()]
+        unset = [b for b in computed if _holds_unwritten(module._buffers[b])]
         if unset:
             raise LowbitError(f"streaming cannot compute {name}.{unset[0]} ({type(module).__name__}) off the meta "
                               "device; quantize without streaming")
+
+
+def _unwritten(dtype: torch.dtype) -> float | int | bool:
+    """What a computed buffer is filled with before its init, to tell whether the init wrote it: NaN, the
+    smallest integer (never a table's entry), or False for masks (which cannot be told apart)."""
+    if dtype.is_floating_point:
+        return float("nan")
+    return False if dtype == torch.bool else torch.iinfo(dtype).min
+
+
+def _holds_unwritten(buffer: torch.Tensor) -> bool:
+    if buffer.is_floating_point():
+        return bool(buffer.isnan().any())
+    return buffer.dtype != torch.bool and bool((buffer == _unwritten(buffer.dtype)).any())
 
 
 def materialise_outside_blocks(model: nn.Module, index: ShardIndex, blocks_path: str) -> None:
