@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from arch_models import MODEL_TYPES, tiny_model
 from lowbit.calibration.text import calibration_batch, calibration_from_file, sample_windows
 from lowbit.errors import LowbitError
 
@@ -99,6 +100,72 @@ def test_streaming_is_bit_identical_to_in_memory(stories_dir, tmp_path, method):
     with torch.no_grad():
         assert torch.equal(streamed(calib).logits, model(calib).logits)
     assert not [p for p in out.iterdir() if p.name.startswith(".")]     # per-block shards were merged away
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_streamed_skeleton_computes_the_buffers_no_checkpoint_holds(tmp_path, model_type):
+    """The non-persistent buffers transformers computes when it builds a module (rotary tables, Gemma's
+    embed_scale), inside the blocks and outside, get on the meta skeleton the values of the model built in
+    memory, bit for bit (Gemma, Gemma 2 and Gemma 3 could not stream before: their embed_scale stayed on meta)."""
+    from lowbit.calibration.streaming import ShardIndex, load_block, materialise_outside_blocks, meta_skeleton
+    from lowbit.models.arch import architecture_for
+
+    model, config = tiny_model(model_type)
+    model.save_pretrained(tmp_path)
+    arch = architecture_for(config)
+    skeleton = meta_skeleton(config)
+    with torch.device("meta"):
+        arch.prepare(skeleton)
+    index = ShardIndex(tmp_path, skeleton)
+    materialise_outside_blocks(skeleton, index, arch.blocks_path)
+    for i in range(config.num_hidden_layers):
+        load_block(skeleton, index, arch.blocks_path, i)
+    expected = dict(model.named_buffers())
+    buffers = dict(skeleton.named_buffers())
+    assert set(buffers) == set(expected)
+    for name, value in buffers.items():
+        assert value.dtype == expected[name].dtype and torch.equal(value, expected[name]), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.int64])
+def test_a_buffer_no_init_computes_stops_streaming_in_one_line(dtype):
+    """A non-persistent buffer (a float table, integer positions) that neither the checkpoint nor the model's
+    _init_weights gives a value is an error naming it, not a model silently run on uninitialised memory."""
+    from lowbit.calibration.streaming import meta_skeleton, rebuild_computed_buffers
+
+    class Table(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("table", torch.arange(4, dtype=dtype), persistent=False)
+
+    _, config = tiny_model("llama")
+    skeleton = meta_skeleton(config)
+    with torch.device("meta"):
+        skeleton.model.table = Table()
+    with pytest.raises(LowbitError, match=r"cannot compute model\.table\.table \(Table\)"):
+        rebuild_computed_buffers(skeleton, ["model.table"])
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_streamed_gptq_of_every_family_equals_in_memory(tmp_path, model_type):
+    """--stream quantizes every family's checkpoint to the codes GPTQ gives in memory (so the same logits):
+    Gemma's scaled embedding too, and GPT-NeoX, whose checkpoint names its head embed_out."""
+    import copy
+
+    from lowbit.calibration.streaming import stream_quantize
+    from lowbit.methods.base import QuantizeConfig
+    from lowbit.methods.pipeline import quantize_model
+    from lowbit.models.loading import load_model
+
+    model, config = tiny_model(model_type)
+    model.save_pretrained(tmp_path / "hf")
+    quantize = QuantizeConfig(method="gptq", bits=4, group_size=32)
+    ids = torch.randint(3, config.vocab_size, (4, 16), generator=torch.Generator().manual_seed(0))
+    in_memory = quantize_model(copy.deepcopy(model), quantize, calibration=ids, progress=False)
+    out = stream_quantize(tmp_path / "hf", tmp_path / "s", quantize, calibration=ids, progress=False)
+    streamed, _ = load_model(out)
+    with torch.no_grad():
+        assert torch.equal(streamed(ids).logits, in_memory(ids).logits)
 
 
 def test_streaming_refuses_self_generated_calibration(stories_dir, tmp_path):

@@ -78,21 +78,23 @@ def test_walk_gives_every_block_the_call_of_its_layer_type(model_type):
         assert (ours - theirs).abs().max().item() <= 1e-5 * scale, f"block {i} ({types[i] if types else ''})"
 
 
-def test_streamed_walk_captures_every_layer_type_without_running_a_block(tmp_path):
-    """--stream holds every block on the meta device while it records the calls: GPTQ of a Qwen2 with sliding-window
-    layers streamed from its shards gives the codes (so the logits) of GPTQ in memory, bit for bit. (Gemma 3 does
-    not stream: its scaled embedding's buffer cannot be rebuilt off the meta device.)"""
+@pytest.mark.parametrize("model_type", ["gemma3_text", "qwen2"])
+def test_streamed_walk_captures_every_layer_type_without_running_a_block(tmp_path, model_type):
+    """--stream holds every block on the meta device while it records the calls: GPTQ of a Gemma 3 (global and
+    sliding-window layers, two rope bases) or a Qwen2 with sliding-window layers, streamed from its shards, gives
+    the codes (so the logits) of GPTQ in memory, bit for bit."""
     from lowbit.calibration.streaming import stream_quantize
     from lowbit.methods.pipeline import quantize_model
     from lowbit.models.loading import load_model
 
-    model, config = tiny_model("qwen2", **LAYER_TYPED["qwen2"])
+    model, config = tiny_model(model_type, **LAYER_TYPED[model_type])
+    assert len(set(config.layer_types)) == 2
     model.save_pretrained(tmp_path / "hf")
     quantize = QuantizeConfig(method="gptq", bits=4, group_size=32)
     ids = torch.randint(3, config.vocab_size, (4, 16), generator=torch.Generator().manual_seed(0))
     in_memory = quantize_model(copy.deepcopy(model), quantize, calibration=ids, progress=False)
     out = stream_quantize(tmp_path / "hf", tmp_path / "s", quantize, calibration=ids, progress=False)
-    assert len(json.loads((out / "lowbit.json").read_text())["layers"]) == 3 * 7
+    assert len(json.loads((out / "lowbit.json").read_text())["layers"]) == config.num_hidden_layers * 7
     streamed, _ = load_model(out)
     with torch.no_grad():
         assert torch.equal(streamed(ids).logits, in_memory(ids).logits)

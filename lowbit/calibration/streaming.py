@@ -31,9 +31,12 @@ STREAMING_HINT = ("even one decoder layer and its calibration activations do not
 
 
 class ShardIndex:
-    """Which safetensors file holds each tensor of an HF folder (headers only; no tensor is read)."""
+    """Which safetensors file holds each tensor of an HF folder (headers only; no tensor is read). Given the
+    model, a tensor the checkpoint names otherwise (GPT-NeoX's embed_out for lm_head) is found under the model's
+    name too, through transformers' own renamings for that model; its name on disk stays (`expert_tensors` reads
+    the layouts on disk itself)."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, model: nn.Module | None = None):
         from lowbit.formats.hf_quantized import weight_files
 
         self.folder = Path(folder)
@@ -49,6 +52,11 @@ class ShardIndex:
                         self.file_of[key] = file
             except (SafetensorError, OSError) as exc:
                 raise unreadable_weights(file, exc) from exc
+        self.disk_name: dict[str, str] = {}    # the model's name -> the checkpoint's, where they differ
+        if model is not None:
+            for key, name in checkpoint_renames(model, list(self.file_of)).items():
+                self.file_of.setdefault(name, self.file_of[key])
+                self.disk_name.setdefault(name, key)
 
     def keys_under(self, prefix: str) -> list[str]:
         return [k for k in self.file_of if k.startswith(prefix)]
@@ -63,11 +71,23 @@ class ShardIndex:
             try:
                 with safe_open(str(file), framework="pt") as f:
                     for name in names:
-                        t = f.get_tensor(name)
+                        t = f.get_tensor(self.disk_name.get(name, name))
                         out[name] = t.to(dtype) if t.is_floating_point() else t
             except (SafetensorError, OSError, MemoryError, RuntimeError) as exc:
                 raise unreadable_weights(file, exc, STREAMING_HINT) from exc
         return out
+
+
+def checkpoint_renames(model: nn.Module, keys: list[str]) -> dict[str, str]:
+    """The checkpoint keys among `keys` that transformers renames when it loads them into `model` (its
+    conversion mapping's WeightRenamings, legacy ones included), and their names in the model. Its converters,
+    which change tensors as well as names (fusing experts), are not applied."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightRenaming, apply_renamings
+
+    renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
+    renamed = {key: apply_renamings(key, renamings) for key in keys}
+    return {key: name for key, name in renamed.items() if name != key}
 
 
 def meta_skeleton(config: Any) -> nn.Module:
@@ -79,20 +99,54 @@ def meta_skeleton(config: Any) -> nn.Module:
     return model.eval()
 
 
-def _rebuild_meta_buffers(model: nn.Module, skip_prefix: str) -> None:
-    """Re-create modules outside the blocks whose non-persistent buffers (rotary tables) are still on meta."""
-    from lowbit.runtime.surgery import replace_module
+def rebuild_computed_buffers(model: nn.Module, names: list[str]) -> None:
+    """Give the modules `names` of a meta skeleton real values for the buffers no checkpoint holds, which
+    transformers computes when it builds a module (non-persistent: rotary inv_freq tables, Gemma's embed_scale):
+    as from_pretrained does after loading on the meta device, the model's own `_init_weights` is run on each
+    module owning such a buffer, on the CPU. Its other tensors are meta stand-ins meanwhile, so that the init
+    writes nothing but those buffers (not the loaded embedding it would otherwise redraw)."""
+    from transformers import PreTrainedModel
 
-    for name, module in list(model.named_modules()):
-        if not name or name.startswith(skip_prefix):
+    initialisers = {n: m for n, m in model.named_modules() if isinstance(m, PreTrainedModel)}
+    for name in names:
+        module = model.get_submodule(name)
+        computed = [b for b, t in module._buffers.items()
+                    if t is not None and t.is_meta and b in module._non_persistent_buffers_set]
+        if not computed:
             continue
-        if any(b.is_meta for b in module.buffers(recurse=False)):
-            try:
-                fresh = type(module)(config=model.config)
-            except TypeError as exc:
-                raise LowbitError(f"streaming cannot rebuild {name} ({type(module).__name__}) outside the meta "
-                                  "device; quantize without streaming") from exc
-            replace_module(model, name, fresh.eval())
+        owner = max((n for n in initialisers if not n or name == n or name.startswith(n + ".")), key=len)
+        for b in computed:
+            module._buffers[b] = torch.full_like(module._buffers[b], _unwritten(module._buffers[b].dtype), device="cpu")
+        kept = {k: t for k, t in module._parameters.items() if t is not None}
+        kept_buffers = {k: t for k, t in module._buffers.items() if t is not None and k not in computed}
+        try:
+            for k, p in kept.items():
+                module._parameters[k] = nn.Parameter(torch.empty_like(p, device="meta"), p.requires_grad)
+            for k, t in kept_buffers.items():
+                module._buffers[k] = torch.empty_like(t, device="meta")
+            with torch.no_grad():
+                initialisers[owner]._init_weights(module)
+        finally:
+            module._parameters.update(kept)
+            module._buffers.update(kept_buffers)
+        unset = [b for b in computed if _holds_unwritten(module._buffers[b])]
+        if unset:
+            raise LowbitError(f"streaming cannot compute {name}.{unset[0]} ({type(module).__name__}) off the meta "
+                              "device; quantize without streaming")
+
+
+def _unwritten(dtype: torch.dtype) -> float | int | bool:
+    """What a computed buffer is filled with before its init, to tell whether the init wrote it: NaN, the
+    smallest integer (never a table's entry), or False for masks (which cannot be told apart)."""
+    if dtype.is_floating_point:
+        return float("nan")
+    return False if dtype == torch.bool else torch.iinfo(dtype).min
+
+
+def _holds_unwritten(buffer: torch.Tensor) -> bool:
+    if buffer.is_floating_point():
+        return bool(buffer.isnan().any())
+    return buffer.dtype != torch.bool and bool((buffer == _unwritten(buffer.dtype)).any())
 
 
 def materialise_outside_blocks(model: nn.Module, index: ShardIndex, blocks_path: str) -> None:
@@ -103,7 +157,7 @@ def materialise_outside_blocks(model: nn.Module, index: ShardIndex, blocks_path:
     model.load_state_dict(index.load(present), strict=False, assign=True)
     if getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()
-    _rebuild_meta_buffers(model, prefix)
+    rebuild_computed_buffers(model, [n for n, _ in model.named_modules() if not n.startswith(prefix)])
     still_meta = [n for n, p in model.named_parameters() if p.is_meta and not n.startswith(prefix)]
     if still_meta:
         raise CorruptFile(f"{index.folder}: the checkpoint lacks {still_meta[:5]}; it is incomplete")
@@ -126,8 +180,7 @@ def load_block(model: nn.Module, index: ShardIndex, blocks_path: str, i: int) ->
     if missing:
         raise CorruptFile(f"{index.folder}: the checkpoint lacks {missing[:5]}; it is incomplete")
     block.load_state_dict({k[len(prefix):]: v for k, v in tensors.items()}, strict=True, assign=True)
-    if any(t.is_meta for t in block.buffers()):
-        raise LowbitError(f"{blocks_path}.{i} has buffers that are not in the checkpoint; quantize without streaming")
+    rebuild_computed_buffers(model, [f"{blocks_path}.{i}" + (f".{n}" if n else "") for n, _ in block.named_modules()])
     return block
 
 
@@ -348,8 +401,8 @@ def stream_quantize(source: str | Path, out: str | Path, config: QuantizeConfig,
     if method.needs_calibration and (calibration is None or getattr(calibration, "text_file", "") is None):
         raise LowbitError("layer-wise streaming needs calibration text (--calib FILE): self-generated text "
                           "would need the whole model in memory")
-    index = ShardIndex(source)
     model = meta_skeleton(hf_config)
+    index = ShardIndex(source, model)
     with torch.device("meta"):
         arch.prepare(model)     # experts as one Linear per projection, allocating nothing
     materialise_outside_blocks(model, index, arch.blocks_path)
