@@ -22,7 +22,7 @@ from torch import nn
 from lowbit.errors import LowbitError
 from lowbit.runtime.checks import check_decode_model, check_status, check_step_inputs
 from lowbit.runtime.activations import Activations
-from lowbit.runtime.clib import LinearSpec, linear_spec, native_library, uses_act8
+from lowbit.runtime.clib import GGML_KINDS, LinearSpec, linear_spec, native_library, uses_act8
 
 log = logging.getLogger("lowbit")
 
@@ -143,6 +143,7 @@ class NativeDecodeStep:
         rows = getattr(embed, "num_embeddings", None) or getattr(getattr(embed, "qweight", None), "shape", (vocab,))[0]
         self.embedding_rows = int(rows)
         self.workspace: torch.Tensor | None = None
+        self.tile_share = 0.0                  # set by build: the weights whose many-row matmuls use AMX tiles
         self.caches = caches                   # the KV caches spec points to (C checks their sizes every call)
         # A step has 7 barriers a layer; for a model this small they cost more than a second thread saves
         # (and on a busy machine a preempted thread stalls every one of them).
@@ -225,8 +226,13 @@ class NativeDecodeStep:
         rounded = sum(uses_act8(w, activations, lib) for w in weights)
         arithmetic = ("float32 activations" if rounded == 0 else "int8 activations" if rounded == len(weights)
                       else f"int8 activations in {rounded} of {len(weights)} matmuls, float32 in the others")
-        return cls(lib, spec, layers, keep, (decoder.k_cache, decoder.v_cache), decoder.embed, head[0].n,
-                   f"{arithmetic} ({activations.value})", structures, decoder.position_embed, decoder.embed_norm), ""
+        step = cls(lib, spec, layers, keep, (decoder.k_cache, decoder.v_cache), decoder.embed, head[0].n,
+                   f"{arithmetic} ({activations.value})", structures, decoder.position_embed, decoder.embed_norm)
+        # the share of the weights (by count) whose many-row matmuls run on AMX tiles (K-quants, int8 activations)
+        tiled = {GGML_KINDS[name] for name in ("Q4_K", "Q5_K", "Q6_K")} if lib.lowbit_amx(-1) else set()
+        step.tile_share = (sum(w.n * w.k for w in weights if w.kind in tiled and uses_act8(w, activations, lib))
+                           / max(1, sum(w.n * w.k for w in weights)))
+        return step, ""
 
     def prefill(self, tokens: torch.Tensor, slot: int, start: int) -> torch.Tensor:
         """Logits [1, vocab] of the last of `tokens` [S], a prompt chunk for cache slot `slot` from `start`

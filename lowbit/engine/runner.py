@@ -39,11 +39,12 @@ from lowbit.runtime.qlinear import QuantLinear
 
 # Prompt tokens (one prompt, or several prefilled together) up to which the compiled step runs them, reading each
 # weight once per 16 rows; longer ones run through bf16 GEMMs, which first dequantize every weight: a fixed cost
-# that depends on the layout, so the crossover does too. Measured at 1 thread (CPU time, prompts of 16-128 tokens,
-# bench/prefill_crossover.py): GGUF blocks with int8 activations cross at ~56 tokens (SmolLM2 Q4_1, Qwen2.5-0.5B
-# Q4_K_M; ~90 on a Llama-3.2-1B Q4_K_M shape), lowbit's own codes with float32 activations at ~120 (Qwen2.5-0.5B
+# that depends on the layout, so the crossover does too. Measured at 1 thread (CPU time, prompts of 16-192 tokens,
+# bench/prefill_crossover.py, results prefill_crossover*_2026-12-03.json): GGUF blocks with int8 activations cross
+# at ~64 tokens (SmolLM2 Q4_1; Qwen2.5-0.5B Q4_K_M, whose 896-wide rows are mostly Q5_0 / Q8_0), K-quants on AMX
+# tiles at ~128 (Llama-3.2-1B Q4_K_M shape), lowbit's own codes with float32 activations at ~120 (Qwen2.5-0.5B
 # RTN-4), float weights, which a GEMM reads as they are, at ~16-24 (SmolLM2 float32).
-NATIVE_PREFILL_TOKENS = {"int8 blocks": 64, "codes": 112, "float": 16}
+NATIVE_PREFILL_TOKENS = {"int8 tiles": 128, "int8 blocks": 64, "codes": 112, "float": 16}
 DEFAULT_CONTEXT = 2048
 
 
@@ -459,8 +460,9 @@ class RotaryDecoder:
         # the GEMMs, whose ~1,500 torch calls a step contend for the GIL with the server's threads
         # (bench/bench_engine.py). So the step keeps decode batches below COMPILED_BATCH_ROWS.
         self.compiled_batch_rows = COMPILED_BATCH_ROWS
+        int8 = self.native is not None and self.native.arithmetic.startswith("int8")
         self.native_prefill_tokens = NATIVE_PREFILL_TOKENS[
-            "int8 blocks" if self.native is not None and self.native.arithmetic.startswith("int8")
+            ("int8 tiles" if self.native.tile_share > 0.5 else "int8 blocks") if int8
             else "codes" if any(isinstance(m, QuantLinear) for m in model.modules()) else "float"]
         if self.native is None and native and fuse:
             self.layers = self._layers(model, fuse=True)
