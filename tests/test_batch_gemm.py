@@ -197,7 +197,8 @@ def test_decode_step_of_many_rows_equals_rows_one_at_a_time(config):
     assert torch.equal(together, alone)
 
 
-AMX_CASES = [("Q4_K", 35, 768), ("Q5_K", 16, 512), ("Q6_K", 37, 256), ("Q4_K", 48, 2048), ("Q6_K", 32, 1024)]
+AMX_CASES = [("Q4_K", 35, 768), ("Q5_K", 16, 512), ("Q6_K", 37, 256), ("Q4_K", 48, 2048), ("Q6_K", 32, 1024),
+             ("Q4_0", 37, 576), ("Q4_1", 20, 96), ("Q5_0", 9, 160), ("Q5_1", 16, 64), ("Q8_0", 33, 896)]
 
 
 @pytest.mark.skipif(clib.native_library() is None or not clib.native_library().lowbit_amx(-1),
@@ -205,14 +206,15 @@ AMX_CASES = [("Q4_K", 35, 768), ("Q5_K", 16, 512), ("Q6_K", 37, 256), ("Q4_K", 4
 @pytest.mark.parametrize("type_name,n,k", AMX_CASES)
 @pytest.mark.parametrize("rows", [16, 17, 40, 150])
 def test_amx_tiles_equal_rows_one_by_one_within_float_rounding(type_name, n, k, rows):
-    """From 16 rows, K-quant weights with int8 activations run through AMX tiles (16 weight rows x 16 activation
-    rows per tile; rows past the last 16 of the weight, the per-row kernel). Both paths compute the same exact
-    integers per 256-column block (scaled dot products and the offset term), and differ only in float rounding:
-    each result is a sum of at most 8 (tiles: 16) products per block and one scaled term per block, with relative
-    rounding 2^-24 per operation, so |tiles - vector| <= 2 (blocks + 24) 2^-24 T, where T bounds the sum of the
-    terms' magnitudes: 256 max|x8 dx| max(|d scale q| + |offset|) per block <= 3 x 256 max|x| max|w| (the codes'
-    term spans the sub-block's range of w, the offset its minimum or half range). Rows 150 cover a second pass of
-    8 activation groups."""
+    """From 16 rows (K-quants; 32 for the 32-value types), GGUF weights with int8 activations run through AMX
+    tiles (16 weight rows x 16 activation rows per tile; rows past the last 16 of the weight, the per-row kernel).
+    Both paths compute the same exact integers per block (scaled dot products; the offset term exactly for
+    K-quants, through the float sums sx for the 32-value types as the per-row kernel does), and differ only in
+    float rounding: each result is a sum of at most 16 products per block and a few terms per block, with
+    relative rounding 2^-24 per operation, so |tiles - vector| <= 2 (blocks + 24) 2^-24 T, where T bounds the sum
+    of the terms' magnitudes: B max|x8 dx| max(|d scale q| + |offset|) per block of B columns <= 3 B max|x|
+    max|w| (the codes' term spans the block's range of w, the offset its minimum or half range). 150 rows cover a
+    second pass of 8 activation groups."""
     import numpy as np
 
     from lowbit.schemes.ggml import dequantize_rows, quantize_rows
@@ -225,11 +227,12 @@ def test_amx_tiles_equal_rows_one_by_one_within_float_rounding(type_name, n, k, 
     tiles = clib.linear(spec, x, act8=True)
     vector = _rows_one_by_one(spec, x, act8=True)
     dequantized = torch.from_numpy(dequantize_rows(blocks, type_name).reshape(n, k)).double()
-    x_max = x.double().abs().view(rows, k // 256, 256).amax(-1)
-    w_max = dequantized.abs().view(n, k // 256, 256).amax(-1)
-    bound = 2 * (k // 256 + 24) * 2.0 ** -24 * 3 * 256 * (x_max @ w_max.T)
+    block = 256 if type_name.endswith("_K") else 32
+    x_max = x.double().abs().view(rows, k // block, block).amax(-1)
+    w_max = dequantized.abs().view(n, k // block, block).amax(-1)
+    bound = 2 * (k // block + 24) * 2.0 ** -24 * 3 * block * (x_max @ w_max.T)
     difference = (tiles.double() - vector.double()).abs()
     assert (difference <= bound).all(), float((difference / bound).max())
     # and the tiles' result is the weight's: within the int8 rounding of the activations (1/254 of each block's max)
     exact = x.double() @ dequantized.T
-    assert ((tiles.double() - exact).abs() <= 256 * (x_max / 254) @ w_max.T + 1e-4).all()
+    assert ((tiles.double() - exact).abs() <= block * (x_max / 254) @ w_max.T + 1e-4).all()

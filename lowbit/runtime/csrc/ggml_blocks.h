@@ -872,8 +872,10 @@ extern int lb_amx_state;
 int lowbit_amx(int mode);
 
 static inline int lb_ggml_amx_fits(int64_t kind, int64_t M, int act8) {
-    return LB_GGML_AMX && lb_amx_state == 1 && act8 && M >= LB_GGML_AMX_ROWS
-           && (kind == LB_Q4_K || kind == LB_Q5_K || kind == LB_Q6_K);
+    /* the 32-value types decode a block per 32 columns: at 16 rows that costs what the tiles save (Q4_0 0.94x,
+     * Q8_0 0.84x of the vector kernel; 1.55x / 1.42x at 32 rows, one thread, bench/bench_amx_tiles.py) */
+    return LB_GGML_AMX && lb_amx_state == 1 && act8 && kind != LB_Q2_K && kind != LB_Q3_K
+           && M >= (lb_ggml_block(kind) == 32 ? 2 * LB_GGML_AMX_ROWS : LB_GGML_AMX_ROWS);
 }
 
 #if LB_GGML_AMX
@@ -900,14 +902,15 @@ static inline void lb_amx_configure(int64_t kind) {
     _tile_loadconfig(&config);
 }
 
-/* Rows m0..m0+15 of the act8 rows at `scratch` (rows from M on are zeros) in the tile layout, for 256-value blocks:
+/* Rows m0..m0+15 of the act8 rows at `scratch` (rows from M on are zeros) in the tile layout. For 256-value blocks:
  * tiles [blocks][8 sub-blocks of 32][8 four-column steps][16 rows][4 int8] (a 16-column sub-block is 4 of those
  * steps), dx [blocks][16], and each row's sums per 16 columns as int16 pairs [blocks][8][16 rows][2] (|sum| <= 16 x
  * 127): 4 K + K / 16 + K / 2 floats, within the lb_ggml_pack_floats(K) apart that groups are kept. The same for
- * every K-quant kind, so matmuls of different kinds on one input share it (lb_prepared_alike). */
-static inline void lb_ggml_pack16_amx(const float *scratch, int64_t per_row, int64_t K, int64_t m0, int64_t M,
-                                      float *pack) {
-    const int64_t nb = K / 256;
+ * every K-quant kind, so matmuls of different kinds on one input share it (lb_prepared_alike). For 32-value blocks
+ * the same tiles (one 32-column block per 512 bytes), then dx and sx [blocks][16] (lb_ggml_pack16's layout). */
+static inline void lb_ggml_pack16_amx(const float *scratch, int64_t per_row, int64_t K, int64_t block, int64_t m0,
+                                      int64_t M, float *pack) {
+    const int64_t nb = K / block;
     uint8_t *tiles = (uint8_t *)pack;
     float *dx = pack + 4 * K;
     int16_t *sums = (int16_t *)(dx + nb * 16);
@@ -915,6 +918,19 @@ static inline void lb_ggml_pack16_amx(const float *scratch, int64_t per_row, int
         const int present = m0 + r < M;
         lb_act8_row row;
         if (present) row = lb_ggml_act8_at((float *)scratch + (m0 + r) * per_row, K);
+        if (block == 32) {           /* the 32-value types: tiles as below, dx and sx [blocks][16] as lb_ggml_pack16 */
+            float *sx = dx + nb * 16;
+            for (int64_t i = 0; i < nb; i++) {
+                uint8_t *tile = tiles + i * 512 + r * 4;
+                for (int step = 0; step < 8; step++) {
+                    if (present) memcpy(tile + step * 64, row.x8 + i * 32 + step * 4, 4);
+                    else memset(tile + step * 64, 0, 4);
+                }
+                dx[i * 16 + r] = present ? row.dx[i] : 0.0f;
+                sx[i * 16 + r] = present ? row.sx[i] : 0.0f;
+            }
+            continue;
+        }
         for (int64_t i = 0; i < nb; i++) {
             dx[i * 16 + r] = present ? row.dx[i] : 0.0f;
             for (int c = 0; c < 8; c++) {
@@ -1021,6 +1037,54 @@ static void lb_k_tiles_amx(int64_t kind, const uint8_t *rows, int64_t row_bytes,
             _mm512_storeu_ps(o, _mm512_sub_ps(_mm512_loadu_ps(o), _mm512_loadu_ps(offset_out[g][w])));
         }
 }
+
+/* The same for the 32-value types (Q4_0/1, Q5_0/1, Q8_0): one tile product per block (its codes unsigned, Q8_0's
+ * plus 128), four blocks in flight; per block d dx dot + (m - offset d) sx as the per-row kernel (offset 8 / 16 /
+ * 128 for Q4_0 / Q5_0 / Q8_0's +128, m Q4_1 / Q5_1's minimum, sx = dx sum(x8)). */
+static void lb_b32_tiles_amx(int64_t kind, const uint8_t *rows, int64_t row_bytes, int64_t K, const float *pack,
+                             int64_t group_floats, int64_t G, float *out) {
+    const int64_t nb = K / 32, bytes = lb_ggml_bytes(kind);
+    const int minimum = kind == LB_Q4_1 || kind == LB_Q5_1;
+    const float offset = kind == LB_Q4_0 ? 8.0f : kind == LB_Q5_0 ? 16.0f : kind == LB_Q8_0 ? 128.0f : 0.0f;
+    uint8_t codes[4][16][32] __attribute__((aligned(64)));
+    int32_t product[4][16][16] __attribute__((aligned(64)));
+    float d[4][16], corr[4][16];
+    for (int64_t e = 0; e < G * 256; e++) out[e] = 0.0f;
+    for (int64_t i0 = 0; i0 < nb; i0 += 4) {
+        const int count = (int)lb_min(4, nb - i0);
+        for (int j = 0; j < count; j++)
+            for (int w = 0; w < 16; w++) {
+                const uint8_t *b = rows + w * row_bytes + (i0 + j) * bytes;
+                lb_ggml_prefetch(b, bytes);
+                _mm256_store_si256((__m256i *)codes[j][w], lb_codes32(kind, b));
+                d[j][w] = lb_ggml_half(b);
+                corr[j][w] = (minimum ? lb_ggml_half(b + 2) : 0.0f) - offset * d[j][w];
+            }
+        for (int64_t g = 0; g < G; g++) {
+            const float *group = pack + g * group_floats;
+            const uint8_t *tiles = (const uint8_t *)group + i0 * 512;
+            const float *dx = group + 4 * K + i0 * 16, *sx = group + 4 * K + nb * 16 + i0 * 16;
+#define LB_AMX_BLOCK(t, j, ta, tb) do { _tile_zero(t); _tile_loadd(ta, codes[j], 32); \
+        _tile_loadd(tb, tiles + (j) * 512, 64); _tile_dpbusd(t, ta, tb); _tile_stored(t, product[j], 64); } while (0)
+            LB_AMX_BLOCK(0, 0, 4, 5);
+            if (count > 1) LB_AMX_BLOCK(1, 1, 6, 7);
+            if (count > 2) LB_AMX_BLOCK(2, 2, 4, 5);
+            if (count > 3) LB_AMX_BLOCK(3, 3, 6, 7);
+#undef LB_AMX_BLOCK
+            for (int w = 0; w < 16; w++) {
+                float *o = out + (g * 16 + w) * 16;
+                __m512 total = _mm512_loadu_ps(o);
+                for (int j = 0; j < count; j++) {
+                    const __m512 dxj = _mm512_loadu_ps(dx + j * 16);
+                    total = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_set1_ps(d[j][w]), dxj),
+                                            _mm512_cvtepi32_ps(_mm512_load_si512((const void *)product[j][w])), total);
+                    total = _mm512_fmadd_ps(_mm512_set1_ps(corr[j][w]), _mm512_loadu_ps(sx + j * 16), total);
+                }
+                _mm512_storeu_ps(o, total);
+            }
+        }
+    }
+}
 #endif
 
 /* out[r] = dot(weight row, activation row r) for R <= 16 rows, int8 activations. */
@@ -1124,8 +1188,9 @@ static inline void lb_ggml_matmul_item(const lb_linear *L, int64_t item, int64_t
         const int64_t group_floats = lb_ggml_pack_floats(L->k), groups = (M + 15) / 16;
         for (int64_t g0 = 0; g0 < groups; g0 += LB_GGML_AMX_GROUPS) {
             const int64_t G = lb_min(LB_GGML_AMX_GROUPS, groups - g0);
-            lb_k_tiles_amx(L->kind, (const uint8_t *)L->w + n0 * row_bytes, row_bytes, L->k,
-                            pack + g0 * group_floats, group_floats, G, out);
+            (lb_ggml_block(L->kind) == 32 ? lb_b32_tiles_amx : lb_k_tiles_amx)(
+                L->kind, (const uint8_t *)L->w + n0 * row_bytes, row_bytes, L->k, pack + g0 * group_floats,
+                group_floats, G, out);
             for (int64_t g = 0; g < G; g++)
                 for (int64_t w = 0; w < 16; w++)
                     for (int64_t a = 0; a < 16 && (g0 + g) * 16 + a < M; a++) {
@@ -1169,7 +1234,7 @@ static inline void lb_ggml_matmul(const lb_linear *L, const float *x, int64_t M,
             float *group = pack + (m0 / 16) * lb_ggml_pack_floats(K);
 #if LB_GGML_AMX
             if (tiles) {
-                lb_ggml_pack16_amx(scratch, per_row, K, m0, M, group);
+                lb_ggml_pack16_amx(scratch, per_row, K, lb_ggml_block(L->kind), m0, M, group);
                 continue;
             }
 #endif
