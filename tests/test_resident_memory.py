@@ -176,7 +176,7 @@ def _tied_bf16_rtn4_model():
 def test_a_loaded_4bit_folder_holds_each_weight_once_in_the_kernels_layout(tmp_path, monkeypatch, fmt):
     """lowbit's own layouts (issue 11): after load_model, every 4-bit layer holds its codes once, two per byte in
     the kernels' layout (no one-byte codes, in the model or in the kernels' description cache), its statistics
-    once in the narrowest exact dtype (no float32 copy beside the kernels' float16 one), the tied embedding and
+    once in the narrowest exact dtype (the scales are the kernels' float16 ones), the tied embedding and
     head are one tensor in the file's mapping, and loading dequantized no layer (a full float32 copy per layer,
     9 s of a 1B model's load)."""
     from lowbit.formats.registry import get_writer
@@ -210,7 +210,7 @@ def test_a_loaded_4bit_folder_holds_each_weight_once_in_the_kernels_layout(tmp_p
         _, state, made_on_load = clib._DESCRIBED[id(qw)]
         spec, kept = clib.affine_spec(qw)             # the kernels use the description made on load, not a new one
         assert clib._DESCRIBED[id(qw)][2] is made_on_load, f"{name}: described again (the cache held old codes)"
-        assert spec.w == packed.data_ptr()
+        assert spec.w == packed.data_ptr() and spec.a == qw.__dict__["_compact_scales"].data_ptr()
         held = [t for t in [*state, *kept, *_named_tensors(module).values()] if isinstance(t, torch.Tensor)]
         assert not [t for t in held if t.dtype == torch.uint8 and t.numel() == n * k], f"{name}: one-byte codes"
         assert not [t for t in held if t.dtype == torch.float32 and t.numel() == n * k // 32], \
@@ -219,3 +219,24 @@ def test_a_loaded_4bit_folder_holds_each_weight_once_in_the_kernels_layout(tmp_p
     assert embedding.dtype == torch.bfloat16 and head.data_ptr() == embedding.data_ptr()
     mapped = _file_mapped_ranges(tmp_path / fmt / "model.safetensors")
     assert any(low <= embedding.data_ptr() < high for low, high in mapped), "the embedding is a copy, not the file"
+
+
+def test_a_checkpoints_quantized_layers_are_read_one_layer_at_a_time(tmp_path):
+    """read_checkpoint maps the float tensors and reads none of the converted layers' tensors: LayerReader reads
+    each layer's when its loader takes it, into memory of its own (not the file's pages), so a load holds one
+    layer's file bytes at a time."""
+    from lowbit.formats.hf_quantized import layer_tensors, read_checkpoint
+    from lowbit.formats.native import read_manifest, save_native
+
+    save_native(_tied_bf16_rtn4_model(), None, tmp_path / "q")
+    layer_names = list(read_manifest(tmp_path / "q")["layers"])
+    tensors, layers = read_checkpoint(tmp_path / "q", layer_tensors(layer_names))
+    assert not [key for key in tensors if key.startswith(tuple(f"{n}." for n in layer_names))]
+    assert {key.rsplit(".", 1)[0] for key in layers.keys()} == set(layer_names)
+    mapped = _file_mapped_ranges(tmp_path / "q" / "model.safetensors")
+    assert all(any(low <= t.data_ptr() < high for low, high in mapped) for t in tensors.values() if t.numel())
+    first = f"{layer_names[0]}."
+    parts = layers.take(first)
+    assert set(parts) == {"codes", "scales", "zeros"}
+    assert not any(low <= t.data_ptr() < high for t in parts.values() for low, high in mapped)
+    assert not [key for key in layers.keys() if key.startswith(first)] and len(layers.keys()) == 3 * (len(layer_names) - 1)
