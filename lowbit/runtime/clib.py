@@ -208,7 +208,7 @@ def keep_kernel_layout(qw: QuantizedWeight) -> bool:
     order = column_order(qw) if qw.scheme.affine_form(qw) is not None else None   # as _describe_affine ordered them
     # a partial of a module-level function, not a lambda: models are copied and pickled (deepcopy, torch.save)
     keep_codes_packed(qw, nibbles, functools.partial(_codes_from_nibbles, columns=qw.in_features, order=order))
-    keep_statistics_compact(qw)      # the kernels read the description's copy; the float32 ones are only re-read
+    keep_statistics_compact(qw, shared=tuple(described[1][1:]))   # the description's float16 scales, held once
     # the description stays valid (it reads these very bytes); recorded against the packed codes, not the one-byte
     # codes it was made from, so the cache does not keep those alive (a 1B model's: 1 GB until the next describe)
     ref, _, description = _DESCRIBED[id(qw)]
