@@ -27,6 +27,8 @@ class QuantizedWeight:
     codes, scales and zeros may instead be derived on each access from what the scheme keeps in `extra` (a scheme
     with `derives_codes`, e.g. GGUF blocks kept as the file stores them): a loaded model then holds its weights
     once, in the bytes the kernels read, and a method that needs the unpacked codes unpacks one layer at a time.
+    Likewise scales and zeros may be held narrower where exact (`keep_statistics_compact`) and widened to float32
+    on each access.
     """
 
     scheme: "Scheme"
@@ -92,16 +94,23 @@ def _derivable(name: str) -> property:
         if value is None and name == "codes" and self.__dict__.get("_packed_codes") is not None:
             packed, unpack = self.__dict__["_packed_codes"]
             return unpack(packed)
+        if value is None and self.__dict__.get(_COMPACT + name) is not None:
+            return self.__dict__[_COMPACT + name].float()
         if value is None and getattr(self.scheme, "derives_codes", False) and self.extra:
             return self.scheme.derive(self, name)
         return value
 
     def set(self: QuantizedWeight, value) -> None:
         self.__dict__[slot] = value
+        self.__dict__.pop(_COMPACT + name, None)        # new statistics: a compact copy of the old ones is stale
         if name == "codes":
             self.__dict__.pop("_packed_codes", None)    # new codes: a packed copy of the old ones is stale
 
     return property(get, set, doc=f"{name} (stored, or derived from the scheme's own bytes on each access)")
+
+
+# where keep_statistics_compact holds a statistic ("_compact_scales", "_compact_zeros")
+_COMPACT = "_compact_"
 
 
 for _name in ("codes", "scales", "zeros"):
@@ -121,3 +130,35 @@ def packed_codes(qw: QuantizedWeight) -> torch.Tensor | None:
     """The packed bytes `keep_codes_packed` left as the codes' only copy, or None."""
     held = qw.__dict__.get("_packed_codes")
     return None if held is None else held[0]
+
+
+def keep_statistics_compact(qw: QuantizedWeight, shared: tuple[torch.Tensor, ...] = ()) -> None:
+    """Hold `qw`'s float32 scales and zeros as uint8 (integer zero points 0..255) or float16 where those give back
+    every float32 bit unchanged (4-bit grids' zero points always, fp16 scale grids' scales), dropping the float32
+    tensors: `qw.scales` / `qw.zeros` widen them on access. A narrowed statistic equal to one of `shared` (the
+    float16 scales the kernels' description holds) is held as that very tensor: a loaded 1B model's statistics
+    then take 22 MB instead of 72 MB."""
+    for name in ("scales", "zeros"):
+        value = qw.__dict__.get("_" + name)
+        if not isinstance(value, torch.Tensor) or value.dtype != torch.float32 or not value.numel():
+            continue
+        compact = _exact_narrowing(value)
+        if compact is None:
+            continue
+        same = [t for t in shared if t.dtype == compact.dtype and t.shape == compact.shape and t.is_contiguous()
+                and torch.equal(t.view(torch.uint8), compact.view(torch.uint8))]    # bit for bit (signed zeros)
+        qw.__dict__["_" + name] = None
+        qw.__dict__[_COMPACT + name] = same[0] if same else compact
+
+
+def _exact_narrowing(value: torch.Tensor) -> torch.Tensor | None:
+    """`value` (float32) as uint8 or float16 when that holds every bit of it (signed zeros and NaNs included), else
+    None."""
+    bits = value.view(torch.int32)
+    for dtype in (torch.uint8, torch.float16):
+        if dtype == torch.uint8 and not bool(((value >= 0) & (value <= 255)).all()):
+            continue                           # out of range: the cast would wrap, not fail
+        narrow = value.to(dtype)
+        if torch.equal(narrow.float().view(torch.int32), bits):
+            return narrow
+    return None

@@ -322,3 +322,16 @@ def test_only_the_folders_weight_files_are_read(tmp_path):
     (sharded / "model-00002-of-00002.safetensors").unlink()
     with pytest.raises(CorruptFile, match="model-00002-of-00002.safetensors"):
         read_tensors(sharded)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_codes_unpacked_from_words_transposed_equal_the_unpacked_rows(bits):
+    """A Linear's codes come from its qweight by one transposing copy of the words and lowbit's own unpack (the
+    words' little-endian bytes are the column's bit stream): the very codes unpack_rows gives, padded rows too."""
+    from lowbit.formats.gptq import unpack_rows_transposed
+
+    rows = {2: 80, 3: 96, 4: 72, 8: 68}[bits]    # whole words, not multiples of 32 rows (GPTQModel's padded widths)
+    codes = torch.randint(0, 2 ** bits, (rows, 10), dtype=torch.uint8, generator=torch.Generator().manual_seed(bits))
+    words = pack_rows(codes, bits)
+    assert torch.equal(unpack_rows_transposed(words, bits, rows), unpack_rows(words, bits, rows).t())
+    assert torch.equal(unpack_rows_transposed(words, bits, rows), codes.t())

@@ -144,3 +144,99 @@ def test_load_model_leaves_no_freed_heap_resident(smollm2_kept):
     released_kb = before_kb - _resident_anonymous_kb()
     assert released_kb < 4 * 1024, f"{released_kb / 1024:.1f} MB freed by the loader was still resident"
     assert len(loaded[1]) == 49152
+
+
+def _file_mapped_ranges(file: Path) -> list[tuple[int, int]]:
+    """Address ranges of this process's mappings of `file` (/proc/self/maps)."""
+    ranges = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        parts = line.split(maxsplit=5)
+        if len(parts) == 6 and parts[5].strip() == str(file.resolve()):
+            low, high = (int(x, 16) for x in parts[0].split("-"))
+            ranges.append((low, high))
+    return ranges
+
+
+def _tied_bf16_rtn4_model():
+    """A tiny RTN-4 Llama (groups of 32) whose tied embedding holds bfloat16 values, as a real checkpoint's."""
+    from conftest import tiny_llama
+    from lowbit.methods.base import QuantizeConfig
+    from lowbit.methods.pipeline import quantize_model
+
+    model = tiny_llama(vocab=300)
+    model.config.tie_word_embeddings = True
+    model.lm_head.weight = model.model.embed_tokens.weight
+    model.model.embed_tokens.weight.data = model.model.embed_tokens.weight.data.bfloat16().float()
+    quantize_model(model, QuantizeConfig(bits=4, group_size=32), progress=False)
+    model.lowbit_source_dtype = torch.bfloat16
+    return model
+
+
+@pytest.mark.parametrize("fmt", ["lowbit", "gptq"])
+def test_a_loaded_4bit_folder_holds_each_weight_once_in_the_kernels_layout(tmp_path, monkeypatch, fmt):
+    """lowbit's own layouts (issue 11): after load_model, every 4-bit layer holds its codes once, two per byte in
+    the kernels' layout (no one-byte codes, in the model or in the kernels' description cache), its statistics
+    once in the narrowest exact dtype (the scales are the kernels' float16 ones), the tied embedding and
+    head are one tensor in the file's mapping, and loading dequantized no layer (a full float32 copy per layer,
+    9 s of a 1B model's load)."""
+    from lowbit.formats.registry import get_writer
+    from lowbit.models.loading import load_model
+    from lowbit.quantized import packed_codes
+    from lowbit.runtime import clib
+    from lowbit.runtime.surgery import quantized_modules
+
+    if clib.native_library() is None:
+        pytest.skip("no C compiler: the kernels' layout is not used")
+    model = _tied_bf16_rtn4_model()
+    saved = {name: module.qweight.dequantize() for name, module in quantized_modules(model)}
+    get_writer(fmt).save(model, None, tmp_path / fmt)
+
+    def refuse(*_):
+        raise AssertionError("loading dequantized a layer")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(QuantizedWeight, "dequantize", refuse)
+        loaded, _ = load_model(tmp_path / fmt, keep_quantized=True)
+    layers = dict(quantized_modules(loaded))
+    assert set(layers) == set(saved)
+    for name, module in layers.items():
+        qw = module.qweight
+        n, k = qw.shape
+        packed = packed_codes(qw)
+        assert qw.__dict__["_codes"] is None and packed.dtype == torch.uint8 and packed.numel() * 2 == n * k, name
+        assert qw.__dict__["_scales"] is None and qw.__dict__["_compact_scales"].dtype == torch.float16, name
+        assert qw.__dict__["_zeros"] is None and qw.__dict__["_compact_zeros"].dtype == torch.uint8, name
+        assert torch.equal(qw.dequantize(), saved[name]), name
+        _, state, made_on_load = clib._DESCRIBED[id(qw)]
+        spec, kept = clib.affine_spec(qw)             # the kernels use the description made on load, not a new one
+        assert clib._DESCRIBED[id(qw)][2] is made_on_load, f"{name}: described again (the cache held old codes)"
+        assert spec.w == packed.data_ptr() and spec.a == qw.__dict__["_compact_scales"].data_ptr()
+        held = [t for t in [*state, *kept, *_named_tensors(module).values()] if isinstance(t, torch.Tensor)]
+        assert not [t for t in held if t.dtype == torch.uint8 and t.numel() == n * k], f"{name}: one-byte codes"
+        assert not [t for t in held if t.dtype == torch.float32 and t.numel() == n * k // 32], \
+            f"{name}: float32 statistics"
+    embedding, head = loaded.model.embed_tokens.weight, loaded.lm_head.weight
+    assert embedding.dtype == torch.bfloat16 and head.data_ptr() == embedding.data_ptr()
+    mapped = _file_mapped_ranges(tmp_path / fmt / "model.safetensors")
+    assert any(low <= embedding.data_ptr() < high for low, high in mapped), "the embedding is a copy, not the file"
+
+
+def test_a_checkpoints_quantized_layers_are_read_one_layer_at_a_time(tmp_path):
+    """read_checkpoint maps the float tensors and reads none of the converted layers' tensors: LayerReader reads
+    each layer's when its loader takes it, into memory of its own (not the file's pages), so a load holds one
+    layer's file bytes at a time."""
+    from lowbit.formats.hf_quantized import layer_tensors, read_checkpoint
+    from lowbit.formats.native import read_manifest, save_native
+
+    save_native(_tied_bf16_rtn4_model(), None, tmp_path / "q")
+    layer_names = list(read_manifest(tmp_path / "q")["layers"])
+    tensors, layers = read_checkpoint(tmp_path / "q", layer_tensors(layer_names))
+    assert not [key for key in tensors if key.startswith(tuple(f"{n}." for n in layer_names))]
+    assert {key.rsplit(".", 1)[0] for key in layers.keys()} == set(layer_names)
+    mapped = _file_mapped_ranges(tmp_path / "q" / "model.safetensors")
+    assert all(any(low <= t.data_ptr() < high for low, high in mapped) for t in tensors.values() if t.numel())
+    first = f"{layer_names[0]}."
+    parts = layers.take(first)
+    assert set(parts) == {"codes", "scales", "zeros"}
+    assert not any(low <= t.data_ptr() < high for t in parts.values() for low, high in mapped)
+    assert not [key for key in layers.keys() if key.startswith(first)] and len(layers.keys()) == 3 * (len(layer_names) - 1)

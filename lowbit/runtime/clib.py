@@ -30,7 +30,7 @@ from torch import nn
 from lowbit.runtime.activations import Activations
 from lowbit.runtime.checks import buffer_sizes, check_linear, check_status
 from lowbit.errors import LowbitError
-from lowbit.quantized import QuantizedWeight, keep_codes_packed, packed_codes
+from lowbit.quantized import QuantizedWeight, keep_codes_packed, keep_statistics_compact, packed_codes
 
 log = logging.getLogger("lowbit")
 
@@ -194,7 +194,8 @@ def _codes_from_nibbles(packed: torch.Tensor, columns: int, order: torch.Tensor 
 
 def keep_kernel_layout(qw: QuantizedWeight) -> bool:
     """Make the compiled kernels' LB_NIB bytes the only copy of a 4-bit weight's codes (the one-byte codes a
-    method or reader made are dropped; `qw.codes` unpacks them on access). True when done; False when the kernels
+    method or reader made are dropped; `qw.codes` unpacks them on access) and hold its float32 statistics in the
+    narrowest exact dtype (`keep_statistics_compact`). True when done; False when the kernels
     read this weight another way (GGUF blocks, wider codes, widths the nibble layout cannot split, no compiled
     library), which then keeps its codes as they are.
 
@@ -209,6 +210,11 @@ def keep_kernel_layout(qw: QuantizedWeight) -> bool:
     order = column_order(qw) if qw.scheme.affine_form(qw) is not None else None   # as _describe_affine ordered them
     # a partial of a module-level function, not a lambda: models are copied and pickled (deepcopy, torch.save)
     keep_codes_packed(qw, nibbles, functools.partial(_codes_from_nibbles, columns=qw.in_features, order=order))
+    keep_statistics_compact(qw, shared=tuple(described[1][1:]))   # the description's float16 scales, held once
+    # the description stays valid (it reads these very bytes); recorded against the packed codes, not the one-byte
+    # codes it was made from, so the cache does not keep those alive (a 1B model's: 1 GB until the next describe)
+    ref, _, description = _DESCRIBED[id(qw)]
+    _DESCRIBED[id(qw)] = (ref, _stored_state(qw), description)
     return True
 
 
