@@ -185,7 +185,7 @@ def test_large_batches_decode_through_one_gemm_per_weight_and_equal_single_seque
     # bf16, a different arithmetic whose near-ties may pick other tokens (this test is about batching, not dtypes)
     engine = Engine(stories_rtn4, tokenizer, max_batch=len(prompts), context=64,
                     prefill_attention_dtype=torch.float32)
-    engine.decoder.compiled_batch_rows = PREFILL_ROWS   # the GEMMs' path, which takes batches of 64 rows and more
+    engine.decoder.compiled_batch_rows = PREFILL_ROWS   # the GEMMs' path, which takes batches of 128 rows and more
     engine.decoder.native = counted = CountedStep(engine.decoder.native)
     greedy = SamplingParams(max_new_tokens=12, temperature=0.0)
     with float32_arithmetic():

@@ -34,7 +34,7 @@ from lowbit.runtime.cpu import gemm_dtype
 from lowbit.runtime.fast_kernels import PREFILL_ROWS
 from lowbit.runtime.memory import release_freed_heap
 
-COMPILED_BATCH_ROWS = 64    # decode batches below this many rows run through the compiled step (see RotaryDecoder)
+COMPILED_BATCH_ROWS = 128   # decode batches below this many rows run through the compiled step (see RotaryDecoder)
 from lowbit.runtime.qlinear import QuantLinear
 
 # Prompt tokens (one prompt, or several prefilled together) up to which the compiled step runs them, reading each
@@ -458,7 +458,10 @@ class RotaryDecoder:
         # against 253 / 258 / 271 ms for the GEMMs; Q4_1 blocks (int8 activations) 105 ms at 32 rows against 94.
         # And `lowbit serve` with 32 streaming clients got 200 tok/s through the compiled step against 88 through
         # the GEMMs, whose ~1,500 torch calls a step contend for the GIL with the server's threads
-        # (bench/bench_engine.py). So the step keeps decode batches below COMPILED_BATCH_ROWS.
+        # (bench/bench_engine.py). So the step keeps decode batches below COMPILED_BATCH_ROWS. With AMX tiles for GGUF
+        # blocks (2026-12-03), 2 threads, position 40: Llama-3.2-1B Q4_K_M 400 / 769 ms at 64 / 128 rows against
+        # 804 / 8,302 for the GEMMs; Qwen2.5-0.5B RTN-4 (float32, no tiles) 538 / 1,072 against 913 / 1,068: the
+        # step is as fast or faster up to 128 rows, hence 128 (it was 64).
         self.compiled_batch_rows = COMPILED_BATCH_ROWS
         int8 = self.native is not None and self.native.arithmetic.startswith("int8")
         self.native_prefill_tokens = NATIVE_PREFILL_TOKENS[
