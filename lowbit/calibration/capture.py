@@ -117,9 +117,13 @@ class RecordedCalls:
 
     def calls_for(self, index: int, previous: list[BlockCall] | None) -> list[BlockCall]:
         """Block `index`'s calls: the hidden states of `previous` (what the block before produced; None for
-        block 0) with the arguments of the block's own layer type."""
+        block 0) with the arguments of the block's own layer type. Block 0's are handed over once, with the hidden
+        states entering it: the record keeps only the arguments after that (every later block takes its
+        predecessor's outputs), so those activations are freed once the walk has run block 0 on them, as they
+        were when block 0's calls were all that was recorded."""
         own = self.by_type[self.types[index]]
         if previous is None:
+            self.by_type = {t: [call.with_hidden(None) for call in calls] for t, calls in self.by_type.items()}
             return own
         return [call.with_hidden(prior.hidden) for call, prior in zip(own, previous)]
 

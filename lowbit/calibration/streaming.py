@@ -81,9 +81,13 @@ class ShardIndex:
 def checkpoint_renames(model: nn.Module, keys: list[str]) -> dict[str, str]:
     """The checkpoint keys among `keys` that transformers renames when it loads them into `model` (its
     conversion mapping's WeightRenamings, legacy ones included), and their names in the model. Its converters,
-    which change tensors as well as names (fusing experts), are not applied."""
-    from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import WeightRenaming, apply_renamings
+    which change tensors as well as names (fusing experts), are not applied. transformers 4 (pyproject allows
+    4.56) has no such mapping (nor core_model_loading): no key is renamed, rather than the import failing."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, apply_renamings
+    except ImportError:
+        return {}
 
     renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
     renamed = {key: apply_renamings(key, renamings) for key in keys}
