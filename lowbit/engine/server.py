@@ -203,6 +203,9 @@ class Scheduler:
                                                                    request.stop_on_eos)))
             except LowbitError as exc:
                 request.events.put(("error", RequestError(400, str(exc))))
+            except Exception as exc:   # a bug, not the request: fail it alone (the others popped stay admitted)
+                log.exception("request check failed")
+                request.events.put(("error", RequestError(500, f"request failed: {exc}", "server_error")))
         if not admitted:
             return
         try:
@@ -216,9 +219,10 @@ class Scheduler:
             for request, _ in admitted:
                 request.events.put(("error", RequestError(500, f"prefill failed: {exc}", "server_error")))
             return
-        for request, seq in admitted:
+        for request, seq in admitted:    # all running before any event: a failing event fails (releases) them all
             request.sequence = seq
             self.running[seq.slot] = request
+        for request, seq in admitted:
             self._token_event(request, seq)
 
     def _retire(self) -> None:
