@@ -337,10 +337,10 @@ static void moe_mlp(const lb_model *m, const lb_moe *moe, const float *h, int64_
 int lowbit_decode_workspace(const lb_model *m, int64_t B, int threads, int64_t *floats) {
     if (B < 0 || B > LB_MAX_ROWS || !lb_threads_fit(threads)) return LB_ERR_ARGUMENT;
     const int64_t qkv = (m->heads + 2 * m->kv_heads) * m->head_dim;
-    const int64_t per_row = qkv + m->heads * m->head_dim + 3 * m->intermediate + m->heads * m->context + m->hidden;
+    const int64_t per_row = qkv + m->heads * m->head_dim + 3 * m->intermediate + m->hidden;
     const int64_t per_thread = lb_size_add(thread_scratch_floats(m, B), lb_size_mul(B, m->hidden));
     *floats = lb_size_add(lb_size_add(lb_size_mul(B, per_row), lb_size_mul(threads, per_thread)),
-                          lb_size_add(moe_floats(m, B), 2));
+                          lb_size_add(lb_size_add(lb_size_mul(threads, m->context), moe_floats(m, B)), 2));
     return *floats < 0 ? LB_CHECK_OVERFLOW : LB_OK;
 }
 
@@ -523,7 +523,10 @@ int lowbit_decode_step(const lb_model *m, float *x, int64_t x_floats, int64_t B,
     const int64_t I = m->intermediate, T = m->context, QKV = (heads + 2 * kv_heads) * D;
     const int64_t group_ratio = heads / kv_heads;
     float *qkv = work, *attn = qkv + B * QKV, *gu = attn + B * heads * D, *act = gu + B * 2 * I;
-    float *scores = act + B * I, *out = scores + B * heads * T, *per_thread = out + B * H;
+    /* scores: one row of `context` floats per thread, not per (row, head): an attention iteration uses its scores
+     * only itself (B x heads x context floats were 34 MB at 128 prompt rows of a 32-head model, 2048 context, and
+     * grow with the context: the step keeps its largest workspace) */
+    float *scores = act + B * I, *out = scores + (int64_t)threads * T, *per_thread = out + B * H;
     const int64_t scratch_floats = thread_scratch_floats(m, B);
     float *moe_base = per_thread + (int64_t)threads * (scratch_floats + B * H);
     moe_base += ((uintptr_t)moe_base / sizeof(float)) % 2;      /* int64 routing tables: 8-byte aligned */
@@ -568,7 +571,8 @@ int lowbit_decode_step(const lb_model *m, float *x, int64_t x_floats, int64_t B,
                     const int64_t pos = positions[b];
                     const int64_t base = ((l * m->slots + slots[b]) * kv_heads + hh / group_ratio) * T * D;
                     const float *q = qkv + b * QKV + hh * D, *keys = m->k_cache + base, *values = m->v_cache + base;
-                    float *score = scores + (b * heads + hh) * T, *head_out = attn + b * heads * D + hh * D;
+                    float *score = scores + (int64_t)omp_get_thread_num() * T;
+                    float *head_out = attn + b * heads * D + hh * D;
                     /* positions first..pos: all of them, or the last `window` (pos - t < window) */
                     const int64_t first = layer->window > 0 && pos >= layer->window ? pos - layer->window + 1 : 0;
                     float top = -INFINITY;
