@@ -408,3 +408,32 @@ def test_start_many_groups_prompts_by_the_prefill_chunk_and_gives_slots_back_on_
     assert all(s.slot == -1 and not s.generated for s in again)
     with pytest.raises(LowbitError, match="only 5 of the 5"):
         engine.start_many([engine.new_sequence([1], greedy) for _ in range(6)])
+
+
+@needs_stories
+def test_start_many_gives_back_the_slots_of_groups_already_prefilled_when_a_later_one_fails(stories):
+    """A burst whose second group's prefill raises: the first group's prompts were prefilled and their first tokens
+    sampled, and still every sequence is reset (no slot, no token, not finished) and every slot is free."""
+    model, tokenizer = stories
+    engine = Engine(model, tokenizer, max_batch=4, context=96, prefill_chunk=16)
+    greedy = SamplingParams(max_new_tokens=4, temperature=0.0)
+    seqs = [engine.new_sequence(list(range(1, 1 + n)), greedy) for n in (5, 7, 20)]
+    assert [[len(s.prompt_ids) for s in g] for g in engine._prefill_groups(seqs)] == [[5, 7], [20]]
+    prefilled = []
+    prefill_prompts = engine.decoder.prefill_prompts
+
+    def first_group_only(prompts, slots):
+        logits = prefill_prompts(prompts, slots)
+        prefilled.extend(slots)
+        return logits
+
+    def fail(seq):
+        assert all(s.generated for s in seqs[:2]), "the first group was not sampled before the second began"
+        raise RuntimeError("out of memory")
+
+    engine.decoder.prefill_prompts = first_group_only
+    engine._prefill = fail
+    with pytest.raises(RuntimeError, match="out of memory"):
+        engine.start_many(seqs)
+    assert len(prefilled) == 2 and engine.free_slots == [0, 1, 2, 3] and not engine.active
+    assert all(s.slot == -1 and s.position == 0 and not s.generated and s.finish_reason is None for s in seqs)
