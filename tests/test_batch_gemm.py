@@ -198,7 +198,8 @@ def test_decode_step_of_many_rows_equals_rows_one_at_a_time(config):
 
 
 AMX_CASES = [("Q4_K", 35, 768), ("Q5_K", 16, 512), ("Q6_K", 37, 256), ("Q4_K", 48, 2048), ("Q6_K", 32, 1024),
-             ("Q4_0", 37, 576), ("Q4_1", 20, 96), ("Q5_0", 9, 160), ("Q5_1", 16, 64), ("Q8_0", 33, 896)]
+             ("Q4_0", 37, 576), ("Q4_1", 20, 96), ("Q5_0", 9, 160), ("Q5_0", 25, 160), ("Q5_1", 16, 64),
+             ("Q8_0", 33, 896)]
 
 
 @pytest.mark.skipif(clib.native_library() is None or not clib.native_library().lowbit_amx(-1),
@@ -231,6 +232,9 @@ def test_amx_tiles_equal_rows_one_by_one_within_float_rounding(type_name, n, k, 
     x_max = x.double().abs().view(rows, k // block, block).amax(-1)
     w_max = dequantized.abs().view(n, k // block, block).amax(-1)
     bound = 2 * (k // block + 24) * 2.0 ** -24 * 3 * block * (x_max @ w_max.T)
+    # the tiles ran (their float rounding is not the vector kernels'): from 16 weight rows and the row count above
+    tiled = n >= 16 and rows >= (16 if block == 256 else 32)
+    assert torch.equal(tiles, vector) != tiled, "the tile path ran" if not tiled else "the tile path did not run"
     difference = (tiles.double() - vector.double()).abs()
     assert (difference <= bound).all(), float((difference / bound).max())
     # and the tiles' result is the weight's: within the int8 rounding of the activations (1/254 of each block's max)
