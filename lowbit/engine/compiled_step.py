@@ -228,8 +228,10 @@ class NativeDecodeStep:
                       else f"int8 activations in {rounded} of {len(weights)} matmuls, float32 in the others")
         step = cls(lib, spec, layers, keep, (decoder.k_cache, decoder.v_cache), decoder.embed, head[0].n,
                    f"{arithmetic} ({activations.value})", structures, decoder.position_embed, decoder.embed_norm)
-        # the share of the weights (by count) whose many-row matmuls run on AMX tiles (K-quants, int8 activations)
-        tiled = {GGML_KINDS[name] for name in ("Q4_K", "Q5_K", "Q6_K")} if lib.lowbit_amx(-1) else set()
+        # the share of the weights (by count) whose many-row matmuls run on AMX tiles (GGUF blocks but Q2_K / Q3_K,
+        # int8 activations; csrc/ggml_blocks.h lb_ggml_amx_fits)
+        tiled = ({kind for name, kind in GGML_KINDS.items() if name not in ("Q2_K", "Q3_K")}
+                 if lib.lowbit_amx(-1) else set())
         step.tile_share = (sum(w.n * w.k for w in weights if w.kind in tiled and uses_act8(w, activations, lib))
                            / max(1, sum(w.n * w.k for w in weights)))
         return step, ""

@@ -41,10 +41,11 @@ from lowbit.runtime.qlinear import QuantLinear
 # weight once per 16 rows; longer ones run through bf16 GEMMs, which first dequantize every weight: a fixed cost
 # that depends on the layout, so the crossover does too. Measured at 1 thread (CPU time, prompts of 16-192 tokens,
 # bench/prefill_crossover.py, results prefill_crossover*_2026-12-03.json): GGUF blocks with int8 activations cross
-# at ~64 tokens (SmolLM2 Q4_1; Qwen2.5-0.5B Q4_K_M, whose 896-wide rows are mostly Q5_0 / Q8_0), K-quants on AMX
-# tiles at ~128 (Llama-3.2-1B Q4_K_M shape), lowbit's own codes with float32 activations at ~120 (Qwen2.5-0.5B
-# RTN-4), float weights, which a GEMM reads as they are, at ~16-24 (SmolLM2 float32).
-NATIVE_PREFILL_TOKENS = {"int8 tiles": 128, "int8 blocks": 64, "codes": 112, "float": 16}
+# at ~64 tokens on the vector kernels (SmolLM2 Q4_1, Qwen2.5-0.5B Q4_K_M) and, on AMX tiles, at ~90 (SmolLM2 Q4_1),
+# ~140 (Qwen2.5-0.5B Q4_K_M, mostly Q5_0 / Q8_0) and ~130-190 (Llama-3.2-1B Q4_K_M shape); lowbit's own codes with
+# float32 activations at ~120 (Qwen2.5-0.5B RTN-4); float weights, which a GEMM reads as they are, at ~16-24
+# (SmolLM2 float32).
+NATIVE_PREFILL_TOKENS = {"int8 tiles": 112, "int8 blocks": 64, "codes": 112, "float": 16}
 DEFAULT_CONTEXT = 2048
 
 
@@ -606,7 +607,9 @@ class RotaryDecoder:
         prompt i into cache slot slots[i], computed together: through the compiled step when their tokens number
         at most `native_prefill_tokens`, otherwise through one GEMM per weight over all their tokens (the
         dequantization of each weight, the GEMM path's fixed cost, is paid once for all of them) with attention
-        per prompt. Each prompt's logits are those of it prefilled alone, up to the GEMMs' rounding."""
+        per prompt. Each prompt's logits are those of it prefilled alone up to rounding: the GEMMs' (bf16, other
+        blocking), and on AMX CPUs the tiles', which GGUF matmuls of 16 or more rows (32 for the 32-value types) use
+        where a prompt alone may not."""
         lengths = [int(p.shape[0]) for p in prompts]
         if not lengths or min(lengths) < 1 or len(slots) != len(lengths) or len(set(slots)) != len(slots):
             raise LowbitError(f"prefill of {len(lengths)} prompts into slots {list(slots)}: every prompt needs a "
@@ -876,6 +879,9 @@ class Engine:
         tokens at once (RotaryDecoder.prefill_prompts: a server's burst of requests pays the GEMMs' weight
         dequantization once per group, not once per request); longer ones alone, chunk by chunk. If a prefill
         fails, every slot is given back and the error raised."""
+        if len({id(seq) for seq in sequences}) != len(sequences) or any(seq.slot != -1 for seq in sequences):
+            raise LowbitError("start_many takes new sequences (Engine.new_sequence), each once; one was given twice "
+                              "or is already started")
         if not self.free_slots:
             raise LowbitError(f"all {self.max_batch} batch slots are busy")
         if len(sequences) > len(self.free_slots):

@@ -868,7 +868,8 @@ static inline void lb_ggml_row_gemm(int64_t kind, const uint8_t *row, int64_t K,
  * One variable for the whole library: defined in affine_gemv.c. */
 extern int lb_amx_state;
 
-/* 1 if the tile path runs (after `mode` 0: switch it off, 1: on if the process may use it, -1: leave it). */
+/* 1 if the tile path runs (after `mode` 0: switch it off, 1: on if the process may use it, -1: leave it). Switch
+ * only between calls: a matmul reading another's packed activations (lb_prepared_alike) assumes both saw one state. */
 int lowbit_amx(int mode);
 
 static inline int lb_ggml_amx_fits(int64_t kind, int64_t M, int act8) {
