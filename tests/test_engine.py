@@ -408,6 +408,14 @@ def test_start_many_groups_prompts_by_the_prefill_chunk_and_gives_slots_back_on_
     assert all(s.slot == -1 and not s.generated for s in again)
     with pytest.raises(LowbitError, match="only 5 of the 5"):
         engine.start_many([engine.new_sequence([1], greedy) for _ in range(6)])
+    twice = engine.new_sequence([1, 2], greedy)
+    with pytest.raises(LowbitError, match="given twice or is already started"):
+        engine.start_many([twice, twice])
+    started = engine.start_many([twice])[0]
+    with pytest.raises(LowbitError, match="given twice or is already started"):
+        engine.start_many([started])
+    engine.release(started)
+    assert engine.free_slots == [0, 1, 2, 3, 4]
 
 
 @needs_stories
