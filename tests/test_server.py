@@ -253,3 +253,56 @@ def test_lowbit_serve_generates_in_the_main_thread_and_stops_on_ctrl_c(tmp_path)
     from lowbit.models.loading import load_model
 
     assert body["choices"][0]["text"] == _greedy_text(load_model(STORIES), "Once upon a time", 16)
+
+
+def test_a_burst_is_admitted_together_and_a_bad_request_fails_alone(stories):
+    """The scheduler admits every waiting request that a slot can take with one prefill
+    (Engine.start_many -> prefill_prompts); a request whose prompt does not fit the context gets its 400 alone;
+    each admitted request's first token event carries the logits row its token was sampled from, that prompt's
+    logits prefilled alone up to float32 rounding. A prefill that fails answers every request
+    of its group with a 500, and the server keeps its slots."""
+    from lowbit.engine.generate import SamplingParams
+    from lowbit.engine.runner import Engine
+    import torch
+
+    from lowbit.engine.server import GenerationRequest, Scheduler
+
+    model, tokenizer = stories
+    engine = Engine(model, tokenizer, max_batch=4, context=32, threads=1)
+    scheduler = Scheduler(engine, max_queue=8)
+    greedy = SamplingParams(max_new_tokens=4, temperature=0.0)
+    prompts = [tokenizer(t).input_ids for t in ("Once upon a time", "Tom had a red ball", "The sun")]
+    requests = [GenerationRequest(list(p), greedy, logprobs=True) for p in prompts]
+    too_long = GenerationRequest([5] * 40, greedy)
+    groups = []
+    prefill_prompts = engine.decoder.prefill_prompts      # the tap's wrapper: the call the scheduler makes
+    engine.decoder.prefill_prompts = lambda p, s: groups.append(len(p)) or prefill_prompts(p, s)
+    for request in (requests[0], too_long, requests[1], requests[2]):
+        scheduler.submit(request)
+    scheduler._admit()
+    assert groups == [3]
+    kind, error = too_long.events.get_nowait()
+    assert kind == "error" and error.status == 400 and "context" in str(error)
+    for request, prompt in zip(requests, prompts):
+        kind, (token, row) = request.events.get_nowait()
+        alone = Engine(model, tokenizer, context=32, threads=1).decoder.prefill_prompts([torch.tensor(prompt)], [0])
+        assert kind == "token" and token == int(alone[0].argmax())
+        # float32 weights: a batch of 8+ rows takes the many-row float kernels, whose sums run in another order than
+        # a lone row's (float32 rounding of dot products of <= 512 terms through 5 layers: 1e-4 of the range)
+        assert (row - alone[0]).abs().max() <= 1e-4 * (alone[0].max() - alone[0].min())
+    for request in requests:
+        engine.release(request.sequence)
+    scheduler.running.clear()
+
+    def fail(p, s):
+        raise RuntimeError("out of memory")
+
+    engine.decoder.prefill_prompts = fail
+    burst = [GenerationRequest(list(p), greedy) for p in prompts[:2]]
+    for request in burst:
+        scheduler.submit(request)
+    scheduler._admit()
+    for request in burst:
+        kind, error = request.events.get_nowait()
+        assert kind == "error" and error.status == 500 and "out of memory" in str(error)
+    assert engine.free_slots == [0, 1, 2, 3] and not scheduler.running
