@@ -7,6 +7,8 @@ writes atomically, and rebuilds a runnable model on load.
 """
 from __future__ import annotations
 
+import bisect
+
 import json
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -165,8 +167,14 @@ class LayerReader:
     layer is converted to the kernels' layout and its file bytes freed before the next is read, so loading never
     holds every layer twice (a 1B model's load peaked 460 MB higher reading them all first)."""
 
+    # Read bytes between two heap trims: a trim costs a pass over the heap, and an MoE checkpoint has thousands of
+    # small expert layers, while what one 4-bit layer frees at 1B scale is tens of MB.
+    TRIM_EVERY_BYTES = 64 << 20
+
     def __init__(self, deferred: dict[str, tuple[Any, Path]]):
         self._deferred = deferred     # key -> (its file's pread handle, the file)
+        self._sorted = sorted(deferred)   # the keys a prefix starts are one run of these: no scan of all per layer
+        self._read_since_trim = 0
 
     def keys(self) -> list[str]:
         """The names of the tensors not taken yet."""
@@ -175,18 +183,27 @@ class LayerReader:
     def take(self, prefix: str) -> dict[str, torch.Tensor]:
         """The tensors whose names start with `prefix`, named without it, read now (and no longer held here).
 
-        What converting the previous layer freed (its file bytes, its one-byte codes) is handed back to the OS
-        first: glibc kept it resident otherwise, 300 MB of a 1B model's load by its last layer."""
+        What converting the previous layers freed (their file bytes, their one-byte codes) is handed back to the OS
+        once TRIM_EVERY_BYTES have been read since the last time: glibc kept it resident otherwise, 300 MB of a 1B
+        model's load by its last layer."""
         from lowbit.runtime.memory import release_freed_heap
 
-        release_freed_heap()
+        if self._read_since_trim >= self.TRIM_EVERY_BYTES:
+            release_freed_heap()
+            self._read_since_trim = 0
+        keys = []
+        for index in range(bisect.bisect_left(self._sorted, prefix), len(self._sorted)):
+            if not self._sorted[index].startswith(prefix):
+                break
+            keys.append(self._sorted[index])
         parts = {}
-        for key in [k for k in self._deferred if k.startswith(prefix)]:
+        for key in [k for k in keys if k in self._deferred]:
             handle, file = self._deferred.pop(key)
             try:
-                parts[key[len(prefix):]] = handle.get_tensor(key)
+                parts[key[len(prefix):]] = tensor = handle.get_tensor(key)
             except (SafetensorError, OSError, MemoryError, RuntimeError) as exc:
                 raise unreadable_weights(file, exc) from exc
+            self._read_since_trim += tensor.numel() * tensor.element_size()
         return parts
 
 
