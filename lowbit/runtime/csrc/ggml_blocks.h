@@ -914,35 +914,27 @@ static inline void lb_ggml_pack16_amx(const float *scratch, int64_t per_row, int
     const int64_t nb = K / block;
     uint8_t *tiles = (uint8_t *)pack;
     float *dx = pack + 4 * K;
-    int16_t *sums = (int16_t *)(dx + nb * 16);
     for (int64_t r = 0; r < 16; r++) {
         const int present = m0 + r < M;
         lb_act8_row row;
         if (present) row = lb_ggml_act8_at((float *)scratch + (m0 + r) * per_row, K);
-        if (block == 32) {           /* the 32-value types: tiles as below, dx and sx [blocks][16] as lb_ggml_pack16 */
-            float *sx = dx + nb * 16;
-            for (int64_t i = 0; i < nb; i++) {
-                uint8_t *tile = tiles + i * 512 + r * 4;
-                for (int step = 0; step < 8; step++) {
-                    if (present) memcpy(tile + step * 64, row.x8 + i * 32 + step * 4, 4);
-                    else memset(tile + step * 64, 0, 4);
-                }
-                dx[i * 16 + r] = present ? row.dx[i] : 0.0f;
-                sx[i * 16 + r] = present ? row.sx[i] : 0.0f;
+        for (int64_t j = 0; j < K / 32; j++) {        /* one tile per 32 columns, whatever the block size */
+            uint8_t *tile = tiles + j * 512 + r * 4;
+            for (int step = 0; step < 8; step++) {
+                if (present) memcpy(tile + step * 64, row.x8 + j * 32 + step * 4, 4);
+                else memset(tile + step * 64, 0, 4);
             }
-            continue;
         }
-        for (int64_t i = 0; i < nb; i++) {
-            dx[i * 16 + r] = present ? row.dx[i] : 0.0f;
-            for (int c = 0; c < 8; c++) {
-                uint8_t *tile = tiles + (i * 8 + c) * 512 + r * 4;
-                for (int step = 0; step < 8; step++) {
-                    if (present) memcpy(tile + step * 64, row.x8 + i * 256 + c * 32 + step * 4, 4);
-                    else memset(tile + step * 64, 0, 4);
-                }
-                int16_t *pair = sums + ((i * 8 + c) * 16 + r) * 2;
-                pair[0] = present ? row.bsum[i * 16 + 2 * c] : 0;
-                pair[1] = present ? row.bsum[i * 16 + 2 * c + 1] : 0;
+        for (int64_t i = 0; i < nb; i++) dx[i * 16 + r] = present ? row.dx[i] : 0.0f;
+        if (block == 32) {                            /* sx [blocks][16], as lb_ggml_pack16 */
+            float *sx = dx + nb * 16;
+            for (int64_t i = 0; i < nb; i++) sx[i * 16 + r] = present ? row.sx[i] : 0.0f;
+        } else {                                      /* the sums per 16 columns as pairs, per 32 columns */
+            int16_t *sums = (int16_t *)(dx + nb * 16);
+            for (int64_t j = 0; j < K / 32; j++) {
+                int16_t *pair = sums + (j * 16 + r) * 2;
+                pair[0] = present ? row.bsum[2 * j] : 0;
+                pair[1] = present ? row.bsum[2 * j + 1] : 0;
             }
         }
     }
