@@ -48,18 +48,18 @@ int lowbit_uses_act8(const lb_linear *weight, int activations) { return lb_uses_
 int lb_amx_state = 0;
 
 #if LB_GGML_AMX
+/* ARCH_REQ_XCOMP_PERM (0x1023) for XFEATURE_XTILEDATA (18): without it the first tile instruction faults */
+static int lb_amx_permitted(void) { return syscall(SYS_arch_prctl, 0x1023, 18) == 0; }
+
 __attribute__((constructor)) static void lb_amx_init(void) {
     const char *setting = getenv("LOWBIT_AMX");
-    if (setting && setting[0] == '0') return;
-    /* ARCH_REQ_XCOMP_PERM (0x1023) for XFEATURE_XTILEDATA (18): without it the first tile instruction faults */
-    lb_amx_state = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+    if (!(setting && setting[0] == '0')) lb_amx_state = lb_amx_permitted();
 }
 #endif
 
 int lowbit_amx(int mode) {
 #if LB_GGML_AMX
-    if (mode == 0) lb_amx_state = 0;
-    if (mode == 1) lb_amx_state = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+    if (mode == 0 || mode == 1) lb_amx_state = mode == 1 && lb_amx_permitted();
 #else
     (void)mode;
 #endif
