@@ -58,7 +58,7 @@ def worker(args: argparse.Namespace) -> None:
 
         if args.threads:
             torch.set_num_threads(args.threads)
-        model, tokenizer = load_model(args.file, keep_quantized=True)
+        model, tokenizer = load_model(args.file, keep_quantized=True, engine_only=True)  # as `lowbit generate`
         # threads 0 ("auto"): the engine's default, all cores for prompts and a timed choice per decode step
         engine = Engine(model, tokenizer, context=max(args.pp) + args.tg + 16, threads=args.threads or None,
                         activations=args.activations)

@@ -140,7 +140,7 @@ def main() -> None:
 
     stage("import lowbit engine")
     began = time.perf_counter()
-    model, tokenizer = load_model(args.model, keep_quantized=True)
+    model, tokenizer = load_model(args.model, keep_quantized=True, engine_only=True)  # as `lowbit generate`
     roots.append(model)
     stage(f"load_model ({time.perf_counter() - began:.1f} s)")
     engine = Engine(model, tokenizer, context=args.pp + args.tg + 16, threads=args.threads)

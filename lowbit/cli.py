@@ -250,8 +250,10 @@ def _runtime_model(args: argparse.Namespace):
     from lowbit.methods.pipeline import quantize_model
 
     set_threads(args.threads)
-    model, tokenizer = _load_model(args.model, args, keep_quantized=True)
     load_time_method = "nf4" if args.load_in_4bit else "int8" if args.load_in_8bit else None
+    # only the engine runs it (no quantization at load, no adapter): a .gguf need not import transformers' models
+    engine_only = load_time_method is None and not getattr(args, "adapter", None)
+    model, tokenizer = _load_model(args.model, args, keep_quantized=True, engine_only=engine_only)
     if load_time_method:
         quantize_model(model, QuantizeConfig(method=load_time_method), CalibrationRequest(tokenizer),
                        kernel=args.kernel)

@@ -81,7 +81,9 @@ def _load(args: argparse.Namespace):
     from lowbit.models.loading import load_model
 
     set_threads(args.threads)
-    model, tokenizer = load_model(args.model, kernel=args.kernel, keep_quantized=True)
+    # only the engine runs it (no adapter, no transformers timing): a .gguf need not import transformers' models
+    engine_only = not getattr(args, "adapter", None) and not getattr(args, "vs_transformers", False)
+    model, tokenizer = load_model(args.model, kernel=args.kernel, keep_quantized=True, engine_only=engine_only)
     return with_adapter(model, args), tokenizer
 
 

@@ -26,6 +26,7 @@ from torch import nn
 
 from lowbit.engine.generate import SamplingParams, sample_next
 from lowbit.engine.compiled_step import NativeDecodeStep
+from lowbit.models.arch.base import ACTIVATIONS, LENGTH_DEPENDENT_ROPE, rope_parameter_sets, rotary_path
 from lowbit.engine.threads import ThreadTuner
 from lowbit.errors import LowbitError
 from lowbit.quantized import QuantizedWeight
@@ -145,13 +146,6 @@ def _fused_or_separate(modules: SequenceType[nn.Module], fuse: bool
 
 # -- the rotary decoder ---------------------------------------------------------------------------------------
 
-# transformers' activation names -> what the decoder computes: act(gate) * up
-ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
-               "gelu": "gelu", "relu": "relu"}
-# rope variants whose tables depend on the length of the sequence seen so far (not one table for all positions)
-LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
-
-
 def decoder_blocker(model: nn.Module) -> str | None:
     """Why lowbit's own decoder (static cache, compiled step) cannot run `model`, from its architecture's
     declared features and its config; None when it can."""
@@ -196,11 +190,11 @@ def decoder_blocker(model: nn.Module) -> str | None:
         return refused
     if arch.norm is NormKind.LAYER and arch.sandwich_norm:
         return "sandwich layer norms"
-    if not learned and not alibi and not _has(model, _rotary_path(arch)):
-        return f"no rotary module at {_rotary_path(arch)}"
+    if not learned and not alibi and not _has(model, rotary_path(arch)):
+        return f"no rotary module at {rotary_path(arch)}"
     if _activation_of(model, arch) is None:
         return f"MLP activation {getattr(config, 'hidden_act', None)!r}"
-    varying = sorted({p.get("rope_type", "default") for p in _rope_parameter_sets(config)} & set(LENGTH_DEPENDENT_ROPE))
+    varying = sorted({p.get("rope_type", "default") for p in rope_parameter_sets(config)} & set(LENGTH_DEPENDENT_ROPE))
     if varying:
         return f"rope type {varying[0]} (tables change with the sequence length)"
     if getattr(config, "use_bidirectional_attention", False):
@@ -208,11 +202,6 @@ def decoder_blocker(model: nn.Module) -> str | None:
     if not all(getattr(config, "no_rope_layers", None) or [1]):
         return "layers without rotary embedding (NoPE)"
     return None
-
-
-def _rotary_path(arch: Any) -> str:
-    """transformers keeps the rotary module next to the embedding (model.rotary_emb)."""
-    return f"{arch.embed_path.rpartition('.')[0]}.rotary_emb".lstrip(".")
 
 
 def _alibi_builder(model: nn.Module, arch: Any) -> Any:
@@ -228,17 +217,14 @@ def alibi_slopes(model: nn.Module, arch: Any, heads: int) -> torch.Tensor:
     return bias.reshape(heads, 2)[:, 1].contiguous()
 
 
-def _rope_parameter_sets(config: Any) -> list[dict]:
-    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    if not isinstance(rope, dict):
-        return []
-    nested = [v for v in rope.values() if isinstance(v, dict)]
-    return nested or [rope]
-
-
 def _activation_of(model: nn.Module, arch: Any) -> str | None:
     """What the MLP computes on the gate ("silu", "gelu_tanh", "gelu"), read from the module the model runs
-    (Gemma 1 reads config.hidden_act, Gemma 2/3 config.hidden_activation), or None if it is none of those."""
+    (Gemma 1 reads config.hidden_act, Gemma 2/3 config.hidden_activation), or None if it is none of those. An
+    engine-only model (models/skeleton.py) has no activation module: it read its activation from the config."""
+    from lowbit.models.skeleton import EngineSkeleton
+
+    if isinstance(model, EngineSkeleton):
+        return model.activation
     from transformers.activations import ACT2FN
 
     block = arch.blocks(model)[0]
@@ -429,7 +415,7 @@ class RotaryDecoder:
         if arch.position == "learned":
             table, offset = model.get_submodule(arch.position_embed_path).weight.detach(), arch.position_offset
             self.position_embed = lambda positions: F.embedding(positions + offset, table)
-        rotary = (model.get_submodule(_rotary_path(arch)) if arch.position in ("rope", "partial_rope")
+        rotary = (model.get_submodule(rotary_path(arch)) if arch.position in ("rope", "partial_rope")
                   else lambda x, positions: (torch.zeros(1, context, 0), torch.zeros(1, context, 0)))
         positions = torch.arange(context)[None]
         types = list(getattr(config, "layer_types", None) or [])

@@ -442,24 +442,31 @@ def export_gguf(model: nn.Module, tokenizer: Any, path: str | os.PathLike, optio
 
 
 # -- GGUF -> lowbit runtime, kept quantized --------------------------------------------------------------
-def load_gguf_quantized(path: str | os.PathLike, kernel: str = "auto", **_: Any):
+def load_gguf_quantized(path: str | os.PathLike, kernel: str = "auto", engine_only: bool = False, **_: Any):
     """(model, tokenizer) from a GGUF file, kept quantized: Linear layers in block types become QuantLinears
     whose blocks are the file's bytes, memory-mapped (no copy, no decoding: loading takes seconds and the pages
     are shared with other processes and the page cache); a quantized token embedding stays quantized too
     (QuantEmbedding), and a tied output head reads the same blocks. Norms, biases and float tensors load as
-    float32."""
-    from lowbit.models.arch.base import gguf_row_order
+    float32.
+
+    `engine_only`: the caller runs the model only through lowbit's engine (generate, serve, bench), so families
+    models/skeleton.py can hold load into an EngineSkeleton instead of transformers' model class (about 100 MB
+    less resident: transformers' modeling code is never imported); others load as usual."""
+    from lowbit.models.arch.base import gguf_row_order, gguf_tensor_name
     from lowbit.models.gguf_import import (
         check_gguf_tensors, float_values, gguf_architecture, gguf_names_of_model, hf_config_from_gguf, hf_value,
         tokenizer_from_gguf,
     )
-    from lowbit.models.loading import empty_model_from_config
+    from lowbit.models.loading import empty_model_from_config, engine_skeleton
     from lowbit.runtime.surgery import install_quantized
 
     gf = read_gguf(path)  # validates before anything else touches the file
     arch = gguf_architecture(gf)
     config = hf_config_from_gguf(gf, arch)
-    model = empty_model_from_config(config)
+    def has_bias(module: str) -> bool:
+        return gguf_tensor_name(arch, f"{module}.bias", config.num_hidden_layers)[0] in gf.tensors
+
+    model = (engine_skeleton(arch, config, has_bias) if engine_only else None) or empty_model_from_config(config)
     check_gguf_tensors(gf, arch, model)    # names and shapes, before any block is handed to a kernel
     linear_names = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     embed_name = arch.embed_path

@@ -35,6 +35,25 @@ def empty_model_from_config(config_or_path: Any, dtype: torch.dtype = torch.floa
     return arch.prepare(model).eval()
 
 
+def engine_skeleton(arch: Any, config: Any, has_bias: Any = lambda path: False):
+    """An EngineSkeleton (models/skeleton.py) of `config`: the modules lowbit's engine runs, without transformers'
+    modeling code; or None when the family or config needs transformers' model (skeleton_refusal), or the engine's
+    decoder would not run it (then transformers' forward must). Hyper-parameters are checked first, as for a
+    transformers skeleton. `has_bias(module path)`: whether the weights hold that block Linear's bias."""
+    from lowbit.engine.runner import decoder_blocker
+    from lowbit.models.skeleton import EngineSkeleton, skeleton_refusal
+    from lowbit.models.validate import check_hparams, config_json_values
+
+    check_hparams(config_json_values(config), f"{getattr(config, 'name_or_path', '') or config.model_type} config")
+    refusal = skeleton_refusal(arch, config)
+    skeleton = EngineSkeleton(arch, config, has_bias).eval() if refusal is None else None
+    refusal = refusal or decoder_blocker(skeleton)
+    if refusal is not None:
+        log.info("transformers' model class holds this model (lowbit's engine-only model cannot: %s)", refusal)
+        return None
+    return skeleton
+
+
 def check_architecture(model_type: str):
     """The registry's Architecture for `model_type`, or UnsupportedArchitecture naming the supported ones."""
     from lowbit.models.arch import architecture_for
@@ -157,7 +176,14 @@ def check_loading_info(path: Path, info: dict[str, Any]) -> None:
 
 
 def load_model(spec: str | os.PathLike, dtype: torch.dtype = torch.float32, kernel: str = "auto", **options: Any):
-    """(model, tokenizer) from any source: HF folder, .gguf, lowbit/GPTQ/AWQ/bnb folder, or a packaged name."""
+    """(model, tokenizer) from any source: HF folder, .gguf, lowbit/GPTQ/AWQ/bnb folder, or a packaged name.
+
+    Options: `keep_quantized` (a .gguf's blocks stay as they are in the file, memory-mapped), and with it
+    `engine_only` (the model will only run through lowbit's engine: a .gguf of a family models/skeleton.py holds
+    loads without transformers' modeling code)."""
+    unknown = set(options) - {"keep_quantized", "engine_only"}
+    if unknown:
+        raise LowbitError(f"load_model: unknown option(s) {sorted(unknown)}; known: keep_quantized, engine_only")
     from lowbit.runtime.memory import release_freed_heap
 
     loaded = _read_model(spec, dtype, kernel, **options)
@@ -177,7 +203,7 @@ def _read_model(spec: str | os.PathLike, dtype: torch.dtype, kernel: str, **opti
                 from lowbit.formats import get_writer  # noqa: F401  (registers gguf if present)
                 reader = find_reader(path)
                 if reader is not None:
-                    return reader.read(path, kernel=kernel)
+                    return reader.read(path, kernel=kernel, engine_only=bool(options.get("engine_only")))
             from lowbit.models.gguf_import import load_gguf_as_hf
 
             log.info("importing %s as a floating-point model", path.name)

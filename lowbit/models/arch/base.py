@@ -135,6 +135,7 @@ class Architecture:
     # facts the engine's fast path needs
     norm: NormKind = NormKind.RMS
     activation: str = "silu"               # silu | gelu_tanh | gelu | relu
+    activation_config: str = "hidden_act"  # the config attribute the family's MLP reads its activation from
     activation_class: str = ""             # the MLP's activation module when not one of transformers' ACT2FN
                                            # (BLOOM's BloomGelu): it computes `activation`
     gated_mlp: bool = True                 # act(gate) * up
@@ -185,6 +186,28 @@ class Architecture:
             unfuse_experts(model, self)
         return model
 
+
+
+# -- facts the engine's decoder reads from a config ------------------------------------------------------------
+# transformers' activation names -> what lowbit's decoder computes on the gate
+ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
+               "gelu": "gelu", "relu": "relu"}
+# rope variants whose tables depend on the length of the sequence seen so far (not one table for all positions)
+LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
+
+
+def rotary_path(arch: Architecture) -> str:
+    """transformers keeps the rotary module next to the embedding (model.rotary_emb)."""
+    return f"{arch.embed_path.rpartition('.')[0]}.rotary_emb".lstrip(".")
+
+
+def rope_parameter_sets(config: Any) -> list[dict]:
+    """The config's rope parameters: one dict, or one per layer type when they are nested by type (Gemma 3)."""
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if not isinstance(rope, dict):
+        return []
+    nested = [v for v in rope.values() if isinstance(v, dict)]
+    return nested or [rope]
 
 
 # -- Linear-like modules -----------------------------------------------------------------------------------
