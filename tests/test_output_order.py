@@ -312,3 +312,22 @@ def test_c_refuses_a_corrupt_head_order(models):
         spec.qk_head_order = original
         native.keep.pop()
     assert lib.lowbit_check_model(ctypes.byref(spec), detail, len(detail)) == 0
+
+
+def test_a_fused_qkv_reordered_by_rows_composes_the_output_order():
+    """runner._rows_reordered (a fused query_key_value put in q|k|v order) of a QuantLinear with an output order
+    stores its rows in the composed order: the copy's outputs are the original's in the new order, bit for bit,
+    with no order left (the compiled step can read it)."""
+    from lowbit.engine.runner import _rows_reordered
+    from lowbit.schemes.ggml import GGMLScheme, quantize_rows
+
+    generator = torch.Generator().manual_seed(7)
+    weight, bias = torch.randn(48, 64, generator=generator), torch.randn(48, generator=generator)
+    qw = GGMLScheme("Q8_0").from_blocks(quantize_rows(weight.numpy(), "Q8_0"), (48, 64))
+    original = QuantLinear(qw, bias, output_order=torch.randperm(48, generator=generator))
+    order = torch.randperm(48, generator=generator)
+    copy = _rows_reordered(original, order)
+    assert copy.output_order is None and clib.linear_spec(copy) is not None
+    x = torch.randn(5, 64, generator=generator)
+    with torch.no_grad():
+        assert torch.equal(copy(x), original(x)[:, order])
