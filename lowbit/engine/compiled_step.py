@@ -9,6 +9,11 @@ kept alive here. It returns no step, with the reason, when anything is outside w
 that is neither affine per group (integer grids, GPTQ act-order through a column order, AWQ, GGUF blocks) nor an
 NF4/FP4 codebook (LLM.int8's outliers, dynamic int8), a non-float32 KV cache, or no compiled library. The engine
 then keeps running its torch decoder.
+
+q and k weights held in their stored row order with an output order (QuantLinear.output_order: a GGUF file's
+llama.cpp interleaved-rope rows, read where they lie) are multiplied as stored and each head gathered in order by
+C (lb_model.qk_head_order), when every q and k head of every layer takes the same order within the head; any
+other output order is a reason not to run the model.
 """
 from __future__ import annotations
 
@@ -55,7 +60,7 @@ class ModelSpec(ctypes.Structure):
                 ("attn_softcap", _f32), ("final_softcap", _f32), ("activation", _i64), ("activations", _i64),
                 ("layers", ctypes.POINTER(LayerSpec)), ("final_norm", _ptr), ("lm_head", LinearSpec),
                 ("k_cache", _ptr), ("v_cache", _ptr), ("layer_norm", _i64), ("gated", _i64), ("parallel", _i64),
-                ("final_norm_bias", _ptr), ("alibi", _ptr)]
+                ("final_norm_bias", _ptr), ("alibi", _ptr), ("qk_head_order", _ptr)]
 
 
 ACTIVATION_CODES = {"silu": 0, "gelu_tanh": 1, "gelu": 2, "relu": 3}   # decode.c's LB_ACT_*
@@ -71,10 +76,11 @@ def _norm_weight(norm: Any, keep: list[torch.Tensor], part: str = "weight") -> i
     return weight.data_ptr()
 
 
-def _described(modules: list[Any], keep: list[torch.Tensor]) -> list[LinearSpec] | None:
+def _described(modules: list[Any], keep: list[torch.Tensor], stored_order: bool = False) -> list[LinearSpec] | None:
     """The lb_linear of each module (their tensors kept alive in `keep`), or None if one has a layout the
-    compiled step cannot read."""
-    described = [linear_spec(module) for module in modules]
+    compiled step cannot read. `stored_order`: QuantLinears with output orders as their rows are stored (q and k,
+    whose heads the step gathers in order itself; clib.linear_spec)."""
+    described = [linear_spec(module, stored_order) for module in modules]
     if any(d is None for d in described):
         return None
     keep.extend(t for d in described for t in d[1])
@@ -115,6 +121,59 @@ def _moe_spec(moe: Any, keep: list[torch.Tensor], structures: list[Any]) -> tupl
                    (LinearSpec * 2)(router[0], gate[0]), array)
     structures.append(spec)
     return spec, ""
+
+
+def _output_order(module: Any) -> torch.Tensor | None:
+    return getattr(module, "output_order", None)
+
+
+def head_order_of(order: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor | None:
+    """The order within one head when `order` (a q or k projection's output order over heads x head_dim) applies
+    the same order to every head (head h's outputs are h * head_dim + it); else None."""
+    if order.numel() != heads * head_dim:
+        return None
+    per_head = order.view(heads, head_dim) - torch.arange(heads)[:, None] * head_dim
+    first = per_head[0].to(torch.int64).contiguous()     # C reads head_dim int64 values, each of 0..head_dim-1 once
+    if not bool((per_head == first).all()) or not torch.equal(torch.sort(first).values, torch.arange(head_dim)):
+        return None
+    return first.clone()
+
+
+def qk_head_order(decoder: Any) -> tuple[torch.Tensor | None, str]:
+    """(The one order within a head that every layer's q and k outputs take from their stored rows, or None when
+    no weight has an output order, ""), or (None, why the step cannot put the outputs in order): it gathers q and
+    k heads only, by one order for all heads and layers."""
+    head_order, found_in = None, None
+    for index, layer in enumerate(decoder.layers):
+        others = [("o", [layer.o_proj]), ("gate|up", layer.gate_up_parts), ("down", [layer.down])]
+        if layer.moe is not None:
+            moe = layer.moe
+            others.append(("router", [moe.router, moe.shared_gate]))
+            others.append(("experts", [m for expert in moe.experts or [] for m in expert]))
+        parts = layer.qkv_parts
+        if len(parts) != 3:
+            others.append(("fused q|k|v", parts))
+        for name, modules in others:
+            if any(_output_order(m) is not None for m in modules):
+                return None, f"layer {index} {name}: outputs in another order than stored (only q and k reordered)"
+        if len(parts) != 3:
+            continue
+        q, k, v = (_output_order(m) for m in parts)
+        if v is not None:
+            return None, f"layer {index} v: outputs in another order than stored (only q and k reordered)"
+        orders = (None if q is None else head_order_of(q, decoder.heads, decoder.head_dim),
+                  None if k is None else head_order_of(k, decoder.kv_heads, decoder.head_dim))
+        if (q is None) != (k is None) or (q is not None and (orders[0] is None or orders[1] is None
+                                                             or not torch.equal(orders[0], orders[1]))):
+            return None, f"layer {index}: q and k outputs not reordered by one order within every head"
+        layer_order = orders[0]
+        if index and (layer_order is None) != (head_order is None) or (
+                layer_order is not None and head_order is not None and not torch.equal(layer_order, head_order)):
+            return None, f"layers {found_in} and {index}: q and k outputs reordered differently"
+        head_order, found_in = layer_order, index
+    if _output_order(decoder.lm_head) is not None:
+        return None, "lm_head: outputs in another order than stored"
+    return head_order, ""
 
 
 def _matmuls(layer: LayerSpec) -> list[LinearSpec]:
@@ -170,6 +229,9 @@ class NativeDecodeStep:
                                                                  layer.mlp_out_norm) if n is not None]
         if len({n.eps for n in hidden_norms + [decoder.final_norm]}) > 1:
             return unsupported("norms with different epsilons")
+        head_order, reason = qk_head_order(decoder)
+        if reason:
+            return unsupported(reason)
         keep: list[torch.Tensor] = []
         structures: list[Any] = []
         layer_specs = []
@@ -189,7 +251,7 @@ class NativeDecodeStep:
                                   ("gate_up", layer.gate_up_parts), ("down", [layer.down])):
                 if name in specs:
                     continue
-                described = _described(modules, keep)
+                described = _described(modules, keep, stored_order=name == "qkv" and head_order is not None)
                 if described is None:
                     return unsupported(f"layer {index} {name}: a weight layout the compiled step cannot read")
                 specs[name] = described
@@ -212,6 +274,8 @@ class NativeDecodeStep:
             alibi = decoder.alibi.data_ptr()
         keep.extend(decoder.cos + decoder.sin)
         keep.extend([decoder.k_cache, decoder.v_cache])   # C writes them: alive as long as the step, not its decoder
+        if head_order is not None:
+            keep.append(head_order)
         spec = ModelSpec(
             len(layer_specs), decoder.hidden, decoder.heads, decoder.kv_heads, decoder.head_dim, decoder.rope_dim,
             decoder.intermediate, decoder.context, decoder.k_cache.shape[1],
@@ -220,7 +284,8 @@ class NativeDecodeStep:
             decoder.attn_softcap or 0.0, decoder.final_softcap or 0.0, ACTIVATION_CODES[decoder.activation],
             activations.code, layers, _norm_weight(decoder.final_norm, keep), head[0],
             decoder.k_cache.data_ptr(), decoder.v_cache.data_ptr(), int(decoder.layer_norm), int(decoder.gated),
-            int(decoder.parallel), _norm_weight(decoder.final_norm, keep, "bias"), alibi)
+            int(decoder.parallel), _norm_weight(decoder.final_norm, keep, "bias"), alibi,
+            head_order.data_ptr() if head_order is not None else None)
         check_decode_model(lib, spec, decoder, keep)    # every pointer's bytes, before C ever reads them
         weights = [part for layer in layer_specs for part in _matmuls(layer)] + [head[0]]
         rounded = sum(uses_act8(w, activations, lib) for w in weights)

@@ -36,7 +36,7 @@ from lowbit.runtime.fast_kernels import PREFILL_ROWS
 from lowbit.runtime.memory import release_freed_heap
 
 COMPILED_BATCH_ROWS = 128   # decode batches below this many rows run through the compiled step (see RotaryDecoder)
-from lowbit.runtime.qlinear import QuantLinear
+from lowbit.runtime.qlinear import QuantLinear, rows_reordered
 
 # Prompt tokens (one prompt, or several prefilled together) up to which the compiled step runs them, reading each
 # weight once per 16 rows; longer ones run through bf16 GEMMs, which first dequantize every weight: a fixed cost
@@ -107,7 +107,9 @@ def _stacked_bias(modules: SequenceType[nn.Module], dtype: torch.dtype) -> torch
 
 def fuse_linears(modules: SequenceType[nn.Module]) -> nn.Module | None:
     """One module computing the concatenated outputs of Linears that read the same input, or None if their
-    weights cannot be stacked (different schemes, act-order permutations, scheme-specific extra tensors)."""
+    weights cannot be stacked (different schemes, act-order permutations, scheme-specific extra tensors).
+    QuantLinears with output orders (stored rows in another order) stack as stored, their orders composed into
+    the fused module's."""
     if all(type(m) is nn.Linear for m in modules):
         weight = torch.cat([m.weight.detach() for m in modules])
         return _DenseLinear(weight, _stacked_bias(modules, weight.dtype))
@@ -129,7 +131,18 @@ def fuse_linears(modules: SequenceType[nn.Module]) -> nn.Module | None:
         codes=torch.cat([qw.codes for qw in weights]), scales=torch.cat([qw.scales for qw in weights]),
         zeros=None if first.zeros is None else torch.cat([qw.zeros for qw in weights]),
         group_size=first.group_size)
-    return QuantLinear(fused, _stacked_bias(modules, torch.float32), kernel=modules[0].kernel_preference)
+    return QuantLinear(fused, _stacked_bias(modules, torch.float32), kernel=modules[0].kernel_preference,
+                       output_order=_stacked_output_order(modules))
+
+
+def _stacked_output_order(modules: SequenceType[QuantLinear]) -> torch.Tensor | None:
+    """The output order of QuantLinears' weights stacked as stored: each one's order (or none) shifted to its
+    rows; None when none has an order."""
+    if all(m.output_order is None for m in modules):
+        return None
+    starts = torch.tensor([0] + [m.out_features for m in modules]).cumsum(0)
+    return torch.cat([start + (m.output_order if m.output_order is not None else torch.arange(m.out_features))
+                      for start, m in zip(starts.tolist(), modules)])
 
 
 def _fused_or_separate(modules: SequenceType[nn.Module], fuse: bool
@@ -282,22 +295,18 @@ def _norm(module: nn.Module | None, plus_one: bool, layer: bool = False) -> _Nor
 
 def _rows_reordered(module: nn.Module, order: torch.Tensor) -> nn.Module | None:
     """A copy of a Linear (float or quantized) whose output rows are `order` of the original's (a fused
-    query_key_value interleaved per head -> q|k|v), or None for a weight whose extra tensors it cannot reorder."""
+    query_key_value interleaved per head -> q|k|v), or None for a weight whose extra tensors it cannot reorder.
+    A QuantLinear's own output order is composed in: the copy's rows are stored in its output order."""
     from lowbit.models.arch.base import linear_weight
 
     bias = getattr(module, "bias", None)
     bias = None if bias is None else bias.detach()[order]
     if not isinstance(module, QuantLinear):
         return _DenseLinear(linear_weight(module).detach()[order].contiguous(), bias)
-    qw = module.qweight
-    if qw.scheme.kind == "ggml":            # rows are independent blocks
-        reordered = qw.scheme.from_blocks(qw.extra["blocks"][order].contiguous(), qw.shape)
-    elif qw.extra:
+    stored = order if module.output_order is None else module.output_order[order]
+    reordered = rows_reordered(module.qweight, stored)
+    if reordered is None:
         return None
-    else:
-        reordered = QuantizedWeight(
-            scheme=qw.scheme, shape=qw.shape, codes=qw.codes[order].contiguous(), scales=qw.scales[order].contiguous(),
-            zeros=None if qw.zeros is None else qw.zeros[order].contiguous(), group_size=qw.group_size, g_idx=qw.g_idx)
     return QuantLinear(reordered, None if bias is None else bias.float(), kernel=module.kernel_preference)
 
 

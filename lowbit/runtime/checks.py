@@ -67,10 +67,15 @@ def check_decode_model(lib: ctypes.CDLL, spec: Any, decoder: Any, keep: list[tor
     lowbit_check_model on its structure (flags, dimensions, every weight's shape against them, missing parts), then
     the bytes behind every pointer it holds, which only Python knows (weights through csrc/checks.c, norms, rotary
     tables, caches)."""
+    sizes = buffer_sizes(keep + [decoder.k_cache, decoder.v_cache])
+    if spec.qk_head_order:        # lowbit_check_model reads its head_dim values
+        available = _bytes_at(spec.qk_head_order, sizes, "model", "qk_head_order") // 8
+        if available < spec.head_dim:
+            raise LowbitError(f"compiled step: the q/k head order holds {available} values, and the heads have "
+                              f"{spec.head_dim} dimensions")
     detail = ctypes.create_string_buffer(256)
     code = lib.lowbit_check_model(ctypes.byref(spec), detail, len(detail))
     check_status(code, f"compiled step: {detail.value.decode(errors='replace')}", lib)
-    sizes = buffer_sizes(keep + [decoder.k_cache, decoder.v_cache])
     hidden, head_dim, context = spec.hidden, spec.head_dim, spec.context
 
     def weights(what: str, linears: Any) -> None:

@@ -384,15 +384,24 @@ def compact_statistics(a: torch.Tensor, b: torch.Tensor) -> tuple[int, torch.Ten
     return LB_STATS_F32, a, b.contiguous(), 0.0
 
 
-def linear_spec(module: Any) -> tuple[LinearSpec, list[torch.Tensor]] | None:
+def linear_spec(module: Any, stored_order: bool = False) -> tuple[LinearSpec, list[torch.Tensor]] | None:
     """`affine_spec` for a QuantLinear (with its bias), or a description of a float Linear's weight in its own
     dtype (float32, float16 or bfloat16: LB_F32 / LB_F16 / LB_BF16, read where it lies; other dtypes as a float32
-    copy); None if the module is neither (or its weight is not affine)."""
+    copy); None if the module is neither (or its weight is not affine).
+
+    A QuantLinear with an output order (its outputs are its stored rows' in another order) is described only
+    with `stored_order`, by a caller that puts the outputs in order itself: its rows as stored, and its bias
+    moved to the stored rows; without, None (C would compute the outputs out of order)."""
     from lowbit.runtime.qlinear import QuantLinear
 
     bias = getattr(module, "bias", None)
     bias = None if bias is None else bias.detach().float().contiguous()
     if isinstance(module, QuantLinear):
+        order = module.output_order
+        if order is not None and not stored_order:
+            return None
+        if order is not None and bias is not None:     # output j is stored row order[j]: its bias goes there
+            bias = torch.empty_like(bias).index_copy_(0, order, bias)
         return affine_spec(module.qweight, bias)
     weight = getattr(module, "weight", None)
     if (not isinstance(module, nn.Module) or not isinstance(weight, torch.Tensor) or weight.dim() != 2

@@ -5,8 +5,10 @@ import fnmatch
 import re
 from typing import Iterator
 
+import torch
 from torch import nn
 
+from lowbit.errors import LowbitError
 from lowbit.models.adapters import is_linear
 from lowbit.quantized import QuantizedWeight
 from lowbit.runtime.qlinear import QuantLinear
@@ -41,23 +43,28 @@ def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def install_quantized(root: nn.Module, name: str, qweight: QuantizedWeight, kernel: str = "auto",
-                      source: object = None) -> QuantLinear:
+                      source: object = None, output_order: torch.Tensor | None = None) -> QuantLinear:
     """Replace the Linear `name` under `root` by a QuantLinear holding `qweight` (bias kept); an embedding
     table becomes a QuantEmbedding (its scale, e.g. Gemma's sqrt(hidden), kept). The weight is checked against
     the layer first (shape, codes, statistics: lowbit.models.validate), so a checkpoint's misshapen layer is an
-    error naming it (`source`, the file), not memory a kernel reads past."""
+    error naming it (`source`, the file), not memory a kernel reads past. `output_order`: the layer's outputs
+    are the stored rows' in this order (QuantLinear's output_order; rows kept as stored, e.g. a view of a GGUF
+    file's q / k blocks in llama.cpp's order); not for embeddings."""
     from lowbit.models.validate import check_quantized_weight, module_weight_shape
     from lowbit.runtime.qembedding import QuantEmbedding
 
     old = root.get_submodule(name)
     check_quantized_weight(name, qweight, module_weight_shape(old), source)
-    if isinstance(old, (nn.Embedding, QuantEmbedding)) or type(old).__name__.endswith("ScaledWordEmbedding"):
+    embedding = isinstance(old, (nn.Embedding, QuantEmbedding)) or type(old).__name__.endswith("ScaledWordEmbedding")
+    if embedding and output_order is not None:
+        raise LowbitError(f"{name}: an embedding table's rows are looked up by token id; they take no output order")
+    if embedding:
         new: QuantLinear = QuantEmbedding(qweight, getattr(old, "embed_scale", getattr(old, "scale", None)),
                                           getattr(old, "padding_idx", None), kernel=kernel)
     else:
         from lowbit.runtime.clib import keep_kernel_layout
 
-        new = QuantLinear(qweight, getattr(old, "bias", None), kernel=kernel)
+        new = QuantLinear(qweight, getattr(old, "bias", None), kernel=kernel, output_order=output_order)
         keep_kernel_layout(qweight)    # codes held once, in the bytes the kernels read (an embedding looks up rows)
     untie_if_shared(root, old)
     replace_module(root, name, new)
@@ -100,7 +107,7 @@ def dequantized_copy(model: nn.Module) -> nn.Module:
             replace_module(plain, name, module.dequantized())
             continue
         linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
-        linear.weight.data = module.qweight.dequantize()
+        linear.weight.data = module.weight        # in output order
         if module.bias is not None:
             linear.bias.data = module.bias.data.clone()
         replace_module(plain, name, linear)

@@ -35,6 +35,7 @@ static const char *const STATUS_TEXT[LB_STATUS_COUNT] = {
     [LB_ERR_MODEL_SHAPE] = "a weight shape that disagrees with the model's dimensions",
     [LB_ERR_MODEL_MISSING] = "a part the step reads is missing",
     [LB_ERR_MODEL_UNSUPPORTED] = "a combination of parts the step does not compute",
+    [LB_ERR_MODEL_ORDER] = "a q/k head order that is not a permutation of the head's dimensions",
 };
 
 /* The words for a status code of any entry point (for the one-line error Python raises). */

@@ -44,6 +44,7 @@ enum {
     LB_ERR_MODEL_SHAPE = 20,    /* a weight whose shape disagrees with the model's dimensions */
     LB_ERR_MODEL_MISSING = 21,  /* a norm, rotary table, cache or weight the step reads is missing */
     LB_ERR_MODEL_UNSUPPORTED = 22,  /* a combination the step does not compute (it would ignore a part) */
+    LB_ERR_MODEL_ORDER = 23,    /* a q/k head order that is not a permutation of the head's dimensions */
     LB_STATUS_COUNT
 };
 

@@ -77,6 +77,10 @@ typedef struct {
     int64_t parallel;                    /* x + attn(norm(x)) + mlp(norm2(x)): the MLP reads the block's input */
     const float *final_norm_bias;
     const float *alibi;                  /* [heads]: slope * key position added to the scores (BLOOM), or NULL */
+    const int64_t *qk_head_order;        /* [head_dim], a permutation: every q and k head of every layer is
+                                            head[qk_head_order[i]] of the q|k|v matmul's output (weights stored in
+                                            another row order, llama.cpp's interleaved-rope q and k of a GGUF file,
+                                            read where they lie), gathered before the q/k norms and rope; or NULL */
 } lb_model;
 
 /* The concatenated outputs of several weights reading the same x, into y's columns in order; one barrier. */
@@ -205,7 +209,8 @@ static int64_t moe_work(const lb_moe *moe, int64_t B, int64_t H, float *base, lb
 }
 
 /* Per-thread matmul scratch for B rows: sized for the widest matmul input (hidden, intermediate or heads x D).
- * One function for lowbit_decode_workspace and lowbit_decode_step, so the size and the layout cannot drift. */
+ * One function for lowbit_decode_workspace and lowbit_decode_step (through thread_floats), so the size and the
+ * layout cannot drift. */
 static int64_t thread_scratch_floats(const lb_model *m, int64_t B) {
     int64_t widest = m->hidden > m->intermediate ? m->hidden : m->intermediate, rows = B;
     if (m->heads * m->head_dim > widest) widest = m->heads * m->head_dim;
@@ -216,6 +221,12 @@ static int64_t thread_scratch_floats(const lb_model *m, int64_t B) {
         if (moe_routed(moe, B) > rows) rows = moe_routed(moe, B);
     }
     return lb_scratch_floats(widest, widest, rows);
+}
+
+/* Floats of each thread's own buffers: matmul scratch, its normalised rows h [B, hidden], and one head [head_dim]
+ * (the q/k head gather of qk_head_order). */
+static int64_t thread_floats(const lb_model *m, int64_t B) {
+    return lb_size_add(lb_size_add(thread_scratch_floats(m, B), lb_size_mul(B, m->hidden)), m->head_dim);
 }
 
 /* Floats of the expert layers' buffers (the largest layer's; layers run one after the other). */
@@ -338,8 +349,7 @@ int lowbit_decode_workspace(const lb_model *m, int64_t B, int threads, int64_t *
     if (B < 0 || B > LB_MAX_ROWS || !lb_threads_fit(threads)) return LB_ERR_ARGUMENT;
     const int64_t qkv = (m->heads + 2 * m->kv_heads) * m->head_dim;
     const int64_t per_row = qkv + m->heads * m->head_dim + 3 * m->intermediate + m->hidden;
-    const int64_t per_thread = lb_size_add(thread_scratch_floats(m, B), lb_size_mul(B, m->hidden));
-    *floats = lb_size_add(lb_size_add(lb_size_mul(B, per_row), lb_size_mul(threads, per_thread)),
+    *floats = lb_size_add(lb_size_add(lb_size_mul(B, per_row), lb_size_mul(threads, thread_floats(m, B))),
                           lb_size_add(lb_size_add(lb_size_mul(threads, m->context), moe_floats(m, B)), 2));
     return *floats < 0 ? LB_CHECK_OVERFLOW : LB_OK;
 }
@@ -486,6 +496,16 @@ int lowbit_check_model(const lb_model *m, char *detail, int64_t bytes) {
         const int status = check_layer(m, &m->layers[l], l, detail, bytes);
         if (status != LB_OK) return status;
     }
+    if (m->qk_head_order) {        /* each of 0..head_dim-1 once (Python checked the array holds head_dim values) */
+        uint8_t seen[LB_MAX_HEAD_DIM / 8] = {0};
+        for (int64_t i = 0; i < m->head_dim; i++) {
+            const int64_t from = m->qk_head_order[i];
+            if (from < 0 || from >= m->head_dim || (seen[from / 8] >> (from % 8)) & 1)
+                return refuse(detail, bytes, LB_ERR_MODEL_ORDER, "the q/k head order names dimension %lld at %lld "
+                              "(each of 0..%lld once)", (long long)from, (long long)i, (long long)m->head_dim - 1);
+            seen[from / 8] |= (uint8_t)(1 << (from % 8));
+        }
+    }
     return check_parts(&m->lm_head, 1, m->lm_head.n, m->hidden, "the", "lm_head", detail, bytes);
 }
 
@@ -527,8 +547,8 @@ int lowbit_decode_step(const lb_model *m, float *x, int64_t x_floats, int64_t B,
      * only itself (B x heads x context floats were 34 MB at 128 prompt rows of a 32-head model, 2048 context, and
      * grow with the context: the step keeps its largest workspace) */
     float *scores = act + B * I, *out = scores + (int64_t)threads * T, *per_thread = out + B * H;
-    const int64_t scratch_floats = thread_scratch_floats(m, B);
-    float *moe_base = per_thread + (int64_t)threads * (scratch_floats + B * H);
+    const int64_t scratch_floats = thread_scratch_floats(m, B), own_floats = thread_floats(m, B);
+    float *moe_base = per_thread + (int64_t)threads * own_floats;
     moe_base += ((uintptr_t)moe_base / sizeof(float)) % 2;      /* int64 routing tables: 8-byte aligned */
 
     #pragma omp parallel num_threads(threads)
@@ -536,8 +556,8 @@ int lowbit_decode_step(const lb_model *m, float *x, int64_t x_floats, int64_t B,
         /* Each thread normalises the rows itself into its own h (a few hundred floats), which saves the barrier
          * a shared copy would need before the next matmul: 2 of a layer's 8 barriers (one more is saved where
          * each thread applies the MLP's activation to the gate and up rows it computed). */
-        float *xsum = per_thread + (int64_t)omp_get_thread_num() * (scratch_floats + B * H);
-        float *h = xsum + scratch_floats;
+        float *xsum = per_thread + (int64_t)omp_get_thread_num() * own_floats;
+        float *h = xsum + scratch_floats, *head = h + B * H;
         const int activations = (int)m->activations;
         for (int64_t l = 0; l < m->n_layers; l++) {
             const lb_layer *layer = &m->layers[l];
@@ -545,12 +565,17 @@ int lowbit_decode_step(const lb_model *m, float *x, int64_t x_floats, int64_t B,
                 hidden_norm(m, x + b * H, layer->input_norm, layer->input_norm_bias, h + b * H);
             matmul_parts(layer->qkv, 3, h, B, qkv, QKV, xsum, activations);
 
-            /* per-head norms (Qwen3, Gemma 3), rotary embedding, and this token's keys and values into the cache */
+            /* q and k heads put in order (stored rows in another order), per-head norms (Qwen3, Gemma 3), rotary
+               embedding, and this token's keys and values into the cache */
             #pragma omp for schedule(static) collapse(2)
             for (int64_t b = 0; b < B; b++)
                 for (int64_t j = 0; j < heads + kv_heads; j++) {
                     const int64_t pos = positions[b];
                     float *v = qkv + b * QKV + j * D;
+                    if (m->qk_head_order) {
+                        for (int64_t i = 0; i < D; i++) head[i] = v[m->qk_head_order[i]];
+                        for (int64_t i = 0; i < D; i++) v[i] = head[i];
+                    }
                     const float *norm = j < heads ? layer->q_norm : layer->k_norm;
                     if (norm) rms_norm(v, norm, D, j < heads ? m->q_norm_eps : m->k_norm_eps, v);
                     rope(v, layer->cos + pos * m->rope_dim, layer->sin + pos * m->rope_dim, m->rope_dim);
