@@ -458,6 +458,7 @@ def load_gguf_quantized(path: str | os.PathLike, kernel: str = "auto", engine_on
         tokenizer_from_gguf,
     )
     from lowbit.models.loading import empty_model_from_config, engine_skeleton
+    from lowbit.models.skeleton import EngineSkeleton
     from lowbit.runtime.surgery import install_quantized
 
     gf = read_gguf(path)  # validates before anything else touches the file
@@ -467,6 +468,8 @@ def load_gguf_quantized(path: str | os.PathLike, kernel: str = "auto", engine_on
         return gguf_tensor_name(arch, f"{module}.bias", config.num_hidden_layers)[0] in gf.tensors
 
     model = (engine_skeleton(arch, config, has_bias) if engine_only else None) or empty_model_from_config(config)
+    engine_only_model = isinstance(model, EngineSkeleton)
+    output_orders: dict[str, torch.Tensor] = {}
     check_gguf_tensors(gf, arch, model)    # names and shapes, before any block is handed to a kernel
     linear_names = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     embed_name = arch.embed_path
@@ -491,7 +494,11 @@ def load_gguf_quantized(path: str | os.PathLike, kernel: str = "auto", engine_on
                 if stacked:                                     # one expert's rows of the stack: still a view
                     blocks, shape = blocks.reshape(shape[0], shape[1], -1)[expert], shape[1:]
                 order = gguf_row_order(arch, config, hf_name, shape[0])
-                if order is not None:
+                if order is not None and engine_only_model:
+                    # llama.cpp row order kept (the mapped view); QuantLinear and the compiled step gather the
+                    # outputs into HF order (only the engine runs this model: no writer reads its rows)
+                    output_orders[module] = torch.argsort(order)
+                elif order is not None:
                     blocks = blocks[torch.argsort(order)]          # llama.cpp row order -> HF (a copy of q/k only)
                 qw = GGMLScheme(tensor.type_name).from_blocks(blocks, shape)
                 if module == embed_name:
@@ -511,7 +518,7 @@ def load_gguf_quantized(path: str | os.PathLike, kernel: str = "auto", engine_on
     elif tied:
         model.tie_weights()
     for module, qw in quantized.items():
-        install_quantized(model, module, qw, kernel=kernel)
+        install_quantized(model, module, qw, kernel=kernel, output_order=output_orders.get(module))
     if tied and embedding is not None and arch.lm_head_path in linear_names:
         # A tied output projection runs on the embedding's own blocks, as llama.cpp does: no float copy, and
         # the blocks are held once (the embedding reads the same QuantizedWeight).
