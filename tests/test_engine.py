@@ -482,3 +482,21 @@ def test_prompts_prefilled_together_through_gemms_equal_each_alone_in_every_fami
         assert close(row, logits), prompt
         assert close(together.k_cache[:, slot, :, :len(prompt)], keys), prompt
         assert close(together.v_cache[:, slot, :, :len(prompt)], values), prompt
+
+
+def test_rows_sampled_together_equal_each_alone():
+    """A decode step samples its rows together, grouped by sampling settings: every row's token is the one it gets
+    sampled alone with its own generator, step after step (the generators advance alike)."""
+    from lowbit.engine.generate import sample_rows
+    from lowbit.engine.runner import sample_token
+
+    settings = [SamplingParams(), SamplingParams(temperature=0.7), SamplingParams(temperature=0.7, top_k=5),
+                SamplingParams(temperature=1.3, top_p=0.9), SamplingParams(temperature=1.0, top_k=40, top_p=0.8)]
+    params = [settings[row % len(settings)] for row in range(13)]
+    together = [torch.Generator().manual_seed(row) for row in range(13)]
+    alone = [torch.Generator().manual_seed(row) for row in range(13)]
+    source = torch.Generator().manual_seed(99)
+    for _ in range(20):
+        logits = torch.randn(13, 500, generator=source) * 3
+        expected = [sample_token(logits[row], params[row], alone[row]) for row in range(13)]
+        assert sample_rows(logits, params, together) == expected

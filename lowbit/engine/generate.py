@@ -33,8 +33,10 @@ class SamplingParams:
         return self
 
 
-def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
-    """Next token ids [B] from last-position logits [B, V]."""
+def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,
+                uniforms: torch.Tensor | None = None) -> torch.Tensor:
+    """Next token ids [B] from last-position logits [B, V]; `uniforms` [B] (float64 in [0, 1)): the random numbers
+    to draw with, one a row, instead of drawing them from `generator`."""
     if params.temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / params.temperature
@@ -48,7 +50,29 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.G
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     probs = logits.softmax(-1)
-    return draw(probs, torch.rand(probs.shape[0], generator=generator, dtype=torch.float64))
+    if uniforms is None:
+        uniforms = torch.rand(probs.shape[0], generator=generator, dtype=torch.float64)
+    return draw(probs, uniforms)
+
+
+def sample_rows(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
+                ) -> list[int]:
+    """One token id per row of logits [B, V], row b sampled with params[b] and generators[b]: the tokens
+    `sample_next` gives each row alone (each row draws its one number from its own generator), computed together
+    for rows with the same settings. A batch of 32 streams sampled row by row spent ~30 torch calls a row; one
+    softmax / cumsum over the rows is what keeps sampling small next to a 32-row decode step."""
+    tokens = [0] * len(params)
+    groups: dict[tuple[float, int, float], list[int]] = {}
+    for row, p in enumerate(params):
+        groups.setdefault((p.temperature, p.top_k, p.top_p), []).append(row)
+    for rows in groups.values():
+        subset = logits if len(rows) == logits.shape[0] else logits.index_select(0, torch.tensor(rows))
+        first = params[rows[0]]
+        uniforms = None if first.temperature == 0 else torch.cat(
+            [torch.rand(1, generator=generators[row], dtype=torch.float64) for row in rows])
+        for row, token in zip(rows, sample_next(subset, first, None, uniforms).tolist()):
+            tokens[row] = token
+    return tokens
 
 
 def draw(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:

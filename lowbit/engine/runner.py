@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowbit.engine.generate import SamplingParams, sample_next
+from lowbit.engine.generate import SamplingParams, sample_next, sample_rows
 from lowbit.engine.compiled_step import NativeDecodeStep
 from lowbit.models.arch.base import ACTIVATIONS, LENGTH_DEPENDENT_ROPE, rope_parameter_sets, rotary_path
 from lowbit.engine.threads import ThreadTuner
@@ -896,9 +896,10 @@ class Engine:
                     for seq in group:
                         seq.position = len(seq.prompt_ids)
                     self._release_prompt_heap(sum(len(s.prompt_ids) for s in group))
-                for seq, row in zip(group, logits):
+                tokens = sample_rows(logits, [s.params for s in group], [s.generator for s in group])
+                for seq, token in zip(group, tokens):
                     seq.prefill_seconds = time.perf_counter() - began
-                    self._accept(seq, sample_token(row, seq.params, seq.generator))
+                    self._accept(seq, token)
         except BaseException:
             for seq in sequences:
                 self.free_slots.append(seq.slot)
@@ -975,9 +976,10 @@ class Engine:
                                      torch.tensor([s.position for s in running]))
         if tuner is not None:
             tuner.record(time.perf_counter() - started, len(running))
-        for row, s in enumerate(running):
+        tokens = sample_rows(logits, [s.params for s in running], [s.generator for s in running])
+        for s, token in zip(running, tokens):
             s.position += 1
-            self._accept(s, sample_token(logits[row], s.params, s.generator))
+            self._accept(s, token)
         return running
 
     def release(self, seq: Sequence, reason: str | None = None) -> None:

@@ -1,0 +1,120 @@
+"""How lowbit degrades on a busy machine: the same jobs timed quiet and with N processes spinning on the cores.
+
+Jobs (each in its own process, as a user runs it):
+- `demo`: `python -m lowbit.demo` (what `make demo` runs after setup: quantize SmolLM2 RTN-4, save, reload,
+  evaluate both models, generate from both). The issue's case: it took over 25 minutes at load 5 when OpenMP threads
+  spun at barriers.
+- `generate`: `lowbit generate MODEL -n 64` with a prompt of about 128 tokens (load, prompt and decode).
+- `bench`: `lowbit bench MODEL -p 128 -n 64 -r 1` (prompt and decode speed, load excluded).
+
+Each job runs quiet, then under each --busy count, alternating rounds (quiet, busy, quiet, busy ...) so drift in the
+machine's other load hits both; the table gives wall seconds and busy / quiet. With N spinners on C cores a job using
+all C cores can at best keep C / (C + N) of them under the kernel's fair sharing, i.e. be (C + N) / C times slower:
+the "fair" column.
+
+Usage:
+    python bench/bench_busy.py --busy 4 --jobs demo,generate,bench --rounds 2 --out bench/results/busy_<date>.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+from bench_scale import BusyMachine  # noqa: E402
+
+PROMPT = " ".join(["The river ran past the old mill and the children watched the water turn the wheel."] * 7)
+
+
+def job_command(job: str, model: str, out: Path) -> list[str]:
+    lowbit = [sys.executable, "-m", "lowbit"]
+    if job == "demo":
+        return [sys.executable, "-m", "lowbit.demo", "--out", str(out / "demo")]
+    if job == "generate":
+        return [*lowbit, "generate", model, "-p", PROMPT, "-n", "64", "--temperature", "0"]
+    if job == "bench":
+        return [*lowbit, "bench", model, "-p", "128", "-n", "64", "-r", "1", "--json", str(out / "bench.json")]
+    raise SystemExit(f"unknown job {job!r}: demo, generate, bench")
+
+
+def run(command: list[str], timeout: float, out: Path) -> dict:
+    began = time.perf_counter()
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                            env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    row = {"wall_s": round(time.perf_counter() - began, 2), "status": result.returncode}
+    if result.returncode:
+        row["error"] = result.stderr.strip().splitlines()[-1:]
+    bench = out / "bench.json"
+    if "bench" in command and bench.exists():
+        speed = json.loads(bench.read_text())["results"][0]
+        row.update(pp_tok_s=speed.get("pp_tok_s"), tg_tok_s=speed.get("tg_tok_s"))
+        bench.unlink()
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--jobs", default="demo,generate,bench")
+    parser.add_argument("--model", default="smollm2", help="model for generate and bench (default: smollm2)")
+    parser.add_argument("--busy", default="4", help="spinning processes, comma-separated counts")
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--timeout", type=float, default=3600)
+    parser.add_argument("--out", required=True, help="results JSON (must not exist)")
+    args = parser.parse_args()
+    out_path = Path(args.out)
+    if out_path.exists():
+        raise SystemExit(f"{out_path} exists: results are never overwritten")
+    cores = os.cpu_count() or 1
+    busy_counts = [int(n) for n in args.busy.split(",")]
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="lowbit-busy-") as tmp:
+        work = Path(tmp)
+        for job in args.jobs.split(","):
+            command = job_command(job, args.model, work)
+            for round_index in range(args.rounds):
+                for busy in [0, *busy_counts]:
+                    if busy:
+                        with BusyMachine(busy):
+                            row = run(command, args.timeout, work)
+                    else:
+                        row = run(command, args.timeout, work)
+                    row.update(job=job, busy=busy, round=round_index)
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+    print(f"\n{'job':10s}{'busy':>6s}{'wall s':>10s}{'x quiet':>9s}{'fair':>7s}{'pp tok/s':>10s}{'tg tok/s':>10s}")
+    summary = []
+    for job in args.jobs.split(","):
+        quiet = statistics.median(r["wall_s"] for r in rows if r["job"] == job and r["busy"] == 0)
+        quiet_rates = [r for r in rows if r["job"] == job and r["busy"] == 0]
+        for busy in [0, *busy_counts]:
+            mine = [r for r in rows if r["job"] == job and r["busy"] == busy]
+            wall = statistics.median(r["wall_s"] for r in mine)
+            rates = {k: statistics.median(r[k] for r in mine) if all(r.get(k) for r in mine) else None
+                     for k in ("pp_tok_s", "tg_tok_s")}
+            fair = (cores + busy) / cores
+            entry = {"job": job, "busy": busy, "wall_s": wall, "slowdown": round(wall / quiet, 2),
+                     "fair_slowdown": round(fair, 2), **rates}
+            if busy and rates["tg_tok_s"]:
+                entry["tg_slowdown"] = round(statistics.median(r["tg_tok_s"] for r in quiet_rates)
+                                             / rates["tg_tok_s"], 2)
+                entry["pp_slowdown"] = round(statistics.median(r["pp_tok_s"] for r in quiet_rates)
+                                             / rates["pp_tok_s"], 2)
+            summary.append(entry)
+            print(f"{job:10s}{busy:6d}{wall:10.1f}{wall / quiet:9.2f}{fair:7.2f}"
+                  f"{rates['pp_tok_s'] or float('nan'):10.1f}{rates['tg_tok_s'] or float('nan'):10.1f}")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps({"argv": sys.argv, "cores": cores, "rows": rows, "summary": summary}, indent=1))
+    print(f"wrote {out_path}")
+
+
+if __name__ == "__main__":
+    main()
