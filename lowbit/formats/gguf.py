@@ -31,6 +31,7 @@ from lowbit.formats.gguf_file import (  # noqa: F401  (the one parser; GGUFFile,
     STRING, TENSOR_TYPES, TYPE_NAMES, UINT32, WRITE_VERSION, _ARRAY_DTYPES, _SCALAR_FORMATS, read_gguf)
 from lowbit.formats.gguf_mixes import TypePlanner, get_mix
 from lowbit.formats.registry import Format, register_format
+from lowbit.models.rope_scaling import ORIGINAL_CONTEXT_KEY, ROPE_FREQS, is_llama3_scaled, rope_divisors
 from lowbit.schemes.ggml import CODECS, GGMLScheme, quantize_rows
 
 log = logging.getLogger("lowbit")
@@ -149,11 +150,25 @@ def architecture_metadata(config) -> tuple[str, dict[str, Any]]:
     if arch.gguf is None:
         raise UnsupportedArchitecture(f"llama.cpp has no {arch.family} architecture, so lowbit cannot export it "
                                       "to GGUF; save it as lowbit, gptq, awq or bnb instead")
-    scaling = _config_value(config, "rope_scaling")
-    if isinstance(scaling, dict) and scaling.get("rope_type", scaling.get("type", "default")) not in ("default", None):
-        raise UnsupportedArchitecture(f"rope scaling {scaling} is not supported by lowbit's GGUF export yet")
     name = arch.gguf.name
-    return name, {f"{name}.{key}": value for key, value in arch.gguf.hparams(config).items()}
+    hparams = arch.gguf.hparams(config)
+    scaling = _config_value(config, "rope_scaling")
+    rope_type = scaling.get("rope_type", scaling.get("type", "default")) if isinstance(scaling, dict) else None
+    if name == "llama" and rope_type == "llama3":
+        # written as rope_freqs.weight (rope_freqs_tensor); the original context lets an import recover the config
+        hparams[ORIGINAL_CONTEXT_KEY] = int(scaling["original_max_position_embeddings"])
+    elif rope_type not in ("default", None):
+        raise UnsupportedArchitecture(f"rope scaling {scaling} is not supported by lowbit's GGUF export yet")
+    return name, {f"{name}.{key}": value for key, value in hparams.items()}
+
+
+def rope_freqs_tensor(config) -> TensorToWrite | None:
+    """llama.cpp's rope_freqs.weight of a llama3-scaled config (float32 divisors of the rope frequencies, as
+    convert_hf_to_gguf writes them), None for other configs."""
+    if not is_llama3_scaled(config):
+        return None
+    divisors = rope_divisors(config).numpy()
+    return TensorToWrite(ROPE_FREQS, "F32", tuple(divisors.shape), divisors)
 
 
 def _config_value(config, *names, default=None):
@@ -398,7 +413,8 @@ def export_gguf(model: nn.Module, tokenizer: Any, path: str | os.PathLike, optio
     meta.update(tokenizer_metadata(tokenizer, int(config.vocab_size), arch_name, name))
     planner = _planner(model, mix.name, tensor_types, pure, has_imatrix=bool(importance))
     entries = export_entries(model)
-    out: list[TensorToWrite] = []
+    rope_freqs = rope_freqs_tensor(config)
+    out: list[TensorToWrite] = [rope_freqs] if rope_freqs is not None else []
     rerounded = False
     for step, entry in enumerate(entries):
         gname = entry.gguf_name
@@ -454,8 +470,8 @@ def load_gguf_quantized(path: str | os.PathLike, kernel: str = "auto", engine_on
     less resident: transformers' modeling code is never imported); others load as usual."""
     from lowbit.models.arch.base import gguf_row_order, gguf_tensor_name
     from lowbit.models.gguf_import import (
-        check_gguf_tensors, float_values, gguf_architecture, gguf_names_of_model, hf_config_from_gguf, hf_value,
-        tokenizer_from_gguf,
+        CONFIG_TENSORS, check_gguf_tensors, float_values, gguf_architecture, gguf_names_of_model, hf_config_from_gguf,
+        hf_value, tokenizer_from_gguf,
     )
     from lowbit.models.loading import empty_model_from_config, engine_skeleton
     from lowbit.models.skeleton import EngineSkeleton
@@ -478,6 +494,8 @@ def load_gguf_quantized(path: str | os.PathLike, kernel: str = "auto", engine_on
     embedding = None
     hf_names = gguf_names_of_model(model, arch)
     for tensor in gf.tensors.values():
+        if tensor.name in CONFIG_TENSORS:                    # read into the config by hf_config_from_gguf
+            continue
         targets = hf_names.get(tensor.name)
         if targets is None:
             raise CorruptFile(f"{path}: tensor {tensor.name} is not part of the {arch.family} layout")

@@ -14,12 +14,16 @@ from torch import nn
 
 from lowbit.errors import CorruptFile, LowbitError
 from lowbit.models.arch import architecture_for_gguf
+from lowbit.models.rope_scaling import ROPE_FREQS, config_with_rope_freqs
 from lowbit.models.validate import check_hparams
 from lowbit.models.arch.base import (
     Architecture, gguf_row_order, gguf_tensor_name, norm_shift, permute_qk, unpermute_qk,  # noqa: F401
 )
 
 log = logging.getLogger("lowbit")
+
+# tensors hf_config_from_gguf builds the config from (rope scaling), which no model parameter holds
+CONFIG_TENSORS = (ROPE_FREQS,)
 
 
 def read_header(path: str | Path):
@@ -57,12 +61,18 @@ def hf_config_from_gguf(gf, arch: Architecture | None = None) -> Any:
         tie_word_embeddings=arch.gguf.always_tied or "output.weight" not in gf.tensors,
         bos_token_id=gf.get("tokenizer.ggml.bos_token_id"), eos_token_id=gf.get("tokenizer.ggml.eos_token_id"),
         pad_token_id=gf.get("tokenizer.ggml.padding_token_id"), dtype="float32")
-    try:
-        return AutoConfig.for_model(arch.model_types[0], **kwargs)
-    except Exception as exc:  # noqa: BLE001  (transformers validates fields with its own exception types)
-        detail = str(exc).strip().splitlines()[-1][:200] if str(exc).strip() else type(exc).__name__
-        raise CorruptFile(f"{gf.path}: its {arch.gguf.name} hyper-parameters do not make a valid model ({detail})"
-                          ) from None
+
+    def build(fields: dict[str, Any]):
+        try:
+            return AutoConfig.for_model(arch.model_types[0], **fields)
+        except Exception as exc:  # noqa: BLE001  (transformers validates fields with its own exception types)
+            detail = str(exc).strip().splitlines()[-1][:200] if str(exc).strip() else type(exc).__name__
+            raise CorruptFile(f"{gf.path}: its {arch.gguf.name} hyper-parameters do not make a valid model "
+                              f"({detail})") from None
+
+    if ROPE_FREQS in gf.tensors:       # Llama 3.x rope scaling: the divisors are the only record of it
+        return config_with_rope_freqs(gf, arch.gguf.name, kwargs, build)
+    return build(kwargs)
 
 
 def _hf_parameters(model: nn.Module) -> dict[str, tuple[tuple[int, ...], bool]]:
@@ -108,7 +118,8 @@ def check_gguf_tensors(gf, arch: Architecture, model: nn.Module) -> None:
     naming them, before any block reaches a kernel)."""
     from lowbit.models.validate import check_tensor_set
 
-    check_tensor_set(expected_gguf_tensors(model, arch), {n: t.shape for n, t in gf.tensors.items()}, gf.path,
+    weights = {n: t.shape for n, t in gf.tensors.items() if n not in CONFIG_TENSORS}
+    check_tensor_set(expected_gguf_tensors(model, arch), weights, gf.path,
                      what=f"the {arch.family} layout of its metadata")
 
 
