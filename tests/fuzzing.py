@@ -212,9 +212,10 @@ def gguf_byte_mutants(rng: random.Random, data: bytes, count: int) -> list[tuple
 
 
 def rewrite_gguf(src: Path, dst: Path, meta: dict | None = None, drop: tuple[str, ...] = (),
-                 replace: dict | None = None, extra: tuple = ()) -> Path:
-    """Copy a GGUF through lowbit's writer with metadata keys changed (`meta`), tensors dropped, replaced
-    ({name: TensorToWrite}) or added: self-consistent files (offsets and sizes right) that say something else."""
+                 replace: dict | None = None, extra: tuple = (), drop_keys: tuple[str, ...] = ()) -> Path:
+    """Copy a GGUF through lowbit's writer with metadata keys changed (`meta`) or dropped (`drop_keys`), tensors
+    dropped, replaced ({name: TensorToWrite}) or added: self-consistent files (offsets and sizes right) that say
+    something else."""
     import numpy as np
 
     from lowbit.formats.gguf import TensorToWrite, read_gguf, write_gguf
@@ -229,7 +230,8 @@ def rewrite_gguf(src: Path, dst: Path, meta: dict | None = None, drop: tuple[str
         else:
             data = np.asarray(t.rows()) if t.is_quantized else t.to_float()
             tensors.append(TensorToWrite(name, t.type_name, t.shape, data))
-    return write_gguf(dst, {**gf.metadata, **(meta or {})}, tensors + list(extra), value_types=dict(gf.value_types))
+    metadata = {k: v for k, v in {**gf.metadata, **(meta or {})}.items() if k not in drop_keys}
+    return write_gguf(dst, metadata, tensors + list(extra), value_types=dict(gf.value_types))
 
 
 def float_tensor(name: str, shape: tuple[int, ...], seed: int = 0, type_name: str = "F32"):

@@ -359,6 +359,7 @@ def gguf_expected_shapes(metadata: Mapping[str, Any], names: Iterable[str], sour
     kv = meta.get("attention.head_count_kv", heads)
     k_len = meta.get("attention.key_length", embd // heads if _ints(embd, heads) else None)
     v_len = meta.get("attention.value_length", k_len)
+    rot = meta.get("rope.dimension_count", k_len)
     ff = meta.get("feed_forward_length")
     experts = meta.get("expert_count")
     ff_exp = meta.get("expert_feed_forward_length", ff)
@@ -382,6 +383,7 @@ def gguf_expected_shapes(metadata: Mapping[str, Any], names: Iterable[str], sour
         "ffn_up_exps": (experts, ff_exp, embd), "ffn_down_exps": (experts, embd, ff_exp),
         "ffn_gate_shexp": (ff_shexp, embd), "ffn_up_shexp": (ff_shexp, embd), "ffn_down_shexp": (embd, ff_shexp),
         "ffn_gate_inp_shexp": (1, embd),
+        "rope_freqs": (rot // 2 if _ints(rot) else None,),     # one divisor per rotary frequency (Llama 3.x)
     }
     for norm in ("token_embd_norm", "output_norm", "attn_norm", "attn_norm_2", "ffn_norm", "post_attention_norm",
                  "post_ffw_norm", "attn_post_norm", "ffn_post_norm"):
