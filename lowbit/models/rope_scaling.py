@@ -77,8 +77,14 @@ def config_with_rope_freqs(gf: Any, gguf_arch: str, kwargs: dict[str, Any], buil
         i = int(error.argmax())
         if worst is None or error[i] < worst[0]:
             worst = (error[i], i, got[i], params)
-    detail = (f"divisor {worst[1]} is {divisors[worst[1]]:.7g} where the closest llama3 curve ({_shown(worst[3])}) "
-              f"gives {worst[2]:.7g}" if worst else "its divisors are not ordered as llama3 scaling orders them")
+    if worst is not None:
+        detail = (f"divisor {worst[1]} is {divisors[worst[1]]:.7g} where the closest llama3 curve "
+                  f"({_shown(worst[3])}) gives {worst[2]:.7g}")
+    else:
+        largest = divisors.max()
+        ramp = np.flatnonzero((divisors > 1 + DIVISOR_TOLERANCE) & (divisors < largest * (1 - DIVISOR_TOLERANCE)))
+        detail = (f"the divisors between 1 and the largest ({largest:.7g}), at {ramp.tolist()[:8]}, lie on no llama3 "
+                  "ramp (1 / divisor linear in the frequency, rising from 1 / largest at a positive frequency to 1)")
     raise CorruptFile(f"{path}: {ROPE_FREQS} fits no llama3 rope scaling: {detail}")
 
 
