@@ -119,13 +119,19 @@ def test_engine_equal_across_loads_and_agrees_with_transformers(exported):
     assert error <= 1e-4 * reference.abs().max()
 
 
+def _converted_file(folder, head_dim: int, rope: dict, divisors: np.ndarray | None = None):
+    """(model, config, path): a llama file as convert_hf_to_gguf writes Llama 3.x: rope_freqs (lowbit's, or
+    `divisors`) and no original context in the metadata."""
+    model, config = tiny_model("llama", head_dim=head_dim, rope_parameters=dict(rope), max_position_embeddings=16384)
+    path = export_gguf(model, tiny_tokenizer(), folder / "exported.gguf", type="F32", progress=False)
+    replace = {} if divisors is None else {ROPE_FREQS: TensorToWrite(ROPE_FREQS, "F32", divisors.shape, divisors)}
+    return model, config, rewrite_gguf(path, folder / "converted.gguf", replace=replace,
+                                       drop_keys=(f"llama.{ORIGINAL_CONTEXT_KEY}",))
+
+
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
-    """A Llama 3.1-shaped file as convert_hf_to_gguf writes it (rope_freqs, no original context in the metadata)."""
-    model, config = tiny_model("llama", head_dim=128, rope_parameters=dict(LLAMA31), max_position_embeddings=16384)
-    folder = tmp_path_factory.mktemp("llama31")
-    path = export_gguf(model, tiny_tokenizer(), folder / "llama31.gguf", type="F32", progress=False)
-    return model, config, rewrite_gguf(path, folder / "converted.gguf", drop_keys=(f"llama.{ORIGINAL_CONTEXT_KEY}",))
+    return _converted_file(tmp_path_factory.mktemp("llama31"), 128, LLAMA31)
 
 
 def test_llama_cpp_style_file_gives_llama31_parameters(converted):
@@ -137,6 +143,36 @@ def test_llama_cpp_style_file_gives_llama31_parameters(converted):
     imported, _ = load_gguf_as_hf(path)
     assert imported.config.rope_parameters == LLAMA31
     assert torch.equal(imported.model.rotary_emb.inv_freq, model.model.rotary_emb.inv_freq)
+
+
+def converter_divisors(theta: float, head_dim: int, factor: float, low: float, high: float, original: int):
+    """The divisors by convert_hf_to_gguf's own arithmetic (LlamaModel.generate_extra_tensors: float32 frequencies,
+    each divisor from its wavelength), written here from its formula: not transformers' computation."""
+    frequencies = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    out = []
+    for frequency in frequencies:
+        wavelength = 2 * math.pi / frequency
+        if wavelength < original / high:
+            out.append(1.0)
+        elif wavelength > original / low:
+            out.append(factor)
+        else:
+            smooth = (original / wavelength - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return torch.tensor(out, dtype=torch.float32).numpy()
+
+
+@pytest.mark.parametrize("head_dim, factor", [(64, 32.0), (128, 8.0)], ids=["llama-3.2-1b", "llama-3.1-8b"])
+def test_divisors_by_llama_cpp_arithmetic_give_the_release_parameters(tmp_path, head_dim, factor):
+    """Llama 3.2 1B (64-wide heads, factor 32) and Llama 3.1 8B (128, factor 8) as llama.cpp converts them: the
+    derived parameters are the released config's exactly, and transformers' divisors of them are the file's
+    within float32 rounding."""
+    rope = {**LLAMA31, "factor": factor}
+    divisors = converter_divisors(rope["rope_theta"], head_dim, factor, 1.0, 4.0, 8192)
+    _, config, path = _converted_file(tmp_path, head_dim, rope, divisors)
+    imported, _ = load_gguf_as_hf(path)
+    assert imported.config.rope_parameters == rope
+    np.testing.assert_allclose(rope_divisors(imported.config).numpy(), divisors, rtol=1e-6, atol=0)
 
 
 def test_all_ones_is_default_rope(exported, tmp_path):
@@ -176,7 +212,6 @@ def test_divisors_off_every_llama3_curve_are_refused(exported, converted, tmp_pa
         with pytest.raises(CorruptFile, match=r"bad\.gguf: rope_freqs\.weight fits no llama3 rope scaling: ") as info:
             load(bad)
         assert "\n" not in str(info.value)
-    print(info.value)
 
 
 @pytest.mark.parametrize("values, message", [
