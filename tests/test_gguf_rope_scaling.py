@@ -229,6 +229,14 @@ def test_malformed_rope_freqs_are_refused(exported, tmp_path, values, message):
         load_model(bad, keep_quantized=True, engine_only=True)
 
 
+@pytest.mark.parametrize("theta", [0.0, 1.0, float("nan")])
+def test_a_rope_base_without_frequencies_is_refused(exported, tmp_path, theta):
+    _, _, path = exported
+    bad = rewrite_gguf(path, tmp_path / "bad.gguf", meta={"llama.rope.freq_base": theta})
+    with pytest.raises(CorruptFile, match=r"llama\.rope\.freq_base is .*; rope frequencies need a finite base above 1"):
+        load_gguf_as_hf(bad)
+
+
 def test_other_rope_scaling_is_still_refused_on_export(tmp_path):
     from lowbit.errors import UnsupportedArchitecture
 

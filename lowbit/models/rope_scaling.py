@@ -60,6 +60,8 @@ def config_with_rope_freqs(gf: Any, gguf_arch: str, kwargs: dict[str, Any], buil
     head_dim = int(kwargs["head_dim"])
     divisors = checked_divisors(gf.tensors[ROPE_FREQS], head_dim, path)
     theta = float(kwargs["rope_theta"])
+    if not (math.isfinite(theta) and theta > 1):
+        raise CorruptFile(f"{path}: {gguf_arch}.rope.freq_base is {theta}; rope frequencies need a finite base above 1")
     if np.all(np.abs(divisors - 1.0) <= DIVISOR_TOLERANCE):
         return build(kwargs)
     original = gf.metadata.get(f"{gguf_arch}.{ORIGINAL_CONTEXT_KEY}", LLAMA3_ORIGINAL_CONTEXT)
@@ -68,7 +70,9 @@ def config_with_rope_freqs(gf: Any, gguf_arch: str, kwargs: dict[str, Any], buil
     rest = {k: v for k, v in kwargs.items() if k != "rope_theta"}
     inv_freq = default_inv_freq(theta, head_dim).double().numpy()
     worst = None
-    for params in llama3_candidates(divisors, inv_freq, original):
+    with np.errstate(divide="ignore", invalid="ignore"):    # frequencies that underflow make no band, not warnings
+        candidates = llama3_candidates(divisors, inv_freq, original)
+    for params in candidates:
         config = build({**rest, "rope_parameters": {"rope_type": "llama3", "rope_theta": theta, **params}})
         got = rope_divisors(config).double().numpy()
         error = np.abs(got - divisors) / divisors
