@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from lowbit.errors import LowbitError
+from lowbit.models.rope_scaling import default_inv_freq
 from lowbit.models.arch.base import (
     ACTIVATIONS, LENGTH_DEPENDENT_ROPE, Architecture, NormKind, rope_parameter_sets, rotary_path,
 )
@@ -92,9 +93,7 @@ class RotaryTables(nn.Module):
             params = rope[name] if name is not None else rope
             rope_type = params.get("rope_type", "default")
             if rope_type == "default":
-                base = float(params["rope_theta"])
-                inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
-                scaling = 1.0
+                inv_freq, scaling = default_inv_freq(float(params["rope_theta"]), head_dim), 1.0
             else:
                 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
