@@ -226,7 +226,7 @@ static inline __attribute__((always_inline)) int64_t weigh_values_avx2(const flo
         }
     }
 #else
-    (void)values; (void)first; (void)last; (void)probs; (void)T; (void)out; (void)count;
+    (void)values; (void)first; (void)last; (void)D; (void)probs; (void)T; (void)out; (void)count;
 #endif
     return i;
 }
