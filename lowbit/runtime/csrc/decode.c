@@ -170,9 +170,9 @@ static float dot(const float *a, const float *b, int64_t n) {
  * item (every score is its own dot product, every output column its own sum over the positions in order), so the
  * split of the heads, which follows the thread count, never changes a result. */
 
-/* Scores of `count` query heads (q: head j at q + j * D) against keys first..last into score + j * T. */
+/* Scores of `count` query heads (q: head j at q + j * D) against keys first..last into score + j * stride. */
 static void attention_scores(const float *q, int64_t count, const float *keys, int64_t first, int64_t last,
-                             int64_t D, float *score, int64_t T) {
+                             int64_t D, float *score, int64_t stride) {
     int64_t t = first;
 #if defined(__AVX2__) && defined(__FMA__)
     if (D % 8 == 0) {
@@ -193,87 +193,54 @@ static void attention_scores(const float *q, int64_t count, const float *keys, i
                 const __m256 s0123 = _mm256_hadd_ps(s01, s23), s4567 = _mm256_hadd_ps(s45, s67);
                 const __m256 sums = _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20),
                                                   _mm256_permute2f128_ps(s0123, s4567, 0x31));
-                _mm256_storeu_ps(score + j * T + t, sums);
+                _mm256_storeu_ps(score + j * stride + t, sums);
             }
         }
     }
 #endif
     for (; t <= last; t++)
-        for (int64_t j = 0; j < count; j++) score[j * T + t] = dot(q + j * D, keys + t * D, D);
-}
-
-/* out[j] = sum_t probs[j][t] values[t] (head j at out + j * D) for `count` (1 to 4) heads, columns 0 to the
- * returned one (a multiple of 16; 0 without AVX2); the count is a constant after inlining, so the sums stay in
- * registers. */
-static inline __attribute__((always_inline)) int64_t weigh_values_avx2(const float *values, int64_t first,
-    int64_t last, int64_t D, const float *probs, int64_t T, float *out, const int count) {
-    int64_t i = 0;
-#if defined(__AVX2__) && defined(__FMA__)
-    for (; i + 16 <= D; i += 16) {
-        __m256 lo[4], hi[4];
-        for (int j = 0; j < count; j++) lo[j] = hi[j] = _mm256_setzero_ps();
-        for (int64_t t = first; t <= last; t++) {
-            const __m256 vlo = _mm256_loadu_ps(values + t * D + i), vhi = _mm256_loadu_ps(values + t * D + i + 8);
-            for (int j = 0; j < count; j++) {
-                const __m256 p = _mm256_broadcast_ss(probs + j * T + t);
-                lo[j] = _mm256_fmadd_ps(p, vlo, lo[j]);
-                hi[j] = _mm256_fmadd_ps(p, vhi, hi[j]);
-            }
-        }
-        for (int j = 0; j < count; j++) {
-            _mm256_storeu_ps(out + j * D + i, lo[j]);
-            _mm256_storeu_ps(out + j * D + i + 8, hi[j]);
-        }
-    }
-#else
-    (void)values; (void)first; (void)last; (void)D; (void)probs; (void)T; (void)out; (void)count;
-#endif
-    return i;
+        for (int64_t j = 0; j < count; j++) score[j * stride + t] = dot(q + j * D, keys + t * D, D);
 }
 
 /* Attention of `count` query heads (hh0, hh0 + 1, ...; q: head j at q + j * D) of one row at position pos over the
- * cached keys and values of their KV head, positions first..pos, into out + j * D; score: count x T floats. */
+ * cached keys and values of their KV head, positions first..pos, into out + j * D; score: count x (T + 1)
+ * floats. */
 static void attend_run(const lb_model *m, const float *q, int64_t hh0, int64_t count, const float *keys,
                        const float *values, int64_t first, int64_t pos, float *score, float *out) {
     const int64_t D = m->head_dim, T = m->context;
-    attention_scores(q, count, keys, first, pos, D, score, T);
-    for (int64_t j0 = 0; j0 < count; j0 += 4) {
-        const int64_t n = lb_min(4, count - j0);
-        float inv[4];
-        for (int64_t j = 0; j < n; j++) {
-            float *s = score + (j0 + j) * T;
-            const float slope = m->alibi ? m->alibi[hh0 + j0 + j] : 0.0f;
-            float top = -INFINITY, total = 0.0f;
-            for (int64_t t = first; t <= pos; t++) {
-                s[t] = softcap(s[t] * m->attn_scale, m->attn_softcap) + (m->alibi ? slope * (float)t : 0.0f);
-                if (s[t] > top) top = s[t];
-            }
-            for (int64_t t = first; t <= pos; t++) {
-                s[t] = expf(s[t] - top);
-                total += s[t];
-            }
-            inv[j] = 1.0f / total;
+    attention_scores(q, count, keys, first, pos, D, score, T + 1);
+    /* each head's row of `score`: its probabilities at first..pos (unnormalised), then 1 / their sum at T */
+    for (int64_t j = 0; j < count; j++) {
+        float *s = score + j * (T + 1);
+        const float slope = m->alibi ? m->alibi[hh0 + j] : 0.0f;
+        float top = -INFINITY, total = 0.0f;
+        for (int64_t t = first; t <= pos; t++) {
+            s[t] = softcap(s[t] * m->attn_scale, m->attn_softcap) + (m->alibi ? slope * (float)t : 0.0f);
+            if (s[t] > top) top = s[t];
         }
-        const float *p = score + j0 * T;
-        float *o = out + j0 * D;
-        int64_t done;        /* columns the AVX2 path summed; the rest (all of them without AVX2) here */
-        switch (n) {
-            case 4: done = weigh_values_avx2(values, first, pos, D, p, T, o, 4); break;
-            case 3: done = weigh_values_avx2(values, first, pos, D, p, T, o, 3); break;
-            case 2: done = weigh_values_avx2(values, first, pos, D, p, T, o, 2); break;
-            default: done = weigh_values_avx2(values, first, pos, D, p, T, o, 1); break;
+        for (int64_t t = first; t <= pos; t++) {
+            s[t] = expf(s[t] - top);
+            total += s[t];
         }
-        for (int64_t j = 0; j < n; j++) {
-            float *oj = o + j * D;
-            for (int64_t i = done; i < D; i++) oj[i] = 0.0f;
-            for (int64_t t = first; t <= pos; t++) {
-                const float pt = p[j * T + t];
-                const float *vt = values + t * D;
-                #pragma omp simd
-                for (int64_t i = done; i < D; i++) oj[i] += pt * vt[i];
-            }
-            for (int64_t i = 0; i < D; i++) oj[i] *= inv[j];
+        s[T] = 1.0f / total;
+    }
+    /* position by position, each value row read once, start to end (a stream the hardware prefetches; summing a
+     * few columns at a time down the positions instead stalled on every row's cache line); every output column
+     * is its own sum over the positions in order */
+    for (int64_t j = 0; j < count; j++)
+        for (int64_t i = 0; i < D; i++) out[j * D + i] = 0.0f;
+    for (int64_t t = first; t <= pos; t++) {
+        const float *vt = values + t * D;
+        for (int64_t j = 0; j < count; j++) {
+            const float p = score[j * (T + 1) + t];
+            float *o = out + j * D;
+            #pragma omp simd
+            for (int64_t i = 0; i < D; i++) o[i] += p * vt[i];
         }
+    }
+    for (int64_t j = 0; j < count; j++) {
+        const float inv = score[j * (T + 1) + T];
+        for (int64_t i = 0; i < D; i++) out[j * D + i] *= inv;
     }
 }
 
@@ -478,7 +445,8 @@ int lowbit_decode_workspace(const lb_model *m, int64_t B, int threads, int64_t *
     if (B < 0 || B > LB_MAX_ROWS || !lb_threads_fit(threads)) return LB_ERR_ARGUMENT;
     const int64_t qkv = (m->heads + 2 * m->kv_heads) * m->head_dim;
     const int64_t per_row = qkv + m->heads * m->head_dim + 3 * m->intermediate + m->hidden;
-    const int64_t scores = lb_size_mul(threads, lb_size_mul(m->heads / m->kv_heads, m->context));  /* see the step */
+    /* the attention scores: per thread, a row of context + 1 floats for each head of a KV group (see the step) */
+    const int64_t scores = lb_size_mul(threads, lb_size_mul(m->heads / m->kv_heads, m->context + 1));
     *floats = lb_size_add(lb_size_add(lb_size_mul(B, per_row), lb_size_mul(threads, thread_floats(m, B))),
                           lb_size_add(lb_size_add(scores, moe_floats(m, B)), 2));
     return *floats < 0 ? LB_CHECK_OVERFLOW : LB_OK;
@@ -675,10 +643,11 @@ int lowbit_decode_step(const lb_model *m, float *x, int64_t x_floats, int64_t B,
     const int64_t run = attention_run(B * kv_heads, group_ratio, threads);      /* query heads per attention item */
     const int64_t runs = (group_ratio + run - 1) / run;
     float *qkv = work, *attn = qkv + B * QKV, *gu = attn + B * heads * D, *act = gu + B * 2 * I;
-    /* scores: group_ratio rows of `context` floats per thread (an attention item's heads), not per (row, head): an
+    /* scores: group_ratio rows of `context` + 1 floats per thread (an attention item's heads), not per (row, head): an
      * attention item uses its scores only itself (B x heads x context floats were 34 MB at 128 prompt rows of a
      * 32-head model, 2048 context, and grow with the context: the step keeps its largest workspace) */
-    float *scores = act + B * I, *out = scores + (int64_t)threads * group_ratio * T, *per_thread = out + B * H;
+    float *scores = act + B * I, *out = scores + (int64_t)threads * group_ratio * (T + 1);
+    float *per_thread = out + B * H;
     const int64_t scratch_floats = thread_scratch_floats(m, B), own_floats = thread_floats(m, B);
     float *moe_base = per_thread + (int64_t)threads * own_floats;
     moe_base += ((uintptr_t)moe_base / sizeof(float)) % 2;      /* int64 routing tables: 8-byte aligned */
@@ -732,7 +701,8 @@ int lowbit_decode_step(const lb_model *m, float *x, int64_t x_floats, int64_t B,
                 const int64_t first = layer->window > 0 && pos >= layer->window ? pos - layer->window + 1 : 0;
                 attend_run(m, qkv + b * QKV + hh0 * D, hh0, lb_min(run, (g + 1) * group_ratio - hh0),
                            m->k_cache + base, m->v_cache + base, first, pos,
-                           scores + (int64_t)omp_get_thread_num() * group_ratio * T, attn + b * heads * D + hh0 * D);
+                           scores + (int64_t)omp_get_thread_num() * group_ratio * (T + 1),
+                           attn + b * heads * D + hh0 * D);
             }
 
             if (m->parallel) {                 /* out = attention output; x stays the block's input for the MLP */
