@@ -43,6 +43,7 @@ def test_kernels_and_decode_under_address_sanitizer(tmp_path):
     env = {**os.environ, "LD_PRELOAD": runtime, "OMP_NUM_THREADS": "2", "LOWBIT_TEST_EXACT_BUFFERS": "1",
            "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=1:halt_on_error=1"}
     tests = ["tests/test_c_entry_sizes.py", "tests/test_compiled_step.py", "tests/test_compiled_families.py",
+             "tests/test_grouped_attention.py",
              "tests/test_fast_kernels.py", "tests/test_ggml_block_kernels.py",
              "tests/test_validation.py::"
              "test_compiled_step_refuses_a_weight_whose_description_disagrees", "tests/test_validation.py::"

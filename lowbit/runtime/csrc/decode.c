@@ -162,6 +162,102 @@ static float dot(const float *a, const float *b, int64_t n) {
     return s;
 }
 
+/* -- attention by KV group -----------------------------------------------------------------------------------
+ * The query heads that share a KV head (heads / kv_heads of them: 3 in SmolLM2, 7 in Qwen2.5-0.5B) read the same
+ * keys and values, so one work item takes a (row, KV head) and a run of its query heads: one pass over the keys
+ * computes all their scores, one pass over the values accumulates all their outputs (each key and value row is
+ * read from memory once per item, not once per head). Each head's numbers do not depend on which heads share its
+ * item (every score is its own dot product, every output column its own sum over the positions in order), so the
+ * split of the heads, which follows the thread count, never changes a result. */
+
+/* Scores of `count` query heads (q: head j at q + j * D) against keys first..last into score + j * stride. */
+static void attention_scores(const float *q, int64_t count, const float *keys, int64_t first, int64_t last,
+                             int64_t D, float *score, int64_t stride) {
+    int64_t t = first;
+#if defined(__AVX2__) && defined(__FMA__)
+    if (D % 8 == 0) {
+        /* 8 keys at a time (1 to 2 KB: they stay in L1 while every head of the item reads them), 8 independent
+         * sums per head, folded into the 8 scores by one tree of horizontal adds */
+        for (; t + 8 <= last + 1; t += 8) {
+            const float *k = keys + t * D;
+            for (int64_t j = 0; j < count; j++) {
+                const float *qj = q + j * D;
+                __m256 acc[8];
+                for (int r = 0; r < 8; r++) acc[r] = _mm256_setzero_ps();
+                for (int64_t i = 0; i < D; i += 8) {
+                    const __m256 qv = _mm256_loadu_ps(qj + i);
+                    for (int r = 0; r < 8; r++) acc[r] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + r * D + i), acc[r]);
+                }
+                const __m256 s01 = _mm256_hadd_ps(acc[0], acc[1]), s23 = _mm256_hadd_ps(acc[2], acc[3]);
+                const __m256 s45 = _mm256_hadd_ps(acc[4], acc[5]), s67 = _mm256_hadd_ps(acc[6], acc[7]);
+                const __m256 s0123 = _mm256_hadd_ps(s01, s23), s4567 = _mm256_hadd_ps(s45, s67);
+                const __m256 sums = _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20),
+                                                  _mm256_permute2f128_ps(s0123, s4567, 0x31));
+                _mm256_storeu_ps(score + j * stride + t, sums);
+            }
+        }
+    }
+#endif
+    for (; t <= last; t++)
+        for (int64_t j = 0; j < count; j++) score[j * stride + t] = dot(q + j * D, keys + t * D, D);
+}
+
+/* Attention of `count` query heads (hh0, hh0 + 1, ...; q: head j at q + j * D) of one row at position pos over the
+ * cached keys and values of their KV head, positions first..pos, into out + j * D; score: count x (T + 1)
+ * floats. */
+static void attend_run(const lb_model *m, const float *q, int64_t hh0, int64_t count, const float *keys,
+                       const float *values, int64_t first, int64_t pos, float *score, float *out) {
+    const int64_t D = m->head_dim, T = m->context;
+    attention_scores(q, count, keys, first, pos, D, score, T + 1);
+    /* each head's row of `score`: its probabilities at first..pos (unnormalised), then 1 / their sum at T */
+    for (int64_t j = 0; j < count; j++) {
+        float *s = score + j * (T + 1);
+        const float slope = m->alibi ? m->alibi[hh0 + j] : 0.0f;
+        float top = -INFINITY, total = 0.0f;
+        for (int64_t t = first; t <= pos; t++) {
+            s[t] = softcap(s[t] * m->attn_scale, m->attn_softcap) + (m->alibi ? slope * (float)t : 0.0f);
+            if (s[t] > top) top = s[t];
+        }
+        for (int64_t t = first; t <= pos; t++) {
+            s[t] = expf(s[t] - top);
+            total += s[t];
+        }
+        s[T] = 1.0f / total;
+    }
+    /* position by position, each value row read once, start to end (a stream the hardware prefetches; summing a
+     * few columns at a time down the positions instead stalled on every row's cache line); every output column
+     * is its own sum over the positions in order */
+    for (int64_t j = 0; j < count; j++)
+        for (int64_t i = 0; i < D; i++) out[j * D + i] = 0.0f;
+    for (int64_t t = first; t <= pos; t++) {
+        const float *vt = values + t * D;
+        for (int64_t j = 0; j < count; j++) {
+            const float p = score[j * (T + 1) + t];
+            float *o = out + j * D;
+            #pragma omp simd
+            for (int64_t i = 0; i < D; i++) o[i] += p * vt[i];
+        }
+    }
+    for (int64_t j = 0; j < count; j++) {
+        const float inv = score[j * (T + 1) + T];
+        for (int64_t i = 0; i < D; i++) out[j * D + i] *= inv;
+    }
+}
+
+/* Query heads per attention work item: the (row, KV head) items split into runs of heads when there are too few
+ * of them to keep the threads equally busy (one row of a model with 3 KV heads on 2 threads), the split with the
+ * least work on the busiest thread (a run costs its heads plus about one head's reading of the keys and values,
+ * which its heads share); the fewest runs among equals. */
+static int64_t attention_run(int64_t items, int64_t group_ratio, int threads) {
+    int64_t best = group_ratio, best_cost = -1;
+    for (int64_t tried = 1; tried <= group_ratio; tried++) {
+        const int64_t run = (group_ratio + tried - 1) / tried, runs = (group_ratio + run - 1) / run;
+        const int64_t cost = (items * runs + threads - 1) / threads * (run + 1);
+        if (best_cost < 0 || cost < best_cost) best = run, best_cost = cost;
+    }
+    return best;
+}
+
 /* An expert layer's routing tables and buffers for B rows, carved from `base` (NULL: only count the floats).
  * A "routed row" is one (token row, expert) pair; routed rows are grouped by expert so that each expert runs one
  * matmul over all the tokens routed to it. One function for the workspace size and the step, so they agree. */
@@ -349,8 +445,10 @@ int lowbit_decode_workspace(const lb_model *m, int64_t B, int threads, int64_t *
     if (B < 0 || B > LB_MAX_ROWS || !lb_threads_fit(threads)) return LB_ERR_ARGUMENT;
     const int64_t qkv = (m->heads + 2 * m->kv_heads) * m->head_dim;
     const int64_t per_row = qkv + m->heads * m->head_dim + 3 * m->intermediate + m->hidden;
+    /* the attention scores: per thread, a row of context + 1 floats for each head of a KV group (see the step) */
+    const int64_t scores = lb_size_mul(threads, lb_size_mul(m->heads / m->kv_heads, m->context + 1));
     *floats = lb_size_add(lb_size_add(lb_size_mul(B, per_row), lb_size_mul(threads, thread_floats(m, B))),
-                          lb_size_add(lb_size_add(lb_size_mul(threads, m->context), moe_floats(m, B)), 2));
+                          lb_size_add(lb_size_add(scores, moe_floats(m, B)), 2));
     return *floats < 0 ? LB_CHECK_OVERFLOW : LB_OK;
 }
 
@@ -542,11 +640,14 @@ int lowbit_decode_step(const lb_model *m, float *x, int64_t x_floats, int64_t B,
     const int64_t H = m->hidden, D = m->head_dim, heads = m->heads, kv_heads = m->kv_heads;
     const int64_t I = m->intermediate, T = m->context, QKV = (heads + 2 * kv_heads) * D;
     const int64_t group_ratio = heads / kv_heads;
+    const int64_t run = attention_run(B * kv_heads, group_ratio, threads);      /* query heads per attention item */
+    const int64_t runs = (group_ratio + run - 1) / run;
     float *qkv = work, *attn = qkv + B * QKV, *gu = attn + B * heads * D, *act = gu + B * 2 * I;
-    /* scores: one row of `context` floats per thread, not per (row, head): an attention iteration uses its scores
-     * only itself (B x heads x context floats were 34 MB at 128 prompt rows of a 32-head model, 2048 context, and
-     * grow with the context: the step keeps its largest workspace) */
-    float *scores = act + B * I, *out = scores + (int64_t)threads * T, *per_thread = out + B * H;
+    /* scores: group_ratio rows of `context` + 1 floats per thread (an attention item's heads), not per (row, head): an
+     * attention item uses its scores only itself (B x heads x context floats were 34 MB at 128 prompt rows of a
+     * 32-head model, 2048 context, and grow with the context: the step keeps its largest workspace) */
+    float *scores = act + B * I, *out = scores + (int64_t)threads * group_ratio * (T + 1);
+    float *per_thread = out + B * H;
     const int64_t scratch_floats = thread_scratch_floats(m, B), own_floats = thread_floats(m, B);
     float *moe_base = per_thread + (int64_t)threads * own_floats;
     moe_base += ((uintptr_t)moe_base / sizeof(float)) % 2;      /* int64 routing tables: 8-byte aligned */
@@ -590,37 +691,19 @@ int lowbit_decode_step(const lb_model *m, float *x, int64_t x_floats, int64_t B,
                     }
                 }
 
-            #pragma omp for schedule(static) collapse(2)
-            for (int64_t b = 0; b < B; b++)
-                for (int64_t hh = 0; hh < heads; hh++) {
-                    const int64_t pos = positions[b];
-                    const int64_t base = ((l * m->slots + slots[b]) * kv_heads + hh / group_ratio) * T * D;
-                    const float *q = qkv + b * QKV + hh * D, *keys = m->k_cache + base, *values = m->v_cache + base;
-                    float *score = scores + (int64_t)omp_get_thread_num() * T;
-                    float *head_out = attn + b * heads * D + hh * D;
-                    /* positions first..pos: all of them, or the last `window` (pos - t < window) */
-                    const int64_t first = layer->window > 0 && pos >= layer->window ? pos - layer->window + 1 : 0;
-                    float top = -INFINITY;
-                    for (int64_t t = first; t <= pos; t++) {
-                        score[t] = softcap(dot(q, keys + t * D, D) * m->attn_scale, m->attn_softcap)
-                                   + (m->alibi ? m->alibi[hh] * (float)t : 0.0f);
-                        if (score[t] > top) top = score[t];
-                    }
-                    float total = 0.0f;
-                    for (int64_t t = first; t <= pos; t++) {
-                        score[t] = expf(score[t] - top);
-                        total += score[t];
-                    }
-                    for (int64_t i = 0; i < D; i++) head_out[i] = 0.0f;
-                    for (int64_t t = first; t <= pos; t++) {
-                        const float p = score[t];
-                        const float *vt = values + t * D;
-                        #pragma omp simd
-                        for (int64_t i = 0; i < D; i++) head_out[i] += p * vt[i];
-                    }
-                    const float inv = 1.0f / total;
-                    for (int64_t i = 0; i < D; i++) head_out[i] *= inv;
-                }
+            #pragma omp for schedule(static)
+            for (int64_t item = 0; item < B * kv_heads * runs; item++) {
+                const int64_t b = item / (kv_heads * runs), g = item / runs % kv_heads;
+                const int64_t hh0 = g * group_ratio + item % runs * run;     /* the item's first query head */
+                const int64_t pos = positions[b];
+                const int64_t base = ((l * m->slots + slots[b]) * kv_heads + g) * T * D;
+                /* positions first..pos: all of them, or the last `window` (pos - t < window) */
+                const int64_t first = layer->window > 0 && pos >= layer->window ? pos - layer->window + 1 : 0;
+                attend_run(m, qkv + b * QKV + hh0 * D, hh0, lb_min(run, (g + 1) * group_ratio - hh0),
+                           m->k_cache + base, m->v_cache + base, first, pos,
+                           scores + (int64_t)omp_get_thread_num() * group_ratio * (T + 1),
+                           attn + b * heads * D + hh0 * D);
+            }
 
             if (m->parallel) {                 /* out = attention output; x stays the block's input for the MLP */
                 lb_matmul(&layer->o, attn, B, out, H, 0, xsum, activations, 1);

@@ -269,7 +269,10 @@ static inline void lb_ggml_quantize_act8(const float *x, int64_t K, int64_t qblo
         const float *xb = x + b * qblock;
         float top = 0.0f;
         #pragma omp simd reduction(max : top)
-        for (int64_t k = 0; k < qblock; k++) top = fmaxf(top, fabsf(xb[k]));
+        for (int64_t k = 0; k < qblock; k++) {      /* not fmaxf: without -ffast-math that is a libm call per value */
+            const float size = fabsf(xb[k]);
+            top = size > top ? size : top;
+        }
         const float d = top / 127.0f, inv = top > 0.0f ? 127.0f / top : 0.0f;
         dx[b] = d;
         for (int64_t k = 0; k < qblock; k++) {
