@@ -13,7 +13,9 @@ all C cores can at best keep C / (C + N) of them under the kernel's fair sharing
 the "fair" column.
 
 Usage:
-    python bench/bench_busy.py --busy 4 --jobs demo,generate,bench --rounds 2 --out bench/results/busy_<date>.json
+    python bench/bench_busy.py --busy 4 --jobs demo,generate,bench --model FILE.gguf --rounds 2 --out RESULTS.json
+
+Each job runs once untimed first (page cache, compiled kernels).
 """
 from __future__ import annotations
 
@@ -47,9 +49,13 @@ def job_command(job: str, model: str, out: Path) -> list[str]:
 
 
 def run(command: list[str], timeout: float, out: Path) -> dict:
+    """One timed run; a failed or timed-out run is recorded with its status and left out of the summary."""
     began = time.perf_counter()
-    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
-                            env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                                env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    except subprocess.TimeoutExpired:
+        return {"wall_s": round(time.perf_counter() - began, 2), "status": "timeout"}
     row = {"wall_s": round(time.perf_counter() - began, 2), "status": result.returncode}
     if result.returncode:
         row["error"] = result.stderr.strip().splitlines()[-1:]
@@ -80,6 +86,7 @@ def main() -> None:
         work = Path(tmp)
         for job in args.jobs.split(","):
             command = job_command(job, args.model, work)
+            run(command, args.timeout, work)    # untimed: page cache and compiled kernels warm for the first round
             for round_index in range(args.rounds):
                 for busy in [0, *busy_counts]:
                     if busy:
@@ -92,11 +99,18 @@ def main() -> None:
                     print(json.dumps(row), flush=True)
     print(f"\n{'job':10s}{'busy':>6s}{'wall s':>10s}{'x quiet':>9s}{'fair':>7s}{'pp tok/s':>10s}{'tg tok/s':>10s}")
     summary = []
+    ok = [r for r in rows if r["status"] == 0]
     for job in args.jobs.split(","):
-        quiet = statistics.median(r["wall_s"] for r in rows if r["job"] == job and r["busy"] == 0)
-        quiet_rates = [r for r in rows if r["job"] == job and r["busy"] == 0]
+        quiet_rates = [r for r in ok if r["job"] == job and r["busy"] == 0]
+        if not quiet_rates:
+            print(f"{job:10s} no successful quiet run: see the rows above")
+            continue
+        quiet = statistics.median(r["wall_s"] for r in quiet_rates)
         for busy in [0, *busy_counts]:
-            mine = [r for r in rows if r["job"] == job and r["busy"] == busy]
+            mine = [r for r in ok if r["job"] == job and r["busy"] == busy]
+            if not mine:
+                print(f"{job:10s}{busy:6d}  no successful run")
+                continue
             wall = statistics.median(r["wall_s"] for r in mine)
             rates = {k: statistics.median(r[k] for r in mine) if all(r.get(k) for r in mine) else None
                      for k in ("pp_tok_s", "tg_tok_s")}

@@ -153,3 +153,24 @@ def test_skeleton_has_no_forward_and_load_model_refuses_unknown_options(tmp_path
         skeleton(torch.tensor([[1, 2]]))
     with pytest.raises(LowbitError, match="unknown option"):
         load_model(path, keep_quantised=True)
+
+
+def test_engine_only_model_is_not_written_adapted_or_trained(tmp_path):
+    """An engine-only model keeps Llama's q/k rows in llama.cpp's order (outputs gathered): writers and adapters,
+    which read rows, refuse it by name instead of writing those rows out of order."""
+    from lowbit.api import save
+    from lowbit.formats.gguf import export_gguf
+    from lowbit.models.loading import load_model
+    from lowbit.training.lora import apply_adapter
+
+    path = _gguf("llama", tmp_path)
+    skeleton, tokenizer = load_model(path, engine_only=True)
+    assert isinstance(skeleton, EngineSkeleton)
+    assert any(getattr(m, "output_order", None) is not None for m in skeleton.modules())
+    for write in (lambda: save(skeleton, tmp_path / "out", tokenizer=tokenizer),
+                  lambda: save(skeleton, tmp_path / "out.gguf", format="gguf", tokenizer=tokenizer),
+                  lambda: export_gguf(skeleton, tokenizer, tmp_path / "direct.gguf", progress=False),
+                  lambda: apply_adapter(skeleton, tmp_path / "no-adapter")):
+        with pytest.raises(LowbitError, match="engine-only"):
+            write()
+    assert not (tmp_path / "out").exists() and not (tmp_path / "direct.gguf").exists()

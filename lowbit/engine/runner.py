@@ -206,7 +206,7 @@ def decoder_blocker(model: nn.Module) -> str | None:
     if not learned and not alibi and not _has(model, rotary_path(arch)):
         return f"no rotary module at {rotary_path(arch)}"
     if _activation_of(model, arch) is None:
-        return f"MLP activation {getattr(config, 'hidden_act', None)!r}"
+        return f"MLP activation {getattr(config, arch.activation_config, None)!r}"
     varying = sorted({p.get("rope_type", "default") for p in rope_parameter_sets(config)} & set(LENGTH_DEPENDENT_ROPE))
     if varying:
         return f"rope type {varying[0]} (tables change with the sequence length)"

@@ -388,6 +388,9 @@ def export_gguf(model: nn.Module, tokenizer: Any, path: str | os.PathLike, optio
     Layers already quantized to a GGUF scheme (the per-layer plan of `plan_gguf_schemes`, e.g. GPTQ on the
     GGUF grid) are written as they are; float tensors are rounded to the mix's type here.
     """
+    from lowbit.models.skeleton import refuse_engine_only
+
+    refuse_engine_only(model, "export GGUF from")
     from lowbit.formats.registry import writer_options
 
     options = writer_options(GGUFOptions, "gguf", options, fields)
@@ -480,6 +483,7 @@ def load_gguf_quantized(path: str | os.PathLike, kernel: str = "auto", engine_on
     gf = read_gguf(path)  # validates before anything else touches the file
     arch = gguf_architecture(gf)
     config = hf_config_from_gguf(gf, arch)
+
     def has_bias(module: str) -> bool:
         return gguf_tensor_name(arch, f"{module}.bias", config.num_hidden_layers)[0] in gf.tensors
 

@@ -50,6 +50,9 @@ class Format:
 
     def save(self, model: Any, tokenizer: Any, out: Path, options: Any = None, **fields: Any) -> Path:
         """Write with typed options (an `options` instance, or keywords checked against its fields)."""
+        from lowbit.models.skeleton import refuse_engine_only
+
+        refuse_engine_only(model, f"write {self.name} from")
         return self.write(model, tokenizer, out, writer_options(self.options, self.name, options, fields))
 
 

@@ -178,9 +178,9 @@ def check_loading_info(path: Path, info: dict[str, Any]) -> None:
 def load_model(spec: str | os.PathLike, dtype: torch.dtype = torch.float32, kernel: str = "auto", **options: Any):
     """(model, tokenizer) from any source: HF folder, .gguf, lowbit/GPTQ/AWQ/bnb folder, or a packaged name.
 
-    Options: `keep_quantized` (a .gguf's blocks stay as they are in the file, memory-mapped), and with it
-    `engine_only` (the model will only run through lowbit's engine: a .gguf of a family models/skeleton.py holds
-    loads without transformers' modeling code)."""
+    Options: `keep_quantized` (a .gguf's blocks stay as they are in the file, memory-mapped), and `engine_only`
+    (implies it: the model will only run through lowbit's engine, so a .gguf of a family models/skeleton.py holds
+    loads without transformers' modeling code, and cannot be saved, adapted or trained)."""
     unknown = set(options) - {"keep_quantized", "engine_only"}
     if unknown:
         raise LowbitError(f"load_model: unknown option(s) {sorted(unknown)}; known: keep_quantized, engine_only")
@@ -199,7 +199,7 @@ def _read_model(spec: str | os.PathLike, dtype: torch.dtype, kernel: str, **opti
     path = resolve_model_path(spec)
     if path.is_file():
         if path.suffix.lower() == ".gguf":
-            if options.get("keep_quantized"):
+            if options.get("keep_quantized") or options.get("engine_only"):   # engine-only implies kept blocks
                 from lowbit.formats import get_writer  # noqa: F401  (registers gguf if present)
                 reader = find_reader(path)
                 if reader is not None:

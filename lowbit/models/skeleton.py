@@ -202,14 +202,18 @@ def _meta(*shape: int) -> nn.Parameter:
 
 
 def _empty_linear(in_features: int, out_features: int, bias: bool) -> nn.Linear:
-    """An nn.Linear with meta parameters, built at size 1 and given its shape after: initialising meta tensors
-    (nn.Linear(..., device="meta")) goes through torch's Python decompositions, which import torch._dynamo and
-    sympy (about 50 MB resident), the very import this module exists to avoid."""
-    linear = nn.Linear(1, 1, bias=bias)
+    """An nn.Linear with meta parameters, its constructor skipped: initialising meta tensors (nn.Linear(...,
+    device="meta")) goes through torch's Python decompositions, which import torch._dynamo and sympy (about 50 MB
+    resident), the very import this module exists to avoid; initialising real ones would draw from torch's global
+    random generator."""
+    linear = nn.Linear.__new__(nn.Linear)
+    nn.Module.__init__(linear)
     linear.in_features, linear.out_features = in_features, out_features
     linear.weight = _meta(out_features, in_features)
     if bias:
         linear.bias = _meta(out_features)
+    else:
+        linear.register_parameter("bias", None)
     return linear
 
 
@@ -225,3 +229,11 @@ def _put(root: nn.Module, path: str, module: nn.Module) -> None:
         node = child
     node.add_module(name, module)
 
+
+def refuse_engine_only(model: nn.Module, action: str) -> None:
+    """Writers, adapters and training read a model's weights row by row or run its forward; an engine-only model has
+    no forward and keeps Llama's q/k rows in llama.cpp's order (QuantLinear.output_order), so it is refused by name
+    rather than written with those rows out of order."""
+    if isinstance(model, EngineSkeleton):
+        raise LowbitError(f"cannot {action} a model loaded engine-only (for generate, serve and bench): load it with "
+                          "load_model(path, keep_quantized=True), without engine_only")

@@ -75,6 +75,9 @@ def lora_config(config: FinetuneConfig):
 
 def attach_lora(model: nn.Module, config: FinetuneConfig) -> nn.Module:
     """The peft model with fresh adapters (seeded) on every targeted Linear or QuantLinear; the rest frozen."""
+    from lowbit.models.skeleton import refuse_engine_only
+
+    refuse_engine_only(model, "train adapters on")
     peft = require_peft()
     names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     missing = [t for t in config.target_modules if t not in names]
@@ -163,7 +166,10 @@ def apply_adapter(model: nn.Module, adapter: Adapter | str | Path) -> list[str]:
     W + scaling * B A (W dequantized from the base's codes for a quantized layer), so every runtime path (the
     engine's compiled step included) runs base + adapter with the float arithmetic of the merged weight; the
     other layers stay as they are. Returns the adapted module names."""
+    from lowbit.models.skeleton import refuse_engine_only
     from lowbit.runtime.surgery import replace_module
+
+    refuse_engine_only(model, "apply an adapter to")
 
     if not isinstance(adapter, Adapter):
         adapter = read_adapter(adapter)
