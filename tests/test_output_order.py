@@ -6,6 +6,7 @@ and k head in C, lb_model.qk_head_order) and through the torch decoder; and orde
 that the compiled step cannot apply, are refused."""
 from __future__ import annotations
 
+import contextlib
 import ctypes
 
 import pytest
@@ -272,6 +273,20 @@ def _copy(model):
     return copy.deepcopy(model)
 
 
+@contextlib.contextmanager
+def _head_order(native, values: list[int]):
+    """The compiled step's spec pointing at `values` as its q/k head order (kept alive), restored after."""
+    original = native.spec.qk_head_order
+    corrupt = torch.tensor(values, dtype=torch.int64)
+    native.keep.append(corrupt)
+    native.spec.qk_head_order = corrupt.data_ptr()
+    try:
+        yield
+    finally:
+        native.spec.qk_head_order = original
+        native.keep.pop()
+
+
 def test_c_refuses_a_corrupt_head_order(models):
     """lowbit_check_model reads qk_head_order: a value outside the head, or one repeated, is LB_ERR_MODEL_ORDER
     (23) naming it, and check_decode_model a one-line LowbitError; an array shorter than head_dim is refused by
@@ -285,32 +300,19 @@ def test_c_refuses_a_corrupt_head_order(models):
     head_dim = spec.head_dim
     detail = ctypes.create_string_buffer(256)
     assert lib.lowbit_check_model(ctypes.byref(spec), detail, len(detail)) == 0
-    original = spec.qk_head_order
     for values, words in ((list(range(1, head_dim)) + [head_dim], f"dimension {head_dim} at {head_dim - 1}"),
                           ([0] + list(range(head_dim - 1)), f"dimension 0 at 1"),
                           ([-1] + list(range(1, head_dim)), "dimension -1 at 0")):
-        corrupt = torch.tensor(values, dtype=torch.int64)
-        native.keep.append(corrupt)
-        spec.qk_head_order = corrupt.data_ptr()
-        try:
+        with _head_order(native, values):
             assert lib.lowbit_check_model(ctypes.byref(spec), detail, len(detail)) == 23, detail.value
             assert words in detail.value.decode()
             with pytest.raises(LowbitError, match=r"compiled step: .*\(status 23\)$") as error:
                 checks.check_decode_model(lib, spec, engine.decoder, native.keep)
             assert "\n" not in str(error.value)
-        finally:
-            spec.qk_head_order = original
-            native.keep.pop()
-    short = torch.arange(head_dim - 1, dtype=torch.int64)
-    native.keep.append(short)
-    spec.qk_head_order = short.data_ptr()
-    try:
+    with _head_order(native, list(range(head_dim - 1))):
         with pytest.raises(LowbitError, match=f"holds {head_dim - 1} values") as error:
             checks.check_decode_model(lib, spec, engine.decoder, native.keep)
         assert "\n" not in str(error.value)
-    finally:
-        spec.qk_head_order = original
-        native.keep.pop()
     assert lib.lowbit_check_model(ctypes.byref(spec), detail, len(detail)) == 0
 
 
