@@ -23,7 +23,8 @@ from torch import nn
 from lowbit.errors import LowbitError
 from lowbit.models.rope_scaling import default_inv_freq
 from lowbit.models.arch.base import (
-    ACTIVATIONS, LENGTH_DEPENDENT_ROPE, Architecture, NormKind, rope_parameter_sets, rotary_path,
+    ACTIVATIONS, LENGTH_DEPENDENT_ROPE, Architecture, NormKind, rope_parameter_sets, rope_parameters_by_type,
+    rotary_path,
 )
 
 # what the Linears of Architecture.stages compute, stage by stage
@@ -82,15 +83,12 @@ class RotaryTables(nn.Module):
 
     def __init__(self, config: Any):
         super().__init__()
-        rope = getattr(config, "rope_parameters", None) or {}
-        self.per_type = _rope_by_layer_type(config)
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.tables: dict[str | None, tuple[torch.Tensor, float]] = {}
-        names = [name for name, value in rope.items() if isinstance(value, dict)] if self.per_type else [None]
-        if not rope_parameter_sets(config):
+        by_type = rope_parameters_by_type(config)
+        if not by_type:
             raise LowbitError(f"{config.model_type} config has no rope_parameters; the model cannot be run")
-        for name in names:
-            params = rope[name] if name is not None else rope
+        for name, params in by_type.items():
             rope_type = params.get("rope_type", "default")
             if rope_type == "default":
                 inv_freq, scaling = default_inv_freq(float(params["rope_theta"]), head_dim), 1.0
@@ -155,7 +153,8 @@ class EngineSkeleton(nn.Module):
         self._put(arch.embed_path, embed)
         self._put(arch.final_norm_path, SkeletonRMSNorm(hidden, eps))
         self._put(arch.lm_head_path, _empty_linear(hidden, vocab, bias=False))
-        self._put(rotary_path(arch), (RotaryTablesPerType if _rope_by_layer_type(config) else RotaryTables)(config))
+        per_type = None not in rope_parameters_by_type(config)
+        self._put(rotary_path(arch), (RotaryTablesPerType if per_type else RotaryTables)(config))
         layout = arch.layout
         blocks = nn.ModuleList()
         self._put(arch.blocks_path, blocks)
@@ -188,12 +187,6 @@ class EngineSkeleton(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         raise LowbitError("this model was loaded for lowbit's engine only (generate, serve, bench); load it without "
                           "engine_only to run transformers' forward")
-
-
-def _rope_by_layer_type(config: Any) -> bool:
-    """Whether the config nests its rope parameters by layer type (Gemma 3: one set for sliding, one for full)."""
-    rope = getattr(config, "rope_parameters", None) or {}
-    return any(isinstance(value, dict) for value in rope.values())
 
 
 def _meta(*shape: int) -> nn.Parameter:

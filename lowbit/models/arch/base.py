@@ -201,13 +201,19 @@ def rotary_path(arch: Architecture) -> str:
     return f"{arch.embed_path.rpartition('.')[0]}.rotary_emb".lstrip(".")
 
 
+def rope_parameters_by_type(config: Any) -> dict[str | None, dict]:
+    """The config's rope parameters by layer type when it nests them by type (Gemma 3: sliding and full
+    attention), else {None: the one dict}; {} without any."""
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if not isinstance(rope, dict) or not rope:
+        return {}
+    nested = {name: value for name, value in rope.items() if isinstance(value, dict)}
+    return nested or {None: rope}
+
+
 def rope_parameter_sets(config: Any) -> list[dict]:
     """The config's rope parameters: one dict, or one per layer type when they are nested by type (Gemma 3)."""
-    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    if not isinstance(rope, dict):
-        return []
-    nested = [v for v in rope.values() if isinstance(v, dict)]
-    return nested or [rope]
+    return list(rope_parameters_by_type(config).values())
 
 
 # -- Linear-like modules -----------------------------------------------------------------------------------
