@@ -388,11 +388,10 @@ def export_gguf(model: nn.Module, tokenizer: Any, path: str | os.PathLike, optio
     Layers already quantized to a GGUF scheme (the per-layer plan of `plan_gguf_schemes`, e.g. GPTQ on the
     GGUF grid) are written as they are; float tensors are rounded to the mix's type here.
     """
+    from lowbit.formats.registry import writer_options
     from lowbit.models.skeleton import refuse_engine_only
 
-    refuse_engine_only(model, "export GGUF from")
-    from lowbit.formats.registry import writer_options
-
+    refuse_engine_only(model, "export GGUF from")     # direct calls; Format.save refuses for every format
     options = writer_options(GGUFOptions, "gguf", options, fields)
     type, tensor_types, pure = options.type, options.tensor_types, options.pure
     importance, imatrix_data, progress = options.importance, options.imatrix_data, options.progress
