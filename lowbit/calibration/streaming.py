@@ -111,13 +111,15 @@ def rebuild_computed_buffers(model: nn.Module, names: list[str]) -> None:
     writes nothing but those buffers (not the loaded embedding it would otherwise redraw)."""
     from transformers import PreTrainedModel
 
-    initialisers = {n: m for n, m in model.named_modules() if isinstance(m, PreTrainedModel)}
+    initialisers: dict[str, nn.Module] | None = None    # found on the first module that needs one: most blocks have none
     for name in names:
         module = model.get_submodule(name)
         computed = [b for b, t in module._buffers.items()
                     if t is not None and t.is_meta and b in module._non_persistent_buffers_set]
         if not computed:
             continue
+        if initialisers is None:
+            initialisers = {n: m for n, m in model.named_modules() if isinstance(m, PreTrainedModel)}
         owner = max((n for n in initialisers if not n or name == n or name.startswith(n + ".")), key=len)
         for b in computed:
             module._buffers[b] = torch.full_like(module._buffers[b], _unwritten(module._buffers[b].dtype), device="cpu")

@@ -304,9 +304,7 @@ class NativeDecodeStep:
     def prefill(self, tokens: torch.Tensor, slot: int, start: int) -> torch.Tensor:
         """Logits [1, vocab] of the last of `tokens` [S], a prompt chunk for cache slot `slot` from `start`
         (float32 throughout, like decoding; worth it for short chunks, where a GEMM gains little)."""
-        count = tokens.shape[0]
-        if count == 0:      # C would normalise and multiply row -1, the last of none
-            raise LowbitError("compiled step: a prompt chunk of no tokens has no last token's logits")
+        count = tokens.shape[0]     # no tokens: asking for row -1 of none is refused by check_step_inputs
         return self(tokens, torch.full((count,), slot), torch.arange(start, start + count),
                     logit_rows=torch.tensor([count - 1]))
 
@@ -317,10 +315,8 @@ class NativeDecodeStep:
         batch = tokens.shape[0]
         if logit_rows is not None:
             logit_rows = logit_rows.to(torch.int64).contiguous()
-            if not 1 <= logit_rows.numel() <= batch or int(logit_rows.min()) < 0 or int(logit_rows.max()) >= batch:
-                raise LowbitError(f"compiled step: logit rows {logit_rows.tolist()[:8]} are not rows of a "
-                                  f"{batch}-row step")
-        check_step_inputs(tokens, slots, positions, self.embedding_rows, self.spec.slots, self.spec.context)
+        check_step_inputs(tokens, slots, positions, self.embedding_rows, self.spec.slots, self.spec.context,
+                          logit_rows)
         threads = min(torch.get_num_threads(), self.max_threads or torch.get_num_threads())
         size = ctypes.c_int64()
         check_status(self.lib.lowbit_decode_workspace(ctypes.byref(self.spec), batch, threads, ctypes.byref(size)),

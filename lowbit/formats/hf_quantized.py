@@ -124,13 +124,10 @@ def weight_files(path: str | Path) -> list[Path]:
     return sorted(folder.glob("*.safetensors"))
 
 
-def read_tensors(path: str | Path, converted: Callable[[list[str]], set[str]] | None = None
-                 ) -> dict[str, torch.Tensor]:
-    """Every tensor of the folder's weight files (`weight_files`), with a clear error when one is damaged: those
-    `converted(keys)` names read into memory of their own, the others memory-mapped (`read_checkpoint`)."""
-    tensors, layers = read_checkpoint(path, converted)
-    tensors.update(layers.take(""))
-    return tensors
+def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the folder's weight files (`weight_files`), memory-mapped, with a clear error when one is
+    damaged (`read_checkpoint` with nothing to convert)."""
+    return read_checkpoint(path)[0]
 
 
 def read_checkpoint(path: str | Path, converted: Callable[[list[str]], set[str]] | None = None

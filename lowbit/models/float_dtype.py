@@ -65,9 +65,7 @@ def float_module_weight(module: nn.Module) -> torch.Tensor | None:
 
 def embedding_and_head_keys(model: nn.Module) -> set[str]:
     """State-dict keys of the weights `embedding_and_head_weights` finds (for loaders, before weights exist)."""
-    return {f"{name}.weight" for name, module in model.named_modules()
-            if isinstance(module, (nn.Embedding, nn.Linear)) and isinstance(getattr(module, "weight", None),
-                                                                              torch.Tensor)}
+    return {f"{name}.weight" for name, module in model.named_modules() if float_module_weight(module) is not None}
 
 
 def kept_half_dtype(model: nn.Module) -> torch.dtype | None:

@@ -124,13 +124,19 @@ def check_decode_model(lib: ctypes.CDLL, spec: Any, decoder: Any, keep: list[tor
 
 
 def check_step_inputs(tokens: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor, vocab: int,
-                      n_slots: int, context: int) -> None:
-    """The indices a compiled step writes the cache at and reads the embedding with are inside their tables."""
+                      n_slots: int, context: int, logit_rows: torch.Tensor | None = None) -> None:
+    """The indices a compiled step writes the cache at and reads the embedding with are inside their tables, and
+    the rows whose logits it is asked for (1 to all of them) are rows of the step."""
     batch = tokens.shape[0]
     if slots.shape != (batch,) or positions.shape != (batch,):
         raise LowbitError(f"compiled step: {batch} tokens with {tuple(slots.shape)} slots and "
                           f"{tuple(positions.shape)} positions")
-    for what, values, limit in (("token", tokens, vocab), ("slot", slots, n_slots), ("position", positions, context)):
+    if logit_rows is not None and not 1 <= logit_rows.numel() <= batch:
+        raise LowbitError(f"compiled step: logits of {logit_rows.numel()} rows asked of a {batch}-row step")
+    indices = [("token", tokens, vocab), ("slot", slots, n_slots), ("position", positions, context)]
+    if logit_rows is not None:
+        indices.append(("logit row", logit_rows, batch))
+    for what, values, limit in indices:
         if batch and (int(values.min()) < 0 or int(values.max()) >= limit):
             raise LowbitError(f"compiled step: a {what} index outside 0..{limit - 1} "
                               f"({int(values.min())}..{int(values.max())})")
