@@ -27,7 +27,7 @@ from torch import nn
 from lowbit.errors import LowbitError
 from lowbit.runtime.checks import check_decode_model, check_status, check_step_inputs
 from lowbit.runtime.activations import Activations
-from lowbit.runtime.clib import GGML_KINDS, LinearSpec, linear_spec, native_library, uses_act8
+from lowbit.runtime.clib import FLOAT_KINDS, LinearSpec, linear_spec, native_library, uses_act8
 
 log = logging.getLogger("lowbit")
 
@@ -203,6 +203,7 @@ class NativeDecodeStep:
         self.embedding_rows = int(rows)
         self.workspace: torch.Tensor | None = None
         self.tile_share = 0.0                  # set by build: the weights whose many-row matmuls use AMX tiles
+        self.prefill_layout = "float"          # set by build: see NATIVE_PREFILL_TOKENS in engine/runner.py
         self.caches = caches                   # the KV caches spec points to (C checks their sizes every call)
         # A step has 7 barriers a layer; for a model this small they cost more than a second thread saves
         # (and on a busy machine a preempted thread stalls every one of them).
@@ -293,12 +294,13 @@ class NativeDecodeStep:
                       else f"int8 activations in {rounded} of {len(weights)} matmuls, float32 in the others")
         step = cls(lib, spec, layers, keep, (decoder.k_cache, decoder.v_cache), decoder.embed, head[0].n,
                    f"{arithmetic} ({activations.value})", structures, decoder.position_embed, decoder.embed_norm)
-        # the share of the weights (by count) whose many-row matmuls run on AMX tiles (GGUF blocks but Q2_K / Q3_K,
-        # int8 activations; csrc/ggml_blocks.h lb_ggml_amx_fits)
-        tiled = ({kind for name, kind in GGML_KINDS.items() if name not in ("Q2_K", "Q3_K")}
-                 if lib.lowbit_amx(-1) else set())
-        step.tile_share = (sum(w.n * w.k for w in weights if w.kind in tiled and uses_act8(w, activations, lib))
-                           / max(1, sum(w.n * w.k for w in weights)))
+        # the share of the weights (by count) whose many-row matmuls (32 rows) run on AMX tiles, by C's own rule
+        tiled = [w for w in weights if lib.lowbit_amx_fits(ctypes.byref(w), 32, activations.code)]
+        step.tile_share = sum(w.n * w.k for w in tiled) / max(1, sum(w.n * w.k for w in weights))
+        # what prompts through this step compute with, which sets how long a prompt it takes (runner's
+        # NATIVE_PREFILL_TOKENS): int8 activations on tiles or on vector kernels, quantized codes, or float weights
+        step.prefill_layout = (("int8 tiles" if step.tile_share > 0.5 else "int8 blocks") if rounded
+                               else "codes" if any(w.kind not in FLOAT_KINDS.values() for w in weights) else "float")
         return step, ""
 
     def prefill(self, tokens: torch.Tensor, slot: int, start: int) -> torch.Tensor:

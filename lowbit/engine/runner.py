@@ -460,10 +460,7 @@ class RotaryDecoder:
         # step is as fast or faster up to 128 rows, hence 128 (it was 64).
         self.compiled_batch_rows = COMPILED_BATCH_ROWS
         # (no compiled step: 0, every prompt runs through GEMMs, and the engine trims the heap after each)
-        int8 = self.native is not None and self.native.arithmetic.startswith("int8")
-        self.native_prefill_tokens = 0 if self.native is None else NATIVE_PREFILL_TOKENS[
-            ("int8 tiles" if self.native.tile_share > 0.5 else "int8 blocks") if int8
-            else "codes" if any(isinstance(m, QuantLinear) for m in model.modules()) else "float"]
+        self.native_prefill_tokens = 0 if self.native is None else NATIVE_PREFILL_TOKENS[self.native.prefill_layout]
         if self.native is None and native and fuse:
             self.layers = self._layers(model, fuse=True)
 

@@ -146,6 +146,8 @@ def load_library(path: Path) -> ctypes.CDLL:
     lib.lowbit_amx.restype = i32
     lib.lowbit_uses_act8.argtypes = [_ptr, i32]
     lib.lowbit_uses_act8.restype = i32
+    lib.lowbit_amx_fits.argtypes = [_ptr, ctypes.c_int64, i32]
+    lib.lowbit_amx_fits.restype = i32
     lib.lowbit_kernel_has_avx512.restype = i32
     return lib
 

@@ -45,6 +45,12 @@ int lowbit_has_act8(void) { return LB_HAVE_ACT8; }
 /* 1 when lowbit_linear / the decode step round `weight`'s activations to int8 under `activations` (LB_ACTS_*). */
 int lowbit_uses_act8(const lb_linear *weight, int activations) { return lb_uses_act8(weight, activations); }
 
+/* 1 when a matmul of `rows` activation rows by `weight` runs on AMX tiles under `activations` (the rule
+ * lb_ggml_matmul applies), for Python to know which weights its many-row steps tile. */
+int lowbit_amx_fits(const lb_linear *weight, int64_t rows, int activations) {
+    return lb_is_ggml(weight->kind) && lb_ggml_amx_fits(weight->kind, rows, lb_uses_act8(weight, activations));
+}
+
 int lb_amx_state = 0;
 
 #if LB_GGML_AMX

@@ -878,7 +878,7 @@ int lowbit_amx(int mode);
 static inline int lb_ggml_amx_fits(int64_t kind, int64_t M, int act8) {
     /* the 32-value types decode a block per 32 columns: at 16 rows that costs what the tiles save (Q4_0 0.94x,
      * Q8_0 0.84x of the vector kernel; 1.55x / 1.42x at 32 rows, one thread, bench/bench_amx_tiles.py) */
-    return LB_GGML_AMX && lb_amx_state == 1 && act8 && kind != LB_Q2_K && kind != LB_Q3_K
+    return LB_GGML_AMX && lb_amx_state == 1 && lb_ggml_gemm_fits(kind, M, act8)   /* AMX builds have the GEMM path */
            && M >= (lb_ggml_block(kind) == 32 ? 2 * LB_GGML_AMX_ROWS : LB_GGML_AMX_ROWS);
 }
 
