@@ -306,7 +306,9 @@ class NativeDecodeStep:
     def prefill(self, tokens: torch.Tensor, slot: int, start: int) -> torch.Tensor:
         """Logits [1, vocab] of the last of `tokens` [S], a prompt chunk for cache slot `slot` from `start`
         (float32 throughout, like decoding; worth it for short chunks, where a GEMM gains little)."""
-        count = tokens.shape[0]     # no tokens: asking for row -1 of none is refused by check_step_inputs
+        count = tokens.shape[0]
+        if count == 0:      # C would normalise and multiply row -1, the last of none
+            raise LowbitError("compiled step: a prompt chunk of no tokens has no last token's logits")
         return self(tokens, torch.full((count,), slot), torch.arange(start, start + count),
                     logit_rows=torch.tensor([count - 1]))
 
