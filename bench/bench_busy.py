@@ -14,6 +14,8 @@ the "fair" column.
 
 Usage:
     python bench/bench_busy.py --busy 4 --jobs demo,generate,bench --model FILE.gguf --rounds 2 --out RESULTS.json
+    python bench/bench_busy.py ... --checkouts /path/to/old,/path/to/new   (side by side: each round runs every
+        checkout's job quiet and busy in turn, so the machine's drift hits all of them alike)
 
 Each job runs once untimed first (page cache, compiled kernels).
 """
@@ -48,12 +50,13 @@ def job_command(job: str, model: str, out: Path) -> list[str]:
     raise SystemExit(f"unknown job {job!r}: demo, generate, bench")
 
 
-def run(command: list[str], timeout: float, out: Path) -> dict:
-    """One timed run; a failed or timed-out run is recorded with its status and left out of the summary."""
+def run(command: list[str], timeout: float, out: Path, checkout: Path = ROOT) -> dict:
+    """One timed run of `checkout`'s lowbit; a failed or timed-out run is recorded with its status and left out of
+    the summary."""
     began = time.perf_counter()
     try:
-        result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
-                                env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=checkout,
+                                env=dict(os.environ, PYTHONPATH=str(checkout)))
     except subprocess.TimeoutExpired:
         return {"wall_s": round(time.perf_counter() - began, 2), "status": "timeout"}
     row = {"wall_s": round(time.perf_counter() - began, 2), "status": result.returncode}
@@ -75,7 +78,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--timeout", type=float, default=3600)
     parser.add_argument("--out", required=True, help="results JSON (must not exist)")
+    parser.add_argument("--checkouts", default=str(ROOT),
+                        help="comma-separated lowbit checkouts to compare side by side (default: this one)")
     args = parser.parse_args()
+    checkouts = [Path(c).resolve() for c in args.checkouts.split(",")]
+    for checkout in checkouts:
+        if not (checkout / "lowbit" / "__init__.py").exists():
+            raise SystemExit(f"{checkout} is not a lowbit checkout (no lowbit/__init__.py)")
     out_path = Path(args.out)
     if out_path.exists():
         raise SystemExit(f"{out_path} exists: results are never overwritten")
@@ -86,45 +95,51 @@ def main() -> None:
         work = Path(tmp)
         for job in args.jobs.split(","):
             command = job_command(job, args.model, work)
-            run(command, args.timeout, work)    # untimed: page cache and compiled kernels warm for the first round
+            for checkout in checkouts:   # untimed: page cache and compiled kernels warm for the first round
+                run(command, args.timeout, work, checkout)
             for round_index in range(args.rounds):
-                for busy in [0, *busy_counts]:
-                    if busy:
-                        with BusyMachine(busy):
-                            row = run(command, args.timeout, work)
-                    else:
-                        row = run(command, args.timeout, work)
-                    row.update(job=job, busy=busy, round=round_index)
-                    rows.append(row)
-                    print(json.dumps(row), flush=True)
-    print(f"\n{'job':10s}{'busy':>6s}{'wall s':>10s}{'x quiet':>9s}{'fair':>7s}{'pp tok/s':>10s}{'tg tok/s':>10s}")
+                for checkout in checkouts:
+                    for busy in [0, *busy_counts]:
+                        if busy:
+                            with BusyMachine(busy):
+                                row = run(command, args.timeout, work, checkout)
+                        else:
+                            row = run(command, args.timeout, work, checkout)
+                        row.update(job=job, busy=busy, round=round_index, checkout=str(checkout))
+                        rows.append(row)
+                        print(json.dumps(row), flush=True)
+    print(f"\n{'checkout':24s}{'job':10s}{'busy':>6s}{'wall s':>10s}{'x quiet':>9s}{'fair':>7s}{'pp tok/s':>10s}"
+          f"{'tg tok/s':>10s}{'pp x':>7s}{'tg x':>7s}")
     summary = []
     ok = [r for r in rows if r["status"] == 0]
-    for job in args.jobs.split(","):
-        quiet_rates = [r for r in ok if r["job"] == job and r["busy"] == 0]
-        if not quiet_rates:
-            print(f"{job:10s} no successful quiet run: see the rows above")
-            continue
-        quiet = statistics.median(r["wall_s"] for r in quiet_rates)
-        for busy in [0, *busy_counts]:
-            mine = [r for r in ok if r["job"] == job and r["busy"] == busy]
-            if not mine:
-                print(f"{job:10s}{busy:6d}  no successful run")
+    for checkout in map(str, checkouts):
+        label = Path(checkout).name[-24:]
+        for job in args.jobs.split(","):
+            quiet_rates = [r for r in ok if r["checkout"] == checkout and r["job"] == job and r["busy"] == 0]
+            if not quiet_rates:
+                print(f"{label:24s}{job:10s} no successful quiet run: see the rows above")
                 continue
-            wall = statistics.median(r["wall_s"] for r in mine)
-            rates = {k: statistics.median(r[k] for r in mine) if all(r.get(k) for r in mine) else None
-                     for k in ("pp_tok_s", "tg_tok_s")}
-            fair = (cores + busy) / cores
-            entry = {"job": job, "busy": busy, "wall_s": wall, "slowdown": round(wall / quiet, 2),
-                     "fair_slowdown": round(fair, 2), **rates}
-            if busy and rates["tg_tok_s"]:
-                entry["tg_slowdown"] = round(statistics.median(r["tg_tok_s"] for r in quiet_rates)
-                                             / rates["tg_tok_s"], 2)
-                entry["pp_slowdown"] = round(statistics.median(r["pp_tok_s"] for r in quiet_rates)
-                                             / rates["pp_tok_s"], 2)
-            summary.append(entry)
-            print(f"{job:10s}{busy:6d}{wall:10.1f}{wall / quiet:9.2f}{fair:7.2f}"
-                  f"{rates['pp_tok_s'] or float('nan'):10.1f}{rates['tg_tok_s'] or float('nan'):10.1f}")
+            quiet = statistics.median(r["wall_s"] for r in quiet_rates)
+            for busy in [0, *busy_counts]:
+                mine = [r for r in ok if r["checkout"] == checkout and r["job"] == job and r["busy"] == busy]
+                if not mine:
+                    print(f"{label:24s}{job:10s}{busy:6d}  no successful run")
+                    continue
+                wall = statistics.median(r["wall_s"] for r in mine)
+                rates = {k: statistics.median(r[k] for r in mine) if all(r.get(k) for r in mine) else None
+                         for k in ("pp_tok_s", "tg_tok_s")}
+                fair = (cores + busy) / cores
+                entry = {"checkout": checkout, "job": job, "busy": busy, "wall_s": wall,
+                         "slowdown": round(wall / quiet, 2), "fair_slowdown": round(fair, 2), **rates}
+                if busy and rates["tg_tok_s"]:
+                    entry["tg_slowdown"] = round(statistics.median(r["tg_tok_s"] for r in quiet_rates)
+                                                 / rates["tg_tok_s"], 2)
+                    entry["pp_slowdown"] = round(statistics.median(r["pp_tok_s"] for r in quiet_rates)
+                                                 / rates["pp_tok_s"], 2)
+                summary.append(entry)
+                print(f"{label:24s}{job:10s}{busy:6d}{wall:10.1f}{wall / quiet:9.2f}{fair:7.2f}"
+                      f"{rates['pp_tok_s'] or float('nan'):10.1f}{rates['tg_tok_s'] or float('nan'):10.1f}"
+                      f"{entry.get('pp_slowdown', 1.0):7.2f}{entry.get('tg_slowdown', 1.0):7.2f}")
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps({"argv": sys.argv, "cores": cores, "rows": rows, "summary": summary}, indent=1))
     print(f"wrote {out_path}")

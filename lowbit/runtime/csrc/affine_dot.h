@@ -114,6 +114,11 @@ static inline float lb_hsum256(__m256 v) {
 
 #include "ggml_blocks.h"   /* GGUF block kinds (LB_Q4_0 ... LB_Q6_K): lb_matmul hands them to lb_ggml_matmul */
 
+/* Bytes of one weight row of lowbit's own layouts (codes or floats; statistics apart). */
+static inline int64_t lb_row_bytes(const lb_linear *L) {
+    return L->kind == LB_NIB ? L->k / 2 : L->kind == LB_U8 ? L->k : L->k * lb_float_bytes(L->kind);
+}
+
 
 
 /* sum_g values[g] * xsum[g] for G statistics stored as `stats` says (the b * xsum term of one output). */
@@ -841,9 +846,8 @@ LB_INLINE void lb_block(const lb_linear *L, const float *x, int64_t M, float *y,
     /* Ask for the codes and statistics two blocks ahead: measured 20% faster decoding than leaving it to the
      * hardware prefetcher (which sees several interleaved streams); further ahead was slower. */
     if (n0 + 4 * LB_PREFETCH < L->n && L->kind != LB_F32) {
-        const int64_t row_bytes = L->kind == LB_NIB ? L->k / 2 : L->kind == LB_U8 ? L->k : L->k * 2;
-        const char *next = (const char *)L->w + (n0 + 4 * LB_PREFETCH) * row_bytes;
-        for (int64_t off = 0; off < 4 * row_bytes; off += 64) __builtin_prefetch(next + off, 0, 3);
+        const char *next = (const char *)L->w + (n0 + 4 * LB_PREFETCH) * lb_row_bytes(L);
+        for (int64_t off = 0; off < 4 * lb_row_bytes(L); off += 64) __builtin_prefetch(next + off, 0, 3);
     }
     if (n0 + 4 * LB_PREFETCH < L->n && !lb_is_float(L->kind)) {
         const int64_t stat_bytes = lb_stats_f32(L->stats) ? 4 : 2;
@@ -921,8 +925,10 @@ static inline void lb_matmul_prepared(const lb_linear *L, const float *x, int64_
     /* many rows: a block's widened codes after the group sums (and the gathered copy); lb_scratch_floats covers
        them from LB_GEMM_ROWS rows (lb_gemm_floats(K) <= M * 192 * blocks) */
     float *decoded = lb_gemm_fits(L, M, act8) ? scratch + M * L->groups : NULL;
-    if (wait) {
-        #pragma omp for schedule(static)
+    if (wait) {    /* dynamically, in chunks of about 64 KB of codes, as lb_ggml_matmul and for the same reason */
+        int64_t chunk = lb_min(LB_GGML_CHUNK_BYTES / (4 * lb_row_bytes(L)), blocks / 16);
+        if (chunk < 1) chunk = 1;
+        #pragma omp for schedule(dynamic, chunk)
         for (int64_t block = 0; block < blocks; block++)
             lb_block(L, x, M, y, ldy, accumulate, xsum, x8, sx, block, decoded);
     } else {

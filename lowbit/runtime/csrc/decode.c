@@ -83,9 +83,41 @@ typedef struct {
                                             read where they lie), gathered before the q/k norms and rope; or NULL */
 } lb_model;
 
-/* The concatenated outputs of several weights reading the same x, into y's columns in order; one barrier. */
+/* The first present part when every present part is GGUF blocks prepared alike to it (one rounding of x serves
+ * them all, so one loop can share out all their rows), else NULL. */
+static const lb_linear *ggml_parts_alike(const lb_linear *parts, int64_t count, int64_t M, int activations) {
+    const lb_linear *first = NULL;
+    for (int64_t i = 0; i < count; i++) {
+        if (!parts[i].n) continue;
+        if (!first) first = &parts[i];
+        if (!lb_is_ggml(parts[i].kind) || !lb_prepared_alike(first, &parts[i], M, activations)) return NULL;
+    }
+    return first;
+}
+
+/* The concatenated outputs of several weights reading the same x, into y's columns in order; one barrier. GGUF
+ * parts prepared alike share one dynamically scheduled loop over all their rows, so a thread the OS preempts on a
+ * busy machine leaves its rows to the others (a static share of q and k made the others wait for it). */
 static void matmul_parts(const lb_linear *parts, int64_t count, const float *x, int64_t M, float *y, int64_t ldy,
                          float *xsum, int activations) {
+    const lb_linear *first = ggml_parts_alike(parts, count, M, activations);
+    if (first) {
+        lb_ggml_prepared prepared = lb_ggml_prepare(first, x, M, xsum, lb_uses_act8(first, activations), 0);
+        int64_t items = 0;
+        for (int64_t i = 0; i < count; i++) items += (parts[i].n + 15) / 16;
+        #pragma omp for schedule(dynamic, lb_ggml_chunk(first, items, 1))
+        for (int64_t item = 0; item < items; item++) {
+            int64_t part = 0, local = item, column = 0;          /* the part holding this item, and its columns */
+            while (local >= (parts[part].n + 15) / 16) {
+                local -= (parts[part].n + 15) / 16;
+                column += parts[part].n;
+                part++;
+            }
+            lb_ggml_run_item(&parts[part], local, y + column, ldy, 0, M, &prepared);
+        }
+        lb_ggml_finish(&prepared);
+        return;
+    }
     int64_t last = 0, column = 0;
     const lb_linear *previous = NULL;
     for (int64_t i = 0; i < count; i++)
@@ -691,7 +723,7 @@ int lowbit_decode_step(const lb_model *m, float *x, int64_t x_floats, int64_t B,
                     }
                 }
 
-            #pragma omp for schedule(static)
+            #pragma omp for schedule(dynamic)      /* a preempted thread's items go to the others */
             for (int64_t item = 0; item < B * kv_heads * runs; item++) {
                 const int64_t b = item / (kv_heads * runs), g = item / runs % kv_heads;
                 const int64_t hh0 = g * group_ratio + item % runs * run;     /* the item's first query head */
@@ -726,7 +758,21 @@ int lowbit_decode_step(const lb_model *m, float *x, int64_t x_floats, int64_t B,
             }
             const lb_linear *gate = &layer->gate_up[0], *up = &layer->gate_up[1];
             const int64_t per_item = lb_matmul_rows_per_item(gate);
-            if (m->gated && gate->n == I && up->n == I && lb_matmul_rows_per_item(up) == per_item) {
+            if (m->gated && gate->n == I && up->n == I && ggml_parts_alike(layer->gate_up, 2, B, activations)) {
+                /* GGUF gate and up: one dynamically shared loop computes 16 rows of each and their activation
+                 * (a preempted thread's rows go to the others; one barrier, as below) */
+                lb_ggml_prepared prepared = lb_ggml_prepare(gate, h, B, xsum, lb_uses_act8(gate, activations), 0);
+                const int64_t items = (I + 15) / 16;
+                #pragma omp for schedule(dynamic, lb_ggml_chunk(gate, items, 2))
+                for (int64_t item = 0; item < items; item++) {
+                    lb_ggml_run_item(gate, item, gu, 2 * I, 0, B, &prepared);
+                    lb_ggml_run_item(up, item, gu + I, 2 * I, 0, B, &prepared);
+                    for (int64_t b = 0; b < B; b++)
+                        for (int64_t j = item * 16; j < lb_min(I, (item + 1) * 16); j++)
+                            act[b * I + j] = activation(gu[b * 2 * I + j], m->activation) * gu[b * 2 * I + I + j];
+                }
+                lb_ggml_finish(&prepared);
+            } else if (m->gated && gate->n == I && up->n == I && lb_matmul_rows_per_item(up) == per_item) {
                 /* separate gate and up: each thread applies the activation to the rows it computed of both (the
                  * same static partition, see lb_matmul_rows_per_item), so no barrier between the matmuls and it */
                 lb_matmul(gate, h, B, gu, 2 * I, 0, xsum, activations, 0);

@@ -1208,28 +1208,31 @@ static inline void lb_ggml_matmul_item(const lb_linear *L, int64_t item, int64_t
 /* Bytes of weight rows a thread takes at a time when the matmul ends at a barrier (see lb_ggml_matmul). */
 #define LB_GGML_CHUNK_BYTES 65536
 
-/* lb_matmul for a GGUF block weight: y[M, :n] (= or +=) x W^T + bias; called by every thread of a team; each
- * thread rounds the activations into its own scratch (no barrier). Rows are shared out by an orphaned `omp for`:
- * with `wait` (the matmul ends at a barrier, so no one reads y before every row is done) dynamically, in chunks
- * of about 64 KB of weights (at least 16 chunks), so that a thread the OS preempts on a busy machine leaves its
- * rows to the others instead of making them wait at the barrier (llama.cpp shares its matmuls' chunks the same
- * way); without `wait` statically, as lb_matmul_rows_per_item promises (the gate/up matmuls' rows are read back
- * by the thread that computed them). */
-static inline void lb_ggml_matmul(const lb_linear *L, const float *x, int64_t M, float *y, int64_t ldy,
-                                  int accumulate, float *scratch, int act8, int wait, int prepared) {
-    const int64_t K = L->k, N = L->n, row_bytes = (K / lb_ggml_block(L->kind)) * lb_ggml_bytes(L->kind);
-    const int64_t per_row = lb_ggml_act8_floats(K);
+/* A thread's activations prepared for GGUF block weights (lb_ggml_prepare): what lb_ggml_run_item reads. */
+typedef struct {
+    const float *x, *pack;    /* x's float rows; the many-row pack (NULL: rows one by one) */
+    float *scratch;           /* the act8 rows (act8), else x's 16-column sums (float path) */
+    int act8, tiles;          /* int8 activations; the AMX tile path (the team's tile state) */
+    int64_t configured;       /* the kind whose tile configuration this thread has loaded (-1: none) */
+} lb_ggml_prepared;
+
+/* Round x [M, K] for weight L into this thread's `scratch` (act8 rows, then the many-row pack) unless `prepared`
+ * says a previous call on the same x left it there for a weight lb_prepared_alike to L (no barrier: each thread
+ * has its own copy). */
+static inline lb_ggml_prepared lb_ggml_prepare(const lb_linear *L, const float *x, int64_t M, float *scratch,
+                                               int act8, int prepared) {
+    const int64_t K = L->k, per_row = lb_ggml_act8_floats(K);
+    lb_ggml_prepared p = {x, NULL, scratch, act8, lb_ggml_amx_fits(L->kind, M, act8), -1};
     if (act8 && !prepared)
         for (int64_t r = 0; r < M; r++)
             lb_ggml_quantize_act8(x + r * K, K, lb_ggml_block(L->kind), scratch + r * per_row);
-    float *pack = NULL;                  /* many rows: every 16 of them packed (lb_ggml_pack16), after the act8 rows */
-    const int tiles = lb_ggml_amx_fits(L->kind, M, act8);
-    if (lb_ggml_gemm_fits(L->kind, M, act8)) {
-        pack = scratch + M * per_row;
+    if (lb_ggml_gemm_fits(L->kind, M, act8)) {   /* many rows: every 16 of them packed (lb_ggml_pack16) */
+        float *pack = scratch + M * per_row;
+        p.pack = pack;
         for (int64_t m0 = 0; m0 < M && !prepared; m0 += 16) {
             float *group = pack + (m0 / 16) * lb_ggml_pack_floats(K);
 #if LB_GGML_AMX
-            if (tiles) {
+            if (p.tiles) {
                 lb_ggml_pack16_amx(scratch, per_row, K, lb_ggml_block(L->kind), m0, M, group);
                 continue;
             }
@@ -1245,25 +1248,64 @@ static inline void lb_ggml_matmul(const lb_linear *L, const float *x, int64_t M,
             scratch[s] = total;
         }
 #endif
-    /* Work is shared out in items of 16 output rows (lb_matmul_rows_per_item): the tile path's unit. */
-    const int64_t items = (N + 15) / 16;
+    return p;
+}
+
+/* Output rows 16 item .. 16 item + 15 of y[M, :n] (= or +=) x W^T + bias for a weight prepared alike to the one
+ * `p` was prepared for; loads the tile configuration for L's kind when the thread's is another. */
+static inline void lb_ggml_run_item(const lb_linear *L, int64_t item, float *y, int64_t ldy, int accumulate,
+                                    int64_t M, lb_ggml_prepared *p) {
 #if LB_GGML_AMX
-    if (tiles) lb_amx_configure(L->kind);
+    if (p->tiles && p->configured != L->kind) {
+        lb_amx_configure(L->kind);
+        p->configured = L->kind;
+    }
 #endif
+    const int64_t row_bytes = (L->k / lb_ggml_block(L->kind)) * lb_ggml_bytes(L->kind);
+    lb_ggml_matmul_item(L, item, row_bytes, p->x, M, y, ldy, accumulate, p->scratch, p->act8, p->pack, p->tiles);
+}
+
+/* Release the tile state after a thread's last lb_ggml_run_item of a loop. */
+static inline void lb_ggml_finish(lb_ggml_prepared *p) {
+#if LB_GGML_AMX
+    if (p->configured >= 0) _tile_release();
+    p->configured = -1;
+#else
+    (void)p;
+#endif
+}
+
+/* Bytes of weight rows a thread takes at a time from a loop that ends at a barrier (see lb_ggml_matmul). */
+#define LB_GGML_CHUNK_BYTES 65536
+
+/* Items a thread takes at a time from a dynamically shared loop over `items` items that each read 16 rows of
+ * `weights` weights shaped like L: about 64 KB of weights, and at least 16 chunks in all. */
+static inline int64_t lb_ggml_chunk(const lb_linear *L, int64_t items, int64_t weights) {
+    const int64_t row_bytes = (L->k / lb_ggml_block(L->kind)) * lb_ggml_bytes(L->kind);
+    const int64_t chunk = lb_min(LB_GGML_CHUNK_BYTES / (16 * row_bytes * weights), items / 16);
+    return chunk < 1 ? 1 : chunk;
+}
+
+/* lb_matmul for a GGUF block weight: y[M, :n] (= or +=) x W^T + bias; called by every thread of a team; each
+ * thread rounds the activations into its own scratch (no barrier). Rows are shared out by an orphaned `omp for`:
+ * with `wait` (the matmul ends at a barrier, so no one reads y before every row is done) dynamically, in chunks
+ * of about 64 KB of weights (at least 16 chunks), so that a thread the OS preempts on a busy machine leaves its
+ * rows to the others instead of making them wait at the barrier (llama.cpp shares its matmuls' chunks the same
+ * way); without `wait` statically, as lb_matmul_rows_per_item promises (the gate/up matmuls' rows are read back
+ * by the thread that computed them). */
+static inline void lb_ggml_matmul(const lb_linear *L, const float *x, int64_t M, float *y, int64_t ldy,
+                                  int accumulate, float *scratch, int act8, int wait, int prepared) {
+    lb_ggml_prepared p = lb_ggml_prepare(L, x, M, scratch, act8, prepared);
+    /* Work is shared out in items of 16 output rows (lb_matmul_rows_per_item): the tile path's unit. */
+    const int64_t items = (L->n + 15) / 16;
     if (wait) {
-        int64_t chunk = lb_min(LB_GGML_CHUNK_BYTES / (16 * row_bytes), items / 16);
-        if (chunk < 1) chunk = 1;
-        #pragma omp for schedule(dynamic, chunk)
-        for (int64_t item = 0; item < items; item++)
-            lb_ggml_matmul_item(L, item, row_bytes, x, M, y, ldy, accumulate, scratch, act8, pack, tiles);
+        #pragma omp for schedule(dynamic, lb_ggml_chunk(L, items, 1))
+        for (int64_t item = 0; item < items; item++) lb_ggml_run_item(L, item, y, ldy, accumulate, M, &p);
     } else {
         #pragma omp for schedule(static) nowait
-        for (int64_t item = 0; item < items; item++)
-            lb_ggml_matmul_item(L, item, row_bytes, x, M, y, ldy, accumulate, scratch, act8, pack, tiles);
+        for (int64_t item = 0; item < items; item++) lb_ggml_run_item(L, item, y, ldy, accumulate, M, &p);
     }
-#if LB_GGML_AMX
-    if (tiles) _tile_release();
-#endif
+    lb_ggml_finish(&p);
 }
 
 #endif
