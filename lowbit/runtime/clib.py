@@ -92,7 +92,9 @@ def compile_library(target: Path, march_native: bool = True) -> subprocess.Compl
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     flags = ["-march=native"] if march_native else []
-    cmd = [compiler, "-O3", *flags, "-fopenmp", "-shared", "-fPIC", "-o", tmp, *map(str, SOURCES), "-lm"]
+    # an undeclared function would otherwise compile into a library that fails to load (undefined symbol)
+    cmd = [compiler, "-O3", *flags, "-fopenmp", "-shared", "-fPIC", "-Werror=implicit-function-declaration",
+           "-o", tmp, *map(str, SOURCES), "-lm"]
     result = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if result.returncode == 0:
         os.replace(tmp, target)        # atomic: a concurrent build never sees half a library
