@@ -9,10 +9,13 @@ Prints a table and writes bench/results/engine.json. Runs (each pp512 and tg128,
   for GGUF files);
 - llama.cpp (llama-cpp-python, when importable) on the same GGUF files and threads;
 - achieved weight bytes/s per decoded token next to the measured memory read bandwidth;
-- server: 32 concurrent streaming clients on loopback vs one client, p50/p99 latency, requests lost.
+- server: 32 concurrent streaming clients on loopback vs one client, p50/p99 latency, requests lost. The clients
+  share the server's cores, so their own work is part of what is measured: by default each is a minimal streaming
+  HTTP client (http.client, one JSON parse a chunk); `--client openai` uses the openai SDK instead, which spent
+  ~1 ms of CPU a chunk here (0.26 of a core at 32 clients on a 2-core machine, taken from the server).
 
 Usage: python bench/bench_engine.py [--threads 2] [--reps 3] [--no-server] [--no-act8] [--only rtn4,Q4_0]
-       [--server-model .cache/models/llama-3.2-1b-Q4_K_M.gguf]
+       [--server-model .cache/models/llama-3.2-1b-Q4_K_M.gguf] [--client raw|openai]
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -118,8 +122,7 @@ def llama_cpp_quantize(source: Path, target: Path, gtype: str) -> None:
 def bench_server(model, tokenizer, args) -> dict:
     """32 concurrent streaming clients vs one, on loopback: throughput, latency, requests completed. `model`
     (with its tokenizer) is saved and served; or, None, the file --server-model names is served as it is."""
-    import openai
-
+    import http.client
     import signal
     import socket
     import subprocess
@@ -163,19 +166,45 @@ def bench_server(model, tokenizer, args) -> dict:
     prompts = [f"Write a short story about a {w}." for w in
                ("cat", "dog", "robot", "river", "castle", "dragon", "teacher", "garden")]
 
-    def one_request(i: int, record: list) -> None:
+    def stream_openai(i: int) -> Iterator[str | None]:
+        """Each streamed chunk's finish reason, through the openai SDK."""
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=600)
+        stream = client.completions.create(model="smollm2", prompt=prompts[i % len(prompts)],
+                                           max_tokens=max_tokens, temperature=0.7, seed=i, stream=True,
+                                           extra_body={"ignore_eos": True})
+        for chunk in stream:
+            yield chunk.choices[0].finish_reason
+
+    def stream_raw(i: int) -> Iterator[str | None]:
+        """Each streamed chunk's finish reason, read off the event stream with http.client."""
+        body = json.dumps({"model": "smollm2", "prompt": prompts[i % len(prompts)], "max_tokens": max_tokens,
+                           "temperature": 0.7, "seed": i, "stream": True, "ignore_eos": True})
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+        try:
+            connection.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+            response = connection.getresponse()
+            if response.status != 200:
+                raise RuntimeError(f"HTTP {response.status}: {response.read()[:200]!r}")
+            for line in response:
+                if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
+                    continue
+                yield json.loads(line[6:])["choices"][0]["finish_reason"]
+        finally:
+            connection.close()
+
+    if args.client == "openai":
+        import openai
+    stream_chunks = stream_raw if args.client == "raw" else stream_openai
+
+    def one_request(i: int, record: list) -> None:
         began = time.perf_counter()
         first, pieces, finish = None, 0, None
         try:
-            stream = client.completions.create(model="smollm2", prompt=prompts[i % len(prompts)],
-                                               max_tokens=max_tokens, temperature=0.7, seed=i, stream=True,
-                                               extra_body={"ignore_eos": True})
-            for chunk in stream:
+            for reason in stream_chunks(i):
                 if first is None:
                     first = time.perf_counter() - began
                 pieces += 1
-                finish = chunk.choices[0].finish_reason or finish
+                finish = reason or finish
         except Exception as exc:  # a lost request is a result to report, not a crash
             finish = f"error: {exc}"
         record.append({"latency": time.perf_counter() - began, "ttft": first, "finish": finish})
@@ -205,7 +234,7 @@ def bench_server(model, tokenizer, args) -> dict:
     finally:
         server.close()
         shutil.rmtree(work, ignore_errors=True)
-    return {"single": single, "concurrent": many,
+    return {"client": args.client, "single": single, "concurrent": many,
             "speedup": round(many["tokens_per_s"] / single["tokens_per_s"], 2)
             if many["tokens_per_s"] and single["tokens_per_s"] else None}
 
@@ -218,6 +247,8 @@ def main() -> None:
     parser.add_argument("--tg", type=int, default=128)
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--server-tokens", type=int, default=64)
+    parser.add_argument("--client", choices=("raw", "openai"), default="raw",
+                        help="the server bench's clients: a minimal streaming HTTP client, or the openai SDK")
     parser.add_argument("--no-server", action="store_true")
     parser.add_argument("--no-transformers", action="store_true")
     parser.add_argument("--no-act8", action="store_true", help="skip the --activations int8 runs")
