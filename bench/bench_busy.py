@@ -81,10 +81,12 @@ def main() -> None:
     parser.add_argument("--checkouts", default=str(ROOT),
                         help="comma-separated lowbit checkouts to compare side by side (default: this one)")
     args = parser.parse_args()
-    checkouts = [Path(c).resolve() for c in args.checkouts.split(",")]
+    checkouts = [Path(c).resolve() for c in args.checkouts.split(",") if c.strip()]
     for checkout in checkouts:
         if not (checkout / "lowbit" / "__init__.py").exists():
             raise SystemExit(f"{checkout} is not a lowbit checkout (no lowbit/__init__.py)")
+    if len(set(checkouts)) != len(checkouts):
+        raise SystemExit(f"--checkouts names a checkout twice: {args.checkouts}")
     out_path = Path(args.out)
     if out_path.exists():
         raise SystemExit(f"{out_path} exists: results are never overwritten")
@@ -98,7 +100,8 @@ def main() -> None:
             for checkout in checkouts:   # untimed: page cache and compiled kernels warm for the first round
                 run(command, args.timeout, work, checkout)
             for round_index in range(args.rounds):
-                for checkout in checkouts:
+                # every other round in reverse, so that no checkout always runs right after another's busy run
+                for checkout in checkouts if round_index % 2 == 0 else checkouts[::-1]:
                     for busy in [0, *busy_counts]:
                         if busy:
                             with BusyMachine(busy):
@@ -112,18 +115,18 @@ def main() -> None:
           f"{'tg tok/s':>10s}{'pp x':>7s}{'tg x':>7s}")
     summary = []
     ok = [r for r in rows if r["status"] == 0]
-    for checkout in map(str, checkouts):
-        label = Path(checkout).name[-24:]
+    for number, checkout in enumerate(map(str, checkouts)):
+        label = f"{number}:{Path(checkout).name}"[:23]
         for job in args.jobs.split(","):
             quiet_rates = [r for r in ok if r["checkout"] == checkout and r["job"] == job and r["busy"] == 0]
             if not quiet_rates:
-                print(f"{label:24s}{job:10s} no successful quiet run: see the rows above")
+                print(f"{label:23s} {job:10s} no successful quiet run: see the rows above")
                 continue
             quiet = statistics.median(r["wall_s"] for r in quiet_rates)
             for busy in [0, *busy_counts]:
                 mine = [r for r in ok if r["checkout"] == checkout and r["job"] == job and r["busy"] == busy]
                 if not mine:
-                    print(f"{label:24s}{job:10s}{busy:6d}  no successful run")
+                    print(f"{label:23s} {job:10s}{busy:6d}  no successful run")
                     continue
                 wall = statistics.median(r["wall_s"] for r in mine)
                 rates = {k: statistics.median(r[k] for r in mine) if all(r.get(k) for r in mine) else None
@@ -131,15 +134,14 @@ def main() -> None:
                 fair = (cores + busy) / cores
                 entry = {"checkout": checkout, "job": job, "busy": busy, "wall_s": wall,
                          "slowdown": round(wall / quiet, 2), "fair_slowdown": round(fair, 2), **rates}
-                if busy and rates["tg_tok_s"]:
-                    entry["tg_slowdown"] = round(statistics.median(r["tg_tok_s"] for r in quiet_rates)
-                                                 / rates["tg_tok_s"], 2)
-                    entry["pp_slowdown"] = round(statistics.median(r["pp_tok_s"] for r in quiet_rates)
-                                                 / rates["pp_tok_s"], 2)
+                for rate in ("pp", "tg"):
+                    if busy and rates[f"{rate}_tok_s"] and all(r.get(f"{rate}_tok_s") for r in quiet_rates):
+                        entry[f"{rate}_slowdown"] = round(statistics.median(r[f"{rate}_tok_s"] for r in quiet_rates)
+                                                          / rates[f"{rate}_tok_s"], 2)
                 summary.append(entry)
-                print(f"{label:24s}{job:10s}{busy:6d}{wall:10.1f}{wall / quiet:9.2f}{fair:7.2f}"
+                print(f"{label:23s} {job:10s}{busy:6d}{wall:10.1f}{wall / quiet:9.2f}{fair:7.2f}"
                       f"{rates['pp_tok_s'] or float('nan'):10.1f}{rates['tg_tok_s'] or float('nan'):10.1f}"
-                      f"{entry.get('pp_slowdown', 1.0):7.2f}{entry.get('tg_slowdown', 1.0):7.2f}")
+                      f"{entry.get('pp_slowdown', float('nan')):7.2f}{entry.get('tg_slowdown', float('nan')):7.2f}")
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps({"argv": sys.argv, "cores": cores, "rows": rows, "summary": summary}, indent=1))
     print(f"wrote {out_path}")

@@ -130,6 +130,9 @@ def bench_server(model, tokenizer, args) -> dict:
 
     from lowbit.api import save
 
+    if args.client == "openai":
+        import openai   # before the server starts, so a missing SDK leaves no server behind
+
     clients, max_tokens = args.clients, args.server_tokens
     # The server runs as users run it, `lowbit serve` in its own process (generation in its main thread), so
     # the clients' HTTP parsing here does not share its interpreter.
@@ -192,8 +195,6 @@ def bench_server(model, tokenizer, args) -> dict:
         finally:
             connection.close()
 
-    if args.client == "openai":
-        import openai
     stream_chunks = stream_raw if args.client == "raw" else stream_openai
 
     def one_request(i: int, record: list) -> None:

@@ -8,6 +8,7 @@ from typing import Callable, Iterator
 import torch
 
 from lowbit.errors import LowbitError
+from lowbit.runtime.clib import sample_rows_native
 
 
 @dataclass
@@ -39,6 +40,12 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.G
     to draw with, one a row, instead of drawing them from `generator`."""
     if params.temperature == 0:
         return logits.argmax(dim=-1)
+    if not params.top_k and params.top_p >= 1:    # temperature alone: the compiled sampler, where there is one
+        if uniforms is None:
+            uniforms = torch.rand(logits.shape[0], generator=generator, dtype=torch.float64)
+        drawn = sample_rows_native(logits, params.temperature, uniforms)
+        if drawn is not None:
+            return drawn
     logits = logits.float() / params.temperature
     if params.top_k:
         kth = torch.topk(logits, min(params.top_k, logits.shape[-1]), dim=-1).values[..., -1:]

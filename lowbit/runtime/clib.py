@@ -136,6 +136,8 @@ def load_library(path: Path) -> ctypes.CDLL:
         "lowbit_decode_step": [_ptr, _ptr, _i64, _i64, _ptr, _i64, _ptr, _i64, _ptr, _i64, _ptr, _i64, _i64, _i64,
                                i32, _ptr, _i64],
         "lowbit_check_model": [_ptr, ctypes.c_char_p, _i64],
+        # logits, their floats, rows, vocab, temperature, uniforms, their count, tokens, their count, threads
+        "lowbit_sample_rows": [_ptr, _i64, _i64, _i64, ctypes.c_float, _ptr, _i64, _ptr, _i64, i32],
         "lowbit_check_linear": [_ptr] + [_i64] * 6,
     }
     for name, argtypes in signatures.items():
@@ -458,3 +460,22 @@ def has_act8() -> bool:
     """True when the compiled library has the int8-activation kernels (AVX-512 VNNI or AVX2)."""
     lib = native_library()
     return bool(lib is not None and lib.lowbit_has_act8())
+
+
+def sample_rows_native(logits: torch.Tensor, temperature: float, uniforms: torch.Tensor) -> torch.Tensor | None:
+    """Token ids [B] drawn from softmax(logits [B, V] / temperature) with uniforms [B] (float64 in [0, 1)) by the
+    compiled sampler (decode.c's lowbit_sample_rows: the inverse CDF generate.draw computes, in three vectorised
+    passes over each row instead of torch's five); None without the compiled library, for logits it does not read
+    (not float32 rows on the CPU), or when a row has no finite largest logit (the caller's torch path decides)."""
+    lib = native_library()
+    if lib is None or logits.dim() != 2 or logits.dtype != torch.float32 or logits.device.type != "cpu":
+        return None
+    logits = logits.contiguous()
+    uniforms = uniforms.to(torch.float64).contiguous()
+    tokens = torch.empty(logits.shape[0], dtype=torch.int64)
+    check_status(lib.lowbit_sample_rows(logits.data_ptr(), logits.numel(), logits.shape[0], logits.shape[1],
+                                        float(temperature), uniforms.data_ptr(), uniforms.numel(),
+                                        tokens.data_ptr(), tokens.numel(), torch.get_num_threads()),
+                 "compiled sampler", lib)
+    return None if bool((tokens < 0).any()) else tokens
+

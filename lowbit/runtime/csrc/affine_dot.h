@@ -102,6 +102,18 @@ static inline float lb_stat(const void *values, int64_t index, int64_t stats) {
 
 static inline int64_t lb_min(int64_t a, int64_t b) { return a < b ? a : b; }
 
+/* Bytes of weights a thread takes at a time from a loop that ends at a barrier and shares its items dynamically:
+ * a thread the OS preempts on a busy machine then leaves its items to the others instead of making them wait at
+ * the barrier (llama.cpp shares its matmuls' chunks the same way); 64 KB keeps the shared counter's cost small. */
+#define LB_CHUNK_BYTES 65536
+
+/* Items a thread takes at a time from such a loop over `items` items of `item_bytes` bytes of weights each: about
+ * LB_CHUNK_BYTES, and at least 16 chunks in all (so two threads still balance on a small weight). */
+static inline int64_t lb_dynamic_chunk(int64_t item_bytes, int64_t items) {
+    const int64_t chunk = lb_min(LB_CHUNK_BYTES / (item_bytes > 0 ? item_bytes : 1), items / 16);
+    return chunk < 1 ? 1 : chunk;
+}
+
 #if defined(__AVX2__)
 /* The sum of 8 floats (one helper for every AVX2 kernel here and in ggml_blocks.h). */
 static inline float lb_hsum256(__m256 v) {
@@ -925,10 +937,8 @@ static inline void lb_matmul_prepared(const lb_linear *L, const float *x, int64_
     /* many rows: a block's widened codes after the group sums (and the gathered copy); lb_scratch_floats covers
        them from LB_GEMM_ROWS rows (lb_gemm_floats(K) <= M * 192 * blocks) */
     float *decoded = lb_gemm_fits(L, M, act8) ? scratch + M * L->groups : NULL;
-    if (wait) {    /* dynamically, in chunks of about 64 KB of codes, as lb_ggml_matmul and for the same reason */
-        int64_t chunk = lb_min(LB_GGML_CHUNK_BYTES / (4 * lb_row_bytes(L)), blocks / 16);
-        if (chunk < 1) chunk = 1;
-        #pragma omp for schedule(dynamic, chunk)
+    if (wait) {    /* dynamically (lb_dynamic_chunk), as lb_ggml_matmul and for the same reason */
+        #pragma omp for schedule(dynamic, lb_dynamic_chunk(4 * lb_row_bytes(L), blocks))
         for (int64_t block = 0; block < blocks; block++)
             lb_block(L, x, M, y, ldy, accumulate, xsum, x8, sx, block, decoded);
     } else {

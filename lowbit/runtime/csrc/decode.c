@@ -85,12 +85,12 @@ typedef struct {
 
 /* The first present part when every present part is GGUF blocks prepared alike to it (one rounding of x serves
  * them all, so one loop can share out all their rows), else NULL. */
-static const lb_linear *ggml_parts_alike(const lb_linear *parts, int64_t count, int64_t M, int activations) {
+static const lb_linear *ggml_shared_preparation(const lb_linear *parts, int64_t count, int64_t M, int activations) {
     const lb_linear *first = NULL;
     for (int64_t i = 0; i < count; i++) {
         if (!parts[i].n) continue;
         if (!first) first = &parts[i];
-        if (!lb_is_ggml(parts[i].kind) || !lb_prepared_alike(first, &parts[i], M, activations)) return NULL;
+        if (!lb_prepared_alike(first, &parts[i], M, activations)) return NULL;   /* (GGUF blocks only) */
     }
     return first;
 }
@@ -100,7 +100,7 @@ static const lb_linear *ggml_parts_alike(const lb_linear *parts, int64_t count, 
  * busy machine leaves its rows to the others (a static share of q and k made the others wait for it). */
 static void matmul_parts(const lb_linear *parts, int64_t count, const float *x, int64_t M, float *y, int64_t ldy,
                          float *xsum, int activations) {
-    const lb_linear *first = ggml_parts_alike(parts, count, M, activations);
+    const lb_linear *first = ggml_shared_preparation(parts, count, M, activations);
     if (first) {
         lb_ggml_prepared prepared = lb_ggml_prepare(first, x, M, xsum, lb_uses_act8(first, activations), 0);
         int64_t items = 0;
@@ -168,13 +168,16 @@ static void rope(float *v, const float *cos, const float *sin, int64_t d) {
     }
 }
 
-/* e^x for x in [-87.3, 88.3] (clamped; 1.22 ulp at worst against exp in double over that range), in arithmetic
- * alone so that a loop over it vectorises (libm's expf is a call per element: the MLP's activation of 32 rows of
- * SmolLM2 spent ~5 ms a step in it). x = n ln2 + r with |r| <= ln2 / 2 (ln2 split in two so n ln2 is exact),
- * e^r = 1 + r + r^2 p(r) with p of degree 5 (Cephes' minimax coefficients), 2^n put in the exponent bits. */
+/* e^x for x in [-87.3, 88.3] (clamped; 1.26 ulp at worst against exp in double over that range; NaN stays NaN), in
+ * arithmetic alone so that a loop over it vectorises (libm's expf is a call per element: the MLP's activation of 32
+ * rows of SmolLM2 spent ~5 ms a step in it). x = n ln2 + r with |r| <= ln2 / 2 (ln2 split in two so n ln2 is
+ * exact), e^r = 1 + r + r^2 p(r) with p of degree 5 (Cephes' minimax coefficients), 2^n put in the exponent bits.
+ * n is rounded by adding 1.5 * 2^23, which leaves it in the low bits of the sum's mantissa: no float-to-int
+ * conversion, which a NaN would make undefined. */
 static inline float fast_exp(float x) {
     x = x < -87.3f ? -87.3f : x > 88.3f ? 88.3f : x;
-    const float n = __builtin_rintf(x * 1.44269504088896341f);
+    const float shifted = __builtin_fmaf(x, 1.44269504088896341f, 12582912.0f);
+    const float n = shifted - 12582912.0f;
     float r = __builtin_fmaf(n, -0.693359375f, x);
     r = __builtin_fmaf(n, 2.12194440e-4f, r);
     float poly = 1.9875691500e-4f;
@@ -184,7 +187,9 @@ static inline float fast_exp(float x) {
     poly = __builtin_fmaf(poly, r, 1.6666665459e-1f);
     poly = __builtin_fmaf(poly, r, 5.0000001201e-1f);
     poly = __builtin_fmaf(poly, r * r, r + 1.0f);
-    const int32_t bits = ((int32_t)n + 127) << 23;
+    uint32_t bits;
+    memcpy(&bits, &shifted, sizeof bits);
+    bits = (bits - 0x4B400000u + 127u) << 23;      /* n + 127 in the exponent field */
     float scale;
     memcpy(&scale, &bits, sizeof scale);
     return poly * scale;
@@ -204,19 +209,33 @@ static float activation(float x, int64_t kind) {
     return silu(x);
 }
 
-/* out[j] = weight * act(gate[j]) * up[j] (up NULL: 1) for j < n; one loop per activation, so that SiLU's and
- * GELU's tanh form vectorise (erf stays libm's call per element). */
+/* out[j] = scale * act(gate[j]) * up[j] (up NULL: 1) for j < n (scale: an expert's routing weight, else 1); one
+ * loop per activation, so that SiLU's and GELU's tanh form vectorise (erf stays libm's call per element). */
 static void activate(const float *restrict gate, const float *restrict up, float *restrict out, int64_t n,
-                     int64_t kind, float weight) {
+                     int64_t kind, float scale) {
     if (kind == LB_ACT_SILU && up) {
         #pragma omp simd
-        for (int64_t j = 0; j < n; j++) out[j] = weight * silu(gate[j]) * up[j];
+        for (int64_t j = 0; j < n; j++) out[j] = scale * silu(gate[j]) * up[j];
+    } else if (kind == LB_ACT_SILU) {
+        #pragma omp simd
+        for (int64_t j = 0; j < n; j++) out[j] = scale * silu(gate[j]);
     } else if (kind == LB_ACT_GELU_TANH && up) {
         #pragma omp simd
-        for (int64_t j = 0; j < n; j++) out[j] = weight * gelu_tanh(gate[j]) * up[j];
+        for (int64_t j = 0; j < n; j++) out[j] = scale * gelu_tanh(gate[j]) * up[j];
+    } else if (kind == LB_ACT_GELU_TANH) {
+        #pragma omp simd
+        for (int64_t j = 0; j < n; j++) out[j] = scale * gelu_tanh(gate[j]);
     } else {
-        for (int64_t j = 0; j < n; j++) out[j] = weight * activation(gate[j], kind) * (up ? up[j] : 1.0f);
+        for (int64_t j = 0; j < n; j++) out[j] = scale * activation(gate[j], kind) * (up ? up[j] : 1.0f);
     }
+}
+
+/* act[b, j0 .. j0 + width) = act(gate) (* up when gated) for every row b < B of gu [B, 2I] (gate columns 0..I-1,
+ * up columns I..2I-1) into act [B, I]. */
+static void activate_columns(const float *gu, float *act, int64_t B, int64_t I, int64_t j0, int64_t width,
+                             int64_t kind, int gated) {
+    for (int64_t b = 0; b < B; b++)
+        activate(gu + b * 2 * I + j0, gated ? gu + b * 2 * I + I + j0 : NULL, act + b * I + j0, width, kind, 1.0f);
 }
 
 static float softcap(float x, float cap) { return cap > 0.0f ? tanhf(x / cap) * cap : x; }
@@ -322,8 +341,9 @@ static void attend_run(const lb_model *m, const float *q, int64_t hh0, int64_t c
 
 /* Query heads per attention work item: the (row, KV head) items split into runs of heads when there are too few
  * of them to keep the threads equally busy (one row of a model with 3 KV heads on 2 threads), the split with the
- * least work on the busiest thread (a run costs its heads plus about one head's reading of the keys and values,
- * which its heads share); the fewest runs among equals. */
+ * least work on the busiest thread of an even share (a run costs its heads plus about one head's reading of the
+ * keys and values, which its heads share); the fewest runs among equals. The items are shared dynamically, so a
+ * preempted thread's go to the others; on a quiet machine that share is the even one this estimates. */
 static int64_t attention_run(int64_t items, int64_t group_ratio, int threads) {
     int64_t best = group_ratio, best_cost = -1;
     for (int64_t tried = 1; tried <= group_ratio; tried++) {
@@ -802,7 +822,7 @@ int lowbit_decode_step(const lb_model *m, float *x, int64_t x_floats, int64_t B,
             }
             const lb_linear *gate = &layer->gate_up[0], *up = &layer->gate_up[1];
             const int64_t per_item = lb_matmul_rows_per_item(gate);
-            if (m->gated && gate->n == I && up->n == I && ggml_parts_alike(layer->gate_up, 2, B, activations)) {
+            if (m->gated && gate->n == I && up->n == I && ggml_shared_preparation(layer->gate_up, 2, B, activations)) {
                 /* GGUF gate and up: one dynamically shared loop computes 16 rows of each and their activation
                  * (a preempted thread's rows go to the others; one barrier, as below) */
                 lb_ggml_prepared prepared = lb_ggml_prepare(gate, h, B, xsum, lb_uses_act8(gate, activations), 0);
@@ -811,9 +831,7 @@ int lowbit_decode_step(const lb_model *m, float *x, int64_t x_floats, int64_t B,
                 for (int64_t item = 0; item < items; item++) {
                     lb_ggml_run_item(gate, item, gu, 2 * I, 0, B, &prepared);
                     lb_ggml_run_item(up, item, gu + I, 2 * I, 0, B, &prepared);
-                    const int64_t j = item * 16, width = lb_min(I, j + 16) - j;
-                    for (int64_t b = 0; b < B; b++)
-                        activate(gu + b * 2 * I + j, gu + b * 2 * I + I + j, act + b * I + j, width, m->activation, 1.0f);
+                    activate_columns(gu, act, B, I, item * 16, lb_min(16, I - item * 16), m->activation, 1);
                 }
                 lb_ggml_finish(&prepared);
             } else if (m->gated && gate->n == I && up->n == I && lb_matmul_rows_per_item(up) == per_item) {
@@ -823,16 +841,14 @@ int lowbit_decode_step(const lb_model *m, float *x, int64_t x_floats, int64_t B,
                 lb_matmul_prepared(up, h, B, gu + I, 2 * I, 0, xsum, activations, 0,
                                    lb_prepared_alike(gate, up, B, activations));
                 #pragma omp for schedule(static)
-                for (int64_t item = 0; item < (I + per_item - 1) / per_item; item++) {
-                    const int64_t j = item * per_item, width = lb_min(I, j + per_item) - j;
-                    for (int64_t b = 0; b < B; b++)
-                        activate(gu + b * 2 * I + j, gu + b * 2 * I + I + j, act + b * I + j, width, m->activation, 1.0f);
-                }
+                for (int64_t item = 0; item < (I + per_item - 1) / per_item; item++)
+                    activate_columns(gu, act, B, I, item * per_item, lb_min(per_item, I - item * per_item),
+                                     m->activation, 1);
             } else {
                 matmul_parts(layer->gate_up, 2, h, B, gu, 2 * I, xsum, activations);
-                #pragma omp for schedule(static)
-                for (int64_t b = 0; b < B; b++)
-                    activate(gu + b * 2 * I, m->gated ? gu + b * 2 * I + I : NULL, act + b * I, I, m->activation, 1.0f);
+                #pragma omp for schedule(static)       /* columns in runs of 256: one row splits too */
+                for (int64_t item = 0; item < (I + 255) / 256; item++)
+                    activate_columns(gu, act, B, I, item * 256, lb_min(256, I - item * 256), m->activation, m->gated);
             }
             if (m->parallel) {                 /* x = (attention + MLP output) + x, transformers' order */
                 lb_matmul(&layer->down, act, B, out, H, 1, xsum, activations, 1);
@@ -856,6 +872,81 @@ int lowbit_decode_step(const lb_model *m, float *x, int64_t x_floats, int64_t B,
             #pragma omp for schedule(static)
             for (int64_t i = 0; i < count; i++) logits[i] = softcap(logits[i], m->final_softcap);
         }
+    }
+    return LB_OK;
+}
+
+/* A token's sampling weight e^x, x = (logit - the row's largest) / temperature <= 0: 0 below -87, so a token
+ * masked with a -inf logit keeps probability 0 (fast_exp clamps there to 2^-126 instead). */
+static inline float sample_weight(float x) { return x < -87.0f ? 0.0f : fast_exp(x); }
+
+#define LB_SAMPLE_BLOCK 64      /* tokens whose weights are summed at once while looking for the drawn one */
+
+/* Sum of the sampling weights of row[first .. first + count) (count <= LB_SAMPLE_BLOCK). */
+static float sample_block_sum(const float *row, int64_t first, int64_t count, float top, float inverse) {
+    float total = 0.0f;
+    #pragma omp simd reduction(+ : total)
+    for (int64_t j = first; j < first + count; j++) total += sample_weight((row[j] - top) * inverse);
+    return total;
+}
+
+/* tokens[r] drawn from softmax(logits[r] / temperature) with uniforms[r] in [0, 1), for r < rows: the first token
+ * whose cumulative weight exceeds uniforms[r] times the row's total weight (the inverse CDF, as generate.draw
+ * computes it with torch in five passes over the row: here three, vectorised, the weights never stored), or the
+ * last token of nonzero weight when rounding carries the target past the total. Rows are shared out over `threads`.
+ * A row with no finite largest logit (all -inf, or NaN) gets token -1. LB_OK, or a status and nothing written. */
+int lowbit_sample_rows(const float *logits, int64_t logit_floats, int64_t rows, int64_t vocab, float temperature,
+                       const double *uniforms, int64_t uniform_count, int64_t *tokens, int64_t token_count,
+                       int threads) {
+    if (rows < 0 || vocab < 1 || threads < 1 || threads > 4096 || !(temperature > 0.0f) || isinf(temperature))
+        return LB_ERR_ARGUMENT;
+    if (logit_floats < lb_size_mul(rows, vocab)) return LB_ERR_INPUT_SIZE;
+    if (uniform_count < rows) return LB_ERR_INPUT_SIZE;
+    if (token_count < rows) return LB_ERR_OUTPUT_SIZE;
+    const float inverse = 1.0f / temperature;
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t r = 0; r < rows; r++) {
+        const float *row = logits + r * vocab;
+        float top = -INFINITY;
+        int nan = 0;
+        #pragma omp simd reduction(max : top) reduction(| : nan)
+        for (int64_t j = 0; j < vocab; j++) {
+            top = row[j] > top ? row[j] : top;
+            nan |= row[j] != row[j];
+        }
+        if (nan || !(top > -INFINITY) || isinf(top)) {
+            tokens[r] = -1;
+            continue;
+        }
+        /* the total as the sum of block sums, accumulated in the order the search below accumulates them */
+        double total = 0.0;
+        for (int64_t first = 0; first < vocab; first += LB_SAMPLE_BLOCK)
+            total += sample_block_sum(row, first, lb_min(LB_SAMPLE_BLOCK, vocab - first), top, inverse);
+        const double target = uniforms[r] * total;
+        double below = 0.0;                       /* weight of the blocks before `first` */
+        int64_t token = -1;
+        for (int64_t first = 0; first < vocab && token < 0; first += LB_SAMPLE_BLOCK) {
+            const int64_t count = lb_min(LB_SAMPLE_BLOCK, vocab - first);
+            const double block = sample_block_sum(row, first, count, top, inverse);
+            if (below + block <= target) {        /* the drawn token is further on */
+                below += block;
+                continue;
+            }
+            double cumulative = below;
+            for (int64_t j = first; j < first + count; j++) {
+                cumulative += sample_weight((row[j] - top) * inverse);
+                if (cumulative > target) {
+                    token = j;
+                    break;
+                }
+            }
+            below += block;
+        }
+        /* rounding carried the target past the total: the last token of nonzero weight (there is one: the
+           largest logit's weight is 1) */
+        for (int64_t j = vocab - 1; token < 0; j--)
+            if (sample_weight((row[j] - top) * inverse) > 0.0f) token = j;
+        tokens[r] = token;
     }
     return LB_OK;
 }

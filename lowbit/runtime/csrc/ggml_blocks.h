@@ -67,6 +67,11 @@ static inline int64_t lb_ggml_bytes(int64_t kind) {
     }
 }
 
+/* Bytes of one weight row of a GGUF block weight (k / block size blocks). */
+static inline int64_t lb_ggml_row_bytes(const lb_linear *L) {
+    return (L->k / lb_ggml_block(L->kind)) * lb_ggml_bytes(L->kind);
+}
+
 static inline float lb_ggml_half(const uint8_t *p) {
     uint16_t h;
     memcpy(&h, p, 2);
@@ -1205,15 +1210,12 @@ static inline void lb_ggml_matmul_item(const lb_linear *L, int64_t item, int64_t
         lb_ggml_matmul_row(L, n, row_bytes, x, M, y, ldy, accumulate, scratch, act8, tiles ? NULL : pack);
 }
 
-/* Bytes of weight rows a thread takes at a time when the matmul ends at a barrier (see lb_ggml_matmul). */
-#define LB_GGML_CHUNK_BYTES 65536
-
 /* A thread's activations prepared for GGUF block weights (lb_ggml_prepare): what lb_ggml_run_item reads. */
 typedef struct {
     const float *x, *pack;    /* x's float rows; the many-row pack (NULL: rows one by one) */
     float *scratch;           /* the act8 rows (act8), else x's 16-column sums (float path) */
     int act8, tiles;          /* int8 activations; the AMX tile path (the team's tile state) */
-    int64_t configured;       /* the kind whose tile configuration this thread has loaded (-1: none) */
+    int tile_columns;         /* the sub-block columns of the tile configuration this thread has loaded (0: none) */
 } lb_ggml_prepared;
 
 /* Round x [M, K] for weight L into this thread's `scratch` (act8 rows, then the many-row pack) unless `prepared`
@@ -1222,7 +1224,7 @@ typedef struct {
 static inline lb_ggml_prepared lb_ggml_prepare(const lb_linear *L, const float *x, int64_t M, float *scratch,
                                                int act8, int prepared) {
     const int64_t K = L->k, per_row = lb_ggml_act8_floats(K);
-    lb_ggml_prepared p = {x, NULL, scratch, act8, lb_ggml_amx_fits(L->kind, M, act8), -1};
+    lb_ggml_prepared p = {x, NULL, scratch, act8, lb_ggml_amx_fits(L->kind, M, act8), 0};
     if (act8 && !prepared)
         for (int64_t r = 0; r < M; r++)
             lb_ggml_quantize_act8(x + r * K, K, lb_ggml_block(L->kind), scratch + r * per_row);
@@ -1252,38 +1254,34 @@ static inline lb_ggml_prepared lb_ggml_prepare(const lb_linear *L, const float *
 }
 
 /* Output rows 16 item .. 16 item + 15 of y[M, :n] (= or +=) x W^T + bias for a weight prepared alike to the one
- * `p` was prepared for; loads the tile configuration for L's kind when the thread's is another. */
+ * `p` was prepared for; loads the tile configuration L's kind needs when the thread has another (kinds whose
+ * sub-blocks are as wide share one: gate Q4_K and up Q5_K alternate without reloading). */
 static inline void lb_ggml_run_item(const lb_linear *L, int64_t item, float *y, int64_t ldy, int accumulate,
                                     int64_t M, lb_ggml_prepared *p) {
 #if LB_GGML_AMX
-    if (p->tiles && p->configured != L->kind) {
+    if (p->tiles && p->tile_columns != lb_amx_sub_columns(L->kind)) {
         lb_amx_configure(L->kind);
-        p->configured = L->kind;
+        p->tile_columns = lb_amx_sub_columns(L->kind);
     }
 #endif
-    const int64_t row_bytes = (L->k / lb_ggml_block(L->kind)) * lb_ggml_bytes(L->kind);
-    lb_ggml_matmul_item(L, item, row_bytes, p->x, M, y, ldy, accumulate, p->scratch, p->act8, p->pack, p->tiles);
+    lb_ggml_matmul_item(L, item, lb_ggml_row_bytes(L), p->x, M, y, ldy, accumulate, p->scratch, p->act8, p->pack,
+                        p->tiles);
 }
 
 /* Release the tile state after a thread's last lb_ggml_run_item of a loop. */
 static inline void lb_ggml_finish(lb_ggml_prepared *p) {
 #if LB_GGML_AMX
-    if (p->configured >= 0) _tile_release();
-    p->configured = -1;
+    if (p->tile_columns) _tile_release();
+    p->tile_columns = 0;
 #else
     (void)p;
 #endif
 }
 
-/* Bytes of weight rows a thread takes at a time from a loop that ends at a barrier (see lb_ggml_matmul). */
-#define LB_GGML_CHUNK_BYTES 65536
-
 /* Items a thread takes at a time from a dynamically shared loop over `items` items that each read 16 rows of
- * `weights` weights shaped like L: about 64 KB of weights, and at least 16 chunks in all. */
+ * `weights` weights shaped like L (lb_dynamic_chunk). */
 static inline int64_t lb_ggml_chunk(const lb_linear *L, int64_t items, int64_t weights) {
-    const int64_t row_bytes = (L->k / lb_ggml_block(L->kind)) * lb_ggml_bytes(L->kind);
-    const int64_t chunk = lb_min(LB_GGML_CHUNK_BYTES / (16 * row_bytes * weights), items / 16);
-    return chunk < 1 ? 1 : chunk;
+    return lb_dynamic_chunk(16 * lb_ggml_row_bytes(L) * weights, items);
 }
 
 /* lb_matmul for a GGUF block weight: y[M, :n] (= or +=) x W^T + bias; called by every thread of a team; each
