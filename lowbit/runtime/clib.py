@@ -466,9 +466,12 @@ def sample_rows_native(logits: torch.Tensor, temperature: float, uniforms: torch
     """Token ids [B] drawn from softmax(logits [B, V] / temperature) with uniforms [B] (float64 in [0, 1)) by the
     compiled sampler (decode.c's lowbit_sample_rows: the inverse CDF generate.draw computes, in three vectorised
     passes over each row instead of torch's five); None without the compiled library, for logits it does not read
-    (not float32 rows on the CPU), or when a row has no finite largest logit (the caller's torch path decides)."""
+    (not float32 rows on the CPU), a temperature below float32's smallest normal, or when a row has no finite
+    largest logit (the caller's torch path decides)."""
     lib = native_library()
     if lib is None or logits.dim() != 2 or logits.dtype != torch.float32 or logits.device.type != "cpu":
+        return None
+    if temperature < torch.finfo(torch.float32).tiny:   # 1 / temperature would overflow float32 in C
         return None
     logits = logits.contiguous()
     uniforms = uniforms.to(torch.float64).contiguous()

@@ -846,9 +846,13 @@ int lowbit_decode_step(const lb_model *m, float *x, int64_t x_floats, int64_t B,
                                      m->activation, 1);
             } else {
                 matmul_parts(layer->gate_up, 2, h, B, gu, 2 * I, xsum, activations);
-                #pragma omp for schedule(static)       /* columns in runs of 256: one row splits too */
-                for (int64_t item = 0; item < (I + 255) / 256; item++)
-                    activate_columns(gu, act, B, I, item * 256, lb_min(256, I - item * 256), m->activation, m->gated);
+                const int64_t runs = (I + 255) / 256;   /* (row, run of 256 columns) items: one row splits too */
+                #pragma omp for schedule(static)
+                for (int64_t item = 0; item < B * runs; item++) {
+                    const int64_t b = item / runs, j = item % runs * 256;
+                    activate_columns(gu + b * 2 * I, act + b * I, 1, I, j, lb_min(256, I - j), m->activation,
+                                     m->gated);
+                }
             }
             if (m->parallel) {                 /* x = (attention + MLP output) + x, transformers' order */
                 lb_matmul(&layer->down, act, B, out, H, 1, xsum, activations, 1);
@@ -892,19 +896,24 @@ static float sample_block_sum(const float *row, int64_t first, int64_t count, fl
 
 /* tokens[r] drawn from softmax(logits[r] / temperature) with uniforms[r] in [0, 1), for r < rows: the first token
  * whose cumulative weight exceeds uniforms[r] times the row's total weight (the inverse CDF, as generate.draw
- * computes it with torch in five passes over the row: here three, vectorised, the weights never stored), or the
- * last token of nonzero weight when rounding carries the target past the total. Rows are shared out over `threads`.
- * A row with no finite largest logit (all -inf, or NaN) gets token -1. LB_OK, or a status and nothing written. */
+ * computes it with torch in five passes over the row: here three, vectorised, the weights never stored). Where
+ * rounding leaves the target between sums (a block's vector sum against its tokens' running sum, or the total),
+ * the last token of nonzero weight before that point: a token of weight 0 (a -inf logit) is never drawn. Rows are
+ * shared out over `threads`. A row with no finite largest logit (all -inf, +inf or NaN) gets token -1. LB_OK, or a
+ * status and nothing written: a temperature whose inverse is not finite, or a uniform outside [0, 1), is
+ * LB_ERR_ARGUMENT. */
 int lowbit_sample_rows(const float *logits, int64_t logit_floats, int64_t rows, int64_t vocab, float temperature,
                        const double *uniforms, int64_t uniform_count, int64_t *tokens, int64_t token_count,
                        int threads) {
-    if (rows < 0 || vocab < 1 || threads < 1 || threads > 4096 || !(temperature > 0.0f) || isinf(temperature))
+    if (rows < 0 || vocab < 1 || !lb_threads_fit(threads) || !(temperature > 0.0f) || isinf(1.0f / temperature)
+        || isinf(temperature))
         return LB_ERR_ARGUMENT;
-    if (logit_floats < lb_size_mul(rows, vocab)) return LB_ERR_INPUT_SIZE;
-    if (uniform_count < rows) return LB_ERR_INPUT_SIZE;
+    if (!lb_covers(logit_floats, lb_size_mul(rows, vocab)) || uniform_count < rows) return LB_ERR_INPUT_SIZE;
     if (token_count < rows) return LB_ERR_OUTPUT_SIZE;
+    for (int64_t r = 0; r < rows; r++)
+        if (!(uniforms[r] >= 0.0 && uniforms[r] < 1.0)) return LB_ERR_ARGUMENT;     /* NaN included */
     const float inverse = 1.0f / temperature;
-    #pragma omp parallel for schedule(static) num_threads(threads)
+    #pragma omp parallel for schedule(static) num_threads(threads) if (rows > 1)
     for (int64_t r = 0; r < rows; r++) {
         const float *row = logits + r * vocab;
         float top = -INFINITY;
@@ -924,7 +933,7 @@ int lowbit_sample_rows(const float *logits, int64_t logit_floats, int64_t rows, 
             total += sample_block_sum(row, first, lb_min(LB_SAMPLE_BLOCK, vocab - first), top, inverse);
         const double target = uniforms[r] * total;
         double below = 0.0;                       /* weight of the blocks before `first` */
-        int64_t token = -1;
+        int64_t token = -1, last_weighted = -1;   /* the entered block's last token of nonzero weight so far */
         for (int64_t first = 0; first < vocab && token < 0; first += LB_SAMPLE_BLOCK) {
             const int64_t count = lb_min(LB_SAMPLE_BLOCK, vocab - first);
             const double block = sample_block_sum(row, first, count, top, inverse);
@@ -932,20 +941,21 @@ int lowbit_sample_rows(const float *logits, int64_t logit_floats, int64_t rows, 
                 below += block;
                 continue;
             }
+            /* the target is in this block (block > 0, so it holds a token of nonzero weight) */
             double cumulative = below;
-            for (int64_t j = first; j < first + count; j++) {
-                cumulative += sample_weight((row[j] - top) * inverse);
-                if (cumulative > target) {
-                    token = j;
-                    break;
-                }
+            for (int64_t j = first; j < first + count && token < 0; j++) {
+                const float weight = sample_weight((row[j] - top) * inverse);
+                if (weight <= 0.0f) continue;
+                cumulative += weight;
+                last_weighted = j;
+                if (cumulative > target) token = j;
             }
-            below += block;
+            if (token < 0) token = last_weighted;    /* the block's vector sum overshot its running sum */
         }
-        /* rounding carried the target past the total: the last token of nonzero weight (there is one: the
-           largest logit's weight is 1) */
-        for (int64_t j = vocab - 1; token < 0; j--)
-            if (sample_weight((row[j] - top) * inverse) > 0.0f) token = j;
+        if (token < 0) {                          /* the target is at or past the total: the last weighted token */
+            for (int64_t j = vocab - 1; j >= 0 && token < 0; j--)
+                if (sample_weight((row[j] - top) * inverse) > 0.0f) token = j;
+        }
         tokens[r] = token;
     }
     return LB_OK;
