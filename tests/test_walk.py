@@ -13,9 +13,14 @@ from lowbit.methods.base import QuantizeConfig
 # quantizing stories260K with the configs below on the calibration ids below. Computed once with the four
 # drivers of main before the walk was unified (commit 932e7a8: run_calibrated in methods/gptq.py, GGUFGPTQ's
 # own quantize_model), torch 2.13 CPU, one thread. Any change of GPTQ's or AWQ's codes changes these.
+# AWQ's alpha search compares losses that tie to the last bit, and torch's float32 GEMMs round those bits
+# differently by CPU: the first AWQ digest is an Intel AVX-512/AMX machine's, the second an AMD Zen 4's (no AMX),
+# both computed by the same commit (44f529b) and packages. A change of AWQ's codes moves the digest off both; a CPU
+# of a third kind may need its own entry, computed by a commit whose codes the others confirm.
 PINNED = {
-    "gptq": (36, "36c0aa564a5c6ae6574378e2fae991d7d30bb36944017265694f385c66c6d5b9"),
-    "awq": (36, "1ca55b62bf77d19925a5c456de6f24963175011d7ba60ffdd2336b30eccaf582"),
+    "gptq": {(36, "36c0aa564a5c6ae6574378e2fae991d7d30bb36944017265694f385c66c6d5b9")},
+    "awq": {(36, "1ca55b62bf77d19925a5c456de6f24963175011d7ba60ffdd2336b30eccaf582"),
+            (36, "e5fce4893c4d529e76a2d1aa9d21ed912ea43748c70fcb4985711115fd782d23")},
 }
 # GPTQ on the GGUF Q4_0 grid was pinned too, but its digest differs between CPUs of this fleet with the same
 # packages, one thread and either kernel (an AVX-512/AMX machine gives another; the grid's trunc(x / d + 8.5)
@@ -57,7 +62,7 @@ def test_codes_equal_those_of_the_old_drivers(stories_dir, method):
         quantize_model(model, QuantizeConfig(**CONFIGS[method]), calibration=calibration_ids(), progress=False)
     finally:
         torch.set_num_threads(threads)
-    assert codes_digest(model) == PINNED[method]
+    assert codes_digest(model) in PINNED[method]
 
 
 def test_reports_are_returned_per_layer_not_left_on_the_method(stories_dir):
