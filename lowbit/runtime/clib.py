@@ -17,6 +17,7 @@ import hashlib
 import logging
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -72,10 +73,16 @@ def _cpu_flags() -> str:
     return platform.processor() or platform.machine()
 
 
+def _extra_cflags() -> str:
+    """Compiler flags added to the kernels' build for experiments (e.g. -DLB_GGML_PREFETCH_BYTES=4096): part of
+    the library's cache key, so each setting builds its own."""
+    return os.environ.get("LOWBIT_CFLAGS", "").strip()
+
+
 def native_library_path() -> Path:
     """Where the compiled library for these sources and this CPU lives (package folder, else the user cache)."""
     source_bytes = b"".join(path.read_bytes() for path in sorted(CSRC.iterdir()) if path.suffix in (".c", ".h"))
-    key = hashlib.sha256(source_bytes + _cpu_flags().encode()).hexdigest()[:16]
+    key = hashlib.sha256(source_bytes + _cpu_flags().encode() + _extra_cflags().encode()).hexdigest()[:16]
     name = f"lowbit_kernels-{key}.so"
     package_dir = Path(__file__).with_name("_native")
     if os.access(package_dir if package_dir.exists() else package_dir.parent, os.W_OK):
@@ -93,6 +100,7 @@ def compile_library(target: Path, march_native: bool = True) -> subprocess.Compl
     os.close(fd)
     flags = ["-march=native"] if march_native else []
     # an undeclared function would otherwise compile into a library that fails to load (undefined symbol)
+    flags += shlex.split(_extra_cflags())
     cmd = [compiler, "-O3", *flags, "-fopenmp", "-shared", "-fPIC", "-Werror=implicit-function-declaration",
            "-o", tmp, *map(str, SOURCES), "-lm"]
     result = subprocess.run(cmd, capture_output=True, text=True, check=False)

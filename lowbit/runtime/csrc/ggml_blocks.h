@@ -84,10 +84,25 @@ static inline float lb_ggml_half(const uint8_t *p) {
  * thread (bench harness over 464 MB of Q4_K [8960, 1536] matrices, GB of weights per CPU second), no prefetch
  * 4.9, whole rows 2 KB ahead at the row's start with prefetchnta (the previous scheme) 7.0, the same into L2
  * 9.5, per block 2 KB ahead into L2 9.8 (and 9.6 against 7.0 for [1536, 8960], whose 5 KB rows the per-row
- * scheme fetched in one burst); a plain read of the same bytes 13.4. 1 KB ahead was slower (8.6). */
+ * scheme fetched in one burst); a plain read of the same bytes 13.4. 1 KB ahead was slower (8.6).
+ * AMD Zen (an EPYC Zen 4, 32 MB L3) is the opposite: its hardware prefetchers follow the rows' streams, and the
+ * requests only take issue slots and cache room from them. 151 MB of Q4_K [131072, 2048] rows, one activation
+ * row, alternated runs: 1 thread 9.9-11.0 GB/s with 2 KB ahead, 12.0-13.5 with none, 12.3-13.3 4 KB ahead;
+ * 2 threads 19.8-20.7 against 23.7-29.8 with none. So a build tuned for Zen (gcc's -march=native names it)
+ * issues none; elsewhere 2 KB. An experiment may set it: LOWBIT_CFLAGS=-DLB_GGML_PREFETCH_BYTES=4096. */
+#ifndef LB_GGML_PREFETCH_BYTES
+#if defined(__znver1__) || defined(__znver2__) || defined(__znver3__) || defined(__znver4__) || defined(__znver5__)
+#define LB_GGML_PREFETCH_BYTES 0
+#else
 #define LB_GGML_PREFETCH_BYTES 2048
+#endif
+#endif
 static inline void lb_ggml_prefetch(const uint8_t *block, int64_t bytes) {
+#if LB_GGML_PREFETCH_BYTES > 0
     for (int64_t line = 0; line < bytes; line += 64) __builtin_prefetch(block + LB_GGML_PREFETCH_BYTES + line, 0, 2);
+#else
+    (void)block; (void)bytes;
+#endif
 }
 
 /* One block as integers (see the top of the file); only the first `block` codes and block/16 sub-scales are used. */
@@ -529,6 +544,92 @@ LB_GGML_INLINE void lb_k4_block(int64_t kind, const uint8_t *b, __m256i q[8], __
     }
 }
 
+/* -- one activation row, AVX-512 (AVX-512BW/VL) ----------------------------------------------------------------
+ * Decoding is bound by the instructions per block as much as by memory: the AVX2 Q4_K kernel issues ~120 per
+ * 144-byte block (27 cycles on a Zen 4 core, 16 GB/s of blocks from L2). With 512-bit vectors, two 32-column
+ * sub-blocks go through each vpmaddubsw / vpmaddwd / vpshufb, and a block's scales are unpacked by six vector
+ * operations instead of scalar shifts. The integer sums are the same values in the same eight lanes (integer
+ * addition: exact in any order), folded from 16 lanes to 8 before the float arithmetic, which is the AVX2
+ * kernel's operation for operation; so results are bit for bit those of the AVX2 kernel and of the many-row
+ * kernels below, which tests/test_batch_gemm.py and tests/test_ggml_block_kernels.py check. */
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+#define LB_GGML_ROW512 1
+/* A Q4_K / Q5_K block's eight 6-bit scales (bytes 0-7) and minimums (bytes 8-15) from its 12 packed bytes at b + 4
+ * (layout above lb_k4_scales_mins): dwords w0 w1 w2 give scales 0-3 = w0 & 0x3F.., 4-7 = (w2 & 0x0F..) |
+ * (w0 >> 6 & 3) << 4, minimums 0-3 = w1 & 0x3F.., 4-7 = (w2 >> 4 & 0x0F..) | (w1 >> 6 & 3) << 4. */
+static inline __m128i lb_k4_scales_mins128(const uint8_t *b) {
+    /* the block's first 16 bytes (d, dmin, the 12), shifted down to w0 w1 w2: a copy into a buffer would be read
+     * back before its stores could forward (a 16-byte load over 8- and 4-byte stores), ~2x slower per block */
+    const __m128i v = _mm_srli_si128(_mm_loadu_si128((const __m128i *)b), 4);
+    const __m128i x = _mm_shuffle_epi32(v, 0x98);                  /* w0, w2, w1, w2 */
+    const __m128i y = _mm_shuffle_epi32(v, 0x40);                  /* -, w0, -, w1 */
+    const __m128i low = _mm_and_si128(_mm_srlv_epi32(x, _mm_setr_epi32(0, 0, 0, 4)),
+                                      _mm_setr_epi32(0x3F3F3F3F, 0x0F0F0F0F, 0x3F3F3F3F, 0x0F0F0F0F));
+    return _mm_or_si128(low, _mm_and_si128(_mm_srli_epi32(y, 2), _mm_setr_epi32(0, 0x30303030, 0, 0x30303030)));
+}
+
+/* A Q4_K / Q5_K block unpacked for the 512-bit kernel: q[p] the codes of sub-blocks 2p (low 256 bits) and 2p + 1
+ * (high), scales the 8 scales as int16 in every 128-bit lane (picked per pair by vpshufb), mins per 16 columns. */
+LB_GGML_INLINE void lb_k4_block512(int64_t kind, const uint8_t *b, __m512i q[4], __m512i *scales, __m256i *mins) {
+    const int five = kind == LB_Q5_K;
+    const __m512i low = _mm512_set1_epi8(0x0F);
+    const uint8_t *qs = b + (five ? 48 : 16);
+    const __m128i sm = lb_k4_scales_mins128(b);
+    *scales = _mm512_broadcast_i32x4(_mm_cvtepu8_epi16(sm));
+    *mins = _mm256_cvtepu8_epi16(_mm_unpackhi_epi8(sm, sm));         /* per 16 columns */
+    const __m512i qh = five ? _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(b + 16)))
+                            : _mm512_setzero_si512();
+    for (int p = 0; p < 4; p++) {
+        const __m256i v = _mm256_loadu_si256((const __m256i *)(qs + 32 * p));
+        q[p] = _mm512_and_si512(_mm512_inserti64x4(_mm512_castsi256_si512(v), _mm256_srli_epi16(v, 4), 1), low);
+        if (five) {      /* bit 2p (low half) / 2p + 1 (high half) of each qh byte to bit 4 */
+            const __m512i counts = _mm512_inserti64x4(_mm512_set1_epi16((short)(2 * p)),
+                                                      _mm256_set1_epi16((short)(2 * p + 1)), 1);
+            const __m512i bit = _mm512_and_si512(_mm512_srlv_epi16(qh, counts), _mm512_set1_epi8(1));
+            q[p] = _mm512_or_si512(q[p], _mm512_slli_epi16(bit, 4));
+        }
+    }
+}
+
+/* 8 int32 lanes: the 16 of a 512-bit vector, high half added to the low (the AVX2 kernels' lane order). */
+static inline __m256i lb_fold512(__m512i v) {
+    return _mm256_add_epi32(_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64(v, 1));
+}
+
+LB_GGML_INLINE void lb_k4_row_act8(int64_t kind, const uint8_t *row, int64_t K, const lb_act8_row *act, int64_t R,
+                                   float *out) {
+    const int64_t bytes = lb_ggml_bytes(kind), nb = K / 256;
+    __m512i pick[4];        /* vpshufb indices: int16 scale 2p over the low 256 bits, 2p + 1 over the high */
+    for (int p = 0; p < 4; p++)
+        pick[p] = _mm512_inserti64x4(_mm512_set1_epi16((short)((4 * p + 1) << 8 | 4 * p)),
+                                     _mm256_set1_epi16((short)((4 * p + 3) << 8 | (4 * p + 2))), 1);
+    __m256 acc[16], mins_acc[16];
+    for (int64_t r = 0; r < R; r++) acc[r] = _mm256_setzero_ps(), mins_acc[r] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < nb; i++) {
+        const uint8_t *b = row + i * bytes;
+        lb_ggml_prefetch(b, bytes);
+        const float d = lb_ggml_half(b), dmin = lb_ggml_half(b + 2);
+        __m512i q[4], scales, picked[4];
+        __m256i mins;
+        lb_k4_block512(kind, b, q, &scales, &mins);
+        for (int p = 0; p < 4; p++) picked[p] = _mm512_shuffle_epi8(scales, pick[p]);
+        for (int64_t r = 0; r < R; r++) {
+            const int8_t *x8 = act[r].x8 + i * 256;
+            __m512i sum = _mm512_setzero_si512();
+            for (int p = 0; p < 4; p++)
+                sum = _mm512_add_epi32(sum, _mm512_madd_epi16(
+                    _mm512_maddubs_epi16(q[p], _mm512_loadu_si512((const void *)(x8 + 64 * p))), picked[p]));
+            const __m256i bsum = _mm256_loadu_si256((const __m256i *)(act[r].bsum + i * 16));
+            const float dx = act[r].dx[i];
+            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * dx), _mm256_cvtepi32_ps(lb_fold512(sum)), acc[r]);
+            mins_acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(dmin * dx), _mm256_cvtepi32_ps(_mm256_madd_epi16(mins, bsum)),
+                                          mins_acc[r]);
+        }
+    }
+    for (int64_t r = 0; r < R; r++) out[r] = lb_hsum256(_mm256_sub_ps(acc[r], mins_acc[r]));
+}
+#else
+#define LB_GGML_ROW512 0
 LB_GGML_INLINE void lb_k4_row_act8(int64_t kind, const uint8_t *row, int64_t K, const lb_act8_row *act, int64_t R,
                                    float *out) {
     const int64_t bytes = lb_ggml_bytes(kind), nb = K / 256;
@@ -556,6 +657,7 @@ LB_GGML_INLINE void lb_k4_row_act8(int64_t kind, const uint8_t *row, int64_t K, 
     }
     for (int64_t r = 0; r < R; r++) out[r] = lb_hsum256(_mm256_sub_ps(acc[r], mins_acc[r]));
 }
+#endif
 
 /* Q6_K, one weight row against R activation rows. A block is 128 bytes of low nibbles, 64 of high 2-bit pairs,
  * 16 signed 8-bit scales (one per 16 columns) and d; per 128-column half h, codes 32t..32t+31 (t < 4) are
@@ -587,6 +689,53 @@ static inline __m256i lb_q6k_pick(const __m256i half_scales[2], int c) {
     return lb_pick16(half_scales[c / 4], 2 * (c % 4), 2 * (c % 4) + 1);
 }
 
+#if LB_GGML_ROW512
+/* Q6_K with 512-bit vectors: pair p = sub-blocks 2p, 2p + 1 (half h = p / 2). Half h's 64 low-nibble bytes are
+ * [ql0 | ql1] in one load: pair 2h takes their low nibbles with qh bits 0-1 (low 256 bits) and 2-3 (high), pair
+ * 2h + 1 their high nibbles with qh bits 4-5 and 6-7, each 2-bit field moved to bits 4-5 by a 16-bit shift (what
+ * crosses a byte is masked off). The pair's four 16-column scales are spread over its four 128-bit lanes by vpermw. */
+LB_GGML_INLINE void lb_q6k_row_act8(const uint8_t *row, int64_t K, const lb_act8_row *act, int64_t R, float *out) {
+    const int64_t nb = K / 256;
+    const __m512i low = _mm512_set1_epi8(0x0F), high2 = _mm512_set1_epi8(0x30);
+    const __m512i up = _mm512_inserti64x4(_mm512_set1_epi16(4), _mm256_set1_epi16(2), 1);   /* bits 0-1, 2-3 */
+    const __m512i down = _mm512_inserti64x4(_mm512_set1_epi16(0), _mm256_set1_epi16(2), 1); /* bits 4-5, 6-7 */
+    __m512i spread[4];      /* vpermw indices: scale 4p + l over 128-bit lane l */
+    for (int p = 0; p < 4; p++)
+        spread[p] = _mm512_inserti64x4(_mm512_castsi256_si512(
+                        _mm256_set_m128i(_mm_set1_epi16((short)(4 * p + 1)), _mm_set1_epi16((short)(4 * p)))),
+                        _mm256_set_m128i(_mm_set1_epi16((short)(4 * p + 3)), _mm_set1_epi16((short)(4 * p + 2))), 1);
+    __m256 acc[16];
+    for (int64_t r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < nb; i++) {
+        const uint8_t *b = row + i * 210;
+        lb_ggml_prefetch(b, 210);
+        const float d = lb_ggml_half(b + 208);
+        const __m256i scales = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(b + 192)));   /* per 16 */
+        const __m512i scales512 = _mm512_castsi256_si512(scales);
+        __m512i q[4], picked[4];
+        for (int h = 0; h < 2; h++) {
+            const __m512i ql = _mm512_loadu_si512((const void *)(b + 64 * h));
+            const __m512i qh = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(b + 128 + 32 * h)));
+            q[2 * h] = _mm512_or_si512(_mm512_and_si512(ql, low), _mm512_and_si512(_mm512_sllv_epi16(qh, up), high2));
+            q[2 * h + 1] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(ql, 4), low),
+                                           _mm512_and_si512(_mm512_srlv_epi16(qh, down), high2));
+        }
+        for (int p = 0; p < 4; p++) picked[p] = _mm512_permutexvar_epi16(spread[p], scales512);
+        for (int64_t r = 0; r < R; r++) {
+            const int8_t *x8 = act[r].x8 + i * 256;
+            __m512i sum = _mm512_setzero_si512();
+            for (int p = 0; p < 4; p++)
+                sum = _mm512_add_epi32(sum, _mm512_madd_epi16(
+                    _mm512_maddubs_epi16(q[p], _mm512_loadu_si512((const void *)(x8 + 64 * p))), picked[p]));
+            const __m256i bsum = _mm256_loadu_si256((const __m256i *)(act[r].bsum + i * 16));
+            const __m256i offset = _mm256_madd_epi16(scales, bsum);
+            const __m256i total = _mm256_sub_epi32(lb_fold512(sum), _mm256_slli_epi32(offset, 5));
+            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * act[r].dx[i]), _mm256_cvtepi32_ps(total), acc[r]);
+        }
+    }
+    for (int64_t r = 0; r < R; r++) out[r] = lb_hsum256(acc[r]);
+}
+#else
 LB_GGML_INLINE void lb_q6k_row_act8(const uint8_t *row, int64_t K, const lb_act8_row *act, int64_t R, float *out) {
     const int64_t nb = K / 256;
     __m256 acc[16];
@@ -612,6 +761,7 @@ LB_GGML_INLINE void lb_q6k_row_act8(const uint8_t *row, int64_t K, const lb_act8
     }
     for (int64_t r = 0; r < R; r++) out[r] = lb_hsum256(acc[r]);
 }
+#endif
 
 /* Float32 activations, one weight row against R rows of x (K apart), xsum16 [R, K / 16] their 16-column sums:
  * per 16 columns (d * scale) * dot(q - offset, x) (the offset taken off in integers, so codes stored with one,
