@@ -22,3 +22,22 @@ def test_the_kernels_build_and_load_where_a_compiler_exists(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     clib.load_library(tmp_path / "kernels.so")      # raises on an undefined symbol
     assert clib.native_library() is not None
+
+
+def test_experiment_flags_key_the_cache_and_stay_out_of_the_portable_build(monkeypatch, tmp_path):
+    """LOWBIT_CFLAGS (an experiment's -D settings) builds its own library, never reaches the portable build (which
+    tests and fallbacks need free of AVX-512), and a value that cannot be split is a one-line error before any
+    file is created."""
+    monkeypatch.delenv("LOWBIT_CFLAGS", raising=False)
+    plain = clib.native_library_path()
+    monkeypatch.setenv("LOWBIT_CFLAGS", "-DLB_GGML_PREFETCH_BYTES=4096")
+    assert clib.native_library_path() != plain
+    if _compiler() is not None:
+        result = clib.compile_library(tmp_path / "portable.so", march_native=False)
+        assert "-DLB_GGML_PREFETCH_BYTES=4096" not in result.args
+        result = clib.compile_library(tmp_path / "native.so", march_native=True)
+        assert "-DLB_GGML_PREFETCH_BYTES=4096" in result.args
+    monkeypatch.setenv("LOWBIT_CFLAGS", "-DFOO='unterminated")
+    with pytest.raises(clib.LowbitError, match="LOWBIT_CFLAGS.*quoting"):
+        clib.compile_library(tmp_path / "never.so")
+    assert not list(tmp_path.glob("tmp*.so"))

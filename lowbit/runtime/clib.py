@@ -1,8 +1,9 @@
 """lowbit's compiled kernels (runtime/csrc): building the library for this CPU, and describing weights to it.
 
 The C sources are compiled with the machine's C compiler on first use (or at install time by `make setup`, which
-calls `build_native()`) with -march=native and OpenMP, cached by source and CPU flags. With no compiler, or a
-failed build, `native_library()` is None and every caller falls back to torch kernels.
+calls `build_native()`) with -march=native and OpenMP (plus LOWBIT_CFLAGS, for experiments), cached by source,
+CPU flags and those flags. With no compiler, or a failed build, `native_library()` is None and every caller falls
+back to torch kernels.
 
 `linear_spec(module)` turns a Linear (float, or a QuantLinear whose weight is affine per group, act-order too, or
 an NF4/FP4 codebook, or GGUF blocks) into the `lb_linear` structure of csrc/affine_dot.h; GGUF blocks are read
@@ -73,16 +74,23 @@ def _cpu_flags() -> str:
     return platform.processor() or platform.machine()
 
 
-def _extra_cflags() -> str:
-    """Compiler flags added to the kernels' build for experiments (e.g. -DLB_GGML_PREFETCH_BYTES=4096): part of
-    the library's cache key, so each setting builds its own."""
-    return os.environ.get("LOWBIT_CFLAGS", "").strip()
+def _extra_cflags() -> list[str]:
+    """Compiler flags LOWBIT_CFLAGS adds to the -march=native build, for experiments (e.g.
+    -DLB_GGML_PREFETCH_BYTES=4096). They are part of the library's cache key, so each setting builds its own; the
+    portable build never takes them (it must stay portable)."""
+    text = os.environ.get("LOWBIT_CFLAGS", "")
+    try:
+        return shlex.split(text)
+    except ValueError as exc:
+        raise LowbitError(f"LOWBIT_CFLAGS={text!r} cannot be split into compiler flags ({exc}); "
+                          "fix its quoting or unset it") from None
 
 
 def native_library_path() -> Path:
     """Where the compiled library for these sources and this CPU lives (package folder, else the user cache)."""
     source_bytes = b"".join(path.read_bytes() for path in sorted(CSRC.iterdir()) if path.suffix in (".c", ".h"))
-    key = hashlib.sha256(source_bytes + _cpu_flags().encode() + _extra_cflags().encode()).hexdigest()[:16]
+    extra = "\0".join(_extra_cflags()).encode()
+    key = hashlib.sha256(source_bytes + _cpu_flags().encode() + extra).hexdigest()[:16]
     name = f"lowbit_kernels-{key}.so"
     package_dir = Path(__file__).with_name("_native")
     if os.access(package_dir if package_dir.exists() else package_dir.parent, os.W_OK):
@@ -96,11 +104,10 @@ def compile_library(target: Path, march_native: bool = True) -> subprocess.Compl
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         return subprocess.CompletedProcess(["cc"], 127, "", "no C compiler found")
+    flags = ["-march=native", *_extra_cflags()] if march_native else []
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
-    flags = ["-march=native"] if march_native else []
     # an undeclared function would otherwise compile into a library that fails to load (undefined symbol)
-    flags += shlex.split(_extra_cflags())
     cmd = [compiler, "-O3", *flags, "-fopenmp", "-shared", "-fPIC", "-Werror=implicit-function-declaration",
            "-o", tmp, *map(str, SOURCES), "-lm"]
     result = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -113,7 +120,8 @@ def compile_library(target: Path, march_native: bool = True) -> subprocess.Compl
 
 
 def build_native(verbose: bool = False) -> Path | None:
-    """Build the library for this CPU once (cached by sources and CPU flags); its path, or None on failure."""
+    """Build the library for this CPU once (cached by sources, CPU flags and LOWBIT_CFLAGS); its path, or None on
+    failure."""
     target = native_library_path()
     if target.exists():
         return target
@@ -125,7 +133,9 @@ def build_native(verbose: bool = False) -> Path | None:
                 print(" ".join(result.args))
             return target
         log.debug("kernel build failed: %s\n%s", " ".join(map(str, result.args)), result.stderr)
-    log.info("could not compile lowbit's kernels (%s); torch kernels are used", result.stderr.strip()[:200])
+    # an experiment's flags that break the build must not pass unnoticed as a slow run on torch's kernels
+    (log.warning if _extra_cflags() else log.info)(
+        "could not compile lowbit's kernels (%s); torch kernels are used", result.stderr.strip()[:200])
     return None
 
 

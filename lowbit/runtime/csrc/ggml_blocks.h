@@ -88,8 +88,9 @@ static inline float lb_ggml_half(const uint8_t *p) {
  * AMD Zen (an EPYC Zen 4, 32 MB L3) is the opposite: its hardware prefetchers follow the rows' streams, and the
  * requests only take issue slots and cache room from them. 151 MB of Q4_K [131072, 2048] rows, one activation
  * row, alternated runs: 1 thread 9.9-11.0 GB/s with 2 KB ahead, 12.0-13.5 with none, 12.3-13.3 4 KB ahead;
- * 2 threads 19.8-20.7 against 23.7-29.8 with none. So a build tuned for Zen (gcc's -march=native names it)
- * issues none; elsewhere 2 KB. An experiment may set it: LOWBIT_CFLAGS=-DLB_GGML_PREFETCH_BYTES=4096. */
+ * 2 threads 19.8-20.7 against 23.7-29.8 with none (Q6_K and Q8_0: the same or better with none, Q4_1 even). So a
+ * build for a Zen CPU (-march=native or -march=znverN, which define __znverN__) issues none, for every GGUF kernel;
+ * elsewhere 2 KB. An experiment may set it: LOWBIT_CFLAGS=-DLB_GGML_PREFETCH_BYTES=4096. */
 #ifndef LB_GGML_PREFETCH_BYTES
 #if defined(__znver1__) || defined(__znver2__) || defined(__znver3__) || defined(__znver4__) || defined(__znver5__)
 #define LB_GGML_PREFETCH_BYTES 0
@@ -547,8 +548,9 @@ LB_GGML_INLINE void lb_k4_block(int64_t kind, const uint8_t *b, __m256i q[8], __
 /* -- one activation row, AVX-512 (AVX-512BW/VL) ----------------------------------------------------------------
  * Decoding is bound by the instructions per block as much as by memory: the AVX2 Q4_K kernel issues ~120 per
  * 144-byte block (27 cycles on a Zen 4 core, 16 GB/s of blocks from L2). With 512-bit vectors, two 32-column
- * sub-blocks go through each vpmaddubsw / vpmaddwd / vpshufb, and a block's scales are unpacked by six vector
- * operations instead of scalar shifts. The integer sums are the same values in the same eight lanes (integer
+ * sub-blocks go through each vpmaddubsw / vpmaddwd / vpshufb, and a block's scales are unpacked by seven vector
+ * operations instead of scalar shifts (~68 instructions a block instead of ~120; measured on a Zen 4 only, where
+ * two 256-bit halves share each 512-bit operation's pipe, so the gain is the front end's). The integer sums are the same values in the same eight lanes (integer
  * addition: exact in any order), folded from 16 lanes to 8 before the float arithmetic, which is the AVX2
  * kernel's operation for operation; so results are bit for bit those of the AVX2 kernel and of the many-row
  * kernels below, which tests/test_batch_gemm.py and tests/test_ggml_block_kernels.py check. */
