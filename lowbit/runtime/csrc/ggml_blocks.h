@@ -1268,6 +1268,30 @@ static inline void lb_ggml_row_act8(int64_t kind, const uint8_t *row, int64_t K,
 #endif
 }
 
+/* out[j] = dot(weight row j, the one activation row) for `count` consecutive rows `row_bytes` apart: decoding's
+ * matmuls, whose rows are short (Qwen2.5-1.5B's gate/up: 6 Q4_K blocks a row). The kind's dispatch, the kernels'
+ * constants and the per-row bookkeeping of lb_ggml_matmul_row happen once per run of rows instead of once per row:
+ * through the per-row path, [8960, 1536] Q4_K rows ran at 13.9 GB/s (2 threads, from cache) where [1536, 8960]
+ * ran at 21.9. Each row's arithmetic is lb_ggml_row_act8's with R = 1, so the results are its bits. */
+static inline void lb_ggml_rows_act8(int64_t kind, const uint8_t *rows, int64_t row_bytes, int64_t count, int64_t K,
+                                     const lb_act8_row *act, float *out) {
+#if defined(__AVX2__) && defined(__FMA__)
+#define LB_EACH_ROW(call) for (int64_t j = 0; j < count; j++) { const uint8_t *row = rows + j * row_bytes; call; }
+#define LB_KIND32(k) case k: LB_EACH_ROW(lb_ggml_row32_act8(k, row, K, act, 1, out + j)); break
+    switch (kind) {
+    LB_KIND32(LB_Q4_0); LB_KIND32(LB_Q4_1); LB_KIND32(LB_Q5_0); LB_KIND32(LB_Q5_1); LB_KIND32(LB_Q8_0);
+    case LB_Q4_K: LB_EACH_ROW(lb_k4_row_act8(LB_Q4_K, row, K, act, 1, out + j)); break;
+    case LB_Q5_K: LB_EACH_ROW(lb_k4_row_act8(LB_Q5_K, row, K, act, 1, out + j)); break;
+    case LB_Q6_K: LB_EACH_ROW(lb_q6k_row_act8(row, K, act, 1, out + j)); break;
+    default: LB_EACH_ROW(lb_ggml_row256_act8(kind, row, K, act, 1, out + j));
+    }
+#undef LB_KIND32
+#undef LB_EACH_ROW
+#else
+    for (int64_t j = 0; j < count; j++) lb_ggml_row_act8(kind, rows + j * row_bytes, K, act, 1, out + j);
+#endif
+}
+
 /* out[r] = dot(weight row, x[r]) for R <= 16 float32 rows `K` apart: 256 columns at a time dequantized into a
  * buffer (ggml's values exactly), then dotted. */
 static inline void lb_ggml_row_f32(int64_t kind, const uint8_t *row, int64_t K, const float *x, int64_t R,
@@ -1357,6 +1381,16 @@ static inline void lb_ggml_matmul_item(const lb_linear *L, int64_t item, int64_t
 #else
     (void)tiles;
 #endif
+    if (M == 1 && act8) {          /* decoding one row: the run of rows in one call */
+        float out[16];
+        const lb_act8_row act = lb_ggml_act8_at(scratch, L->k);
+        lb_ggml_rows_act8(L->kind, (const uint8_t *)L->w + n0 * row_bytes, row_bytes, n1 - n0, L->k, &act, out);
+        for (int64_t n = n0; n < n1; n++) {
+            const float value = out[n - n0] + (L->bias ? L->bias[n] : 0.0f);
+            y[n] = accumulate ? y[n] + value : value;
+        }
+        return;
+    }
     /* rows past the last 16 of a tile-path matmul: the per-row kernels on the act8 rows (its pack is in tiles) */
     for (int64_t n = n0; n < n1; n++)
         lb_ggml_matmul_row(L, n, row_bytes, x, M, y, ldy, accumulate, scratch, act8, tiles ? NULL : pack);
