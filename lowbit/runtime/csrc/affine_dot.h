@@ -102,10 +102,17 @@ static inline float lb_stat(const void *values, int64_t index, int64_t stats) {
 
 static inline int64_t lb_min(int64_t a, int64_t b) { return a < b ? a : b; }
 
-/* Bytes of weights a thread takes at a time from a loop that ends at a barrier and shares its items dynamically:
- * a thread the OS preempts on a busy machine then leaves its items to the others instead of making them wait at
- * the barrier (llama.cpp shares its matmuls' chunks the same way); 64 KB keeps the shared counter's cost small. */
-#define LB_CHUNK_BYTES 65536
+/* Bytes of weights a thread takes at a time from a loop that ends at a barrier and shares its items dynamically: a
+ * thread the OS preempts on a busy machine then leaves its items to the others instead of making them wait at the
+ * barrier (llama.cpp shares its matmuls' chunks the same way). 256 KB (64 KB before) since a Zen 4 run of decoding's
+ * one-row kernels (bench/bench_block_kernels.py, [8960, 1536], 2 threads, streaming int8, two alternations): Q4_K
+ * 19.3 / 19.4 GB/s with 64 KB chunks, 22.8 / 21.8 with 256 KB, 24.6 / 21.3 with 1 MB; Q6_K 23.1 / 22.2, 27.8 / 24.4,
+ * 27.5 / 22.8. Each chunk is a new stream for the hardware prefetcher to find. A chunk is still 10-25 us of work,
+ * far below the time slice a busy machine takes a thread away for. An experiment may set it:
+ * LOWBIT_CFLAGS=-DLB_CHUNK_BYTES=65536. */
+#ifndef LB_CHUNK_BYTES
+#define LB_CHUNK_BYTES 262144
+#endif
 
 /* Items a thread takes at a time from such a loop over `items` items of `item_bytes` bytes of weights each: about
  * LB_CHUNK_BYTES, and at least 16 chunks in all (so two threads still balance on a small weight). */
