@@ -108,16 +108,22 @@ static inline int64_t lb_min(int64_t a, int64_t b) { return a < b ? a : b; }
  * one-row kernels (bench/bench_block_kernels.py, [8960, 1536], 2 threads, streaming int8, two alternations): Q4_K
  * 19.3 / 19.4 GB/s with 64 KB chunks, 22.8 / 21.8 with 256 KB, 24.6 / 21.3 with 1 MB; Q6_K 23.1 / 22.2, 27.8 / 24.4,
  * 27.5 / 22.8. Each chunk is a new stream for the hardware prefetcher to find. A chunk is still 10-25 us of work,
- * far below the time slice a busy machine takes a thread away for. An experiment may set it:
- * LOWBIT_CFLAGS=-DLB_CHUNK_BYTES=65536. */
+ * far below the time slice a busy machine takes a thread away for. That is for one activation row (decoding); with
+ * more rows a byte of weights is rows times the work, so many-row loops (prompts, batches) keep 64 KB chunks. An
+ * experiment may set either: LOWBIT_CFLAGS=-DLB_CHUNK_BYTES=65536. */
 #ifndef LB_CHUNK_BYTES
 #define LB_CHUNK_BYTES 262144
 #endif
+#ifndef LB_CHUNK_BYTES_ROWS
+#define LB_CHUNK_BYTES_ROWS 65536
+#endif
 
-/* Items a thread takes at a time from such a loop over `items` items of `item_bytes` bytes of weights each: about
- * LB_CHUNK_BYTES, and at least 16 chunks in all (so two threads still balance on a small weight). */
-static inline int64_t lb_dynamic_chunk(int64_t item_bytes, int64_t items) {
-    const int64_t chunk = lb_min(LB_CHUNK_BYTES / (item_bytes > 0 ? item_bytes : 1), items / 16);
+/* Items a thread takes at a time from such a loop over `items` items of `item_bytes` bytes of weights each, for
+ * `rows` activation rows: about LB_CHUNK_BYTES (one row) or LB_CHUNK_BYTES_ROWS (more), and at least 16 chunks in
+ * all (so two threads still balance on a small weight). */
+static inline int64_t lb_dynamic_chunk(int64_t item_bytes, int64_t items, int64_t rows) {
+    const int64_t bytes = rows > 1 ? LB_CHUNK_BYTES_ROWS : LB_CHUNK_BYTES;
+    const int64_t chunk = lb_min(bytes / (item_bytes > 0 ? item_bytes : 1), items / 16);
     return chunk < 1 ? 1 : chunk;
 }
 
@@ -945,7 +951,7 @@ static inline void lb_matmul_prepared(const lb_linear *L, const float *x, int64_
        them from LB_GEMM_ROWS rows (lb_gemm_floats(K) <= M * 192 * blocks) */
     float *decoded = lb_gemm_fits(L, M, act8) ? scratch + M * L->groups : NULL;
     if (wait) {    /* dynamically (lb_dynamic_chunk), as lb_ggml_matmul and for the same reason */
-        #pragma omp for schedule(dynamic, lb_dynamic_chunk(4 * lb_row_bytes(L), blocks))
+        #pragma omp for schedule(dynamic, lb_dynamic_chunk(4 * lb_row_bytes(L), blocks, M))
         for (int64_t block = 0; block < blocks; block++)
             lb_block(L, x, M, y, ldy, accumulate, xsum, x8, sx, block, decoded);
     } else {

@@ -105,7 +105,7 @@ static void matmul_parts(const lb_linear *parts, int64_t count, const float *x, 
         lb_ggml_prepared prepared = lb_ggml_prepare(first, x, M, xsum, lb_uses_act8(first, activations), 0);
         int64_t items = 0;
         for (int64_t i = 0; i < count; i++) items += (parts[i].n + 15) / 16;
-        #pragma omp for schedule(dynamic, lb_ggml_chunk(first, items, 1))
+        #pragma omp for schedule(dynamic, lb_ggml_chunk(first, items, 1, M))
         for (int64_t item = 0; item < items; item++) {
             int64_t part = 0, local = item, column = 0;          /* the part holding this item, and its columns */
             while (local >= (parts[part].n + 15) / 16) {
@@ -827,7 +827,7 @@ int lowbit_decode_step(const lb_model *m, float *x, int64_t x_floats, int64_t B,
                  * (a preempted thread's rows go to the others; one barrier, as below) */
                 lb_ggml_prepared prepared = lb_ggml_prepare(gate, h, B, xsum, lb_uses_act8(gate, activations), 0);
                 const int64_t items = (I + 15) / 16;
-                #pragma omp for schedule(dynamic, lb_ggml_chunk(gate, items, 2))
+                #pragma omp for schedule(dynamic, lb_ggml_chunk(gate, items, 2, B))
                 for (int64_t item = 0; item < items; item++) {
                     lb_ggml_run_item(gate, item, gu, 2 * I, 0, B, &prepared);
                     lb_ggml_run_item(up, item, gu + I, 2 * I, 0, B, &prepared);

@@ -1465,9 +1465,9 @@ static inline void lb_ggml_finish(lb_ggml_prepared *p) {
 }
 
 /* Items a thread takes at a time from a dynamically shared loop over `items` items that each read 16 rows of
- * `weights` weights shaped like L (lb_dynamic_chunk). */
-static inline int64_t lb_ggml_chunk(const lb_linear *L, int64_t items, int64_t weights) {
-    return lb_dynamic_chunk(16 * lb_ggml_row_bytes(L) * weights, items);
+ * `weights` weights shaped like L, for `rows` activation rows (lb_dynamic_chunk). */
+static inline int64_t lb_ggml_chunk(const lb_linear *L, int64_t items, int64_t weights, int64_t rows) {
+    return lb_dynamic_chunk(16 * lb_ggml_row_bytes(L) * weights, items, rows);
 }
 
 /* lb_matmul for a GGUF block weight: y[M, :n] (= or +=) x W^T + bias; called by every thread of a team; each
@@ -1483,7 +1483,7 @@ static inline void lb_ggml_matmul(const lb_linear *L, const float *x, int64_t M,
     /* Work is shared out in items of 16 output rows (lb_matmul_rows_per_item): the tile path's unit. */
     const int64_t items = (L->n + 15) / 16;
     if (wait) {
-        #pragma omp for schedule(dynamic, lb_ggml_chunk(L, items, 1))
+        #pragma omp for schedule(dynamic, lb_ggml_chunk(L, items, 1, M))
         for (int64_t item = 0; item < items; item++) lb_ggml_run_item(L, item, y, ldy, accumulate, M, &p);
     } else {
         #pragma omp for schedule(static) nowait
